@@ -1,0 +1,29 @@
+"""Feature maps and their registry.  Importing this package registers the built-in maps."""
+
+from .base import FeatureMap
+from .registry import (
+    build_feature_map,
+    get_feature_map,
+    list_feature_maps,
+    register_feature_map,
+    resolve_feature_map,
+)
+from . import elu, identity, relu, taylor  # noqa: F401  (registration side effect)
+from .elu import EluFeatureMap
+from .identity import IdentityFeatureMap
+from .relu import ReluFeatureMap
+from .taylor import TaylorFeatureMap, taylor_features
+
+__all__ = [
+    "FeatureMap",
+    "register_feature_map",
+    "get_feature_map",
+    "list_feature_maps",
+    "build_feature_map",
+    "resolve_feature_map",
+    "EluFeatureMap",
+    "IdentityFeatureMap",
+    "ReluFeatureMap",
+    "TaylorFeatureMap",
+    "taylor_features",
+]

@@ -1,0 +1,88 @@
+"""Name -> FeatureMap class registry."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Type
+
+from .base import FeatureMap
+
+__all__ = ["register_feature_map", "get_feature_map", "list_feature_maps", "resolve_feature_map"]
+
+_REGISTRY: Dict[str, Type[FeatureMap]] = {}
+
+
+def register_feature_map(name: str, override: bool = False) -> Callable[[type], type]:
+    """Class decorator registering a :class:`FeatureMap` subclass under ``name``.
+
+    >>> @register_feature_map("square")          # doctest: +SKIP
+    ... class Square(FeatureMap):
+    ...     def output_dim(self, d): return d
+    ...     def forward(self, x): return x * x
+
+    Registering a name twice raises ``ValueError`` unless ``override=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"feature map name must be a non-empty str, got {name!r}")
+
+    def decorator(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, FeatureMap)):
+            raise TypeError(
+                f"register_feature_map({name!r}) decorates FeatureMap subclasses, got {cls!r}; "
+                "subclass featattn.FeatureMap and implement forward and output_dim"
+            )
+        if name in _REGISTRY and not override and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"a feature map named {name!r} is already registered ({_REGISTRY[name].__name__}); "
+                "pick another name or pass override=True to replace it"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_feature_maps() -> list[str]:
+    """Names of the registered feature maps, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_feature_map(name: str, **kwargs) -> FeatureMap:
+    """Instantiate the feature map registered as ``name`` with ``kwargs``."""
+    if not isinstance(name, str):
+        raise TypeError(f"feature map name must be a str, got {type(name).__name__}")
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown feature map {name!r}; known feature maps: {', '.join(list_feature_maps())} "
+            "(register your own with @featattn.register_feature_map)"
+        ) from None
+    return cls(**kwargs)
+
+
+def build_feature_map(name: str, head_dim: int, heads: int, **kwargs) -> FeatureMap:
+    """Like :func:`get_feature_map`, filling in ``head_dim`` / ``heads`` when the map's
+    constructor takes them (learnable maps are sized by the layer that owns them)."""
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        params = inspect.signature(cls.__init__).parameters
+        if "head_dim" in params and "head_dim" not in kwargs:
+            kwargs["head_dim"] = head_dim
+        if "heads" in params and "heads" not in kwargs:
+            kwargs["heads"] = heads
+    return get_feature_map(name, **kwargs)
+
+
+def resolve_feature_map(feature_map) -> FeatureMap | None:
+    """None -> None, a name -> a fresh instance, a FeatureMap -> itself; else TypeError."""
+    if feature_map is None or isinstance(feature_map, FeatureMap):
+        return feature_map
+    if isinstance(feature_map, str):
+        return get_feature_map(feature_map)
+    raise TypeError(
+        "feature_map must be None, a registered name (one of "
+        f"{', '.join(list_feature_maps())}) or a featattn.FeatureMap instance, "
+        f"got {type(feature_map).__name__}"
+    )

@@ -1,0 +1,217 @@
+"""``linear_attention``: validate, apply the feature map, dispatch.
+
+Shape legend: B batch, H query heads, Hkv key/value heads (Hkv divides H), T time,
+Dqk raw q/k head dim, Dk expanded feature dim (``feature_map.output_dim(Dqk)``), Dv value dim.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from .chunked import chunked_linear_attention
+from .dispatch import _check_backend, _select
+from .feature_maps import FeatureMap, resolve_feature_map
+from .reference import quadratic_linear_attention
+from .state import LinearAttentionState
+
+__all__ = ["linear_attention"]
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: Union[None, str, FeatureMap] = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: Optional[float] = None,
+    initial_state: Optional[LinearAttentionState] = None,
+    return_state: bool = False,
+    backend: str = "auto",
+):
+    """Causal linear attention.
+
+    ``o_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s / (phi(q_t) . sum_{s<=t} phi(k_s) + eps)``
+
+    Args:
+        q: ``[B, H, T, Dqk]`` queries.  Strided views (e.g. a ``[B, T, H, D]`` tensor
+            transposed) are fine.
+        k: ``[B, Hkv, T, Dqk]`` keys; Hkv must divide H (grouped-query attention: query head
+            h reads k/v head ``h // (H // Hkv)``, without copying k/v).
+        v: ``[B, Hkv, T, Dv]`` values; Dv may differ from Dqk.
+        feature_map: None (q and k already are features), a registered name such as
+            ``"elu"``, ``"taylor"``, ``"identity"``, ``"relu"``, or a :class:`FeatureMap`.
+        normalize: divide by ``phi(q_t) . sum_{s<=t} phi(k_s) + eps``; False returns the
+            numerator only.
+        eps: added to the denominator (in fp32), > 0.
+        scale: multiplies q before the feature map; None takes the map's default
+            (``feature_map.default_scale(Dqk)``, 1 for every built-in map).
+        initial_state: a :class:`LinearAttentionState` (kv ``[B, H, Dk, Dv]``, z
+            ``[B, H, Dk]``) summarising an earlier prefix.
+        return_state: also return the state after the last token.
+        backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"reference"`` (quadratic
+            oracle), ``"triton"`` or a kernel name (``"equal_dim"``, ``"small_vhd"``,
+            ``"taylor_fused"``).  See :func:`featattn.select_kernel`.
+
+    Returns:
+        o: ``[B, H, T, Dv]`` in the input dtype, or ``(o, state)`` when ``return_state``.
+        The state's kv/z are fp32 (float64 when the inputs are float64).
+    """
+    B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
+    eps = _validate_eps(eps)
+    _check_backend(backend)
+    fm = resolve_feature_map(feature_map)
+    scale = _validate_scale(scale, fm, Dqk)
+    Dk = fm.output_dim(Dqk) if fm is not None else Dqk
+    kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
+
+    choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend)
+    if scale != 1.0:
+        q = q * scale
+    if choice.name == "taylor_fused":
+        from .kernels import taylor_attention
+
+        out, kv, z = taylor_attention(
+            q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
+            return_state=return_state,
+        )
+    else:
+        if fm is not None:
+            q, k = fm.forward_query(q), fm.forward_key(k)
+            _check_features(fm, q, k, Dqk, Dk)
+        if choice.name in ("equal_dim", "small_vhd"):
+            from .kernels import chunked_attention as fn
+        elif choice.name == "reference":
+            fn = quadratic_linear_attention
+        else:
+            fn = chunked_linear_attention
+        out, kv, z = fn(
+            q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
+            return_state=return_state,
+        )
+    if return_state:
+        return out, LinearAttentionState(kv, z)
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D ([B, H, T, D]), got shape {tuple(t.shape)}; "
+                "for [B, T, H, D] tensors pass x.transpose(1, 2)"
+            )
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), "
+                f"got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
+            "cast them to one dtype first"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
+        )
+    B, H, T, Dqk = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    Bv, Hv, Tv, Dv = v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv} (dim 0 of [B, H, T, D])")
+    if not (T == Tk == Tv):
+        raise ValueError(f"sequence lengths differ: q {T}, k {Tk}, v {Tv} (dim 2 of [B, H, T, D])")
+    if T < 1:
+        raise ValueError(f"sequence length T must be >= 1, got {T}")
+    if Dk != Dqk:
+        raise ValueError(f"q and k head dims differ: q {Dqk}, k {Dk} (dim 3); they must match")
+    if Hkv != Hv:
+        raise ValueError(f"k and v must have the same number of heads, got k {Hkv}, v {Hv}")
+    if H % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hkv})"
+        )
+    return B, H, T, Dqk, Hkv, Dv
+
+
+def _validate_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r} (the default is 1e-6)")
+    return eps
+
+
+def _validate_scale(scale, fm, Dqk) -> float:
+    if scale is None:
+        return float(fm.default_scale(Dqk)) if fm is not None else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a real number, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return scale
+
+
+def _validate_state(state, normalize, B, H, Dk, Dv, device):
+    if state is None:
+        return None, None
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(
+            f"initial_state must be a featattn.LinearAttentionState, got {type(state).__name__}"
+        )
+    kv, z = state.kv, state.z
+    if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != (B, H, Dk, Dv):
+        got = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+        raise ValueError(
+            f"initial_state.kv must have shape [B, H, Dk, Dv] = {[B, H, Dk, Dv]} (Dk is the "
+            f"expanded feature dim), got {got}"
+        )
+    if kv.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"initial_state.kv must be float32 (or float64), got {kv.dtype}")
+    if kv.device != device:
+        raise ValueError(f"initial_state is on {kv.device} but q is on {device}")
+    if normalize and z is None:
+        raise ValueError(
+            "initial_state has no z (it came from a normalize=False call) but normalize=True; "
+            "use the same normalize setting for every call that shares a state"
+        )
+    if not normalize and z is not None:
+        raise ValueError(
+            "initial_state carries z (it came from a normalize=True call) but normalize=False; "
+            "use the same normalize setting for every call that shares a state"
+        )
+    if z is not None:
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != (B, H, Dk):
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"initial_state.z must have shape [B, H, Dk] = {[B, H, Dk]}, got {got}")
+        if z.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"initial_state.z must be float32 (or float64), got {z.dtype}")
+        if z.device != device:
+            raise ValueError(f"initial_state.z is on {z.device} but q is on {device}")
+    return kv, z
+
+
+def _check_features(fm, q, k, Dqk, Dk):
+    if q.shape[-1] != Dk or k.shape[-1] != Dk:
+        raise ValueError(
+            f"feature map {fm.name!r} ({type(fm).__name__}) declares output_dim({Dqk}) = {Dk} but "
+            f"produced q features of size {q.shape[-1]} and k features of size {k.shape[-1]}; "
+            "fix its output_dim"
+        )

@@ -1,0 +1,145 @@
+"""``FeatureAttention``: a causal linear-attention layer with a pluggable feature map."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .feature_maps import FeatureMap, TaylorFeatureMap
+from .feature_maps.registry import build_feature_map
+from .functional import linear_attention
+from .state import LinearAttentionState
+
+__all__ = ["FeatureAttention"]
+
+#: raw q/k size used for the Taylor map when ``qk_dim`` is not given: 1 + 16 + 256 = 273
+#: features, where a 64-dim q/k would expand to 4161.
+TAYLOR_DEFAULT_QK_DIM = 16
+
+
+class FeatureAttention(nn.Module):
+    """Multi-head causal linear attention: ``[B, T, dim] -> [B, T, dim]``.
+
+    ``q = x W_q``, ``k = x W_k``, ``v = x W_v`` (``heads`` query heads, ``kv_heads`` key/value
+    heads), then :func:`featattn.linear_attention` with ``feature_map`` per head, then an
+    output projection.  ``forward`` returns a tensor, so the layer composes in
+    ``nn.Sequential``; pass ``return_state=True`` (or a ``state``) for chunked prefill and
+    step-by-step decoding, which give exactly the full forward's outputs.
+
+    Args:
+        dim: model width.
+        heads: number of query heads H.
+        feature_map: a registered name or a :class:`FeatureMap` instance (it becomes a
+            submodule, so learnable maps train with the layer).
+        head_dim: value head dim Dv (default ``dim // heads``).
+        qk_dim: raw q/k head dim (default 16 for ``"taylor"``, else ``head_dim``).
+        kv_heads: key/value heads Hkv, dividing ``heads`` (default ``heads``).
+        normalize, eps: as in :func:`featattn.linear_attention`.
+        bias: bias in the projections.
+        feature_map_kwargs: passed to the registered map's constructor; ``head_dim`` (=qk_dim)
+            and ``heads`` are filled in when the constructor takes them.
+        backend: passed to :func:`featattn.linear_attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        feature_map: Union[str, FeatureMap] = "taylor",
+        *,
+        head_dim: Optional[int] = None,
+        qk_dim: Optional[int] = None,
+        kv_heads: Optional[int] = None,
+        normalize: bool = True,
+        eps: float = 1e-6,
+        bias: bool = False,
+        feature_map_kwargs: Optional[dict] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, val in (("dim", dim), ("heads", heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(
+                    f"dim ({dim}) is not divisible by heads ({heads}); pass head_dim explicitly"
+                )
+            head_dim = dim // heads
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads ({kv_heads}) must be >= 1 and divide heads ({heads})")
+        if isinstance(feature_map, str):
+            if qk_dim is None:
+                qk_dim = TAYLOR_DEFAULT_QK_DIM if feature_map == "taylor" else head_dim
+            fm = build_feature_map(feature_map, qk_dim, heads, **(feature_map_kwargs or {}))
+        elif isinstance(feature_map, FeatureMap):
+            if feature_map_kwargs:
+                raise ValueError("feature_map_kwargs only applies when feature_map is a name")
+            fm = feature_map
+            if qk_dim is None:
+                qk_dim = TAYLOR_DEFAULT_QK_DIM if isinstance(fm, TaylorFeatureMap) else head_dim
+        else:
+            raise TypeError(
+                f"feature_map must be a registered name or a FeatureMap, got {type(feature_map).__name__}"
+            )
+        self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
+        self.head_dim, self.qk_dim = head_dim, qk_dim
+        self.normalize, self.eps, self.backend = normalize, eps, backend
+        self.feature_map = fm
+        self.q_proj = nn.Linear(dim, heads * qk_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * qk_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    @property
+    def feature_dim(self) -> int:
+        """Expanded feature dim Dk (the state's third dim)."""
+        return self.feature_map.output_dim(self.qk_dim)
+
+    def init_state(self, batch: int, *, device=None) -> LinearAttentionState:
+        """The zero state for ``batch`` sequences (equivalent to passing ``state=None``)."""
+        return LinearAttentionState.zeros(
+            batch, self.heads, self.feature_dim, self.head_dim,
+            normalize=self.normalize, device=device,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: Optional[LinearAttentionState] = None,
+        return_state: bool = False,
+    ):
+        """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
+
+        ``state`` is the :class:`LinearAttentionState` returned by an earlier call over the
+        preceding tokens; decoding one token at a time is ``y, s = layer(x_t, s, True)``.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FeatureAttention expects x of shape [B, T, {self.dim}], got {got}")
+        B, T, _ = x.shape
+        # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
+        q = self.q_proj(x).unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.qk_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        res = linear_attention(
+            q, k, v,
+            feature_map=self.feature_map,
+            normalize=self.normalize,
+            eps=self.eps,
+            initial_state=state,
+            return_state=return_state,
+            backend=self.backend,
+        )
+        o, new_state = res if return_state else (res, None)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return (y, new_state) if return_state else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, qk_dim={self.qk_dim}, "
+            f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, normalize={self.normalize}"
+        )

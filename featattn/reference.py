@@ -1,0 +1,97 @@
+"""Torch-only oracles: the quadratic masked form and the token-by-token recurrent form.
+
+Both take *features* (the feature map already applied) and share the signature of every
+backend::
+
+    o, kv, z = fn(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False)
+
+    q: [B, H, T, Dk]     k: [B, Hkv, T, Dk]     v: [B, Hkv, T, Dv]     (Hkv divides H)
+    initial_kv: [B, H, Dk, Dv]    initial_z: [B, H, Dk]
+    o: [B, H, T, Dv] in q.dtype; kv, z: the final state (None unless return_state)
+
+They compute in float64 when given float64 and in fp32 otherwise.  They are slow on purpose
+(O(T^2) memory for the quadratic form, a Python loop over T for the recurrent one): they
+exist to be obviously right, and every test compares against them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["quadratic_linear_attention", "recurrent_linear_attention", "compute_dtype"]
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the accumulation dtype)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def quadratic_linear_attention(
+    q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False
+):
+    """O(T^2) masked form: ``o = tril(q k^T) v (+ q kv0)``, divided by the row sums."""
+    B, H, T, Dk = q.shape
+    cd = compute_dtype(q, k, v, initial_kv, initial_z)
+    qf = q.to(cd)
+    kf = _expand_kv_heads(k.to(cd), H)
+    vf = _expand_kv_heads(v.to(cd), H)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = (qf @ kf.transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B, H, T, T]
+    num = scores @ vf
+    if initial_kv is not None:
+        num = num + qf @ initial_kv.to(cd)
+    out = num
+    if normalize:
+        den = scores.sum(-1)
+        if initial_z is not None:
+            den = den + (qf @ initial_z.to(cd).unsqueeze(-1)).squeeze(-1)
+        out = num / (den + eps).unsqueeze(-1)
+    kv = z = None
+    if return_state:
+        kv = kf.transpose(-1, -2) @ vf
+        if initial_kv is not None:
+            kv = kv + initial_kv.to(cd)
+        if normalize:
+            z = kf.sum(-2)
+            if initial_z is not None:
+                z = z + initial_z.to(cd)
+    return out.to(q.dtype), kv, z
+
+
+def recurrent_linear_attention(
+    q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False
+):
+    """Token-by-token recurrence: ``kv += k_t^T v_t; z += k_t; o_t = q_t kv / (q_t . z + eps)``.
+
+    This is exactly what one decoding step does.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    cd = compute_dtype(q, k, v, initial_kv, initial_z)
+    qf = q.to(cd)
+    kf = _expand_kv_heads(k.to(cd), H)
+    vf = _expand_kv_heads(v.to(cd), H)
+    kv = initial_kv.to(cd) if initial_kv is not None else q.new_zeros(B, H, Dk, Dv, dtype=cd)
+    z = initial_z.to(cd) if initial_z is not None else q.new_zeros(B, H, Dk, dtype=cd)
+    outs = []
+    for t in range(T):
+        kt, vt, qt = kf[:, :, t], vf[:, :, t], qf[:, :, t]
+        kv = kv + kt.unsqueeze(-1) * vt.unsqueeze(-2)
+        num = (qt.unsqueeze(-2) @ kv).squeeze(-2)
+        if normalize:
+            z = z + kt
+            num = num / ((qt * z).sum(-1, keepdim=True) + eps)
+        outs.append(num)
+    out = torch.stack(outs, dim=2).to(q.dtype)
+    if not return_state:
+        return out, None, None
+    return out, kv, (z if normalize else None)

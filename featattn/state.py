@@ -1,0 +1,93 @@
+"""The recurrent state of causal linear attention.
+
+After a prefix of length t, linear attention is fully described by
+
+    kv = sum_{s<=t} phi(k_s)^T v_s      [B, H, Dk, Dv]
+    z  = sum_{s<=t} phi(k_s)            [B, H, Dk]      (only needed when normalising)
+
+with Dk the *expanded* feature dim (e.g. 273 for the Taylor map of a 16-dim q/k) and H the
+number of query heads (with grouped k/v heads the state is kept per query head, so that an
+initial state may differ between the heads of a group).  Both are kept in fp32 (float64 when
+the computation runs in float64): a bf16 running sum drifts by tens of percent over 1k-4k
+tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["LinearAttentionState"]
+
+
+@dataclass
+class LinearAttentionState:
+    """Recurrent state handed between calls of :func:`featattn.linear_attention`.
+
+    Attributes:
+        kv: ``[B, H, Dk, Dv]`` fp32, the running ``sum phi(k)^T v``.
+        z: ``[B, H, Dk]`` fp32, the running ``sum phi(k)``; ``None`` for a state produced with
+            ``normalize=False`` (such a state cannot feed a normalised call).
+
+    Passing the state returned by one call as ``initial_state`` of the next makes running a
+    sequence in pieces give the same output as running it whole.  Decoding one token at a
+    time is then O(1) per token.
+    """
+
+    kv: torch.Tensor
+    z: Optional[torch.Tensor] = None
+
+    @classmethod
+    def zeros(
+        cls,
+        batch: int,
+        heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        normalize: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "LinearAttentionState":
+        """The state of an empty prefix."""
+        kv = torch.zeros(batch, heads, key_dim, value_dim, device=device, dtype=dtype)
+        z = torch.zeros(batch, heads, key_dim, device=device, dtype=dtype) if normalize else None
+        return cls(kv, z)
+
+    @property
+    def normalized(self) -> bool:
+        """True when the state carries ``z`` (it came from a ``normalize=True`` call)."""
+        return self.z is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, Dk, Dv)``."""
+        return tuple(self.kv.shape)  # type: ignore[return-value]
+
+    def detach(self) -> "LinearAttentionState":
+        """A copy cut from the autograd graph (for truncated backprop through time)."""
+        return LinearAttentionState(self.kv.detach(), None if self.z is None else self.z.detach())
+
+    def clone(self) -> "LinearAttentionState":
+        return LinearAttentionState(self.kv.clone(), None if self.z is None else self.z.clone())
+
+    def to(self, *args, **kwargs) -> "LinearAttentionState":
+        return LinearAttentionState(
+            self.kv.to(*args, **kwargs), None if self.z is None else self.z.to(*args, **kwargs)
+        )
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "LinearAttentionState":
+        """Select along batch (``dim=0``), e.g. to reorder beams."""
+        return LinearAttentionState(
+            self.kv.index_select(dim, index),
+            None if self.z is None else self.z.index_select(dim, index),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the state (constant in the number of tokens seen)."""
+        n = self.kv.numel() * self.kv.element_size()
+        if self.z is not None:
+            n += self.z.numel() * self.z.element_size()
+        return n

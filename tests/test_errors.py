@@ -1,0 +1,115 @@
+"""Bad input gets a clear ValueError/TypeError saying what was expected and what arrived."""
+
+import pytest
+import torch
+
+from featattn import FeatureAttention, LinearAttentionState, linear_attention, select_kernel
+
+
+def qkv(B=1, H=2, Hkv=2, T=5, D=4, Dv=3, dtype=torch.float32):
+    return (torch.randn(B, H, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype),
+            torch.randn(B, Hkv, T, Dv, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: (torch.randn(2, 2, 5, 4), *qkv()[1:]), ValueError, "batch sizes differ"),
+        (lambda: (torch.randn(1, 2, 6, 4), *qkv()[1:]), ValueError, "sequence lengths differ"),
+        (lambda: (torch.randn(1, 2, 5, 7), *qkv()[1:]), ValueError, "head dims differ"),
+        (lambda: (torch.randn(1, 3, 5, 4), *qkv()[1:]), ValueError, "multiple of the key/value heads"),
+        (lambda: (qkv()[0], qkv()[1], torch.randn(1, 1, 5, 3)), ValueError, "same number of heads"),
+        (lambda: (torch.randn(2, 5, 4), *qkv()[1:]), ValueError, r"4-D \(\[B, H, T, D\]\)"),
+        (lambda: (torch.ones(1, 2, 5, 4, dtype=torch.int64), *qkv()[1:]), TypeError, "floating-point"),
+        (lambda: (qkv()[0].half(), *qkv()[1:]), TypeError, "share one dtype"),
+        (lambda: ([1.0], *qkv()[1:]), TypeError, "must be a torch.Tensor"),
+        (lambda: (torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 3)),
+         ValueError, "T must be >= 1"),
+    ],
+    ids=["batch", "time", "head_dim", "heads_divide", "kv_heads", "rank", "int", "mixed_dtype",
+         "not_tensor", "empty_T"],
+)
+def test_bad_tensors(make, exc, match):
+    q, k, v = make()
+    with pytest.raises(exc, match=match):
+        linear_attention(q, k, v)
+
+
+def test_mixed_devices():
+    q, k, v = qkv()
+    k = k.to("meta")
+    with pytest.raises(ValueError, match="one device"):
+        linear_attention(q, k, v)
+
+
+@pytest.mark.parametrize("eps,exc", [(0.0, ValueError), (-1e-6, ValueError), (float("nan"), ValueError),
+                                     (float("inf"), ValueError), (True, TypeError), ("1e-6", TypeError)])
+def test_bad_eps(eps, exc):
+    with pytest.raises(exc, match="eps"):
+        linear_attention(*qkv(), eps=eps)
+
+
+@pytest.mark.parametrize("scale,exc", [(True, TypeError), (float("inf"), ValueError),
+                                       (float("nan"), ValueError), ("2", TypeError)])
+def test_bad_scale(scale, exc):
+    with pytest.raises(exc, match="scale"):
+        linear_attention(*qkv(), scale=scale)
+
+
+def test_bad_normalize_flag():
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        linear_attention(*qkv(), normalize=1)
+
+
+def test_unknown_feature_map_and_backend():
+    with pytest.raises(ValueError, match="unknown feature map 'softmax'.*known feature maps: elu"):
+        linear_attention(*qkv(), feature_map="softmax")
+    with pytest.raises(TypeError, match="feature_map must be None"):
+        linear_attention(*qkv(), feature_map=3)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, torch, reference, triton"):
+        linear_attention(*qkv(), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_kernel(*qkv(), backend="fast")
+
+
+def test_forced_triton_unavailable_raises_with_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' cannot run: .*(CPU|not installed)"):
+        select_kernel(*qkv(), backend="triton")
+
+
+def test_bad_states():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="LinearAttentionState"):
+        linear_attention(q, k, v, initial_state=(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4)))
+    bad_shape = LinearAttentionState(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match=r"kv must have shape \[B, H, Dk, Dv\] = \[1, 2, 4, 3\]"):
+        linear_attention(q, k, v, initial_state=bad_shape)
+    # with a feature map the state's Dk is the expanded dim: 1 + 4 + 16 = 21 for taylor
+    wrong_dk = LinearAttentionState(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match=r"\[1, 2, 21, 3\]"):
+        linear_attention(q, k, v, feature_map="taylor", initial_state=wrong_dk)
+    no_z = LinearAttentionState(torch.zeros(1, 2, 4, 3), None)
+    with pytest.raises(ValueError, match="no z.*normalize=True"):
+        linear_attention(q, k, v, initial_state=no_z)
+    with_z = LinearAttentionState(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="carries z.*normalize=False"):
+        linear_attention(q, k, v, normalize=False, initial_state=with_z)
+    bad_z = LinearAttentionState(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match=r"z must have shape"):
+        linear_attention(q, k, v, initial_state=bad_z)
+    half = LinearAttentionState(torch.zeros(1, 2, 4, 3, dtype=torch.half), torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match="float32"):
+        linear_attention(q, k, v, initial_state=half)
+
+
+def test_layer_errors():
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        FeatureAttention(30, 4, "elu")
+    with pytest.raises(ValueError, match="kv_heads"):
+        FeatureAttention(32, 4, "elu", kv_heads=3)
+    with pytest.raises(ValueError, match="unknown feature map"):
+        FeatureAttention(32, 4, "nope")
+    layer = FeatureAttention(32, 4, "elu")
+    with pytest.raises(ValueError, match=r"\[B, T, 32\]"):
+        layer(torch.randn(2, 5, 16))

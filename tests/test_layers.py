@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+from featattn import FeatureAttention, linear_attention
+
+
+@pytest.mark.parametrize("fm", ["elu", "taylor", "relu", "identity"])
+def test_sequential_forward_backward(fm):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        FeatureAttention(32, 4, fm, normalize=fm != "identity"),
+        nn.LayerNorm(32),
+        FeatureAttention(32, 4, fm, kv_heads=2, normalize=fm != "identity"),
+    )
+    x = torch.randn(2, 33, 32, requires_grad=True)
+    y = model(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_taylor_defaults_to_16_dim_qk():
+    layer = FeatureAttention(128, 2, "taylor")
+    assert layer.qk_dim == 16 and layer.head_dim == 64 and layer.feature_dim == 273
+    assert FeatureAttention(128, 2, "elu").qk_dim == 64
+    assert FeatureAttention(128, 2, "taylor", qk_dim=8).feature_dim == 73
+
+
+@pytest.mark.parametrize("fm,kv_heads", [("taylor", None), ("elu", 2), ("relu", 1)])
+def test_stateful_decode_equals_full_forward(fm, kv_heads):
+    torch.manual_seed(1)
+    layer = FeatureAttention(32, 4, fm, kv_heads=kv_heads).double()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    full = layer(x)
+    # chunked prefill of 17 tokens, then one token at a time
+    y0, state = layer(x[:, :17], return_state=True)
+    ys = [y0]
+    for t in range(17, 40):
+        y, state = layer(x[:, t : t + 1], state=state, return_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), full, rtol=1e-10, atol=1e-10)
+    assert state.kv.shape == (2, 4, layer.feature_dim, 8)
+    # a fresh zero state is the same as no state
+    torch.testing.assert_close(layer(x, state=layer.init_state(2, device=x.device).to(torch.float64)), full)
+
+
+def test_layer_equals_functional_on_projections():
+    torch.manual_seed(2)
+    layer = FeatureAttention(24, 3, "elu", head_dim=5, qk_dim=6, kv_heads=1).double()
+    x = torch.randn(1, 9, 24, dtype=torch.float64)
+    q = layer.q_proj(x).view(1, 9, 3, 6).transpose(1, 2)
+    k = layer.k_proj(x).view(1, 9, 1, 6).transpose(1, 2)
+    v = layer.v_proj(x).view(1, 9, 1, 5).transpose(1, 2)
+    o = linear_attention(q, k, v, feature_map="elu", backend="reference")
+    expected = layer.o_proj(o.transpose(1, 2).reshape(1, 9, 15))
+    torch.testing.assert_close(layer(x), expected)
