@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # the CPU build of PyTorch that lies on these machines' disk; override for your platform
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,bench
+EXTRAS ?= test,bench,hf
 
 .PHONY: demo test venv bench clean
 
