@@ -38,8 +38,8 @@ class FeatureAttention(nn.Module):
         kv_heads: key/value heads Hkv, dividing ``heads`` (default ``heads``).
         normalize, eps: as in :func:`featattn.linear_attention`.
         bias: bias in the projections.
-        feature_map_kwargs: passed to the registered map's constructor; ``head_dim`` (=qk_dim)
-            and ``heads`` are filled in when the constructor takes them.
+        feature_map_kwargs: passed to the registered map's constructor; ``head_dim`` (=qk_dim),
+            ``heads`` and ``kv_heads`` are filled in when the constructor takes them.
         backend: passed to :func:`featattn.linear_attention`.
     """
 
@@ -74,7 +74,7 @@ class FeatureAttention(nn.Module):
         if isinstance(feature_map, str):
             if qk_dim is None:
                 qk_dim = TAYLOR_DEFAULT_QK_DIM if feature_map == "taylor" else head_dim
-            fm = build_feature_map(feature_map, qk_dim, heads, **(feature_map_kwargs or {}))
+            fm = build_feature_map(feature_map, qk_dim, heads, kv_heads, **(feature_map_kwargs or {}))
         elif isinstance(feature_map, FeatureMap):
             if feature_map_kwargs:
                 raise ValueError("feature_map_kwargs only applies when feature_map is a name")

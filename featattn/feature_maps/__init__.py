@@ -8,8 +8,9 @@ from .registry import (
     register_feature_map,
     resolve_feature_map,
 )
-from . import elu, identity, relu, taylor  # noqa: F401  (registration side effect)
+from . import elu, hedgehog, identity, relu, taylor  # noqa: F401  (registration side effect)
 from .elu import EluFeatureMap
+from .hedgehog import HedgehogFeatureMap
 from .identity import IdentityFeatureMap
 from .relu import ReluFeatureMap
 from .taylor import TaylorFeatureMap, taylor_features
@@ -22,6 +23,7 @@ __all__ = [
     "build_feature_map",
     "resolve_feature_map",
     "EluFeatureMap",
+    "HedgehogFeatureMap",
     "IdentityFeatureMap",
     "ReluFeatureMap",
     "TaylorFeatureMap",

@@ -62,16 +62,18 @@ def get_feature_map(name: str, **kwargs) -> FeatureMap:
     return cls(**kwargs)
 
 
-def build_feature_map(name: str, head_dim: int, heads: int, **kwargs) -> FeatureMap:
-    """Like :func:`get_feature_map`, filling in ``head_dim`` / ``heads`` when the map's
-    constructor takes them (learnable maps are sized by the layer that owns them)."""
+def build_feature_map(
+    name: str, head_dim: int, heads: int, kv_heads: int | None = None, **kwargs
+) -> FeatureMap:
+    """Like :func:`get_feature_map`, filling in ``head_dim`` / ``heads`` / ``kv_heads`` when the
+    map's constructor takes them (learnable maps are sized by the layer that owns them)."""
     cls = _REGISTRY.get(name)
     if cls is not None:
         params = inspect.signature(cls.__init__).parameters
-        if "head_dim" in params and "head_dim" not in kwargs:
-            kwargs["head_dim"] = head_dim
-        if "heads" in params and "heads" not in kwargs:
-            kwargs["heads"] = heads
+        filled = {"head_dim": head_dim, "heads": heads, "kv_heads": kv_heads}
+        for key, val in filled.items():
+            if key in params and key not in kwargs and val is not None:
+                kwargs[key] = val
     return get_feature_map(name, **kwargs)
 
 
