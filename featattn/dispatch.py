@@ -71,10 +71,14 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Opti
 
 
 def _kernel_shape_reason(kernels, dk: int, dv: int) -> Optional[str]:
-    check = getattr(kernels, "unsupported_reason", None)
-    if check is None:
-        return None if hasattr(kernels, "chunked_attention") else "this build has no Triton kernels"
-    return check(dk, dv)
+    limits = getattr(kernels, "KERNEL_LIMITS", None)
+    if not limits:
+        return "this build has no Triton kernels"
+    if dk > limits["max_dk"]:
+        return f"feature dim Dk={dk} is above the kernels' limit of {limits['max_dk']}"
+    if dv > limits["max_dv"]:
+        return f"value dim Dv={dv} is above the kernels' limit of {limits['max_dv']}"
+    return None
 
 
 def _check_backend(backend) -> None:
