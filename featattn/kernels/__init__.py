@@ -1,0 +1,34 @@
+"""Triton kernels for featattn (the only part of the package that imports triton).
+
+Exports:
+    TRITON_AVAILABLE: bool, whether triton imported (the kernels below are usable).
+    chunked_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
+                      return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
+    kernel_name(Dk, Dv) -> "equal_dim" | "small_vhd"
+    KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
+
+Without triton ``import featattn`` still works: the dispatcher sees TRITON_AVAILABLE False
+and uses the PyTorch path.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    TRITON_AVAILABLE = False
+
+if TRITON_AVAILABLE:
+    from .chunked import KERNEL_LIMITS, chunked_attention, kernel_name
+else:  # pragma: no cover
+    KERNEL_LIMITS: dict = {}
+
+    def kernel_name(Dk: int, Dv: int) -> str:
+        return "equal_dim" if Dk <= Dv else "small_vhd"
+
+    def chunked_attention(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.chunked_attention needs triton (pip install triton)")
+
+__all__ = ["TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name"]

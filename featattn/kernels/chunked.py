@@ -1,0 +1,700 @@
+"""Chunked causal linear attention in Triton: forward, backward, recurrent state.
+
+Legend: B batch, H query heads, Hkv key/value heads (H % Hkv == 0, G = H // Hkv),
+T time, Dk q/k feature dim, Dv value dim, BT chunk length, BK / BV tile of Dk / Dv.
+
+What is computed (q, k are already feature-mapped by the caller)::
+
+    S_t   = S0 + sum_{s<=t} k_s^T v_s             # [Dk, Dv] fp32 running state
+    z_t   = z0 + sum_{s<=t} k_s                   # [Dk]     fp32 running normaliser
+    num_t = q_t S_t
+    den_t = q_t . z_t + eps
+    o_t   = num_t / den_t   if normalize else num_t
+
+Algorithm (the "fused chunk" form, linear in T)
+-----------------------------------------------
+Time is cut into chunks of BT rows.  Within a chunk the causal part is a masked
+quadratic product, ``tril(q k^T) v``; everything before the chunk is in the state::
+
+    num_c = tril(q_c k_c^T) v_c + q_c S        then  S += k_c^T v_c
+    den_c = rowsum(tril(q_c k_c^T)) + q_c z    then  z += colsum(k_c)
+
+Forward: one program per (batch*head, Dk tile, Dv tile) walks the chunks in order,
+holding its state tile S [BK, BV] (and z [BK]) in registers, so q, k, v are read once
+and o written once (the HBM floor) when Dk and Dv fit one tile each.  The denominator
+is the same computation with a value column of ones, so it costs a row sum and a
+[BT, BK] x [BK] product, no extra pass.  When Dk needs several tiles (Dk > 128, e.g.
+the 273 features of a second-order Taylor map) numerator and denominator are linear in
+the Dk split: every Dk tile writes fp32 partials and a torch sum + division finishes.
+Dv tiles are independent (each writes its own columns of o); the denominator is
+computed redundantly by every Dv tile and stored by tile 0.
+
+Backward: one launch whose programs are of two kinds (grid axis 2):
+  * phase 0 sweeps forward for dq, holding S^T [BV, BK] (built as v^T k, so no
+    transpose of a dot result is ever taken: see fla issue #640 on Hopper);
+  * phase 1 sweeps backward for dk, dv and d(initial state), holding dS [BK, BV]
+    (and dz [BK]) which starts from d(final state) when the caller backpropagates
+    through the returned state.
+Both kinds run concurrently, which doubles the number of programs in flight.
+For the normalised output, with r_t = 1/den_t and delta_t = do_t . o_t::
+
+    d num_t = r_t do_t,      d den_t = -r_t delta_t
+
+i.e. the plain linear-attention backward with one extra "ones" value column whose
+output gradient is d den.  dq keeps the factor r_t outside its sums (it is a row
+scale), which keeps the summed terms O(1) even when den grows with t.  den (fp32
+[B, H, T]) is saved by the forward; delta is a small row-sum kernel.
+
+Reductions that cross programs are done by torch on fp32 buffers (never atomics, so
+results are deterministic): dq and dk over Dv tiles, dv over Dk tiles, dk and dv over
+the q heads of a key/value group.  With Dk, Dv <= 128 and no grouping there is none.
+
+Numerics
+--------
+The state, the denominator, eps and the division are fp32; o is cast once when stored.
+Products whose operands are both inputs (q k^T, k^T v, do v^T) run on the tensor
+cores in the input dtype with fp32 accumulation.  Products involving an fp32
+intermediate (the masked score tile, the state, d num) are done
+  * bf16 inputs: by rounding the intermediate to bf16 (same exponent range as fp32,
+    relative error ~4e-3 -- the usual flash-linear-attention trade);
+  * fp16 inputs: in tf32 on fp32 operands, because the state and den exceed the fp16
+    range at long T (an fp16 round would overflow or flush to zero);
+  * fp32 inputs: every product uses ``input_precision="tf32x3"`` (three tf32 tensor-core
+    products, error ~1e-6 relative), so fp32 results are fp32-grade where Triton's
+    default (tf32, ~3e-4) would not be.  "ieee" would do too, but it becomes unrolled
+    FMA code: on the H100 the fp32 test cases then compiled several times slower.
+
+Performance notes (H100, bf16, B=8, H=16; benchmarks/gpu_kernels.py): Dk=Dv=64 at
+T=16384 runs at 0.385 ms forward (floor 0.358) and 1.37 ms forward+backward.  Dk=273 is
+far slower (11.6 ms forward): its rows are 546 bytes apart, so no load is 16-byte
+aligned, and the Dk split writes fp32 partials.  Untested remedy: store q/k features
+with a row stride that is a multiple of 8 elements (e.g. allocate [..., 280] and pass
+the [..., :273] view; the kernels take strided views as they are).
+
+Tiles: BK = min(128, next_pow2(Dk)) and BV = min(128, next_pow2(Dv)) (>= 16, as tl.dot
+needs), chosen by `_tiles` because they decide the buffers the wrapper allocates; the
+chunk length BT, num_warps and num_stages come from `triton.autotune`, keyed on
+(Dk, Dv) and the dtypes.  T is not specialised, so a new length does not recompile.
+Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
+(batch/head bases, chunk starts) are int64; per-tile offsets stay int32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Largest tile on each of Dk / Dv; larger dims are split into several tiles.
+_MAX_BK = 128
+_MAX_BV = 128
+
+#: What the kernels accept, for the dispatcher to explain its choice.
+KERNEL_LIMITS = {
+    "max_dk": 4096,  # any Dk up to this (tiled by 128); larger is untested
+    "max_dv": 4096,  # any Dv up to this (tiled by 128)
+    "min_t": 1,
+    "dtypes": (torch.float32, torch.float16, torch.bfloat16),
+    "block_dk": _MAX_BK,
+    "block_dv": _MAX_BV,
+}
+
+#: Debug switch: allocate every kernel-written buffer filled with NaN, so an element
+#: the kernel forgets to write shows up in the result.  Tests turn it on.
+POISON_OUTPUTS = os.environ.get("FEATATTN_POISON", "0") == "1"
+
+
+def kernel_name(Dk: int, Dv: int) -> str:
+    """Name of the variant a shape uses: ``"equal_dim"`` (Dk <= Dv) or ``"small_vhd"``.
+
+    Both are the same kernel body; "small_vhd" (Dk > Dv, e.g. Taylor features with
+    a 64-dim value) is where the Dk tiling / partial sums come into play.
+    """
+    return "equal_dim" if Dk <= Dv else "small_vhd"
+
+
+def _tiles(Dk: int, Dv: int) -> tuple[int, int]:
+    """(BK, BV): one tile per dim up to 128, padded to a power of two >= 16."""
+    bk = min(max(16, triton.next_power_of_2(Dk)), _MAX_BK)
+    bv = min(max(16, triton.next_power_of_2(Dv)), _MAX_BV)
+    return bk, bv
+
+
+def _alloc(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _configs():
+    """Autotune space: chunk length BT, warps, pipeline depth.  One small config in the
+    interpreter (autotuning there is slow and pointless) or when FEATATTN_NO_AUTOTUNE=1
+    (quick GPU test runs: every new (Dk, Dv) would otherwise compile the whole space)."""
+    if _INTERPRET:
+        return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
+        return [triton.Config({"BT": 64}, num_warps=4, num_stages=2)]
+    space = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (32, 4, 2)]
+    return [triton.Config({"BT": bt}, num_warps=nw, num_stages=ns) for bt, nw, ns in space]
+
+
+# --------------------------------------------------------------------------- helpers
+@triton.jit
+def _mm(a, b, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b where an operand is an fp32 intermediate (see module docstring)."""
+    if LOWP:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif IEEE:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return r
+
+
+@triton.jit
+def _dot_in(a, b, IEEE: tl.constexpr):
+    """a @ b for two tiles in the input dtype, fp32 accumulation."""
+    if IEEE:
+        r = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["T"])
+def _fwd_kernel(
+    q, k, v, o, den, kv0, z0, kvT, zT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, H, G, DK, DV, eps,
+    NV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    SPLIT_K: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (B*H, NK*NV).  q: [B,H,T,Dk], k: [B,Hkv,T,Dk], v: [B,Hkv,T,Dv] (strided,
+    unit last stride).  o: [B,H,T,Dv] strided (input dtype) or, with SPLIT_K, fp32
+    partial numerators [NK,B,H,T,Dv] contiguous.  den: fp32 [B,H,T] (eps added) or,
+    with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
+    [B,H,Dk]."""
+    i_bh = tl.program_id(0)
+    i_kv = tl.program_id(1)
+    i_k = i_kv // NV
+    i_v = i_kv % NV
+    n_bh = tl.num_programs(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    if SPLIT_K:
+        o_base = o + (i_k.to(tl.int64) * n_bh + i_bh) * T * DV
+        d_base = den + (i_k.to(tl.int64) * n_bh + i_bh) * T
+        sot_ = DV
+    else:
+        o_base = o + i_b * sob + i_h * soh
+        d_base = den + i_bh.to(tl.int64) * T
+        sot_ = sot
+
+    offs_t = tl.arange(0, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    causal = offs_t[:, None] >= offs_t[None, :]
+    # Dv tile 0 stores den / z.  (Built as vectors: the interpreter rejects a
+    # vector & scalar mask.)
+    own_t = (offs_t * 0 + i_v) == 0
+    own_k = (offs_k * 0 + i_v) == 0
+
+    st_off = i_bh.to(tl.int64) * DK * DV
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(kv0 + st_off + offs_k[:, None] * DV + offs_v[None, :],
+                    mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORMALIZE:
+            z = tl.load(z0 + i_bh.to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+
+    for i in range(0, tl.cdiv(T, BT)):
+        t0 = tl.cast(i * BT, tl.int64)
+        mt = (i * BT + offs_t) < T
+        b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
+                      mask=mt[:, None] & mk[None, :], other=0.0)
+        b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
+                      mask=mt[:, None] & mk[None, :], other=0.0)
+        b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                      mask=mt[:, None] & mv[None, :], other=0.0)
+        A = _dot_in(b_q, tl.trans(b_k), IEEE)  # [BT, BT] fp32
+        A = tl.where(causal, A, 0.0)
+        num = _mm(A, b_v, LOWP, IEEE) + _mm(b_q, S, LOWP, IEEE)  # [BT, BV]
+        if NORMALIZE:
+            d = tl.sum(A, axis=1) + tl.sum(b_q.to(tl.float32) * z[None, :], axis=1)
+            z += tl.sum(b_k.to(tl.float32), axis=0)
+        S += _dot_in(tl.trans(b_k), b_v, IEEE)
+
+        o_ptr = o_base + t0 * sot_ + offs_t[:, None] * sot_ + offs_v[None, :]
+        if SPLIT_K:
+            tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            if NORMALIZE:
+                tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
+        else:
+            if NORMALIZE:
+                d = d + eps
+                num = num / d[:, None]
+                tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
+            tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+    if STORE_FINAL:
+        tl.store(kvT + st_off + offs_k[:, None] * DV + offs_v[None, :], S,
+                 mask=mk[:, None] & mv[None, :])
+        if NORMALIZE:
+            tl.store(zT + i_bh.to(tl.int64) * DK + offs_k, z, mask=mk & own_k)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["T"])
+def _delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
+                  BT: tl.constexpr, BV: tl.constexpr):
+    """delta[b,h,t] = sum_j do[b,h,t,j] * o[b,h,t,j]  (fp32 [B,H,T]).  Grid (B*H, cdiv(T,BT))."""
+    i_bh = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    t0 = tl.cast(i_t * BT, tl.int64)
+    mt = (i_t * BT + offs_t) < T
+    acc = tl.zeros([BT], dtype=tl.float32)
+    for j in range(0, tl.cdiv(DV, BV)):
+        offs_v = j * BV + tl.arange(0, BV)
+        m = mt[:, None] & (offs_v < DV)[None, :]
+        b_o = tl.load(o + i_b * sob + i_h * soh + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
+                      mask=m, other=0.0).to(tl.float32)
+        b_do = tl.load(do + i_b * sdb + i_h * sdh + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                       mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(b_o * b_do, axis=1)
+    tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_kernel(
+    q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
+    dq, dk, dv, dkv0, dz0,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    T, H, G, DK, DV,
+    NV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (B*H, NK*NV, 2); axis 2 picks the dq sweep (0) or the dk/dv sweep (1).
+
+    q/k/v as in the forward; do: [B,H,T,Dv] strided; den, delta: fp32 [B,H,T].
+    Outputs (contiguous, written per q head): dq [NV,B,H,T,Dk], dk [NV,B,H,T,Dk],
+    dv [NK,B,H,T,Dv] (partials, summed by the wrapper when NV/NK/G > 1);
+    dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (written when HAS_INIT).
+    """
+    i_bh = tl.program_id(0)
+    i_kv = tl.program_id(1)
+    phase = tl.program_id(2)
+    i_k = i_kv // NV
+    i_v = i_kv % NV
+    n_bh = tl.num_programs(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    do_base = do + i_b * sdb + i_h * sdh
+    row_base = i_bh.to(tl.int64) * T  # den / delta rows
+
+    offs_t = tl.arange(0, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    st_off = i_bh.to(tl.int64) * DK * DV
+    # The den term belongs to the "ones" value column, owned by Dv tile 0: the other
+    # tiles load delta / d(final z) as zeros, so its terms vanish there.
+    own_t = (offs_t * 0 + i_v) == 0  # vectors: the interpreter rejects vector & scalar
+    own_k = (offs_k * 0 + i_v) == 0
+    NT = tl.cdiv(T, BT)
+
+    if phase == 0:
+        # ---- forward sweep: dq_t = r_t [ sum_{s<=t} (do_t.v_s - delta_t) k_s
+        #                                  + do_t S_{<c}  - delta_t z_{<c} ]
+        causal = offs_t[:, None] >= offs_t[None, :]
+        ST = tl.zeros([BV, BK], dtype=tl.float32)  # S^T, so no transposed dot result
+        z = tl.zeros([BK], dtype=tl.float32)
+        if HAS_INIT:
+            ST = tl.load(kv0 + st_off + offs_k[None, :] * DV + offs_v[:, None],
+                         mask=mk[None, :] & mv[:, None], other=0.0)
+            if NORMALIZE:
+                z = tl.load(z0 + i_bh.to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+        dq_base = dq + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
+        for i in range(0, NT):
+            t0 = tl.cast(i * BT, tl.int64)
+            mt = (i * BT + offs_t) < T
+            b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                           mask=mt[:, None] & mv[None, :], other=0.0)
+            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=mt[:, None] & mv[None, :], other=0.0)
+            b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
+                          mask=mt[:, None] & mk[None, :], other=0.0)
+            dA = _dot_in(b_do, tl.trans(b_v), IEEE)  # [BT, BT]
+            if NORMALIZE:
+                b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
+                dA = dA - b_dl[:, None]
+            dA = tl.where(causal, dA, 0.0)
+            b_dq = _mm(dA, b_k, LOWP, IEEE) + _mm(b_do, ST, LOWP, IEEE)  # [BT, BK]
+            if NORMALIZE:
+                b_dq -= b_dl[:, None] * z[None, :]
+                b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
+                b_dq = b_dq / b_den[:, None]
+                z += tl.sum(b_k.to(tl.float32), axis=0)
+            ST += _dot_in(tl.trans(b_v), b_k, IEEE)
+            tl.store(dq_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
+                     b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+    else:
+        # ---- reverse sweep, with dn_t = r_t do_t, dd_t = -r_t delta_t:
+        #   dv_s = sum_{t>=s} (q_t.k_s) dn_t + k_s dS
+        #   dk_s = sum_{t>=s} (dn_t.v_s + dd_t) q_t + v_s dS^T + dz
+        #   dS  += q_c^T dn_c,  dz += sum_t dd_t q_t     (dS, dz start at d(final state))
+        anti = offs_t[:, None] <= offs_t[None, :]  # [s, t]: s <= t
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dz = tl.zeros([BK], dtype=tl.float32)
+        if HAS_DFINAL:
+            dS = tl.load(dkvT + st_off + offs_k[:, None] * DV + offs_v[None, :],
+                         mask=mk[:, None] & mv[None, :], other=0.0)
+            if NORMALIZE:
+                dz = tl.load(dzT + i_bh.to(tl.int64) * DK + offs_k, mask=mk & own_k, other=0.0)
+        dk_base = dk + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
+        dv_base = dv + (i_k.to(tl.int64) * n_bh + i_bh) * T * DV
+        for j in range(0, NT):
+            i = NT - 1 - j
+            t0 = tl.cast(i * BT, tl.int64)
+            mt = (i * BT + offs_t) < T
+            b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
+                          mask=mt[:, None] & mk[None, :], other=0.0)
+            b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
+                          mask=mt[:, None] & mk[None, :], other=0.0)
+            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=mt[:, None] & mv[None, :], other=0.0)
+            b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                           mask=mt[:, None] & mv[None, :], other=0.0)
+            AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), IEEE), 0.0)  # [s, t]
+            dAT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [s, t]
+            if NORMALIZE:
+                b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
+                b_dn = b_do.to(tl.float32) * b_r[:, None]
+                b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0) * b_r
+                dAT = dAT * b_r[None, :] + b_dd[None, :]
+            else:
+                b_dn = b_do
+            dAT = tl.where(anti, dAT, 0.0)
+            b_dv = _mm(AT, b_dn, LOWP, IEEE) + _mm(b_k, dS, LOWP, IEEE)
+            b_dk = _mm(dAT, b_q, LOWP, IEEE) + _mm(b_v, tl.trans(dS), LOWP, IEEE)
+            if NORMALIZE:
+                b_dk += dz[None, :]
+                dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], axis=0)
+            dS += _mm(tl.trans(b_q), b_dn, LOWP, IEEE)
+            tl.store(dk_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
+                     b_dk.to(dk.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+            tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
+                     b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+        if HAS_INIT:
+            tl.store(dkv0 + st_off + offs_k[:, None] * DV + offs_v[None, :], dS,
+                     mask=mk[:, None] & mv[None, :])
+            if NORMALIZE:
+                tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k)
+
+
+_fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K"])(_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE"])(_bwd_kernel)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
+    """(LOWP, IEEE) for an input dtype (see module docstring, Numerics)."""
+    return dtype == torch.bfloat16, dtype == torch.float32
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    # The kernels assume unit stride on the feature dim; anything else is rare enough
+    # that a copy is fine.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _empty_like_layout(ref: torch.Tensor, B, H, T, D, dtype):
+    """[B,H,T,D] tensor; laid out [B,T,H,D] when ref is (a transposed view of such a
+    layout), so a caller working in [B,T,H,D] gets a free transpose back."""
+    if ref.stride(1) < ref.stride(2):
+        return _alloc((B, T, H, D), dtype, ref.device).transpose(1, 2)
+    return _alloc((B, H, T, D), dtype, ref.device)
+
+
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
+    B, H, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    BK, BV = _tiles(Dk, Dv)
+    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    split_k = NK > 1
+    dev = q.device
+    has_init = kv0 is not None
+    if has_init and normalize and z0 is None:
+        z0 = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev)
+    if normalize and z0 is not None and kv0 is None:
+        kv0 = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=dev)
+        has_init = True
+    if split_k:
+        o_buf = _alloc((NK, B, H, T, Dv), torch.float32, dev)
+        den_buf = _alloc((NK, B, H, T), torch.float32, dev) if normalize else o_buf
+        o = o_buf
+    else:
+        o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+        den_buf = _alloc((B, H, T), torch.float32, dev) if normalize else o
+    kvT = _alloc((B, H, Dk, Dv), torch.float32, dev) if store_final else o
+    zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
+    lowp, ieee = _flags(q.dtype)
+    grid = (B * H, NK * NV)
+    _fwd[grid](
+        q, k, v, o, den_buf,
+        kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
+        T, H, G, Dk, Dv, eps,
+        NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
+        STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, IEEE=ieee,
+    )
+    den = den_buf if normalize else None
+    if split_k:
+        num = o_buf.sum(0)
+        if normalize:
+            den = den_buf.sum(0).add_(eps)
+            num.div_(den[..., None])
+        o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+        o.copy_(num)
+    return o, den, (kvT if store_final else None), (zT if store_final and normalize else None), kv0, z0
+
+
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
+
+    ``do`` and the final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
+    ``o`` and ``den`` are the saved forward output and fp32 denominator (normalised only).
+    """
+    B, H, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    dev = q.device
+    if do is None:  # only the returned state is used
+        do = torch.zeros(B, H, T, Dv, dtype=q.dtype, device=dev)
+    do = _unit_last(do)
+    BK, BV = _tiles(Dk, Dv)
+    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    has_init = kv0 is not None
+    has_dfinal = dkvT is not None or dzT is not None
+    if has_dfinal:
+        dkvT = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=dev) if dkvT is None \
+            else dkvT.float().contiguous()
+        if normalize:
+            dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
+                else dzT.float().contiguous()
+    if normalize:
+        delta = _alloc((B, H, T), torch.float32, dev)
+        bv_d = min(max(16, triton.next_power_of_2(Dv)), 128)
+        _delta_kernel[(B * H, triton.cdiv(T, 64))](
+            o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), T, H, Dv, BT=64, BV=bv_d)
+    else:
+        delta = den = do  # unused placeholders
+    # Buffers reduced across programs are fp32; a buffer with a single writer per
+    # element is written in the input dtype directly.
+    reduce_dk = NV > 1 or G > 1
+    reduce_dv = NK > 1 or G > 1
+    dq = _alloc((NV, B, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
+    dk = _alloc((NV, B, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
+    dv = _alloc((NK, B, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
+    dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
+    dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
+    lowp, ieee = _flags(q.dtype)
+    _bwd[(B * H, NK * NV, 2)](
+        q, k, v, do, den, delta,
+        kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
+        dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
+        dq, dk, dv, dkv0, dz0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        T, H, G, Dk, Dv,
+        NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee,
+    )
+    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
+    dk = dk.view(NV, B, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
+    dv = dv.view(NK, B, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]
+    return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
+
+
+
+def _check(q, k, v, normalize, initial_kv, initial_z):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"expected q [B,H,T,Dk], k [B,Hkv,T,Dk], v [B,Hkv,T,Dv] (4-D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, Dk = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != Dk:
+        raise ValueError(f"k must be [B={B}, Hkv, T={T}, Dk={Dk}], got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Hkv, T, Dv] matching k {tuple(k.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    Hkv, Dv = k.shape[1], v.shape[3]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in KERNEL_LIMITS["dtypes"]:
+        raise TypeError(f"dtype {q.dtype} not supported; use float32, float16 or bfloat16")
+    if Dk > KERNEL_LIMITS["max_dk"] or Dv > KERNEL_LIMITS["max_dv"]:
+        raise ValueError(f"Dk={Dk}, Dv={Dv} exceed the kernel limits {KERNEL_LIMITS}")
+    if initial_kv is not None and tuple(initial_kv.shape) != (B, H, Dk, Dv):
+        raise ValueError(f"initial_kv must be [B,H,Dk,Dv]={(B, H, Dk, Dv)}, got {tuple(initial_kv.shape)}")
+    if initial_z is not None:
+        if not normalize:
+            raise ValueError("initial_z is only meaningful with normalize=True; pass None")
+        if tuple(initial_z.shape) != (B, H, Dk):
+            raise ValueError(f"initial_z must be [B,H,Dk]={(B, H, Dk)}, got {tuple(initial_z.shape)}")
+
+
+def chunked_attention(q, k, v, *, normalize: bool, eps: float,
+                      initial_kv=None, initial_z=None, return_state: bool = False):
+    """Causal linear attention with Triton kernels (q, k already feature-mapped).
+
+    Args:
+        q: [B, H, T, Dk]; k: [B, Hkv, T, Dk]; v: [B, Hkv, T, Dv]. Hkv divides H (q head
+            h reads k/v head h // (H // Hkv)). Any strides with a unit last stride (others
+            are copied). fp32, fp16 or bf16, all the same.
+        normalize: divide by den_t = q_t . (z0 + sum_{s<=t} k_s) + eps (in fp32).
+        eps: added to the denominator.
+        initial_kv: None or fp32 [B, H, Dk, Dv], state of an earlier segment.
+        initial_z: None or fp32 [B, H, Dk] (normalize=True only).
+        return_state: also return the final state.
+
+    Returns:
+        (o, kv, z): o [B, H, T, Dv] in the input dtype; kv fp32 [B, H, Dk, Dv] and z fp32
+        [B, H, Dk] (None when normalize=False) if return_state, else (o, None, None).
+        Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
+    """
+    _check(q, k, v, normalize, initial_kv, initial_z)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if initial_kv is not None:
+        initial_kv = initial_kv.float().contiguous()
+    if initial_z is not None:
+        initial_z = initial_z.float().contiguous()
+    if normalize and (initial_kv is None) != (initial_z is None):
+        # one half of a state alone: the missing half is the empty prefix's
+        B, H, _, Dk = q.shape
+        if initial_kv is None:
+            initial_kv = initial_z.new_zeros(B, H, Dk, v.shape[-1])
+        else:
+            initial_z = initial_kv.new_zeros(B, H, Dk)
+    o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
+                             bool(return_state))
+    if not return_state:
+        return o, None, None
+    return o, kv, (z if normalize else None)
+
+
+# --------------------------------------------------------------------------- torch.library
+# The kernels are registered as custom operators with a fake (meta) implementation and an
+# autograd formula, so torch.compile(fullgraph=True) traces through them without a graph
+# break, and eager mode runs the very same path.  Unused outputs are 0-element tensors
+# (custom ops cannot return None).
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+@torch.library.custom_op("featattn::chunked_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
+    normalize: bool, eps: float, store_final: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, den, kvT, zT, _, _ = _forward(q, k, v, normalize, eps, kv0, z0, store_final)
+    e = q.new_empty(0, dtype=torch.float32)
+    return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
+            zT if zT is not None else e.clone())
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, kv0, z0, normalize, eps, store_final):
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if q.stride(1) < q.stride(2):
+        o = q.new_empty((B, T, H, Dv)).transpose(1, 2)
+    else:
+        o = q.new_empty((B, H, T, Dv))
+    den = torch.empty((B, H, T), **f32) if normalize else torch.empty(0, **f32)
+    kvT = torch.empty((B, H, Dk, Dv), **f32) if store_final else torch.empty(0, **f32)
+    zT = torch.empty((B, H, Dk), **f32) if (store_final and normalize) else torch.empty(0, **f32)
+    return o, den, kvT, zT
+
+
+@torch.library.custom_op("featattn::chunked_bwd", mutates_args=())
+def _bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    o: Optional[torch.Tensor], den: Optional[torch.Tensor],
+    kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
+    do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
+    normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dkv0, dz0 = _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize)
+    e = q.new_empty(0, dtype=torch.float32)
+    return (dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone())
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dkv0 = torch.empty_like(kv0, **f32) if kv0 is not None else torch.empty(0, **f32)
+    has_z = kv0 is not None and normalize
+    dz0 = torch.empty(tuple(kv0.shape[:3]), **f32) if has_z else torch.empty(0, **f32)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device), dkv0, dz0)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, kv0, z0, normalize, eps, store_final = inputs
+    o, den, _, _ = output
+    # o is only needed for delta = do . o (normalised); not keeping it lets the caller
+    # free it in the plain case
+    ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None, kv0, z0)
+    ctx.normalize = normalize
+    ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip that work
+
+
+def _fwd_backward(ctx, do, _dden, dkvT, dzT):
+    q, k, v, o, den, kv0, z0 = ctx.saved_tensors
+    dkvT, dzT = _none_if_empty(dkvT), _none_if_empty(dzT)
+    dq, dk, dv, dkv0, dz0 = _bwd_op(q, k, v, o, den, kv0, z0, do, dkvT, dzT, ctx.normalize)
+    return (dq, dk, dv, dkv0 if kv0 is not None else None,
+            dz0 if z0 is not None else None, None, None, None)
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)

@@ -1,0 +1,91 @@
+"""select_kernel decisions and linear_attention(backend="triton") end to end.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py), fp32/fp16 only.
+"""
+
+import pytest
+import torch
+
+import featattn
+from featattn import LinearAttentionState, linear_attention, select_kernel
+
+from helpers import rand_qkv, reference, rel_err
+
+
+def _qkv(Dqk, Dv, T=8, dtype=torch.float32):
+    return rand_qkv(1, 2, 1, T, Dqk, Dv, dtype=dtype)
+
+
+def test_auto_on_cpu_is_torch_with_reasons():
+    choice = select_kernel(*_qkv(16, 64), feature_map="elu")
+    assert choice.name == "torch_chunked"
+    assert any("CUDA" in r for r in choice.reasons)
+
+
+@pytest.mark.parametrize(
+    "Dqk,Dv,fm,expected",
+    [(64, 64, None, "equal_dim"), (32, 128, "elu", "equal_dim"), (128, 64, None, "small_vhd"),
+     (16, 64, "elu", "equal_dim"), (5, 8, "hedgehog_like", "small_vhd")],
+)
+def test_triton_names_the_kernel_by_expanded_dim(Dqk, Dv, fm, expected):
+    if fm == "hedgehog_like":  # 2 * Dqk = 10 features > Dv = 8
+        fm = featattn.get_feature_map("hedgehog", head_dim=Dqk, heads=2, kv_heads=1)
+    assert select_kernel(*_qkv(Dqk, Dv), feature_map=fm, backend="triton").name == expected
+
+
+def test_forced_kernel_with_wrong_shape_raises():
+    with pytest.raises(ValueError, match="backend='small_vhd' cannot run.*equal_dim shape"):
+        select_kernel(*_qkv(16, 64), backend="small_vhd")
+
+
+def test_float64_cannot_use_triton():
+    q, k, v = _qkv(8, 8, dtype=torch.float64)
+    assert select_kernel(q, k, v).name == "torch_chunked"
+    with pytest.raises(ValueError, match="float64.*fp32, fp16, bf16"):
+        select_kernel(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fm,Dqk,Dv", [("elu", 16, 24), ("taylor", 4, 8), ("relu", 24, 16)])
+def test_triton_backend_matches_reference(fm, Dqk, Dv, dtype):
+    B, H, Hkv, T = 2, 4, 2, 45
+    x = torch.randn(B, T, H + 2 * Hkv, Dqk)
+    q = x[:, :, :H].transpose(1, 2).to(dtype)  # strided views, as a layer passes them
+    k = x[:, :, H : H + Hkv].transpose(1, 2).to(dtype)
+    v = torch.randn(B, Hkv, T, Dv).to(dtype)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    o, st = linear_attention(q, k, v, feature_map=fm, return_state=True, backend="triton")
+    ref, kv_ref, z_ref = reference(q, k, v, fm)
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and rel_err(o, ref) < tol
+    assert rel_err(st.kv, kv_ref) < tol and rel_err(st.z, z_ref) < tol
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad(o, (q, k, v), do.to(dtype))
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref64, _, _ = reference(q64, k64, v64, fm)
+    ref_grads = torch.autograd.grad(ref64, (q64, k64, v64), do)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 5 * tol
+
+
+def test_state_hands_over_between_backends():
+    q, k, v = rand_qkv(1, 2, 2, 70, 4, 8, dtype=torch.float32)
+    whole = linear_attention(q, k, v, feature_map="taylor", backend="reference")
+    a, st = linear_attention(q[:, :, :33], k[:, :, :33], v[:, :, :33], feature_map="taylor",
+                             return_state=True, backend="triton")
+    b, st = linear_attention(q[:, :, 33:50], k[:, :, 33:50], v[:, :, 33:50], feature_map="taylor",
+                             initial_state=st, return_state=True, backend="torch")
+    c = linear_attention(q[:, :, 50:], k[:, :, 50:], v[:, :, 50:], feature_map="taylor",
+                         initial_state=st, backend="triton")
+    assert rel_err(torch.cat([a, b, c], 2), whole) < 1e-5
+    assert isinstance(st, LinearAttentionState) and st.kv.dtype == torch.float32
+
+
+def test_layer_runs_on_triton_backend():
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(32, 4, "elu", kv_heads=2, backend="triton")
+    x = torch.randn(2, 21, 32)
+    y = layer(x)
+    layer.backend = "torch"
+    assert rel_err(y, layer(x)) < 1e-5
