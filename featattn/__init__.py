@@ -12,6 +12,7 @@ from .feature_maps import (
     register_feature_map,
 )
 from .functional import linear_attention
+from .hf import patch_hf_model, unpatch_hf_model
 from .layers import FeatureAttention
 from .state import LinearAttentionState
 
@@ -28,4 +29,6 @@ __all__ = [
     "list_feature_maps",
     "select_kernel",
     "KernelChoice",
+    "patch_hf_model",
+    "unpatch_hf_model",
 ]

@@ -9,17 +9,27 @@ from .registry import register_feature_map
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """``x: [..., d] -> [..., 1 + d + d*d]``, computed in fp32 (float64 for float64 input) and cast to ``x.dtype``.
+    """``x: [..., d] -> [..., 1 + d + d*d]``, computed in fp32 (float64 for float64 input) and
+    cast to ``x.dtype``.
 
     Layout (the order the fused kernel and the recurrent state use):
     ``[1, x / d**0.25, vec(x x^T) / sqrt(2 d)]`` with ``vec`` row-major (index ``i*d + j``).
+
+    The result is a view whose rows are stored with a stride rounded up to a multiple of 16
+    elements (288 for the 273 features of d = 16): kernels reading it can then use aligned,
+    vectorised loads, which a 273-element (546-byte) row stride rules out.
     """
     d = x.shape[-1]
+    D = 1 + d + d * d
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    ones = xf.new_ones(xf.shape[:-1] + (1,))
     lin = xf * (d ** -0.25)
     quad = (xf.unsqueeze(-1) * xf.unsqueeze(-2)).flatten(-2) * (1.0 / math.sqrt(2.0 * d))
-    return torch.cat([ones, lin, quad], dim=-1).to(x.dtype)
+    stride = -(-D // 16) * 16
+    out = x.new_empty(x.shape[:-1] + (stride,))[..., :D]
+    out[..., :1] = 1.0
+    out[..., 1 : 1 + d] = lin
+    out[..., 1 + d :] = quad
+    return out
 
 
 @register_feature_map("taylor")
