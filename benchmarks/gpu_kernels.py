@@ -219,7 +219,6 @@ TARGETS = [
     ("128/64 plain", 16384, 128, 64, False, "<=1.22 / <=6.7", ("chunk",)),
     ("273/64 norm", 16384, 273, 64, True, "<=8.5 fwd", ()),
     ("273/64 norm rows padded to 288", 16384, 273, 64, True, "<=8.5 fwd", ("chunk_norm",)),
-    ("273/64 norm rows padded, BK64", 16384, 273, 64, True, "<=8.5 fwd", ()),
 ]
 
 

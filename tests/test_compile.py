@@ -17,10 +17,11 @@ def _model(backend, fm="elu"):
     )
 
 
-def test_fullgraph_trace_on_cpu_interpreter():
+@pytest.mark.parametrize("fm", ["elu", "taylor"])  # chunked equal_dim / taylor_fused kernels
+def test_fullgraph_trace_on_cpu_interpreter(fm):
     # aot_eager: dynamo + AOTAutograd with fake tensors (checks the fake kernels and that
     # nothing breaks the graph) without paying for Inductor's C++ compile in CI
-    model = _model("triton")
+    model = _model("triton", fm)
     x = torch.randn(2, 19, 32, requires_grad=True)
     ref = model(x)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)

@@ -7,9 +7,7 @@ Tests marked ``cuda`` (bf16, long T, the flashy_linear_attention shapes) need a 
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -21,12 +19,11 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from featattn import kernels as K  # noqa: E402
+from featattn.kernels import _common  # noqa: E402
 from featattn.kernels import chunked as C  # noqa: E402
 
-if not torch.cuda.is_available() and not C._INTERPRET:
-    # Another module imported the kernels before TRITON_INTERPRET was set: re-decorate.
-    os.environ["TRITON_INTERPRET"] = "1"
-    C = importlib.reload(sys.modules["featattn.kernels.chunked"])
+# the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
+assert torch.cuda.is_available() or _common.INTERPRET, "TRITON_INTERPRET=1 was set too late"
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 cuda = pytest.mark.cuda
@@ -37,7 +34,7 @@ EPS = 1e-6
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every buffer a kernel writes starts as NaN, so an unwritten element fails a test."""
-    monkeypatch.setattr(C, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 # --------------------------------------------------------------------------- reference

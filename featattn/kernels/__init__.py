@@ -6,6 +6,10 @@ Exports:
                       return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
     kernel_name(Dk, Dv) -> "equal_dim" | "small_vhd"
     KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
+    taylor_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
+                     return_state=False) -> (o, kv, z)      (featattn/kernels/taylor_fused.py)
+        the Taylor feature map fused into the kernel: raw q/k in, expanded-layout state out.
+    taylor_unsupported_reason(d, dv) -> None | str
 
 Without triton ``import featattn`` still works: the dispatcher sees TRITON_AVAILABLE False
 and uses the PyTorch path.
@@ -22,8 +26,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 if TRITON_AVAILABLE:
     from .chunked import KERNEL_LIMITS, chunked_attention, kernel_name
+    from .taylor_fused import taylor_attention, taylor_unsupported_reason
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
+
+    def taylor_unsupported_reason(d: int, dv: int) -> str:
+        return "taylor_fused: triton is not installed"
+
+    def taylor_attention(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.taylor_attention needs triton (pip install triton)")
 
     def kernel_name(Dk: int, Dv: int) -> str:
         return "equal_dim" if Dk <= Dv else "small_vhd"
@@ -31,4 +42,7 @@ else:  # pragma: no cover
     def chunked_attention(*args, **kwargs):
         raise RuntimeError("featattn.kernels.chunked_attention needs triton (pip install triton)")
 
-__all__ = ["TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name"]
+__all__ = [
+    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name",
+    "taylor_attention", "taylor_unsupported_reason",
+]

@@ -64,7 +64,7 @@ intermediate (the masked score tile, the state, d num) are done
     default (tf32, ~3e-4) would not be.  "ieee" would do too, but it becomes unrolled
     FMA code: on the H100 the fp32 test cases then compiled several times slower.
 
-Performance notes (H100, bf16, B=8, H=16; benchmarks/gpu_kernels.py): Dk=Dv=64 at
+Performance notes (H100, bf16, B=8, H=16; benchmarks/gpu_kernels.py; see docs/benchmarks.md).
 T=16384 runs at 0.385 ms forward (floor 0.358) and 1.37 ms forward+backward.  Dk=273 is
 far slower (11.6 ms forward): its rows are 546 bytes apart, so no load is 16-byte
 aligned, and the Dk split writes fp32 partials.  Untested remedy: store q/k features
@@ -82,15 +82,21 @@ Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _common
+from ._common import alloc as _alloc
+from ._common import dtype_flags as _flags
+from ._common import empty_like_layout as _empty_like_layout
+from ._common import fill_state_half, register_attention_ops, row_dot
+from ._common import unit_last as _unit_last
+
 __all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = _common.INTERPRET
 
 # Largest tile on each of Dk / Dv; larger dims are split into several tiles.
 _MAX_BK = 128
@@ -106,11 +112,6 @@ KERNEL_LIMITS = {
     "block_dv": _MAX_BV,
 }
 
-#: Debug switch: allocate every kernel-written buffer filled with NaN, so an element
-#: the kernel forgets to write shows up in the result.  Tests turn it on.
-POISON_OUTPUTS = os.environ.get("FEATATTN_POISON", "0") == "1"
-
-
 def kernel_name(Dk: int, Dv: int) -> str:
     """Name of the variant a shape uses: ``"equal_dim"`` (Dk <= Dv) or ``"small_vhd"``.
 
@@ -125,12 +126,6 @@ def _tiles(Dk: int, Dv: int) -> tuple[int, int]:
     bk = min(max(16, triton.next_power_of_2(Dk)), _MAX_BK)
     bv = min(max(16, triton.next_power_of_2(Dv)), _MAX_BV)
     return bk, bv
-
-
-def _alloc(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _configs():
@@ -262,29 +257,6 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T"])
-def _delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
-                  BT: tl.constexpr, BV: tl.constexpr):
-    """delta[b,h,t] = sum_j do[b,h,t,j] * o[b,h,t,j]  (fp32 [B,H,T]).  Grid (B*H, cdiv(T,BT))."""
-    i_bh = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    offs_t = tl.arange(0, BT)
-    t0 = tl.cast(i_t * BT, tl.int64)
-    mt = (i_t * BT + offs_t) < T
-    acc = tl.zeros([BT], dtype=tl.float32)
-    for j in range(0, tl.cdiv(DV, BV)):
-        offs_v = j * BV + tl.arange(0, BV)
-        m = mt[:, None] & (offs_v < DV)[None, :]
-        b_o = tl.load(o + i_b * sob + i_h * soh + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
-                      mask=m, other=0.0).to(tl.float32)
-        b_do = tl.load(do + i_b * sdb + i_h * sdh + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
-                       mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(b_o * b_do, axis=1)
-    tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
-
-
 @triton.jit(do_not_specialize=["T"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
@@ -425,25 +397,6 @@ _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE"])(_bwd_k
 
 
 # --------------------------------------------------------------------------- wrappers
-def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
-    """(LOWP, IEEE) for an input dtype (see module docstring, Numerics)."""
-    return dtype == torch.bfloat16, dtype == torch.float32
-
-
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # The kernels assume unit stride on the feature dim; anything else is rare enough
-    # that a copy is fine.
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
-def _empty_like_layout(ref: torch.Tensor, B, H, T, D, dtype):
-    """[B,H,T,D] tensor; laid out [B,T,H,D] when ref is (a transposed view of such a
-    layout), so a caller working in [B,T,H,D] gets a free transpose back."""
-    if ref.stride(1) < ref.stride(2):
-        return _alloc((B, T, H, D), dtype, ref.device).transpose(1, 2)
-    return _alloc((B, H, T, D), dtype, ref.device)
-
-
 def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -453,11 +406,6 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     split_k = NK > 1
     dev = q.device
     has_init = kv0 is not None
-    if has_init and normalize and z0 is None:
-        z0 = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev)
-    if normalize and z0 is not None and kv0 is None:
-        kv0 = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=dev)
-        has_init = True
     if split_k:
         o_buf = _alloc((NK, B, H, T, Dv), torch.float32, dev)
         den_buf = _alloc((NK, B, H, T), torch.float32, dev) if normalize else o_buf
@@ -487,22 +435,19 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
             num.div_(den[..., None])
         o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
         o.copy_(num)
-    return o, den, (kvT if store_final else None), (zT if store_final and normalize else None), kv0, z0
+    return o, den, (kvT if store_final else None), (zT if store_final and normalize else None)
 
 
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
-    ``do`` and the final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
+    The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
     ``o`` and ``den`` are the saved forward output and fp32 denominator (normalised only).
     """
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     dev = q.device
-    if do is None:  # only the returned state is used
-        do = torch.zeros(B, H, T, Dv, dtype=q.dtype, device=dev)
-    do = _unit_last(do)
     BK, BV = _tiles(Dk, Dv)
     NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
     has_init = kv0 is not None
@@ -514,11 +459,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
             dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
                 else dzT.float().contiguous()
     if normalize:
-        delta = _alloc((B, H, T), torch.float32, dev)
-        bv_d = min(max(16, triton.next_power_of_2(Dv)), 128)
-        _delta_kernel[(B * H, triton.cdiv(T, 64))](
-            o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2), T, H, Dv, BT=64, BV=bv_d)
+        delta = row_dot(o, do)
     else:
         delta = den = do  # unused placeholders
     # Buffers reduced across programs are fp32; a buffer with a single writer per
@@ -603,13 +544,9 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         initial_kv = initial_kv.float().contiguous()
     if initial_z is not None:
         initial_z = initial_z.float().contiguous()
-    if normalize and (initial_kv is None) != (initial_z is None):
-        # one half of a state alone: the missing half is the empty prefix's
-        B, H, _, Dk = q.shape
-        if initial_kv is None:
-            initial_kv = initial_z.new_zeros(B, H, Dk, v.shape[-1])
-        else:
-            initial_z = initial_kv.new_zeros(B, H, Dk)
+    B, H, _, Dk = q.shape
+    initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, Dk,
+                                            v.shape[-1], q.device)
     o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
                              bool(return_state))
     if not return_state:
@@ -617,84 +554,5 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
     return o, kv, (z if normalize else None)
 
 
-# --------------------------------------------------------------------------- torch.library
-# The kernels are registered as custom operators with a fake (meta) implementation and an
-# autograd formula, so torch.compile(fullgraph=True) traces through them without a graph
-# break, and eager mode runs the very same path.  Unused outputs are 0-element tensors
-# (custom ops cannot return None).
-
-
-def _none_if_empty(t):
-    return None if t is None or t.numel() == 0 else t
-
-
-@torch.library.custom_op("featattn::chunked_fwd", mutates_args=())
-def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
-    normalize: bool, eps: float, store_final: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, den, kvT, zT, _, _ = _forward(q, k, v, normalize, eps, kv0, z0, store_final)
-    e = q.new_empty(0, dtype=torch.float32)
-    return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
-            zT if zT is not None else e.clone())
-
-
-@_fwd_op.register_fake
-def _fwd_fake(q, k, v, kv0, z0, normalize, eps, store_final):
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    if q.stride(1) < q.stride(2):
-        o = q.new_empty((B, T, H, Dv)).transpose(1, 2)
-    else:
-        o = q.new_empty((B, H, T, Dv))
-    den = torch.empty((B, H, T), **f32) if normalize else torch.empty(0, **f32)
-    kvT = torch.empty((B, H, Dk, Dv), **f32) if store_final else torch.empty(0, **f32)
-    zT = torch.empty((B, H, Dk), **f32) if (store_final and normalize) else torch.empty(0, **f32)
-    return o, den, kvT, zT
-
-
-@torch.library.custom_op("featattn::chunked_bwd", mutates_args=())
-def _bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    o: Optional[torch.Tensor], den: Optional[torch.Tensor],
-    kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
-    do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
-    normalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dkv0, dz0 = _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize)
-    e = q.new_empty(0, dtype=torch.float32)
-    return (dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone())
-
-
-@_bwd_op.register_fake
-def _bwd_fake(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dkv0 = torch.empty_like(kv0, **f32) if kv0 is not None else torch.empty(0, **f32)
-    has_z = kv0 is not None and normalize
-    dz0 = torch.empty(tuple(kv0.shape[:3]), **f32) if has_z else torch.empty(0, **f32)
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device), dkv0, dz0)
-
-
-def _fwd_setup(ctx, inputs, output):
-    q, k, v, kv0, z0, normalize, eps, store_final = inputs
-    o, den, _, _ = output
-    # o is only needed for delta = do . o (normalised); not keeping it lets the caller
-    # free it in the plain case
-    ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None, kv0, z0)
-    ctx.normalize = normalize
-    ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip that work
-
-
-def _fwd_backward(ctx, do, _dden, dkvT, dzT):
-    q, k, v, o, den, kv0, z0 = ctx.saved_tensors
-    dkvT, dzT = _none_if_empty(dkvT), _none_if_empty(dzT)
-    dq, dk, dv, dkv0, dz0 = _bwd_op(q, k, v, o, den, kv0, z0, do, dkvT, dzT, ctx.normalize)
-    return (dq, dk, dv, dkv0 if kv0 is not None else None,
-            dz0 if z0 is not None else None, None, None, None)
-
-
-_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+# torch.library custom ops (fake kernels + autograd formula): see _common.py
+_fwd_op = register_attention_ops("chunked", _forward, _backward, state_dim=lambda d: d)

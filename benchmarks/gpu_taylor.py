@@ -1,0 +1,288 @@
+"""GPU check + timing of the fused Taylor kernel (featattn.kernels.taylor_fused), one device call.
+
+1. Correctness: o, final state and every gradient (dq, dk, dv, d initial state) against a
+   float64 reference on materialised Taylor features, in bf16 / fp16 / fp32, odd shapes, up
+   to T = 16384; prints rel. errors.
+2. Timing (triton.testing.do_bench median, ms) of forward and forward+backward at B=8, H=16,
+   d=16, Dv=64, bf16, normalised, T in 1024/4096/16384, with peak extra memory of
+   forward+backward, next to torch SDPA causal softmax attention (head dim 64, same B, H, T)
+   and, when importable, fla's fused_chunk_based.
+
+    python benchmarks/gpu_taylor.py                 # everything
+    python benchmarks/gpu_taylor.py --quick         # correctness only
+    python benchmarks/gpu_taylor.py --sweep-bv      # also time the backward Dv tile 16/32/64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featattn.chunked import chunked_linear_attention  # noqa: E402
+from featattn.feature_maps.taylor import taylor_features  # noqa: E402
+from featattn.kernels import taylor_fused as TF  # noqa: E402
+from featattn.reference import quadratic_linear_attention  # noqa: E402
+
+HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(q, k, v, normalize, eps, kv0=None, z0=None):
+    fn = quadratic_linear_attention if q.shape[2] <= 2048 else chunked_linear_attention
+    return fn(taylor_features(q.double()), taylor_features(k.double()), v.double(),
+              normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0, return_state=True)
+
+
+def inputs(B, H, Hkv, T, d, Dv, dtype, layout="bhtd", grad=False, qscale=0.7):
+    def mk(h, dd, s):
+        x = (torch.randn(B, T, h, dd, device="cuda") * s).to(dtype).transpose(1, 2)
+        x = x if layout == "bthd" else x.contiguous()
+        return x.requires_grad_(grad)
+
+    return mk(H, d, qscale), mk(Hkv, d, 1.0), mk(Hkv, Dv, 1.0)
+
+
+# --------------------------------------------------------------------------- correctness
+CHECKS = [
+    # B, H, Hkv, T, d, Dv, dtype, normalize, init, layout
+    (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, True, "bthd"),
+    (2, 4, 4, 1000, 16, 64, torch.bfloat16, False, False, "bhtd"),
+    (1, 4, 4, 4099, 16, 64, torch.bfloat16, True, False, "bhtd"),
+    (1, 2, 2, 16384, 16, 64, torch.bfloat16, True, True, "bthd"),
+    (1, 2, 2, 16384, 16, 64, torch.float16, True, False, "bhtd"),
+    (1, 2, 1, 2047, 16, 128, torch.bfloat16, False, True, "bhtd"),
+    (1, 2, 2, 777, 32, 64, torch.bfloat16, True, True, "bthd"),
+    (1, 2, 2, 300, 5, 40, torch.bfloat16, True, True, "bhtd"),
+    (1, 2, 2, 63, 16, 256, torch.bfloat16, True, True, "bhtd"),
+    (1, 2, 2, 515, 16, 64, torch.float32, True, True, "bhtd"),
+    (1, 2, 1, 1000, 16, 64, torch.float16, False, True, "bthd"),
+]
+
+
+def check_one(B, H, Hkv, T, d, Dv, dtype, normalize, init, layout):
+    torch.manual_seed(T * 31 + d)
+    q, k, v = inputs(B, H, Hkv, T, d, Dv, dtype, layout, grad=True)
+    Dk = 1 + d + d * d
+    kv0 = torch.randn(B, H, Dk, Dv, device="cuda", requires_grad=True) if init else None
+    z0 = (torch.rand(B, H, Dk, device="cuda") * 4 + 1).requires_grad_() if (init and normalize) else None
+    TF.POISON_OUTPUTS = True
+    o, kv, z = TF.taylor_attention(q, k, v, normalize=normalize, eps=1e-6, initial_kv=kv0,
+                                   initial_z=z0, return_state=True)
+    leaves = [x for x in (q, k, v, kv0, z0) if x is not None]
+    rl = [x.detach().double().requires_grad_() for x in leaves]
+    rkv0 = rl[3] if init else None
+    rz0 = rl[4] if (init and normalize) else None
+    ro, rkv, rz = reference(*rl[:3], normalize, 1e-6, rkv0, rz0)
+    do = torch.randn_like(ro)
+    dkv = torch.randn_like(rkv)
+    loss = (o.double() * do).sum() + (kv.double() * dkv).sum()
+    rloss = (ro * do).sum() + (rkv * dkv).sum()
+    if normalize:
+        dz = torch.randn_like(rz)
+        loss, rloss = loss + (z.double() * dz).sum(), rloss + (rz * dz).sum()
+    g = torch.autograd.grad(loss, leaves)
+    TF.POISON_OUTPUTS = False
+    rg = torch.autograd.grad(rloss, rl)
+    errs = {"o": rel(o, ro), "kv": rel(kv, rkv)}
+    if normalize:
+        errs["z"] = rel(z, rz)
+    for name, a, b in zip(["dq", "dk", "dv", "dkv0", "dz0"], g, rg):
+        errs[name] = rel(a, b)
+    finite = all(torch.isfinite(x).all().item() for x in (o, kv, *g))
+    return errs, finite
+
+
+def run_checks(ids=None):
+    print("\n## correctness vs float64 on materialised features (rel. error ||x - ref|| / ||ref||)")
+    names = ["o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0"]
+    print("| shape | dtype | norm | init | layout | " + " | ".join(names) + " | ok |")
+    print("|---" * (6 + len(names)) + "|")
+    all_ok = True
+    for n, c in enumerate(CHECKS):
+        if ids is not None and n not in ids:
+            continue
+        B, H, Hkv, T, d, Dv, dtype, normalize, init, layout = c
+        try:
+            errs, finite = check_one(*c)
+        except Exception as e:  # noqa: BLE001
+            print(f"| B{B} H{H}/{Hkv} T{T} d{d} Dv{Dv} | {dtype} | ERROR {type(e).__name__}: {str(e)[:300]}")
+            all_ok = False
+            continue
+        tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}[dtype]
+        ok = finite and all(e < tol for e in errs.values())
+        all_ok &= ok
+        cols = " | ".join(f"{errs[n]:.1e}" if n in errs else "-" for n in names)
+        print(f"| B{B} H{H}/{Hkv} T{T} d{d} Dv{Dv} | {str(dtype)[6:]} | {normalize} | {init} "
+              f"| {layout} | {cols} | {'OK' if ok else 'FAIL'} |", flush=True)
+        torch.cuda.empty_cache()
+    return all_ok
+
+
+# --------------------------------------------------------------------------- timing
+def bench(fn, grad_to_none=None):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_ours(B, H, T, d, Dv):
+    q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16, grad=True)
+    do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            return TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)
+
+    def fwdbwd():
+        o, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)
+        o.backward(do)
+
+    fwdbwd()
+    return bench(fwd), bench(fwdbwd, [q, k, v]), peak_mib(fwdbwd)
+
+
+def time_sdpa(B, H, T, D=64):
+    mk = lambda: torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    do = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    f = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        with torch.no_grad():
+            return f(q, k, v, is_causal=True)
+
+    def fwdbwd():
+        f(q, k, v, is_causal=True).backward(do)
+
+    fwdbwd()
+    return bench(fwd), bench(fwdbwd, [q, k, v]), peak_mib(fwdbwd)
+
+
+def time_fla(B, H, T, d, Dv):
+    try:
+        from fla.ops.based import fused_chunk_based
+    except Exception as e:  # noqa: BLE001
+        return None, f"fla unavailable: {type(e).__name__}: {str(e)[:100]}"
+    mk = lambda dd, s: (torch.randn(B, T, H, dd, device="cuda") * s).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = mk(d, 0.7), mk(d, 1.0), mk(Dv, 1.0)
+    do = torch.randn(B, T, H, Dv, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        r = fused_chunk_based(q, k, v, scale=1.0, use_norm=True)
+        return r[0] if isinstance(r, tuple) else r
+
+    def fwd():
+        with torch.no_grad():
+            return call()
+
+    def fwdbwd():
+        call().backward(do)
+
+    try:
+        fwdbwd()
+        return (bench(fwd), bench(fwdbwd, [q, k, v]), peak_mib(fwdbwd)), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"fla failed: {type(e).__name__}: {str(e)[:200]}"
+
+
+def kernel_resources():
+    """Registers / spills of the compiled Triton kernels (best effort across versions)."""
+    out = []
+    for name in ("_fwd_kernel", "_bwd_kernel"):
+        jf = getattr(TF, name)
+        caches = getattr(jf, "device_caches", None) or {}
+        for dev, entry in caches.items():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for key, ck in getattr(cache, "items", lambda: [])():
+                try:
+                    md = ck.metadata
+                    cfg = f"warps={md.num_warps} stages={md.num_stages}"
+                except Exception:  # noqa: BLE001
+                    cfg = "?"
+                out.append(f"{name}: regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} "
+                           f"shared={getattr(ck.metadata, 'shared', '?')} {cfg}")
+    return out
+
+
+def run_timing(B=8, H=16, d=16, Dv=64, Ts=(1024, 4096, 16384), with_fla=False):
+    rows = []
+    for T in Ts:
+        floor = B * H * T * (2 * d + 2 * Dv) * 2 / (HBM_TBPS * 1e12) * 1e3
+        f, fb, mem = time_ours(B, H, T, d, Dv)
+        rows.append((f"featattn taylor_fused T{T}", floor, f, fb, mem))
+        print(f"ours T{T}: fwd {f:.3f} fwd+bwd {fb:.3f} mem {mem:.0f} MiB", flush=True)
+        torch.cuda.empty_cache()
+        s = time_sdpa(B, H, T)
+        rows.append((f"torch SDPA causal softmax (hd 64) T{T}", float("nan"), *s))
+        print(f"sdpa T{T}: fwd {s[0]:.3f} fwd+bwd {s[1]:.3f} mem {s[2]:.0f} MiB", flush=True)
+        torch.cuda.empty_cache()
+        if with_fla:
+            r, err = time_fla(B, H, T, d, Dv)
+            if r is None:
+                print(err)
+            else:
+                rows.append((f"fla fused_chunk_based T{T}", floor, *r))
+            torch.cuda.empty_cache()
+    print(f"\n## timing, {torch.cuda.get_device_name()}, bf16, B={B} H={H} d={d} Dv={Dv}, normalised "
+          "(median ms; mem = peak extra MiB of fwd+bwd)")
+    print("| case | floor fwd | fwd | fwd+bwd | mem |")
+    print("|---|---|---|---|---|")
+    for name, floor, f, fb, mem in rows:
+        print(f"| {name} | {floor:.3f} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
+    print("\nautotuned fwd:", {str(k): str(v) for k, v in TF._fwd_small.cache.items()})
+    print("autotuned bwd:", {str(k): str(v) for k, v in TF._bwd_small.cache.items()})
+    for line in kernel_resources():
+        print(line)
+
+
+def sweep_bv(B=8, H=16, d=16, Dv=64, T=16384):
+    print("\n## backward Dv tile sweep (T=%d)" % T)
+    for bv in ("16", "32", "64"):
+        os.environ["FEATATTN_TAYLOR_BWD_BV"] = bv
+        f, fb, mem = time_ours(B, H, T, d, Dv)
+        print(f"BWD_BV={bv}: fwd {f:.3f} fwd+bwd {fb:.3f} (bwd ~{fb - f:.3f}) mem {mem:.0f}", flush=True)
+    os.environ.pop("FEATATTN_TAYLOR_BWD_BV")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="correctness only")
+    ap.add_argument("--no-checks", action="store_true", help="timing only")
+    ap.add_argument("--fla", action="store_true", help="also time fla fused_chunk_based")
+    ap.add_argument("--sweep-bv", action="store_true")
+    ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
+    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
+    args = ap.parse_args()
+    import triton
+
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    ok = True if args.no_checks else run_checks(args.checks)
+    if not args.quick:
+        run_timing(Ts=tuple(args.T), with_fla=args.fla)
+        if args.sweep_bv:
+            sweep_bv()
+    print("\nCORRECTNESS:", "skipped" if args.no_checks else ("ALL OK" if ok else "FAILURES"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

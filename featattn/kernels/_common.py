@@ -1,0 +1,186 @@
+"""Pieces both Triton kernel families share: buffer allocation (with NaN poisoning for tests),
+layout helpers, the ``delta = do . o`` row-sum kernel, and the torch.library registration that
+makes a kernel pair (forward, backward) an autograd-aware custom op torch.compile can trace."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when Triton runs in its interpreter (CPU tensors, CI)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Debug switch: allocate every kernel-written buffer filled with NaN, so an element a kernel
+#: forgets to write shows up in the result.  Tests turn it on (FEATATTN_POISON=1 too).
+POISON_OUTPUTS = os.environ.get("FEATATTN_POISON", "0") == "1"
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dtype_flags(dtype: torch.dtype) -> tuple[bool, bool]:
+    """(LOWP, FP32): bf16 inputs round fp32 intermediates to bf16 for the tensor cores; fp32
+    inputs ask for fp32-accurate products (see each kernel's Numerics notes)."""
+    return dtype == torch.bfloat16, dtype == torch.float32
+
+
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """The kernels assume a unit stride on the feature dim; anything else is rare enough that
+    a copy is fine."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _bthd_like(ref: torch.Tensor) -> bool:
+    return ref.stride(1) < ref.stride(2)
+
+
+def empty_like_layout(ref: torch.Tensor, B, H, T, D, dtype, *, poison: bool = True) -> torch.Tensor:
+    """A [B, H, T, D] tensor laid out [B, T, H, D] when ``ref`` is (a transposed view of) such
+    a layout, so a caller working in [B, T, H, D] gets its transpose back for free."""
+    make = alloc if poison else (lambda s, dt, dev: torch.empty(s, dtype=dt, device=dev))
+    if _bthd_like(ref):
+        return make((B, T, H, D), dtype, ref.device).transpose(1, 2)
+    return make((B, H, T, D), dtype, ref.device)
+
+
+@triton.jit(do_not_specialize=["T"])
+def delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
+                 BT: tl.constexpr, BV: tl.constexpr):
+    """delta[b,h,t] = sum_j do[b,h,t,j] * o[b,h,t,j]  (fp32 [B,H,T]).  Grid (B*H, cdiv(T,BT))."""
+    i_bh = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    t0 = tl.cast(i_t * BT, tl.int64)
+    mt = (i_t * BT + offs_t) < T
+    acc = tl.zeros([BT], dtype=tl.float32)
+    for j in range(0, tl.cdiv(DV, BV)):
+        offs_v = j * BV + tl.arange(0, BV)
+        m = mt[:, None] & (offs_v < DV)[None, :]
+        b_o = tl.load(o + i_b * sob + i_h * soh + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
+                      mask=m, other=0.0).to(tl.float32)
+        b_do = tl.load(do + i_b * sdb + i_h * sdh + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                       mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(b_o * b_do, axis=1)
+    tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
+
+
+def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H, T]: ``(do * o).sum(-1)`` in one pass (the normalised backward's delta)."""
+    B, H, T, Dv = o.shape
+    delta = alloc((B, H, T), torch.float32, o.device)
+    bv = min(max(16, triton.next_power_of_2(Dv)), 128)
+    delta_kernel[(B * H, triton.cdiv(T, 64))](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), T, H, Dv, BT=64, BV=bv)
+    return delta
+
+
+# --------------------------------------------------------------------------- torch.library
+# A kernel pair becomes two custom ops with fake (meta) implementations plus an autograd
+# formula, so torch.compile(fullgraph=True) traces through them without a graph break and
+# eager mode runs the very same path.  Custom ops cannot return None: unused outputs are
+# 0-element tensors.
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+def register_attention_ops(name: str, forward: Callable, backward: Callable,
+                           state_dim: Callable[[int], int]):
+    """Register ``featattn::{name}_fwd`` / ``featattn::{name}_bwd`` and return the forward op.
+
+    ``forward(q, k, v, normalize, eps, kv0, z0, store_final) -> (o, den, kvT, zT)`` (den only
+    when normalising, kvT/zT only when storing the final state, else None) and
+    ``backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize) -> (dq, dk, dv, dkv0, dz0)``.
+    ``state_dim(d)`` is the state's Dk for a q/k head dim d.  The op returns
+    ``(o, den, kv, z)`` and is differentiable in q, k, v, kv0, z0 and through kv and z.
+    """
+
+    @torch.library.custom_op(f"featattn::{name}_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
+        normalize: bool, eps: float, store_final: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final)
+        e = q.new_empty(0, dtype=torch.float32)
+        return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
+                zT if zT is not None else e.clone())
+
+    @fwd_op.register_fake
+    def _(q, k, v, kv0, z0, normalize, eps, store_final):
+        B, H, T, d = q.shape
+        Dk, Dv = state_dim(d), v.shape[-1]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        o = empty_like_layout(q, B, H, T, Dv, q.dtype, poison=False)
+        den = torch.empty((B, H, T), **f32) if normalize else torch.empty(0, **f32)
+        kvT = torch.empty((B, H, Dk, Dv), **f32) if store_final else torch.empty(0, **f32)
+        zT = torch.empty((B, H, Dk), **f32) if (store_final and normalize) else torch.empty(0, **f32)
+        return o, den, kvT, zT
+
+    @torch.library.custom_op(f"featattn::{name}_bwd", mutates_args=())
+    def bwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        o: Optional[torch.Tensor], den: Optional[torch.Tensor],
+        kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
+        do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
+        normalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if do is None:  # only the returned state is used
+            B, H, T, _ = q.shape
+            do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
+                                         normalize)
+        e = q.new_empty(0, dtype=torch.float32)
+        return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
+
+    @bwd_op.register_fake
+    def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dkv0 = torch.empty(kv0.shape, **f32) if kv0 is not None else torch.empty(0, **f32)
+        has_z = z0 is not None and normalize
+        dz0 = torch.empty(z0.shape, **f32) if has_z else torch.empty(0, **f32)
+        return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                torch.empty(v.shape, dtype=v.dtype, device=v.device), dkv0, dz0)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kv0, z0, normalize, eps, store_final = inputs
+        o, den, _, _ = output
+        # o is only needed for delta = do . o (normalised): not keeping it otherwise lets
+        # the caller free it
+        ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None,
+                              kv0, z0)
+        ctx.normalize = normalize
+        ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip their work
+
+    def backward_formula(ctx, do, _dden, dkvT, dzT):
+        q, k, v, o, den, kv0, z0 = ctx.saved_tensors
+        dq, dk, dv, dkv0, dz0 = bwd_op(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
+                                       _none_if_empty(dzT), ctx.normalize)
+        return (dq, dk, dv, dkv0 if kv0 is not None else None,
+                dz0 if z0 is not None else None, None, None, None)
+
+    fwd_op.register_autograd(backward_formula, setup_context=setup_context)
+    return fwd_op
+
+
+def fill_state_half(normalize, kv0, z0, B, H, Dk, Dv, device):
+    """With normalize, a state given as one half alone: the missing half is the empty
+    prefix's (zeros), so kernels only ever see both or neither."""
+    if normalize and (kv0 is None) != (z0 is None):
+        if kv0 is None:
+            kv0 = torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=device)
+        else:
+            z0 = torch.zeros(B, H, Dk, dtype=torch.float32, device=device)
+    return kv0, z0

@@ -1,0 +1,300 @@
+"""Tests of the fused Taylor kernel (featattn.kernels.taylor_fused) against float64 references
+on *materialised* Taylor features.
+
+Without CUDA the kernel runs in the Triton interpreter on CPU tensors: small cases, fp32 /
+fp16 only (the interpreter multiplies bf16 bit patterns in tl.dot).  Tests marked ``cuda``
+(bf16, long T) need a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before the kernels are decorated by triton.jit.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import featattn  # noqa: E402
+from featattn import LinearAttentionState  # noqa: E402
+from featattn.chunked import chunked_linear_attention  # noqa: E402
+from featattn.feature_maps.taylor import taylor_features  # noqa: E402
+from featattn.reference import quadratic_linear_attention  # noqa: E402
+from featattn.kernels import _common  # noqa: E402
+from featattn.kernels import taylor_fused as TF  # noqa: E402
+
+# the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
+assert torch.cuda.is_available() or _common.INTERPRET, "TRITON_INTERPRET=1 was set too late"
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+cuda = pytest.mark.cuda
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every buffer the kernel writes starts as NaN, so an unwritten element fails a test."""
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+# --------------------------------------------------------------------------- references
+def reference(q, k, v, normalize, eps, kv0=None, z0=None, quadratic=True):
+    """float64 Taylor linear attention on materialised features -> (o, kv_final, z_final).
+    The quadratic masked oracle for short T, the chunked torch path (in float64) for long T."""
+    fn = quadratic_linear_attention if quadratic else chunked_linear_attention
+    return fn(taylor_features(q.double()), taylor_features(k.double()), v.double(),
+              normalize=normalize, eps=eps, initial_kv=None if kv0 is None else kv0.double(),
+              initial_z=None if z0 is None else z0.double(), return_state=True)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, H, Hkv, T, d, Dv, dtype, layout="bhtd", seed=0, device=DEV, qscale=0.7):
+    """Fresh random raw q/k/v.  "bthd": the kernel sees [B,T,H,D] tensors transposed (time
+    stride H*D); "bhtd": contiguous."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def mk(h, dd, s):
+        x = (torch.randn(B, T, h, dd, generator=g) * s).to(device=device, dtype=dtype)
+        return x.transpose(1, 2) if layout == "bthd" else x.transpose(1, 2).contiguous()
+
+    return mk(H, d, qscale), mk(Hkv, d, 1.0), mk(Hkv, Dv, 1.0)
+
+
+def random_state(B, H, d, Dv, normalize, seed=7, device=DEV):
+    """An arbitrary (not symmetric in (i, j), not produced by the map) fp32 state; z > 0 so
+    the denominator stays away from 0."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Dk = 1 + d + d * d
+    kv0 = torch.randn(B, H, Dk, Dv, generator=g).to(device)
+    z0 = (torch.rand(B, H, Dk, generator=g) * 4 + 1).to(device) if normalize else None
+    return kv0, z0
+
+
+def run_and_grads(q, k, v, normalize, kv0, z0, return_state, seed=1, quadratic=True):
+    """Forward through the kernel and the reference, backprop the same random cotangents
+    (also through the returned state) and return (outputs, ref outputs, grads, ref grads)."""
+    leaves = [x.detach().requires_grad_() for x in [q, k, v] + [x for x in (kv0, z0) if x is not None]]
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    it, rit = iter(leaves[3:]), iter(ref_leaves[3:])
+    kv0_, z0_ = (next(it) if kv0 is not None else None), (next(it) if z0 is not None else None)
+    rkv0, rz0 = (next(rit) if kv0 is not None else None), (next(rit) if z0 is not None else None)
+
+    o, kv, z = TF.taylor_attention(*leaves[:3], normalize=normalize, eps=EPS, initial_kv=kv0_,
+                                   initial_z=z0_, return_state=return_state)
+    ro, rkv, rz = reference(*ref_leaves[:3], normalize, EPS, rkv0, rz0, quadratic=quadratic)
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    do = torch.randn(ro.shape, generator=g, dtype=torch.float64).to(ro.device)
+    loss, rloss = (o.double() * do).sum(), (ro * do).sum()
+    if return_state:
+        assert kv.dtype == torch.float32 and kv.shape == rkv.shape
+        dkv = torch.randn(rkv.shape, generator=g, dtype=torch.float64).to(ro.device)
+        loss, rloss = loss + (kv.double() * dkv).sum(), rloss + (rkv * dkv).sum()
+        if normalize:
+            assert z.dtype == torch.float32 and z.shape == rz.shape
+            dz = torch.randn(rz.shape, generator=g, dtype=torch.float64).to(ro.device)
+            loss, rloss = loss + (z.double() * dz).sum(), rloss + (rz * dz).sum()
+        else:
+            assert z is None
+    else:
+        assert kv is None and z is None
+        rkv = rz = None
+    grads = torch.autograd.grad(loss, leaves)
+    rgrads = torch.autograd.grad(rloss, ref_leaves)
+    return (o, kv, z), (ro, rkv, rz), grads, rgrads
+
+
+def check(out, ref, grads, rgrads, tol, names=("dq", "dk", "dv", "dkv0", "dz0")):
+    o, kv, z = out
+    ro, rkv, rz = ref
+    assert o.shape == ro.shape
+    assert torch.isfinite(o).all(), "unwritten (NaN-poisoned) or non-finite output"
+    errs = {"o": rel(o, ro)}
+    if kv is not None:
+        assert torch.isfinite(kv).all()
+        errs["kv"] = rel(kv, rkv)
+    if z is not None:
+        assert torch.isfinite(z).all()
+        errs["z"] = rel(z, rz)
+    for name, a, b in zip(names, grads, rgrads):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite (unwritten?)"
+        errs[name] = rel(a, b)
+    bad = {n: f"{e:.2e}" for n, e in errs.items() if not e < tol}
+    assert not bad, f"rel. errors above {tol}: {bad} (all: { {n: f'{e:.1e}' for n, e in errs.items()} })"
+
+
+# --------------------------------------------------------------------------- interpreter-size cases
+# (B, H, Hkv, T, d, Dv, dtype, normalize, initial state, return_state, layout)
+CASES = [
+    (1, 1, 1, 1, 16, 16, torch.float32, True, True, True, "bhtd"),      # T = 1
+    (1, 2, 1, 37, 16, 24, torch.float32, True, True, True, "bthd"),     # grouped, strided, state
+    (2, 4, 2, 63, 4, 40, torch.float32, True, False, True, "bhtd"),     # small d, grouped
+    (1, 2, 2, 100, 6, 48, torch.float32, False, True, True, "bthd"),    # odd d (padding), plain
+    (1, 2, 2, 100, 16, 72, torch.float32, True, False, False, "bhtd"),  # Dv tiled (3 tiles)
+    (1, 2, 2, 63, 16, 24, torch.float16, True, True, True, "bhtd"),     # fp16 normalised
+    (1, 2, 1, 37, 5, 16, torch.float16, False, False, True, "bthd"),    # fp16 plain, odd d
+    (1, 1, 1, 40, 32, 16, torch.float32, True, True, True, "bhtd"),     # d = 32 (3-D fold path)
+    (1, 2, 1, 21, 20, 16, torch.float16, False, True, True, "bthd"),    # d = 20 (padded to 32)
+]
+
+
+def _case_id(c):
+    B, H, Hkv, T, d, Dv, dt, norm, init, ret, layout = c
+    return (f"B{B}-H{H}-Hkv{Hkv}-T{T}-d{d}-Dv{Dv}-{str(dt).split('.')[-1]}"
+            f"-{'norm' if norm else 'plain'}{'-init' if init else ''}{'-state' if ret else ''}-{layout}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_forward_backward_match_float64(case):
+    B, H, Hkv, T, d, Dv, dtype, normalize, init, ret, layout = case
+    q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T + d + Dv)
+    kv0, z0 = random_state(B, H, d, Dv, normalize, seed=T) if init else (None, None)
+    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, ret)
+    assert out[0].dtype == dtype
+    check(out, ref, grads, rgrads, 1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_only_initial_z_or_only_initial_kv():
+    """A normalised call given only one half of the state treats the other as zeros."""
+    B, H, T, d, Dv = 1, 2, 40, 4, 16
+    q, k, v = make_inputs(B, H, H, T, d, Dv, torch.float32, seed=11)
+    kv0, z0 = random_state(B, H, d, Dv, True, seed=12)
+    for kv_, z_ in ((kv0, None), (None, z0)):
+        o, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, initial_kv=kv_, initial_z=z_)
+        ro, _, _ = reference(q, k, v, True, EPS,
+                             kv_ if kv_ is not None else torch.zeros_like(kv0),
+                             z_ if z_ is not None else torch.zeros_like(z0))
+        assert torch.isfinite(o).all()
+        assert rel(o, ro) < 1e-5
+
+
+def test_matches_public_reference_backend():
+    """Equal to featattn.linear_attention(feature_map="taylor", backend="reference") with a
+    non-default scale (the caller multiplies q by it before the kernel)."""
+    B, H, T, d, Dv = 1, 2, 45, 16, 32
+    q, k, v = make_inputs(B, H, H, T, d, Dv, torch.float32, seed=5, qscale=1.0)
+    scale = 0.4
+    ro = featattn.linear_attention(q, k, v, feature_map="taylor", scale=scale, backend="reference")
+    o, _, _ = TF.taylor_attention(q * scale, k, v, normalize=True, eps=1e-6)
+    assert rel(o, ro) < 1e-5
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
+def test_state_handoff_equals_whole_sequence(normalize):
+    """Running [0, T1) then [T1, T) with the state handed over equals one run over [0, T)."""
+    B, H, T, T1, d, Dv = 1, 2, 77, 45, 16, 24
+    q, k, v = make_inputs(B, H, 1, T, d, Dv, torch.float32, seed=3)
+    o, kv, z = TF.taylor_attention(q, k, v, normalize=normalize, eps=EPS, return_state=True)
+    o1, kv1, z1 = TF.taylor_attention(q[:, :, :T1], k[:, :, :T1], v[:, :, :T1],
+                                      normalize=normalize, eps=EPS, return_state=True)
+    o2, kv2, z2 = TF.taylor_attention(q[:, :, T1:], k[:, :, T1:], v[:, :, T1:],
+                                      normalize=normalize, eps=EPS, initial_kv=kv1,
+                                      initial_z=z1, return_state=True)
+    assert rel(torch.cat([o1, o2], 2), o) < 1e-6
+    assert rel(kv2, kv) < 1e-6
+    if normalize:
+        assert rel(z2, z) < 1e-6
+    else:
+        assert z is None and z2 is None
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
+def test_cross_backend_handoff(normalize):
+    """Prefill on the fused kernel, continue on the torch path (and the reverse): the state
+    format is the expanded LinearAttentionState of every backend."""
+    B, H, T, T1, d, Dv = 1, 2, 70, 41, 16, 24
+    q, k, v = make_inputs(B, H, H, T, d, Dv, torch.float32, seed=9)
+    ro, rkv, rz = reference(q, k, v, normalize, EPS)
+    head = (q[:, :, :T1], k[:, :, :T1], v[:, :, :T1])
+    tail = (q[:, :, T1:], k[:, :, T1:], v[:, :, T1:])
+
+    o1, kv1, z1 = TF.taylor_attention(*head, normalize=normalize, eps=EPS, return_state=True)
+    o2, st2 = featattn.linear_attention(*tail, feature_map="taylor", normalize=normalize, eps=EPS,
+                                        backend="torch", return_state=True,
+                                        initial_state=LinearAttentionState(kv1, z1))
+    assert rel(torch.cat([o1, o2], 2), ro) < 1e-5
+    assert rel(st2.kv, rkv) < 1e-5
+
+    o1, st1 = featattn.linear_attention(*head, feature_map="taylor", normalize=normalize, eps=EPS,
+                                        backend="torch", return_state=True)
+    o2, kv2, z2 = TF.taylor_attention(*tail, normalize=normalize, eps=EPS, initial_kv=st1.kv,
+                                      initial_z=st1.z, return_state=True)
+    assert rel(torch.cat([o1, o2], 2), ro) < 1e-5
+    assert rel(kv2, rkv) < 1e-5
+    if normalize:
+        assert rel(z2, rz) < 1e-5
+
+
+def test_decode_steps_match_prefill():
+    """T=1 calls chained through the state (decoding) equal one prefill."""
+    B, H, T, d, Dv = 1, 2, 5, 16, 16
+    q, k, v = make_inputs(B, H, H, T, d, Dv, torch.float32, seed=21)
+    o, kv, z = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, return_state=True)
+    kv_, z_ = None, None
+    outs = []
+    for t in range(T):
+        ot, kv_, z_ = TF.taylor_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                          normalize=True, eps=EPS, initial_kv=kv_, initial_z=z_,
+                                          return_state=True)
+        outs.append(ot)
+    assert rel(torch.cat(outs, 2), o) < 1e-6
+    assert rel(kv_, kv) < 1e-6 and rel(z_, z) < 1e-6
+
+
+def test_output_layout_follows_input():
+    """A [B,T,H,D] caller gets o as a transposed view of a [B,T,H,Dv] buffer."""
+    q, k, v = make_inputs(1, 2, 2, 20, 16, 24, torch.float32, layout="bthd")
+    assert not q.is_contiguous()
+    o, _, _ = TF.taylor_attention(q, k, v, normalize=False, eps=EPS)
+    assert o.shape == (1, 2, 20, 24) and o.transpose(1, 2).is_contiguous()
+
+
+def test_unsupported_reason_and_errors():
+    assert TF.taylor_unsupported_reason(16, 64) is None
+    assert TF.taylor_unsupported_reason(32, 256) is None
+    assert "d=33" in TF.taylor_unsupported_reason(33, 64)
+    assert "Dv=300" in TF.taylor_unsupported_reason(16, 300)
+    q, k, v = make_inputs(1, 2, 2, 8, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="initial_kv"):
+        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_kv=torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="initial_z"):
+        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_z=torch.zeros(1, 2, 21))
+    with pytest.raises(TypeError, match="dtype"):
+        TF.taylor_attention(q, k.half(), v, normalize=False, eps=EPS)
+    with pytest.raises(ValueError, match="divide"):
+        TF.taylor_attention(q, k[:, :1].expand(1, 3, 8, 4)[:, :3], v[:, :1].expand(1, 3, 8, 16),
+                            normalize=False, eps=EPS)
+
+
+# --------------------------------------------------------------------------- GPU (bf16, long T)
+GPU_CASES = [
+    # (B, H, Hkv, T, d, Dv, dtype, normalize, init)
+    (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, True),
+    (1, 4, 4, 4096, 16, 64, torch.bfloat16, True, False),
+    (1, 2, 2, 16384, 16, 64, torch.bfloat16, True, False),
+    (1, 2, 2, 16384, 16, 64, torch.float16, True, False),
+    (1, 2, 1, 2047, 16, 128, torch.bfloat16, False, True),
+    (1, 2, 2, 777, 32, 64, torch.bfloat16, True, True),
+    (1, 2, 2, 515, 16, 64, torch.float32, True, True),
+]
+
+
+@cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c + (True, "bthd")) for c in GPU_CASES])
+def test_gpu_long_sequences_match_float64(case):
+    B, H, Hkv, T, d, Dv, dtype, normalize, init = case
+    q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, "bthd", seed=T)
+    kv0, z0 = random_state(B, H, d, Dv, normalize, seed=T) if init else (None, None)
+    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, True,
+                                            quadratic=T <= 1024)
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    check(out, ref, grads, rgrads, tol)
