@@ -64,12 +64,11 @@ intermediate (the masked score tile, the state, d num) are done
     default (tf32, ~3e-4) would not be.  "ieee" would do too, but it becomes unrolled
     FMA code: on the H100 the fp32 test cases then compiled several times slower.
 
-Performance notes (H100, bf16, B=8, H=16; benchmarks/gpu_kernels.py; see docs/benchmarks.md).
-T=16384 runs at 0.385 ms forward (floor 0.358) and 1.37 ms forward+backward.  Dk=273 is
-far slower (11.6 ms forward): its rows are 546 bytes apart, so no load is 16-byte
-aligned, and the Dk split writes fp32 partials.  Untested remedy: store q/k features
-with a row stride that is a multiple of 8 elements (e.g. allocate [..., 280] and pass
-the [..., :273] view; the kernels take strided views as they are).
+Performance (H100, bf16, B=8, H=16; docs/benchmarks.md): Dk=Dv=64 at T=16384 runs at
+0.381 ms forward (HBM floor 0.358) and 1.37 ms forward+backward.  Rows whose byte stride is
+not a multiple of 16 defeat vectorised loads: Dk=273 took 11.5 ms forward with 546-byte rows
+and 6.2 ms with rows padded to 288 elements (what taylor_features produces).  The rest of the
+Dk=273 cost is the Dk split: three 128-wide tiles write fp32 partials that torch sums.
 
 Tiles: BK = min(128, next_pow2(Dk)) and BV = min(128, next_pow2(Dv)) (>= 16, as tl.dot
 needs), chosen by `_tiles` because they decide the buffers the wrapper allocates; the
