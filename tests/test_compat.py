@@ -88,3 +88,21 @@ def test_apply_is_unnormalised_product():
     torch.testing.assert_close(LinearAttention.apply(q, k, v), expected)
     with pytest.raises(TypeError, match=r"\.apply\(q, k, v\)"):
         LinearAttention()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"{c[0].__name__}-{'x'.join(map(str, c[1:]))}")
+def test_readme_snippets_bf16_on_gpu(case):
+    snippet, B, H, T, Dqk, Dv = case
+    q, k, v = (t.detach().cuda().bfloat16().requires_grad_(True)
+               for t in _inputs(B, H, T * 16, Dqk, Dv, torch.float32, seed=T))
+    out = snippet(q, k, v)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    num, _, _ = reference(q64, k64, v64, normalize=False)
+    ref = num / ((q64 * k64.cumsum(-2)).sum(dim=-1, keepdim=True) + 1e-5)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 5e-2
