@@ -1,71 +1,477 @@
-"""Command line: ``featattn demo`` (``python -m featattn demo``)."""
+"""featattn: causal linear attention with pluggable feature maps.
+
+Commands:
+  featattn demo    train small models that differ only in their attention layer on
+                   multi-query associative recall (MQAR) and compare them
+  featattn bench   time every backend the dispatcher can reach on this device
+
+Both print a table and write a PNG plot (and a JSON file of the numbers) under --out.
+Run `featattn COMMAND --help` for the options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import os
+import sys
 import time
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
-from torch import nn
 
-from . import FeatureAttention, list_feature_maps
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+DEMO_ATTENTIONS = ["softmax", "taylor", "elu", "relu", "identity"]
+
+DEMO_HELP = """\
+Train small models that differ only in their attention layer (softmax, and FeatureAttention
+with each feature map) on multi-query associative recall (MQAR), then compare them.
+
+MQAR (Zoology / Based): each sequence is N key-value pairs followed by queries of those keys,
+
+    k1 v1 k2 v2 ... kN vN | q1 q2 ... qM
+
+and the model must output the value bound to each queried key (loss and accuracy count the
+query positions only). Pairs are drawn afresh for every sequence, so the layer has to store
+them in its state. Data are generated on the fly from --seed; every model sees the same data.
+
+Prints a progress bar per model and a table of recall accuracy, parameters and tokens/s;
+writes demo.png (accuracy against training steps) and demo.json under --out."""
+
+BENCH_HELP = """\
+Time every backend the dispatcher can reach on this device, across sequence lengths,
+forward and forward+backward, with peak memory (CUDA) and the kernel select_kernel picks.
+
+backends:
+  torch, reference, triton,    featattn.linear_attention(..., backend=NAME); a backend that
+  equal_dim, small_vhd,        cannot run here gets one 'n/a' row with the reason. On a CPU
+  taylor_fused                 with TRITON_INTERPRET=1 the Triton kernels run in the (slow)
+                               interpreter: timed only when named in --backends
+  sdpa                         torch scaled_dot_product_attention(is_causal=True): softmax
+  fla_chunk, fla_fused_chunk,  flash-linear-attention, when it is importable (left out
+  fla_based                    otherwise; fla_based: --feature-map taylor, --dqk <= 16)
+
+Prints a table and writes bench.png (time against T, log-log) and bench.json under --out.
+On CUDA, times are triton.testing.do_bench medians; on the CPU, wall-clock medians."""
 
 
-def _model(vocab: int, dim: int, heads: int, fm: str, layers: int) -> nn.Module:
-    blocks = [nn.Embedding(vocab, dim)]
-    for _ in range(layers):
-        blocks += [FeatureAttention(dim, heads, fm, normalize=fm != "identity"), nn.LayerNorm(dim)]
-    blocks.append(nn.Linear(dim, vocab))
-    return nn.Sequential(*blocks)
+# --------------------------------------------------------------------------- output
 
 
-def _batch(gen, batch, seq_len, vocab):
-    """Copy task: the second half of each sequence repeats the first half."""
-    half = seq_len // 2
-    x = torch.randint(1, vocab, (batch, half), generator=gen)
-    seq = torch.cat([x, x], dim=1)
-    return seq[:, :-1], seq[:, 1:]
+def _rich():
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def demo(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vocab, dim, heads = 16, 64, 4
-    print(f"featattn demo on {device}: {args.steps} steps of a copy task, seq_len {args.seq_len}")
-    rows = []
-    for fm in args.feature_maps:
-        torch.manual_seed(0)
-        gen = torch.Generator().manual_seed(0)
-        model = _model(vocab, dim, heads, fm, layers=2).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            x, y = (t.to(device) for t in _batch(gen, 16, args.seq_len, vocab))
-            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        dt = time.perf_counter() - t0
-        with torch.no_grad():
-            x, y = (t.to(device) for t in _batch(gen, 64, args.seq_len, vocab))
-            half = args.seq_len // 2
-            acc = (model(x).argmax(-1)[:, half:] == y[:, half:]).float().mean().item()
-        n_params = sum(p.numel() for p in model.parameters())
-        toks = args.steps * 16 * (args.seq_len - 1) / dt
-        rows.append((fm, loss.item(), acc, n_params, toks))
-    print(f"{'feature map':<12} {'final loss':>10} {'copy acc':>9} {'params':>8} {'tokens/s':>10}")
-    for fm, loss, acc, n, toks in rows:
-        print(f"{fm:<12} {loss:>10.3f} {acc:>9.3f} {n:>8d} {toks:>10.0f}")
+class UI:
+    """Tables and progress: rich on a terminal; plain lines when stdout is not a terminal
+    (CI logs, pipes) or rich is not installed."""
+
+    def __init__(self, fancy: Optional[bool] = None):
+        self.has_rich = _rich()
+        if fancy is None:
+            fancy = self.has_rich and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+        self.fancy = fancy and self.has_rich
+
+    def _console(self):
+        from rich.console import Console
+
+        return Console(highlight=False)
+
+    def print(self, msg: str = "") -> None:
+        print(msg, flush=True)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
+              right: Sequence[bool] = ()) -> None:
+        """A rich table on a terminal, else a plain markdown table (one line per row, so
+        logs stay greppable and the table can be pasted into docs)."""
+        right = list(right) + [False] * (len(columns) - len(right))
+        if self.fancy:
+            from rich import box
+            from rich.table import Table
+
+            t = Table(title=title, box=box.ROUNDED, title_justify="left")
+            for c, r in zip(columns, right):
+                t.add_column(c, justify="right" if r else "left", overflow="fold")
+            for row in rows:
+                t.add_row(*row)
+            self._console().print(t)
+            sys.stdout.flush()
+            return
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+                  for i, c in enumerate(columns)]
+
+        def line(cells):
+            return "| " + " | ".join(
+                (c.rjust(w) if r else c.ljust(w)) for c, w, r in zip(cells, widths, right)) + " |"
+
+        print(title)
+        print(line(columns))
+        print("|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2))
+                             for w, r in zip(widths, right)) + "|")
+        for row in rows:
+            print(line(row))
+        sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def progress(self):
+        """Yields ``add(name, total) -> update(step, **fields)``."""
+        if self.fancy:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            columns = [TextColumn("{task.description:<10}"), BarColumn(),
+                       MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=self._console(), transient=False) as prog:
+                def add(name, total):
+                    task = prog.add_task(name, total=total, info="")
+
+                    def update(step, info=""):
+                        prog.update(task, completed=step, info=info)
+                    return update
+                yield add
+            return
+
+        def add(name, total):
+            t0 = time.perf_counter()
+            marks = {max(1, round(total * i / 10)) for i in range(1, 11)}
+
+            def update(step, info=""):
+                if step in marks:
+                    print(f"  {name:<10} {step:>6}/{total:<6} {info}  "
+                          f"{time.perf_counter() - t0:6.1f}s", flush=True)
+            return update
+        yield add
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {val}")
+    return val
+
+
+def _positive_float(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (val > 0 and val != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return val
+
+
+def _names(values: Optional[List[str]]) -> Optional[List[str]]:
+    """``a b,c`` -> ``[a, b, c]`` (commas or spaces), duplicates dropped."""
+    if values is None:
+        return None
+    out = [v.strip() for part in values for v in part.split(",") if v.strip()]
+    return list(dict.fromkeys(out))
+
+
+def _resolve_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device: unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text}: CUDA is not available on this machine "
+                         "(use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        parser.error(f"--device {text}: only cpu and cuda are supported")
+    return device
+
+
+def _out_paths(out: str, stem: str):
+    """``--out`` is a directory (``DIR/stem.png`` + ``DIR/stem.json``) or a ``.png`` path."""
+    p = Path(out)
+    if p.suffix.lower() == ".png":
+        return p, p.with_suffix(".json")
+    return p / f"{stem}.png", p / f"{stem}.json"
+
+
+def _prepare_out(parser: argparse.ArgumentParser, paths) -> None:
+    """Create the output folder now, so a bad --out fails before the work, not after."""
+    for folder in {p.parent for p in paths}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out: cannot create {folder}: {e.strerror or e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="featattn", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"featattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+
+    # ------------------------------------------------------------------ demo
+    from .demo import DEFAULT_CONFIG as D, QUICK_CONFIG as Q
+
+    p = sub.add_parser(
+        "demo", formatter_class=fmt, help="train tiny models, one per attention layer, on MQAR",
+        description=DEMO_HELP,
+        epilog=("examples:\n"
+                "  featattn demo                          # the default run (minutes on CPU)\n"
+                "  featattn demo --quick                  # < 1 minute smoke test\n"
+                "  featattn demo --feature-maps softmax taylor --steps 400 --out results/"))
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--feature-maps", nargs="+", metavar="NAME", default=None,
+                   help=f"attention layers to compare: 'softmax' and/or registered feature maps "
+                        f"(default: {' '.join(DEMO_ATTENTIONS)})")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"training steps per model (default: {D.steps}; --quick: {Q.steps})")
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help=f"tokens per sequence: 2 * kv-pairs, then queries "
+                        f"(default: {D.seq_len}; --quick: {Q.seq_len})")
+    p.add_argument("--kv-pairs", type=_positive_int, default=None,
+                   help=f"key-value pairs per sequence (default: {D.kv_pairs}; "
+                        f"--quick: {Q.kv_pairs})")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help=f"sequences per step (default: {D.batch}; --quick: {Q.batch})")
+    p.add_argument("--dim", type=_positive_int, default=None,
+                   help=f"model width (default: {D.dim}; --quick: {Q.dim})")
+    p.add_argument("--heads", type=_positive_int, default=None,
+                   help=f"attention heads (default: {D.heads})")
+    p.add_argument("--layers", type=_positive_int, default=None,
+                   help=f"blocks (default: {D.layers})")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate, one-cycle schedule (default: {D.lr})")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help=f"evaluate every N steps (default: {D.eval_every}; "
+                        f"--quick: {Q.eval_every})")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=f"CPU threads for torch (default: torch's, here "
+                        f"{torch.get_num_threads()}); "
+                        "1 is steadier when other jobs share the CPU")
+    p.add_argument("--out", default="out",
+                   help="directory for demo.png and demo.json, or a .png path (default: out)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes that finish in under a minute on CPU (a smoke test)")
+    p.set_defaults(func=_cmd_demo, parser=p)
+
+    # ------------------------------------------------------------------ bench
+    from .bench import ALL_BACKENDS, DTYPES
+
+    p = sub.add_parser(
+        "bench", formatter_class=fmt, help="time every backend the dispatcher can reach here",
+        description=BENCH_HELP,
+        epilog=("defaults: on CUDA B=8 H=16 Dqk=Dv=64 bf16, T = 1024 4096 16384; on CPU B=1 H=4\n"
+                "Dqk=Dv=64 fp32, T = 512 1024 2048 4096 8192 (under a minute); --quick: B=1 H=2\n"
+                "Dqk=Dv=16 fp32, T = 64 128 (seconds).\n\n"
+                "examples:\n"
+                "  featattn bench\n"
+                "  featattn bench --feature-map taylor --dqk 16 --lengths 1024 4096\n"
+                "  featattn bench --backends torch sdpa --out results/"))
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--lengths", type=_positive_int, nargs="+", metavar="T", default=None,
+                   help="sequence lengths to time")
+    p.add_argument("--batch", type=_positive_int, default=None, help="batch size B")
+    p.add_argument("--heads", type=_positive_int, default=None, help="heads H")
+    p.add_argument("--dqk", type=_positive_int, default=None,
+                   help="raw q/k head dim (before the map)")
+    p.add_argument("--dv", type=_positive_int, default=None, help="value head dim")
+    p.add_argument("--feature-map", default="elu",
+                   help="feature map for the linear-attention backends (default: elu; identity "
+                        "runs un-normalised)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   metavar="{float32,bfloat16,float16,float64}",
+                   help="input dtype (also fp32, bf16, fp16, fp64); default: float32 on CPU, "
+                        "bfloat16 on CUDA")
+    p.add_argument("--backends", nargs="+", metavar="NAME", default=None,
+                   help=f"subset of: {' '.join(ALL_BACKENDS)} (default: all)")
+    p.add_argument("--out", default="out",
+                   help="directory for bench.png and bench.json, or a .png path (default: out)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=f"CPU threads for torch (default: torch's, here {torch.get_num_threads()})")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p.set_defaults(func=_cmd_bench, parser=p)
+    return parser
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args, ui: UI) -> int:
+    from . import list_feature_maps
+    from .demo import (DEFAULT_CONFIG, QUICK_CONFIG, make_eval_set, plot_curves, train_one,
+                       write_json)
+
+    parser = args.parser
+    device = _resolve_device(parser, args.device)
+    names = _names(args.feature_maps) or list(DEMO_ATTENTIONS)
+    known = ["softmax"] + sorted(list_feature_maps())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--feature-maps: unknown {', '.join(map(repr, unknown))}; "
+                     f"choose from {', '.join(known)}")
+    base = QUICK_CONFIG if args.quick else DEFAULT_CONFIG
+    overrides = {k: getattr(args, k) for k in
+                 ("steps", "seq_len", "kv_pairs", "batch", "dim", "heads", "layers", "lr",
+                  "eval_every") if getattr(args, k) is not None}
+    cfg = dataclasses.replace(base, seed=args.seed, **overrides)
+    problems = cfg.problems()
+    if problems:
+        parser.error("; ".join(problems))
+    png, js = _out_paths(args.out, "demo")
+    _prepare_out(parser, (png, js))
+
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    ui.print(f"featattn demo: multi-query associative recall on {device}{threads}")
+    ui.print(f"  task : {cfg.kv_pairs} key-value pairs then {cfg.num_queries} queries per "
+             f"sequence (seq_len {cfg.seq_len}, {cfg.num_keys} keys, {cfg.num_keys} values), "
+             f"seed {cfg.seed}")
+    ui.print(f"  model: dim {cfg.dim}, {cfg.heads} heads, {cfg.layers} layer(s) of short conv + "
+             f"attention + MLP; {cfg.steps} steps x {cfg.batch} sequences, AdamW lr {cfg.lr}")
+    ui.print(f"  attention: {', '.join(names)}")
+
+    eval_set = make_eval_set(cfg, device)
+    results = []
+    t_all = time.perf_counter()
+    with ui.progress() as add:
+        for name in names:
+            update = add(name, cfg.steps)
+            last = {"acc": None}
+
+            def on_step(step, loss, acc, update=update, last=last):
+                if acc is not None:
+                    last["acc"] = acc
+                info = f"loss {loss:6.3f}"
+                if last["acc"] is not None:
+                    info += f"  acc {last['acc']:.3f}"
+                update(step, info)
+
+            results.append(train_one(name, cfg, device, eval_set=eval_set, on_step=on_step))
+    total = time.perf_counter() - t_all
+
+    rows = [[r.name, "-" if r.feature_dim is None else str(r.feature_dim),
+             f"{r.accuracy:.3f}", f"{r.final_loss:.3f}", f"{r.params:,}",
+             f"{r.tokens_per_s:,.0f}", f"{r.train_seconds:.1f}"] for r in results]
+    ui.print()
+    ui.table(f"MQAR recall after {cfg.steps} steps ({device})",
+             ["attention", "features/head", "recall acc", "final loss", "params", "tokens/s",
+              "train s"],
+             rows, right=[False, True, True, True, True, True, True])
+    ui.print(f"total {total:.1f}s")
+    try:
+        plot_curves(results, cfg, png,
+                    f"MQAR: {cfg.kv_pairs} pairs, seq_len {cfg.seq_len}, dim {cfg.dim}, "
+                    f"{cfg.steps} steps, seed {cfg.seed} ({device})")
+        ui.print(f"wrote {png}")
+    except ImportError:
+        ui.print("matplotlib is not installed: no plot (pip install matplotlib)")
+    write_json(results, cfg, device, js)
+    ui.print(f"wrote {js}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="featattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train tiny models, one per feature map, and compare")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--feature-maps", nargs="+", default=["elu", "taylor", "identity", "relu"],
-                   choices=list_feature_maps())
-    args = parser.parse_args(argv)
-    return demo(args)
+# --------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args, ui: UI) -> int:
+    from . import list_feature_maps
+    from .bench import (ALL_BACKENDS, DTYPES, default_config, fmt_mib, fmt_ms, plot_rows,
+                        run_bench, write_json)
+
+    parser = args.parser
+    device = _resolve_device(parser, args.device)
+    if args.feature_map not in list_feature_maps():
+        parser.error(f"--feature-map: unknown {args.feature_map!r}; "
+                     f"choose from {', '.join(sorted(list_feature_maps()))}")
+    backends = _names(args.backends)
+    if backends is not None:
+        unknown = [b for b in backends if b not in ALL_BACKENDS]
+        if unknown:
+            parser.error(f"--backends: unknown {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(ALL_BACKENDS)}")
+    if args.dtype is not None and DTYPES[args.dtype] in (torch.float16, torch.bfloat16) \
+            and device.type == "cpu":
+        ui.print(f"note: {args.dtype} on CPU is slow and only useful as a check")
+    cfg = default_config(device, quick=args.quick)
+    overrides = {k: getattr(args, k) for k in ("lengths", "batch", "heads", "dqk", "dv", "dtype")
+                 if getattr(args, k) is not None}
+    cfg = dataclasses.replace(cfg, feature_map=args.feature_map, **overrides)
+    if backends is not None:
+        cfg = dataclasses.replace(cfg, backends=backends, explicit_backends=True)
+    cfg.lengths = sorted(set(cfg.lengths))
+    png, js = _out_paths(args.out, "bench")
+    _prepare_out(parser, (png, js))
+
+    from .feature_maps import get_feature_map
+
+    dk = get_feature_map(cfg.feature_map).output_dim(cfg.dqk)
+    ui.print(f"featattn bench on {device}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                f" ({torch.get_num_threads()} threads)"))
+    ui.print(f"  B={cfg.batch} H={cfg.heads} Dqk={cfg.dqk} (Dk={dk} after {cfg.feature_map}) "
+             f"Dv={cfg.dv} {cfg.dtype}, normalize={cfg.normalize}, T in "
+             f"{' '.join(map(str, cfg.lengths))}")
+
+    def on_row(row):
+        if row.T is None:
+            return
+        ui.print(f"  {row.backend:<16} T={row.T:<6} fwd {fmt_ms(row.fwd_ms):>8} ms  "
+                 f"fwd+bwd {fmt_ms(row.fwdbwd_ms):>8} ms  {row.note}")
+
+    t0 = time.perf_counter()
+    rows = run_bench(cfg, on_row=on_row)
+    table = [[r.backend, r.kernel, "-" if r.T is None else str(r.T), fmt_ms(r.fwd_ms),
+              fmt_ms(r.fwdbwd_ms), fmt_mib(r.peak_mib), r.note] for r in rows]
+    ui.print()
+    ui.table(f"featattn bench: {cfg.feature_map}, B={cfg.batch} H={cfg.heads} Dqk={cfg.dqk} "
+             f"Dv={cfg.dv} {cfg.dtype} on {device}",
+             ["backend", "kernel", "T", "fwd ms", "fwd+bwd ms", "peak MiB", "note"], table,
+             right=[False, False, True, True, True, True, False])
+    ui.print(f"total {time.perf_counter() - t0:.1f}s")
+    try:
+        plot_rows(rows, cfg, png, f"featattn bench: {cfg.feature_map}, B={cfg.batch} "
+                  f"H={cfg.heads} Dqk={cfg.dqk} Dv={cfg.dv} {cfg.dtype} on {device}")
+        ui.print(f"wrote {png}")
+    except ImportError:
+        ui.print("matplotlib is not installed: no plot (pip install matplotlib)")
+    write_json(rows, cfg, js)
+    ui.print(f"wrote {js}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``featattn`` / ``python -m featattn``: returns the exit status (argparse errors raise
+    SystemExit(2) with a message on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args, UI())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(threads)         # main() may run inside another program

@@ -1,0 +1,250 @@
+"""The command line: ``featattn demo``, ``featattn bench``, help and errors.
+
+Runs in-process through ``featattn.cli.main`` (stdout is captured, so not a terminal: the
+plain progress and markdown table are what CI sees), plus one subprocess for the entry point.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from featattn import cli
+from featattn.bench import _call_fla
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def fails(argv, capsys):
+    """argparse-style failure: SystemExit(2) and a message on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2, (out, err)
+    return err
+
+
+def table_rows(out):
+    """First cell of every markdown table row, header and rule excluded."""
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    return rows[1:]
+
+
+def assert_png(path):
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5_000          # a real plot, not an empty canvas
+    from matplotlib.image import imread
+
+    h, w, _ = imread(path).shape
+    assert h > 100 and w > 100
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "bench" in out
+
+
+@pytest.mark.parametrize("cmd, flags", [
+    ("demo", ["--device", "--steps", "--seq-len", "--feature-maps", "--out", "--quick"]),
+    ("bench", ["--device", "--lengths", "--batch", "--heads", "--dqk", "--dv", "--feature-map",
+               "--dtype", "--backends", "--out", "--quick"]),
+])
+def test_command_help(cmd, flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out, flag
+
+
+def test_entry_point_subprocess():
+    """``python -m featattn``: help works and a bad flag exits 2 with a message."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([sys.executable, "-m", "featattn", "--help"], capture_output=True,
+                        text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "bench" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "featattn", "demo", "--steps", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert "--steps" in bad.stderr and "must be >= 1" in bad.stderr
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("argv, expect", [
+    ([], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["demo", "--steps", "0"], "must be >= 1"),
+    (["demo", "--steps", "ten"], "expected an integer"),
+    (["demo", "--seq-len", "10"], "--seq-len 10 is too short for 24 key-value pairs"),
+    (["demo", "--quick", "--kv-pairs", "40"], "exceeds the 16 distinct keys"),
+    (["demo", "--feature-maps", "elu", "nope"], "unknown 'nope'; choose from softmax, elu"),
+    (["demo", "--lr", "-1"], "--lr"),
+    (["demo", "--dim", "30", "--heads", "4"], "not divisible"),
+    (["demo", "--device", "tpu"], "--device"),
+    (["demo", "--no-such-flag"], "unrecognized arguments"),
+    (["bench", "--backends", "torch", "fast"], "unknown 'fast'; choose from torch"),
+    (["bench", "--feature-map", "nope"], "unknown 'nope'"),
+    (["bench", "--lengths", "0"], "must be >= 1"),
+    (["bench", "--dtype", "int8"], "invalid choice"),
+])
+def test_bad_flags(argv, expect, capsys):
+    err = fails(argv, capsys)
+    assert expect in err
+    assert "usage:" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(capsys):
+    assert "CUDA is not available" in fails(["demo", "--device", "cuda"], capsys)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_quick(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    # one thread: steadier when other jobs share the CPU (OpenMP barriers spin otherwise)
+    rc, out, _ = run(["demo", "--quick", "--threads", "1", "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    assert torch.get_num_threads() == threads             # restored
+    names = ["softmax", "taylor", "elu", "relu", "identity"]
+    assert table_rows(out) == names                       # one row per model
+    assert f"wrote {tmp_path / 'demo.png'}" in out
+    assert_png(tmp_path / "demo.png")
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["name"] for r in res["results"]] == names
+    steps = res["config"]["steps"]
+    for r in res["results"]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["params"] > 0 and r["tokens_per_s"] > 0
+        assert r["curve"][0][0] == 0 and r["curve"][-1] == [steps, r["accuracy"]]
+    # the plain progress (stdout is not a terminal) reports each model
+    for name in names:
+        assert f"  {name:<10} {steps:>6}/{steps:<6}" in out
+    # real learning even in the quick run: softmax recalls (the linear maps learn more slowly)
+    assert res["results"][0]["accuracy"] > 0.5
+    assert res["threads"] == 1
+
+
+def test_demo_reproducible_and_png_path(tmp_path, capsys):
+    argv = ["demo", "--quick", "--steps", "8", "--eval-every", "4", "--feature-maps", "softmax,elu",
+            "--threads", "1"]
+    run(argv + ["--out", str(tmp_path / "a")], capsys)
+    rc, out, _ = run(argv + ["--out", str(tmp_path / "b" / "curve.png")], capsys)
+    assert rc == 0 and table_rows(out) == ["softmax", "elu"]
+    assert_png(tmp_path / "b" / "curve.png")
+    a = json.loads((tmp_path / "a" / "demo.json").read_text())["results"]
+    b = json.loads((tmp_path / "b" / "curve.json").read_text())["results"]
+    for ra, rb in zip(a, b):
+        assert ra["curve"] == rb["curve"] and ra["final_loss"] == rb["final_loss"]
+
+
+def test_mqar_layout():
+    from featattn.demo import mqar_batch
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = mqar_batch(gen, batch=3, seq_len=20, kv_pairs=4, vocab=33)
+    assert x.shape == y.shape == (3, 20)
+    keys, values = x[:, 0:8:2], x[:, 1:8:2]
+    assert ((keys >= 1) & (keys <= 16)).all() and ((values >= 17) & (values <= 32)).all()
+    assert (y[:, :8] == -100).all()
+    for b in range(3):
+        bound = dict(zip(keys[b].tolist(), values[b].tolist()))
+        assert len(bound) == 4                                      # distinct keys
+        for t in range(8, 20):
+            assert y[b, t].item() == bound[x[b, t].item()]          # query -> its value
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_quick(tmp_path, capsys):
+    rc, out, _ = run(["bench", "--quick", "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    by_backend = {}
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        by_backend.setdefault(cells[0], []).append(cells)
+    assert {"torch", "reference", "triton", "equal_dim", "small_vhd", "taylor_fused",
+            "sdpa"} <= set(by_backend)
+    for name, kernel in (("torch", "torch_chunked"), ("reference", "reference")):
+        assert [r[2] for r in by_backend[name]] == ["64", "128"]
+        for r in by_backend[name]:
+            assert r[1] == kernel                                   # the dispatcher's choice
+            assert float(r[3]) > 0 and float(r[4]) > 0 and r[5] == "-"  # no peak memory on CPU
+    for name in ("triton", "equal_dim", "small_vhd", "taylor_fused"):  # not timeable here
+        assert len(by_backend[name]) == 1 and by_backend[name][0][-1].startswith("n/a: ")
+    assert_png(tmp_path / "bench.png")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == len(rows)
+
+
+def test_bench_triton_interpreter(tmp_path, capsys, monkeypatch):
+    """A Triton kernel named in --backends runs, under the interpreter on a CPU."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rc, out, _ = run(["bench", "--backends", "equal_dim", "torch", "--lengths", "32",
+                      "--batch", "1", "--heads", "1", "--dqk", "16", "--dv", "16",
+                      "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    assert set(rows) == {"backend", "equal_dim", "torch"}
+    backend, kernel, T, fwd, fwdbwd, peak, note = rows["equal_dim"]
+    assert (kernel, T, note) == ("equal_dim", "32", "")
+    assert float(fwd) > 0 and float(fwdbwd) > 0
+
+
+def test_call_fla_signatures():
+    """fla changed its layout argument across versions; the bench adapts to both."""
+    q = k = v = torch.zeros(1, 5, 2, 4)     # [B, T, H, D]
+
+    def new_style(q, k, v, scale=None, normalize=True):
+        return q + 1, "state"
+
+    def old_style(q, k, v, scale=None, normalize=True, head_first=True):
+        assert head_first is False
+        return q + 2, None
+
+    def based(q, k, v, scale=None, use_norm=True, head_first=False):
+        return q + 3
+
+    assert (_call_fla(new_style, q, k, v, scale=1.0, normalize=False) == 1).all()
+    assert (_call_fla(old_style, q, k, v, scale=1.0, normalize=False) == 2).all()
+    assert (_call_fla(based, q, k, v, scale=0.5, use_norm=True) == 3).all()
+
+
+def test_rich_ui(capsys):
+    """The terminal path: a rich table and rich progress bars."""
+    ui = cli.UI(fancy=True)
+    with ui.progress() as add:
+        update = add("elu", 3)
+        for i in range(1, 4):
+            update(i, f"loss {1 / i:.3f}")
+    ui.table("t", ["attention", "acc"], [["elu", "0.5"], ["taylor", "1.0"]], right=[False, True])
+    out = capsys.readouterr().out
+    assert "taylor" in out and "elu" in out and "3/3" in out
