@@ -35,3 +35,22 @@ def reference(q, k, v, feature_map=None, normalize=True, eps=1e-6, scale=1.0, st
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_state_handoff(attn, q, k, v, normalize, cut, eps=1e-6, tol=1e-6):
+    """Running [0, cut) then [cut, T) with the state handed over equals one run over [0, T).
+
+    ``attn(q, k, v, *, normalize, eps, initial_kv, initial_z, return_state) -> (o, kv, z)`` is
+    a kernel entry point (featattn.kernels.chunked_attention, taylor_attention, ...).
+    """
+    o, kv, z = attn(q, k, v, normalize=normalize, eps=eps, return_state=True)
+    o1, kv1, z1 = attn(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut],
+                       normalize=normalize, eps=eps, return_state=True)
+    o2, kv2, z2 = attn(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], normalize=normalize,
+                       eps=eps, initial_kv=kv1, initial_z=z1, return_state=True)
+    assert rel_err(torch.cat([o1, o2], 2), o) < tol
+    assert rel_err(kv2, kv) < tol
+    if normalize:
+        assert rel_err(z2, z) < tol
+    else:
+        assert z is None and z2 is None

@@ -12,14 +12,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must happen before the kernels are decorated by triton.jit.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
 
 from featattn import kernels as K  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
+from helpers import assert_state_handoff  # noqa: E402
+from helpers import rel_err as rel  # noqa: E402
 from featattn.kernels import chunked as C  # noqa: E402
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
@@ -27,14 +25,11 @@ assert torch.cuda.is_available() or _common.INTERPRET, "TRITON_INTERPRET=1 was s
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Every buffer a kernel writes starts as NaN, so an unwritten element fails a test."""
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+# every buffer a kernel writes starts as NaN (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 # --------------------------------------------------------------------------- reference
@@ -62,9 +57,6 @@ def reference(q, k, v, normalize, eps, kv0=None, z0=None, chunk=512):
     return torch.cat(outs, 2), S, (z if normalize else None)
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout="bhtd", seed=0, device=DEV):
@@ -173,18 +165,7 @@ def test_state_handoff_equals_whole_sequence(normalize):
     """Running [0, T1) then [T1, T) with the state handed over equals one run over [0, T)."""
     B, H, T, T1, Dk, Dv = 1, 2, 77, 45, 24, 40
     q, k, v = make_inputs(B, H, H, T, Dk, Dv, torch.float32, normalize, seed=3)
-    o, kv, z = K.chunked_attention(q, k, v, normalize=normalize, eps=EPS, return_state=True)
-    o1, kv1, z1 = K.chunked_attention(q[:, :, :T1], k[:, :, :T1], v[:, :, :T1],
-                                      normalize=normalize, eps=EPS, return_state=True)
-    o2, kv2, z2 = K.chunked_attention(q[:, :, T1:], k[:, :, T1:], v[:, :, T1:],
-                                      normalize=normalize, eps=EPS, initial_kv=kv1,
-                                      initial_z=z1, return_state=True)
-    assert rel(torch.cat([o1, o2], 2), o) < 1e-6
-    assert rel(kv2, kv) < 1e-6
-    if normalize:
-        assert rel(z2, z) < 1e-6
-    else:
-        assert z is None and z2 is None
+    assert_state_handoff(K.chunked_attention, q, k, v, normalize, cut=T1)
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
@@ -261,7 +242,6 @@ GPU_CASES = [
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c + ("bhtd",)) for c in GPU_CASES])
 def test_gpu_matches_float64(case):
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret = case
@@ -270,7 +250,6 @@ def test_gpu_matches_float64(case):
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
 def test_gpu_long_sequence_bf16(normalize):
     _gpu_check(1, 2, 2, 16384, 64, 64, torch.bfloat16, normalize, 1e-2, ret=True)
@@ -293,7 +272,6 @@ def _flashy_combos(n=6, seed=0):
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("combo", _flashy_combos(), ids=lambda c: "b{}-nh{}-sq{}-dk{}-dv{}".format(*c))
 def test_gpu_flashy_shapes_bf16(combo):
     b, nh, sq, dk, dv = combo

@@ -13,10 +13,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must happen before the kernels are decorated by triton.jit.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
 
 import featattn  # noqa: E402
@@ -25,6 +21,8 @@ from featattn.chunked import chunked_linear_attention  # noqa: E402
 from featattn.feature_maps.taylor import taylor_features  # noqa: E402
 from featattn.reference import quadratic_linear_attention  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
+from helpers import assert_state_handoff  # noqa: E402
+from helpers import rel_err as rel  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
@@ -35,10 +33,8 @@ cuda = pytest.mark.cuda
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Every buffer the kernel writes starts as NaN, so an unwritten element fails a test."""
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+# every buffer a kernel writes starts as NaN (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 # --------------------------------------------------------------------------- references
@@ -51,9 +47,6 @@ def reference(q, k, v, normalize, eps, kv0=None, z0=None, quadratic=True):
               initial_z=None if z0 is None else z0.double(), return_state=True)
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, H, Hkv, T, d, Dv, dtype, layout="bhtd", seed=0, device=DEV, qscale=0.7):
@@ -193,18 +186,7 @@ def test_state_handoff_equals_whole_sequence(normalize):
     """Running [0, T1) then [T1, T) with the state handed over equals one run over [0, T)."""
     B, H, T, T1, d, Dv = 1, 2, 77, 45, 16, 24
     q, k, v = make_inputs(B, H, 1, T, d, Dv, torch.float32, seed=3)
-    o, kv, z = TF.taylor_attention(q, k, v, normalize=normalize, eps=EPS, return_state=True)
-    o1, kv1, z1 = TF.taylor_attention(q[:, :, :T1], k[:, :, :T1], v[:, :, :T1],
-                                      normalize=normalize, eps=EPS, return_state=True)
-    o2, kv2, z2 = TF.taylor_attention(q[:, :, T1:], k[:, :, T1:], v[:, :, T1:],
-                                      normalize=normalize, eps=EPS, initial_kv=kv1,
-                                      initial_z=z1, return_state=True)
-    assert rel(torch.cat([o1, o2], 2), o) < 1e-6
-    assert rel(kv2, kv) < 1e-6
-    if normalize:
-        assert rel(z2, z) < 1e-6
-    else:
-        assert z is None and z2 is None
+    assert_state_handoff(TF.taylor_attention, q, k, v, normalize, cut=T1)
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])

@@ -13,6 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import hf_models  # noqa: E402
+
 from featattn import hf  # noqa: E402
 from featattn.hf import (  # noqa: E402
     TransferResult,
@@ -24,38 +26,16 @@ from featattn.hf import (  # noqa: E402
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VOCAB = 64
+VOCAB = hf_models.VOCAB
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from hf_models.one_thread()
 
 
-def make_model(family="llama", layers=2, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    elif family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:  # pragma: no cover
-        raise ValueError(family)
-    with torch.no_grad():  # more spread than HF's 0.02 init, so that attention is not uniform
-        for _, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.to(dtype).eval()
+def make_model(family="llama", layers=2, dtype=torch.float32, seed=0):
+    return hf_models.make_model(family, layers=layers, dtype=dtype, seed=seed)
 
 
 def batches(n=4, B=4, T=16, seed=1):
