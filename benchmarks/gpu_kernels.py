@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featattn.kernels import chunked as C  # noqa: E402
 from featattn.kernels import chunked_attention  # noqa: E402
+from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
 
 HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
 PROFILE = True  # print a kernel breakdown for the tiled-Dk timings
@@ -139,19 +140,6 @@ def run_checks(dtypes):
 
 
 # --------------------------------------------------------------------------- timing
-def bench(fn, grad_to_none=None):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def time_ours(B, H, T, Dk, Dv, normalize, layout="bhtd", pad_to=None):

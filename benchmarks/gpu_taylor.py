@@ -29,6 +29,7 @@ from featattn.chunked import chunked_linear_attention  # noqa: E402
 from featattn.feature_maps.taylor import taylor_features  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
 from featattn.reference import quadratic_linear_attention  # noqa: E402
+from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
 
 HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
 
@@ -129,19 +130,6 @@ def run_checks(ids=None):
 
 
 # --------------------------------------------------------------------------- timing
-def bench(fn, grad_to_none=None):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def time_ours(B, H, T, d, Dv):
