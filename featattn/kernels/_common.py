@@ -84,6 +84,46 @@ def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def check_inputs(q, k, v, normalize, initial_kv, initial_z, *, state_dim, dtypes, shape_reason):
+    """Validate a kernel call (the kernels are public API too, not only behind
+    featattn.linear_attention, which checks the same and more).
+
+    ``state_dim(d)`` is the state's Dk for a q/k head dim d; ``shape_reason(d, Dv)`` is None
+    when the kernel takes those dims, else why not.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"expected q [B,H,T,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] (4-D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, d = q.shape
+    if T < 1:
+        raise ValueError(f"sequence length T must be >= 1, got {T}")
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != d:
+        raise ValueError(f"k must be [B={B}, Hkv, T={T}, D={d}], got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Hkv, T, Dv] matching k {tuple(k.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    Hkv, Dv = k.shape[1], v.shape[3]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in dtypes:
+        raise TypeError(f"dtype {q.dtype} not supported; use float32, float16 or bfloat16")
+    why = shape_reason(d, Dv)
+    if why is not None:
+        raise ValueError(why)
+    Dk = state_dim(d)
+    if initial_kv is not None and tuple(initial_kv.shape) != (B, H, Dk, Dv):
+        raise ValueError(f"initial_kv must be [B,H,Dk,Dv]={(B, H, Dk, Dv)}, "
+                         f"got {tuple(initial_kv.shape)}")
+    if initial_z is not None:
+        if not normalize:
+            raise ValueError("initial_z is only meaningful with normalize=True; pass None")
+        if tuple(initial_z.shape) != (B, H, Dk):
+            raise ValueError(f"initial_z must be [B,H,Dk]={(B, H, Dk)}, got {tuple(initial_z.shape)}")
+
+
 # --------------------------------------------------------------------------- torch.library
 # A kernel pair becomes two custom ops with fake (meta) implementations plus an autograd
 # formula, so torch.compile(fullgraph=True) traces through them without a graph break and

@@ -90,7 +90,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import fill_state_half, register_attention_ops, row_dot
+from ._common import check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import unit_last as _unit_last
 
 __all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
@@ -489,33 +489,10 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
 
 
 
-def _check(q, k, v, normalize, initial_kv, initial_z):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"expected q [B,H,T,Dk], k [B,Hkv,T,Dk], v [B,Hkv,T,Dv] (4-D); got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, T, Dk = q.shape
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != Dk:
-        raise ValueError(f"k must be [B={B}, Hkv, T={T}, Dk={Dk}], got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must be [B, Hkv, T, Dv] matching k {tuple(k.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
-    Hkv, Dv = k.shape[1], v.shape[3]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in KERNEL_LIMITS["dtypes"]:
-        raise TypeError(f"dtype {q.dtype} not supported; use float32, float16 or bfloat16")
+def _shape_reason(Dk: int, Dv: int):
     if Dk > KERNEL_LIMITS["max_dk"] or Dv > KERNEL_LIMITS["max_dv"]:
-        raise ValueError(f"Dk={Dk}, Dv={Dv} exceed the kernel limits {KERNEL_LIMITS}")
-    if initial_kv is not None and tuple(initial_kv.shape) != (B, H, Dk, Dv):
-        raise ValueError(f"initial_kv must be [B,H,Dk,Dv]={(B, H, Dk, Dv)}, got {tuple(initial_kv.shape)}")
-    if initial_z is not None:
-        if not normalize:
-            raise ValueError("initial_z is only meaningful with normalize=True; pass None")
-        if tuple(initial_z.shape) != (B, H, Dk):
-            raise ValueError(f"initial_z must be [B,H,Dk]={(B, H, Dk)}, got {tuple(initial_z.shape)}")
+        return f"Dk={Dk}, Dv={Dv} exceed the kernel limits {KERNEL_LIMITS}"
+    return None
 
 
 def chunked_attention(q, k, v, *, normalize: bool, eps: float,
@@ -537,7 +514,8 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         [B, H, Dk] (None when normalize=False) if return_state, else (o, None, None).
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
-    _check(q, k, v, normalize, initial_kv, initial_z)
+    check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: d,
+                 dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()

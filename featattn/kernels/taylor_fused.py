@@ -94,7 +94,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import fill_state_half, register_attention_ops, row_dot
+from ._common import check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import unit_last as _unit_last
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
@@ -680,40 +680,6 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
 
 
-def _check(q, k, v, normalize, initial_kv, initial_z):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"expected q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,Dv] (4-D); got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, T, d = q.shape
-    if T < 1:
-        raise ValueError(f"sequence length T must be >= 1, got {T}")
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != d:
-        raise ValueError(f"k must be [B={B}, Hkv, T={T}, d={d}], got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must be [B, Hkv, T, Dv] matching k {tuple(k.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
-    Hkv, Dv = k.shape[1], v.shape[3]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in TAYLOR_LIMITS["dtypes"]:
-        raise TypeError(f"dtype {q.dtype} not supported; use float32, float16 or bfloat16")
-    why = taylor_unsupported_reason(d, Dv)
-    if why is not None:
-        raise ValueError(why)
-    DK = 1 + d + d * d
-    if initial_kv is not None and tuple(initial_kv.shape) != (B, H, DK, Dv):
-        raise ValueError(f"initial_kv must be [B,H,Dk,Dv]={(B, H, DK, Dv)} (Dk = 1 + d + d*d), "
-                         f"got {tuple(initial_kv.shape)}")
-    if initial_z is not None:
-        if not normalize:
-            raise ValueError("initial_z is only meaningful with normalize=True; pass None")
-        if tuple(initial_z.shape) != (B, H, DK):
-            raise ValueError(f"initial_z must be [B,H,Dk]={(B, H, DK)}, got {tuple(initial_z.shape)}")
-
-
 def taylor_attention(q, k, v, *, normalize: bool, eps: float,
                      initial_kv=None, initial_z=None, return_state: bool = False):
     """Causal linear attention with the second-order Taylor feature map fused in.
@@ -738,7 +704,8 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
         [B, H, Dk, Dv] and z fp32 [B, H, Dk] (None when normalize=False), else None, None.
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
-    _check(q, k, v, normalize, initial_kv, initial_z)
+    check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: 1 + d + d * d,
+                 dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()
