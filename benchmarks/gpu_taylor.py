@@ -242,6 +242,87 @@ def run_timing(B=8, H=16, d=16, Dv=64, Ts=(1024, 4096, 16384), with_fla=False):
         print(line)
 
 
+def _compiled(jf):
+    """{cache key: compiled kernel} of a Triton JITFunction (best effort across versions)."""
+    out = {}
+    for entry in (getattr(jf, "device_caches", None) or {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        out.update(dict(getattr(cache, "items", lambda: [])()))
+    return out
+
+
+def _res(jf, before):
+    new = [ck for key, ck in _compiled(jf).items() if key not in before]
+    if not new:
+        return "(cached)"
+    ck = new[-1]
+    return f"regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} smem={getattr(ck.metadata, 'shared', '?')}"
+
+
+#: (BT, BV, warps, stages, maxnreg) of the forward, (BV, BT, warps, stages, maxnreg) of the
+#: backward; FEATATTN_SWEEP="fwd:64,32,4,1,0;bwd:64,32,8,2,0" replaces them (0 = no cap)
+FWD_SWEEP = [(64, 32, 4, 2, 0, 0), (64, 32, 4, 2, 0, 1), (64, 32, 4, 3, 0, 0), (64, 32, 4, 3, 0, 1),
+             (64, 64, 4, 2, 0, 1), (64, 64, 8, 2, 0, 1), (32, 32, 4, 2, 0, 1), (64, 16, 4, 2, 0, 1),
+             (128, 64, 8, 2, 0, 1)]
+BWD_SWEEP = [(64, 32, 8, 3, 0, 0), (64, 32, 8, 3, 0, 1), (64, 32, 4, 3, 0, 0), (64, 32, 4, 3, 0, 1),
+             (64, 32, 8, 2, 0, 1), (64, 16, 4, 2, 0, 1), (64, 64, 4, 2, 0, 1), (32, 32, 4, 2, 0, 1),
+             (64, 32, 8, 4, 0, 1)]
+if os.environ.get("FEATATTN_SWEEP"):
+    for part in os.environ["FEATATTN_SWEEP"].split(";"):
+        name, cfgs = part.split(":")
+        rows = [tuple(int(x) for x in c.split(",")) for c in cfgs.split("/")]
+        if name == "fwd":
+            FWD_SWEEP = rows
+        else:
+            BWD_SWEEP = rows
+
+
+def _meta(bt, nw, ns, reg, gather=0):
+    m = dict(BT=bt, num_warps=nw, num_stages=ns, GATHER=bool(gather))
+    if reg:
+        m["maxnreg"] = reg
+    return m
+
+
+def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
+    """Time every forward / backward tile config directly (no autotuning), bf16, normalised."""
+    print(f"\n## config sweep, bf16 normalised, B={B} H={H} d={d} Dv={Dv} (median ms)")
+    best = None
+    for T in Ts:
+        q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16)
+        for bt, bv, nw, ns, reg, ga in FWD_SWEEP:
+            cfg = dict(_meta(bt, nw, ns, reg, ga), BV=bv)
+            seen = _compiled(TF._fwd_kernel)
+            try:
+                t = bench(lambda: TF._forward(q, k, v, True, 1e-6, None, None, False, config=cfg))
+                print(f"fwd T{T} BT{bt} BV{bv} w{nw} s{ns} r{reg} g{ga}: {t:.3f}  {_res(TF._fwd_kernel, seen)}", flush=True)
+                if T == Ts[0] and (best is None or t < best[0]):
+                    best = (t, cfg)
+            except Exception as e:  # noqa: BLE001
+                print(f"fwd T{T} BT{bt} BV{bv} w{nw} s{ns} r{reg} g{ga}: ERROR {type(e).__name__}: {str(e)[:200]}")
+        o, den, _, _ = TF._forward(q, k, v, True, 1e-6, None, None, False)
+        do = torch.randn_like(o)
+        for bv, bt, nw, ns, reg, ga in BWD_SWEEP:
+            cfg = dict(_meta(bt, nw, ns, reg, ga), BV=bv)
+            seen = _compiled(TF._bwd_kernel)
+            try:
+                t = bench(lambda: TF._backward(q, k, v, o, den, None, None, do, None, None, True, config=cfg))
+                print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg} g{ga}: {t:.3f}  {_res(TF._bwd_kernel, seen)}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg} g{ga}: ERROR {type(e).__name__}: {str(e)[:200]}")
+        del q, k, v, o, den, do
+        torch.cuda.empty_cache()
+    if best is not None:  # occupancy: does a second program per SM help? (time per program)
+        t0, cfg = best
+        print(f"best fwd at T{Ts[0]}: {cfg} {t0:.3f} ms for {B * H} programs")
+        for b in batches:
+            q, k, v = inputs(b, H, H, Ts[0], d, Dv, torch.bfloat16)
+            t = bench(lambda: TF._forward(q, k, v, True, 1e-6, None, None, False, config=cfg))
+            print(f"  B={b}: {t:.3f} ms ({t / t0:.2f}x for {b / B:.0f}x the programs)", flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
 def sweep_bv(B=8, H=16, d=16, Dv=64, T=16384):
     print("\n## backward Dv tile sweep (T=%d)" % T)
     for bv in ("16", "32", "64"):
@@ -257,12 +338,16 @@ def main():
     ap.add_argument("--no-checks", action="store_true", help="timing only")
     ap.add_argument("--fla", action="store_true", help="also time fla fused_chunk_based")
     ap.add_argument("--sweep-bv", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time every tile config, then exit")
     ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
     args = ap.parse_args()
     import triton
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if args.sweep:
+        sweep_configs(Ts=tuple(args.T) if args.T != [1024, 4096, 16384] else (16384, 2048))
+        return 0
     ok = True if args.no_checks else run_checks(args.checks)
     if not args.quick:
         run_timing(Ts=tuple(args.T), with_fla=args.fla)

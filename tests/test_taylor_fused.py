@@ -135,6 +135,8 @@ CASES = [
     (1, 2, 2, 100, 16, 72, torch.float32, True, False, False, "bhtd"),  # Dv tiled (3 tiles)
     (1, 2, 2, 63, 16, 24, torch.float16, True, True, True, "bhtd"),     # fp16 normalised
     (1, 2, 1, 37, 5, 16, torch.float16, False, False, True, "bthd"),    # fp16 plain, odd d
+    (1, 1, 1, 17, 1, 16, torch.float32, True, True, True, "bhtd"),      # d = 1: no pairs i != j
+    (1, 1, 1, 33, 2, 16, torch.float32, False, True, True, "bhtd"),     # d = 2: one pair
     (1, 1, 1, 40, 32, 16, torch.float32, True, True, True, "bhtd"),     # d = 32 (3-D fold path)
     (1, 2, 1, 21, 20, 16, torch.float16, False, True, True, "bthd"),    # d = 20 (padded to 32)
 ]

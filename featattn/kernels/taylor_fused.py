@@ -14,16 +14,25 @@ What is computed (identical to ``feature_map="taylor"`` on materialised features
 
 q arrives already multiplied by the caller's scale; k, v are raw.
 
-State
------
-The running state is kept in the *full* expanded layout, which is exactly the
-``LinearAttentionState`` layout of every other backend: kv [Dk, Dv] split as row 0 (the
-constant feature, S0 [Dv]), rows 1..d (linear, S1 [d, Dv]) and rows 1+d.. (quadratic,
-S2 [d*d, Dv], row 1+d+i*d+j).  z likewise.  So no conversion is needed at the boundary,
-an arbitrary (non-symmetric) initial state is used exactly as the full-form math says,
-and a prefill here hands its state to the torch path and back bit-for-layout.  The
-symmetric d(d+1)/2 form would not save anything here: Triton tiles are powers of two, and
-1 + 16 + 136 pads to 256 just like the 256 quadratic rows do.
+State: the symmetric form
+-------------------------
+The boundary format is the *full* expanded layout, exactly the ``LinearAttentionState``
+layout of every other backend: kv [Dk, Dv] split as row 0 (the constant feature, S0 [Dv]),
+rows 1..d (linear, S1 [d, Dv]) and rows 1+d.. (quadratic, row 1+d+i*d+j).  z likewise.
+
+Inside the kernel (d <= 16) the quadratic part is held in the *symmetric* form, since
+q_i q_j = q_j q_i: the d squares as Sd [d, Dv] (row (i, i)) and the d(d-1)/2 pairs i != j as
+S2 [Q, Dv] holding S[i, j] + S[j, i].  For d = 16 that is 16 + 120 rows in tiles of 16 + 128
+instead of 256 (1 + 16 + 136 = 153 would pad to 256 as one tile, hence the split); on the
+H100 it halved the forward (3.5 -> 1.6 ms at T = 16384).  Slot p = (r-1)*d + i holds the
+pair {i, (i+r) % d}, r = 1..d/2, an index the kernel computes (see :func:`_slots`).  A slot
+contributes q_i q_j S2[p] to the output and takes 2 k_i k_j v (``c2o = 2 c2``) per key.
+
+At the boundaries the pair sum is read as kv[i, j] + kv[j, i] and written back as
+kv0[i, j] + (S2[p] / 2 - (kv0[i, j] + kv0[j, i]) / 2) and the same for (j, i), so an
+arbitrary (non-symmetric) initial state keeps its antisymmetric part exactly as the full-form
+math does, and a prefill here hands its state to the torch path and back unchanged in
+layout; d(initial state) is written the same way from the pair-sum gradient.
 
 Quadratic features without materialising them
 ---------------------------------------------
@@ -31,23 +40,24 @@ The state is only ever touched through [BT, Q] tiles of quadratic features built
 registers from the raw [BT, d] tile.  For d <= 16 by two *selection* products on the tensor
 cores::
 
-    qa = q @ Ri,  qb = q @ Rj,   Ri[m, i*d+j] = [i == m],  Rj[m, i*d+j] = [j == m]
+    qa = q @ Ri,  qb = q @ Rj,   Ri[m, p] = [i(p) == m],  Rj[m, p] = [j(p) == m]
     f2(q) = qa * qb             (= q_i q_j, exact: each output is one product with 1.0)
 
-(and transposed, [Q, BT], as Ri^T @ k^T), which works for any d <= 16 with a compact
-index (d = 5: Q = 32), and the same 0/1 matrices fold the quadratic gradient back onto d:
-d/dq_m sum_ij g_ij q_i q_j = sum_j (g_mj + g_jm) q_j = ((g * qb) @ Ri^T + (g * qa) @ Rj^T)_m.
-For 16 < d <= 32 (``FOLD3``) the selection matrices would need 256 KiB of shared memory,
-so the tiles are a 3-D broadcast product reshaped to [BT, DP*DP] (index i*DP + j, masked
-to i, j < d) and the fold is a 3-D reduction; correct, but it spills (not tuned).
+(and transposed, [Q, BT], as Ri^T @ k^T), and the same 0/1 matrices fold the quadratic
+gradient back onto d: d/dq_m sum_p g_p q_i q_j = ((g * qb) @ Ri^T + (g * qa) @ Rj^T)_m.
+(``tl.gather`` instead of the selection products is implemented, GATHER, but was 15-40%
+slower on the H100.)  For 16 < d <= 32 (``FOLD3``) the full form is kept: the selection
+matrices would not fit in shared memory, so the tiles are a 3-D broadcast product reshaped
+to [BT, DP*DP] (index i*DP + j, masked to i, j < d) and the fold is a 3-D reduction;
+correct, but it spills (not tuned).
 
 The quadratic part of z never needs a [Q] vector: it is held as a [d, d] matrix Z2, so the
 denominator term is q^T Z2 q and its gradient q (Z2 + Z2^T): small full-fp32 products.
 
 Forward (fused chunk form): one program per (batch*head, Dv tile) walks the chunks in
-order holding S0, S1, S2 (and z) in registers; per chunk
-``num = mask(1 + s + s^2/2) @ v + S0 + q S1 c1 + f2(q) S2 c2`` and the state update
-``S2 += c2 f2(k)^T v`` etc. (c1 = d**-0.25, c2 = 1/sqrt(2d)).  The denominator is
+order holding S0, S1, Sd, S2 (and z) in registers; per chunk
+``num = mask(1 + s + s^2/2) @ v + S0 + c1 q S1 + c2 (q*q Sd + f2(q) S2)`` and the state
+update ``S2 += 2 c2 f2(k)^T v``, ``Sd += c2 (k*k)^T v`` etc. (c1 = d**-0.25, c2 = 1/sqrt(2d)).  The denominator is
 fp32 work (row sum of the score tile, q . z1, q^T Z2 q in full fp32): no bf16 rounding.  Dv tiles are independent; the denominator is computed by each and stored by
 tile 0.  q, k, v are read once, o written once, den (fp32 [B,H,T]) saved for backward.
 
@@ -74,9 +84,10 @@ fp32 inputs use ``input_precision="ieee"``.
 
 Tiles: BT (chunk), BV (Dv tile), warps and stages come from ``triton.autotune`` keyed on
 (d, Dv, flags) for the forward; the backward's BV is fixed by :func:`_bwd_block_v` (it sizes
-the partial-gradient buffers; 64 for d <= 16: on the H100 one Dv tile per head beat 32 / 16,
-12.4 vs 19.2 / 22.3 ms fwd+bwd at T=16384, because the feature work is per tile) and
-BT/warps/stages are autotuned.  T is not specialised.  Under TRITON_INTERPRET=1 one small
+the partial-gradient buffers; 64 for d <= 16: on the H100 one Dv tile per head beat 32 / 16
+because the feature work is per tile) and BT/warps/stages are autotuned.  The measured
+alternatives are listed at the config spaces; ``benchmarks/gpu_taylor.py --sweep`` times
+them.  T is not specialised.  Under TRITON_INTERPRET=1 one small
 config is used.  Batch/head bases and chunk starts are int64.
 """
 
@@ -118,29 +129,32 @@ def taylor_unsupported_reason(d: int, dv: int) -> Optional[str]:
 
 
 def _pads(d: int) -> tuple[int, int, bool]:
-    """(DP, Q, FOLD3): padded d, padded quadratic dim (>= 16: tl.dot needs every dim >= 16)
-    and whether the quadratic tiles are built by 3-D broadcast + reshape (d > 16, index
-    i*DP + j) rather than by selection products (d <= 16, index i*d + j): for d = 32 the
-    0/1 selection matrices alone would need 256 KiB of shared memory."""
+    """(DP, Q, FOLD3): padded d, the number of quadratic slots held per state column (>= 16:
+    tl.dot needs every dim >= 16) and the form.  d <= 16: the symmetric form, the d(d-1)/2
+    pairs i != j in next_pow2(d * (d // 2)) slots (128 for d = 16) plus the d squares apart,
+    built by selection products.  d > 16 (FOLD3): the full form, every (i, j) in DP*DP slots
+    built by a 3-D broadcast + reshape (the 0/1 selection matrices would not fit in shared
+    memory)."""
     dp = max(16, triton.next_power_of_2(d))
-    if dp * dp > 256:
+    if d > 16:
         return dp, dp * dp, True
-    return dp, max(16, triton.next_power_of_2(d * d)), False
+    return dp, max(16, triton.next_power_of_2(d * (d // 2))), False
 
 
 def _fwd_configs(big: bool):
     if _INTERPRET:
         return [triton.Config({"BT": 32, "BV": 32}, num_warps=4, num_stages=1)]
     if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
-        return [triton.Config({"BT": 16 if big else 32, "BV": 16 if big else 64},
-                              num_warps=4 if big else 8, num_stages=1)]
-    # [BT, Q] fp32 tiles (the selection products) dominate the register budget: small
-    # chunks and 8 warps keep spills low (cuobjdump); one Dv tile (BV = 64) avoids
-    # recomputing the features per tile and won on the H100 (BT 32, 8 warps).
+        return [triton.Config({"BT": 16 if big else 64, "BV": 16 if big else 32},
+                              num_warps=4, num_stages=1 if big else 2)]
+    # The loop is a chain of ~13 dependent tensor-core products per chunk and every config
+    # sits at 255 registers; on the H100 (d=16, Dv=64, T=16384, bf16) BT 64 / BV 32 / 4 warps
+    # / 2 stages ran 1.60 ms, BV 64 / 8 warps 2.04, BT 32 / BV 32 2.06, BT 128 >= 2.4, and
+    # capping registers (maxnreg 128/168) for more programs per SM 3-4 ms (spills).
     if big:  # d > 16: Q = 1024 quadratic rows in registers
         space = [(16, 16, 4, 1), (16, 16, 8, 1)]
     else:
-        space = [(32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 8, 1)]
+        space = [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
     return [triton.Config({"BT": bt, "BV": bv}, num_warps=nw, num_stages=ns)
             for bt, bv, nw, ns in space]
 
@@ -149,12 +163,19 @@ def _bwd_configs(big: bool):
     if _INTERPRET:
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
     if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
-        return [triton.Config({"BT": 16 if big else 32}, num_warps=4 if big else 8, num_stages=1)]
+        return [triton.Config({"BT": 16 if big else 32}, num_warps=4, num_stages=1 if big else 3)]
+    # H100, BV 64, T=16384: BT 32 / 4 warps / 3 stages 4.98 ms, 8 warps 5.22, BT 64 >= 6.0,
+    # BT 16 5.63, BV 32 >= 8.8 (the feature work is per Dv tile)
     if big:
         space = [(16, 4, 1), (16, 8, 1)]
     else:
-        space = [(32, 8, 1), (16, 8, 1), (16, 4, 1)]
+        space = [(32, 4, 3), (32, 8, 3), (16, 4, 2)]
     return [triton.Config({"BT": bt}, num_warps=nw, num_stages=ns) for bt, nw, ns in space]
+
+
+#: build the quadratic feature tiles with tl.gather instead of 0/1 selection products
+#: (FEATATTN_TAYLOR_GATHER=0/1 overrides, for benchmarking)
+_GATHER = os.environ.get("FEATATTN_TAYLOR_GATHER", "0") == "1"
 
 
 def _bwd_block_v(d: int, dv: int) -> int:
@@ -203,43 +224,57 @@ def _quad(a, b, LOWP: tl.constexpr):
     if LOWP:
         r = a.to(tl.bfloat16) * b.to(tl.bfloat16)
     else:
-        r = a * b
+        r = a.to(tl.float32) * b.to(tl.float32)
     return r
 
 
 @triton.jit
-def _feat(x, Ri, Rj, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-          LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _feat(x, Ri, Rj, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
+          GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Quadratic features x_i x_j (unscaled) of a [BT, DP] tile: [BT, Q]."""
-    if FOLD3:
+    if GATHER:
+        xa = tl.gather(x, tl.broadcast_to(pi[None, :], (BT, Q)), 1)
+        xb = tl.gather(x, tl.broadcast_to(pj[None, :], (BT, Q)), 1)
+        r = tl.where(mq[None, :], _quad(xa, xb, LOWP), 0.0)
+    elif FOLD3:
         if LOWP:
             xx = x.to(tl.bfloat16)
         else:
             xx = x.to(tl.float32)
         r = tl.reshape(xx[:, :, None] * xx[:, None, :], (BT, Q))
     else:
-        r = _quad(_dot_in(x, Ri, IEEE), _dot_in(x, Rj, IEEE), LOWP)
+        # a selection product is a copy of x: cast back to x's dtype at once (exact), so the
+        # two fp32 accumulators are never live together
+        xa = _dot_in(x, Ri, IEEE).to(x.dtype)
+        xb = _dot_in(x, Rj, IEEE).to(x.dtype)
+        r = _quad(xa, xb, LOWP)
     return r
 
 
 @triton.jit
-def _featT(xT, RiT, RjT, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-           LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _featT(xT, RiT, RjT, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
+           GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Quadratic features of a transposed [DP, BT] tile: [Q, BT]."""
-    if FOLD3:
+    if GATHER:
+        xa = tl.gather(xT, tl.broadcast_to(pi[:, None], (Q, BT)), 0)
+        xb = tl.gather(xT, tl.broadcast_to(pj[:, None], (Q, BT)), 0)
+        r = tl.where(mq[:, None], _quad(xa, xb, LOWP), 0.0)
+    elif FOLD3:
         if LOWP:
             xx = xT.to(tl.bfloat16)
         else:
             xx = xT.to(tl.float32)
         r = tl.reshape(xx[:, None, :] * xx[None, :, :], (Q, BT))
     else:
-        r = _quad(_dot_in(RiT, xT, IEEE), _dot_in(RjT, xT, IEEE), LOWP)
+        xa = _dot_in(RiT, xT, IEEE).to(xT.dtype)
+        xb = _dot_in(RjT, xT, IEEE).to(xT.dtype)
+        r = _quad(xa, xb, LOWP)
     return r
 
 
 @triton.jit
-def _fold(g, x, Ri, Rj, RiT, RjT, BT: tl.constexpr, DP: tl.constexpr, FOLD3: tl.constexpr,
-          LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _fold(g, x, Ri, Rj, RiT, RjT, pi, pj, BT: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
+          FOLD3: tl.constexpr, GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Gradient of sum_ij g_ij x_i x_j w.r.t. x_m, i.e. sum_j (g_mj + g_jm) x_j: [BT, DP]
     from g [BT, Q] (fp32) and x [BT, DP]."""
     if FOLD3:
@@ -247,26 +282,99 @@ def _fold(g, x, Ri, Rj, RiT, RjT, BT: tl.constexpr, DP: tl.constexpr, FOLD3: tl.
         xf = x.to(tl.float32)
         r = tl.sum(G * xf[:, None, :], axis=2) + tl.sum(G * xf[:, :, None], axis=1)
     else:
-        xa = _dot_in(x, Ri, IEEE)
-        xb = _dot_in(x, Rj, IEEE)
+        if GATHER:
+            xa = tl.gather(x, tl.broadcast_to(pi[None, :], (BT, Q)), 1)
+            xb = tl.gather(x, tl.broadcast_to(pj[None, :], (BT, Q)), 1)
+        else:
+            xa = _dot_in(x, Ri, IEEE).to(x.dtype)
+            xb = _dot_in(x, Rj, IEEE).to(x.dtype)
         r = _mm(_quad(g, xb, LOWP), RiT, LOWP, IEEE) + _mm(_quad(g, xa, LOWP), RjT, LOWP, IEEE)
     return r
 
 
 @triton.jit
-def _selectors(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr):
-    """0/1 matrices of the quadratic index idx = i*D + j (idx < D*D):
-    Ri [DP, Q] = [i == m], Rj [DP, Q] = [j == m], and their transposes [Q, DP] (fp32)."""
-    offs_d = tl.arange(0, DP)
+def _slots(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr):
+    """The Q quadratic slots as (i, j, valid, row, mirror row); row = 1 + D + i*D + j is the
+    slot's row in the full state layout and mirror row that of (j, i).
+
+    FOLD3 (full form): slot i*DP + j, every ordered pair.  Otherwise (symmetric form) slot
+    p = (r - 1)*D + i holds the unordered pair {i, (i + r) % D} for r = 1 .. D//2 (for even D,
+    r = D/2 only for i < D/2): every pair i != j exactly once, D*(D-1)/2 slots in D*(D//2)
+    (d = 16: 120 pairs in exactly 128 slots).  The diagonal is held apart (see _fwd_kernel)."""
     offs_q = tl.arange(0, Q)
-    mq = offs_q < D * D
-    qi = offs_q // D
-    qj = offs_q % D
-    Ri = tl.where((qi[None, :] == offs_d[:, None]) & mq[None, :], 1.0, 0.0)
-    Rj = tl.where((qj[None, :] == offs_d[:, None]) & mq[None, :], 1.0, 0.0)
-    RiT = tl.where((qi[:, None] == offs_d[None, :]) & mq[:, None], 1.0, 0.0)
-    RjT = tl.where((qj[:, None] == offs_d[None, :]) & mq[:, None], 1.0, 0.0)
+    if FOLD3:
+        pi = offs_q // DP
+        pj = offs_q % DP
+        valid = (pi < D) & (pj < D)
+    else:
+        pi = offs_q % D
+        r = offs_q // D + 1
+        pj = (pi + r) % D
+        valid = (offs_q < D * (D // 2)) & ((2 * r != D) | (pi < D // 2))
+    return pi, pj, valid, 1 + D + pi * D + pj, 1 + D + pj * D + pi
+
+
+@triton.jit
+def _selectors(pi, pj, valid, DP: tl.constexpr):
+    """0/1 matrices of the slots: Ri [DP, Q] = [i == m], Rj [DP, Q] = [j == m], and their
+    transposes [Q, DP] (fp32); invalid slots are all-zero columns/rows."""
+    offs_d = tl.arange(0, DP)
+    Ri = tl.where((pi[None, :] == offs_d[:, None]) & valid[None, :], 1.0, 0.0)
+    Rj = tl.where((pj[None, :] == offs_d[:, None]) & valid[None, :], 1.0, 0.0)
+    RiT = tl.where((pi[:, None] == offs_d[None, :]) & valid[:, None], 1.0, 0.0)
+    RjT = tl.where((pj[:, None] == offs_d[None, :]) & valid[:, None], 1.0, 0.0)
     return Ri, Rj, RiT, RjT
+
+
+@triton.jit
+def _quad_offs(row, valid, offs_v, mv, DV: tl.constexpr, TRANS: tl.constexpr):
+    """Addresses and mask of the quadratic block of a [Dk, Dv] state: [Q, BV] or, TRANS, [BV, Q]."""
+    if TRANS:
+        off = row[None, :] * DV + offs_v[:, None]
+        m = valid[None, :] & mv[:, None]
+    else:
+        off = row[:, None] * DV + offs_v[None, :]
+        m = valid[:, None] & mv[None, :]
+    return off, m
+
+
+@triton.jit
+def _load_quad(ptr, row, rowm, valid, offs_v, mv, DV: tl.constexpr, SYM: tl.constexpr,
+               TRANS: tl.constexpr, HALF: tl.constexpr):
+    """The quadratic block of a full-layout state as the kernel holds it.  SYM: the sum of the
+    (i, j) and (j, i) rows (HALF: their mean)."""
+    off, m = _quad_offs(row, valid, offs_v, mv, DV, TRANS)
+    x = tl.load(ptr + off, mask=m, other=0.0)
+    if SYM:
+        offm, _m = _quad_offs(rowm, valid, offs_v, mv, DV, TRANS)
+        x += tl.load(ptr + offm, mask=m, other=0.0)
+        if HALF:
+            x = 0.5 * x
+    return x
+
+
+@triton.jit
+def _store_quad(ptr, x, base, row, rowm, valid, offs_v, mv, DV: tl.constexpr,
+                SYM: tl.constexpr, TRANS: tl.constexpr, HAS_BASE: tl.constexpr):
+    """Write a held quadratic block x back in the full layout.  SYM writes
+    out_ij = base_ij + x - (base_ij + base_ji) / 2 (base: a full-layout state or None) to both
+    rows, which keeps base's antisymmetric part exactly as the full-form math does: the
+    forward passes x = pair sum / 2 and base = the initial state, the backward x = d pair sum
+    and base = the final state's cotangent."""
+    off, m = _quad_offs(row, valid, offs_v, mv, DV, TRANS)
+    if SYM:
+        offm, _m = _quad_offs(rowm, valid, offs_v, mv, DV, TRANS)
+        if HAS_BASE:
+            b0 = tl.load(base + off, mask=m, other=0.0)
+            b1 = tl.load(base + offm, mask=m, other=0.0)
+            shift = x - 0.5 * (b0 + b1)
+            tl.store(ptr + off, b0 + shift, mask=m)
+            tl.store(ptr + offm, b1 + shift, mask=m)
+        else:
+            tl.store(ptr + off, x, mask=m)
+            tl.store(ptr + offm, x, mask=m)
+    else:
+        tl.store(ptr + off, x, mask=m)
 
 
 # --------------------------------------------------------------------------- forward
@@ -274,9 +382,9 @@ def _selectors(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr):
 def _fwd_kernel(
     q, k, v, o, den, kv0, z0, kvT, zT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, eps, c1, c2, inv,
+    T, H, G, eps, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
-    FOLD3: tl.constexpr,
+    FOLD3: tl.constexpr, SYM: tl.constexpr, GATHER: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
@@ -300,22 +408,17 @@ def _fwd_kernel(
 
     offs_t = tl.arange(0, BT)
     offs_d = tl.arange(0, DP)
-    offs_q = tl.arange(0, Q)
     offs_v = i_v * BV + tl.arange(0, BV)
     md = offs_d < D
-    if FOLD3:
-        mq = ((offs_q // DP) < D) & ((offs_q % DP) < D)
-        qrow = 1 + D + (offs_q // DP) * D + offs_q % DP
-    else:
-        mq = offs_q < D * D
-        qrow = 1 + D + offs_q
+    pi, pj, mq, qrow, qrowm = _slots(D, DP, Q, FOLD3)
+    drow = 1 + D + offs_d * (D + 1)  # row of (i, i)
     mv = offs_v < DV
     mdd = md[:, None] & md[None, :]
     sq_off = 1 + D + offs_d[:, None] * D + offs_d[None, :]  # z index of (i, j)
     causal = offs_t[:, None] >= offs_t[None, :]
     own_t = (offs_t * 0 + i_v) == 0  # vectors: the interpreter rejects vector & scalar masks
 
-    Ri, Rj, RiT, RjT = _selectors(D, DP, Q)
+    Ri, Rj, RiT, RjT = _selectors(pi, pj, mq, DP)
     Ri = Ri.to(q.dtype.element_ty)
     Rj = Rj.to(q.dtype.element_ty)
     RiT = RiT.to(q.dtype.element_ty)
@@ -325,6 +428,7 @@ def _fwd_kernel(
     S0 = tl.zeros([BV], dtype=tl.float32)
     S1 = tl.zeros([DP, BV], dtype=tl.float32)
     S2 = tl.zeros([Q, BV], dtype=tl.float32)
+    Sd = tl.zeros([DP, BV], dtype=tl.float32)
     zc = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     z1 = tl.zeros([DP], dtype=tl.float32)
     Z2 = tl.zeros([DP, DP], dtype=tl.float32)
@@ -332,8 +436,10 @@ def _fwd_kernel(
         S0 = tl.load(kv0 + st + offs_v, mask=mv, other=0.0)
         S1 = tl.load(kv0 + st + (1 + offs_d)[:, None] * DV + offs_v[None, :],
                      mask=md[:, None] & mv[None, :], other=0.0)
-        S2 = tl.load(kv0 + st + qrow[:, None] * DV + offs_v[None, :],
-                     mask=mq[:, None] & mv[None, :], other=0.0)
+        S2 = _load_quad(kv0 + st, qrow, qrowm, mq, offs_v, mv, DV, SYM, False, False)
+        if SYM:
+            Sd = tl.load(kv0 + st + drow[:, None] * DV + offs_v[None, :],
+                         mask=md[:, None] & mv[None, :], other=0.0)
         if NORMALIZE:
             zst = z0 + i_bh.to(tl.int64) * DK
             zc = tl.load(zst)
@@ -353,8 +459,12 @@ def _fwd_kernel(
         s = _dot_in(b_q, b_kT, IEEE) * inv  # [BT, BT] fp32
         A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
         num = _mm(A, b_v, LOWP, IEEE) + S0[None, :] + c1 * _mm(b_q, S1, LOWP, IEEE)
-        f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q] q_i q_j
-        num += c2 * _mm(f2q, S2, LOWP, IEEE)
+        f2q = _feat(b_q, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q] q_i q_j
+        n2 = _mm(f2q, S2, LOWP, IEEE)
+        if SYM:
+            b_qf = b_q.to(tl.float32)
+            n2 += _mm(b_qf * b_qf, Sd, LOWP, IEEE)
+        num += c2 * n2
         if NORMALIZE:
             b_qf = b_q.to(tl.float32)
             dn = tl.sum(A, axis=1) + zc + c1 * tl.sum(b_qf * z1[None, :], axis=1)
@@ -369,15 +479,24 @@ def _fwd_kernel(
                  num.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
         S0 += tl.sum(b_v.to(tl.float32), axis=0)
         S1 += c1 * _dot_in(b_kT, b_v, IEEE)
-        f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
-        S2 += c2 * _mm(f2kT, b_v, LOWP, IEEE)
+        f2kT = _featT(b_kT, RiT, RjT, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [Q, BT]
+        S2 += c2o * _mm(f2kT, b_v, LOWP, IEEE)
+        if SYM:
+            b_kTf = b_kT.to(tl.float32)
+            Sd += c2 * _mm(b_kTf * b_kTf, b_v, LOWP, IEEE)
 
     if STORE_FINAL:
         tl.store(kvT + st + offs_v, S0, mask=mv)
         tl.store(kvT + st + (1 + offs_d)[:, None] * DV + offs_v[None, :], S1,
                  mask=md[:, None] & mv[None, :])
-        tl.store(kvT + st + qrow[:, None] * DV + offs_v[None, :], S2,
-                 mask=mq[:, None] & mv[None, :])
+        if SYM:
+            _store_quad(kvT + st, 0.5 * S2, kv0 + st, qrow, qrowm, mq, offs_v, mv, DV,
+                        SYM, False, HAS_INIT)
+            tl.store(kvT + st + drow[:, None] * DV + offs_v[None, :], Sd,
+                     mask=md[:, None] & mv[None, :])
+        else:
+            _store_quad(kvT + st, S2, kv0 + st, qrow, qrowm, mq, offs_v, mv, DV,
+                        SYM, False, HAS_INIT)
         if NORMALIZE:
             if i_v == 0:
                 zst = zT + i_bh.to(tl.int64) * DK
@@ -392,9 +511,9 @@ def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, c1, c2, inv,
+    T, H, G, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
-    FOLD3: tl.constexpr,
+    FOLD3: tl.constexpr, SYM: tl.constexpr, GATHER: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
@@ -418,15 +537,10 @@ def _bwd_kernel(
 
     offs_t = tl.arange(0, BT)
     offs_d = tl.arange(0, DP)
-    offs_q = tl.arange(0, Q)
     offs_v = i_v * BV + tl.arange(0, BV)
     md = offs_d < D
-    if FOLD3:
-        mq = ((offs_q // DP) < D) & ((offs_q % DP) < D)
-        qrow = 1 + D + (offs_q // DP) * D + offs_q % DP
-    else:
-        mq = offs_q < D * D
-        qrow = 1 + D + offs_q
+    pi, pj, mq, qrow, qrowm = _slots(D, DP, Q, FOLD3)
+    drow = 1 + D + offs_d * (D + 1)  # row of (i, i)
     mv = offs_v < DV
     mdd = md[:, None] & md[None, :]
     sq_off = 1 + D + offs_d[:, None] * D + offs_d[None, :]  # z index of (i, j)
@@ -435,7 +549,7 @@ def _bwd_kernel(
     st = i_bh.to(tl.int64) * DK * DV
     NT = tl.cdiv(T, BT)
 
-    Ri, Rj, RiT_f, RjT_f = _selectors(D, DP, Q)
+    Ri, Rj, RiT_f, RjT_f = _selectors(pi, pj, mq, DP)
     Ri = Ri.to(q.dtype.element_ty)
     Rj = Rj.to(q.dtype.element_ty)
 
@@ -446,13 +560,16 @@ def _bwd_kernel(
         causal = offs_t[:, None] >= offs_t[None, :]
         S1T = tl.zeros([BV, DP], dtype=tl.float32)
         S2T = tl.zeros([BV, Q], dtype=tl.float32)
+        SdT = tl.zeros([BV, DP], dtype=tl.float32)
         z1 = tl.zeros([DP], dtype=tl.float32)
         W = tl.zeros([DP, DP], dtype=tl.float32)  # Z2 + Z2^T
         if HAS_INIT:
             S1T = tl.load(kv0 + st + (1 + offs_d)[None, :] * DV + offs_v[:, None],
                           mask=md[None, :] & mv[:, None], other=0.0)
-            S2T = tl.load(kv0 + st + qrow[None, :] * DV + offs_v[:, None],
-                          mask=mq[None, :] & mv[:, None], other=0.0)
+            S2T = _load_quad(kv0 + st, qrow, qrowm, mq, offs_v, mv, DV, SYM, True, False)
+            if SYM:
+                SdT = tl.load(kv0 + st + drow[None, :] * DV + offs_v[:, None],
+                              mask=md[None, :] & mv[:, None], other=0.0)
             if NORMALIZE:
                 zst = z0 + i_bh.to(tl.int64) * DK
                 z1 = tl.load(zst + 1 + offs_d, mask=md, other=0.0)
@@ -481,7 +598,10 @@ def _bwd_kernel(
             if NORMALIZE:
                 b_dq -= b_dl[:, None] * (c1 * z1[None, :] + c2 * _dot32(b_q, W))
             g2 = _mm(b_do, S2T, LOWP, IEEE)  # [BT, Q]
-            b_dq += c2 * _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
+            gq = _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, pi, pj, BT, DP, Q, FOLD3, GATHER, LOWP, IEEE)
+            if SYM:
+                gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, LOWP, IEEE)
+            b_dq += c2 * gq
             if NORMALIZE:
                 b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dq = b_dq / b_den[:, None]
@@ -490,8 +610,11 @@ def _bwd_kernel(
             tl.store(dq_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
             S1T += c1 * _dot_in(b_vT, b_k, IEEE)
-            f2k = _feat(b_k, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
-            S2T += c2 * _mm(b_vT, f2k, LOWP, IEEE)
+            f2k = _feat(b_k, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q]
+            S2T += c2o * _mm(b_vT, f2k, LOWP, IEEE)
+            if SYM:
+                b_kf = b_k.to(tl.float32)
+                SdT += c2 * _mm(b_vT, b_kf * b_kf, LOWP, IEEE)
     else:
         # ---- reverse sweep: dk, dv, d(initial state).  dn_t = r_t do_t, dd_t = -r_t delta_t.
         causal = offs_t[:, None] >= offs_t[None, :]  # [t, s]
@@ -501,6 +624,7 @@ def _bwd_kernel(
         dS0 = tl.zeros([BV], dtype=tl.float32)
         dS1T = tl.zeros([BV, DP], dtype=tl.float32)
         dS2T = tl.zeros([BV, Q], dtype=tl.float32)
+        dSdT = tl.zeros([BV, DP], dtype=tl.float32)
         dzc = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
         dz1 = tl.zeros([DP], dtype=tl.float32)
         DZ2 = tl.zeros([DP, DP], dtype=tl.float32)
@@ -509,8 +633,10 @@ def _bwd_kernel(
             dS0 = tl.load(dkvT + st + offs_v, mask=mv, other=0.0)
             dS1T = tl.load(dkvT + st + (1 + offs_d)[None, :] * DV + offs_v[:, None],
                            mask=md[None, :] & mv[:, None], other=0.0)
-            dS2T = tl.load(dkvT + st + qrow[None, :] * DV + offs_v[:, None],
-                           mask=mq[None, :] & mv[:, None], other=0.0)
+            dS2T = _load_quad(dkvT + st, qrow, qrowm, mq, offs_v, mv, DV, SYM, True, True)
+            if SYM:
+                dSdT = tl.load(dkvT + st + drow[None, :] * DV + offs_v[:, None],
+                               mask=md[None, :] & mv[:, None], other=0.0)
             if NORMALIZE:
                 if i_v == 0:
                     zst = dzT + i_bh.to(tl.int64) * DK
@@ -550,22 +676,30 @@ def _bwd_kernel(
             if NORMALIZE:
                 b_dk += c1 * dz1[None, :] + c2 * _dot32(b_k, DZ2 + DZ2T)
             gd2 = _mm(b_v, dS2T, LOWP, IEEE)  # [BT, Q]
-            b_dk += c2 * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
+            b_dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, pi, pj, BT, DP, Q, FOLD3, GATHER, LOWP, IEEE)
+            if SYM:
+                b_dk += (2.0 * c2) * b_k.to(tl.float32) * _mm(b_v, dSdT, LOWP, IEEE)
             tl.store(dk_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=mt[:, None] & md[None, :])
             # -- dv_s^T = dn^T A + dS0 + c1 dS1^T k_s^T + c2 dS2^T f2(k_s)^T   ([BV, BT])
             s = _dot_in(b_q, b_kT, IEEE) * inv  # [t, s]
             A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
             b_dvT = _mm(b_dnT, A, LOWP, IEEE) + dS0[:, None] + c1 * _mm(dS1T, b_kT, LOWP, IEEE)
-            f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
-            b_dvT += c2 * _mm(dS2T, f2kT, LOWP, IEEE)
+            f2kT = _featT(b_kT, RiT, RjT, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [Q, BT]
+            b_dvT += c2o * _mm(dS2T, f2kT, LOWP, IEEE)
+            if SYM:
+                b_kTf = b_kT.to(tl.float32)
+                b_dvT += c2 * _mm(dSdT, b_kTf * b_kTf, LOWP, IEEE)
             tl.store(dv_base + (t0 + offs_t)[None, :] * DV + offs_v[:, None],
                      b_dvT.to(dv.dtype.element_ty), mask=mt[None, :] & mv[:, None])
             # -- this chunk's queries into dS, dz
             dS0 += tl.sum(b_dnT, axis=1)
             dS1T += c1 * _mm(b_dnT, b_q, LOWP, IEEE)
-            f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
+            f2q = _feat(b_q, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q]
             dS2T += c2 * _mm(b_dnT, f2q, LOWP, IEEE)
+            if SYM:
+                b_qf2 = b_q.to(tl.float32)
+                dSdT += c2 * _mm(b_dnT, b_qf2 * b_qf2, LOWP, IEEE)
             if NORMALIZE:
                 b_qd = b_q.to(tl.float32) * b_dd[:, None]
                 dzc += tl.sum(b_dd, axis=0)
@@ -577,8 +711,11 @@ def _bwd_kernel(
             tl.store(dkv0 + st + offs_v, dS0, mask=mv)
             tl.store(dkv0 + st + (1 + offs_d)[None, :] * DV + offs_v[:, None], dS1T,
                      mask=md[None, :] & mv[:, None])
-            tl.store(dkv0 + st + qrow[None, :] * DV + offs_v[:, None], dS2T,
-                     mask=mq[None, :] & mv[:, None])
+            _store_quad(dkv0 + st, dS2T, dkvT + st, qrow, qrowm, mq, offs_v, mv, DV,
+                        SYM, True, HAS_DFINAL)
+            if SYM:
+                tl.store(dkv0 + st + drow[None, :] * DV + offs_v[:, None], dSdT,
+                         mask=md[None, :] & mv[:, None])
             if NORMALIZE:
                 if i_v == 0:
                     zst = dz0 + i_bh.to(tl.int64) * DK
@@ -596,12 +733,16 @@ _bwd_big = triton.autotune(configs=_bwd_configs(True), key=_BWD_KEY)(_bwd_kernel
 
 
 # --------------------------------------------------------------------------- wrappers
-def _consts(d: int) -> tuple[float, float, float]:
-    """(c1, c2, 1/sqrt(d)): the linear and quadratic feature scales and the score scale."""
-    return d ** -0.25, 1.0 / math.sqrt(2.0 * d), 1.0 / math.sqrt(d)
+def _consts(d: int) -> tuple[float, float, float, float]:
+    """(c1, c2, c2o, 1/sqrt(d)): the linear and quadratic feature scales, the scale of a
+    quadratic slot's state update (2 c2 in the symmetric form: a slot stands for (i, j) and
+    (j, i)) and the score scale."""
+    c2 = 1.0 / math.sqrt(2.0 * d)
+    return d ** -0.25, c2, (c2 if _pads(d)[2] else 2.0 * c2), 1.0 / math.sqrt(d)
 
 
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
+    """config (benchmarks only): {"BT", "BV", "num_warps", "num_stages"} bypasses autotuning."""
     B, H, T, d = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     DK = 1 + d + d * d
@@ -613,33 +754,39 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     kvT = _alloc((B, H, DK, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
-    c1, c2, inv = _consts(d)
+    c1, c2, c2o, inv = _consts(d)
     fn = _fwd_big if FOLD3 else _fwd_small
+    meta = {"GATHER": _GATHER and not FOLD3}
+    if config is not None:
+        fn = _fwd_kernel
+        meta.update(config)
+        meta["GATHER"] = meta["GATHER"] and not FOLD3
 
-    def grid(meta):  # BV is autotuned: nothing the wrapper allocates depends on it
-        return (B * H, triton.cdiv(Dv, meta["BV"]))
+    def grid(m):  # BV is autotuned: nothing the wrapper allocates depends on it
+        return (B * H, triton.cdiv(Dv, m["BV"]))
 
     fn[grid](
         q, k, v, o, den,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, eps, c1, c2, inv,
-        D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
-        STORE_FINAL=store_final, LOWP=lowp, IEEE=ieee,
+        T, H, H // Hkv, eps, c1, c2, c2o, inv,
+        D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
+        STORE_FINAL=store_final, LOWP=lowp, IEEE=ieee, **meta,
     )
     return (o, den if normalize else None, kvT if store_final else None,
             zT if (store_final and normalize) else None)
 
 
-def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
+    """config (benchmarks only): {"BT", "num_warps", "num_stages"} bypasses autotuning."""
     B, H, T, d = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     DK = 1 + d + d * d
     DP, Q, FOLD3 = _pads(d)
     dev = q.device
-    BV = _bwd_block_v(d, Dv)
+    BV = _bwd_block_v(d, Dv) if config is None or "BV" not in config else config["BV"]
     NV = triton.cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None
@@ -661,8 +808,13 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dkv0 = _alloc((B, H, DK, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
-    c1, c2, inv = _consts(d)
+    c1, c2, c2o, inv = _consts(d)
     fn = _bwd_big if FOLD3 else _bwd_small
+    meta = {"GATHER": _GATHER and not FOLD3}
+    if config is not None:
+        fn = _bwd_kernel
+        meta.update({k_: v_ for k_, v_ in config.items() if k_ != "BV"})
+        meta["GATHER"] = meta["GATHER"] and not FOLD3
     fn[(B * H, NV, 2)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
@@ -670,9 +822,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         dq, dk, dv, dkv0, dz0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, c1, c2, inv,
-        D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee,
+        T, H, G, c1, c2, c2o, inv,
+        D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, **meta,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dk = dk.view(NV, B, Hkv, G, T, d).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
