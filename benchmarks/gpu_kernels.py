@@ -202,7 +202,8 @@ TARGETS = [
     # name, T, Dk, Dv, normalize, target fwd / fwd+bwd (ms), fla kinds to compare
     ("64/64 plain", 16384, 64, 64, False, "<=0.37 / <=1.57", ("fused_chunk",)),
     ("64/64 norm", 16384, 64, 64, True, "<=1.15x plain fwd", ("chunk_norm",)),
-    ("64/64 plain T4k", 4096, 64, 64, False, "-", ()),
+    ("64/64 plain T4k", 4096, 64, 64, False, "fwd+bwd <= fla", ("fused_chunk",)),
+    ("64/64 plain T1k", 1024, 64, 64, False, "fwd+bwd <= fla", ("fused_chunk",)),
     ("128/128 plain", 4096, 128, 128, False, "<=0.475 / <=2.6", ("chunk", "fused_chunk")),
     ("128/64 plain", 16384, 128, 64, False, "<=1.22 / <=6.7", ("chunk",)),
     ("273/64 norm", 16384, 273, 64, True, "<=8.5 fwd", ()),

@@ -323,6 +323,31 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
             torch.cuda.empty_cache()
 
 
+def overhead(shapes=((1, 1, 64), (8, 16, 1024), (8, 16, 2048)), d=16, Dv=64):
+    """The API's fwd+bwd against the bare kernel wrappers: what the autograd / custom-op
+    layer costs per call (ms).  At B=1 H=1 T=64 the GPU work is negligible."""
+    print("\n## API vs bare kernels (ms per call)")
+    for B, H, T in shapes:
+        q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16, grad=True)
+        do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.bfloat16)
+
+        def api_fwdbwd():
+            TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)[0].backward(do)
+
+        def raw_fwd():
+            return TF._forward(q, k, v, True, 1e-6, None, None, False)
+
+        o, den, _, _ = raw_fwd()
+
+        def raw_bwd():
+            return TF._backward(q, k, v, o, den, None, None, do, None, None, True)
+
+        api_fwdbwd()
+        a, f, g = bench(api_fwdbwd, [q, k, v]), bench(raw_fwd), bench(raw_bwd)
+        print(f"B{B} H{H} T{T}: api fwd+bwd {a:.3f} | raw fwd {f:.3f} + raw bwd {g:.3f} = {f + g:.3f}",
+              flush=True)
+
+
 def sweep_bv(B=8, H=16, d=16, Dv=64, T=16384):
     print("\n## backward Dv tile sweep (T=%d)" % T)
     for bv in ("16", "32", "64"):
@@ -339,12 +364,16 @@ def main():
     ap.add_argument("--fla", action="store_true", help="also time fla fused_chunk_based")
     ap.add_argument("--sweep-bv", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every tile config, then exit")
+    ap.add_argument("--overhead", action="store_true", help="host cost per call, then exit")
     ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
     args = ap.parse_args()
     import triton
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if args.overhead:
+        overhead()
+        return 0
     if args.sweep:
         sweep_configs(Ts=tuple(args.T) if args.T != [1024, 4096, 16384] else (16384, 2048))
         return 0
