@@ -45,8 +45,8 @@ cores::
 
 (and transposed, [Q, BT], as Ri^T @ k^T), and the same 0/1 matrices fold the quadratic
 gradient back onto d: d/dq_m sum_p g_p q_i q_j = ((g * qb) @ Ri^T + (g * qa) @ Rj^T)_m.
-(``tl.gather`` instead of the selection products is implemented, GATHER, but was 15-40%
-slower on the H100.)  For 16 < d <= 32 (``FOLD3``) the full form is kept: the selection
+(Building the tiles with ``tl.gather`` instead was tried: 15-40% slower on the H100.)
+For 16 < d <= 32 (``FOLD3``) the full form is kept: the selection
 matrices would not fit in shared memory, so the tiles are a 3-D broadcast product reshaped
 to [BT, DP*DP] (index i*DP + j, masked to i, j < d) and the fold is a 3-D reduction;
 correct, but it spills (not tuned).
@@ -173,11 +173,6 @@ def _bwd_configs(big: bool):
     return [triton.Config({"BT": bt}, num_warps=nw, num_stages=ns) for bt, nw, ns in space]
 
 
-#: build the quadratic feature tiles with tl.gather instead of 0/1 selection products
-#: (FEATATTN_TAYLOR_GATHER=0/1 overrides, for benchmarking)
-_GATHER = os.environ.get("FEATATTN_TAYLOR_GATHER", "0") == "1"
-
-
 def _bwd_block_v(d: int, dv: int) -> int:
     """Dv tile of the backward (it decides the partial dq/dk buffers, so it is not autotuned).
     FEATATTN_TAYLOR_BWD_BV overrides it (for benchmarking)."""
@@ -229,14 +224,10 @@ def _quad(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _feat(x, Ri, Rj, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-          GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _feat(x, Ri, Rj, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
+          LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Quadratic features x_i x_j (unscaled) of a [BT, DP] tile: [BT, Q]."""
-    if GATHER:
-        xa = tl.gather(x, tl.broadcast_to(pi[None, :], (BT, Q)), 1)
-        xb = tl.gather(x, tl.broadcast_to(pj[None, :], (BT, Q)), 1)
-        r = tl.where(mq[None, :], _quad(xa, xb, LOWP), 0.0)
-    elif FOLD3:
+    if FOLD3:
         if LOWP:
             xx = x.to(tl.bfloat16)
         else:
@@ -252,14 +243,10 @@ def _feat(x, Ri, Rj, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.co
 
 
 @triton.jit
-def _featT(xT, RiT, RjT, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-           GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _featT(xT, RiT, RjT, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
+           LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Quadratic features of a transposed [DP, BT] tile: [Q, BT]."""
-    if GATHER:
-        xa = tl.gather(xT, tl.broadcast_to(pi[:, None], (Q, BT)), 0)
-        xb = tl.gather(xT, tl.broadcast_to(pj[:, None], (Q, BT)), 0)
-        r = tl.where(mq[:, None], _quad(xa, xb, LOWP), 0.0)
-    elif FOLD3:
+    if FOLD3:
         if LOWP:
             xx = xT.to(tl.bfloat16)
         else:
@@ -273,8 +260,8 @@ def _featT(xT, RiT, RjT, pi, pj, mq, BT: tl.constexpr, Q: tl.constexpr, FOLD3: t
 
 
 @triton.jit
-def _fold(g, x, Ri, Rj, RiT, RjT, pi, pj, BT: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
-          FOLD3: tl.constexpr, GATHER: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _fold(g, x, Ri, Rj, RiT, RjT, BT: tl.constexpr, DP: tl.constexpr, FOLD3: tl.constexpr,
+          LOWP: tl.constexpr, IEEE: tl.constexpr):
     """Gradient of sum_ij g_ij x_i x_j w.r.t. x_m, i.e. sum_j (g_mj + g_jm) x_j: [BT, DP]
     from g [BT, Q] (fp32) and x [BT, DP]."""
     if FOLD3:
@@ -282,12 +269,8 @@ def _fold(g, x, Ri, Rj, RiT, RjT, pi, pj, BT: tl.constexpr, DP: tl.constexpr, Q:
         xf = x.to(tl.float32)
         r = tl.sum(G * xf[:, None, :], axis=2) + tl.sum(G * xf[:, :, None], axis=1)
     else:
-        if GATHER:
-            xa = tl.gather(x, tl.broadcast_to(pi[None, :], (BT, Q)), 1)
-            xb = tl.gather(x, tl.broadcast_to(pj[None, :], (BT, Q)), 1)
-        else:
-            xa = _dot_in(x, Ri, IEEE).to(x.dtype)
-            xb = _dot_in(x, Rj, IEEE).to(x.dtype)
+        xa = _dot_in(x, Ri, IEEE).to(x.dtype)
+        xb = _dot_in(x, Rj, IEEE).to(x.dtype)
         r = _mm(_quad(g, xb, LOWP), RiT, LOWP, IEEE) + _mm(_quad(g, xa, LOWP), RjT, LOWP, IEEE)
     return r
 
@@ -384,7 +367,7 @@ def _fwd_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, H, G, eps, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
-    FOLD3: tl.constexpr, SYM: tl.constexpr, GATHER: tl.constexpr,
+    FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
@@ -459,7 +442,7 @@ def _fwd_kernel(
         s = _dot_in(b_q, b_kT, IEEE) * inv  # [BT, BT] fp32
         A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
         num = _mm(A, b_v, LOWP, IEEE) + S0[None, :] + c1 * _mm(b_q, S1, LOWP, IEEE)
-        f2q = _feat(b_q, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q] q_i q_j
+        f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q] q_i q_j
         n2 = _mm(f2q, S2, LOWP, IEEE)
         if SYM:
             b_qf = b_q.to(tl.float32)
@@ -479,7 +462,7 @@ def _fwd_kernel(
                  num.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
         S0 += tl.sum(b_v.to(tl.float32), axis=0)
         S1 += c1 * _dot_in(b_kT, b_v, IEEE)
-        f2kT = _featT(b_kT, RiT, RjT, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [Q, BT]
+        f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
         S2 += c2o * _mm(f2kT, b_v, LOWP, IEEE)
         if SYM:
             b_kTf = b_kT.to(tl.float32)
@@ -513,7 +496,7 @@ def _bwd_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     T, H, G, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
-    FOLD3: tl.constexpr, SYM: tl.constexpr, GATHER: tl.constexpr,
+    FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
@@ -598,7 +581,7 @@ def _bwd_kernel(
             if NORMALIZE:
                 b_dq -= b_dl[:, None] * (c1 * z1[None, :] + c2 * _dot32(b_q, W))
             g2 = _mm(b_do, S2T, LOWP, IEEE)  # [BT, Q]
-            gq = _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, pi, pj, BT, DP, Q, FOLD3, GATHER, LOWP, IEEE)
+            gq = _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
             if SYM:
                 gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, LOWP, IEEE)
             b_dq += c2 * gq
@@ -610,7 +593,7 @@ def _bwd_kernel(
             tl.store(dq_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
             S1T += c1 * _dot_in(b_vT, b_k, IEEE)
-            f2k = _feat(b_k, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q]
+            f2k = _feat(b_k, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
             S2T += c2o * _mm(b_vT, f2k, LOWP, IEEE)
             if SYM:
                 b_kf = b_k.to(tl.float32)
@@ -676,7 +659,7 @@ def _bwd_kernel(
             if NORMALIZE:
                 b_dk += c1 * dz1[None, :] + c2 * _dot32(b_k, DZ2 + DZ2T)
             gd2 = _mm(b_v, dS2T, LOWP, IEEE)  # [BT, Q]
-            b_dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, pi, pj, BT, DP, Q, FOLD3, GATHER, LOWP, IEEE)
+            b_dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
             if SYM:
                 b_dk += (2.0 * c2) * b_k.to(tl.float32) * _mm(b_v, dSdT, LOWP, IEEE)
             tl.store(dk_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
@@ -685,7 +668,7 @@ def _bwd_kernel(
             s = _dot_in(b_q, b_kT, IEEE) * inv  # [t, s]
             A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
             b_dvT = _mm(b_dnT, A, LOWP, IEEE) + dS0[:, None] + c1 * _mm(dS1T, b_kT, LOWP, IEEE)
-            f2kT = _featT(b_kT, RiT, RjT, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [Q, BT]
+            f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
             b_dvT += c2o * _mm(dS2T, f2kT, LOWP, IEEE)
             if SYM:
                 b_kTf = b_kT.to(tl.float32)
@@ -695,7 +678,7 @@ def _bwd_kernel(
             # -- this chunk's queries into dS, dz
             dS0 += tl.sum(b_dnT, axis=1)
             dS1T += c1 * _mm(b_dnT, b_q, LOWP, IEEE)
-            f2q = _feat(b_q, Ri, Rj, pi, pj, mq, BT, Q, FOLD3, GATHER, LOWP, IEEE)  # [BT, Q]
+            f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
             dS2T += c2 * _mm(b_dnT, f2q, LOWP, IEEE)
             if SYM:
                 b_qf2 = b_q.to(tl.float32)
@@ -756,11 +739,9 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
     lowp, ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _fwd_big if FOLD3 else _fwd_small
-    meta = {"GATHER": _GATHER and not FOLD3}
+    meta = {}
     if config is not None:
-        fn = _fwd_kernel
-        meta.update(config)
-        meta["GATHER"] = meta["GATHER"] and not FOLD3
+        fn, meta = _fwd_kernel, dict(config)
 
     def grid(m):  # BV is autotuned: nothing the wrapper allocates depends on it
         return (B * H, triton.cdiv(Dv, m["BV"]))
@@ -810,11 +791,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
     lowp, ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _bwd_big if FOLD3 else _bwd_small
-    meta = {"GATHER": _GATHER and not FOLD3}
+    meta = {}
     if config is not None:
-        fn = _bwd_kernel
-        meta.update({k_: v_ for k_, v_ in config.items() if k_ != "BV"})
-        meta["GATHER"] = meta["GATHER"] and not FOLD3
+        fn, meta = _bwd_kernel, {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
     fn[(B * H, NV, 2)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
