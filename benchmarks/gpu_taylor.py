@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featattn.chunked import chunked_linear_attention  # noqa: E402
 from featattn.feature_maps.taylor import taylor_features  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
+from featattn.kernels import taylor_parallel as TP  # noqa: E402
 from featattn.reference import quadratic_linear_attention  # noqa: E402
 from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
 
@@ -101,6 +102,72 @@ def check_one(B, H, Hkv, T, d, Dv, dtype, normalize, init, layout):
         errs[name] = rel(a, b)
     finite = all(torch.isfinite(x).all().item() for x in (o, kv, *g))
     return errs, finite
+
+
+#: cases of the parallel (quadratic) form: no state in or out
+PAR_CHECKS = [
+    # B, H, Hkv, T, d, Dv, dtype, normalize, layout
+    (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, "bthd"),
+    (1, 4, 4, 2048, 16, 64, torch.bfloat16, True, "bhtd"),
+    (1, 2, 2, 4099, 16, 64, torch.bfloat16, True, "bhtd"),
+    (1, 2, 1, 2047, 16, 128, torch.bfloat16, False, "bhtd"),
+    (1, 2, 2, 777, 32, 64, torch.bfloat16, True, "bthd"),
+    (1, 2, 2, 300, 5, 40, torch.bfloat16, True, "bhtd"),
+    (1, 2, 2, 63, 16, 256, torch.bfloat16, True, "bhtd"),
+    (1, 2, 2, 1, 16, 64, torch.bfloat16, False, "bhtd"),
+    (1, 2, 2, 515, 16, 64, torch.float32, True, "bhtd"),
+    (1, 2, 1, 1000, 16, 64, torch.float16, True, "bthd"),
+]
+
+
+def run_par_checks():
+    """The parallel form against float64 (forced on for every T here)."""
+    print("\n## parallel form vs float64 (rel. error)")
+    old, TP.PARALLEL_MAX_T = TP.PARALLEL_MAX_T, 1 << 30
+    ok_all = True
+    try:
+        for B, H, Hkv, T, d, Dv, dtype, normalize, layout in PAR_CHECKS:
+            torch.manual_seed(T + d)
+            q, k, v = inputs(B, H, Hkv, T, d, Dv, dtype, layout, grad=True)
+            TF.POISON_OUTPUTS = True
+            o, _, _ = TF.taylor_attention(q, k, v, normalize=normalize, eps=1e-6)
+            rl = [x.detach().double().requires_grad_() for x in (q, k, v)]
+            ro = reference(*rl, normalize, 1e-6)[0]
+            do = torch.randn_like(ro)
+            g = torch.autograd.grad((o.double() * do).sum(), (q, k, v))
+            TF.POISON_OUTPUTS = False
+            rg = torch.autograd.grad((ro * do).sum(), rl)
+            errs = [rel(o, ro)] + [rel(a, b) for a, b in zip(g, rg)]
+            tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}[dtype]
+            if T == 1 and normalize:
+                errs = errs[:1] + errs[3:]  # o = v exactly: dq, dk are rounding noise
+            finite = all(torch.isfinite(x).all().item() for x in (o, *g))
+            ok = finite and all(e < tol for e in errs)
+            ok_all &= ok
+            print(f"| B{B} H{H}/{Hkv} T{T} d{d} Dv{Dv} | {str(dtype)[6:]} | {normalize} | {layout} | "
+                  + " | ".join(f"{e:.1e}" for e in errs) + f" | {'OK' if ok else 'FAIL'} |", flush=True)
+    finally:
+        TP.PARALLEL_MAX_T = old
+        TF.POISON_OUTPUTS = False
+    return ok_all
+
+
+def crossover(B=8, H=16, d=16, Dv=64, Ts=(1024, 2048, 3072, 4096)):
+    """Chunked against parallel form per T (bf16 normalised, API calls, median ms)."""
+    print("\n## chunked vs parallel form (ms; fwd / fwd+bwd), and SDPA")
+    old = TP.PARALLEL_MAX_T
+    try:
+        for T in Ts:
+            TP.PARALLEL_MAX_T = 0
+            c = time_ours(B, H, T, d, Dv)
+            TP.PARALLEL_MAX_T = 1 << 30
+            p = time_ours(B, H, T, d, Dv)
+            s = time_sdpa(B, H, T)
+            print(f"T{T}: chunked {c[0]:.3f} / {c[1]:.3f} ({c[2]:.0f} MiB) | parallel {p[0]:.3f} / "
+                  f"{p[1]:.3f} ({p[2]:.0f} MiB) | sdpa {s[0]:.3f} / {s[1]:.3f}", flush=True)
+            torch.cuda.empty_cache()
+    finally:
+        TP.PARALLEL_MAX_T = old
 
 
 def run_checks(ids=None):
@@ -322,28 +389,86 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
 
 
 def overhead(shapes=((1, 1, 64), (8, 16, 1024), (8, 16, 2048)), d=16, Dv=64):
-    """The API's fwd+bwd against the bare kernel wrappers: what the autograd / custom-op
-    layer costs per call (ms).  At B=1 H=1 T=64 the GPU work is negligible."""
+    """The API's fwd+bwd against the bare kernel wrappers of the form it takes (parallel for
+    stateless T <= PARALLEL_MAX_T, else chunked): GPU ms per call (do_bench) and host ms per
+    call (queue running ahead).  At B=1 H=1 T=64 the GPU work is negligible."""
     print("\n## API vs bare kernels (ms per call)")
     for B, H, T in shapes:
         q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16, grad=True)
         do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.bfloat16)
+        mod = TP if TP.use_parallel(T, False) else TF
 
         def api_fwdbwd():
             TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)[0].backward(do)
 
         def raw_fwd():
-            return TF._forward(q, k, v, True, 1e-6, None, None, False)
+            return mod._forward(q, k, v, True, 1e-6, None, None, False)
 
         o, den, _, _ = raw_fwd()
 
         def raw_bwd():
-            return TF._backward(q, k, v, o, den, None, None, do, None, None, True)
+            return mod._backward(q, k, v, o, den, None, None, do, None, None, True)
 
         api_fwdbwd()
         a, f, g = bench(api_fwdbwd, [q, k, v]), bench(raw_fwd), bench(raw_bwd)
-        print(f"B{B} H{H} T{T}: api fwd+bwd {a:.3f} | raw fwd {f:.3f} + raw bwd {g:.3f} = {f + g:.3f}",
-              flush=True)
+        ha = _host_ms(lambda: (api_fwdbwd(), setattr(q, "grad", None), setattr(k, "grad", None),
+                               setattr(v, "grad", None)), n=100)
+        hr = _host_ms(lambda: (raw_fwd(), raw_bwd()), n=100)
+        print(f"B{B} H{H} T{T} ({mod.__name__.split('.')[-1]}): GPU api fwd+bwd {a:.3f} | raw fwd "
+              f"{f:.3f} + raw bwd {g:.3f} = {f + g:.3f} || host api {ha:.3f} raw {hr:.3f}", flush=True)
+
+
+def _host_ms(fn, n=300):
+    """Host milliseconds per call of ``fn`` with the GPU queue running ahead (B=1 H=1 T=64:
+    the GPU work is far below the host cost, so this is the launch path's cost)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def overhead_detail(d=16, Dv=64, T=64):
+    """Where the host time of one API forward+backward goes (B=1 H=1: the GPU work is
+    negligible): host ms with autograd's worker thread and without it, then cProfile of the
+    whole call on the main thread (multithreading off, so the backward is profiled too)."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v = inputs(1, 1, 1, T, d, Dv, torch.bfloat16, grad=True)
+    do = torch.randn(1, 1, T, Dv, device="cuda", dtype=torch.bfloat16)
+
+    def api():
+        TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)[0].backward(do)
+        q.grad = k.grad = v.grad = None
+
+    def api_fwd():
+        with torch.no_grad():
+            TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)
+
+    print(f"\n## host ms per call, B1 H1 T{T}")
+    print(f"API fwd (no grad): {_host_ms(api_fwd):.3f}")
+    print(f"API fwd+bwd: {_host_ms(api):.3f}")
+    torch.autograd.set_multithreading_enabled(False)
+    print(f"API fwd+bwd, autograd multithreading off: {_host_ms(api):.3f}")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        api()
+    pr.disable()
+    torch.cuda.synchronize()
+    torch.autograd.set_multithreading_enabled(True)
+    for key in ("cumulative", "tottime"):
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats(key).print_stats(28)
+        print(f"\n### cProfile, 200 API fwd+bwd calls (multithreading off), by {key}")
+        print("\n".join(line[:170] for line in out.getvalue().splitlines()[:45]))
 
 
 def sweep_bv(B=8, H=16, d=16, Dv=64, T=16384):
@@ -362,6 +487,10 @@ def main():
     ap.add_argument("--fla", action="store_true", help="also time fla fused_chunk_based")
     ap.add_argument("--sweep-bv", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every tile config, then exit")
+    ap.add_argument("--crossover", action="store_true",
+                    help="parallel-form checks, then chunked vs parallel timing per T")
+    ap.add_argument("--overhead-detail", action="store_true",
+                    help="where the host time of one call goes (threads, cProfile), then exit")
     ap.add_argument("--overhead", action="store_true", help="host cost per call, then exit")
     ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
@@ -369,6 +498,14 @@ def main():
     import triton
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if args.crossover:
+        ok = run_par_checks()
+        crossover()
+        print("\nPARALLEL CORRECTNESS:", "ALL OK" if ok else "FAILURES")
+        return 0 if ok else 1
+    if args.overhead_detail:
+        overhead_detail()
+        return 0
     if args.overhead:
         overhead()
         return 0

@@ -282,3 +282,99 @@ def test_gpu_long_sequences_match_float64(case):
                                             quadratic=T <= 1024)
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     check(out, ref, grads, rgrads, tol)
+
+
+# --------------------------------------------------------------------------- the parallel form
+# taylor_attention runs calls with no state in or out and T <= PARALLEL_MAX_T in the parallel
+# (quadratic, FlashAttention-like) form of featattn/kernels/taylor_parallel.py.
+from featattn.kernels import taylor_parallel as TP  # noqa: E402
+
+# (B, H, Hkv, T, d, Dv, dtype, normalize, layout)
+PAR_CASES = [
+    (1, 1, 1, 1, 16, 16, torch.float32, False, "bhtd"),    # T = 1
+    (1, 2, 1, 37, 16, 24, torch.float32, True, "bthd"),    # grouped, strided
+    (2, 4, 2, 63, 4, 40, torch.float32, True, "bhtd"),     # small d, grouped
+    (1, 2, 2, 100, 6, 48, torch.float32, False, "bthd"),   # odd d, plain
+    (1, 1, 1, 33, 5, 200, torch.float32, True, "bhtd"),    # Dv 200: one 256-wide value tile
+    (1, 2, 2, 50, 16, 24, torch.float16, True, "bhtd"),    # fp16 normalised
+    (1, 2, 1, 29, 32, 16, torch.float16, False, "bthd"),   # d = 32, fp16 plain
+    (1, 1, 1, 40, 20, 16, torch.float32, True, "bhtd"),    # d = 20 (padded to 32)
+]
+
+
+def _par_id(c):
+    B, H, Hkv, T, d, Dv, dt, norm, layout = c
+    return f"B{B}-H{H}-Hkv{Hkv}-T{T}-d{d}-Dv{Dv}-{str(dt).split('.')[-1]}-{'norm' if norm else 'plain'}-{layout}"
+
+
+@pytest.fixture
+def parallel_calls(monkeypatch):
+    """Counts the calls that take the parallel form."""
+    calls = []
+    real = TP.parallel_op
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(TP, "parallel_op", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", PAR_CASES, ids=[_par_id(c) for c in PAR_CASES])
+def test_parallel_form_matches_float64(case, parallel_calls):
+    B, H, Hkv, T, d, Dv, dtype, normalize, layout = case
+    q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T + d + Dv)
+    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, None, None, False)
+    assert len(parallel_calls) == 1, "a stateless short call must take the parallel form"
+    assert out[0].dtype == dtype
+    check(out, ref, grads, rgrads, 1e-5 if dtype == torch.float32 else 3e-3,
+          names=("dq", "dk", "dv"))
+
+
+def test_state_or_long_sequence_takes_the_chunked_form(parallel_calls, monkeypatch):
+    q, k, v = make_inputs(1, 2, 2, 40, 16, 24, torch.float32, seed=2)
+    o_par, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS)
+    assert len(parallel_calls) == 1
+    o_st, kv, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, return_state=True)
+    kv0, z0 = random_state(1, 2, 16, 24, True)
+    TF.taylor_attention(q, k, v, normalize=True, eps=EPS, initial_kv=kv0, initial_z=z0)
+    monkeypatch.setattr(TP, "PARALLEL_MAX_T", 39)  # T = 40 is now "long"
+    o_long, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS)
+    assert len(parallel_calls) == 1
+    assert rel(o_par, o_st) < 1e-5 and rel(o_par, o_long) < 1e-5
+
+
+def test_chunked_form_without_state_matches_float64(monkeypatch):
+    """The chunked form also serves stateless calls (T > PARALLEL_MAX_T)."""
+    monkeypatch.setattr(TP, "PARALLEL_MAX_T", 0)
+    q, k, v = make_inputs(1, 2, 1, 70, 16, 40, torch.float32, "bthd", seed=4)
+    out, ref, grads, rgrads = run_and_grads(q, k, v, True, None, None, False)
+    check(out, ref, grads, rgrads, 1e-5, names=("dq", "dk", "dv"))
+
+
+def test_parallel_form_rejects_state():
+    q, k, v = make_inputs(1, 1, 1, 8, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="no initial state"):
+        TP._forward(q, k, v, True, EPS, torch.zeros(1, 1, 21, 16), None, False)
+
+
+GPU_PAR_CASES = [
+    (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, "bthd"),
+    (1, 4, 4, 2048, 16, 64, torch.bfloat16, True, "bhtd"),
+    (1, 2, 1, 2047, 16, 128, torch.bfloat16, False, "bhtd"),
+    (1, 2, 2, 777, 32, 64, torch.bfloat16, True, "bthd"),
+    (1, 2, 2, 515, 16, 64, torch.float32, True, "bhtd"),
+    (1, 2, 1, 1000, 16, 64, torch.float16, True, "bthd"),
+]
+
+
+@cuda
+@pytest.mark.parametrize("case", GPU_PAR_CASES, ids=[_par_id(c) for c in GPU_PAR_CASES])
+def test_gpu_parallel_form_matches_float64(case, parallel_calls):
+    B, H, Hkv, T, d, Dv, dtype, normalize, layout = case
+    q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T)
+    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, None, None, False)
+    assert len(parallel_calls) == 1
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    check(out, ref, grads, rgrads, tol, names=("dq", "dk", "dv"))

@@ -838,6 +838,12 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
     check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: 1 + d + d * d,
                  dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    from . import taylor_parallel as _par  # imports this module's helpers: not at the top
+
+    if _par.use_parallel(q.shape[2], initial_kv is not None or initial_z is not None
+                         or return_state):
+        o, _den, _, _ = _par.parallel_op(q, k, v, None, None, bool(normalize), float(eps), False)
+        return o, None, None
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()
     if initial_z is not None:

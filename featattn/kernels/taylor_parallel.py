@@ -1,0 +1,376 @@
+"""Fused Taylor attention in its *parallel* (quadratic, attention-like) form, for short T.
+
+Legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), T time, d raw q/k head
+dim, DP = max(16, next_pow2(d)), Dv value dim, BM query block, BN key block.
+
+The same function as :mod:`featattn.kernels.taylor_fused` (read its docstring for the map)::
+
+    a_ts = 1 + s_ts + s_ts^2 / 2,   s_ts = q_t . k_s / sqrt(d)          (s <= t)
+    o_t  = sum_s a_ts v_s / (sum_s a_ts + eps)   (normalised)   or   sum_s a_ts v_s
+
+computed the way FlashAttention computes softmax attention: one program per (query block,
+batch*head) walks the key blocks s <= t, so nothing is sequential across the sequence and
+no state exists.  Work is O(T^2 (d + Dv)) against the chunked kernel's O(T (d^2 Dv)), but
+the chunked kernel is a chain of ~14 dependent products per chunk in one program per head
+(see taylor_fused), while this form keeps every SM busy with independent blocks: on the
+H100 it is the faster one up to a few thousand tokens.  Unlike softmax there is no running
+max and no exp: a_ts >= 1/2 > 0, so the denominator is a plain fp32 row sum.
+
+:func:`featattn.kernels.taylor_fused.taylor_attention` picks this form when no state goes in
+or out and T <= ``PARALLEL_MAX_T`` (measured crossover; see docs/benchmarks.md).
+
+Backward (normalised; r_t = 1 / den_t, delta_t = do_t . o_t):
+    dv_s = sum_t a_ts r_t do_t
+    dP_ts = r_t (do_t . v_s) - r_t delta_t,    dS_ts = dP_ts (1 + s_ts)
+    dq_t = sum_s dS_ts k_s / sqrt(d),          dk_s = sum_t dS_ts q_t / sqrt(d)
+in two launches: ``_bwd_kv`` (one program per key block, walking the query blocks t >= s;
+everything computed transposed, [BN, BM], so no dot result is ever transposed) and
+``_bwd_q`` (one program per query block).  dk/dv are per q head, summed over a k/v group by
+torch.  No atomics: results are deterministic.
+
+Numerics are those of taylor_fused: fp32 scores, a, sums and accumulators; the products
+with an fp32 operand (a @ v, dS @ k, ...) round it to bf16 for bf16 inputs, use tf32 for
+fp16 inputs and ieee fp32 for fp32 inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import alloc as _alloc
+from ._common import dtype_flags as _flags
+from ._common import empty_like_layout as _empty_like_layout
+from ._common import register_attention_ops, row_dot
+from .taylor_fused import _dot_in, _mm
+
+_INTERPRET = _common.INTERPRET
+
+#: Longest T for which taylor_attention uses this form (no state in or out).  Measured on the
+#: H100 (B=8, H=16, d=16, Dv=64, bf16): see docs/benchmarks.md.  FEATATTN_TAYLOR_PARALLEL_MAX_T
+#: overrides (0 turns the parallel form off).
+PARALLEL_MAX_T = int(os.environ.get("FEATATTN_TAYLOR_PARALLEL_MAX_T", "2048"))
+
+
+def _configs(kind: str):
+    """Tile configs per kernel: "fwd" and "q" walk key blocks of BN for a block of BM
+    queries, "kv" walks query blocks of BM for a block of BN keys."""
+    if _INTERPRET:  # unequal blocks, so CI exercises the diagonal/off-diagonal split
+        bm, bn = (16, 32) if kind == "kv" else (32, 16)
+        return [triton.Config({"BM": bm, "BN": bn}, num_warps=4, num_stages=1)]
+    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
+        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2)]
+    space = {
+        "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+        "kv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+        "q": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    }[kind]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns)
+            for bm, bn, nw, ns in space]
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["T"])
+def _fwd_kernel(
+    q, k, v, o, den,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, H, G, eps, inv,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (cdiv(T, BM), B*H, cdiv(Dv, BV)).  den fp32 [B, H, T] (eps included), written by
+    Dv tile 0."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    o_base = o + i_b * sob + i_h * soh
+
+    offs_m = i_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mm = offs_m < T
+    md = offs_d < D
+    mv = offs_v < DV
+    b_q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :],
+                  mask=mm[:, None] & md[None, :], other=0.0)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    l = tl.zeros([BM], dtype=tl.float32)
+    # key blocks wholly before this query block: no mask
+    for n0 in range(0, i_m * BM, BN):
+        nn = (n0 + offs_n).to(tl.int64)
+        b_kT = tl.load(k_base + nn[None, :] * skt + offs_d[:, None], mask=md[:, None], other=0.0)
+        b_v = tl.load(v_base + nn[:, None] * svt + offs_v[None, :], mask=mv[None, :], other=0.0)
+        s = _dot_in(b_q, b_kT, IEEE) * inv
+        a = 1.0 + s + 0.5 * s * s
+        acc += _mm(a, b_v, LOWP, IEEE)
+        l += tl.sum(a, axis=1)
+    # the diagonal block(s): causal mask and the end of the sequence
+    for n0 in range(i_m * BM, tl.minimum(i_m * BM + BM, T), BN):
+        nn = n0 + offs_n
+        mn = nn < T
+        b_kT = tl.load(k_base + nn[None, :].to(tl.int64) * skt + offs_d[:, None],
+                       mask=md[:, None] & mn[None, :], other=0.0)
+        b_v = tl.load(v_base + nn[:, None].to(tl.int64) * svt + offs_v[None, :],
+                      mask=mn[:, None] & mv[None, :], other=0.0)
+        s = _dot_in(b_q, b_kT, IEEE) * inv
+        a = tl.where((offs_m[:, None] >= nn[None, :]) & mn[None, :], 1.0 + s + 0.5 * s * s, 0.0)
+        acc += _mm(a, b_v, LOWP, IEEE)
+        l += tl.sum(a, axis=1)
+    if NORMALIZE:
+        dn = l + eps
+        acc = acc / dn[:, None]
+        own = (offs_m * 0 + i_v) == 0
+        tl.store(den + i_bh.to(tl.int64) * T + offs_m, dn, mask=mm & own)
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * sot + offs_v[None, :],
+             acc.to(o.dtype.element_ty), mask=mm[:, None] & mv[None, :])
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv, b_k, b_v, b_dk, b_dv,
+             offs_n, offs_m, offs_d, offs_v, md, mv, MASK: tl.constexpr,
+             NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """One query block of the dk/dv walk, in the transposed [key, query] orientation."""
+    tm = m0 + offs_m
+    mt = tm < T
+    tm64 = tm.to(tl.int64)
+    b_q = tl.load(q_base + tm64[:, None] * sqt + offs_d[None, :],
+                  mask=mt[:, None] & md[None, :], other=0.0)
+    b_do = tl.load(do_base + tm64[:, None] * sdt + offs_v[None, :],
+                   mask=mt[:, None] & mv[None, :], other=0.0)
+    sT = _dot_in(b_k, tl.trans(b_q), IEEE) * inv  # [BN, BM]
+    aT = 1.0 + sT + 0.5 * sT * sT
+    dpT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [BN, BM] v_s . do_t
+    if NORMALIZE:
+        r = 1.0 / tl.load(den + row + tm, mask=mt, other=1.0)
+        dl = tl.load(delta + row + tm, mask=mt, other=0.0) * r
+        dn = b_do.to(tl.float32) * r[:, None]
+        dpT = dpT * r[None, :] - dl[None, :]
+    else:
+        dn = b_do
+    dsT = dpT * (1.0 + sT)
+    if MASK:
+        keep = tm[None, :] >= offs_n[:, None]
+        aT = tl.where(keep, aT, 0.0)
+        dsT = tl.where(keep, dsT, 0.0)
+    b_dv += _mm(aT, dn, LOWP, IEEE)
+    b_dk += _mm(dsT, b_q, LOWP, IEEE)
+    return b_dk, b_dv
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_kv_kernel(
+    q, k, v, do, den, delta, dk, dv,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    T, H, G, inv,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (cdiv(T, BN), B*H): dk [B, H, T, d], dv [B, H, T, Dv] per q head (contiguous).
+    BV covers all of Dv.  Everything is held transposed ([key, query])."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    do_base = do + i_b * sdb + i_h * sdh
+    row = i_bh.to(tl.int64) * T
+
+    offs_n = i_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, BV)
+    mn = offs_n < T
+    md = offs_d < D
+    mv = offs_v < DV
+    nn = offs_n.to(tl.int64)
+    b_k = tl.load(k_base + nn[:, None] * skt + offs_d[None, :], mask=mn[:, None] & md[None, :],
+                  other=0.0)
+    b_v = tl.load(v_base + nn[:, None] * svt + offs_v[None, :], mask=mn[:, None] & mv[None, :],
+                  other=0.0)
+    b_dk = tl.zeros([BN, DP], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BV], dtype=tl.float32)
+    # query blocks that overlap this key block need the causal mask; the later ones do not.
+    # Rows past T load as zeros and then add nothing (do = delta = 0, q = 0): no mask needed.
+    m_lo = (i_n * BN // BM) * BM
+    m_mid = m_lo + ((i_n * BN + BN - m_lo + BM - 1) // BM) * BM
+    for m0 in range(m_lo, tl.minimum(m_mid, T), BM):
+        b_dk, b_dv = _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv,
+                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
+                              True, NORMALIZE, LOWP, IEEE)
+    for m0 in range(m_mid, T, BM):
+        b_dk, b_dv = _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv,
+                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
+                              False, NORMALIZE, LOWP, IEEE)
+    tl.store(dk + (row + nn)[:, None] * D + offs_d[None, :], (b_dk * inv).to(dk.dtype.element_ty),
+             mask=mn[:, None] & md[None, :])
+    tl.store(dv + (row + nn)[:, None] * DV + offs_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=mn[:, None] & mv[None, :])
+
+
+@triton.jit
+def _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m, offs_n,
+            offs_d, offs_v, md, mv, MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+            LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the dq walk.  Keys past T load as zeros and add nothing (k = 0)."""
+    nn = n0 + offs_n
+    mn = nn < T
+    nn64 = nn.to(tl.int64)
+    b_k = tl.load(k_base + nn64[:, None] * skt + offs_d[None, :],
+                  mask=mn[:, None] & md[None, :], other=0.0)
+    b_v = tl.load(v_base + nn64[:, None] * svt + offs_v[None, :],
+                  mask=mn[:, None] & mv[None, :], other=0.0)
+    s = _dot_in(b_q, tl.trans(b_k), IEEE) * inv
+    dp = _dot_in(b_do, tl.trans(b_v), IEEE)  # [BM, BN] do_t . v_s
+    if NORMALIZE:
+        dp = dp * r[:, None] - dl[:, None]
+    ds = dp * (1.0 + s)
+    if MASK:
+        ds = tl.where(offs_m[:, None] >= nn[None, :], ds, 0.0)
+    b_dq += _mm(ds, b_k, LOWP, IEEE)
+    return b_dq
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_q_kernel(
+    q, k, v, do, den, delta, dq,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    T, H, G, inv,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (cdiv(T, BM), B*H): dq [B, H, T, d] (contiguous).  BV covers all of Dv."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    do_base = do + i_b * sdb + i_h * sdh
+    row = i_bh.to(tl.int64) * T
+
+    offs_m = i_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, BV)
+    mm = offs_m < T
+    md = offs_d < D
+    mv = offs_v < DV
+    tm64 = offs_m.to(tl.int64)
+    b_q = tl.load(q_base + tm64[:, None] * sqt + offs_d[None, :], mask=mm[:, None] & md[None, :],
+                  other=0.0)
+    b_do = tl.load(do_base + tm64[:, None] * sdt + offs_v[None, :],
+                   mask=mm[:, None] & mv[None, :], other=0.0)
+    if NORMALIZE:
+        r = 1.0 / tl.load(den + row + offs_m, mask=mm, other=1.0)
+        dl = tl.load(delta + row + offs_m, mask=mm, other=0.0) * r
+    else:
+        r = offs_m.to(tl.float32)  # unused
+        dl = r
+    b_dq = tl.zeros([BM, DP], dtype=tl.float32)
+    # key blocks wholly before this query block need no mask; then the diagonal one(s)
+    n_mid = (i_m * BM // BN) * BN
+    for n0 in range(0, n_mid, BN):
+        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
+                       offs_n, offs_d, offs_v, md, mv, False, NORMALIZE, LOWP, IEEE)
+    for n0 in range(n_mid, tl.minimum(i_m * BM + BM, T), BN):
+        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
+                       offs_n, offs_d, offs_v, md, mv, True, NORMALIZE, LOWP, IEEE)
+    tl.store(dq + (row + tm64)[:, None] * D + offs_d[None, :], (b_dq * inv).to(dq.dtype.element_ty),
+             mask=mm[:, None] & md[None, :])
+
+
+_KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE"]
+_fwd = triton.autotune(configs=_configs("fwd"), key=_KEY)(_fwd_kernel)
+_bwd_kv = triton.autotune(configs=_configs("kv"), key=_KEY)(_bwd_kv_kernel)
+_bwd_q = triton.autotune(configs=_configs("q"), key=_KEY)(_bwd_q_kernel)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _dims(q, k, v):
+    B, H, T, d = q.shape
+    return B, H, T, d, k.shape[1], v.shape[-1], max(16, triton.next_power_of_2(d))
+
+
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
+    """(o, den, None, None): the parallel form keeps no state (kv0 / z0 must be None and
+    store_final False; taylor_attention only routes such calls here)."""
+    if kv0 is not None or z0 is not None or store_final:
+        raise ValueError("the parallel Taylor form takes no initial state and returns none")
+    B, H, T, d, Hkv, Dv, DP = _dims(q, k, v)
+    o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+    den = _alloc((B, H, T), torch.float32, q.device) if normalize else o
+    lowp, ieee = _flags(q.dtype)
+    BV = min(128, max(16, triton.next_power_of_2(Dv)))
+
+    def grid(m):
+        return (triton.cdiv(T, m["BM"]), B * H, triton.cdiv(Dv, BV))
+
+    _fwd[grid](
+        q, k, v, o, den,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        T, H, H // Hkv, eps, 1.0 / math.sqrt(d),
+        D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, IEEE=ieee,
+    )
+    return o, (den if normalize else None), None, None
+
+
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    """(dq, dk, dv, None, None)."""
+    if dkvT is not None or dzT is not None:
+        raise ValueError("the parallel Taylor form returns no state to differentiate")
+    B, H, T, d, Hkv, Dv, DP = _dims(q, k, v)
+    G = H // Hkv
+    dev = q.device
+    BV = max(16, triton.next_power_of_2(Dv))
+    if normalize:
+        delta = row_dot(o, do)
+    else:
+        delta = den = do  # unused placeholders
+    lowp, ieee = _flags(q.dtype)
+    inv = 1.0 / math.sqrt(d)
+    dq = _alloc((B, H, T, d), q.dtype, dev)
+    dk = _alloc((B, H, T, d), torch.float32 if G > 1 else k.dtype, dev)
+    dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    meta = dict(D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, IEEE=ieee)
+    _bwd_kv[lambda m: (triton.cdiv(T, m["BN"]), B * H)](
+        q, k, v, do, den, delta, dk, dv, *strides, T, H, G, inv, **meta)
+    _bwd_q[lambda m: (triton.cdiv(T, m["BM"]), B * H)](
+        q, k, v, do, den, delta, dq, *strides, T, H, G, inv, **meta)
+    if G > 1:
+        dk = dk.view(B, Hkv, G, T, d).sum(2).to(k.dtype)
+        dv = dv.view(B, Hkv, G, T, Dv).sum(2).to(v.dtype)
+    return dq, dk, dv, None, None
+
+
+def use_parallel(T: int, has_state: bool) -> bool:
+    """Whether taylor_attention runs the parallel form for a sequence of T tokens."""
+    return not has_state and T <= PARALLEL_MAX_T
+
+
+#: torch.library custom op ``featattn::taylor_parallel_fwd`` (+ ``_bwd``), autograd included
+parallel_op = register_attention_ops("taylor_parallel", _forward, _backward,
+                                     state_dim=lambda d: 1 + d + d * d)
