@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -168,6 +169,41 @@ def crossover(B=8, H=16, d=16, Dv=64, Ts=(1024, 2048, 3072, 4096)):
             torch.cuda.empty_cache()
     finally:
         TP.PARALLEL_MAX_T = old
+
+
+def par_sweep(B=8, H=16, d=16, Dv=64, T=2048):
+    """The parallel form's kernels per tile config: forward (BM, BN, warps, stages) and the
+    one-launch backward (BMK, BNK, BMQ, BNQ, warps, stages), median ms."""
+    import math
+
+    print(f"\n## parallel form, kernels per config, T={T} (median ms)")
+    q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16)
+    do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.bfloat16)
+    o, den, _, _ = TP._forward(q, k, v, True, 1e-6, None, None, False)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    inv = 1.0 / math.sqrt(d)
+    common = dict(D=d, DP=16, DV=Dv, BV=64, NORMALIZE=True, LOWP=True, IEEE=False)
+    for bm, bn, nw, ns in [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4)]:
+        cfg = dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns)
+        t = bench(lambda: TP._fwd_kernel[(triton.cdiv(T, bm), B * H, 1)](
+            q, k, v, o, den, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
+            o.stride(2), T, H, 1, 1e-6, inv, **common, **cfg))
+        print(f"fwd BM{bm} BN{bn} w{nw} s{ns}: {t:.3f}", flush=True)
+    for a, b, c, e, nw, ns in [(32, 128, 64, 64, 4, 3), (32, 128, 128, 32, 4, 3),
+                               (16, 128, 64, 64, 4, 3), (32, 128, 64, 64, 4, 4),
+                               (32, 128, 64, 64, 4, 5), (64, 64, 64, 64, 4, 2),
+                               (32, 128, 64, 32, 4, 3), (64, 128, 128, 64, 8, 3)]:
+        cfg = dict(BMK=a, BNK=b, BMQ=c, BNQ=e, num_warps=nw, num_stages=ns)
+        try:
+            t = bench(lambda: TP._bwd_kernel[(triton.cdiv(T, b) + triton.cdiv(T, c), B * H)](
+                q, k, v, o, do, den, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                T, H, 1, inv, **common, **cfg))
+            print(f"bwd kv {a}/{b} q {c}/{e} w{nw} s{ns}: {t:.3f}", flush=True)
+        except Exception as ex:  # noqa: BLE001
+            print(f"bwd kv {a}/{b} q {c}/{e} w{nw} s{ns}: ERROR {type(ex).__name__} {str(ex)[:150]}")
 
 
 def run_checks(ids=None):
@@ -489,6 +525,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every tile config, then exit")
     ap.add_argument("--crossover", action="store_true",
                     help="parallel-form checks, then chunked vs parallel timing per T")
+    ap.add_argument("--par-sweep", action="store_true",
+                    help="parallel-form kernels alone per tile config, then exit")
     ap.add_argument("--overhead-detail", action="store_true",
                     help="where the host time of one call goes (threads, cProfile), then exit")
     ap.add_argument("--overhead", action="store_true", help="host cost per call, then exit")
@@ -503,6 +541,9 @@ def main():
         crossover()
         print("\nPARALLEL CORRECTNESS:", "ALL OK" if ok else "FAILURES")
         return 0 if ok else 1
+    if args.par_sweep:
+        par_sweep()
+        return 0
     if args.overhead_detail:
         overhead_detail()
         return 0

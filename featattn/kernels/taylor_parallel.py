@@ -23,10 +23,11 @@ Backward (normalised; r_t = 1 / den_t, delta_t = do_t . o_t):
     dv_s = sum_t a_ts r_t do_t
     dP_ts = r_t (do_t . v_s) - r_t delta_t,    dS_ts = dP_ts (1 + s_ts)
     dq_t = sum_s dS_ts k_s / sqrt(d),          dk_s = sum_t dS_ts q_t / sqrt(d)
-in two launches: ``_bwd_kv`` (one program per key block, walking the query blocks t >= s;
-everything computed transposed, [BN, BM], so no dot result is ever transposed) and
-``_bwd_q`` (one program per query block).  dk/dv are per q head, summed over a k/v group by
-torch.  No atomics: results are deterministic.
+in one launch of ``_bwd_kernel``, whose programs are of two kinds: one per key block, walking
+the query blocks t >= s for dk and dv (everything held transposed, [BN, BM], so no dot
+result is ever transposed), and one per query block, walking the key blocks s <= t for dq.
+Both compute delta = do . o for the query rows they read, so no separate pass over o and do
+is needed.  dk/dv are per q head, summed over a k/v group by torch.  No atomics: results are deterministic.
 
 Numerics are those of taylor_fused: fp32 scores, a, sums and accumulators; the products
 with an fp32 operand (a @ v, dS @ k, ...) round it to bf16 for bf16 inputs, use tf32 for
@@ -46,7 +47,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import register_attention_ops, row_dot
+from ._common import register_attention_ops
 from .taylor_fused import _dot_in, _mm
 
 _INTERPRET = _common.INTERPRET
@@ -58,20 +59,28 @@ PARALLEL_MAX_T = int(os.environ.get("FEATATTN_TAYLOR_PARALLEL_MAX_T", "2048"))
 
 
 def _configs(kind: str):
-    """Tile configs per kernel: "fwd" and "q" walk key blocks of BN for a block of BM
-    queries, "kv" walks query blocks of BM for a block of BN keys."""
+    """Tile configs.  "fwd": (BM queries, BN keys per step, warps, stages); "bwd": (BMK, BNK,
+    BMQ, BNQ, warps, stages): the dk/dv programs own BNK keys and step BMK queries at a
+    time, the dq programs own BMQ queries and step BNQ keys."""
     if _INTERPRET:  # unequal blocks, so CI exercises the diagonal/off-diagonal split
-        bm, bn = (16, 32) if kind == "kv" else (32, 16)
-        return [triton.Config({"BM": bm, "BN": bn}, num_warps=4, num_stages=1)]
-    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
-        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2)]
-    space = {
-        "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-        "kv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
-        "q": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
-    }[kind]
-    return [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns)
-            for bm, bn, nw, ns in space]
+        if kind == "fwd":
+            return [triton.Config({"BM": 32, "BN": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BMK": 16, "BNK": 32, "BMQ": 32, "BNQ": 16}, num_warps=4,
+                              num_stages=1)]
+    fixed = os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1"
+    # H100, B=8 H=16 d=16 Dv=64 bf16 T=2048, each kernel alone (gpu_taylor.py --par-sweep,
+    # when dk/dv and dq were separate kernels): fwd 128/32/4w 0.161 ms, 64/64/4w/s3 0.166,
+    # 128/64/8w 0.191; dk/dv 32/128/4w 0.451, 16/128 0.500, 64/64 0.575-0.616, 128/32 1.41;
+    # dq 64/64/4w/s3 0.157, 128/32 0.161, 128/64/8w 0.160, 32/128 0.456
+    if kind == "fwd":
+        space = [(64, 64, 4, 2)] if fixed else [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+        return [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns)
+                for bm, bn, nw, ns in space]
+    space = [(32, 128, 64, 64, 4, 3)] if fixed else [
+        (32, 128, 64, 64, 4, 3), (32, 128, 128, 32, 4, 3), (16, 128, 64, 64, 4, 3),
+        (32, 128, 64, 64, 4, 4), (64, 64, 64, 64, 4, 2)]
+    return [triton.Config({"BMK": a, "BNK": b, "BMQ": c, "BNQ": e}, num_warps=nw, num_stages=ns)
+            for a, b, c, e, nw, ns in space]
 
 
 # --------------------------------------------------------------------------- forward
@@ -140,10 +149,19 @@ def _fwd_kernel(
 
 # --------------------------------------------------------------------------- backward
 @triton.jit
-def _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv, b_k, b_v, b_dk, b_dv,
+def _row_delta(o_base, b_do, tm64, sot, offs_v, m, den, row, tm, mt):
+    """(r, delta * r) of query rows tm: r = 1 / den, delta = do . o (fp32)."""
+    b_o = tl.load(o_base + tm64[:, None] * sot + offs_v[None, :], mask=m, other=0.0)
+    r = 1.0 / tl.load(den + row + tm, mask=mt, other=1.0)
+    return r, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1) * r
+
+
+@triton.jit
+def _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv, b_k, b_v, b_dk, b_dv,
              offs_n, offs_m, offs_d, offs_v, md, mv, MASK: tl.constexpr,
              NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
-    """One query block of the dk/dv walk, in the transposed [key, query] orientation."""
+    """One query block of the dk/dv walk, in the transposed [key, query] orientation.
+    Query rows past T load as zeros and then add nothing (do = delta = 0, q = 0)."""
     tm = m0 + offs_m
     mt = tm < T
     tm64 = tm.to(tl.int64)
@@ -155,8 +173,8 @@ def _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv, b_k, b_v, b
     aT = 1.0 + sT + 0.5 * sT * sT
     dpT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [BN, BM] v_s . do_t
     if NORMALIZE:
-        r = 1.0 / tl.load(den + row + tm, mask=mt, other=1.0)
-        dl = tl.load(delta + row + tm, mask=mt, other=0.0) * r
+        r, dl = _row_delta(o_base, b_do, tm64, sot, offs_v, mt[:, None] & mv[None, :], den, row,
+                           tm, mt)
         dn = b_do.to(tl.float32) * r[:, None]
         dpT = dpT * r[None, :] - dl[None, :]
     else:
@@ -169,60 +187,6 @@ def _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv, b_k, b_v, b
     b_dv += _mm(aT, dn, LOWP, IEEE)
     b_dk += _mm(dsT, b_q, LOWP, IEEE)
     return b_dk, b_dv
-
-
-@triton.jit(do_not_specialize=["T"])
-def _bwd_kv_kernel(
-    q, k, v, do, den, delta, dk, dv,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, inv,
-    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
-    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Grid (cdiv(T, BN), B*H): dk [B, H, T, d], dv [B, H, T, Dv] per q head (contiguous).
-    BV covers all of Dv.  Everything is held transposed ([key, query])."""
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    do_base = do + i_b * sdb + i_h * sdh
-    row = i_bh.to(tl.int64) * T
-
-    offs_n = i_n * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, DP)
-    offs_v = tl.arange(0, BV)
-    mn = offs_n < T
-    md = offs_d < D
-    mv = offs_v < DV
-    nn = offs_n.to(tl.int64)
-    b_k = tl.load(k_base + nn[:, None] * skt + offs_d[None, :], mask=mn[:, None] & md[None, :],
-                  other=0.0)
-    b_v = tl.load(v_base + nn[:, None] * svt + offs_v[None, :], mask=mn[:, None] & mv[None, :],
-                  other=0.0)
-    b_dk = tl.zeros([BN, DP], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BV], dtype=tl.float32)
-    # query blocks that overlap this key block need the causal mask; the later ones do not.
-    # Rows past T load as zeros and then add nothing (do = delta = 0, q = 0): no mask needed.
-    m_lo = (i_n * BN // BM) * BM
-    m_mid = m_lo + ((i_n * BN + BN - m_lo + BM - 1) // BM) * BM
-    for m0 in range(m_lo, tl.minimum(m_mid, T), BM):
-        b_dk, b_dv = _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv,
-                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
-                              True, NORMALIZE, LOWP, IEEE)
-    for m0 in range(m_mid, T, BM):
-        b_dk, b_dv = _kv_step(q_base, do_base, den, delta, row, m0, T, sqt, sdt, inv,
-                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
-                              False, NORMALIZE, LOWP, IEEE)
-    tl.store(dk + (row + nn)[:, None] * D + offs_d[None, :], (b_dk * inv).to(dk.dtype.element_ty),
-             mask=mn[:, None] & md[None, :])
-    tl.store(dv + (row + nn)[:, None] * DV + offs_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=mn[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -248,17 +212,87 @@ def _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m
     return b_dq
 
 
+@triton.jit
+def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
+             sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
+             BMK: tl.constexpr, BNK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+             DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """A dk/dv program: keys pid*BNK.. , walking the query blocks (BMK) from its own on."""
+    offs_n = pid * BNK + tl.arange(0, BNK)
+    offs_m = tl.arange(0, BMK)
+    mn = offs_n < T
+    nn = offs_n.to(tl.int64)
+    b_k = tl.load(k_base + nn[:, None] * skt + offs_d[None, :],
+                  mask=mn[:, None] & md[None, :], other=0.0)
+    b_v = tl.load(v_base + nn[:, None] * svt + offs_v[None, :],
+                  mask=mn[:, None] & mv[None, :], other=0.0)
+    b_dk = tl.zeros([BNK, DP], dtype=tl.float32)
+    b_dv = tl.zeros([BNK, BV], dtype=tl.float32)
+    # query blocks that overlap this key block need the causal mask, later ones do not
+    m_lo = (pid * BNK // BMK) * BMK
+    m_mid = m_lo + ((pid * BNK + BNK - m_lo + BMK - 1) // BMK) * BMK
+    for m0 in range(m_lo, tl.minimum(m_mid, T), BMK):
+        b_dk, b_dv = _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv,
+                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
+                              True, NORMALIZE, LOWP, IEEE)
+    for m0 in range(m_mid, T, BMK):
+        b_dk, b_dv = _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv,
+                              b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
+                              False, NORMALIZE, LOWP, IEEE)
+    tl.store(dk + (row + nn)[:, None] * D + offs_d[None, :],
+             (b_dk * inv).to(dk.dtype.element_ty), mask=mn[:, None] & md[None, :])
+    tl.store(dv + (row + nn)[:, None] * DV + offs_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=mn[:, None] & mv[None, :])
+
+
+@triton.jit
+def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
+            sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
+            BMQ: tl.constexpr, BNQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+            DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """A dq program: queries i_m*BMQ.., walking the key blocks (BNQ) up to its own."""
+    offs_m = i_m * BMQ + tl.arange(0, BMQ)
+    offs_n = tl.arange(0, BNQ)
+    mm = offs_m < T
+    tm64 = offs_m.to(tl.int64)
+    b_q = tl.load(q_base + tm64[:, None] * sqt + offs_d[None, :],
+                  mask=mm[:, None] & md[None, :], other=0.0)
+    b_do = tl.load(do_base + tm64[:, None] * sdt + offs_v[None, :],
+                   mask=mm[:, None] & mv[None, :], other=0.0)
+    if NORMALIZE:
+        r, dl = _row_delta(o_base, b_do, tm64, sot, offs_v, mm[:, None] & mv[None, :], den,
+                           row, offs_m, mm)
+    else:
+        r = offs_m.to(tl.float32)  # unused
+        dl = r
+    b_dq = tl.zeros([BMQ, DP], dtype=tl.float32)
+    # key blocks wholly before this query block need no mask; then the diagonal one(s)
+    n_mid = (i_m * BMQ // BNQ) * BNQ
+    for n0 in range(0, n_mid, BNQ):
+        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
+                       offs_n, offs_d, offs_v, md, mv, False, NORMALIZE, LOWP, IEEE)
+    for n0 in range(n_mid, tl.minimum(i_m * BMQ + BMQ, T), BNQ):
+        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
+                       offs_n, offs_d, offs_v, md, mv, True, NORMALIZE, LOWP, IEEE)
+    tl.store(dq + (row + tm64)[:, None] * D + offs_d[None, :],
+             (b_dq * inv).to(dq.dtype.element_ty), mask=mm[:, None] & md[None, :])
+
+
 @triton.jit(do_not_specialize=["T"])
-def _bwd_q_kernel(
-    q, k, v, do, den, delta, dq,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+def _bwd_kernel(
+    q, k, v, o, do, den, dq, dk, dv,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt,
     T, H, G, inv,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+    BMK: tl.constexpr, BNK: tl.constexpr, BMQ: tl.constexpr, BNQ: tl.constexpr,
     NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (cdiv(T, BM), B*H): dq [B, H, T, d] (contiguous).  BV covers all of Dv."""
-    i_m = tl.program_id(0)
+    """Grid (cdiv(T, BNK) + cdiv(T, BMQ), B*H).  The first cdiv(T, BNK) programs each own a
+    block of BNK keys and walk the query blocks (BMK) after it for dk, dv; the others each
+    own a block of BMQ queries and walk the key blocks (BNQ) before it for dq.  Both compute
+    delta = do . o themselves, so the backward is this one launch.  dq, dk [B, H, T, d] and
+    dv [B, H, T, Dv] are per q head (contiguous); BV covers all of Dv."""
+    pid = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -266,44 +300,27 @@ def _bwd_q_kernel(
     q_base = q + i_b * sqb + i_h * sqh
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
+    o_base = o + i_b * sob + i_h * soh
     do_base = do + i_b * sdb + i_h * sdh
     row = i_bh.to(tl.int64) * T
-
-    offs_m = i_m * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     offs_v = tl.arange(0, BV)
-    mm = offs_m < T
     md = offs_d < D
     mv = offs_v < DV
-    tm64 = offs_m.to(tl.int64)
-    b_q = tl.load(q_base + tm64[:, None] * sqt + offs_d[None, :], mask=mm[:, None] & md[None, :],
-                  other=0.0)
-    b_do = tl.load(do_base + tm64[:, None] * sdt + offs_v[None, :],
-                   mask=mm[:, None] & mv[None, :], other=0.0)
-    if NORMALIZE:
-        r = 1.0 / tl.load(den + row + offs_m, mask=mm, other=1.0)
-        dl = tl.load(delta + row + offs_m, mask=mm, other=0.0) * r
+    n_kv = tl.cdiv(T, BNK)
+    if pid < n_kv:
+        _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
+                 sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
+                 BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
     else:
-        r = offs_m.to(tl.float32)  # unused
-        dl = r
-    b_dq = tl.zeros([BM, DP], dtype=tl.float32)
-    # key blocks wholly before this query block need no mask; then the diagonal one(s)
-    n_mid = (i_m * BM // BN) * BN
-    for n0 in range(0, n_mid, BN):
-        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
-                       offs_n, offs_d, offs_v, md, mv, False, NORMALIZE, LOWP, IEEE)
-    for n0 in range(n_mid, tl.minimum(i_m * BM + BM, T), BN):
-        b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
-                       offs_n, offs_d, offs_v, md, mv, True, NORMALIZE, LOWP, IEEE)
-    tl.store(dq + (row + tm64)[:, None] * D + offs_d[None, :], (b_dq * inv).to(dq.dtype.element_ty),
-             mask=mm[:, None] & md[None, :])
+        _q_part(pid - n_kv, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
+                sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
+                BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
 
 
 _KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE"]
 _fwd = triton.autotune(configs=_configs("fwd"), key=_KEY)(_fwd_kernel)
-_bwd_kv = triton.autotune(configs=_configs("kv"), key=_KEY)(_bwd_kv_kernel)
-_bwd_q = triton.autotune(configs=_configs("q"), key=_KEY)(_bwd_q_kernel)
+_bwd = triton.autotune(configs=_configs("bwd"), key=_KEY)(_bwd_kernel)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -337,29 +354,31 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
 
 
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
-    """(dq, dk, dv, None, None)."""
+    """(dq, dk, dv, None, None): one launch (see _bwd_kernel)."""
     if dkvT is not None or dzT is not None:
         raise ValueError("the parallel Taylor form returns no state to differentiate")
     B, H, T, d, Hkv, Dv, DP = _dims(q, k, v)
     G = H // Hkv
     dev = q.device
-    BV = max(16, triton.next_power_of_2(Dv))
-    if normalize:
-        delta = row_dot(o, do)
-    else:
-        delta = den = do  # unused placeholders
+    if not normalize:
+        o = den = do  # unused placeholders
     lowp, ieee = _flags(q.dtype)
-    inv = 1.0 / math.sqrt(d)
     dq = _alloc((B, H, T, d), q.dtype, dev)
     dk = _alloc((B, H, T, d), torch.float32 if G > 1 else k.dtype, dev)
     dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    meta = dict(D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, IEEE=ieee)
-    _bwd_kv[lambda m: (triton.cdiv(T, m["BN"]), B * H)](
-        q, k, v, do, den, delta, dk, dv, *strides, T, H, G, inv, **meta)
-    _bwd_q[lambda m: (triton.cdiv(T, m["BM"]), B * H)](
-        q, k, v, do, den, delta, dq, *strides, T, H, G, inv, **meta)
+
+    def grid(m):
+        return (triton.cdiv(T, m["BNK"]) + triton.cdiv(T, m["BMQ"]), B * H)
+
+    _bwd[grid](
+        q, k, v, o, do, den, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        T, H, G, 1.0 / math.sqrt(d),
+        D=d, DP=DP, DV=Dv, BV=max(16, triton.next_power_of_2(Dv)), NORMALIZE=normalize,
+        LOWP=lowp, IEEE=ieee,
+    )
     if G > 1:
         dk = dk.view(B, Hkv, G, T, d).sum(2).to(k.dtype)
         dv = dv.view(B, Hkv, G, T, Dv).sum(2).to(v.dtype)
