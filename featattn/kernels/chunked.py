@@ -90,7 +90,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import unit_last as _unit_last
 
 __all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
@@ -393,6 +393,7 @@ def _bwd_kernel(
 
 _fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K"])(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE"])(_bwd_kernel)
+_FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -416,7 +417,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
     grid = (B * H, NK * NV)
-    _fwd[grid](
+    _FWD[grid](
         q, k, v, o, den_buf,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -471,7 +472,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
-    _bwd[(B * H, NK * NV, 2)](
+    _BWD[(B * H, NK * NV, 2)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
         dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,

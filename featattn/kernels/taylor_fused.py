@@ -105,7 +105,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import unit_last as _unit_last
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
@@ -713,6 +713,7 @@ _fwd_small = triton.autotune(configs=_fwd_configs(False), key=_FWD_KEY)(_fwd_ker
 _fwd_big = triton.autotune(configs=_fwd_configs(True), key=_FWD_KEY)(_fwd_kernel)
 _bwd_small = triton.autotune(configs=_bwd_configs(False), key=_BWD_KEY)(_bwd_kernel)
 _bwd_big = triton.autotune(configs=_bwd_configs(True), key=_BWD_KEY)(_bwd_kernel)
+_LAUNCH = {t: TunedLaunch(t) for t in (_fwd_small, _fwd_big, _bwd_small, _bwd_big)}
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -738,7 +739,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
     zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
-    fn = _fwd_big if FOLD3 else _fwd_small
+    fn = _LAUNCH[_fwd_big if FOLD3 else _fwd_small]
     meta = {}
     if config is not None:
         fn, meta = _fwd_kernel, dict(config)
@@ -790,7 +791,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
     dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
-    fn = _bwd_big if FOLD3 else _bwd_small
+    fn = _LAUNCH[_bwd_big if FOLD3 else _bwd_small]
     meta = {}
     if config is not None:
         fn, meta = _bwd_kernel, {k_: v_ for k_, v_ in config.items() if k_ != "BV"}

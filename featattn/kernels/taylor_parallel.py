@@ -47,7 +47,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import register_attention_ops
+from ._common import TunedLaunch, register_attention_ops
 from .taylor_fused import _dot_in, _mm
 
 _INTERPRET = _common.INTERPRET
@@ -321,6 +321,7 @@ def _bwd_kernel(
 _KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE"]
 _fwd = triton.autotune(configs=_configs("fwd"), key=_KEY)(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs("bwd"), key=_KEY)(_bwd_kernel)
+_FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -343,7 +344,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     def grid(m):
         return (triton.cdiv(T, m["BM"]), B * H, triton.cdiv(Dv, BV))
 
-    _fwd[grid](
+    _FWD[grid](
         q, k, v, o, den,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -370,7 +371,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     def grid(m):
         return (triton.cdiv(T, m["BNK"]) + triton.cdiv(T, m["BMQ"]), B * H)
 
-    _bwd[grid](
+    _BWD[grid](
         q, k, v, o, do, den, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
