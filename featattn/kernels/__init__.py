@@ -9,6 +9,7 @@ Exports:
     taylor_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                      return_state=False) -> (o, kv, z)      (featattn/kernels/taylor_fused.py)
         the Taylor feature map fused into the kernel: raw q/k in, expanded-layout state out.
+        Stateless calls up to T = 2048 run its parallel form (featattn/kernels/taylor_parallel.py).
     taylor_unsupported_reason(d, dv) -> None | str
 
 Without triton ``import featattn`` still works: the dispatcher sees TRITON_AVAILABLE False

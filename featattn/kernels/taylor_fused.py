@@ -14,6 +14,11 @@ What is computed (identical to ``feature_map="taylor"`` on materialised features
 
 q arrives already multiplied by the caller's scale; k, v are raw.
 
+This module holds the chunked (recurrent) form.  :func:`taylor_attention` sends a call with
+no state in or out and T <= ``taylor_parallel.PARALLEL_MAX_T`` to the parallel (quadratic,
+FlashAttention-like) form in :mod:`featattn.kernels.taylor_parallel` instead, which is
+faster there on the H100 (docs/benchmarks.md).
+
 State: the symmetric form
 -------------------------
 The boundary format is the *full* expanded layout, exactly the ``LinearAttentionState``
@@ -817,7 +822,9 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
     """Causal linear attention with the second-order Taylor feature map fused in.
 
     Equal to ``linear_attention(q, k, v, feature_map="taylor", ...)`` on materialised
-    features, without ever materialising them.
+    features, without ever materialising them.  Calls with no state in or out and
+    T <= ``taylor_parallel.PARALLEL_MAX_T`` (2048) run the parallel form, the others the
+    chunked form; the results agree to rounding.
 
     Args:
         q: [B, H, T, d] raw queries, already multiplied by the caller's scale.
