@@ -27,7 +27,8 @@ in one launch of ``_bwd_kernel``, whose programs are of two kinds: one per key b
 the query blocks t >= s for dk and dv (everything held transposed, [BN, BM], so no dot
 result is ever transposed), and one per query block, walking the key blocks s <= t for dq.
 Both compute delta = do . o for the query rows they read, so no separate pass over o and do
-is needed.  dk/dv are per q head, summed over a k/v group by torch.  No atomics: results are deterministic.
+is needed.  dk/dv are per q head, summed over a k/v group by torch.  No atomics: results
+are deterministic.
 
 Numerics are those of taylor_fused: fp32 scores, a, sums and accumulators; the products
 with an fp32 operand (a @ v, dS @ k, ...) round it to bf16 for bf16 inputs, use tf32 for
@@ -216,7 +217,8 @@ def _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m
 def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
              sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
              BMK: tl.constexpr, BNK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-             DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+             DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
+             IEEE: tl.constexpr):
     """A dk/dv program: keys pid*BNK.. , walking the query blocks (BMK) from its own on."""
     offs_n = pid * BNK + tl.arange(0, BNK)
     offs_m = tl.arange(0, BMK)
@@ -249,7 +251,8 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
 def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
             sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
             BMQ: tl.constexpr, BNQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-            DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+            DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
+            IEEE: tl.constexpr):
     """A dq program: queries i_m*BMQ.., walking the key blocks (BNQ) up to its own."""
     offs_m = i_m * BMQ + tl.arange(0, BMQ)
     offs_n = tl.arange(0, BNQ)
