@@ -185,10 +185,10 @@ def par_sweep(B=8, H=16, d=16, Dv=64, T=2048):
     common = dict(D=d, DP=16, DV=Dv, BV=64, NORMALIZE=True, LOWP=True, IEEE=False)
     for bm, bn, nw, ns in [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4)]:
         cfg = dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns)
-        t = bench(lambda: TP._fwd_kernel[(triton.cdiv(T, bm), B * H, 1)](
+        t = bench(lambda: TP._fwd_kernel[(B * H, triton.cdiv(T, bm), 1)](
             q, k, v, o, den, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
-            o.stride(2), T, H, 1, 1e-6, inv, **common, **cfg))
+            o.stride(2), T, H, 1, 1e-6, inv, 0, **common, **cfg))
         print(f"fwd BM{bm} BN{bn} w{nw} s{ns}: {t:.3f}", flush=True)
     for a, b, c, e, nw, ns in [(32, 128, 64, 64, 4, 3), (32, 128, 128, 32, 4, 3),
                                (16, 128, 64, 64, 4, 3), (32, 128, 64, 64, 4, 4),
@@ -196,11 +196,11 @@ def par_sweep(B=8, H=16, d=16, Dv=64, T=2048):
                                (32, 128, 64, 32, 4, 3), (64, 128, 128, 64, 8, 3)]:
         cfg = dict(BMK=a, BNK=b, BMQ=c, BNQ=e, num_warps=nw, num_stages=ns)
         try:
-            t = bench(lambda: TP._bwd_kernel[(triton.cdiv(T, b) + triton.cdiv(T, c), B * H)](
+            t = bench(lambda: TP._bwd_kernel[(B * H, triton.cdiv(T, b) + triton.cdiv(T, c))](
                 q, k, v, o, do, den, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                T, H, 1, inv, **common, **cfg))
+                T, H, 1, inv, 0, **common, **cfg))
             print(f"bwd kv {a}/{b} q {c}/{e} w{nw} s{ns}: {t:.3f}", flush=True)
         except Exception as ex:  # noqa: BLE001
             print(f"bwd kv {a}/{b} q {c}/{e} w{nw} s{ns}: ERROR {type(ex).__name__} {str(ex)[:150]}")

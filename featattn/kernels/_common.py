@@ -80,7 +80,9 @@ class TunedLaunch:
     ``Autotuner.run`` rebuilds its key from every argument on each call (~50 us of host time
     a launch on the H100 machine, measured with cProfile); after the first call for a key
     (the first argument's dtype and the constexpr values, in call order) this launches the
-    JITFunction directly with the config the autotuner chose."""
+    JITFunction directly with the config the autotuner chose.  Pass every argument the
+    autotuner's key names by keyword (constexprs, size buckets): positional ones are not in
+    this key."""
 
     __slots__ = ("tuner", "best")
 

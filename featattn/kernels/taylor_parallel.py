@@ -85,19 +85,20 @@ def _configs(kind: str):
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "size_key"])
 def _fwd_kernel(
     q, k, v, o, den,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, eps, inv,
+    T, H, G, eps, inv, size_key,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (cdiv(T, BM), B*H, cdiv(Dv, BV)).  den fp32 [B, H, T] (eps included), written by
-    Dv tile 0."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    """Grid (B*H, cdiv(T, BM), cdiv(Dv, BV)).  den fp32 [B, H, T] (eps included), written by
+    Dv tile 0.  Query blocks run last-first (the last has the most keys to walk), so the
+    heaviest programs start first and the lightest fill the tail."""
+    i_bh = tl.program_id(0)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
     i_v = tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -281,22 +282,23 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
              (b_dq * inv).to(dq.dtype.element_ty), mask=mm[:, None] & md[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "size_key"])
 def _bwd_kernel(
     q, k, v, o, do, den, dq, dk, dv,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt,
-    T, H, G, inv,
+    T, H, G, inv, size_key,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BMK: tl.constexpr, BNK: tl.constexpr, BMQ: tl.constexpr, BNQ: tl.constexpr,
     NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (cdiv(T, BNK) + cdiv(T, BMQ), B*H).  The first cdiv(T, BNK) programs each own a
+    """Grid (B*H, cdiv(T, BNK) + cdiv(T, BMQ)).  The first cdiv(T, BNK) programs each own a
     block of BNK keys and walk the query blocks (BMK) after it for dk, dv; the others each
-    own a block of BMQ queries and walk the key blocks (BNQ) before it for dq.  Both compute
+    own a block of BMQ queries and walk the key blocks (BNQ) before it for dq.  Both kinds
+    run heaviest first (key blocks first-first, query blocks last-first).  Both compute
     delta = do . o themselves, so the backward is this one launch.  dq, dk [B, H, T, d] and
     dv [B, H, T, Dv] are per q head (contiguous); BV covers all of Dv."""
-    pid = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)
+    pid = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -316,18 +318,25 @@ def _bwd_kernel(
                  sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
                  BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
     else:
-        _q_part(pid - n_kv, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
+        _q_part(tl.cdiv(T, BMQ) - 1 - (pid - n_kv), q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
                 sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
                 BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
 
 
-_KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE"]
+#: size_key (see _size_key) is in the key: tiles tuned on a small problem (few programs)
+#: are not the ones for a large one
+_KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE", "size_key"]
 _fwd = triton.autotune(configs=_configs("fwd"), key=_KEY)(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs("bwd"), key=_KEY)(_bwd_kernel)
 _FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 
 
 # --------------------------------------------------------------------------- wrappers
+def _size_key(B: int, H: int, T: int) -> int:
+    """Autotuning bucket of a problem: log2 of the next powers of two of T and of B*H."""
+    return (triton.next_power_of_2(T).bit_length() << 8) | triton.next_power_of_2(B * H).bit_length()
+
+
 def _dims(q, k, v):
     B, H, T, d = q.shape
     return B, H, T, d, k.shape[1], v.shape[-1], max(16, triton.next_power_of_2(d))
@@ -345,13 +354,13 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     BV = min(128, max(16, triton.next_power_of_2(Dv)))
 
     def grid(m):
-        return (triton.cdiv(T, m["BM"]), B * H, triton.cdiv(Dv, BV))
+        return (B * H, triton.cdiv(T, m["BM"]), triton.cdiv(Dv, BV))
 
     _FWD[grid](
         q, k, v, o, den,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, eps, 1.0 / math.sqrt(d),
+        T, H, H // Hkv, eps, 1.0 / math.sqrt(d), size_key=_size_key(B, H, T),
         D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, IEEE=ieee,
     )
     return o, (den if normalize else None), None, None
@@ -372,14 +381,14 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
 
     def grid(m):
-        return (triton.cdiv(T, m["BNK"]) + triton.cdiv(T, m["BMQ"]), B * H)
+        return (B * H, triton.cdiv(T, m["BNK"]) + triton.cdiv(T, m["BMQ"]))
 
     _BWD[grid](
         q, k, v, o, do, den, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, 1.0 / math.sqrt(d),
+        T, H, G, 1.0 / math.sqrt(d), size_key=_size_key(B, H, T),
         D=d, DP=DP, DV=Dv, BV=max(16, triton.next_power_of_2(Dv)), NORMALIZE=normalize,
         LOWP=lowp, IEEE=ieee,
     )
