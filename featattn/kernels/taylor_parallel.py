@@ -69,17 +69,17 @@ def _configs(kind: str):
         return [triton.Config({"BMK": 16, "BNK": 32, "BMQ": 32, "BNQ": 16}, num_warps=4,
                               num_stages=1)]
     fixed = os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1"
-    # H100, B=8 H=16 d=16 Dv=64 bf16 T=2048, each kernel alone (gpu_taylor.py --par-sweep,
-    # when dk/dv and dq were separate kernels): fwd 128/32/4w 0.161 ms, 64/64/4w/s3 0.166,
-    # 128/64/8w 0.191; dk/dv 32/128/4w 0.451, 16/128 0.500, 64/64 0.575-0.616, 128/32 1.41;
-    # dq 64/64/4w/s3 0.157, 128/32 0.161, 128/64/8w 0.160, 32/128 0.456
+    # H100, B=8 H=16 d=16 Dv=64 bf16 T=2048, each kernel alone (gpu_taylor.py --par-sweep):
+    # fwd 128/32/4w 0.148 ms, 64/64/4w/s3 0.158, 128/64/8w 0.200; the one-launch backward
+    # (BMK/BNK + BMQ/BNQ) 32/128 + 128/32 0.619, 32/128 + 64/64 0.635, the same with 4 or 5
+    # stages 0.660 / 0.684, 16/128 + 64/64 0.665, 64/64 + 64/64 0.879, 8 warps 0.832
     if kind == "fwd":
-        space = [(64, 64, 4, 2)] if fixed else [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+        space = [(128, 32, 4, 3)] if fixed else [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
         return [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns)
                 for bm, bn, nw, ns in space]
-    space = [(32, 128, 64, 64, 4, 3)] if fixed else [
-        (32, 128, 64, 64, 4, 3), (32, 128, 128, 32, 4, 3), (16, 128, 64, 64, 4, 3),
-        (32, 128, 64, 64, 4, 4), (64, 64, 64, 64, 4, 2)]
+    space = [(32, 128, 128, 32, 4, 3)] if fixed else [
+        (32, 128, 128, 32, 4, 3), (32, 128, 64, 64, 4, 3), (16, 128, 64, 64, 4, 3),
+        (64, 64, 64, 64, 4, 2)]
     return [triton.Config({"BMK": a, "BNK": b, "BMQ": c, "BNQ": e}, num_warps=nw, num_stages=ns)
             for a, b, c, e, nw, ns in space]
 
