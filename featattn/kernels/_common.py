@@ -183,16 +183,28 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     ``(o, den, kv, z)`` and is differentiable in q, k, v, kv0, z0 and through kv and z.
     """
 
+    def run_forward(q, k, v, kv0, z0, normalize, eps, store_final):
+        o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final)
+        e = q.new_empty(0, dtype=torch.float32)
+        return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
+                zT if zT is not None else e.clone())
+
+    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+        if do is None:  # only the returned state is used
+            B, H, T, _ = q.shape
+            do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
+                                         normalize)
+        e = q.new_empty(0, dtype=torch.float32)
+        return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
+
     @torch.library.custom_op(f"featattn::{name}_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
         normalize: bool, eps: float, store_final: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final)
-        e = q.new_empty(0, dtype=torch.float32)
-        return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
-                zT if zT is not None else e.clone())
+        return run_forward(q, k, v, kv0, z0, normalize, eps, store_final)
 
     @fwd_op.register_fake
     def _(q, k, v, kv0, z0, normalize, eps, store_final):
@@ -213,13 +225,7 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
         normalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if do is None:  # only the returned state is used
-            B, H, T, _ = q.shape
-            do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
-                                         normalize)
-        e = q.new_empty(0, dtype=torch.float32)
-        return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
+        return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize)
 
     @bwd_op.register_fake
     def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
@@ -241,12 +247,15 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         ctx.normalize = normalize
         ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip their work
 
-    def backward_formula(ctx, do, _dden, dkvT, dzT):
+    def grads(ctx, do, dkvT, dzT, bwd):
         q, k, v, o, den, kv0, z0 = ctx.saved_tensors
-        dq, dk, dv, dkv0, dz0 = bwd_op(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
-                                       _none_if_empty(dzT), ctx.normalize)
+        dq, dk, dv, dkv0, dz0 = bwd(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
+                                    _none_if_empty(dzT), ctx.normalize)
         return (dq, dk, dv, dkv0 if kv0 is not None else None,
                 dz0 if z0 is not None else None, None, None, None)
+
+    def backward_formula(ctx, do, _dden, dkvT, dzT):
+        return grads(ctx, do, dkvT, dzT, bwd_op)
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -260,27 +269,14 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         makes the kernels traceable)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, kv0, z0, normalize, eps, store_final):
-            o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final)
-            e = q.new_empty(0, dtype=torch.float32)
-            ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None,
-                                  kv0, z0)
-            ctx.normalize = normalize
-            ctx.set_materialize_grads(False)
-            return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
-                    zT if zT is not None else e.clone())
+        def forward(ctx, *inputs):
+            output = run_forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
 
         @staticmethod
         def backward(ctx, do, _dden, dkvT, dzT):
-            q, k, v, o, den, kv0, z0 = ctx.saved_tensors
-            if do is None:  # only the returned state is used
-                B, H, T, _ = q.shape
-                do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
-            dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do),
-                                             _none_if_empty(dkvT), _none_if_empty(dzT),
-                                             ctx.normalize)
-            return (dq, dk, dv, dkv0 if kv0 is not None else None,
-                    dz0 if z0 is not None else None, None, None, None)
+            return grads(ctx, do, dkvT, dzT, run_backward)
 
     def op(q, k, v, kv0, z0, normalize, eps, store_final):
         if EAGER_CUSTOM_OP or torch.compiler.is_compiling():
