@@ -4,8 +4,9 @@ makes a kernel pair (forward, backward) an autograd-aware custom op torch.compil
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
@@ -17,6 +18,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Debug switch: allocate every kernel-written buffer filled with NaN, so an element a kernel
 #: forgets to write shows up in the result.  Tests turn it on (FEATATTN_POISON=1 too).
 POISON_OUTPUTS = os.environ.get("FEATATTN_POISON", "0") == "1"
+
+
+@contextlib.contextmanager
+def poisoned_outputs(on: bool = True) -> Iterator[None]:
+    """``with poisoned_outputs(): ...`` turns :data:`POISON_OUTPUTS` on for the block (and
+    restores it after), so tests and benchmarks flip the one switch every kernel reads."""
+    global POISON_OUTPUTS
+    before = POISON_OUTPUTS
+    POISON_OUTPUTS = on
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = before
 
 
 def alloc(shape, dtype, device) -> torch.Tensor:
