@@ -88,25 +88,39 @@ def delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
 
 
 class TunedLaunch:
-    """``TunedLaunch(triton.autotune(...)(kernel))[grid](*args, **constexprs)``: the autotuned
+    """``TunedLaunch(triton.autotune(...)(kernel))[grid](*args, **kwargs)``: the autotuned
     launch, paying the autotuner's host cost once per key.
 
     ``Autotuner.run`` rebuilds its key from every argument on each call (~50 us of host time
     a launch on the H100 machine, measured with cProfile); after the first call for a key
-    (the first argument's dtype and the constexpr values, in call order) this launches the
-    JITFunction directly with the config the autotuner chose.  Pass every argument the
-    autotuner's key names by keyword (constexprs, size buckets): positional ones are not in
-    this key."""
+    this launches the JITFunction directly with the config the autotuner chose.
 
-    __slots__ = ("tuner", "best")
+    The cache key is exactly the autotuner's: the values of the arguments its ``key`` names
+    (found by name whether they are passed by position or by keyword) and the dtypes of the
+    tensor arguments.  (An earlier version keyed on the keyword arguments alone, so head dims
+    passed by position shared whichever config was tuned first, and a config tuned for one
+    Dk could be launched, out of shared memory, for another.)"""
+
+    __slots__ = ("tuner", "best", "_key_at")
 
     def __init__(self, tuner):
         self.tuner = tuner
         self.best = {}
+        names = list(tuner.arg_names)
+        #: (name, position) of every autotune key argument
+        self._key_at = tuple((name, names.index(name)) for name in tuner.keys)
+
+    def cache_key(self, args, kwargs) -> tuple:
+        """The autotuner's key for a launch with these arguments."""
+        n = len(args)
+        vals = [args[i] if i < n else kwargs.get(name) for name, i in self._key_at]
+        vals.extend(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        vals.extend(str(a.dtype) for a in kwargs.values() if isinstance(a, torch.Tensor))
+        return tuple(vals)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            key = (args[0].dtype, *kwargs.values())
+            key = self.cache_key(args, kwargs)
             cfg = self.best.get(key)
             if cfg is None:
                 out = self.tuner[grid](*args, **kwargs)
