@@ -21,12 +21,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
-def poison_kernel_outputs(monkeypatch):
+def poison_kernel_outputs():
     """Every buffer a Triton kernel writes starts as NaN, so an element it forgets to write
-    fails the test instead of passing with stale memory."""
-    from featattn.kernels import _common
+    fails the test instead of passing with stale memory.  featattn.testing.poisoned_outputs
+    is featattn.kernels._common's own switch, the one the benchmarks flip too."""
+    from featattn.testing import poisoned_outputs
 
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    with poisoned_outputs():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,18 +7,19 @@ Tests marked ``cuda`` (bf16, long T, the flashy_linear_attention shapes) need a 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
 from featattn import kernels as K  # noqa: E402
+from featattn import testing  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
-from helpers import assert_state_handoff  # noqa: E402
-from helpers import rel_err as rel  # noqa: E402
 from featattn.kernels import chunked as C  # noqa: E402
+from helpers import (  # noqa: E402  (featattn.testing's harness)
+    assert_state_handoff, check_close, check_run, kernel_vs_reference, rand_features,
+    rand_state, reference, tolerance,
+)
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
 assert torch.cuda.is_available() or _common.INTERPRET, "TRITON_INTERPRET=1 was set too late"
@@ -32,98 +33,18 @@ EPS = 1e-6
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
-# --------------------------------------------------------------------------- reference
-def reference(q, k, v, normalize, eps, kv0=None, z0=None, chunk=512):
-    """float64 causal linear attention, chunked (chunk >= T gives the quadratic masked
-    form).  q [B,H,T,Dk], k [B,Hkv,T,Dk], v [B,Hkv,T,Dv] -> (o, kv_final, z_final)."""
-    B, H, T, Dk = q.shape
-    G = H // k.shape[1]
-    q = q.double()
-    k = k.double().repeat_interleave(G, 1)
-    v = v.double().repeat_interleave(G, 1)
-    S = kv0.double() if kv0 is not None else q.new_zeros(B, H, Dk, v.shape[-1])
-    z = z0.double() if z0 is not None else q.new_zeros(B, H, Dk)
-    outs = []
-    for t0 in range(0, T, chunk):
-        qc, kc, vc = q[:, :, t0:t0 + chunk], k[:, :, t0:t0 + chunk], v[:, :, t0:t0 + chunk]
-        A = (qc @ kc.transpose(-1, -2)).tril()
-        num = A @ vc + qc @ S
-        if normalize:
-            den = A.sum(-1) + (qc * z[:, :, None]).sum(-1) + eps
-            num = num / den[..., None]
-            z = z + kc.sum(2)
-        outs.append(num)
-        S = S + kc.transpose(-1, -2) @ vc
-    return torch.cat(outs, 2), S, (z if normalize else None)
-
-
-
-
 def make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout="bhtd", seed=0, device=DEV):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def mk(h, d, positive):
-        x = torch.rand(B, T, h, d, generator=g) if positive else torch.randn(B, T, h, d, generator=g)
-        if normalize and positive:
-            x = x + 0.05  # feature-mapped values are positive; keeps den away from 0
-        x = x.to(device=device, dtype=dtype)
-        # "bthd": the kernel sees a transposed view with the time stride = H * D
-        return x.transpose(1, 2) if layout == "bthd" else x.transpose(1, 2).contiguous()
-
-    q = mk(H, Dk, True) if normalize else mk(H, Dk, False) / Dk ** 0.5
-    k = mk(Hkv, Dk, True) if normalize else mk(Hkv, Dk, False) / Dk ** 0.5
-    v = mk(Hkv, Dv, False)
-    return q, k, v
+    """Feature-like q, k, v (featattn.testing.rand_features): positive when normalising."""
+    return rand_features(B, H, Hkv, T, Dk, Dv, dtype, normalize=normalize, layout=layout,
+                         generator=seed, device=device)
 
 
-def run_and_grads(q, k, v, normalize, kv0, z0, return_state, seed=1):
-    """Forward through the kernel and the reference, backprop the same random cotangents
-    (also through the returned state) and return (outputs, grads) for both."""
-    leaves = [q, k, v] + [x for x in (kv0, z0) if x is not None]
-    leaves = [x.detach().requires_grad_() for x in leaves]
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    it, rit = iter(leaves[3:]), iter(ref_leaves[3:])
-    kv0_, z0_ = (next(it) if kv0 is not None else None), (next(it) if z0 is not None else None)
-    rkv0, rz0 = (next(rit) if kv0 is not None else None), (next(rit) if z0 is not None else None)
-
-    o, kv, z = K.chunked_attention(*leaves[:3], normalize=normalize, eps=EPS,
-                                   initial_kv=kv0_, initial_z=z0_, return_state=return_state)
-    ro, rkv, rz = reference(*ref_leaves[:3], normalize, EPS, rkv0, rz0)
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    do = torch.randn(ro.shape, generator=g, dtype=torch.float64).to(ro.device)
-    loss, rloss = (o.double() * do).sum(), (ro * do).sum()
-    if return_state:
-        assert kv.dtype == torch.float32 and kv.shape == rkv.shape
-        dkv = torch.randn(rkv.shape, generator=g, dtype=torch.float64).to(ro.device)
-        loss, rloss = loss + (kv.double() * dkv).sum(), rloss + (rkv * dkv).sum()
-        if normalize:
-            assert z.dtype == torch.float32 and z.shape == rz.shape
-            dz = torch.randn(rz.shape, generator=g, dtype=torch.float64).to(ro.device)
-            loss, rloss = loss + (z.double() * dz).sum(), rloss + (rz * dz).sum()
-        else:
-            assert z is None
-    else:
-        assert kv is None and z is None
-    grads = torch.autograd.grad(loss, leaves)
-    rgrads = torch.autograd.grad(rloss, ref_leaves)
-    return (o, kv, z), (ro, rkv, rz), grads, rgrads
-
-
-def check(out, ref, grads, rgrads, tol, names=("dq", "dk", "dv", "dkv0", "dz0")):
-    o, kv, z = out
-    ro, rkv, rz = ref
-    assert o.shape == ro.shape
-    assert torch.isfinite(o).all(), "unwritten (NaN-poisoned) or non-finite output"
-    assert rel(o, ro) < tol, f"o: rel err {rel(o, ro):.2e}"
-    if kv is not None:
-        assert rel(kv, rkv) < tol, f"kv: rel err {rel(kv, rkv):.2e}"
-    if z is not None:
-        assert rel(z, rz) < tol, f"z: rel err {rel(z, rz):.2e}"
-    for name, a, b in zip(names, grads, rgrads):
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name}: non-finite"
-        assert rel(a, b) < tol, f"{name}: rel err {rel(a, b):.2e}"
+def run_checked(q, k, v, normalize, kv0, z0, return_state, tol, names=None):
+    """chunked_attention against the float64 reference, forward and backward (the same
+    random cotangents, also through the returned state), every buffer NaN-poisoned."""
+    got, want = kernel_vs_reference(K.chunked_attention, q, k, v, kv0, z0, normalize=normalize,
+                                    eps=EPS, return_state=return_state)
+    return check_run(got, want, tol, names, dtype=q.dtype)
 
 
 # --------------------------------------------------------------------------- interpreter-size cases
@@ -151,13 +72,8 @@ def _case_id(c):
 def test_forward_backward_match_float64(case):
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
     q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk)
-    g = torch.Generator(device="cpu").manual_seed(7)
-    kv0 = torch.randn(B, H, Dk, Dv, generator=g).to(DEV) if init else None
-    z0 = (torch.rand(B, H, Dk, generator=g) * 4).to(DEV) if (init and normalize) else None
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, ret)
-    tol = 1e-5 if dtype == torch.float32 else 3e-3
-    assert out[0].dtype == dtype
-    check(out, ref, grads, rgrads, tol)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=7, device=DEV) if init else (None, None)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
@@ -177,13 +93,13 @@ def test_gradient_through_final_state_only(normalize):
     loss = kv.pow(2).sum() + (z.pow(2).sum() if normalize else 0)
     grads = torch.autograd.grad(loss, leaves)
     rl = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    _, rkv, rz = reference(*rl, normalize, EPS)
+    _, rkv, rz = reference(*rl, normalize=normalize, eps=EPS)
     rloss = rkv.pow(2).sum() + (rz.pow(2).sum() if normalize else 0)
     rgrads = torch.autograd.grad(rloss, rl, allow_unused=True)
     assert rgrads[0] is None  # q does not reach the state
     assert torch.isfinite(grads[0]).all() and grads[0].abs().max() == 0
     for name, a, b in zip(("dk", "dv"), grads[1:], rgrads[1:]):
-        assert rel(a, b) < 1e-5, name
+        check_close(name, a, b, 1e-5)
 
 
 def test_output_layout_follows_input_and_no_copy_of_strided_inputs():
@@ -192,8 +108,8 @@ def test_output_layout_follows_input_and_no_copy_of_strided_inputs():
     assert not q.is_contiguous()
     o, _, _ = K.chunked_attention(q, k, v, normalize=False, eps=EPS)
     assert o.shape == (1, 2, 33, 24) and o.transpose(1, 2).is_contiguous()
-    ro, _, _ = reference(q, k, v, False, EPS)
-    assert rel(o, ro) < 1e-5
+    ro, _, _ = reference(q, k, v, normalize=False, eps=EPS)
+    check_close("o", o, ro, 1e-5)
 
 
 def test_input_errors_are_explained():
@@ -221,10 +137,9 @@ def test_kernel_name_and_limits():
 # --------------------------------------------------------------------------- GPU
 def _gpu_check(B, H, Hkv, T, Dk, Dv, dtype, normalize, tol, init=False, ret=False, seed=0):
     q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, seed=seed)
-    kv0 = torch.randn(B, H, Dk, Dv, device=DEV) if init else None
-    z0 = torch.rand(B, H, Dk, device=DEV) * 4 if (init and normalize) else None
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, ret)
-    check(out, ref, grads, rgrads, tol)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=seed + 7, device=DEV) if init \
+        else (None, None)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tol)
 
 
 GPU_CASES = [
@@ -245,14 +160,14 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c + ("bhtd",)) for c in GPU_CASES])
 def test_gpu_matches_float64(case):
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret = case
-    tol = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}[dtype]
-    _gpu_check(B, H, Hkv, T, Dk, Dv, dtype, normalize, tol, init, ret)
+    _gpu_check(B, H, Hkv, T, Dk, Dv, dtype, normalize, tolerance(dtype, "chunked"), init, ret)
 
 
 @cuda
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
 def test_gpu_long_sequence_bf16(normalize):
-    _gpu_check(1, 2, 2, 16384, 64, 64, torch.bfloat16, normalize, 1e-2, ret=True)
+    _gpu_check(1, 2, 2, 16384, 64, 64, torch.bfloat16, normalize,
+               tolerance(torch.bfloat16, "chunked"), ret=True)
 
 
 def _flashy_combos(n=6, seed=0):
@@ -275,4 +190,110 @@ def _flashy_combos(n=6, seed=0):
 @pytest.mark.parametrize("combo", _flashy_combos(), ids=lambda c: "b{}-nh{}-sq{}-dk{}-dv{}".format(*c))
 def test_gpu_flashy_shapes_bf16(combo):
     b, nh, sq, dk, dv = combo
-    _gpu_check(b, nh, nh, sq, dk, dv, torch.bfloat16, False, 1e-2)
+    _gpu_check(b, nh, nh, sq, dk, dv, torch.bfloat16, False, tolerance(torch.bfloat16, "chunked"))
+
+
+# --------------------------------------------------------------------------- the harness itself
+# featattn.testing must not pass silently: its poisoning is the switch the kernels read, and
+# an element a kernel leaves unwritten fails its checks.
+def test_poisoning_is_the_switch_the_kernels_read():
+    assert testing.poisoned_outputs is _common.poisoned_outputs
+    assert _common.POISON_OUTPUTS and testing.poisoning_enabled()  # the fixture's doing
+    assert _common.alloc((3, 5), torch.float32, DEV).isnan().all()
+    assert _common.empty_like_layout(torch.zeros(1, 2, 4, 3), 1, 2, 4, 6, torch.float16).isnan().all()
+    with testing.poisoned_outputs(False):
+        assert not _common.POISON_OUTPUTS and not testing.poisoning_enabled()
+        with testing.poisoned_outputs():
+            assert _common.alloc((2, 2), torch.float32, DEV).isnan().all()
+        assert not _common.POISON_OUTPUTS
+    assert _common.POISON_OUTPUTS
+
+
+def test_kernel_vs_reference_poisons_the_kernel_run():
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(testing.poisoning_enabled())
+        return K.chunked_attention(*args, **kwargs)
+
+    q, k, v = make_inputs(1, 1, 1, 8, 16, 16, torch.float32, True, seed=1)
+    with testing.poisoned_outputs(False):
+        got, want = kernel_vs_reference(spy, q, k, v, normalize=True, eps=EPS)
+        assert seen == [True] and not testing.poisoning_enabled()
+    check_run(got, want, tolerance(torch.float32))
+
+
+class _DropLastProgram:
+    """A kernel launch that skips the last program along grid axis 0 (one (b, h) pair): the
+    buffers it should have written keep whatever alloc gave them."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch[(grid[0] - 1, *grid[1:])]
+
+
+@pytest.mark.parametrize("launch", ["_FWD", "_BWD"])
+def test_unwritten_kernel_output_fails_the_check(launch, monkeypatch):
+    """A kernel that forgets one head's outputs (forward) or gradients (backward) leaves
+    NaN-poisoned elements, which the harness reports instead of passing."""
+    monkeypatch.setattr(C, launch, _DropLastProgram(getattr(C, launch)))
+    q, k, v = make_inputs(1, 2, 2, 20, 16, 16, torch.float32, True, seed=2)
+    got, want = kernel_vs_reference(K.chunked_attention, q, k, v, normalize=True, eps=EPS,
+                                    return_state=True)
+    unwritten = ("o", "kv", "z") if launch == "_FWD" else ("dq", "dk", "dv")
+    for name in unwritten:
+        assert getattr(got, name)[:, -1].isnan().all(), name
+    with pytest.raises(AssertionError, match="non-finite"):
+        check_run(got, want, 1.0)
+
+
+def test_check_close_rejects_unwritten_missing_and_misshapen():
+    want = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert check_close("o", want.float(), want, 1e-6) < 1e-6
+    partly = want.clone()
+    partly[1, 2, 3] = float("nan")  # one element never written
+    for bad, why in [(partly, "1 of 24 elements non-finite"),
+                     (torch.full_like(want, float("nan")), "non-finite"),
+                     (None, "got None"), (want[:, :2], "shape"), (want * 1.1, "above")]:
+        with pytest.raises(AssertionError, match=why):
+            check_close("o", bad, want, 1e-2)
+    check_close("z", None, None, 1e-6)
+
+
+def test_tolerance_table_covers_every_dtype():
+    for kind in testing.TOLERANCES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert 0 < tolerance(dtype, kind) < 0.05
+    with pytest.raises(KeyError, match="float64"):
+        tolerance(torch.float64)
+
+
+def test_reference_chunks_exactly():
+    """The reference's chunked form (long T) equals its quadratic form."""
+    q, k, v = make_inputs(1, 2, 1, 50, 8, 6, torch.float64, True, seed=4)
+    kv0, z0 = rand_state(1, 2, 8, 6, True, generator=5)
+    whole = reference(q, k, v, initial_kv=kv0, initial_z=z0)
+    parts = reference(q, k, v, initial_kv=kv0, initial_z=z0, chunk=16)
+    for name, a, b in zip(("o", "kv", "z"), parts, whole):
+        check_close(name, a, b, 1e-12)
+
+
+def test_harness_imports_without_triton():
+    """featattn.testing imports triton only for the poisoning, so it works where triton
+    does not (and a benchmark's check path imports on any machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` now fails
+        "import featattn.testing as T\n"
+        "assert 'featattn.kernels._common' not in sys.modules\n"
+        "q, k, v = T.rand_qkv(1, 2, 1, 5, 3, 4, generator=0, layout='bthd', requires_grad=True)\n"
+        "ref = T.run_and_grads(T.reference, q, k, v, normalize=True, eps=1e-6, dtype=q.dtype)\n"
+        "T.check_run(ref, ref, 1e-12)\n"
+        "try:\n    T.poisoned_outputs\nexcept ImportError:\n    print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
