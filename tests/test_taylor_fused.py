@@ -8,8 +8,6 @@ fp16 only (the interpreter multiplies bf16 bit patterns in tl.dot).  Tests marke
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,13 +15,12 @@ triton = pytest.importorskip("triton")
 
 import featattn  # noqa: E402
 from featattn import LinearAttentionState  # noqa: E402
-from featattn.chunked import chunked_linear_attention  # noqa: E402
-from featattn.feature_maps.taylor import taylor_features  # noqa: E402
-from featattn.reference import quadratic_linear_attention  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
-from helpers import assert_state_handoff  # noqa: E402
-from helpers import rel_err as rel  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
+from helpers import (  # noqa: E402  (featattn.testing's harness)
+    assert_state_handoff, check_close, check_run, kernel_vs_reference, rand_qkv, rand_state,
+    reference, taylor_dim, tolerance,
+)
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
 assert torch.cuda.is_available() or _common.INTERPRET, "TRITON_INTERPRET=1 was set too late"
@@ -37,92 +34,32 @@ EPS = 1e-6
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
-# --------------------------------------------------------------------------- references
-def reference(q, k, v, normalize, eps, kv0=None, z0=None, quadratic=True):
-    """float64 Taylor linear attention on materialised features -> (o, kv_final, z_final).
-    The quadratic masked oracle for short T, the chunked torch path (in float64) for long T."""
-    fn = quadratic_linear_attention if quadratic else chunked_linear_attention
-    return fn(taylor_features(q.double()), taylor_features(k.double()), v.double(),
-              normalize=normalize, eps=eps, initial_kv=None if kv0 is None else kv0.double(),
-              initial_z=None if z0 is None else z0.double(), return_state=True)
-
-
+# --------------------------------------------------------------------------- harness
+def taylor_reference(q, k, v, normalize, eps=EPS, kv0=None, z0=None):
+    """float64 linear attention on materialised Taylor features -> (o, kv_final, z_final)."""
+    return reference(q, k, v, "taylor", normalize=normalize, eps=eps, initial_kv=kv0,
+                     initial_z=z0)
 
 
 def make_inputs(B, H, Hkv, T, d, Dv, dtype, layout="bhtd", seed=0, device=DEV, qscale=0.7):
-    """Fresh random raw q/k/v.  "bthd": the kernel sees [B,T,H,D] tensors transposed (time
-    stride H*D); "bhtd": contiguous."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def mk(h, dd, s):
-        x = (torch.randn(B, T, h, dd, generator=g) * s).to(device=device, dtype=dtype)
-        return x.transpose(1, 2) if layout == "bthd" else x.transpose(1, 2).contiguous()
-
-    return mk(H, d, qscale), mk(Hkv, d, 1.0), mk(Hkv, Dv, 1.0)
+    """Fresh random raw q/k/v (featattn.testing.rand_qkv).  "bthd": the kernel sees
+    [B,T,H,D] tensors transposed (time stride H*D); "bhtd": contiguous."""
+    return rand_qkv(B, H, Hkv, T, d, Dv, dtype, device, seed, layout=layout, q_scale=qscale)
 
 
 def random_state(B, H, d, Dv, normalize, seed=7, device=DEV):
-    """An arbitrary (not symmetric in (i, j), not produced by the map) fp32 state; z > 0 so
+    """An arbitrary (not symmetric in (i, j), not produced by the map) fp32 state; z > 1 so
     the denominator stays away from 0."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    Dk = 1 + d + d * d
-    kv0 = torch.randn(B, H, Dk, Dv, generator=g).to(device)
-    z0 = (torch.rand(B, H, Dk, generator=g) * 4 + 1).to(device) if normalize else None
-    return kv0, z0
+    return rand_state(B, H, taylor_dim(d), Dv, normalize, generator=seed, device=device,
+                      z_min=1.0)
 
 
-def run_and_grads(q, k, v, normalize, kv0, z0, return_state, seed=1, quadratic=True):
-    """Forward through the kernel and the reference, backprop the same random cotangents
-    (also through the returned state) and return (outputs, ref outputs, grads, ref grads)."""
-    leaves = [x.detach().requires_grad_() for x in [q, k, v] + [x for x in (kv0, z0) if x is not None]]
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    it, rit = iter(leaves[3:]), iter(ref_leaves[3:])
-    kv0_, z0_ = (next(it) if kv0 is not None else None), (next(it) if z0 is not None else None)
-    rkv0, rz0 = (next(rit) if kv0 is not None else None), (next(rit) if z0 is not None else None)
-
-    o, kv, z = TF.taylor_attention(*leaves[:3], normalize=normalize, eps=EPS, initial_kv=kv0_,
-                                   initial_z=z0_, return_state=return_state)
-    ro, rkv, rz = reference(*ref_leaves[:3], normalize, EPS, rkv0, rz0, quadratic=quadratic)
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    do = torch.randn(ro.shape, generator=g, dtype=torch.float64).to(ro.device)
-    loss, rloss = (o.double() * do).sum(), (ro * do).sum()
-    if return_state:
-        assert kv.dtype == torch.float32 and kv.shape == rkv.shape
-        dkv = torch.randn(rkv.shape, generator=g, dtype=torch.float64).to(ro.device)
-        loss, rloss = loss + (kv.double() * dkv).sum(), rloss + (rkv * dkv).sum()
-        if normalize:
-            assert z.dtype == torch.float32 and z.shape == rz.shape
-            dz = torch.randn(rz.shape, generator=g, dtype=torch.float64).to(ro.device)
-            loss, rloss = loss + (z.double() * dz).sum(), rloss + (rz * dz).sum()
-        else:
-            assert z is None
-    else:
-        assert kv is None and z is None
-        rkv = rz = None
-    grads = torch.autograd.grad(loss, leaves)
-    rgrads = torch.autograd.grad(rloss, ref_leaves)
-    return (o, kv, z), (ro, rkv, rz), grads, rgrads
-
-
-def check(out, ref, grads, rgrads, tol, names=("dq", "dk", "dv", "dkv0", "dz0")):
-    o, kv, z = out
-    ro, rkv, rz = ref
-    assert o.shape == ro.shape
-    assert torch.isfinite(o).all(), "unwritten (NaN-poisoned) or non-finite output"
-    errs = {"o": rel(o, ro)}
-    if kv is not None:
-        assert torch.isfinite(kv).all()
-        errs["kv"] = rel(kv, rkv)
-    if z is not None:
-        assert torch.isfinite(z).all()
-        errs["z"] = rel(z, rz)
-    for name, a, b in zip(names, grads, rgrads):
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name}: non-finite (unwritten?)"
-        errs[name] = rel(a, b)
-    bad = {n: f"{e:.2e}" for n, e in errs.items() if not e < tol}
-    assert not bad, f"rel. errors above {tol}: {bad} (all: { {n: f'{e:.1e}' for n, e in errs.items()} })"
+def run_checked(q, k, v, normalize, kv0, z0, return_state, tol, names=None):
+    """taylor_attention against the float64 reference, forward and backward (the same
+    random cotangents, also through the returned state), every buffer NaN-poisoned."""
+    got, want = kernel_vs_reference(TF.taylor_attention, q, k, v, kv0, z0, normalize=normalize,
+                                    eps=EPS, return_state=return_state, feature_map="taylor")
+    return check_run(got, want, tol, names, dtype=q.dtype)
 
 
 # --------------------------------------------------------------------------- interpreter-size cases
@@ -153,9 +90,7 @@ def test_forward_backward_match_float64(case):
     B, H, Hkv, T, d, Dv, dtype, normalize, init, ret, layout = case
     q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T + d + Dv)
     kv0, z0 = random_state(B, H, d, Dv, normalize, seed=T) if init else (None, None)
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, ret)
-    assert out[0].dtype == dtype
-    check(out, ref, grads, rgrads, 1e-5 if dtype == torch.float32 else 3e-3)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
 def test_only_initial_z_or_only_initial_kv():
@@ -165,11 +100,10 @@ def test_only_initial_z_or_only_initial_kv():
     kv0, z0 = random_state(B, H, d, Dv, True, seed=12)
     for kv_, z_ in ((kv0, None), (None, z0)):
         o, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, initial_kv=kv_, initial_z=z_)
-        ro, _, _ = reference(q, k, v, True, EPS,
-                             kv_ if kv_ is not None else torch.zeros_like(kv0),
-                             z_ if z_ is not None else torch.zeros_like(z0))
-        assert torch.isfinite(o).all()
-        assert rel(o, ro) < 1e-5
+        ro, _, _ = taylor_reference(q, k, v, True, EPS,
+                                    kv_ if kv_ is not None else torch.zeros_like(kv0),
+                                    z_ if z_ is not None else torch.zeros_like(z0))
+        check_close("o", o, ro, 1e-5)
 
 
 def test_matches_public_reference_backend():
@@ -180,7 +114,7 @@ def test_matches_public_reference_backend():
     scale = 0.4
     ro = featattn.linear_attention(q, k, v, feature_map="taylor", scale=scale, backend="reference")
     o, _, _ = TF.taylor_attention(q * scale, k, v, normalize=True, eps=1e-6)
-    assert rel(o, ro) < 1e-5
+    check_close("o", o, ro, 1e-5)
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
@@ -197,7 +131,7 @@ def test_cross_backend_handoff(normalize):
     format is the expanded LinearAttentionState of every backend."""
     B, H, T, T1, d, Dv = 1, 2, 70, 41, 16, 24
     q, k, v = make_inputs(B, H, H, T, d, Dv, torch.float32, seed=9)
-    ro, rkv, rz = reference(q, k, v, normalize, EPS)
+    ro, rkv, rz = taylor_reference(q, k, v, normalize, EPS)
     head = (q[:, :, :T1], k[:, :, :T1], v[:, :, :T1])
     tail = (q[:, :, T1:], k[:, :, T1:], v[:, :, T1:])
 
@@ -205,17 +139,17 @@ def test_cross_backend_handoff(normalize):
     o2, st2 = featattn.linear_attention(*tail, feature_map="taylor", normalize=normalize, eps=EPS,
                                         backend="torch", return_state=True,
                                         initial_state=LinearAttentionState(kv1, z1))
-    assert rel(torch.cat([o1, o2], 2), ro) < 1e-5
-    assert rel(st2.kv, rkv) < 1e-5
+    check_close("o", torch.cat([o1, o2], 2), ro, 1e-5)
+    check_close("kv", st2.kv, rkv, 1e-5)
 
     o1, st1 = featattn.linear_attention(*head, feature_map="taylor", normalize=normalize, eps=EPS,
                                         backend="torch", return_state=True)
     o2, kv2, z2 = TF.taylor_attention(*tail, normalize=normalize, eps=EPS, initial_kv=st1.kv,
                                       initial_z=st1.z, return_state=True)
-    assert rel(torch.cat([o1, o2], 2), ro) < 1e-5
-    assert rel(kv2, rkv) < 1e-5
+    check_close("o", torch.cat([o1, o2], 2), ro, 1e-5)
+    check_close("kv", kv2, rkv, 1e-5)
     if normalize:
-        assert rel(z2, rz) < 1e-5
+        check_close("z", z2, rz, 1e-5)
 
 
 def test_decode_steps_match_prefill():
@@ -230,8 +164,9 @@ def test_decode_steps_match_prefill():
                                           normalize=True, eps=EPS, initial_kv=kv_, initial_z=z_,
                                           return_state=True)
         outs.append(ot)
-    assert rel(torch.cat(outs, 2), o) < 1e-6
-    assert rel(kv_, kv) < 1e-6 and rel(z_, z) < 1e-6
+    check_close("o", torch.cat(outs, 2), o, 1e-6)
+    check_close("kv", kv_, kv, 1e-6)
+    check_close("z", z_, z, 1e-6)
 
 
 def test_output_layout_follows_input():
@@ -278,10 +213,7 @@ def test_gpu_long_sequences_match_float64(case):
     B, H, Hkv, T, d, Dv, dtype, normalize, init = case
     q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, "bthd", seed=T)
     kv0, z0 = random_state(B, H, d, Dv, normalize, seed=T) if init else (None, None)
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, kv0, z0, True,
-                                            quadratic=T <= 1024)
-    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
-    check(out, ref, grads, rgrads, tol)
+    run_checked(q, k, v, normalize, kv0, z0, True, tolerance(dtype, "taylor"))
 
 
 # --------------------------------------------------------------------------- the parallel form
@@ -325,11 +257,8 @@ def parallel_calls(monkeypatch):
 def test_parallel_form_matches_float64(case, parallel_calls):
     B, H, Hkv, T, d, Dv, dtype, normalize, layout = case
     q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T + d + Dv)
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, None, None, False)
+    run_checked(q, k, v, normalize, None, None, False, tolerance(dtype, "small"))
     assert len(parallel_calls) == 1, "a stateless short call must take the parallel form"
-    assert out[0].dtype == dtype
-    check(out, ref, grads, rgrads, 1e-5 if dtype == torch.float32 else 3e-3,
-          names=("dq", "dk", "dv"))
 
 
 def test_state_or_long_sequence_takes_the_chunked_form(parallel_calls, monkeypatch):
@@ -342,15 +271,15 @@ def test_state_or_long_sequence_takes_the_chunked_form(parallel_calls, monkeypat
     monkeypatch.setattr(TP, "PARALLEL_MAX_T", 39)  # T = 40 is now "long"
     o_long, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS)
     assert len(parallel_calls) == 1
-    assert rel(o_par, o_st) < 1e-5 and rel(o_par, o_long) < 1e-5
+    check_close("o (with state)", o_par, o_st, 1e-5)
+    check_close("o (chunked form)", o_par, o_long, 1e-5)
 
 
 def test_chunked_form_without_state_matches_float64(monkeypatch):
     """The chunked form also serves stateless calls (T > PARALLEL_MAX_T)."""
     monkeypatch.setattr(TP, "PARALLEL_MAX_T", 0)
     q, k, v = make_inputs(1, 2, 1, 70, 16, 40, torch.float32, "bthd", seed=4)
-    out, ref, grads, rgrads = run_and_grads(q, k, v, True, None, None, False)
-    check(out, ref, grads, rgrads, 1e-5, names=("dq", "dk", "dv"))
+    run_checked(q, k, v, True, None, None, False, 1e-5)
 
 
 def test_parallel_form_rejects_state():
@@ -374,7 +303,5 @@ GPU_PAR_CASES = [
 def test_gpu_parallel_form_matches_float64(case, parallel_calls):
     B, H, Hkv, T, d, Dv, dtype, normalize, layout = case
     q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T)
-    out, ref, grads, rgrads = run_and_grads(q, k, v, normalize, None, None, False)
+    run_checked(q, k, v, normalize, None, None, False, tolerance(dtype, "taylor"))
     assert len(parallel_calls) == 1
-    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
-    check(out, ref, grads, rgrads, tol, names=("dq", "dk", "dv"))
