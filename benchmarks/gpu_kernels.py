@@ -1,7 +1,10 @@
 """GPU check + timing of featattn.kernels.chunked_attention (one script, one device call).
 
-1. Correctness: o and every gradient (dq, dk, dv, d initial state) against a float64
-   chunked reference, in bf16 / fp16 / fp32, on odd shapes; prints rel. errors.
+1. Correctness: o, the final state and every gradient (dq, dk, dv, d initial state) against
+   the float64 reference, in bf16 / fp16 / fp32, on odd shapes; prints rel. errors.  It is
+   the tests' harness (featattn.testing: inputs, reference, run_and_grads, tolerances), run
+   with every kernel-written buffer NaN-poisoned (featattn.testing.poisoned_outputs), so an
+   element a kernel never writes fails the table.
 2. Timing (triton.testing.do_bench median, ms) of forward and forward+backward on the
    target shapes (B=8, H=16, bf16), with peak extra memory of forward+backward, next to
    flash-linear-attention (fla) when it is importable, and the HBM floor of the forward.
@@ -27,47 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featattn.kernels import chunked as C  # noqa: E402
 from featattn.kernels import chunked_attention  # noqa: E402
+from featattn.testing import (  # noqa: E402  (the tests' correctness harness)
+    compare_runs, kernel_vs_reference, rand_features, rand_state, tolerance)
 from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
 
 HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
 PROFILE = True  # print a kernel breakdown for the tiled-Dk timings
+#: the checks also run on CPU tensors under TRITON_INTERPRET=1 (tests/test_kernels.py runs a
+#: tiny one so this script's check path cannot rot); the timings need CUDA
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(q, k, v, normalize, eps, kv0=None, z0=None, chunk=1024):
-    """float64 causal linear attention (chunked; exact), [B,H,T,D] layout, grouped heads."""
-    B, H, T, Dk = q.shape
-    G = H // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    S = kv0.double() if kv0 is not None else q.new_zeros(B, H, Dk, v.shape[-1])
-    z = z0.double() if z0 is not None else q.new_zeros(B, H, Dk)
-    outs = []
-    for t0 in range(0, T, chunk):
-        qc, kc, vc = q[:, :, t0:t0 + chunk], k[:, :, t0:t0 + chunk], v[:, :, t0:t0 + chunk]
-        A = (qc @ kc.transpose(-1, -2)).tril()
-        num = A @ vc + qc @ S
-        if normalize:
-            num = num / (A.sum(-1) + (qc * z[:, :, None]).sum(-1) + eps)[..., None]
-            z = z + kc.sum(2)
-        outs.append(num)
-        S = S + kc.transpose(-1, -2) @ vc
-    return torch.cat(outs, 2), S, z
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout="bhtd", grad=False):
-    def mk(h, d, feat):
-        x = torch.randn(B, T, h, d, device="cuda")
-        if feat:
-            # feature-mapped: elu+1 (positive) for the normalised case, else 1/sqrt(d) scale
-            x = torch.nn.functional.elu(x) + 1 if normalize else x / math.sqrt(d)
-        x = x.to(dtype).transpose(1, 2)
-        x = x if layout == "bthd" else x.contiguous()
-        return x.requires_grad_(grad)
-
-    return mk(H, Dk, True), mk(Hkv, Dk, True), mk(Hkv, Dv, False)
+def inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout="bhtd", grad=False, generator=None):
+    """Feature-like q, k, v on DEVICE (featattn.testing.rand_features: positive when
+    normalising, else N(0, 1/Dk)); ``generator`` None draws from the device's global RNG."""
+    return rand_features(B, H, Hkv, T, Dk, Dv, dtype, normalize=normalize, layout=layout,
+                         generator=generator, device=DEVICE, requires_grad=grad)
 
 
 # --------------------------------------------------------------------------- correctness
@@ -90,52 +68,43 @@ CHECKS = [
 
 
 def check_one(B, H, Hkv, T, Dk, Dv, dtype, normalize, init, layout):
-    torch.manual_seed(T * 31 + Dk)
-    q, k, v = inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, grad=True)
-    kv0 = torch.randn(B, H, Dk, Dv, device="cuda", requires_grad=True) if init else None
-    z0 = (torch.rand(B, H, Dk, device="cuda") * 4).requires_grad_() if (init and normalize) else None
-    C.POISON_OUTPUTS = True
-    o, kv, z = chunked_attention(q, k, v, normalize=normalize, eps=1e-6, initial_kv=kv0,
-                                 initial_z=z0, return_state=True)
-    C.POISON_OUTPUTS = False
-    leaves = [x for x in (q, k, v, kv0, z0) if x is not None]
-    rl = [x.detach().double().requires_grad_() for x in leaves]
-    rkv0 = rl[3] if init else None
-    rz0 = rl[4] if (init and normalize) else None
-    ro, rkv, rz = reference(*rl[:3], normalize, 1e-6, rkv0, rz0)
-    do = torch.randn_like(ro)
-    dkv = torch.randn_like(rkv)
-    loss = (o.double() * do).sum() + (kv.double() * dkv).sum()
-    rloss = (ro * do).sum() + (rkv * dkv).sum()
-    if normalize:
-        dz = torch.randn_like(rz)
-        loss, rloss = loss + (z.double() * dz).sum(), rloss + (rz * dz).sum()
-    g = torch.autograd.grad(loss, leaves)
-    rg = torch.autograd.grad(rloss, rl)
-    errs = {"o": rel(o, ro), "kv": rel(kv, rkv)}
-    for name, a, b in zip(["dq", "dk", "dv", "dkv0", "dz0"], g, rg):
-        errs[name] = rel(a, b)
-    finite = all(torch.isfinite(x).all().item() for x in (o, kv, *g))
-    return errs, finite
+    """``({name: rel. error}, [failures])`` of o, the final state (kv, z) and every gradient
+    (dq, dk, dv, dkv0, dz0) against the float64 reference (featattn.testing: the harness the
+    tests use), the kernels' buffers NaN-poisoned (featattn.testing.poisoned_outputs) for
+    the forward and backward, so an unwritten element fails."""
+    seed = T * 31 + Dk
+    q, k, v = inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, generator=seed)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=seed + 1, device=DEVICE) if init \
+        else (None, None)
+    got, want = kernel_vs_reference(chunked_attention, q, k, v, kv0, z0, normalize=normalize,
+                                    eps=1e-6, return_state=True)
+    return compare_runs(got, want, tolerance(dtype, "chunked"))
+
+
+COLUMNS = ["o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0"]
 
 
 def run_checks(dtypes):
-    print("\n## correctness vs float64 (rel. error, ||x - ref|| / ||ref||)")
-    print("| shape | dtype | norm | init | layout | o | kv | dq | dk | dv | dkv0 | dz0 | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n## correctness vs float64 (rel. error, ||x - ref|| / ||ref||; outputs NaN-poisoned, "
+          "tolerances featattn.testing.TOLERANCES['chunked'])")
+    print("| shape | dtype | norm | init | layout | " + " | ".join(COLUMNS) + " | ok |")
+    print("|---" * (6 + len(COLUMNS)) + "|")
     all_ok = True
     for c in CHECKS:
         B, H, Hkv, T, Dk, Dv, dtype, normalize, init, layout = c
         if dtype not in dtypes:
             continue
-        errs, finite = check_one(*c)
-        tol = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}[dtype]
-        ok = finite and all(e < tol for e in errs.values())
+        try:
+            errs, failures = check_one(*c)
+        except Exception as e:  # noqa: BLE001
+            errs, failures = {}, [f"ERROR {type(e).__name__}: {str(e)[:300]}"]
+        ok = not failures
         all_ok &= ok
-        cols = " | ".join(f"{errs.get(n, float('nan')):.1e}" if n in errs else "-"
-                          for n in ["o", "kv", "dq", "dk", "dv", "dkv0", "dz0"])
+        cols = " | ".join(f"{errs[n]:.1e}" if n in errs else "-" for n in COLUMNS)
         print(f"| B{B} H{H}/{Hkv} T{T} Dk{Dk} Dv{Dv} | {str(dtype)[6:]} | {normalize} | {init} "
               f"| {layout} | {cols} | {'OK' if ok else 'FAIL'} |", flush=True)
+        for why in failures:
+            print(f"|   {why} |", flush=True)
     return all_ok
 
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_taylor import _compiled  # noqa: E402
+from gpu_taylor import _compiled, inputs  # noqa: E402
 
 
 def main():
@@ -33,9 +33,7 @@ def main():
     args = ap.parse_args()
     B, H, T, d, Dv = 8, 16, args.T, 16, 64
     torch.manual_seed(0)
-    q = (torch.randn(B, H, T, d, device="cuda") * 0.7).bfloat16()
-    k = torch.randn(B, H, T, d, device="cuda").bfloat16()
-    v = torch.randn(B, H, T, Dv, device="cuda").bfloat16()
+    q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16)  # gpu_taylor's (featattn.testing's)
     do = torch.randn(B, H, T, Dv, device="cuda").bfloat16()
     for _ in range(2):  # compile + warm, then the launch a profiler picks
         o, den, _, _ = TF._forward(q, k, v, True, 1e-6, None, None, False)

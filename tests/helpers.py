@@ -1,6 +1,9 @@
 """Shared test helpers: the correctness harness of featattn.testing (which the GPU
 benchmarks use too), re-exported, plus the state hand-over check."""
 
+import importlib
+from pathlib import Path
+
 import torch
 
 from featattn.testing import (  # noqa: F401  (re-exported for the test modules)
@@ -38,3 +41,27 @@ def assert_state_handoff(attn, q, k, v, normalize, cut, eps=1e-6, tol=1e-6):
         check_close("z", z2, z, tol)
     else:
         assert z is None and z2 is None
+
+
+class DropLastProgram:
+    """Wraps a kernel launch (``launch[grid](*args)``, e.g. a TunedLaunch) so it skips the
+    last program along grid axis 0 (one (b, h) pair): the buffers that program should write
+    keep whatever featattn.kernels._common.alloc gave them (NaN when poisoned).  ``grid`` may
+    be a tuple or a function of the launch's meta-parameters."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        def smaller(meta):
+            g = grid(meta) if callable(grid) else grid
+            return (g[0] - 1, *g[1:])
+
+        return self.launch[smaller]
+
+
+def load_benchmark(name, monkeypatch):
+    """Import benchmarks/<name>.py (its ``from _timing import ...`` needs benchmarks/ on the
+    path), so a test can run its correctness check path on CPU."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)

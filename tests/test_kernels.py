@@ -17,8 +17,8 @@ from featattn import testing  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
 from featattn.kernels import chunked as C  # noqa: E402
 from helpers import (  # noqa: E402  (featattn.testing's harness)
-    assert_state_handoff, check_close, check_run, kernel_vs_reference, rand_features,
-    rand_state, reference, tolerance,
+    DropLastProgram, assert_state_handoff, check_close, check_run, kernel_vs_reference,
+    load_benchmark, rand_features, rand_state, reference, tolerance,
 )
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
@@ -223,22 +223,11 @@ def test_kernel_vs_reference_poisons_the_kernel_run():
     check_run(got, want, tolerance(torch.float32))
 
 
-class _DropLastProgram:
-    """A kernel launch that skips the last program along grid axis 0 (one (b, h) pair): the
-    buffers it should have written keep whatever alloc gave them."""
-
-    def __init__(self, launch):
-        self.launch = launch
-
-    def __getitem__(self, grid):
-        return self.launch[(grid[0] - 1, *grid[1:])]
-
-
 @pytest.mark.parametrize("launch", ["_FWD", "_BWD"])
 def test_unwritten_kernel_output_fails_the_check(launch, monkeypatch):
     """A kernel that forgets one head's outputs (forward) or gradients (backward) leaves
     NaN-poisoned elements, which the harness reports instead of passing."""
-    monkeypatch.setattr(C, launch, _DropLastProgram(getattr(C, launch)))
+    monkeypatch.setattr(C, launch, DropLastProgram(getattr(C, launch)))
     q, k, v = make_inputs(1, 2, 2, 20, 16, 16, torch.float32, True, seed=2)
     got, want = kernel_vs_reference(K.chunked_attention, q, k, v, normalize=True, eps=EPS,
                                     return_state=True)
@@ -247,6 +236,20 @@ def test_unwritten_kernel_output_fails_the_check(launch, monkeypatch):
         assert getattr(got, name)[:, -1].isnan().all(), name
     with pytest.raises(AssertionError, match="non-finite"):
         check_run(got, want, 1.0)
+
+
+def test_benchmark_check_path_runs_and_catches_unwritten_outputs(monkeypatch):
+    """benchmarks/gpu_kernels.py's correctness table runs through the same harness (here on
+    CPU, tiny): it passes a correct kernel, and its own poisoning (the fixture's is off here)
+    makes it fail one that leaves a head unwritten."""
+    bench = load_benchmark("gpu_kernels", monkeypatch)
+    case = (1, 2, 1, 20, 16, 24, torch.float32, True, True, "bthd")
+    with testing.poisoned_outputs(False):
+        errs, failures = bench.check_one(*case)
+        assert not failures and set(errs) == set(bench.COLUMNS)
+        monkeypatch.setattr(C, "_FWD", DropLastProgram(C._FWD))
+        _, failures = bench.check_one(*case)
+    assert any("non-finite" in f for f in failures), failures
 
 
 def test_check_close_rejects_unwritten_missing_and_misshapen():

@@ -17,9 +17,10 @@ import featattn  # noqa: E402
 from featattn import LinearAttentionState  # noqa: E402
 from featattn.kernels import _common  # noqa: E402
 from featattn.kernels import taylor_fused as TF  # noqa: E402
+from featattn import testing  # noqa: E402
 from helpers import (  # noqa: E402  (featattn.testing's harness)
-    assert_state_handoff, check_close, check_run, kernel_vs_reference, rand_qkv, rand_state,
-    reference, taylor_dim, tolerance,
+    DropLastProgram, assert_state_handoff, check_close, check_run, kernel_vs_reference,
+    load_benchmark, rand_qkv, rand_state, reference, taylor_dim, tolerance,
 )
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
@@ -305,3 +306,49 @@ def test_gpu_parallel_form_matches_float64(case, parallel_calls):
     q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T)
     run_checked(q, k, v, normalize, None, None, False, tolerance(dtype, "taylor"))
     assert len(parallel_calls) == 1
+
+
+# --------------------------------------------------------------------------- the harness catches gaps
+def _drop_last_program(monkeypatch, form, launch):
+    """Make one launch of the chunked ("TF") or parallel ("TP") form skip a (b, h) pair."""
+    if form == "TP":
+        monkeypatch.setattr(TP, launch, DropLastProgram(getattr(TP, launch)))
+        return
+    tuners = (TF._fwd_small, TF._fwd_big) if launch == "_FWD" else (TF._bwd_small, TF._bwd_big)
+    for t in tuners:
+        monkeypatch.setitem(TF._LAUNCH, t, DropLastProgram(TF._LAUNCH[t]))
+
+
+@pytest.mark.parametrize("form", ["TF", "TP"])
+@pytest.mark.parametrize("launch", ["_FWD", "_BWD"])
+def test_unwritten_kernel_output_fails_the_check(form, launch, monkeypatch):
+    """A chunked- or parallel-form kernel that forgets one head's outputs or gradients leaves
+    NaN-poisoned elements, which the harness reports instead of passing."""
+    _drop_last_program(monkeypatch, form, launch)
+    q, k, v = make_inputs(1, 2, 2, 20, 4, 16, torch.float32, seed=2)
+    got, want = kernel_vs_reference(TF.taylor_attention, q, k, v, normalize=True, eps=EPS,
+                                    return_state=form == "TF", feature_map="taylor")
+    name = "o" if launch == "_FWD" else "dv"
+    assert getattr(got, name)[:, -1].isnan().all(), name
+    with pytest.raises(AssertionError, match="non-finite"):
+        check_run(got, want, 1.0)
+
+
+def test_benchmark_check_paths_run_and_catch_unwritten_outputs(monkeypatch):
+    """benchmarks/gpu_taylor.py's correctness tables (chunked form, parallel form) run
+    through the same harness (here on CPU, tiny): they pass the kernels, and their own
+    poisoning (the fixture's is off here) makes them fail a kernel that skips a head."""
+    bench = load_benchmark("gpu_taylor", monkeypatch)
+    case = (1, 2, 1, 20, 4, 16, torch.float32, True, True, "bthd")
+    par_case = (1, 2, 1, 20, 4, 16, torch.float16, False, "bhtd")
+    with testing.poisoned_outputs(False):
+        errs, failures = bench.check_one(*case)
+        assert not failures and set(errs) == {"o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0"}
+        errs, failures = bench.par_check_one(*par_case)
+        assert not failures and set(errs) == {"o", "dq", "dk", "dv"}
+        _drop_last_program(monkeypatch, "TF", "_BWD")
+        _drop_last_program(monkeypatch, "TP", "_FWD")
+        _, failures = bench.check_one(*case)
+        assert any(f.startswith("dq: ") and "non-finite" in f for f in failures), failures
+        _, failures = bench.par_check_one(*par_case)
+        assert any(f.startswith("o: ") and "non-finite" in f for f in failures), failures
