@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench,hf
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test gpu-test venv bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# make gpu-test : on a machine with a CUDA GPU, after every kernel change.  The cuda-marked
+# tests with autotuning on, as users get it (FEATATTN_NO_AUTOTUNE would hide a bad config),
+# in parallel when pytest-xdist is installed, then the quick demo.  Uses .venv when it exists,
+# else the machine's python3 (a GPU box with torch and triton already installed).
+GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+GPU_JOBS ?= 4
+gpu-test:
+	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-test needs a CUDA GPU')"
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -m cuda $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m featattn demo --quick
 
 bench: $(VENV)/.installed
 	$(PY) -m featattn bench

@@ -51,3 +51,49 @@ def test_tuned_launch_keys_include_tensor_dtypes():
     a32 = [torch.empty(1)] + [None] * (names.index("DK") - 1) + [16, 16]
     a16 = [torch.empty(1, dtype=torch.float16)] + a32[1:]
     assert ch._FWD.cache_key(tuple(a32), {}) != ch._FWD.cache_key(tuple(a16), {})
+
+
+# --------------------------------------------------------------------------- GPU, autotuned
+def _gpu_check(q, k, v, feature_map, normalize):
+    """Forward + backward on the GPU against float64 on the same (rounded) inputs."""
+    import featattn
+
+    def rel_err(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    o = featattn.linear_attention(q, k, v, feature_map=feature_map, normalize=normalize)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ro = featattn.linear_attention(*r, feature_map=feature_map, normalize=normalize,
+                                   backend="reference")
+    rgrads = torch.autograd.grad(ro, r, do.double())
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[q.dtype]
+    assert rel_err(o, ro) < tol, (tuple(q.shape), q.dtype, "o", rel_err(o, ro))
+    for name, a, b in zip("qkv", grads, rgrads):
+        assert rel_err(a, b) < tol, (tuple(q.shape), q.dtype, "d" + name, rel_err(a, b))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,T", [(2, 24), (2, 64), (32, 200), (2, 1)])
+@pytest.mark.parametrize("d", [8, 16])
+def test_gpu_fp32_small_head_dim_elu(B, T, d):
+    """`featattn demo` crashed here (H200): every autotune config hit an illegal memory
+    access with fp32 at Dk = Dv = 16.  Run with autotuning on (make gpu-test)."""
+    torch.manual_seed(B * 1000 + T + d)
+    q, k, v = (torch.randn(B, 2, T, d, device="cuda") for _ in range(3))
+    _gpu_check(q, k, v, "elu", True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_many_head_dims_in_one_process(dtype, normalize):
+    """A config tuned for one head dim must not be reused for another of its tile bucket
+    (OutOfResources at Dk = Dv = 96 after other dims had run)."""
+    torch.manual_seed(0)
+    for d in (33, 64, 96, 120, 128, 96):
+        q, k, v = (torch.randn(1, 18, 128, d, device="cuda", dtype=dtype) for _ in range(3))
+        _gpu_check(q, k, v, "elu", normalize)

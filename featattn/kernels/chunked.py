@@ -71,9 +71,9 @@ and 6.2 ms with rows padded to 288 elements (what taylor_features produces).  Th
 Dk=273 cost is the Dk split: three 128-wide tiles write fp32 partials that torch sums.
 
 Tiles: BK = min(128, next_pow2(Dk)) and BV = min(128, next_pow2(Dv)) (>= 16, as tl.dot
-needs), chosen by `_tiles` because they decide the buffers the wrapper allocates; the
-chunk length BT, num_warps and num_stages come from `triton.autotune`, keyed on
-(Dk, Dv) and the dtypes.  T is not specialised, so a new length does not recompile.
+needs; >= 32 for fp32, see `_tiles`), chosen by `_tiles` because they decide the buffers
+the wrapper allocates; the chunk length BT, num_warps and num_stages come from
+`triton.autotune`, keyed on (Dk, Dv) and the dtypes.  T is not specialised, so a new length does not recompile.
 Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
 (batch/head bases, chunk starts) are int64; per-tile offsets stay int32.
 """
@@ -120,10 +120,16 @@ def kernel_name(Dk: int, Dv: int) -> str:
     return "equal_dim" if Dk <= Dv else "small_vhd"
 
 
-def _tiles(Dk: int, Dv: int) -> tuple[int, int]:
-    """(BK, BV): one tile per dim up to 128, padded to a power of two >= 16."""
-    bk = min(max(16, triton.next_power_of_2(Dk)), _MAX_BK)
-    bv = min(max(16, triton.next_power_of_2(Dv)), _MAX_BV)
+def _tiles(Dk: int, Dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BK, BV): one tile per dim up to 128, padded to a power of two >= 16 (>= 32 for fp32).
+
+    fp32 tiles of 16 are never used: on the H200 (triton 3.6) every autotune config of both
+    kernels hit an illegal memory access with fp32 inputs at Dk = Dv = 16 (the tf32x3
+    products on 16-wide tiles; benchmarks/gpu_configs.py), while 32-wide tiles, masked,
+    pass.  The padding costs nothing that matters at such small dims."""
+    low = 32 if dtype == torch.float32 and not _INTERPRET else 16
+    bk = min(max(low, triton.next_power_of_2(Dk)), _MAX_BK)
+    bv = min(max(low, triton.next_power_of_2(Dv)), _MAX_BV)
     return bk, bv
 
 
@@ -401,7 +407,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
-    BK, BV = _tiles(Dk, Dv)
+    BK, BV = _tiles(Dk, Dv, q.dtype)
     NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
     split_k = NK > 1
     dev = q.device
@@ -448,7 +454,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     dev = q.device
-    BK, BV = _tiles(Dk, Dv)
+    BK, BV = _tiles(Dk, Dv, q.dtype)
     NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None
