@@ -199,7 +199,7 @@ EAGER_CUSTOM_OP = os.environ.get("FEATATTN_EAGER_CUSTOM_OP", "0") == "1"
 
 
 def register_attention_ops(name: str, forward: Callable, backward: Callable,
-                           state_dim: Callable[[int], int]):
+                           state_dim: Callable[[int], int], differentiable: Callable):
     """Register ``featattn::{name}_fwd`` / ``featattn::{name}_bwd`` and return the forward:
     a function with the forward op's signature that runs the custom op under torch.compile
     and an equivalent autograd.Function in eager mode (``.custom_op`` is the op itself).
@@ -209,6 +209,13 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     ``backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize) -> (dq, dk, dv, dkv0, dz0)``.
     ``state_dim(d)`` is the state's Dk for a q/k head dim d.  The op returns
     ``(o, den, kv, z)`` and is differentiable in q, k, v, kv0, z0 and through kv and z.
+
+    ``differentiable(q, k, v, kv0, z0, normalize, eps) -> (o, kvT, zT)`` computes the same
+    forward with differentiable torch operations.  The Triton backward is not itself
+    differentiable, so when a graph of the backward is asked for (``create_graph=True``: a
+    gradient penalty, a Hessian-vector product) the backward recomputes the forward with it
+    and differentiates that instead: right second derivatives at the torch path's cost,
+    while plain backwards keep the kernels.
     """
 
     def run_forward(q, k, v, kv0, z0, normalize, eps, store_final):
@@ -273,9 +280,34 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None,
                               kv0, z0)
         ctx.normalize = normalize
+        ctx.eps = eps
         ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip their work
 
+    def grads_with_graph(ctx, do, dkvT, dzT):
+        """The backward as differentiable operations (see ``differentiable`` above)."""
+        q, k, v, _o, _den, kv0, z0 = ctx.saved_tensors
+        inputs = (q, k, v, kv0, z0)
+        wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+        result = [None] * 8
+        if not wrt:
+            return tuple(result)
+        o2, kv2, z2 = differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps)
+        outs, gouts = [], []
+        for out, g in ((o2, do), (kv2, _none_if_empty(dkvT)), (z2, _none_if_empty(dzT))):
+            if out is not None and g is not None:
+                outs.append(out)
+                gouts.append(g.to(out.dtype))
+        if not outs:
+            return tuple(result)
+        got = torch.autograd.grad(outs, [inputs[i] for i in wrt], gouts, create_graph=True,
+                                  allow_unused=True)
+        for i, g in zip(wrt, got):
+            result[i] = torch.zeros_like(inputs[i]) if g is None else g
+        return tuple(result)
+
     def grads(ctx, do, dkvT, dzT, bwd):
+        if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
+            return grads_with_graph(ctx, do, dkvT, dzT)
         q, k, v, o, den, kv0, z0 = ctx.saved_tensors
         dq, dk, dv, dkv0, dz0 = bwd(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
                                     _none_if_empty(dzT), ctx.normalize)
@@ -324,3 +356,24 @@ def fill_state_half(normalize, kv0, z0, B, H, Dk, Dv, device):
         else:
             z0 = torch.zeros(B, H, Dk, dtype=torch.float32, device=device)
     return kv0, z0
+
+
+def torch_forward(feature_map: Optional[str] = None) -> Callable:
+    """A ``differentiable`` for :func:`register_attention_ops`: the chunked PyTorch path in
+    fp32 (float64 for float64 inputs) on q/k features, the map (by registry name) applied
+    first when the kernel fuses one."""
+
+    def run(q, k, v, kv0, z0, normalize, eps):
+        from ..chunked import chunked_linear_attention
+        from ..feature_maps import resolve_feature_map
+
+        up = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(up), k.to(up), v.to(up)
+        if feature_map is not None:
+            fm = resolve_feature_map(feature_map)
+            q, k = fm(q), fm(k)
+        o, kv, z = chunked_linear_attention(q, k, v, normalize=normalize, eps=eps,
+                                            initial_kv=kv0, initial_z=z0, return_state=True)
+        return o, kv, z
+
+    return run

@@ -91,6 +91,7 @@ from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import torch_forward
 from ._common import unit_last as _unit_last
 
 __all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
@@ -539,4 +540,5 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
 
 
 # torch.library custom ops (fake kernels + autograd formula): see _common.py
-_fwd_op = register_attention_ops("chunked", _forward, _backward, state_dim=lambda d: d)
+_fwd_op = register_attention_ops("chunked", _forward, _backward, state_dim=lambda d: d,
+                                 differentiable=torch_forward())

@@ -111,6 +111,7 @@ from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import torch_forward
 from ._common import unit_last as _unit_last
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
@@ -867,4 +868,5 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
 
 
 # torch.library custom ops (fake kernels + autograd formula): see _common.py
-_fwd_op = register_attention_ops("taylor", _forward, _backward, state_dim=lambda d: 1 + d + d * d)
+_fwd_op = register_attention_ops("taylor", _forward, _backward, state_dim=lambda d: 1 + d + d * d,
+                                 differentiable=torch_forward("taylor"))

@@ -48,7 +48,7 @@ from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import TunedLaunch, register_attention_ops
+from ._common import TunedLaunch, register_attention_ops, torch_forward
 from .taylor_fused import _dot_in, _mm
 
 _INTERPRET = _common.INTERPRET
@@ -405,4 +405,5 @@ def use_parallel(T: int, has_state: bool) -> bool:
 
 #: torch.library custom op ``featattn::taylor_parallel_fwd`` (+ ``_bwd``), autograd included
 parallel_op = register_attention_ops("taylor_parallel", _forward, _backward,
-                                     state_dim=lambda d: 1 + d + d * d)
+                                     state_dim=lambda d: 1 + d + d * d,
+                                     differentiable=torch_forward("taylor"))
