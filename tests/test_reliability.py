@@ -194,3 +194,15 @@ def test_first_order_backward_keeps_the_kernels():
         create_graph=True)
     assert gq2.requires_grad
     assert torch.allclose(gq, gq2, atol=1e-5, rtol=1e-4)
+
+
+def test_nan_in_v_reaches_only_its_own_chunk_and_later():
+    """What docs/kernels-and-dispatch.md says of non-finite inputs: rows of earlier chunks
+    stay finite, rows from the start of the NaN's chunk on do not."""
+    import featattn
+
+    q, k, v = (torch.randn(1, 1, 150, 8) for _ in range(3))
+    v[0, 0, 100] = float("nan")
+    o = featattn.linear_attention(q, k, v, feature_map="elu", backend="torch")
+    bad = torch.isnan(o[0, 0]).any(-1)
+    assert not bad[:64].any() and bad[64:].all()
