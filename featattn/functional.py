@@ -67,7 +67,7 @@ def linear_attention(
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
-    eps = _validate_eps(eps)
+    eps = _validate_eps(eps, q.dtype)
     _check_backend(backend)
     fm = resolve_feature_map(feature_map)
     scale = _validate_scale(scale, fm, Dqk)
@@ -149,12 +149,24 @@ def _validate_qkv(q, k, v):
     return B, H, T, Dqk, Hkv, Dv
 
 
-def _validate_eps(eps) -> float:
+def _validate_eps(eps, dtype: Optional[torch.dtype] = None) -> float:
+    """``eps`` as a float; with ``dtype`` (the inputs'), also > 0 once in the accumulation
+    dtype (fp32, float64 for float64 inputs): 1e-50 passes ``> 0`` but is 0 in fp32, and a
+    zero denominator then gives NaN.  The bound is the smallest *normal* number, because GPU
+    kernels flush subnormals to zero."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite float > 0, got {eps!r} (the default is 1e-6)")
+    if dtype is not None:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        tiny = torch.finfo(acc).tiny
+        if eps < tiny:
+            raise ValueError(
+                f"eps={eps!r} is 0 once added in {acc} (the denominator's dtype for {dtype} "
+                f"inputs; its smallest normal number is {tiny:.3g}), so it would not keep the "
+                f"denominator away from 0; use eps >= {tiny:.3g} (the default is 1e-6)")
     return eps
 
 

@@ -206,3 +206,21 @@ def test_nan_in_v_reaches_only_its_own_chunk_and_later():
     o = featattn.linear_attention(q, k, v, feature_map="elu", backend="torch")
     bad = torch.isnan(o[0, 0]).any(-1)
     assert not bad[:64].any() and bad[64:].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_eps_that_vanishes_in_fp32_is_rejected(dtype):
+    import featattn
+
+    q = -torch.rand(1, 1, 4, 8).to(dtype) - 0.1  # relu features all 0: den == eps
+    k, v = torch.randn(1, 1, 4, 8).to(dtype), torch.randn(1, 1, 4, 8).to(dtype)
+    with pytest.raises(ValueError, match=r"eps=1e-50 is 0 once added in torch.float32"):
+        featattn.linear_attention(q, k, v, feature_map="relu", eps=1e-50)
+    # a float64 call accumulates in float64, where 1e-50 is a normal number
+    o = featattn.linear_attention(q.double(), k.double(), v.double(), feature_map="relu",
+                                  eps=1e-50)
+    assert torch.isfinite(o).all()
+    with pytest.raises(ValueError, match="float64"):
+        featattn.linear_attention(q.double(), k.double(), v.double(), eps=1e-320)
+    o = featattn.linear_attention(q, k, v, feature_map="relu", eps=1e-30)
+    assert torch.isfinite(o.float()).all()
