@@ -86,8 +86,9 @@ def linear_attention(
         )
     else:
         if fm is not None:
+            q_in, k_in = q, k
             q, k = fm.forward_query(q), fm.forward_key(k)
-            _check_features(fm, q, k, Dqk, Dk)
+            _check_features(fm, q, k, Dqk, Dk, q_in, k_in)
         if choice.name in ("equal_dim", "small_vhd"):
             from .kernels import chunked_attention as fn
         elif choice.name == "reference":
@@ -142,6 +143,14 @@ def _validate_qkv(q, k, v):
         raise ValueError(f"q and k head dims differ: q {Dqk}, k {Dk} (dim 3); they must match")
     if Hkv != Hv:
         raise ValueError(f"k and v must have the same number of heads, got k {Hkv}, v {Hv}")
+    if H < 1 or Hkv < 1:
+        raise ValueError(
+            f"q, k and v need at least one head (dim 1 of [B, H, T, D]), got q {H}, k/v {Hkv}"
+        )
+    if Dqk < 1 or Dv < 1:
+        raise ValueError(
+            f"head dims must be >= 1 (dim 3 of [B, H, T, D]), got q/k {Dqk}, v {Dv}"
+        )
     if H % Hkv != 0:
         raise ValueError(
             f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hkv})"
@@ -220,7 +229,28 @@ def _validate_state(state, normalize, B, H, Dk, Dv, device):
     return kv, z
 
 
-def _check_features(fm, q, k, Dqk, Dk):
+def _check_features(fm, q, k, Dqk, Dk, q_in, k_in):
+    """A feature map's outputs: tensors shaped like its inputs but for the last dim (Dk),
+    in the inputs' dtype (a float64 result for fp32 inputs would silently change the
+    output's dtype)."""
+    what = f"feature map {fm.name!r} ({type(fm).__name__})"
+    for name, f, x in (("q", q, q_in), ("k", k, k_in)):
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(
+                f"{what} must return one tensor for {name}, got {type(f).__name__}; "
+                "return the features alone from forward()"
+            )
+        if tuple(f.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"{what} must keep every dim but the last: {name} {tuple(x.shape)} became "
+                f"{tuple(f.shape)} (expected {tuple(x.shape[:-1]) + (Dk,)}); a map acts on "
+                "each token's head vector alone"
+            )
+        if f.dtype != x.dtype:
+            raise TypeError(
+                f"{what} returned {f.dtype} {name} features for {x.dtype} inputs; return "
+                f"the input dtype (e.g. compute in fp32, then .to(x.dtype))"
+            )
     if q.shape[-1] != Dk or k.shape[-1] != Dk:
         raise ValueError(
             f"feature map {fm.name!r} ({type(fm).__name__}) declares output_dim({Dqk}) = {Dk} but "

@@ -9,7 +9,8 @@ from torch import nn
 
 from .feature_maps import FeatureMap, TaylorFeatureMap
 from .feature_maps.registry import build_feature_map
-from .functional import linear_attention
+from .dispatch import _check_backend
+from .functional import _validate_eps, linear_attention
 from .state import LinearAttentionState
 
 __all__ = ["FeatureAttention"]
@@ -68,9 +69,26 @@ class FeatureAttention(nn.Module):
                     f"dim ({dim}) is not divisible by heads ({heads}); pass head_dim explicitly"
                 )
             head_dim = dim // heads
+        for name, val in (("head_dim", head_dim), ("qk_dim", qk_dim), ("kv_heads", kv_heads)):
+            if val is None:
+                continue
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"{name} must be None or a positive int, got "
+                                f"{type(val).__name__} {val!r}")
+            if val < 1:
+                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
         kv_heads = heads if kv_heads is None else kv_heads
-        if kv_heads < 1 or heads % kv_heads:
-            raise ValueError(f"kv_heads ({kv_heads}) must be >= 1 and divide heads ({heads})")
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        # the call's own checks, made here so a bad layer fails when built, not at its first
+        # forward
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+        eps = _validate_eps(eps)
+        if eps < torch.finfo(torch.float32).tiny:
+            raise ValueError(f"eps={eps!r} is 0 once added in fp32; use eps >= "
+                             f"{torch.finfo(torch.float32).tiny:.3g} (the default is 1e-6)")
+        _check_backend(backend)
         if isinstance(feature_map, str):
             if qk_dim is None:
                 qk_dim = TAYLOR_DEFAULT_QK_DIM if feature_map == "taylor" else head_dim

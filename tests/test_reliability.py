@@ -224,3 +224,72 @@ def test_eps_that_vanishes_in_fp32_is_rejected(dtype):
         featattn.linear_attention(q.double(), k.double(), v.double(), eps=1e-320)
     o = featattn.linear_attention(q, k, v, feature_map="relu", eps=1e-30)
     assert torch.isfinite(o.float()).all()
+
+
+# --------------------------------------------------------------------------- input validation
+def _qkv(H=2, Hkv=2, T=4, d=8, dv=8):
+    return torch.randn(1, H, T, d), torch.randn(1, Hkv, T, d), torch.randn(1, Hkv, T, dv)
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (dict(Hkv=0), "at least one head"),
+    (dict(H=0, Hkv=0), "at least one head"),
+    (dict(d=0), "head dims must be >= 1"),
+    (dict(dv=0), "head dims must be >= 1"),
+])
+@pytest.mark.parametrize("feature_map", [None, "elu", "taylor"])
+def test_empty_heads_and_dims_are_rejected(shapes, match, feature_map):
+    import featattn
+
+    with pytest.raises(ValueError, match=match):
+        featattn.linear_attention(*_qkv(**shapes), feature_map=feature_map)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(head_dim=0), ValueError, "head_dim must be None or a positive int"),
+    (dict(head_dim=-4), ValueError, "head_dim"),
+    (dict(qk_dim=-1), ValueError, "qk_dim"),
+    (dict(qk_dim=0, feature_map="elu"), ValueError, "qk_dim"),
+    (dict(kv_heads="2"), TypeError, "kv_heads must be None or a positive int, got str"),
+    (dict(kv_heads=3), ValueError, "kv_heads"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps="1e-6"), TypeError, "eps"),
+    (dict(eps=1e-50), ValueError, "0 once added in fp32"),
+    (dict(normalize="yes"), TypeError, "normalize must be a bool"),
+    (dict(backend="cuda"), ValueError, "unknown backend"),
+])
+def test_feature_attention_checks_its_arguments_when_built(kwargs, err, match):
+    import featattn
+
+    kwargs = dict(kwargs)
+    fm = kwargs.pop("feature_map", "taylor")
+    with pytest.raises(err, match=match):
+        featattn.FeatureAttention(32, 4, fm, **kwargs)
+
+
+def _custom_map(forward, name):
+    import featattn
+
+    class M(featattn.FeatureMap):
+        def output_dim(self, head_dim):
+            return head_dim
+
+    M.forward = lambda self, x: forward(x)
+    m = M()
+    m.name = name
+    return m
+
+
+@pytest.mark.parametrize("forward,err,match", [
+    (lambda x: (x, x), TypeError, "must return one tensor for q, got tuple"),
+    (lambda x: x[:, :, :-1], ValueError, "must keep every dim but the last"),
+    (lambda x: x[:1].expand(2, *x.shape[1:]) if x.shape[0] == 1 else x[:1], ValueError,
+     "must keep every dim but the last"),
+    (lambda x: x.double(), TypeError, "returned torch.float64 q features for torch.float32"),
+])
+def test_feature_map_outputs_are_checked(forward, err, match):
+    import featattn
+
+    fm = _custom_map(forward, "bad")
+    with pytest.raises(err, match=match):
+        featattn.linear_attention(*_qkv(), feature_map=fm)
