@@ -32,12 +32,14 @@ import os
 import sys
 import time
 import warnings
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from .dispatch import BACKENDS
 from .feature_maps import FeatureMap, TaylorFeatureMap, get_feature_map, list_feature_maps
 from .feature_maps import registry as _registry
 from .functional import linear_attention
@@ -735,6 +737,57 @@ def _resolve_map_spec(spec):
     return spec
 
 
+def _check_positive_float(name: str, val, default: str) -> float:
+    if isinstance(val, bool) or not isinstance(val, numbers.Real):
+        raise TypeError(
+            f"{name} must be a finite float > 0, got {type(val).__name__} {val!r}; "
+            f"the default is {default}"
+        )
+    if not (math.isfinite(val) and val > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {val!r}; the default is {default}")
+    return float(val)
+
+
+def _check_feature_map(feature_map, feature_map_kwargs):
+    """The recorded spec of ``feature_map`` (registry name or ``module:QualName``), after
+    checking it and ``feature_map_kwargs`` without building anything."""
+    if isinstance(feature_map, str):
+        if feature_map not in list_feature_maps():
+            raise ValueError(
+                f"feature_map: unknown feature map {feature_map!r}; known feature maps: "
+                f"{', '.join(list_feature_maps())} (or pass a FeatureMap class or instance)"
+            )
+        spec = feature_map
+    elif isinstance(feature_map, FeatureMap):
+        spec = _map_class_path(type(feature_map))
+    elif isinstance(feature_map, type) and issubclass(feature_map, FeatureMap):
+        spec = _map_class_path(feature_map)
+    else:
+        raise TypeError(
+            "feature_map must be a registered name (one of "
+            f"{', '.join(list_feature_maps())}), a FeatureMap subclass or a FeatureMap instance, "
+            f"got {type(feature_map).__name__} {feature_map!r}"
+        )
+    if feature_map_kwargs is not None:
+        if not isinstance(feature_map_kwargs, Mapping):
+            raise TypeError(
+                f"feature_map_kwargs must be a dict or None, got {type(feature_map_kwargs).__name__} "
+                f"{feature_map_kwargs!r}; e.g. feature_map_kwargs={{'feature_dim': 64}}"
+            )
+        bad = [k for k in feature_map_kwargs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(
+                f"feature_map_kwargs keys must be str (constructor argument names), got {bad!r}"
+            )
+        if feature_map_kwargs and isinstance(feature_map, FeatureMap):
+            raise ValueError(
+                f"feature_map_kwargs={dict(feature_map_kwargs)!r} only applies when feature_map is "
+                f"a name or a class, got an instance of {type(feature_map).__name__}; configure "
+                "the instance itself, or pass its class"
+            )
+    return spec
+
+
 def _build_map(spec, head_dim: int, heads: int, kv_heads: int, kwargs: Optional[dict]) -> FeatureMap:
     kwargs = dict(kwargs or {})
     if isinstance(spec, FeatureMap):
@@ -757,7 +810,13 @@ def _build_map(spec, head_dim: int, heads: int, kv_heads: int, kwargs: Optional[
     for key, val in (("head_dim", head_dim), ("heads", heads), ("kv_heads", kv_heads)):
         if key in params and key not in kwargs:
             kwargs[key] = val
-    fm = cls(**kwargs)
+    try:
+        fm = cls(**kwargs)
+    except TypeError as e:  # an unknown or missing constructor argument
+        raise TypeError(
+            f"feature_map_kwargs: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+            f"failed: {e}; pass only arguments of {cls.__name__}{inspect.signature(cls.__init__)}"
+        ) from e
     if not isinstance(fm, FeatureMap):
         raise TypeError(f"{cls.__name__} did not build a FeatureMap")
     return fm
@@ -766,20 +825,33 @@ def _build_map(spec, head_dim: int, heads: int, kv_heads: int, kwargs: Optional[
 def _normalize_layers(layers, n: int) -> list:
     if layers is None:
         return list(range(n))
-    if isinstance(layers, (int, numbers.Integral)) and not isinstance(layers, bool):
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]
+    # a str is iterable, and would otherwise be read one character at a time
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, abc.Iterable):
+        raise TypeError(
+            f"layers must be None, an int or a list of ints (decoder-layer indices), got "
+            f"{type(layers).__name__} {layers!r}; e.g. layers=[0, -1]"
+        )
+    layers = list(layers)
     out = []
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"layers must be None or ints, got {i!r}")
+            raise TypeError(
+                f"layers must be None, an int or a list of ints, got an element "
+                f"{type(i).__name__} {i!r} in layers={layers!r}; e.g. layers=[0, -1]"
+            )
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
-            raise ValueError(f"layer index {i} is out of range for a model with {n} decoder layers")
+            raise ValueError(
+                f"layers: index {i} is out of range for a model with {n} decoder layers; "
+                f"use -{n} .. {n - 1}"
+            )
         if j in out:
-            raise ValueError(f"layer {j} is listed twice in layers={layers!r}")
+            raise ValueError(f"layers: layer {j} is listed twice in layers={layers!r}; list each once")
         out.append(j)
     if not out:
-        raise ValueError("layers is empty: nothing to patch")
+        raise ValueError("layers is empty: nothing to patch; pass None for every layer")
     return sorted(out)
 
 
@@ -849,30 +921,42 @@ def patch_hf_model(
             f"this model is already patched (layers {patched_layers(model)}); call "
             "featattn.hf.unpatch_hf_model(model) first to patch it differently"
         )
+    # every argument is checked, and the config record built, before the first module is
+    # replaced: a bad argument must leave the model exactly as it was
+    map_spec = _check_feature_map(feature_map, feature_map_kwargs)
     if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-    if feature_map_kwargs is not None and not isinstance(feature_map_kwargs, Mapping):
-        raise TypeError(f"feature_map_kwargs must be a dict or None, got {type(feature_map_kwargs).__name__}")
+        raise TypeError(
+            f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}; "
+            "pass True (the default) or False"
+        )
+    eps = _check_positive_float("eps", eps, "1e-6")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(
+                f"scale must be None or a real number, got {type(scale).__name__} {scale!r}; "
+                "pass None for the model's own softmax scaling, or a float such as 0.125"
+            )
+        if not math.isfinite(scale):
+            raise ValueError(
+                f"scale must be None or a finite number, got {scale!r}; pass None for the "
+                "model's own softmax scaling"
+            )
+        scale = float(scale)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        err = ValueError if isinstance(backend, str) else TypeError
+        raise err(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
+            f"{type(backend).__name__} {backend!r}; 'auto' picks the kernel per call"
+        )
     idxs = _normalize_layers(layers, len(decoder_layers))
     config = model.config
-
-    if isinstance(feature_map, str):
-        map_spec = feature_map
-    elif isinstance(feature_map, FeatureMap):
-        map_spec = _map_class_path(type(feature_map))
-    elif isinstance(feature_map, type) and issubclass(feature_map, FeatureMap):
-        map_spec = _map_class_path(feature_map)
-    else:
-        map_spec = None  # _build_map raises the TypeError below
     record = {
         "feature_map": map_spec,
         "feature_map_kwargs": dict(feature_map_kwargs) if feature_map_kwargs else None,
         "layers": idxs,
         "normalize": normalize,
-        "eps": float(eps),
-        "scale": None if scale is None else float(scale),
+        "eps": eps,
+        "scale": scale,
         "backend": backend,
         "featattn_version": _version(),
     }
@@ -880,7 +964,8 @@ def patch_hf_model(
         json.dumps(record)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"feature_map_kwargs must be JSON-serialisable (the patch is recorded in config.json): {e}"
+            f"feature_map_kwargs must be JSON-serialisable (the patch is recorded in config.json), "
+            f"got {feature_map_kwargs!r}: {e}; pass plain numbers, strings, lists and dicts"
         ) from None
 
     new_modules = {}
@@ -899,7 +984,7 @@ def patch_hf_model(
                 fm.to(dtype=ref.dtype)
         new_modules[i] = HFFeatureAttention(
             attn, family=fam.model_type, layer_idx=i, feature_map=fm, heads=heads,
-            kv_heads=kv_heads, head_dim=head_dim, normalize=normalize, eps=float(eps),
+            kv_heads=kv_heads, head_dim=head_dim, normalize=normalize, eps=eps,
             scale=scale, backend=backend,
         )
         new_modules[i].train(attn.training)

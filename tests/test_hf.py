@@ -112,6 +112,77 @@ def test_argument_errors():
     assert not is_patched(model) and not hasattr(model.config, "featattn")  # nothing half-done
 
 
+def _snapshot(model, ids):
+    """Everything a failed patch_hf_model could have changed."""
+    base = model.base_model
+    layers = base.h if model.config.model_type == "gpt2" else base.layers
+    attn_name = "attn" if model.config.model_type == "gpt2" else "self_attn"
+    with torch.no_grad():
+        logits = model(ids).logits.clone()
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "attn": [(id(getattr(layer, attn_name)), type(getattr(layer, attn_name)).__name__)
+                 for layer in layers],
+        "config": model.config.to_dict(),
+        "hooks": (len(base._forward_pre_hooks), len(model._forward_pre_hooks)),
+        "logits": logits,
+    }
+
+
+def _assert_same(before, after):
+    assert after["attn"] == before["attn"]
+    assert after["hooks"] == before["hooks"]
+    assert after["config"] == before["config"]
+    assert list(after["state"]) == list(before["state"])
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=0)
+
+
+# (args, kwargs, exception, what the message must name)
+BAD_PATCH_ARGS = [
+    (("elu",), {"scale": "x"}, TypeError, r"scale must be None or a real number, got str 'x'"),
+    (("elu",), {"scale": True}, TypeError, r"scale .* got bool True"),
+    (("elu",), {"scale": float("nan")}, ValueError, r"scale must be None or a finite number, got nan"),
+    (("elu",), {"eps": "x"}, TypeError, r"eps must be a finite float > 0, got str 'x'"),
+    (("elu",), {"eps": -1.0}, ValueError, r"eps must be a finite float > 0, got -1.0"),
+    (("elu",), {"normalize": "yes"}, TypeError, r"normalize must be a bool, got str 'yes'"),
+    (("elu",), {"backend": "nope"}, ValueError, r"backend must be one of 'auto'.*got str 'nope'"),
+    (("elu",), {"backend": None}, TypeError, r"backend must be one of .*got NoneType None"),
+    (("elu",), {"layers": 1.5}, TypeError, r"layers must be None, an int or a list of ints.*got float 1.5"),
+    (("elu",), {"layers": "01"}, TypeError, r"layers must be .*got str '01'"),
+    (("elu",), {"layers": [0, "1"]}, TypeError, r"layers .*got an element str '1'"),
+    (("elu",), {"layers": [0, 5]}, ValueError, r"layers: index 5 is out of range .* 2 decoder layers"),
+    (("elu",), {"layers": []}, ValueError, r"layers is empty"),
+    ((3,), {}, TypeError, r"feature_map must be a registered name .*got int 3"),
+    (("no_such_map",), {}, ValueError, r"feature_map: unknown feature map 'no_such_map'"),
+    (("hedgehog",), {"feature_map_kwargs": [("feature_dim", 4)]}, TypeError,
+     r"feature_map_kwargs must be a dict or None, got list"),
+    (("hedgehog",), {"feature_map_kwargs": {"no_such_arg": 1}}, TypeError,
+     r"feature_map_kwargs: HedgehogFeatureMap\(.*no_such_arg=1.*\) failed"),
+    (("hedgehog",), {"feature_map_kwargs": {"feature_dim": torch.float32}}, TypeError,
+     r"feature_map_kwargs must be JSON-serialisable"),
+    ((featattn.get_feature_map("elu"),), {"feature_map_kwargs": {"x": 1}}, ValueError,
+     r"feature_map_kwargs=\{'x': 1\} only applies when feature_map is a name or a class"),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bad_patch_arguments_raise_and_leave_the_model_untouched(family):
+    model = make_model(family)
+    ids = ids_batch(2, 6)
+    before = _snapshot(model, ids)
+    for args, kwargs, exc, message in BAD_PATCH_ARGS:
+        with pytest.raises(exc, match=message):
+            patch_hf_model(model, *args, **kwargs)
+        _assert_same(before, _snapshot(model, ids))
+    assert not is_patched(model) and not hasattr(model.config, "featattn")
+    # and the same model still patches with good arguments
+    patch_hf_model(model, "elu", scale=0.5, layers=[-1], backend="torch")
+    assert patched_layers(model) == [1] and attn_of(model, 1).q_scale == 0.5
+    assert model.config.featattn["scale"] == 0.5
+
+
 # --------------------------------------------------------------------------- structure, exactness
 
 
