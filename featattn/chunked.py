@@ -75,14 +75,18 @@ def chunked_linear_attention(
             z = q5.new_zeros(B, Hkv, 1, Dk)
 
     mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # Under torch.compile the whole sequence is one block: a Python loop over T, min() or a
+    # branch on the padding would specialise T and recompile for every new length.  That
+    # block holds O(T / C * Dk * Dv) prefix states; eager calls keep O(block_chunks * Dk * Dv).
+    whole = torch.compiler.is_compiling()
     block = C * block_chunks
     outs = []
-    for start in range(0, T, block):
-        L = min(block, T - start)
-        n = -(-L // C)
+    for start in ([0] if whole else range(0, T, block)):
+        L = T if whole else min(block, T - start)
+        n = (L + C - 1) // C
         pad = n * C - L
         qb, kb, vb = (x[..., start : start + L, :] for x in (q5, k5, v5))
-        if pad:
+        if whole or pad:  # compiled: pad always (by 0 too), as a branch on pad guards on T
             # zero keys/values add nothing to any sum; padded query rows are dropped below
             qb, kb, vb = (F.pad(x, (0, 0, 0, pad)) for x in (qb, kb, vb))
         qc = qb.unflatten(-2, (n, C))  # [B, Hkv, G, n, C, Dk]
@@ -114,8 +118,6 @@ def chunked_linear_attention(
 def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """cumsum that excludes the current element (prefix *before* each chunk), without the
     cancellation of ``cumsum(x) - x``."""
-    n = x.shape[dim]
-    if n == 1:
-        return torch.zeros_like(x)
+    n = x.shape[dim]  # n == 1 works too (an empty cumsum); no branch, so n stays symbolic
     head = torch.zeros_like(x.narrow(dim, 0, 1))
     return torch.cat([head, x.narrow(dim, 0, n - 1).cumsum(dim)], dim=dim)

@@ -162,7 +162,14 @@ def _validate_eps(eps, dtype: Optional[torch.dtype] = None) -> float:
     """``eps`` as a float; with ``dtype`` (the inputs'), also > 0 once in the accumulation
     dtype (fp32, float64 for float64 inputs): 1e-50 passes ``> 0`` but is 0 in fp32, and a
     zero denominator then gives NaN.  The bound is the smallest *normal* number, because GPU
-    kernels flush subnormals to zero."""
+    kernels flush subnormals to zero.
+
+    Under torch.compile(dynamic=True) a float attribute such as a layer's eps is traced as a
+    symbolic float, on which ``math.isfinite`` and ``float()`` break the graph or specialise
+    it: the checks then run in eager calls only (FeatureAttention checks its eps when
+    built)."""
+    if torch.compiler.is_compiling():
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
     eps = float(eps)

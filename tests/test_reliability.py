@@ -293,3 +293,47 @@ def test_feature_map_outputs_are_checked(forward, err, match):
     fm = _custom_map(forward, "bad")
     with pytest.raises(err, match=match):
         featattn.linear_attention(*_qkv(), feature_map=fm)
+
+
+# --------------------------------------------------------------------------- torch.compile
+class _CountingBackend:
+    """A torch.compile backend (AOTAutograd, eager kernels) that counts the graphs compiled."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs += 1
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs)
+
+
+@pytest.mark.parametrize("fm,backend,how", [
+    ("taylor", "auto", "dynamic"), ("taylor", "auto", "mark_dynamic"),  # the torch path on CPU
+    ("elu", "triton", "dynamic"),  # the kernels' custom ops (interpreter): fewer lengths
+])
+def test_compiled_layer_does_not_recompile_as_T_changes(how, fm, backend):
+    """Variable-length training: one or two graphs for every T in 10..110 (dynamo specialises
+    a size of 1, hence two), not one per T until the recompile limit."""
+    import torch._dynamo
+
+    import featattn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(32, 4, fm, backend=backend)
+    count = _CountingBackend()
+    compiled = torch.compile(layer, backend=count, fullgraph=True, dynamic=(how == "dynamic"))
+    for T in range(10, 111, 10 if backend == "auto" else 50):
+        x = torch.randn(2, T, 32, requires_grad=True)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 1)
+        out = compiled(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        ref = layer(x)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    assert 1 <= count.graphs <= 2, count.graphs
