@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_demo(args, ui: UI) -> int:
     from . import list_feature_maps
-    from .demo import (DEFAULT_CONFIG, QUICK_CONFIG, make_eval_set, plot_curves, train_one,
-                       write_json)
+    from .demo import (DEFAULT_CONFIG, QUICK_CONFIG, make_eval_set, plot_curves,
+                       run_environment, train_one, write_json)
 
     parser = args.parser
     device = _resolve_device(parser, args.device)
@@ -347,6 +347,10 @@ def _cmd_demo(args, ui: UI) -> int:
     ui.print(f"  model: dim {cfg.dim}, {cfg.heads} heads, {cfg.layers} layer(s) of short conv + "
              f"attention + MLP; {cfg.steps} steps x {cfg.batch} sequences, AdamW lr {cfg.lr}")
     ui.print(f"  attention: {', '.join(names)}")
+    env = run_environment(device)
+    # the numbers reproduce exactly only when all of these match (docs/demo.md)
+    ui.print("  reproducible for: seed " + str(cfg.seed) + ", "
+             + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"))
 
     eval_set = make_eval_set(cfg, device)
     results = []

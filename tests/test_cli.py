@@ -4,6 +4,7 @@ Runs in-process through ``featattn.cli.main`` (stdout is captured, so not a term
 plain progress and markdown table are what CI sees), plus one subprocess for the entry point.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -157,6 +158,40 @@ def test_demo_reproducible_and_png_path(tmp_path, capsys):
     b = json.loads((tmp_path / "b" / "curve.json").read_text())["results"]
     for ra, rb in zip(a, b):
         assert ra["curve"] == rb["curve"] and ra["final_loss"] == rb["final_loss"]
+    # the header and the JSON say what else the numbers depend on
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert (f"  reproducible for: seed 0, torch {torch.__version__}, threads 1, "
+            f"cpu_capability {capability}\n") in out
+    env = json.loads((tmp_path / "b" / "curve.json").read_text())["environment"]
+    assert env == {"torch": torch.__version__, "device": "cpu", "threads": 1,
+                   "cpu_capability": capability}
+
+
+def test_demo_model_depends_on_the_seed_alone():
+    """train_one neither reads nor moves the caller's global RNG: the same result after other
+    models or other draws, and the caller's random stream goes on where it was."""
+    from featattn.demo import DemoConfig, make_eval_set, train_one
+
+    cfg = DemoConfig(steps=3, seq_len=12, kv_pairs=3, vocab=17, batch=4, dim=8, heads=2,
+                     eval_every=3, eval_size=8, seed=5)
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = make_eval_set(cfg, cpu)
+        torch.manual_seed(123)
+        expected_draw = torch.rand(4)
+        torch.manual_seed(123)
+        first = train_one("relu", cfg, cpu, eval_set=ev)
+        assert torch.equal(torch.rand(4), expected_draw)      # the caller's stream, untouched
+        train_one("softmax", dataclasses.replace(cfg, seed=6), cpu, eval_set=ev)
+        torch.rand(1000)
+        again = train_one("relu", cfg, cpu, eval_set=ev)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.curve == first.curve and again.final_loss == first.final_loss
+    other = train_one("relu", dataclasses.replace(cfg, seed=6), cpu, eval_set=ev)
+    assert other.final_loss != first.final_loss                 # and the seed does matter
 
 
 def test_mqar_layout():
