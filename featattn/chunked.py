@@ -10,6 +10,8 @@ running state ``S = sum phi(k)^T v`` (and ``z = sum phi(k)``), so
 Per block of up to ``block_chunks`` chunks the prefix states are an exclusive cumsum of the
 per-chunk ``k_c^T v_c`` (vectorised over chunks), and blocks are chained by the carried state,
 so memory stays O(block * Dk * Dv) whatever T is.  Cost: O(T * C * (Dk + Dv) + T * Dk * Dv).
+Under ``torch.compile`` the whole sequence is one block (no Python loop or branch on T, so one
+graph serves every T; memory O(T/C * Dk * Dv) per head for the prefix states).
 
 Grouped k/v heads: q is viewed as [B, Hkv, G, T, Dk] (no copy) and k/v broadcast over G.  The
 state is per query head; without an initial state the G heads of a group share it until the
@@ -47,7 +49,8 @@ def chunked_linear_attention(
         normalize, eps: divide by ``q_t . sum_{s<=t} k_s + eps`` when ``normalize``.
         initial_kv: ``[B, H, Dk, Dv]``; initial_z: ``[B, H, Dk]`` (normalised only).
         return_state: also return the final ``kv`` / ``z``.
-        chunk_size: tokens per chunk C.  block_chunks: chunks vectorised together.
+        chunk_size: tokens per chunk C.  block_chunks: chunks vectorised together in eager
+            mode (under ``torch.compile`` the whole sequence is one block, see below).
 
     Returns:
         ``(o, kv, z)``: o ``[B, H, T, Dv]`` in ``q.dtype``; kv ``[B, H, Dk, Dv]`` and z
@@ -75,38 +78,23 @@ def chunked_linear_attention(
             z = q5.new_zeros(B, Hkv, 1, Dk)
 
     mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # Under torch.compile the whole sequence is one block: a Python loop over T, min() or a
-    # branch on the padding would specialise T and recompile for every new length.  That
-    # block holds O(T / C * Dk * Dv) prefix states; eager calls keep O(block_chunks * Dk * Dv).
-    whole = torch.compiler.is_compiling()
-    block = C * block_chunks
-    outs = []
-    for start in ([0] if whole else range(0, T, block)):
-        L = T if whole else min(block, T - start)
-        n = (L + C - 1) // C
-        pad = n * C - L
-        qb, kb, vb = (x[..., start : start + L, :] for x in (q5, k5, v5))
-        if whole or pad:  # compiled: pad always (by 0 too), as a branch on pad guards on T
-            # zero keys/values add nothing to any sum; padded query rows are dropped below
-            qb, kb, vb = (F.pad(x, (0, 0, 0, pad)) for x in (qb, kb, vb))
-        qc = qb.unflatten(-2, (n, C))  # [B, Hkv, G, n, C, Dk]
-        kc = kb.unflatten(-2, (n, C))  # [B, Hkv, 1, n, C, Dk]
-        vc = vb.unflatten(-2, (n, C))  # [B, Hkv, 1, n, C, Dv]
+    if torch.compiler.is_compiling():
+        # A Python loop over blocks (or any branch on T) makes dynamo specialise T and
+        # recompile for every new length, so compiled code runs the whole sequence as one
+        # block, with only symbolic arithmetic on T.  The price is memory: the per-chunk
+        # prefix states are O(T/C * Dk * Dv) per head instead of O(block_chunks * Dk * Dv).
+        out, kv, z = _block(q5, k5, v5, kv, z, mask, C, normalize, eps, spare_chunk=True)
+    else:
+        block = C * block_chunks
+        outs = []
+        for start in range(0, T, block):
+            L = min(block, T - start)
+            o, kv, z = _block(
+                *(x[..., start : start + L, :] for x in (q5, k5, v5)), kv, z, mask, C, normalize, eps
+            )
+            outs.append(o)
+        out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
 
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B, Hkv, G, n, C, C]
-        chunk_kv = kc.transpose(-1, -2) @ vc  # [B, Hkv, 1, n, Dk, Dv]
-        prefix_kv = _exclusive_cumsum(chunk_kv, dim=3) + kv.unsqueeze(3)
-        num = scores @ vc + qc @ prefix_kv
-        kv = kv + chunk_kv.sum(3)
-        if normalize:
-            chunk_z = kc.sum(-2)  # [B, Hkv, 1, n, Dk]
-            prefix_z = _exclusive_cumsum(chunk_z, dim=3) + z.unsqueeze(3)
-            den = scores.sum(-1) + (qc @ prefix_z.unsqueeze(-1)).squeeze(-1)
-            num = num / (den + eps).unsqueeze(-1)
-            z = z + chunk_z.sum(3)
-        outs.append(num.flatten(3, 4)[..., :L, :])
-
-    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
     out = out.flatten(1, 2).to(q.dtype)  # [B, H, T, Dv]
     if not return_state:
         return out, None, None
@@ -115,9 +103,45 @@ def chunked_linear_attention(
     return out, kv_out, z_out
 
 
+def _block(qb, kb, vb, kv, z, mask, C, normalize, eps, spare_chunk=False):
+    """One block of L tokens (any L >= 1) on top of the carried state ``kv`` / ``z``; returns
+    ``(o [B, Hkv, G, L, Dv], kv, z)`` with the state advanced past the block.
+
+    No Python branch depends on L, so L may be symbolic under ``torch.compile``.
+    """
+    L = qb.shape[-2]
+    n = (L + C - 1) // C
+    if spare_chunk:
+        # Every broadcast of a size-n dim asks "n == 1?"; for a symbolic n that could be 1
+        # (L <= C) dynamo answers with a guard, i.e. one graph for L <= C and another for
+        # L > C.  One always-padded chunk makes n >= 2 provable, so no guard is needed.
+        n = n + 1
+    # zero keys/values add nothing to any sum; padded query rows are dropped below
+    pad = n * C - L
+    if spare_chunk or pad:  # spare_chunk first: pad > 0 then, and `if pad` would guard on L % C
+        qb, kb, vb = (F.pad(x, (0, 0, 0, pad)) for x in (qb, kb, vb))
+    qc = qb.unflatten(-2, (n, C))  # [B, Hkv, G, n, C, Dk]
+    kc = kb.unflatten(-2, (n, C))  # [B, Hkv, 1, n, C, Dk]
+    vc = vb.unflatten(-2, (n, C))  # [B, Hkv, 1, n, C, Dv]
+
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B, Hkv, G, n, C, C]
+    chunk_kv = kc.transpose(-1, -2) @ vc  # [B, Hkv, 1, n, Dk, Dv]
+    prefix_kv = _exclusive_cumsum(chunk_kv, dim=3) + kv.unsqueeze(3)
+    num = scores @ vc + qc @ prefix_kv
+    kv = kv + chunk_kv.sum(3)
+    if normalize:
+        chunk_z = kc.sum(-2)  # [B, Hkv, 1, n, Dk]
+        prefix_z = _exclusive_cumsum(chunk_z, dim=3) + z.unsqueeze(3)
+        den = scores.sum(-1) + (qc @ prefix_z.unsqueeze(-1)).squeeze(-1)
+        num = num / (den + eps).unsqueeze(-1)
+        z = z + chunk_z.sum(3)
+    return num.flatten(3, 4)[..., :L, :], kv, z
+
+
 def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """cumsum that excludes the current element (prefix *before* each chunk), without the
-    cancellation of ``cumsum(x) - x``."""
-    n = x.shape[dim]  # n == 1 works too (an empty cumsum); no branch, so n stays symbolic
+    cancellation of ``cumsum(x) - x``.  Sizes stay n (never n - 1, which dynamo would
+    specialise on being 1) and nothing branches on n."""
+    n = x.shape[dim]
     head = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([head, x.narrow(dim, 0, n - 1).cumsum(dim)], dim=dim)
+    return torch.cat([head, x], dim=dim).cumsum(dim).narrow(dim, 0, n)

@@ -44,3 +44,58 @@ def test_fullgraph_inductor_on_cuda(fm):
     (g,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
+def test_one_graph_for_every_T_on_the_torch_path(how):
+    """Variable-length training compiles the CPU (chunked PyTorch) path once.  T crosses one
+    chunk (64) and two: a size-n chunk dim that may be 1, or a size n - 1, made dynamo guard
+    on it and compile again for T <= 64, T <= 128 and longer."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(16, 2, "taylor", qk_dim=4, backend="torch")
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=count, fullgraph=True, dynamic=(how == "dynamic"))
+    for T in (10, 64, 65, 128, 129, 200):
+        x = torch.randn(2, T, 16)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 1)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1, len(graphs)
+
+
+def test_compiled_torch_path_is_exact_in_float64():
+    """The compiled form (one block, a spare padded chunk) against the float64 oracle, with a
+    state, grouped heads and T below, at and above the chunk size."""
+    from featattn.chunked import chunked_linear_attention
+    from featattn.reference import quadratic_linear_attention
+
+    def f(q, k, v, kv0, z0):
+        return chunked_linear_attention(q, k, v, normalize=True, eps=1e-6, initial_kv=kv0,
+                                        initial_z=z0, return_state=True, chunk_size=8)
+
+    # "eager": the traced forward runs op by op and autograd goes through it; Dv = 6 so that
+    # no T equals another size (dynamo's duck sizing would tie them and recompile)
+    compiled = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for T in (3, 8, 9, 17):
+        q = torch.rand(2, 4, T, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        k = torch.rand(2, 2, T, 5, generator=g, dtype=torch.float64)
+        v = torch.randn(2, 2, T, 6, generator=g, dtype=torch.float64)
+        kv0 = torch.rand(2, 4, 5, 6, generator=g, dtype=torch.float64)
+        z0 = torch.rand(2, 4, 5, generator=g, dtype=torch.float64)
+        got = compiled(q, k, v, kv0, z0)
+        want = quadratic_linear_attention(q, k, v, normalize=True, eps=1e-6, initial_kv=kv0,
+                                          initial_z=z0, return_state=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        (ga,) = torch.autograd.grad(got[0].sum(), q)
+        (gb,) = torch.autograd.grad(want[0].sum(), q)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
