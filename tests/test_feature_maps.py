@@ -117,3 +117,9 @@ def test_elu_beats_naive_in_bf16():
     exact = math.exp(-6.0)
     ours = get_feature_map("elu")(x).float()
     assert abs(ours[0].item() - exact) / exact < 1e-2
+
+
+def test_taylor_rejects_an_empty_head_dim():
+    # it divided by d ** 0.25: ZeroDivisionError for d = 0
+    with pytest.raises(ValueError, match=r"head dim >= 1 .*got x of shape \(2, 3, 0\)"):
+        get_feature_map("taylor")(torch.randn(2, 3, 0))

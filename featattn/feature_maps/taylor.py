@@ -20,6 +20,12 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     vectorised loads, which a 273-element (546-byte) row stride rules out.
     """
     d = x.shape[-1]
+    if d < 1:
+        # the map divides by d ** 0.25; an empty head would raise ZeroDivisionError
+        raise ValueError(
+            f"the taylor feature map needs a q/k head dim >= 1 (the last dim), got x of shape "
+            f"{tuple(x.shape)}"
+        )
     D = 1 + d + d * d
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     lin = xf * (d ** -0.25)
