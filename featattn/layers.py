@@ -84,10 +84,7 @@ class FeatureAttention(nn.Module):
         # forward
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
-        eps = _validate_eps(eps)
-        if eps < torch.finfo(torch.float32).tiny:
-            raise ValueError(f"eps={eps!r} is 0 once added in fp32; use eps >= "
-                             f"{torch.finfo(torch.float32).tiny:.3g} (the default is 1e-6)")
+        eps = _validate_eps(eps, torch.float32)  # the layer's usual dtypes accumulate in fp32
         _check_backend(backend)
         if isinstance(feature_map, str):
             if qk_dim is None:

@@ -254,7 +254,7 @@ def test_empty_heads_and_dims_are_rejected(shapes, match, feature_map):
     (dict(kv_heads=3), ValueError, "kv_heads"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(eps="1e-6"), TypeError, "eps"),
-    (dict(eps=1e-50), ValueError, "0 once added in fp32"),
+    (dict(eps=1e-50), ValueError, "0 once added in torch.float32"),
     (dict(normalize="yes"), TypeError, "normalize must be a bool"),
     (dict(backend="cuda"), ValueError, "unknown backend"),
 ])
