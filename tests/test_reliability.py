@@ -73,7 +73,14 @@ def _gpu_check(q, k, v, feature_map, normalize):
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[q.dtype]
     assert rel_err(o, ro) < tol, (tuple(q.shape), q.dtype, "o", rel_err(o, ro))
     for name, a, b in zip("qkv", grads, rgrads):
-        assert rel_err(a, b) < tol, (tuple(q.shape), q.dtype, "d" + name, rel_err(a, b))
+        err = rel_err(a, b)
+        if normalize and q.shape[2] == 1 and name in "qk":
+            # At T = 1 the normalised output is v * s / (s + eps): dq and dk are O(eps), and any
+            # fp32 kernel computes them as the cancellation do.v - do.o, i.e. rounding noise of
+            # |do| |v| size.  Relative to their own (1e-8) norm that noise is O(1) (seen on the
+            # H200: dq 6e-9 vs -4e-9), so measure it against the gradients' natural scale |do|.
+            err = ((a.double() - b.double()).norm() / do.double().norm()).item()
+        assert err < tol, (tuple(q.shape), q.dtype, "d" + name, err)
 
 
 @pytest.mark.cuda
