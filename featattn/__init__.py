@@ -6,6 +6,7 @@ Dqk raw q/k head dim, Dk expanded feature dim, Dv value head dim.
 
 from .dispatch import KernelChoice, select_kernel
 from .feature_maps import (
+    ElementwiseTritonForm,
     FeatureMap,
     get_feature_map,
     list_feature_maps,
@@ -24,6 +25,7 @@ __all__ = [
     "LinearAttentionState",
     "FeatureAttention",
     "FeatureMap",
+    "ElementwiseTritonForm",
     "register_feature_map",
     "get_feature_map",
     "list_feature_maps",

@@ -39,11 +39,30 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class KernelChoice(NamedTuple):
-    """The dispatcher's answer: ``name`` of the kernel that runs, and ``reasons`` saying why
-    each faster candidate was not taken (empty when the fastest one was)."""
+    """The dispatcher's answer: ``name`` of the kernel that runs, ``reasons`` saying why
+    each faster candidate was not taken (empty when the fastest one was), and ``map_fused``:
+    whether the feature map runs inside the kernel (raw q/k in, no feature tensors in memory)
+    rather than in PyTorch before it; when it does not, ``reasons`` says why."""
 
     name: str
     reasons: tuple
+    map_fused: bool = False
+
+
+def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:
+    """None when the chunked kernels can fuse ``fm`` (an elementwise map that declares a
+    Triton form), else why not."""
+    what = f"map {fm.name!r} runs in PyTorch before the kernel"
+    if fm.triton_elementwise() is None:
+        return f"{what}: it declares no elementwise Triton form (FeatureMap.triton_elementwise)"
+    if fm.output_dim(dqk) != dqk:
+        return f"{what}: output_dim({dqk}) = {fm.output_dim(dqk)} is not elementwise"
+    cls = type(fm)
+    if cls.forward_query is not FeatureMap.forward_query or cls.forward_key is not FeatureMap.forward_key:
+        return f"{what}: it treats queries and keys differently (forward_query/forward_key)"
+    if any(True for _ in fm.parameters()):
+        return f"{what}: it has parameters, which a Triton form cannot see"
+    return None
 
 
 def _kernels_module():
@@ -154,7 +173,12 @@ def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend:
         if why is None and backend in ("equal_dim", "small_vhd") and backend != name:
             why = f"Dk={dk}, Dv={dv} is a {name} shape"
         if why is None:
-            return KernelChoice(name, tuple(reasons))
+            if fm is None:
+                return KernelChoice(name, tuple(reasons))
+            unfused = _unfusable_reason(fm, dqk)
+            if unfused is None:
+                return KernelChoice(name, tuple(reasons), True)
+            return KernelChoice(name, tuple(reasons) + (unfused,))
         if backend != "auto":
             raise ValueError(
                 f"backend={backend!r} cannot run: {name}: {why}"

@@ -75,6 +75,16 @@ def linear_attention(
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
 
     choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend)
+    if choice.map_fused:
+        from .kernels import chunked_attention
+
+        out, kv, z = chunked_attention(
+            q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
+            return_state=return_state, feature_map=fm, scale=scale,
+        )
+        if return_state:
+            return out, LinearAttentionState(kv, z)
+        return out
     if scale != 1.0:
         q = q * scale
     if choice.name == "taylor_fused":

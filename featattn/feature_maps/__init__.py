@@ -1,6 +1,6 @@
 """Feature maps and their registry.  Importing this package registers the built-in maps."""
 
-from .base import FeatureMap
+from .base import ElementwiseTritonForm, FeatureMap
 from .registry import (
     build_feature_map,
     get_feature_map,
@@ -8,15 +8,17 @@ from .registry import (
     register_feature_map,
     resolve_feature_map,
 )
-from . import elu, hedgehog, identity, relu, taylor  # noqa: F401  (registration side effect)
+from . import elu, hedgehog, identity, relu, squared_relu, taylor  # noqa: F401  (registration side effect)
 from .elu import EluFeatureMap
 from .hedgehog import HedgehogFeatureMap
 from .identity import IdentityFeatureMap
 from .relu import ReluFeatureMap
+from .squared_relu import SquaredReluFeatureMap
 from .taylor import TaylorFeatureMap, taylor_features
 
 __all__ = [
     "FeatureMap",
+    "ElementwiseTritonForm",
     "register_feature_map",
     "get_feature_map",
     "list_feature_maps",
@@ -26,6 +28,7 @@ __all__ = [
     "HedgehogFeatureMap",
     "IdentityFeatureMap",
     "ReluFeatureMap",
+    "SquaredReluFeatureMap",
     "TaylorFeatureMap",
     "taylor_features",
 ]

@@ -8,10 +8,26 @@ output ``[..., output_dim(d)]``; the map acts on the last dimension only.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
 from torch import nn
 
-__all__ = ["FeatureMap"]
+__all__ = ["FeatureMap", "ElementwiseTritonForm"]
+
+
+class ElementwiseTritonForm(NamedTuple):
+    """How a Triton kernel computes an elementwise map phi (output dim == input dim) in
+    registers, so the chunked kernels can read raw q/k and never write the features to memory.
+
+    ``phi(x)`` and ``dphi(x, y)`` are ``@triton.jit`` functions on fp32 tiles: ``phi`` returns
+    phi(x); ``dphi`` returns phi'(x), given x and ``y = phi(x)`` (use whichever is cheaper).
+    Both must agree with the map's PyTorch ``forward`` (the tests check the built-ins; check
+    yours with ``featattn.testing``), and phi must be finite for every finite x.
+    """
+
+    phi: Callable
+    dphi: Callable
 
 
 class FeatureMap(nn.Module):
@@ -44,6 +60,16 @@ class FeatureMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x)")
 
+    def triton_elementwise(self) -> Optional[ElementwiseTritonForm]:
+        """The map's :class:`ElementwiseTritonForm`, or None (the default) when it has none.
+
+        A map that returns one is fused into the chunked Triton kernels (forward and backward)
+        whenever the dispatcher picks them; ``select_kernel`` reports it.  Only for maps that
+        act on each coordinate alone, with ``output_dim(d) == d``, no parameters and the same
+        treatment of queries and keys (``forward_query`` / ``forward_key`` not overridden).
+        Return None when triton is not installed."""
+        return None
+
     def forward_query(self, q: torch.Tensor) -> torch.Tensor:
         """phi applied to (already scaled) queries ``[B, H, T, d]``."""
         return self(q)
@@ -54,3 +80,13 @@ class FeatureMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def builtin_triton_form(name: str) -> Optional[ElementwiseTritonForm]:
+    """A built-in map's Triton form (``featattn.kernels.maps.<NAME>``), None without triton."""
+    try:
+        from ..kernels import maps
+    except ImportError:  # triton is not installed
+        return None
+    return getattr(maps, name)
+

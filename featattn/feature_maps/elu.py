@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import FeatureMap
+from .base import FeatureMap, builtin_triton_form
 from .registry import register_feature_map
 
 
@@ -19,6 +19,9 @@ class EluFeatureMap(FeatureMap):
 
     def output_dim(self, head_dim: int) -> int:
         return head_dim
+
+    def triton_elementwise(self):
+        return builtin_triton_form("ELU")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))

@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import FeatureMap
+from .base import FeatureMap, builtin_triton_form
 from .registry import register_feature_map
 
 
@@ -17,6 +17,9 @@ class ReluFeatureMap(FeatureMap):
 
     def output_dim(self, head_dim: int) -> int:
         return head_dim
+
+    def triton_elementwise(self):
+        return builtin_triton_form("RELU")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)

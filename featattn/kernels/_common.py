@@ -199,7 +199,8 @@ EAGER_CUSTOM_OP = os.environ.get("FEATATTN_EAGER_CUSTOM_OP", "0") == "1"
 
 
 def register_attention_ops(name: str, forward: Callable, backward: Callable,
-                           state_dim: Callable[[int], int], differentiable: Callable):
+                           state_dim: Callable[[int], int], differentiable: Callable,
+                           fuses_maps: bool = False):
     """Register ``featattn::{name}_fwd`` / ``featattn::{name}_bwd`` and return the forward:
     a function with the forward op's signature that runs the custom op under torch.compile
     and an equivalent autograd.Function in eager mode (``.custom_op`` is the op itself).
@@ -216,20 +217,29 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     gradient penalty, a Hessian-vector product) the backward recomputes the forward with it
     and differentiates that instead: right second derivatives at the torch path's cost,
     while plain backwards keep the kernels.
+
+    ``fuses_maps``: the kernels take an elementwise feature map and q's scale (keyword
+    arguments ``fmap``, a key of :mod:`featattn.kernels.maps`, and ``scale``) and q, k are
+    raw; the op then has two more arguments, ``fmap: str`` ("" for none) and ``scale: float``,
+    which ``differentiable`` receives too.
     """
 
-    def run_forward(q, k, v, kv0, z0, normalize, eps, store_final):
-        o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final)
+    def map_kw(fmap, scale):
+        return dict(fmap=fmap, scale=scale) if fuses_maps else {}
+
+    def run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
+        o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final,
+                                  **map_kw(fmap, scale))
         e = q.new_empty(0, dtype=torch.float32)
         return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
                 zT if zT is not None else e.clone())
 
-    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
         if do is None:  # only the returned state is used
             B, H, T, _ = q.shape
             do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
-                                         normalize)
+                                         normalize, **map_kw(fmap, scale))
         e = q.new_empty(0, dtype=torch.float32)
         return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
 
@@ -237,12 +247,12 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
-        normalize: bool, eps: float, store_final: bool,
+        normalize: bool, eps: float, store_final: bool, fmap: str = "", scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return run_forward(q, k, v, kv0, z0, normalize, eps, store_final)
+        return run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
 
     @fwd_op.register_fake
-    def _(q, k, v, kv0, z0, normalize, eps, store_final):
+    def _(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
         B, H, T, d = q.shape
         Dk, Dv = state_dim(d), v.shape[-1]
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -258,12 +268,12 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         o: Optional[torch.Tensor], den: Optional[torch.Tensor],
         kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
         do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
-        normalize: bool,
+        normalize: bool, fmap: str = "", scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize)
+        return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap, scale)
 
     @bwd_op.register_fake
-    def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
         f32 = dict(dtype=torch.float32, device=q.device)
         dkv0 = torch.empty(kv0.shape, **f32) if kv0 is not None else torch.empty(0, **f32)
         has_z = z0 is not None and normalize
@@ -273,7 +283,8 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
                 torch.empty(v.shape, dtype=v.dtype, device=v.device), dkv0, dz0)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, kv0, z0, normalize, eps, store_final = inputs
+        q, k, v, kv0, z0, normalize, eps, store_final = inputs[:8]
+        ctx.fmap, ctx.scale = inputs[8:] if len(inputs) > 8 else ("", 1.0)
         o, den, _, _ = output
         # o is only needed for delta = do . o (normalised): not keeping it otherwise lets
         # the caller free it
@@ -288,10 +299,11 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         q, k, v, _o, _den, kv0, z0 = ctx.saved_tensors
         inputs = (q, k, v, kv0, z0)
         wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-        result = [None] * 8
+        result = [None] * 10
         if not wrt:
             return tuple(result)
-        o2, kv2, z2 = differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps)
+        o2, kv2, z2 = differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps,
+                                     **map_kw(ctx.fmap, ctx.scale))
         outs, gouts = [], []
         for out, g in ((o2, do), (kv2, _none_if_empty(dkvT)), (z2, _none_if_empty(dzT))):
             if out is not None and g is not None:
@@ -310,9 +322,9 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
             return grads_with_graph(ctx, do, dkvT, dzT)
         q, k, v, o, den, kv0, z0 = ctx.saved_tensors
         dq, dk, dv, dkv0, dz0 = bwd(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
-                                    _none_if_empty(dzT), ctx.normalize)
+                                    _none_if_empty(dzT), ctx.normalize, ctx.fmap, ctx.scale)
         return (dq, dk, dv, dkv0 if kv0 is not None else None,
-                dz0 if z0 is not None else None, None, None, None)
+                dz0 if z0 is not None else None, None, None, None, None, None)
 
     def backward_formula(ctx, do, _dden, dkvT, dzT):
         return grads(ctx, do, dkvT, dzT, bwd_op)
@@ -338,10 +350,10 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         def backward(ctx, do, _dden, dkvT, dzT):
             return grads(ctx, do, dkvT, dzT, run_backward)
 
-    def op(q, k, v, kv0, z0, normalize, eps, store_final):
+    def op(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
         if EAGER_CUSTOM_OP or torch.compiler.is_compiling():
-            return fwd_op(q, k, v, kv0, z0, normalize, eps, store_final)
-        return _Eager.apply(q, k, v, kv0, z0, normalize, eps, store_final)
+            return fwd_op(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
+        return _Eager.apply(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
 
     op.custom_op = fwd_op
     return op
@@ -360,10 +372,11 @@ def fill_state_half(normalize, kv0, z0, B, H, Dk, Dv, device):
 
 def torch_forward(feature_map: Optional[str] = None) -> Callable:
     """A ``differentiable`` for :func:`register_attention_ops`: the chunked PyTorch path in
-    fp32 (float64 for float64 inputs) on q/k features, the map (by registry name) applied
-    first when the kernel fuses one."""
+    fp32 (float64 for float64 inputs) on q/k features, the map (by registry name, or the
+    ``fmap`` key of an elementwise map fused into the chunked kernels, with q's ``scale``)
+    applied first when the kernel fuses one."""
 
-    def run(q, k, v, kv0, z0, normalize, eps):
+    def run(q, k, v, kv0, z0, normalize, eps, fmap="", scale=1.0):
         from ..chunked import chunked_linear_attention
         from ..feature_maps import resolve_feature_map
 
@@ -372,6 +385,11 @@ def torch_forward(feature_map: Optional[str] = None) -> Callable:
         if feature_map is not None:
             fm = resolve_feature_map(feature_map)
             q, k = fm(q), fm(k)
+        elif fmap:
+            from .maps import lookup
+
+            fm = lookup(fmap)[0]
+            q, k = fm(q * scale), fm(k)
         o, kv, z = chunked_linear_attention(q, k, v, normalize=normalize, eps=eps,
                                             initial_kv=kv0, initial_z=z0, return_state=True)
         return o, kv, z

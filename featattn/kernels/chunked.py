@@ -87,6 +87,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from . import maps as _maps
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
@@ -169,22 +170,30 @@ def _dot_in(a, b, IEEE: tl.constexpr):
     return r
 
 
+@triton.jit
+def _features(x, scale, mask, PHI: tl.constexpr):
+    """PHI(scale * x) in fp32, rounded once to x's dtype (as the PyTorch maps do), and 0
+    where ``mask`` is off: padded rows and columns must stay 0, and PHI(0) need not be."""
+    return tl.where(mask, PHI(x.to(tl.float32) * scale), 0.0).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["T"])
 def _fwd_kernel(
     q, k, v, o, den, kv0, z0, kvT, zT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, DK, DV, eps,
+    T, H, G, DK, DV, eps, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr,
 ):
     """Grid (B*H, NK*NV).  q: [B,H,T,Dk], k: [B,Hkv,T,Dk], v: [B,Hkv,T,Dv] (strided,
     unit last stride).  o: [B,H,T,Dv] strided (input dtype) or, with SPLIT_K, fp32
     partial numerators [NK,B,H,T,Dv] contiguous.  den: fp32 [B,H,T] (eps added) or,
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
-    [B,H,Dk]."""
+    [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
     i_k = i_kv // NV
@@ -235,6 +244,9 @@ def _fwd_kernel(
                       mask=mt[:, None] & mk[None, :], other=0.0)
         b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
                       mask=mt[:, None] & mv[None, :], other=0.0)
+        if FUSED:
+            b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
+            b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
         A = _dot_in(b_q, tl.trans(b_k), IEEE)  # [BT, BT] fp32
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, IEEE) + _mm(b_q, S, LOWP, IEEE)  # [BT, BV]
@@ -268,11 +280,12 @@ def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, DK, DV,
+    T, H, G, DK, DV, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2); axis 2 picks the dq sweep (0) or the dk/dv sweep (1).
 
@@ -280,6 +293,8 @@ def _bwd_kernel(
     Outputs (contiguous, written per q head): dq [NV,B,H,T,Dk], dk [NV,B,H,T,Dk],
     dv [NK,B,H,T,Dv] (partials, summed by the wrapper when NV/NK/G > 1);
     dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (written when HAS_INIT).
+    FUSED: q, k are raw; the features are recomputed as in the forward, and dq, dk are
+    the raw inputs' gradients (the feature gradients times scale * PHI', DPHI').
     """
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
@@ -330,6 +345,8 @@ def _bwd_kernel(
                           mask=mt[:, None] & mv[None, :], other=0.0)
             b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
                           mask=mt[:, None] & mk[None, :], other=0.0)
+            if FUSED:
+                b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
             dA = _dot_in(b_do, tl.trans(b_v), IEEE)  # [BT, BT]
             if NORMALIZE:
                 b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
@@ -342,6 +359,10 @@ def _bwd_kernel(
                 b_dq = b_dq / b_den[:, None]
                 z += tl.sum(b_k.to(tl.float32), axis=0)
             ST += _dot_in(tl.trans(b_v), b_k, IEEE)
+            if FUSED:
+                b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
+                               mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32) * scale
+                b_dq = b_dq * (DPHI(b_xq, PHI(b_xq)) * scale)
             tl.store(dq_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
     else:
@@ -371,6 +392,10 @@ def _bwd_kernel(
                           mask=mt[:, None] & mv[None, :], other=0.0)
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
+            if FUSED:
+                b_xk = b_k.to(tl.float32)
+                b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
+                b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
             AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), IEEE), 0.0)  # [s, t]
             dAT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [s, t]
             if NORMALIZE:
@@ -387,6 +412,8 @@ def _bwd_kernel(
                 b_dk += dz[None, :]
                 dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], axis=0)
             dS += _mm(tl.trans(b_q), b_dn, LOWP, IEEE)
+            if FUSED:
+                b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
             tl.store(dk_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=mt[:, None] & mk[None, :])
             tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
@@ -398,13 +425,21 @@ def _bwd_kernel(
                 tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k)
 
 
-_fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K"])(_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE"])(_bwd_kernel)
+_fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED"])(_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED"])(_bwd_kernel)
 _FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 
 
 # --------------------------------------------------------------------------- wrappers
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
+def _map_form(fmap: str):
+    """(FUSED, PHI, DPHI) kernel arguments for a map key of featattn.kernels.maps ("" = none)."""
+    if not fmap:
+        return False, None, None
+    form = _maps.lookup(fmap)[1]
+    return True, form.phi, form.dphi
+
+
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
@@ -423,6 +458,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     kvT = _alloc((B, H, Dk, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
+    fused, phi, _ = _map_form(fmap)
     grid = (B * H, NK * NV)
     _FWD[grid](
         q, k, v, o, den_buf,
@@ -430,9 +466,10 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, H, G, Dk, Dv, eps,
+        T, H, G, Dk, Dv, eps, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, IEEE=ieee,
+        FUSED=fused, PHI=phi,
     )
     den = den_buf if normalize else None
     if split_k:
@@ -445,7 +482,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     return o, den, (kvT if store_final else None), (zT if store_final and normalize else None)
 
 
-def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
@@ -479,6 +516,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
+    fused, phi, dphi = _map_form(fmap)
     _BWD[(B * H, NK * NV, 2)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
@@ -486,9 +524,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         dq, dk, dv, dkv0, dz0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, Dk, Dv,
+        T, H, G, Dk, Dv, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, FUSED=fused, PHI=phi, DPHI=dphi,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dk = dk.view(NV, B, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
@@ -504,7 +542,8 @@ def _shape_reason(Dk: int, Dv: int):
 
 
 def chunked_attention(q, k, v, *, normalize: bool, eps: float,
-                      initial_kv=None, initial_z=None, return_state: bool = False):
+                      initial_kv=None, initial_z=None, return_state: bool = False,
+                      feature_map=None, scale: float = 1.0):
     """Causal linear attention with Triton kernels (q, k already feature-mapped).
 
     Args:
@@ -516,6 +555,10 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         initial_kv: None or fp32 [B, H, Dk, Dv], state of an earlier segment.
         initial_z: None or fp32 [B, H, Dk] (normalize=True only).
         return_state: also return the final state.
+        feature_map: None (q, k are features), or a FeatureMap with an elementwise Triton
+            form (``feature_map.triton_elementwise()``): q, k are then raw and the kernels
+            compute ``phi(scale * q)``, ``phi(k)`` in registers, forward and backward.
+        scale: multiplies q inside the kernel (fused maps only; 1 otherwise).
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; kv fp32 [B, H, Dk, Dv] and z fp32
@@ -524,6 +567,17 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
     """
     check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: d,
                  dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
+    fmap = ""
+    if feature_map is not None:
+        fmap = _maps.fused_key(feature_map)
+        if fmap is None:
+            raise ValueError(
+                f"feature map {feature_map.name!r} ({type(feature_map).__name__}) has no "
+                "elementwise Triton form, so chunked_attention cannot fuse it; apply it first "
+                "and pass the features with feature_map=None")
+    elif scale != 1.0:
+        raise ValueError(f"scale={scale} is only applied with a fused feature_map; multiply q "
+                         "by it first when passing features")
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()
@@ -533,7 +587,7 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
     initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, Dk,
                                             v.shape[-1], q.device)
     o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
-                             bool(return_state))
+                             bool(return_state), fmap, float(scale))
     if not return_state:
         return o, None, None
     return o, kv, (z if normalize else None)
@@ -541,4 +595,4 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
 
 # torch.library custom ops (fake kernels + autograd formula): see _common.py
 _fwd_op = register_attention_ops("chunked", _forward, _backward, state_dim=lambda d: d,
-                                 differentiable=torch_forward())
+                                 differentiable=torch_forward(), fuses_maps=True)

@@ -1,0 +1,192 @@
+"""Elementwise feature maps fused into the chunked Triton kernels (FeatureMap.triton_elementwise).
+
+Every fused map, and a map a user registers with a Triton form, against the float64 reference
+applying the map's PyTorch form: forward, state, and the gradients of raw q, k, v and of the
+initial state.  Under the interpreter in fp32/fp16 (small shapes); ``cuda`` cases in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+import featattn  # noqa: E402
+from featattn import kernels as K  # noqa: E402
+from featattn.kernels import maps as M  # noqa: E402
+from helpers import (  # noqa: E402
+    check_run, rand_qkv, rand_state, reference, run_and_grads, tolerance, compare_runs,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+BUILTIN = ("elu", "relu", "identity", "squared_relu")
+
+
+@triton.jit
+def _softplus_phi(x):
+    return tl.where(x > 15.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 15.0))))
+
+
+@triton.jit
+def _softplus_dphi(x, y):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+class Softplus(featattn.FeatureMap):
+    """A user's map: softplus, with a Triton form (registered in the module fixture below)."""
+
+    def output_dim(self, d):
+        return d
+
+    def triton_elementwise(self):
+        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi)
+
+    def forward(self, x):
+        return torch.nn.functional.softplus(x.float()).to(x.dtype)
+
+
+@triton.jit
+def _wrong_dphi(x, y):
+    return tl.where(x > 15.0, 1.0, 0.5)
+
+
+class WrongSoftplus(Softplus):
+    """The same map with a wrong derivative in its Triton form: the checks must catch it."""
+
+    def triton_elementwise(self):
+        return featattn.ElementwiseTritonForm(_softplus_phi, _wrong_dphi)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    featattn.register_feature_map("test_softplus", override=True)(Softplus)
+    featattn.register_feature_map("test_wrong_softplus", override=True)(WrongSoftplus)
+    yield
+
+
+def _fused(q, k, v, *, fm, scale, **kw):
+    return K.chunked_attention(q, k, v, feature_map=featattn.get_feature_map(fm), scale=scale,
+                               **kw)
+
+
+def _check(fm, B, H, Hkv, T, D, Dv, dtype, normalize, state, layout, scale, names=None):
+    q, k, v = rand_qkv(B, H, Hkv, T, D, Dv, dtype, DEV, generator=T + D, layout=layout,
+                       positive=(fm == "identity" and normalize))
+    kv0 = z0 = None
+    if state:
+        kv0, z0 = rand_state(B, H, D, Dv, normalize, device=DEV)
+    kw = dict(normalize=normalize, eps=1e-6, return_state=True)
+    got = run_and_grads(functools.partial(_fused, fm=fm, scale=scale), q, k, v, kv0, z0, **kw)
+    want = run_and_grads(reference, q, k, v, kv0, z0, dtype=torch.float64, feature_map=fm,
+                         scale=scale, **kw)
+    return got, want
+
+
+# (B, H, Hkv, T, D, Dv, dtype, normalize, initial state, layout, scale)
+CASES = [
+    (2, 4, 2, 63, 16, 24, torch.float32, True, False, "bhtd", 0.5),    # grouped, Dk != Dv
+    (1, 2, 2, 100, 24, 16, torch.float16, True, True, "bthd", 1.0),    # fp16, strided, state
+    (1, 2, 1, 37, 40, 40, torch.float32, False, True, "bthd", 1.3),    # plain, grouped
+    (1, 1, 1, 1, 16, 16, torch.float32, False, True, "bhtd", 1.0),     # T = 1
+    (1, 2, 2, 50, 136, 24, torch.float32, True, False, "bhtd", 1.0),   # Dk split in 2 tiles
+]
+
+
+def _case_id(c):
+    B, H, Hkv, T, D, Dv, dt, norm, st, lay, s = c
+    return (f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}-Dv{Dv}-{str(dt)[6:]}-{'norm' if norm else 'plain'}"
+            f"{'-state' if st else ''}-{lay}-s{s}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
+def test_fused_map_matches_float64(fm, case):
+    got, want = _check(fm, *case)
+    check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
+
+
+def test_fused_map_with_wrong_triton_form_is_caught():
+    """A Triton form whose derivative disagrees with the PyTorch map fails the same check."""
+    got, want = _check("test_wrong_softplus", *CASES[0])
+    errs, failures = compare_runs(got, want, tolerance(torch.float32, "small") * 3)
+    assert any(f.startswith("dq") for f in failures), errs
+    assert any(f.startswith("dk") for f in failures), errs
+    assert errs["o"] < 1e-5  # the forward form is right
+
+
+@pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
+def test_linear_attention_fuses_the_map(fm, monkeypatch):
+    """Through featattn.linear_attention: the dispatcher fuses the map (the map's PyTorch
+    forward never runs) and the result matches the float64 reference."""
+    q, k, v = rand_qkv(1, 2, 2, 45, 16, 16, torch.float32, DEV, generator=3,
+                       positive=fm == "identity", requires_grad=True)
+    choice = featattn.select_kernel(q, k, v, feature_map=fm, backend="triton")
+    assert choice.name == "equal_dim" and choice.map_fused, choice
+    cls = type(featattn.get_feature_map(fm))
+
+    def boom(self, x):
+        raise AssertionError("the PyTorch form ran on the fused path")
+
+    monkeypatch.setattr(cls, "forward", boom)
+    o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", scale=0.7)
+    monkeypatch.undo()
+    o.sum().backward()
+    r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ro = featattn.linear_attention(*r, feature_map=fm, backend="reference", scale=0.7)
+    ro.sum().backward()
+    for a, b in ((o, ro), (q.grad, r[0].grad), (k.grad, r[1].grad), (v.grad, r[2].grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_select_kernel_says_why_a_map_is_not_fused():
+    q = k = v = torch.randn(1, 2, 8, 16)
+    hh = featattn.select_kernel(q, k, v, feature_map=featattn.get_feature_map("hedgehog", head_dim=16),
+                                backend="triton")
+    assert not hh.map_fused and any("no elementwise Triton form" in r for r in hh.reasons)
+    assert not featattn.select_kernel(q, k, v, backend="triton").map_fused  # no map at all
+    assert featattn.select_kernel(q, k, v, feature_map="elu", backend="triton").map_fused
+    # the PyTorch path never "fuses"
+    assert not featattn.select_kernel(q, k, v, feature_map="elu", backend="torch").map_fused
+
+
+def test_chunked_attention_rejects_unfusable_maps():
+    q = k = v = torch.randn(1, 1, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match="no elementwise Triton form"):
+        K.chunked_attention(q, k, v, normalize=True, eps=1e-6,
+                            feature_map=featattn.get_feature_map("taylor"))
+    with pytest.raises(ValueError, match="only applied with a fused feature_map"):
+        K.chunked_attention(q, k, v, normalize=True, eps=1e-6, scale=2.0)
+
+
+def test_fused_map_double_backward_matches_torch_path():
+    """create_graph=True through a fused map: the backward recomputes with the map in PyTorch."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float32, device=DEV, requires_grad=True)
+               for _ in range(3))
+
+    def penalty(backend):
+        o = featattn.linear_attention(q, k, v, feature_map="elu", backend=backend, scale=0.8)
+        g = torch.autograd.grad((o * o).sum(), (q, k), create_graph=True)
+        return torch.autograd.grad(sum((x * x).sum() for x in g), (q, k, v))
+
+    for a, b in zip(penalty("triton"), penalty("torch")):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_squared_relu_map_is_registered_and_exact():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert "squared_relu" in featattn.list_feature_maps()
+    torch.testing.assert_close(featattn.get_feature_map("squared_relu")(x), torch.relu(x) ** 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fm", BUILTIN)
+@pytest.mark.parametrize("T", [1, 1000, 4099])
+def test_gpu_fused_map_bf16(fm, T):
+    got, want = _check(fm, 2, 4, 2, T, 64, 64, torch.bfloat16, T > 1, True, "bthd", 1.0)
+    check_run(got, want, tolerance(torch.bfloat16, "chunked"), dtype=torch.bfloat16)
