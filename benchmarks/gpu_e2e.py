@@ -5,6 +5,8 @@ fla's LinearAttention layer, a softmax SDPA layer), in one run.
     python benchmarks/gpu_e2e.py                 # everything (fla when importable)
     python benchmarks/gpu_e2e.py --only op       # the op table alone ("layer" for the layers)
 
+Map rows run the default path (the map's Triton form as one elementwise pass, then the
+chunked kernel); rows marked FEATATTN_FUSE_MAPS=kernel apply the map inside the kernel.
 Each row: median ms of triton.testing.do_bench, forward (no grad) and forward+backward, and
 the peak memory of forward+backward beyond the inputs.  Before timing, every map name is
 checked once against the float64 reference (forward and gradients, through
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +91,11 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
         for fm in MAPS:
             case(f'feature_map="{fm}"', lambda fm=fm: featattn.linear_attention(q, k, v, feature_map=fm),
                  [q, k, v])
+        os.environ["FEATATTN_FUSE_MAPS"] = "kernel"  # the map inside the attention kernel
+        for fm in ("elu", "identity"):
+            case(f'feature_map="{fm}", FEATATTN_FUSE_MAPS=kernel',
+                 lambda fm=fm: featattn.linear_attention(q, k, v, feature_map=fm), [q, k, v])
+        del os.environ["FEATATTN_FUSE_MAPS"]
         try:
             from fla.ops.linear_attn import chunk_linear_attn
         except Exception as e:  # noqa: BLE001

@@ -38,15 +38,38 @@ BACKENDS = ("auto", "torch", "reference", "triton", "equal_dim", "small_vhd", "t
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+#: where a feature map runs (KernelChoice.map_path)
+MAP_PATHS = ("kernel", "triton_pass", "torch")
+
+
 class KernelChoice(NamedTuple):
     """The dispatcher's answer: ``name`` of the kernel that runs, ``reasons`` saying why
-    each faster candidate was not taken (empty when the fastest one was), and ``map_fused``:
-    whether the feature map runs inside the kernel (raw q/k in, no feature tensors in memory)
-    rather than in PyTorch before it; when it does not, ``reasons`` says why."""
+    each faster candidate was not taken (empty when the fastest one was), and ``map_path``:
+    where the feature map runs, None without a map (or inside ``taylor_fused``):
+
+    * ``"triton_pass"``: the map's Triton form in one elementwise pass before the chunked
+      kernel (one more read and write of q/k, forward and backward; the default for maps
+      with an :class:`~featattn.ElementwiseTritonForm`);
+    * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; chosen by
+      ``FEATATTN_FUSE_MAPS=kernel``: on the H200 it is slower today, docs/benchmarks.md);
+    * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
+
+    ``map_fused`` is True for the first two (the map runs in Triton)."""
 
     name: str
     reasons: tuple
-    map_fused: bool = False
+    map_path: Optional[str] = None
+
+    @property
+    def map_fused(self) -> bool:
+        return self.map_path in ("kernel", "triton_pass")
+
+
+def _triton_map_path() -> str:
+    mode = os.environ.get("FEATATTN_FUSE_MAPS", "pass")
+    if mode not in ("pass", "kernel"):
+        raise ValueError(f"FEATATTN_FUSE_MAPS must be 'pass' (the default) or 'kernel', got {mode!r}")
+    return "kernel" if mode == "kernel" else "triton_pass"
 
 
 def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:
@@ -177,8 +200,8 @@ def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend:
                 return KernelChoice(name, tuple(reasons))
             unfused = _unfusable_reason(fm, dqk)
             if unfused is None:
-                return KernelChoice(name, tuple(reasons), True)
-            return KernelChoice(name, tuple(reasons) + (unfused,))
+                return KernelChoice(name, tuple(reasons), _triton_map_path())
+            return KernelChoice(name, tuple(reasons) + (unfused,), "torch")
         if backend != "auto":
             raise ValueError(
                 f"backend={backend!r} cannot run: {name}: {why}"

@@ -75,12 +75,19 @@ def linear_attention(
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
 
     choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend)
-    if choice.map_fused:
+    if choice.map_fused:  # the map runs in Triton: a pass before the kernel, or inside it
         from .kernels import chunked_attention
+        from .kernels.maps import apply_map, fused_key
 
+        in_kernel = {}
+        if choice.map_path == "triton_pass":
+            key = fused_key(fm)
+            q, k = apply_map(q, key, scale), apply_map(k, key)
+        else:
+            in_kernel = dict(feature_map=fm, scale=scale)
         out, kv, z = chunked_attention(
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
-            return_state=return_state, feature_map=fm, scale=scale,
+            return_state=return_state, **in_kernel,
         )
         if return_state:
             return out, LinearAttentionState(kv, z)

@@ -74,14 +74,22 @@ def _fused(q, k, v, *, fm, scale, **kw):
                                **kw)
 
 
-def _check(fm, B, H, Hkv, T, D, Dv, dtype, normalize, state, layout, scale, names=None):
+def _via_op(q, k, v, *, fm, scale, initial_kv, initial_z, return_state, **kw):
+    """featattn.linear_attention with the map's name: the default path, one Triton pass."""
+    state = None if initial_kv is None else featattn.LinearAttentionState(initial_kv, initial_z)
+    o, st = featattn.linear_attention(q, k, v, feature_map=fm, scale=scale, backend="triton",
+                                      initial_state=state, return_state=True, **kw)
+    return o, st.kv, st.z
+
+
+def _check(fm, B, H, Hkv, T, D, Dv, dtype, normalize, state, layout, scale, fn=_fused):
     q, k, v = rand_qkv(B, H, Hkv, T, D, Dv, dtype, DEV, generator=T + D, layout=layout,
                        positive=(fm == "identity" and normalize))
     kv0 = z0 = None
     if state:
         kv0, z0 = rand_state(B, H, D, Dv, normalize, device=DEV)
     kw = dict(normalize=normalize, eps=1e-6, return_state=True)
-    got = run_and_grads(functools.partial(_fused, fm=fm, scale=scale), q, k, v, kv0, z0, **kw)
+    got = run_and_grads(functools.partial(fn, fm=fm, scale=scale), q, k, v, kv0, z0, **kw)
     want = run_and_grads(reference, q, k, v, kv0, z0, dtype=torch.float64, feature_map=fm,
                          scale=scale, **kw)
     return got, want
@@ -103,10 +111,13 @@ def _case_id(c):
             f"{'-state' if st else ''}-{lay}-s{s}")
 
 
+@pytest.mark.parametrize("path", ["kernel", "pass"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
-def test_fused_map_matches_float64(fm, case):
-    got, want = _check(fm, *case)
+def test_fused_map_matches_float64(fm, case, path):
+    """In the kernel (chunked_attention(feature_map=...)) and as a pass before it (the
+    default of linear_attention): forward, state and every gradient."""
+    got, want = _check(fm, *case, fn=_fused if path == "kernel" else _via_op)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
@@ -119,22 +130,28 @@ def test_fused_map_with_wrong_triton_form_is_caught():
     assert errs["o"] < 1e-5  # the forward form is right
 
 
+@pytest.mark.parametrize("mode,path", [(None, "triton_pass"), ("kernel", "kernel")])
 @pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
-def test_linear_attention_fuses_the_map(fm, monkeypatch):
-    """Through featattn.linear_attention: the dispatcher fuses the map (the map's PyTorch
-    forward never runs) and the result matches the float64 reference."""
-    q, k, v = rand_qkv(1, 2, 2, 45, 16, 16, torch.float32, DEV, generator=3,
-                       positive=fm == "identity", requires_grad=True)
+def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
+    """Through featattn.linear_attention, both Triton paths (one elementwise pass before the
+    kernel, the default; inside the kernel with FEATATTN_FUSE_MAPS=kernel): the map's PyTorch
+    forward never runs and the result matches the float64 reference, for a strided
+    [B, T, H, D] view too."""
+    if mode:
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
+    q, k, v = rand_qkv(1, 2, 2, 45, 16, 16, torch.float32, DEV, generator=3, layout="bthd",
+                       positive=fm == "identity")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     choice = featattn.select_kernel(q, k, v, feature_map=fm, backend="triton")
-    assert choice.name == "equal_dim" and choice.map_fused, choice
+    assert choice.name == "equal_dim" and choice.map_path == path and choice.map_fused, choice
     cls = type(featattn.get_feature_map(fm))
 
     def boom(self, x):
         raise AssertionError("the PyTorch form ran on the fused path")
 
-    monkeypatch.setattr(cls, "forward", boom)
-    o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", scale=0.7)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(cls, "forward", boom)
+        o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", scale=0.7)
     o.sum().backward()
     r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ro = featattn.linear_attention(*r, feature_map=fm, backend="reference", scale=0.7)
@@ -163,8 +180,10 @@ def test_chunked_attention_rejects_unfusable_maps():
         K.chunked_attention(q, k, v, normalize=True, eps=1e-6, scale=2.0)
 
 
-def test_fused_map_double_backward_matches_torch_path():
+@pytest.mark.parametrize("mode", ["pass", "kernel"])
+def test_fused_map_double_backward_matches_torch_path(mode, monkeypatch):
     """create_graph=True through a fused map: the backward recomputes with the map in PyTorch."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float32, device=DEV, requires_grad=True)
                for _ in range(3))
@@ -178,6 +197,36 @@ def test_fused_map_double_backward_matches_torch_path():
         assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
+def test_map_pass_is_one_triton_pass_each_way():
+    """featattn.kernels.maps.apply_map: the Triton form forward and backward against the map's
+    PyTorch form in float64, on a transposed (dense) view and on a sliced (non-dense) one;
+    the output keeps the input's layout."""
+    base = torch.randn(2, 37, 3, 16, device=DEV)
+    for x in (base.transpose(1, 2), base.transpose(1, 2)[:, :, 5:]):
+        for fm in BUILTIN + ("test_softplus",):
+            m = featattn.get_feature_map(fm)
+            xi = x.detach().requires_grad_()
+            y = M.apply_map(xi, M.fused_key(m), 0.6)
+            g = torch.randn_like(y)
+            (dx,) = torch.autograd.grad(y, xi, g)
+            x64 = x.detach().double().requires_grad_()
+            want = m(x64 * 0.6)
+            (dwant,) = torch.autograd.grad(want, x64, g.double())
+            torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(dx.double(), dwant, rtol=1e-5, atol=1e-6)
+            if M._is_dense(x):
+                assert y.stride() == x.stride()
+            else:
+                assert y.is_contiguous()
+
+
+def test_fuse_maps_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "yes")
+    q = k = v = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="FEATATTN_FUSE_MAPS must be"):
+        featattn.select_kernel(q, k, v, feature_map="elu", backend="triton")
+
+
 def test_squared_relu_map_is_registered_and_exact():
     x = torch.randn(3, 5, dtype=torch.float64)
     assert "squared_relu" in featattn.list_feature_maps()
@@ -185,8 +234,10 @@ def test_squared_relu_map_is_registered_and_exact():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", ["kernel", "pass"])
 @pytest.mark.parametrize("fm", BUILTIN)
 @pytest.mark.parametrize("T", [1, 1000, 4099])
-def test_gpu_fused_map_bf16(fm, T):
-    got, want = _check(fm, 2, 4, 2, T, 64, 64, torch.bfloat16, T > 1, True, "bthd", 1.0)
+def test_gpu_fused_map_bf16(fm, T, path):
+    got, want = _check(fm, 2, 4, 2, T, 64, 64, torch.bfloat16, T > 1, True, "bthd", 1.0,
+                       fn=_fused if path == "kernel" else _via_op)
     check_run(got, want, tolerance(torch.bfloat16, "chunked"), dtype=torch.bfloat16)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 
 from ..feature_maps.base import ElementwiseTritonForm, FeatureMap
 
-__all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup"]
+__all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "apply_map"]
 
 
 @triton.jit
@@ -97,3 +98,108 @@ def fused_key(fm: FeatureMap) -> Optional[str]:
 def lookup(key: str) -> tuple[FeatureMap, ElementwiseTritonForm]:
     """(a map instance, its Triton form) for a key from :func:`fused_key`."""
     return _FUSED[key]
+
+
+# --------------------------------------------------------------------------- the map as one pass
+# The attention kernels can apply a form in registers (FUSED in chunked.py), but on the H200 that
+# made the latency-bound chunk loop ~2x slower (docs/benchmarks.md).  One elementwise pass that
+# writes the features (read x, write phi(x): 2 bytes per element each way in bf16) costs far
+# less, so it is the default; FEATATTN_FUSE_MAPS=kernel picks the in-kernel form.
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _map_fwd_kernel(x, y, N, scale, PHI: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    xv = tl.load(x + offs, mask=m, other=0.0).to(tl.float32) * scale
+    tl.store(y + offs, PHI(xv).to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _map_bwd_kernel(x, g, dx, N, scale, PHI: tl.constexpr, DPHI: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    xv = tl.load(x + offs, mask=m, other=0.0).to(tl.float32) * scale
+    gv = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(dx + offs, (gv * DPHI(xv, PHI(xv)) * scale).to(dx.dtype.element_ty), mask=m)
+
+
+def _dense(x):
+    """x itself when its elements fill one block of memory (any order of dims, e.g. a
+    transposed [B, T, H, D] view), else a contiguous copy: the pass walks memory linearly."""
+    return x if _is_dense(x) else x.contiguous()
+
+
+def _is_dense(x) -> bool:
+    """Whether x's elements fill numel consecutive slots: its strides, fastest first, are
+    the running products of the sizes (dims of size 1 do not count)."""
+    expect = 1
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _like(x):
+    """An output laid out like the dense x (same strides: the pass's linear index means the
+    same element in both), NaN-filled under the tests' poisoning switch."""
+    from . import _common
+
+    out = torch.empty_like(x)
+    assert out.stride() == x.stride(), "empty_like keeps a dense tensor's strides"
+    if _common.POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+class _MapPass(torch.autograd.Function):
+    """phi(scale * x) with the map's Triton form, one pass each way; a differentiable
+    backward (create_graph=True) uses the map's PyTorch form instead."""
+
+    @staticmethod
+    def forward(ctx, x_in, key, scale):
+        form = lookup(key)[1]
+        x = _dense(x_in)
+        y = _like(x)
+        n = x.numel()
+        _map_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
+        # the input itself (not a dense copy): a differentiable backward differentiates it
+        ctx.save_for_backward(x_in)
+        ctx.key, ctx.scale = key, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the backward is wanted
+            fm = lookup(ctx.key)[0]
+            up = torch.promote_types(x.dtype, torch.float32)
+            y = fm(x.to(up) * ctx.scale)
+            return torch.autograd.grad(y, x, g.to(up), create_graph=True)[0].to(x.dtype), None, None
+        form = lookup(ctx.key)[1]
+        x = _dense(x)
+        g = _match(g, x)
+        dx = _like(x)
+        n = x.numel()
+        _map_bwd_kernel[(triton.cdiv(n, _BLOCK),)](x, g, dx, n, ctx.scale, PHI=form.phi,
+                                                   DPHI=form.dphi, BLOCK=_BLOCK)
+        return dx, None, None
+
+
+def _match(g, x):
+    """g laid out like x (same strides), copying only when it is not."""
+    if g.stride() == x.stride():
+        return g
+    out = torch.empty_like(x, dtype=g.dtype)
+    out.copy_(g)
+    return out
+
+
+def apply_map(x, key: str, scale: float = 1.0):
+    """``phi(scale * x)`` for the map filed under ``key`` (:func:`fused_key`), as one Triton pass
+    forward and one backward; x is any float tensor, the result has x's dtype and layout."""
+    return _MapPass.apply(x, key, float(scale))
