@@ -199,6 +199,11 @@ def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend:
             if fm is None:
                 return KernelChoice(name, tuple(reasons))
             unfused = _unfusable_reason(fm, dqk)
+            if unfused is None and torch.compiler.is_compiling():
+                # a Triton launch inside an autograd.Function is opaque to dynamo; the map's
+                # PyTorch form is what Inductor fuses into one elementwise kernel itself
+                unfused = (f"map {fm.name!r} runs as PyTorch operations under torch.compile "
+                           "(Inductor fuses them)")
             if unfused is None:
                 return KernelChoice(name, tuple(reasons), _triton_map_path())
             return KernelChoice(name, tuple(reasons) + (unfused,), "torch")

@@ -33,6 +33,7 @@ def linear_attention(
     initial_state: Optional[LinearAttentionState] = None,
     return_state: bool = False,
     backend: str = "auto",
+    layout: str = "bhtd",
 ):
     """Causal linear attention.
 
@@ -57,11 +58,40 @@ def linear_attention(
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"reference"`` (quadratic
             oracle), ``"triton"`` or a kernel name (``"equal_dim"``, ``"small_vhd"``,
             ``"taylor_fused"``).  See :func:`featattn.select_kernel`.
+        layout: ``"bhtd"`` (the default, as above and as ``scaled_dot_product_attention``)
+            or ``"bthd"``: q ``[B, T, H, Dqk]``, k ``[B, T, Hkv, Dqk]``, v ``[B, T, Hkv, Dv]``
+            and o ``[B, T, H, Dv]`` (fla's and FlashAttention's layout), read and written in
+            place, with no transpose copies.  The state's shapes do not change.
 
     Returns:
-        o: ``[B, H, T, Dv]`` in the input dtype, or ``(o, state)`` when ``return_state``.
+        o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
+        or ``(o, state)`` when ``return_state``.
         The state's kv/z are fp32 (float64 when the inputs are float64).
     """
+    if layout == "bthd":
+        q, k, v = _to_bhtd(q, "q"), _to_bhtd(k, "k"), _to_bhtd(v, "v")
+    elif layout != "bhtd":
+        raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
+                         f"got {layout!r}")
+    out = _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state,
+                            return_state, backend)
+    if layout == "bthd":
+        if return_state:
+            return out[0].transpose(1, 2), out[1]
+        return out.transpose(1, 2)
+    return out
+
+
+def _to_bhtd(x, name):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"with layout='bthd', {name} must be 4-D ([B, T, H, D]), got {got}")
+    return x.transpose(1, 2)
+
+
+def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
+                      backend):
+    """linear_attention on [B, H, T, D] views."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
@@ -69,7 +99,7 @@ def linear_attention(
         raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
     eps = _validate_eps(eps, q.dtype)
     _check_backend(backend)
-    fm = resolve_feature_map(feature_map)
+    fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
     scale = _validate_scale(scale, fm, Dqk)
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
@@ -119,6 +149,25 @@ def linear_attention(
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+_NAMED: dict = {}
+
+
+def _named_map(name: str) -> FeatureMap:
+    """The map registered as ``name``, one instance per registered class: building an
+    nn.Module on every call cost host time.  Maps with parameters or state are built fresh
+    (an instance must not be shared), as is any class whose constructor needs arguments."""
+    from .feature_maps.registry import _REGISTRY
+
+    cls = _REGISTRY.get(name)
+    hit = _NAMED.get(name)
+    if hit is not None and type(hit) is cls:
+        return hit
+    fm = resolve_feature_map(name)
+    if not any(True for _ in fm.parameters()) and not any(True for _ in fm.buffers()):
+        _NAMED[name] = fm
+    return fm
 
 
 # --------------------------------------------------------------------------- validation
