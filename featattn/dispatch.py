@@ -38,10 +38,6 @@ BACKENDS = ("auto", "torch", "reference", "triton", "equal_dim", "small_vhd", "t
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-#: where a feature map runs (KernelChoice.map_path)
-MAP_PATHS = ("kernel", "triton_pass", "torch")
-
-
 class KernelChoice(NamedTuple):
     """The dispatcher's answer: ``name`` of the kernel that runs, ``reasons`` saying why
     each faster candidate was not taken (empty when the fastest one was), and ``map_path``:

@@ -150,7 +150,8 @@ def _like(x):
     from . import _common
 
     out = torch.empty_like(x)
-    assert out.stride() == x.stride(), "empty_like keeps a dense tensor's strides"
+    if not _same_layout(out, x):  # empty_like keeps a dense tensor's layout; never trust it blind
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     if _common.POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
@@ -190,9 +191,14 @@ class _MapPass(torch.autograd.Function):
         return dx, None, None
 
 
+def _same_layout(a, b) -> bool:
+    """Same strides on every dim that has more than one element (the others never move)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
 def _match(g, x):
     """g laid out like x (same strides), copying only when it is not."""
-    if g.stride() == x.stride():
+    if _same_layout(g, x):
         return g
     out = torch.empty_like(x, dtype=g.dtype)
     out.copy_(g)
