@@ -39,11 +39,11 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .dispatch import BACKENDS
-from .feature_maps import FeatureMap, TaylorFeatureMap, get_feature_map, list_feature_maps
-from .feature_maps import registry as _registry
-from .functional import linear_attention
-from .state import LinearAttentionState
+from ..dispatch import BACKENDS
+from ..feature_maps import FeatureMap, TaylorFeatureMap, get_feature_map, list_feature_maps
+from ..feature_maps import registry as _registry
+from ..functional import linear_attention
+from ..state import LinearAttentionState
 
 __all__ = [
     "patch_hf_model",
@@ -1004,7 +1004,7 @@ def _first_tensor(module: nn.Module):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
