@@ -13,11 +13,14 @@ from .feature_maps import (
     register_feature_map,
 )
 from .functional import linear_attention
-from .hf import patch_hf_model, unpatch_hf_model
 from .layers import FeatureAttention
 from .state import LinearAttentionState
 
 __version__ = "0.1.0"
+
+#: names served from featattn.hf, imported on first access so that ``import featattn`` never
+#: imports the Hugging Face integration (a leaf the core does not need)
+_HF_NAMES = ("patch_hf_model", "unpatch_hf_model")
 
 __all__ = [
     "__version__",
@@ -34,3 +37,17 @@ __all__ = [
     "patch_hf_model",
     "unpatch_hf_model",
 ]
+
+
+def __getattr__(name):  # PEP 562: load featattn.hf only when one of its names is used
+    if name in _HF_NAMES:
+        from . import hf
+
+        value = getattr(hf, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HF_NAMES))

@@ -69,6 +69,13 @@ def greedy(model, ids, n, **kw):
 # --------------------------------------------------------------------------- import / errors
 
 
+def run_python(code):
+    """Run ``code`` in a fresh interpreter (same sys.path); fail with its stderr."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_import_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
@@ -81,9 +88,31 @@ def test_import_without_transformers():
         "else:\n"
         "    raise SystemExit('no ImportError')\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
+    run_python(code)
+
+
+def test_import_featattn_does_not_import_hf():
+    # featattn.patch_hf_model / unpatch_hf_model are served lazily (PEP 562): the core package
+    # never imports its Hugging Face leaf until one of those names is used
+    code = (
+        "import featattn, sys\n"
+        "assert 'featattn.hf' not in sys.modules, 'import featattn imported featattn.hf'\n"
+        "assert {'patch_hf_model', 'unpatch_hf_model'} <= set(featattn.__all__)\n"
+        "assert 'patch_hf_model' in dir(featattn)\n"
+        "fn = featattn.patch_hf_model\n"
+        "assert 'featattn.hf' in sys.modules\n"
+        "import featattn.hf\n"
+        "assert fn is featattn.hf.patch_hf_model\n"
+        "assert featattn.unpatch_hf_model is featattn.hf.unpatch_hf_model\n"
+        "from featattn import *\n"
+        "try:\n"
+        "    featattn.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    run_python(code)
 
 
 def test_unsupported_model_names_the_families():

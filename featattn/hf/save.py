@@ -1,0 +1,159 @@
+"""Save / load for :mod:`featattn.hf`: re-applying a recorded patch after ``from_pretrained``
+(:func:`repatch_hf_model`, :func:`load_patched_hf_model`) and loading the feature-map weights from
+a ``save_pretrained`` directory, a weights file or a state dict (:func:`load_feature_maps`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+from ..feature_maps import FeatureMap
+from ._common import CONFIG_KEY, _require_transformers
+from .attention import HFFeatureAttention
+from .patch import _resolve_map_spec, patch_hf_model, unpatch_hf_model
+
+
+def _feature_map_keys(model) -> list:
+    keys = []
+    for name, m in model.named_modules():
+        if isinstance(m, HFFeatureAttention):
+            keys += [f"{name}.feature_map.{k}" for k in m.feature_map.state_dict()]
+    return keys
+
+
+def _read_tensors(checkpoint, wanted: set) -> dict:
+    """The tensors named in ``wanted`` from a state dict, a checkpoint file or a directory
+    written by ``save_pretrained`` (safetensors, sharded or not, or pytorch_model.bin)."""
+    if isinstance(checkpoint, Mapping):
+        return {k: v for k, v in checkpoint.items() if k in wanted}
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        files = []
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if os.path.isfile(os.path.join(path, index)):
+                with open(os.path.join(path, index)) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(
+                    {os.path.join(path, weight_map[k]) for k in wanted if k in weight_map}
+                )
+                break
+        else:
+            for single in ("model.safetensors", "pytorch_model.bin"):
+                if os.path.isfile(os.path.join(path, single)):
+                    files = [os.path.join(path, single)]
+                    break
+            else:
+                raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"checkpoint {path!r} is neither a directory nor a file")
+    out = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt") as fh:
+                for k in fh.keys():
+                    if k in wanted:
+                        out[k] = fh.get_tensor(k)
+        else:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+            out.update({k: v for k, v in sd.items() if k in wanted})
+    return out
+
+
+def load_feature_maps(model: nn.Module, checkpoint) -> list:
+    """Load the feature-map parameters/buffers of a patched model from ``checkpoint`` (a
+    ``save_pretrained`` directory, a weights file or a state dict); returns the keys loaded.
+    Raises ``KeyError`` naming any feature-map tensor the checkpoint lacks."""
+    keys = _feature_map_keys(model)
+    if not keys:
+        return []
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    # a checkpoint saved from the causal LM and loaded into the base model, or vice versa
+    aliases = {}
+    for k in keys:
+        aliases[k] = k
+        if prefix:
+            aliases[f"{prefix}.{k}"] = k
+            if k.startswith(prefix + "."):
+                aliases[k[len(prefix) + 1:]] = k
+    found = _read_tensors(checkpoint, set(aliases))
+    sd = {aliases[k]: v for k, v in found.items()}
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise KeyError(
+            f"the checkpoint has no feature-map weights for "
+            f"{missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+            "was it saved from a patched model with the same feature map?"
+        )
+    model.load_state_dict(sd, strict=False)
+    return sorted(sd)
+
+
+def repatch_hf_model(
+    model: nn.Module,
+    checkpoint=None,
+    *,
+    feature_map: Union[None, str, FeatureMap, type] = None,
+) -> nn.Module:
+    """Re-apply the patch recorded in ``model.config.featattn`` (after ``from_pretrained``).
+
+    ``from_pretrained`` builds the softmax model and drops the saved feature-map weights as
+    unexpected keys; this patches the recorded layers with the recorded map and settings, then
+    loads those weights from ``checkpoint`` (the ``save_pretrained`` directory, a weights file or
+    a state dict).  When ``checkpoint`` is None it is ``model.config._name_or_path`` if that is a
+    local directory; a map with parameters and no checkpoint to read them from raises
+    ``ValueError`` (and leaves the model unpatched).  ``feature_map=`` overrides the recorded map
+    (needed for a map that is neither registered nor importable).
+    """
+    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not isinstance(record, Mapping) or not record.get("layers"):
+        raise ValueError(
+            "model.config has no featattn record: this model was not saved from a patched model; "
+            "use featattn.hf.patch_hf_model(model, ...) instead"
+        )
+    record = dict(record)
+    spec = feature_map if feature_map is not None else _resolve_map_spec(record["feature_map"])
+    kwargs = record.get("feature_map_kwargs") if not isinstance(spec, FeatureMap) else None
+    patch_hf_model(
+        model, spec, layers=record["layers"], normalize=record.get("normalize", True),
+        eps=record.get("eps", 1e-6), feature_map_kwargs=kwargs, scale=record.get("scale"),
+        backend=record.get("backend", "auto"),
+    )
+    if not _feature_map_keys(model):
+        return model
+    if checkpoint is None:
+        guess = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if guess and os.path.isdir(guess):
+            checkpoint = guess
+    if checkpoint is None:
+        unpatch_hf_model(model)
+        setattr(model.config, CONFIG_KEY, record)
+        raise ValueError(
+            "the recorded feature map has parameters: pass checkpoint=<the save_pretrained "
+            "directory> so that repatch_hf_model can load them"
+        )
+    try:
+        load_feature_maps(model, checkpoint)
+    except Exception:
+        unpatch_hf_model(model)
+        setattr(model.config, CONFIG_KEY, record)
+        raise
+    return model
+
+
+def load_patched_hf_model(path, model_class=None, **from_pretrained_kwargs) -> nn.Module:
+    """``model_class.from_pretrained(path, **kwargs)`` then :func:`repatch_hf_model` with the
+    feature-map weights from ``path``.  ``model_class`` defaults to ``AutoModelForCausalLM``."""
+    _require_transformers()
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    return repatch_hf_model(model, checkpoint=path if os.path.isdir(os.fspath(path)) else None)

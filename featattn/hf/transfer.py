@@ -1,0 +1,409 @@
+"""Attention transfer for :mod:`featattn.hf`: :func:`transfer_attention` trains the feature maps
+of a patched model to mimic the softmax attention they replace (Hedgehog / LoLCATs), with its
+losses, batch handling, :class:`TransferResult` and progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ._common import PADDING_KWARG, _require_transformers
+from .attention import HFFeatureAttention
+from .patch import _normalize_layers, _patched_modules, _resolve
+
+
+#: the ``loss=`` values :func:`transfer_attention` accepts
+TRANSFER_LOSSES = ("mse", "xent", "mse+xent")
+
+
+class _StopForward(Exception):
+    """Raised after the last layer being trained: the rest of the model is not needed."""
+
+
+@dataclass
+class TransferResult:
+    """What :func:`transfer_attention` returns.
+
+    ``losses[layer_idx][step]`` is the transfer loss of that patched layer at that step (before
+    the step's update); ``total`` sums the layers per step.  ``initial`` / ``final`` average each
+    layer's loss over the first / last tenth of the steps (at least one step), which smooths the
+    batch-to-batch noise.
+    """
+
+    losses: dict
+    loss: str
+    steps: int
+    seconds: float
+
+    @property
+    def total(self) -> list:
+        """Sum over layers of the loss, per step."""
+        return [sum(per[s] for per in self.losses.values()) for s in range(self.steps)]
+
+    def _window(self) -> int:
+        return max(1, self.steps // 10)
+
+    @property
+    def initial(self) -> dict:
+        """``{layer_idx: mean loss over the first tenth of the steps}``."""
+        n = self._window()
+        return {i: sum(per[:n]) / len(per[:n]) for i, per in self.losses.items() if per}
+
+    @property
+    def final(self) -> dict:
+        """``{layer_idx: mean loss over the last tenth of the steps}``."""
+        n = self._window()
+        return {i: sum(per[-n:]) / len(per[-n:]) for i, per in self.losses.items() if per}
+
+    def __str__(self) -> str:
+        init, fin = self.initial, self.final
+        rows = [f"attention transfer ({self.loss}, {self.steps} steps, {self.seconds:.1f} s)"]
+        rows += [f"  layer {i:>3}: {init[i]:.4g} -> {fin[i]:.4g}" for i in sorted(fin)]
+        return "\n".join(rows)
+
+
+class _TransferRun:
+    """Installed on every patched layer during :func:`transfer_attention`: the layer returns the
+    original softmax attention's output (so the model runs as the softmax model it was), and a
+    layer being trained also computes its feature attention on the same inputs, its loss against
+    the softmax one, and back-propagates it into its feature map."""
+
+    def __init__(self, loss: str, train_layers, stop_after: Optional[int]):
+        self.loss = loss
+        self.train_layers = set(train_layers)
+        self.stop_after = stop_after
+        self.step_losses: dict = {}
+
+    def layer_forward(self, attn: "HFFeatureAttention", bound: dict, key_mask):
+        kwargs = {k: v for k, v in bound.items() if k != PADDING_KWARG}
+        for name in ("cache", "past_key_values", "layer_past"):
+            if name in kwargs:
+                kwargs[name] = None
+        with torch.no_grad():
+            out = attn.original(**kwargs)
+        target = out[0] if isinstance(out, tuple) else out
+        if attn.layer_idx in self.train_layers:
+            with torch.no_grad():
+                q, k, v = attn.project(bound["hidden_states"], bound.get("position_embeddings"))
+            with torch.enable_grad():
+                value = _transfer_loss(attn, q, k, v, key_mask, target, self.loss)
+                if not torch.isfinite(value):
+                    raise FloatingPointError(
+                        f"attention transfer: the loss of layer {attn.layer_idx} is "
+                        f"{value.item()}; lower lr="
+                    )
+                value.backward()  # one independent graph per layer: freed right away
+            self.step_losses[attn.layer_idx] = float(value.detach())
+        if attn.layer_idx == self.stop_after:
+            raise _StopForward
+        return out
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _masked_mean(x: torch.Tensor, query_mask) -> torch.Tensor:
+    """Mean of ``x [B, ..., T]`` over real query positions (``query_mask [B, T]``)."""
+    if query_mask is None:
+        return x.mean()
+    m = query_mask.to(device=x.device, dtype=x.dtype)
+    m = m.view(query_mask.shape[0], *([1] * (x.dim() - 2)), -1)
+    m = m.expand_as(x)
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+def _transfer_loss(attn, q, k, v, key_mask, target, kind: str) -> torch.Tensor:
+    parts = []
+    if "mse" in kind.split("+"):
+        pred = attn.output(attn.attend(q, k, v, key_mask))
+        dt = _acc_dtype(target)
+        err = (pred.to(dt) - target.to(dt)).pow(2).mean(-1)  # [B, T]
+        parts.append(_masked_mean(err, key_mask))
+    if "xent" in kind.split("+"):
+        parts.append(_attention_kl(attn, q, k, key_mask))
+    return parts[0] if len(parts) == 1 else sum(parts)
+
+
+def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
+    """Hedgehog's attention-weight loss: cross-entropy between the softmax weights (target, no
+    grad) and the normalised linear weights ``phi(q_t).phi(k_s) / sum_s' phi(q_t).phi(k_s')``,
+    minus the softmax entropy (so it is the KL divergence, 0 for a perfect fit: same gradient).
+    Materialises ``[B, H, T, T]`` weights: meant for the short sequences of transfer."""
+    dt = _acc_dtype(q)
+    B, H, T, _ = q.shape
+    g = attn.heads // attn.kv_heads
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+    if key_mask is not None:
+        km = key_mask.to(device=q.device, dtype=torch.bool)
+        eye = torch.eye(T, dtype=torch.bool, device=q.device)[None, None]
+        # a padded query row keeps its diagonal so that every row is finite (it is not counted)
+        allowed = (allowed & km[:, None, None, :]) | (eye & ~km[:, None, :, None])
+    with torch.no_grad():
+        logits = (q.to(dt) @ k.to(dt).repeat_interleave(g, dim=1).transpose(-1, -2)) * attn.scaling
+        log_a = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        a = log_a.exp()
+    fm = attn.feature_map
+    fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
+    fk = fm.forward_key(k).to(dt).repeat_interleave(g, dim=1)
+    s = (fq @ fk.transpose(-1, -2)).masked_fill(~allowed, 0.0)
+    tiny = torch.finfo(dt).tiny
+    log_lin = s.clamp_min(tiny).log() - s.sum(-1, keepdim=True).clamp_min(tiny).log()
+    kl = (a * (log_a - log_lin)).masked_fill(~allowed, 0.0).sum(-1)  # [B, H, T]
+    return _masked_mean(kl, key_mask)
+
+
+def _batch_inputs(batch, device) -> dict:
+    if isinstance(batch, torch.Tensor):
+        inputs = {"input_ids": batch}
+    elif isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+    else:
+        raise TypeError(
+            "each transfer batch must be an input_ids tensor [B, T] or a dict of model inputs "
+            f"(input_ids, attention_mask, ...), got {type(batch).__name__}"
+        )
+    if device is not None:
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+        inputs["input_ids"] = ids[None]
+    return inputs
+
+
+def _batch_stream(batches, steps: Optional[int]):
+    """(number of steps, iterator of batches): ``steps=None`` is one pass; otherwise the
+    batches are cycled (a one-shot iterator that runs out raises)."""
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    if steps is None:
+        items = list(batches)
+        if not items:
+            raise ValueError("transfer_attention got no batches")
+        return len(items), iter(items)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be None or an int >= 1, got {steps!r}")
+
+    def gen():
+        done = 0
+        while True:
+            it = iter(batches)
+            reiterable = it is not batches
+            got = 0
+            for b in it:
+                got += 1
+                yield b
+                done += 1
+                if done >= steps:
+                    return
+            if got == 0 or not reiterable:
+                raise ValueError(
+                    f"the transfer batches ran out after {done} of {steps} steps: pass a list "
+                    "(it is cycled), a longer iterator, or steps=None for one pass"
+                )
+
+    return int(steps), gen()
+
+
+class _ProgressBar:
+    """rich's progress bar on a terminal (when rich is installed), else a plain line to stderr
+    every tenth of the run: works without a tty and without stdin."""
+
+    def __init__(self, total: int, enabled: bool, description: str):
+        self.total, self.enabled, self.description = total, enabled, description
+        self._rich = self._task = None
+        self._every = max(1, total // 10)
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            )
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self._rich = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                )
+        except Exception:  # rich missing or unusable: plain lines
+            self._rich = None
+        if self._rich is not None:
+            self._rich.start()
+            self._task = self._rich.add_task(description, total=total, loss="-")
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.update(self._task, completed=step, loss=f"{loss:.4g}")
+        elif step % self._every == 0 or step == self.total:
+            print(
+                f"{self.description}: step {step}/{self.total}  loss {loss:.4g}",
+                file=sys.stderr, flush=True,
+            )
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+
+def transfer_attention(
+    model: nn.Module,
+    batches,
+    *,
+    steps: Optional[int] = None,
+    lr: float = 1e-2,
+    loss: str = "mse",
+    layers: Optional[Iterable[int]] = None,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
+    progress: bool = True,
+) -> TransferResult:
+    """Attention transfer: train the feature maps of a patched model to mimic its softmax attention.
+
+    Each step runs the model once, with no gradient, *as the softmax model*: every patched layer
+    returns its original softmax attention's output (``attn.original``), so each layer sees the
+    hidden states of the model it was patched from.  A layer being trained also computes its
+    feature attention on the same inputs and a loss against the softmax one; each layer's loss
+    is back-propagated into its own feature map only, and one Adam step updates all of them.
+    Layers are thus trained together, in one forward per step.  The forward stops after the last
+    layer being trained.  Afterwards the model runs its linear path again, as before the call.
+
+    Args:
+        model: a model patched by :func:`patch_hf_model` with a learnable map (``"hedgehog"``).
+        batches: an ``input_ids`` tensor ``[B, T]``, a dict of model inputs (``input_ids``,
+            ``attention_mask``, ...; ``labels`` is ignored), or an iterable of either.  Padding
+            given by ``attention_mask`` is left out of the loss.
+        steps: number of optimiser steps; the batches are cycled (a one-shot iterator that runs
+            out raises ``ValueError``).  None: one step per batch, one pass.
+        lr: Adam learning rate.
+        loss: ``"mse"``: mean squared error between the layer's outputs (after the output
+            projection), linear vs softmax, averaged over tokens and hidden units.  ``"xent"``:
+            Hedgehog's loss on the attention weights, the cross-entropy of the normalised linear
+            weights ``phi(q_t).phi(k_s) / sum_s' phi(q_t).phi(k_s')`` under the softmax weights,
+            reported minus the softmax entropy (i.e. the KL divergence, 0 for a perfect fit);
+            it materialises ``[B, H, T, T]`` weights, so use short sequences.  ``"mse+xent"``:
+            their sum (LoLCATs-style).
+        layers: the patched layers to train (default: all of them).  All patched layers run
+            softmax attention during transfer whether trained or not.
+        weight_decay: Adam's (L2) weight decay.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``steps``).
+        progress: show a progress bar: rich's on a terminal when rich is installed, otherwise a
+            plain line on stderr every tenth of the run.
+
+    Returns:
+        a :class:`TransferResult`: ``.losses[layer_idx]`` (one float per step), ``.total``,
+        ``.initial``, ``.final``; ``print()`` it for a summary.
+
+    Only the feature-map parameters of the trained layers change: every other parameter has
+    ``requires_grad`` off during the call and its ``.grad`` untouched; the ``requires_grad``
+    flags and the train/eval mode of the model (and of the original attentions) are restored
+    afterwards, and the feature maps' ``.grad`` is left as None.  Dropout is off during transfer.
+    """
+    _require_transformers()
+    _resolve(model)
+    mods = _patched_modules(model)
+    if not mods:
+        raise RuntimeError("transfer_attention needs a model patched by featattn.hf.patch_hf_model")
+    if loss not in TRANSFER_LOSSES:
+        raise ValueError(
+            f"loss must be one of {', '.join(map(repr, TRANSFER_LOSSES))}, got {loss!r}"
+        )
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if (
+        isinstance(lr, bool) or not isinstance(lr, numbers.Real)
+        or not (math.isfinite(lr) and lr > 0)
+    ):
+        raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
+    if layers is None:
+        train = sorted(mods)
+    else:
+        train = _normalize_layers(layers, len(_resolve(model)[2]))
+        missing = [i for i in train if i not in mods]
+        if missing:
+            raise ValueError(f"layers {missing} are not patched (patched: {sorted(mods)})")
+    fm_params = []
+    for i in train:
+        for p in mods[i].feature_map.parameters():
+            if p.is_floating_point() and all(p is not q for q in fm_params):
+                fm_params.append(p)
+    if not fm_params:
+        name = type(mods[train[0]].feature_map).__name__
+        raise ValueError(
+            f"the feature map ({name}) has no parameters to train: attention transfer needs a "
+            "learnable map, e.g. patch_hf_model(model, 'hedgehog')"
+        )
+    n_steps, stream = _batch_stream(batches, steps)
+    device = next(iter(fm_params)).device
+
+    all_params = list(model.parameters())
+    for m in mods.values():  # an original's parameters are the patched module's: nothing new
+        all_params += [p for p in m.original.parameters()]
+    flags = {id(p): (p, p.requires_grad) for p in all_params}
+    modes = [(m, m.training) for m in model.modules()]
+    modes += [(sub, sub.training) for m in mods.values() for sub in m.original.modules()]
+
+    run = _TransferRun(loss, train, stop_after=max(train))
+    result = {i: [] for i in train}
+    bar = _ProgressBar(n_steps, bool(progress), f"attention transfer ({loss})")
+    t0 = time.perf_counter()
+    try:
+        for p, _ in flags.values():
+            p.requires_grad_(False)
+        for p in fm_params:
+            p.requires_grad_(True)
+            p.grad = None
+        model.eval()
+        for m in mods.values():
+            m.original.eval()
+            m.__dict__["_transfer"] = run
+        opt = torch.optim.Adam(fm_params, lr=float(lr), weight_decay=float(weight_decay))
+        sched = None
+        if lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, n_steps) / n_steps))
+            )
+        for step in range(1, n_steps + 1):
+            inputs = _batch_inputs(next(stream), device)
+            inputs["use_cache"] = False
+            run.step_losses = {}
+            with torch.no_grad():
+                try:
+                    model(**inputs)
+                except _StopForward:
+                    pass
+            if set(run.step_losses) != set(train):  # pragma: no cover - a layer was skipped
+                raise RuntimeError(
+                    f"attention transfer: layers {sorted(set(train) - set(run.step_losses))} did "
+                    "not run in the forward pass"
+                )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            for i in train:
+                result[i].append(run.step_losses[i])
+            bar.update(step, sum(run.step_losses.values()))
+    finally:
+        bar.close()
+        for m in mods.values():
+            m.__dict__.pop("_transfer", None)
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+        for p in fm_params:
+            p.grad = None
+        for m, mode in modes:
+            m.training = mode
+    return TransferResult(losses=result, loss=loss, steps=n_steps, seconds=time.perf_counter() - t0)
