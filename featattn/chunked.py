@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import compute_dtype
+from .state import compute_dtype
 
 __all__ = ["chunked_linear_attention"]
 

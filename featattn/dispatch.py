@@ -21,11 +21,11 @@ that kernel.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import _switches
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 
 __all__ = ["KernelChoice", "select_kernel", "BACKENDS", "KERNELS"]
@@ -62,7 +62,7 @@ class KernelChoice(NamedTuple):
 
 
 def _triton_map_path() -> str:
-    mode = os.environ.get("FEATATTN_FUSE_MAPS", "pass")
+    mode = _switches.read("FEATATTN_FUSE_MAPS")
     if mode not in ("pass", "kernel"):
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'pass' (the default) or 'kernel', got {mode!r}")
     return "kernel" if mode == "kernel" else "triton_pass"
@@ -99,7 +99,7 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Opti
     if device.type == "cuda":
         pass
     elif device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not _switches.enabled("TRITON_INTERPRET"):
             return "tensors are on the CPU: Triton kernels need CUDA (or TRITON_INTERPRET=1 for testing)"
     else:
         return f"tensors are on {device.type}: Triton kernels need CUDA"

@@ -20,15 +20,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["quadratic_linear_attention", "recurrent_linear_attention", "compute_dtype"]
+__all__ = ["quadratic_linear_attention", "recurrent_linear_attention"]
 
 
-def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (the accumulation dtype)."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32.  The oracle's own copy of the rule
+    (featattn.state.compute_dtype): it imports nothing of the package it checks."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
+        else torch.float32
 
 
 def _expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -40,7 +39,7 @@ def quadratic_linear_attention(
 ):
     """O(T^2) masked form: ``o = tril(q k^T) v (+ q kv0)``, divided by the row sums."""
     B, H, T, Dk = q.shape
-    cd = compute_dtype(q, k, v, initial_kv, initial_z)
+    cd = _compute_dtype(q, k, v, initial_kv, initial_z)
     qf = q.to(cd)
     kf = _expand_kv_heads(k.to(cd), H)
     vf = _expand_kv_heads(v.to(cd), H)
@@ -76,7 +75,7 @@ def recurrent_linear_attention(
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    cd = compute_dtype(q, k, v, initial_kv, initial_z)
+    cd = _compute_dtype(q, k, v, initial_kv, initial_z)
     qf = q.to(cd)
     kf = _expand_kv_heads(k.to(cd), H)
     vf = _expand_kv_heads(v.to(cd), H)

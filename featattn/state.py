@@ -19,7 +19,15 @@ from typing import Optional
 
 import torch
 
-__all__ = ["LinearAttentionState"]
+__all__ = ["LinearAttentionState", "compute_dtype"]
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The accumulation (and state) dtype: float64 if any input is float64, else float32."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 @dataclass

@@ -5,19 +5,20 @@ makes a kernel pair (forward, backward) an autograd-aware custom op torch.compil
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _switches
+
 #: True when Triton runs in its interpreter (CPU tensors, CI)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = _switches.enabled("TRITON_INTERPRET")
 
 #: Debug switch: allocate every kernel-written buffer filled with NaN, so an element a kernel
 #: forgets to write shows up in the result.  Tests turn it on (FEATATTN_POISON=1 too).
-POISON_OUTPUTS = os.environ.get("FEATATTN_POISON", "0") == "1"
+POISON_OUTPUTS = _switches.enabled("FEATATTN_POISON")
 
 
 @contextlib.contextmanager
@@ -195,7 +196,7 @@ def _none_if_empty(t):
 
 #: Route eager calls through the torch.library custom ops too (benchmarks / debugging; by
 #: default only torch.compile uses them and eager calls take an autograd.Function).
-EAGER_CUSTOM_OP = os.environ.get("FEATATTN_EAGER_CUSTOM_OP", "0") == "1"
+EAGER_CUSTOM_OP = _switches.enabled("FEATATTN_EAGER_CUSTOM_OP")
 
 
 def register_attention_ops(name: str, forward: Callable, backward: Callable,

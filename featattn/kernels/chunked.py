@@ -80,12 +80,12 @@ Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _switches
 from . import _common
 from . import maps as _maps
 from ._common import alloc as _alloc
@@ -141,7 +141,7 @@ def _configs():
     (quick GPU test runs: every new (Dk, Dv) would otherwise compile the whole space)."""
     if _INTERPRET:
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
-    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
+    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
         return [triton.Config({"BT": 64}, num_warps=4, num_stages=2)]
     space = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (32, 4, 2)]
     return [triton.Config({"BT": bt}, num_warps=nw, num_stages=ns) for bt, nw, ns in space]

@@ -99,13 +99,13 @@ config is used.  Batch/head bases and chunk starts are int64.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _switches
 from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
@@ -150,7 +150,7 @@ def _pads(d: int) -> tuple[int, int, bool]:
 def _fwd_configs(big: bool):
     if _INTERPRET:
         return [triton.Config({"BT": 32, "BV": 32}, num_warps=4, num_stages=1)]
-    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
+    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
         return [triton.Config({"BT": 16 if big else 64, "BV": 16 if big else 32},
                               num_warps=4, num_stages=1 if big else 2)]
     # The loop is a chain of ~13 dependent tensor-core products per chunk and every config
@@ -168,7 +168,7 @@ def _fwd_configs(big: bool):
 def _bwd_configs(big: bool):
     if _INTERPRET:
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
-    if os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1":
+    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
         return [triton.Config({"BT": 16 if big else 32}, num_warps=4, num_stages=1 if big else 3)]
     # H100, BV 64, T=16384: BT 32 / 4 warps / 3 stages 4.98 ms, 8 warps 5.22, BT 64 >= 6.0,
     # BT 16 5.63, BV 32 >= 8.8 (the feature work is per Dv tile)
@@ -182,7 +182,7 @@ def _bwd_configs(big: bool):
 def _bwd_block_v(d: int, dv: int) -> int:
     """Dv tile of the backward (it decides the partial dq/dk buffers, so it is not autotuned).
     FEATATTN_TAYLOR_BWD_BV overrides it (for benchmarking)."""
-    env = os.environ.get("FEATATTN_TAYLOR_BWD_BV")
+    env = _switches.read("FEATATTN_TAYLOR_BWD_BV")
     cap = int(env) if env else (16 if _pads(d)[2] else 64)
     if _INTERPRET:
         cap = 32

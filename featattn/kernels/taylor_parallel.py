@@ -38,12 +38,12 @@ fp16 inputs and ieee fp32 for fp32 inputs.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _switches
 from . import _common
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
@@ -56,7 +56,7 @@ _INTERPRET = _common.INTERPRET
 #: Longest T for which taylor_attention uses this form (no state in or out).  Measured on the
 #: H100 (B=8, H=16, d=16, Dv=64, bf16): see docs/benchmarks.md.  FEATATTN_TAYLOR_PARALLEL_MAX_T
 #: overrides (0 turns the parallel form off).
-PARALLEL_MAX_T = int(os.environ.get("FEATATTN_TAYLOR_PARALLEL_MAX_T", "2048"))
+PARALLEL_MAX_T = int(_switches.read("FEATATTN_TAYLOR_PARALLEL_MAX_T"))
 
 
 def _configs(kind: str):
@@ -68,7 +68,7 @@ def _configs(kind: str):
             return [triton.Config({"BM": 32, "BN": 16}, num_warps=4, num_stages=1)]
         return [triton.Config({"BMK": 16, "BNK": 32, "BMQ": 32, "BNQ": 16}, num_warps=4,
                               num_stages=1)]
-    fixed = os.environ.get("FEATATTN_NO_AUTOTUNE", "0") == "1"
+    fixed = _switches.enabled("FEATATTN_NO_AUTOTUNE")
     # H100, B=8 H=16 d=16 Dv=64 bf16 T=2048, each kernel alone (gpu_taylor.py --par-sweep):
     # fwd 128/32/4w 0.148 ms, 64/64/4w/s3 0.158, 128/64/8w 0.200; the one-launch backward
     # (BMK/BNK + BMQ/BNQ) 32/128 + 128/32 0.619, 32/128 + 64/64 0.635, the same with 4 or 5
