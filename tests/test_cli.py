@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from featattn import cli
-from featattn.bench import _call_fla
+from featattn.cli.bench import _call_fla
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +170,7 @@ def test_demo_reproducible_and_png_path(tmp_path, capsys):
 def test_demo_model_depends_on_the_seed_alone():
     """train_one neither reads nor moves the caller's global RNG: the same result after other
     models or other draws, and the caller's random stream goes on where it was."""
-    from featattn.demo import DemoConfig, make_eval_set, train_one
+    from featattn.cli.demo import DemoConfig, make_eval_set, train_one
 
     cfg = DemoConfig(steps=3, seq_len=12, kv_pairs=3, vocab=17, batch=4, dim=8, heads=2,
                      eval_every=3, eval_size=8, seed=5)
@@ -195,7 +195,7 @@ def test_demo_model_depends_on_the_seed_alone():
 
 
 def test_mqar_layout():
-    from featattn.demo import mqar_batch
+    from featattn.cli.demo import mqar_batch
 
     gen = torch.Generator().manual_seed(0)
     x, y = mqar_batch(gen, batch=3, seq_len=20, kv_pairs=4, vocab=33)
@@ -275,7 +275,7 @@ def test_call_fla_signatures():
 
 def test_rich_ui(capsys):
     """The terminal path: a rich table and rich progress bars."""
-    ui = cli.UI(fancy=True)
+    ui = cli.app.UI(fancy=True)
     with ui.progress() as add:
         update = add("elu", 3)
         for i in range(1, 4):

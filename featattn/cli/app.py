@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args, ui: UI) -> int:
-    from . import list_feature_maps
+    from .. import list_feature_maps
     from .demo import (DEFAULT_CONFIG, QUICK_CONFIG, make_eval_set, plot_curves,
                        run_environment, train_one, write_json)
 
@@ -396,7 +396,7 @@ def _cmd_demo(args, ui: UI) -> int:
 
 
 def _cmd_bench(args, ui: UI) -> int:
-    from . import list_feature_maps
+    from .. import list_feature_maps
     from .bench import (ALL_BACKENDS, DTYPES, default_config, fmt_mib, fmt_ms, plot_rows,
                         run_bench, write_json)
 
@@ -424,7 +424,7 @@ def _cmd_bench(args, ui: UI) -> int:
     png, js = _out_paths(args.out, "bench")
     _prepare_out(parser, (png, js))
 
-    from .feature_maps import get_feature_map
+    from ..feature_maps import get_feature_map
 
     dk = get_feature_map(cfg.feature_map).output_dim(cfg.dqk)
     ui.print(f"featattn bench on {device}"

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FeatureAttention
+from ..layers import FeatureAttention
 
 __all__ = [
     "DemoConfig",

@@ -38,9 +38,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .dispatch import select_kernel
-from .feature_maps import get_feature_map
-from .functional import linear_attention
+from ..dispatch import select_kernel
+from ..feature_maps import get_feature_map
+from ..functional import linear_attention
 
 __all__ = ["BenchConfig", "BenchRow", "FEATATTN_BACKENDS", "ALL_BACKENDS", "run_bench",
            "plot_rows", "default_config"]
