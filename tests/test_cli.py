@@ -15,6 +15,7 @@ import torch
 
 from featattn import cli
 from featattn.cli.bench import _call_fla
+from featattn.cli.ui import UI
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,9 +77,19 @@ def test_command_help(cmd, flags, capsys):
         assert flag in out, flag
 
 
+def python_env():
+    """The environment of a child interpreter that imports the featattn under test (this
+    process's sys.path, so a worktree on PYTHONPATH wins over an editable install)."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
 def test_entry_point_subprocess():
     """``python -m featattn``: help works and a bad flag exits 2 with a message."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = python_env()
+    code = "import featattn.cli; print(featattn.cli.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert where.stdout.strip() == cli.__file__, where.stderr     # the copy under test
     ok = subprocess.run([sys.executable, "-m", "featattn", "--help"], capture_output=True,
                         text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "bench" in ok.stdout
@@ -86,6 +97,17 @@ def test_entry_point_subprocess():
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert "--steps" in bad.stderr and "must be >= 1" in bad.stderr
+
+
+def test_import_featattn_does_not_import_cli():
+    """The command line is a leaf: neither ``import featattn`` nor ``import featattn.hf`` loads
+    it (attention transfer imports its UI only when it shows progress)."""
+    code = ("import sys, featattn, featattn.hf\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('featattn.cli'))\n"
+            "assert not loaded, f'import featattn imported {loaded}'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=python_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 # --------------------------------------------------------------------------- errors
@@ -275,7 +297,7 @@ def test_call_fla_signatures():
 
 def test_rich_ui(capsys):
     """The terminal path: a rich table and rich progress bars."""
-    ui = cli.app.UI(fancy=True)
+    ui = UI(fancy=True)
     with ui.progress() as add:
         update = add("elu", 3)
         for i in range(1, 4):

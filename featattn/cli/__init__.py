@@ -1,6 +1,8 @@
 """The ``featattn`` command line (``featattn demo``, ``featattn bench``; also
 ``python -m featattn``): the parser and commands in :mod:`.app`, the MQAR demo in :mod:`.demo`,
-the backend benchmark in :mod:`.bench`.  Nothing in the core ``featattn`` package imports it.
+the backend benchmark in :mod:`.bench`, and featattn's one terminal UI (progress bars, tables;
+also used by :func:`featattn.hf.transfer_attention`) in :mod:`.ui`.  Nothing in the core
+``featattn`` package imports it.
 """
 
 from .app import build_parser, main

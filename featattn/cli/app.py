@@ -12,9 +12,7 @@ Run `featattn COMMAND --help` for the options.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import __version__
+from .ui import UI
 
 __all__ = ["main", "build_parser"]
 
@@ -58,99 +57,6 @@ backends:
 
 Prints a table and writes bench.png (time against T, log-log) and bench.json under --out.
 On CUDA, times are triton.testing.do_bench medians; on the CPU, wall-clock medians."""
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _rich():
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class UI:
-    """Tables and progress: rich on a terminal; plain lines when stdout is not a terminal
-    (CI logs, pipes) or rich is not installed."""
-
-    def __init__(self, fancy: Optional[bool] = None):
-        self.has_rich = _rich()
-        if fancy is None:
-            fancy = self.has_rich and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
-        self.fancy = fancy and self.has_rich
-
-    def _console(self):
-        from rich.console import Console
-
-        return Console(highlight=False)
-
-    def print(self, msg: str = "") -> None:
-        print(msg, flush=True)
-
-    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
-              right: Sequence[bool] = ()) -> None:
-        """A rich table on a terminal, else a plain markdown table (one line per row, so
-        logs stay greppable and the table can be pasted into docs)."""
-        right = list(right) + [False] * (len(columns) - len(right))
-        if self.fancy:
-            from rich import box
-            from rich.table import Table
-
-            t = Table(title=title, box=box.ROUNDED, title_justify="left")
-            for c, r in zip(columns, right):
-                t.add_column(c, justify="right" if r else "left", overflow="fold")
-            for row in rows:
-                t.add_row(*row)
-            self._console().print(t)
-            sys.stdout.flush()
-            return
-        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-                  for i, c in enumerate(columns)]
-
-        def line(cells):
-            return "| " + " | ".join(
-                (c.rjust(w) if r else c.ljust(w)) for c, w, r in zip(cells, widths, right)) + " |"
-
-        print(title)
-        print(line(columns))
-        print("|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2))
-                             for w, r in zip(widths, right)) + "|")
-        for row in rows:
-            print(line(row))
-        sys.stdout.flush()
-
-    @contextlib.contextmanager
-    def progress(self):
-        """Yields ``add(name, total) -> update(step, **fields)``."""
-        if self.fancy:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            columns = [TextColumn("{task.description:<10}"), BarColumn(),
-                       MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn()]
-            with Progress(*columns, console=self._console(), transient=False) as prog:
-                def add(name, total):
-                    task = prog.add_task(name, total=total, info="")
-
-                    def update(step, info=""):
-                        prog.update(task, completed=step, info=info)
-                    return update
-                yield add
-            return
-
-        def add(name, total):
-            t0 = time.perf_counter()
-            marks = {max(1, round(total * i / 10)) for i in range(1, 11)}
-
-            def update(step, info=""):
-                if step in marks:
-                    print(f"  {name:<10} {step:>6}/{total:<6} {info}  "
-                          f"{time.perf_counter() - t0:6.1f}s", flush=True)
-            return update
-        yield add
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,13 +1,14 @@
 """Attention transfer for :mod:`featattn.hf`: :func:`transfer_attention` trains the feature maps
 of a patched model to mimic the softmax attention they replace (Hedgehog / LoLCATs), with its
-losses, batch handling, :class:`TransferResult` and progress bar.
+losses, batch handling and :class:`TransferResult`.  Its progress bar is featattn's terminal UI,
+:mod:`featattn.cli.ui`, imported when a transfer shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
@@ -213,49 +214,21 @@ def _batch_stream(batches, steps: Optional[int]):
     return int(steps), gen()
 
 
-class _ProgressBar:
-    """rich's progress bar on a terminal (when rich is installed), else a plain line to stderr
-    every tenth of the run: works without a tty and without stdin."""
+#: the plain progress line of a transfer (no rich or no terminal), every tenth of the run
+_PROGRESS_LINE = "{name}: step {step}/{total}  {info}"
 
-    def __init__(self, total: int, enabled: bool, description: str):
-        self.total, self.enabled, self.description = total, enabled, description
-        self._rich = self._task = None
-        self._every = max(1, total // 10)
-        if not enabled:
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-            )
 
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self._rich = Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
-                )
-        except Exception:  # rich missing or unusable: plain lines
-            self._rich = None
-        if self._rich is not None:
-            self._rich.start()
-            self._task = self._rich.add_task(description, total=total, loss="-")
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, description: str):
+    """Yields ``update(step, info)``: featattn's terminal UI on stderr (rich's bar on a
+    terminal when rich is installed, else a plain line every tenth of the run), or nothing."""
+    if not enabled:
+        yield lambda step, info="": None
+        return
+    from ..cli.ui import UI  # here, not at the top: importing featattn.hf never loads the CLI
 
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        if self._rich is not None:
-            self._rich.update(self._task, completed=step, loss=f"{loss:.4g}")
-        elif step % self._every == 0 or step == self.total:
-            print(
-                f"{self.description}: step {step}/{self.total}  loss {loss:.4g}",
-                file=sys.stderr, flush=True,
-            )
-
-    def close(self) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-            self._rich = None
+    with UI(stderr=True).progress(line=_PROGRESS_LINE) as add:
+        yield add(description, total)
 
 
 def transfer_attention(
@@ -357,7 +330,6 @@ def transfer_attention(
 
     run = _TransferRun(loss, train, stop_after=max(train))
     result = {i: [] for i in train}
-    bar = _ProgressBar(n_steps, bool(progress), f"attention transfer ({loss})")
     t0 = time.perf_counter()
     try:
         for p, _ in flags.values():
@@ -375,29 +347,29 @@ def transfer_attention(
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, n_steps) / n_steps))
             )
-        for step in range(1, n_steps + 1):
-            inputs = _batch_inputs(next(stream), device)
-            inputs["use_cache"] = False
-            run.step_losses = {}
-            with torch.no_grad():
-                try:
-                    model(**inputs)
-                except _StopForward:
-                    pass
-            if set(run.step_losses) != set(train):  # pragma: no cover - a layer was skipped
-                raise RuntimeError(
-                    f"attention transfer: layers {sorted(set(train) - set(run.step_losses))} did "
-                    "not run in the forward pass"
-                )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
-            for i in train:
-                result[i].append(run.step_losses[i])
-            bar.update(step, sum(run.step_losses.values()))
+        with _progress(bool(progress), n_steps, f"attention transfer ({loss})") as update:
+            for step in range(1, n_steps + 1):
+                inputs = _batch_inputs(next(stream), device)
+                inputs["use_cache"] = False
+                run.step_losses = {}
+                with torch.no_grad():
+                    try:
+                        model(**inputs)
+                    except _StopForward:
+                        pass
+                if set(run.step_losses) != set(train):  # pragma: no cover - a layer was skipped
+                    missing = sorted(set(train) - set(run.step_losses))
+                    raise RuntimeError(
+                        f"attention transfer: layers {missing} did not run in the forward pass"
+                    )
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+                for i in train:
+                    result[i].append(run.step_losses[i])
+                update(step, f"loss {sum(run.step_losses.values()):.4g}")
     finally:
-        bar.close()
         for m in mods.values():
             m.__dict__.pop("_transfer", None)
         for p, flag in flags.values():
