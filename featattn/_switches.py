@@ -26,6 +26,10 @@ SWITCHES = {s.name: s for s in (
     Switch("FEATATTN_FUSE_MAPS", "pass", "call",
            "where elementwise maps run on CUDA: `pass` (one Triton pass over q and k before the "
            "chunked kernel) or `kernel` (inside the chunked kernel, on raw q/k)"),
+    Switch("FEATATTN_SEGMENT", "auto", "call",
+           "how the chunked kernels split T into segments swept in parallel: `auto` (enough "
+           "for ~2 programs per SM when B*H is small), `off`, or a segment length in tokens "
+           "(a multiple of 64)"),
     Switch("FEATATTN_NO_AUTOTUNE", "0", "import",
            "`1`: one fixed config per kernel instead of autotuning (quick GPU runs; hides bad "
            "configs, so never for `make gpu-test`)"),

@@ -121,6 +121,21 @@ def test_fused_map_matches_float64(fm, case, path):
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
+SEG_CASES = [
+    (1, 2, 1, 150, 16, 24, torch.float32, True, True, "bhtd", 0.5),    # 3 segments, grouped
+    CASES[1],                                                          # fp16, strided, 2 segments
+]
+
+
+@pytest.mark.parametrize("case", SEG_CASES, ids=_case_id)
+def test_fused_map_in_segments_matches_float64(case, monkeypatch):
+    """The map in the kernel with T split into 64-token segments: the segment sums apply it
+    too (to k forward, to the scaled q backward)."""
+    monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+    got, want = _check("elu", *case, fn=_fused)
+    check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
+
+
 def test_fused_map_with_wrong_triton_form_is_caught():
     """A Triton form whose derivative disagrees with the PyTorch map fails the same check."""
     got, want = _check("test_wrong_softplus", *CASES[0])

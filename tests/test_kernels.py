@@ -76,6 +76,40 @@ def test_forward_backward_match_float64(case):
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
+# T split into segments swept in parallel (FEATATTN_SEGMENT): boundaries inside and at the
+# end of a chunk, a last segment shorter than the others, T shorter than one segment.
+SEG_CASES = [
+    (1, 2, 1, 200, 16, 24, torch.float32, True, True, True, "bhtd"),     # 4 segments, grouped
+    (1, 2, 2, 130, 24, 16, torch.float16, False, True, True, "bthd"),    # fp16 plain, strided
+    (2, 2, 2, 129, 20, 136, torch.float32, True, False, True, "bhtd"),   # Dv tiled, 1-token tail
+    (1, 2, 1, 65, 130, 24, torch.float32, True, True, False, "bhtd"),    # Dk tiled
+    (1, 1, 1, 1, 16, 16, torch.float32, True, True, True, "bhtd"),       # T = 1
+]
+
+
+@pytest.mark.parametrize("case", SEG_CASES, ids=[_case_id(c) for c in SEG_CASES])
+def test_segments_match_float64(case, monkeypatch):
+    """Segments of 64 tokens: forward, returned state and every gradient (initial state
+    included) as the float64 reference, with every buffer (the segment sums too) poisoned."""
+    monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    assert C.segments(B * H, T, torch.device(DEV)) == (triton.cdiv(T, 64), 64)
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dv)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=9, device=DEV) if init else (None, None)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+
+
+def test_segment_policy(monkeypatch):
+    """Automatic: no split on CPU or when the grid fills the GPU; a bad switch value is
+    explained."""
+    assert C.segments(4, 4096, torch.device("cpu")) == (1, 4096)
+    monkeypatch.setenv("FEATATTN_SEGMENT", "off")
+    assert C.segments(1, 1000, torch.device("cpu")) == (1, 1024)
+    monkeypatch.setenv("FEATATTN_SEGMENT", "100")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        C.segments(1, 1000, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
 def test_state_handoff_equals_whole_sequence(normalize):
     """Running [0, T1) then [T1, T) with the state handed over equals one run over [0, T)."""

@@ -45,6 +45,16 @@ output gradient is d den.  dq keeps the factor r_t outside its sums (it is a row
 scale), which keeps the summed terms O(1) even when den grows with t.  den (fp32
 [B, H, T]) is saved by the forward; delta is a small row-sum kernel.
 
+Segments (split T): one program per (batch*head, tile) sweeping all of T is latency-bound
+when B*H is small (B = 1, H = 16 leaves most SMs idle).  `segments` then cuts T into NS
+segments (multiples of 64 tokens) swept in parallel, grid axis 2.  A segment-sums kernel
+(`_seg_kernel`) first writes each segment's own state contribution, fp32
+[B*H, NS, Dk, Dv] (and [.., Dk] for z): sum k^T v forward; sum q^T (do / den) backward for
+the reverse sweep.  The program of segment s adds the sums of segments < s (forward, dq
+sweep) or > s (dk/dv sweep) to the initial / final-state gradient and sweeps its own
+chunks.  Costs one more read of k and v (and of q and do backward) and O(NS) state tiles;
+the last segment's program stores the final state, segment 0's the initial-state gradient.
+
 Reductions that cross programs are done by torch on fp32 buffers (never atomics, so
 results are deterministic): dq and dk over Dv tiles, dv over Dk tiles, dk and dv over
 the q heads of a key/value group.  With Dk, Dv <= 128 and no grouping there is none.
@@ -177,25 +187,97 @@ def _features(x, scale, mask, PHI: tl.constexpr):
     return tl.where(mask, PHI(x.to(tl.float32) * scale), 0.0).to(x.dtype)
 
 
+# --------------------------------------------------------------------------- segment sums
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "J0"])
+def _seg_kernel(
+    a, b, den, delta, outS, outz,
+    sab, sah, sat, sbb, sbh, sbt,
+    T, H, DK, DV, SEG, NS, J0, scale,
+    NV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr,
+):
+    """Grid (B*H, NK*NV, n).  Program (bh, tile, p) sums segment j = J0 + p (tokens
+    [j*SEG, min(T, (j+1)*SEG)), SEG a multiple of BT) of head bh into fp32
+    outS [B*H, NS, Dk, Dv] and, with HAS_Z, outz [B*H, NS, Dk] (stored by Dv tile 0):
+
+        forward  (BWD=0, a = k, b = v):   S_j = sum_t f(a_t)^T b_t,          z_j = sum_t f(a_t)
+        backward (BWD=1, a = q, b = do):  S_j = sum_t f(a_t)^T (b_t / den_t),
+                                          z_j = -sum_t f(a_t) delta_t / den_t
+    (without HAS_Z the backward's b is not divided), where f(x) = PHI(scale * x) when
+    FUSED, else x.  a and b are [B, H, T, D] strided; den / delta fp32 [B*H, T]."""
+    i_bh = tl.program_id(0)
+    i_kv = tl.program_id(1)
+    j = J0 + tl.program_id(2)
+    i_k = i_kv // NV
+    i_v = i_kv % NV
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    a_base = a + i_b * sab + i_h * sah
+    b_base = b + i_b * sbb + i_h * sbh
+    row_base = i_bh.to(tl.int64) * T
+    offs_t = tl.arange(0, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    own_k = (offs_k * 0 + i_v) == 0
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    c0 = j * (SEG // BT)
+    c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))
+    for i in range(c0, c1):
+        t0 = tl.cast(i * BT, tl.int64)
+        mt = (i * BT + offs_t) < T
+        b_a = tl.load(a_base + t0 * sat + offs_t[:, None] * sat + offs_k[None, :],
+                      mask=mt[:, None] & mk[None, :], other=0.0)
+        b_b = tl.load(b_base + t0 * sbt + offs_t[:, None] * sbt + offs_v[None, :],
+                      mask=mt[:, None] & mv[None, :], other=0.0)
+        if FUSED:
+            b_a = _features(b_a, scale, mt[:, None] & mk[None, :], PHI)
+        if BWD:
+            if HAS_Z:
+                b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
+                b_dn = b_b.to(tl.float32) * b_r[:, None]
+                b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt, other=0.0) * b_r
+                z += tl.sum(b_a.to(tl.float32) * b_dd[:, None], axis=0)
+                S += _mm(tl.trans(b_a), b_dn, LOWP, IEEE)
+            else:
+                S += _mm(tl.trans(b_a), b_b, LOWP, IEEE)
+        else:
+            if HAS_Z:
+                z += tl.sum(b_a.to(tl.float32), axis=0)
+            S += _dot_in(tl.trans(b_a), b_b, IEEE)
+    st = (i_bh.to(tl.int64) * NS + j) * DK
+    tl.store(outS + st * DV + offs_k[:, None] * DV + offs_v[None, :], S,
+             mask=mk[:, None] & mv[None, :])
+    if HAS_Z:
+        tl.store(outz + st + offs_k, z, mask=mk & own_k)
+
+
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _fwd_kernel(
-    q, k, v, o, den, kv0, z0, kvT, zT,
+    q, k, v, o, den, kv0, z0, kvT, zT, segS, segz,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, DK, DV, eps, scale,
+    T, H, G, DK, DV, SEG, NS, eps, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr,
 ):
-    """Grid (B*H, NK*NV).  q: [B,H,T,Dk], k: [B,Hkv,T,Dk], v: [B,Hkv,T,Dv] (strided,
-    unit last stride).  o: [B,H,T,Dv] strided (input dtype) or, with SPLIT_K, fp32
+    """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
+    T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
+    fp32 [B*Hkv, NS, Dk, Dv], segz [B*Hkv, NS, Dk], from _seg_kernel).
+    q: [B,H,T,Dk], k: [B,Hkv,T,Dk], v: [B,Hkv,T,Dv] (strided, unit last stride).  o: [B,H,T,Dv] strided (input dtype) or, with SPLIT_K, fp32
     partial numerators [NK,B,H,T,Dv] contiguous.  den: fp32 [B,H,T] (eps added) or,
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
     [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
+    i_s = tl.program_id(2)
     i_k = i_kv // NV
     i_v = i_kv % NV
     n_bh = tl.num_programs(0)
@@ -234,8 +316,15 @@ def _fwd_kernel(
                     mask=mk[:, None] & mv[None, :], other=0.0)
         if NORMALIZE:
             z = tl.load(z0 + i_bh.to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+    seg0 = (i_b * (H // G) + i_hk) * NS
+    for j in range(0, i_s):  # the segments before this one
+        S += tl.load(segS + (seg0 + j) * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                     mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORMALIZE:
+            z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
 
-    for i in range(0, tl.cdiv(T, BT)):
+    c0 = i_s * (SEG // BT)
+    for i in range(c0, tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))):
         t0 = tl.cast(i * BT, tl.int64)
         mt = (i * BT + offs_t) < T
         b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
@@ -268,26 +357,31 @@ def _fwd_kernel(
             tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
     if STORE_FINAL:
+        last = (offs_k * 0 + i_s) == NS - 1  # the last segment's program ends with the state
         tl.store(kvT + st_off + offs_k[:, None] * DV + offs_v[None, :], S,
-                 mask=mk[:, None] & mv[None, :])
+                 mask=mk[:, None] & mv[None, :] & last[:, None])
         if NORMALIZE:
-            tl.store(zT + i_bh.to(tl.int64) * DK + offs_k, z, mask=mk & own_k)
+            tl.store(zT + i_bh.to(tl.int64) * DK + offs_k, z, mask=mk & own_k & last)
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
-    dq, dk, dv, dkv0, dz0,
+    dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, DK, DV, scale,
+    T, H, G, DK, DV, SEG, NS, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr,
 ):
-    """Grid (B*H, NK*NV, 2); axis 2 picks the dq sweep (0) or the dk/dv sweep (1).
+    """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
+    the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
+    the initial state plus the forward sums of segments < s (segS / segz as in the forward);
+    the dk/dv sweep from d(final state) plus the backward sums of segments > s (segdS fp32
+    [B*H, NS, Dk, Dv], segdz [B*H, NS, Dk], _seg_kernel with BWD).
 
     q/k/v as in the forward; do: [B,H,T,Dv] strided; den, delta: fp32 [B,H,T].
     Outputs (contiguous, written per q head): dq [NV,B,H,T,Dk], dk [NV,B,H,T,Dk],
@@ -298,7 +392,8 @@ def _bwd_kernel(
     """
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
-    phase = tl.program_id(2)
+    phase = tl.program_id(2) // NS
+    i_s = tl.program_id(2) % NS
     i_k = i_kv // NV
     i_v = i_kv % NV
     n_bh = tl.num_programs(0)
@@ -322,7 +417,8 @@ def _bwd_kernel(
     # tiles load delta / d(final z) as zeros, so its terms vanish there.
     own_t = (offs_t * 0 + i_v) == 0  # vectors: the interpreter rejects vector & scalar
     own_k = (offs_k * 0 + i_v) == 0
-    NT = tl.cdiv(T, BT)
+    c0 = i_s * (SEG // BT)
+    c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))
 
     if phase == 0:
         # ---- forward sweep: dq_t = r_t [ sum_{s<=t} (do_t.v_s - delta_t) k_s
@@ -335,8 +431,14 @@ def _bwd_kernel(
                          mask=mk[None, :] & mv[:, None], other=0.0)
             if NORMALIZE:
                 z = tl.load(z0 + i_bh.to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+        seg0 = (i_b * (H // G) + i_hk) * NS
+        for j in range(0, i_s):
+            ST += tl.load(segS + (seg0 + j) * DK * DV + offs_k[None, :] * DV + offs_v[:, None],
+                          mask=mk[None, :] & mv[:, None], other=0.0)
+            if NORMALIZE:
+                z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
         dq_base = dq + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
-        for i in range(0, NT):
+        for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
             mt = (i * BT + offs_t) < T
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
@@ -378,10 +480,16 @@ def _bwd_kernel(
                          mask=mk[:, None] & mv[None, :], other=0.0)
             if NORMALIZE:
                 dz = tl.load(dzT + i_bh.to(tl.int64) * DK + offs_k, mask=mk & own_k, other=0.0)
+        for j in range(i_s + 1, NS):  # the segments after this one
+            sd = i_bh.to(tl.int64) * NS + j
+            dS += tl.load(segdS + sd * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                          mask=mk[:, None] & mv[None, :], other=0.0)
+            if NORMALIZE:
+                dz += tl.load(segdz + sd * DK + offs_k, mask=mk & own_k, other=0.0)
         dk_base = dk + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
         dv_base = dv + (i_k.to(tl.int64) * n_bh + i_bh) * T * DV
-        for j in range(0, NT):
-            i = NT - 1 - j
+        for j in range(0, c1 - c0):
+            i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
             mt = (i * BT + offs_t) < T
             b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
@@ -419,18 +527,86 @@ def _bwd_kernel(
             tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
         if HAS_INIT:
+            first = (offs_k * 0 + i_s) == 0  # segment 0's program ends with d(initial state)
             tl.store(dkv0 + st_off + offs_k[:, None] * DV + offs_v[None, :], dS,
-                     mask=mk[:, None] & mv[None, :])
+                     mask=mk[:, None] & mv[None, :] & first[:, None])
             if NORMALIZE:
-                tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k)
+                tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k & first)
 
 
 _fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED"])(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED"])(_bwd_kernel)
-_FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
+_seg = triton.autotune(configs=_configs(), key=["DK", "DV", "BWD", "HAS_Z", "FUSED"])(_seg_kernel)
+_FWD, _BWD, _SEG = TunedLaunch(_fwd), TunedLaunch(_bwd), TunedLaunch(_seg)
 
 
 # --------------------------------------------------------------------------- wrappers
+#: Segments are whole multiples of this many tokens (every autotuned chunk length divides it).
+SEG_ALIGN = 64
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    n = _SM_COUNT.get(device)
+    if n is None:
+        n = _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def segments(programs: int, T: int, device) -> tuple[int, int]:
+    """(NS, SEG): how many segments of SEG tokens each head's sweep is split into.
+
+    One program per (head, tile) walking T alone is latency-bound when there are few of
+    them (B*H = 16 at B = 1 leaves 116 of the H200's 132 SMs idle), so T is cut into
+    segments swept in parallel; a segment-sums pass first gives each program its starting
+    state (one more read of k and v).  Automatic: enough segments for about two programs
+    per SM, none when the grid already has that many, at most 16 (each program adds the
+    sums of the segments before it).  ``FEATATTN_SEGMENT``: ``off``, or a segment length in
+    tokens (a multiple of 64) to force."""
+    mode = _switches.read("FEATATTN_SEGMENT")
+    whole = triton.cdiv(T, SEG_ALIGN) * SEG_ALIGN
+    if mode == "off":
+        return 1, whole
+    if mode != "auto":
+        try:
+            seg = int(mode)
+        except ValueError:
+            seg = -1
+        if seg <= 0 or seg % SEG_ALIGN:
+            raise ValueError(f"FEATATTN_SEGMENT must be 'auto', 'off' or a positive multiple of "
+                             f"{SEG_ALIGN} (tokens per segment), got {mode!r}")
+        return triton.cdiv(T, seg), seg
+    if device.type != "cuda":
+        return 1, whole
+    target = 2 * _sm_count(device)
+    if programs >= target:
+        return 1, whole
+    ns = min(triton.cdiv(target, programs), triton.cdiv(T, SEG_ALIGN), 16)
+    seg = triton.cdiv(triton.cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN
+    return triton.cdiv(T, seg), seg
+
+
+def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0):
+    """fp32 (S [B*Ha, NS, Dk, Dv], z [B*Ha, NS, Dk]) for segments j0 .. j0 + NS - 2 of
+    _seg_kernel (a: [B, Ha, T, Dk], b: [B, Ha, T, Dv])."""
+    B, Ha, T, Dk = a.shape
+    Dv = b.shape[-1]
+    BK, BV = _tiles(Dk, Dv, a.dtype)
+    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    dev = a.device
+    S = _alloc((B * Ha, ns, Dk, Dv), torch.float32, dev)
+    z = _alloc((B * Ha, ns, Dk), torch.float32, dev) if has_z else S
+    bwd = den is not None or delta is not None
+    lowp, ieee = _flags(a.dtype)
+    _SEG[(B * Ha, NK * NV, ns - 1)](
+        a, b, den if den is not None else S, delta if delta is not None else S, S, z,
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        T, Ha, Dk, Dv, seg, ns, j0, scale,
+        NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, IEEE=ieee,
+        FUSED=fused, PHI=phi,
+    )
+    return S, z
+
 def _map_form(fmap: str):
     """(FUSED, PHI, DPHI) kernel arguments for a map key of featattn.kernels.maps ("" = none)."""
     if not fmap:
@@ -459,14 +635,19 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
     fused, phi, _ = _map_form(fmap)
-    grid = (B * H, NK * NV)
+    ns, seg = segments(B * H * NK * NV, T, dev)
+    segS = segz = o
+    if ns > 1:
+        segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
+                                   has_z=normalize)
+    grid = (B * H, NK * NV, ns)
     _FWD[grid](
         q, k, v, o, den_buf,
-        kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
+        kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT, segS, segz,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, H, G, Dk, Dv, eps, scale,
+        T, H, G, Dk, Dv, seg, ns, eps, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, IEEE=ieee,
         FUSED=fused, PHI=phi,
@@ -517,14 +698,21 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
     fused, phi, dphi = _map_form(fmap)
-    _BWD[(B * H, NK * NV, 2)](
+    ns, seg = segments(2 * B * H * NK * NV, T, dev)
+    segS = segz = segdS = segdz = dq
+    if ns > 1:
+        segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
+                                   has_z=normalize)
+        segdS, segdz = _segment_sums(q, do, ns, seg, fused=fused, phi=phi, scale=scale,
+                                     has_z=normalize, den=den, delta=delta, j0=1)
+    _BWD[(B * H, NK * NV, 2 * ns)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
         dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
-        dq, dk, dv, dkv0, dz0,
+        dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, Dk, Dv, scale,
+        T, H, G, Dk, Dv, seg, ns, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, FUSED=fused, PHI=phi, DPHI=dphi,
     )
