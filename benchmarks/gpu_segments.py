@@ -72,7 +72,7 @@ def checks():
     return ok
 
 
-def sweep(modes, shapes):
+def sweep(modes, shapes, repeat=1, layers=True):
     rows = []
     for B, H, T in shapes:
         mk = lambda: torch.randn(B, H, T, 64, device=DEV, dtype=DT).requires_grad_()  # noqa: E731
@@ -88,7 +88,7 @@ def sweep(modes, shapes):
         for name, (call, leaves, fuse) in calls.items():
             os.environ["FEATATTN_FUSE_MAPS"] = fuse
             cells = []
-            for mode in modes:
+            for mode in list(modes) * repeat:  # the same setting twice shows the spread
                 os.environ["FEATATTN_SEGMENT"] = mode
 
                 def fwd():
@@ -103,13 +103,12 @@ def sweep(modes, shapes):
             rows.append((f"B{B} H{H} T{T} {name}", cells))
             print(rows[-1], flush=True)
     os.environ.pop("FEATATTN_FUSE_MAPS", None)
-    # the layer
-    for B, T in ((1, 16384), (4, 4096)):
+    for B, T in ((1, 16384), (4, 4096)) if layers else ():
         x = torch.randn(B, T, 1024, device=DEV, dtype=DT, requires_grad=True)
         dy = torch.randn(B, T, 1024, device=DEV, dtype=DT)
         layer = featattn.FeatureAttention(1024, 16, "elu").to("cuda", DT)
         cells = []
-        for mode in modes:
+        for mode in list(modes) * repeat:
             os.environ["FEATATTN_SEGMENT"] = mode
 
             def fwd():
@@ -123,8 +122,8 @@ def sweep(modes, shapes):
             cells.append(f"{bench(fwd):.3f} / {bench(fwdbwd, [x, *layer.parameters()]):.3f}")
         rows.append((f"layer B{B} T{T} elu", cells))
         print(rows[-1], flush=True)
-    print("\n| call (ms fwd / fwd+bwd) | " + " | ".join(f"FEATATTN_SEGMENT={m}" for m in modes) + " |")
-    print("|---|" + "---|" * len(modes))
+    print("\n| call (ms fwd / fwd+bwd) | " + " | ".join(f"FEATATTN_SEGMENT={m}" for m in list(modes) * repeat) + " |")
+    print("|---|" + "---|" * len(modes) * repeat)
     for name, cells in rows:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -133,10 +132,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--modes", nargs="+", default=["off", "auto", "512", "1024", "2048"])
+    ap.add_argument("--shapes", nargs="+", default=["1x16x16384", "8x16x16384", "8x16x4096", "4x16x4096"],
+                    help="BxHxT")
+    ap.add_argument("--repeat", type=int, default=1, help="time every setting this many times")
+    ap.add_argument("--no-layers", action="store_true")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     ok = True if args.no_checks else checks()
-    sweep(args.modes, ((1, 16, 16384), (8, 16, 16384), (8, 16, 4096), (4, 16, 4096)))
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    sweep(args.modes, shapes, args.repeat, not args.no_layers)
     if not ok:
         sys.exit("a check failed (see above)")
 

@@ -23,13 +23,14 @@ class Switch(NamedTuple):
 
 
 SWITCHES = {s.name: s for s in (
-    Switch("FEATATTN_FUSE_MAPS", "pass", "call",
+    Switch("FEATATTN_FUSE_MAPS", "auto", "call",
            "where elementwise maps run on CUDA: `pass` (one Triton pass over q and k before the "
-           "chunked kernel) or `kernel` (inside the chunked kernel, on raw q/k)"),
+           "chunked kernel), `kernel` (inside the chunked kernel, on raw q/k), or `auto` (inside "
+           "the kernel when it splits T into segments, else the pass)"),
     Switch("FEATATTN_SEGMENT", "auto", "call",
-           "how the chunked kernels split T into segments swept in parallel: `auto` (enough "
-           "for ~2 programs per SM when B*H is small), `off`, or a segment length in tokens "
-           "(a multiple of 64)"),
+           "how the chunked kernels split T into segments swept in parallel: `auto` (when the "
+           "grid fills at most half the SMs and T >= 16384), `off`, or a segment length in "
+           "tokens (a multiple of 64)"),
     Switch("FEATATTN_NO_AUTOTUNE", "0", "import",
            "`1`: one fixed config per kernel instead of autotuning (quick GPU runs; hides bad "
            "configs, so never for `make gpu-test`)"),

@@ -44,10 +44,10 @@ class KernelChoice(NamedTuple):
     where the feature map runs, None without a map (or inside ``taylor_fused``):
 
     * ``"triton_pass"``: the map's Triton form in one elementwise pass before the chunked
-      kernel (one more read and write of q/k, forward and backward; the default for maps
-      with an :class:`~featattn.ElementwiseTritonForm`);
-    * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; chosen by
-      ``FEATATTN_FUSE_MAPS=kernel``: on the H200 it is slower today, docs/benchmarks.md);
+      kernel (one more read and write of q/k, forward and backward; the choice for maps
+      with an :class:`~featattn.ElementwiseTritonForm` when one program sweeps each head);
+    * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
+      when the kernel splits T into segments, or with ``FEATATTN_FUSE_MAPS=kernel``);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
     ``map_fused`` is True for the first two (the map runs in Triton)."""
@@ -61,10 +61,18 @@ class KernelChoice(NamedTuple):
         return self.map_path in ("kernel", "triton_pass")
 
 
-def _triton_map_path() -> str:
+def _triton_map_path(kernels, shape, dk: int, dv: int, dtype, device) -> str:
+    """Where an elementwise map runs: the pass is cheaper when one program sweeps each head
+    (the map on the latency-bound chunk loop's critical path costs more than writing the
+    features), the kernel when T is split into segments (enough programs hide it, and the
+    features never reach memory).  H200 numbers: docs/benchmarks.md."""
     mode = _switches.read("FEATATTN_FUSE_MAPS")
-    if mode not in ("pass", "kernel"):
-        raise ValueError(f"FEATATTN_FUSE_MAPS must be 'pass' (the default) or 'kernel', got {mode!r}")
+    if mode not in ("auto", "pass", "kernel"):
+        raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
+                         f"got {mode!r}")
+    if mode == "auto":
+        split = shape is not None and kernels.splits_time(*shape, dk, dv, dtype, device)
+        mode = "kernel" if split else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
 
@@ -148,10 +156,13 @@ def select_kernel(
     """
     _check_backend(backend)
     fm = resolve_feature_map(feature_map)
-    return _select(q.device, q.dtype, q.shape[-1], v.shape[-1], fm, backend)
+    return _select(q.device, q.dtype, q.shape[-1], v.shape[-1], fm, backend, tuple(q.shape[:3]))
 
 
-def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend: str) -> KernelChoice:
+def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend: str,
+            shape: Optional[tuple] = None) -> KernelChoice:
+    """``shape``: q's (B, H, T), which decides where an elementwise map runs (None: the
+    pass)."""
     dk = fm.output_dim(dqk) if fm is not None else dqk
     if backend == "torch":
         return KernelChoice("torch_chunked", ("backend='torch' was requested",))
@@ -201,7 +212,8 @@ def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend:
                 unfused = (f"map {fm.name!r} runs as PyTorch operations under torch.compile "
                            "(Inductor fuses them)")
             if unfused is None:
-                return KernelChoice(name, tuple(reasons), _triton_map_path())
+                return KernelChoice(name, tuple(reasons),
+                                    _triton_map_path(kernels, shape, dk, dv, dtype, device))
             return KernelChoice(name, tuple(reasons) + (unfused,), "torch")
         if backend != "auto":
             raise ValueError(

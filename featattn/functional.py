@@ -104,7 +104,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
 
-    choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend)
+    choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend, (B, H, T))
     if choice.map_fused:  # the map runs in Triton: a pass before the kernel, or inside it
         from .kernels import chunked_attention
         from .kernels.maps import apply_map, fused_key

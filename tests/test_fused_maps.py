@@ -136,6 +136,18 @@ def test_fused_map_in_segments_matches_float64(case, monkeypatch):
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
+def test_map_runs_in_the_kernel_when_t_is_split(monkeypatch):
+    """FEATATTN_FUSE_MAPS=auto: the pass when one program sweeps each head, the kernel when
+    the chunked kernel splits T into segments."""
+    q = torch.randn(1, 2, 200, 16)
+    monkeypatch.setenv("FEATATTN_SEGMENT", "off")
+    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "triton_pass"
+    monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "kernel"
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "triton_pass"
+
+
 def test_fused_map_with_wrong_triton_form_is_caught():
     """A Triton form whose derivative disagrees with the PyTorch map fails the same check."""
     got, want = _check("test_wrong_softplus", *CASES[0])

@@ -35,6 +35,6 @@ def test_read_refuses_undeclared_names_and_returns_defaults(monkeypatch):
     with pytest.raises(KeyError, match="not a declared switch"):
         _switches.read("FEATATTN_NOPE")
     monkeypatch.delenv("FEATATTN_FUSE_MAPS", raising=False)
-    assert _switches.read("FEATATTN_FUSE_MAPS") == "pass"
+    assert _switches.read("FEATATTN_FUSE_MAPS") == "auto"
     monkeypatch.setenv("FEATATTN_POISON", "1")
     assert _switches.enabled("FEATATTN_POISON")

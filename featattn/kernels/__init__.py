@@ -5,6 +5,8 @@ Exports:
     chunked_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                       return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
     kernel_name(Dk, Dv) -> "equal_dim" | "small_vhd"
+    splits_time(B, H, T, Dk, Dv, dtype, device) -> bool: whether the chunked kernels cut T
+        into segments swept in parallel for this shape (FEATATTN_SEGMENT).
     KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
     taylor_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                      return_state=False) -> (o, kv, z)      (featattn/kernels/taylor_fused.py)
@@ -26,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     TRITON_AVAILABLE = False
 
 if TRITON_AVAILABLE:
-    from .chunked import KERNEL_LIMITS, chunked_attention, kernel_name
+    from .chunked import KERNEL_LIMITS, chunked_attention, kernel_name, splits_time
     from .taylor_fused import taylor_attention, taylor_unsupported_reason
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
@@ -43,7 +45,10 @@ else:  # pragma: no cover
     def chunked_attention(*args, **kwargs):
         raise RuntimeError("featattn.kernels.chunked_attention needs triton (pip install triton)")
 
+    def splits_time(*args, **kwargs) -> bool:
+        return False
+
 __all__ = [
-    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name",
+    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name", "splits_time",
     "taylor_attention", "taylor_unsupported_reason",
 ]

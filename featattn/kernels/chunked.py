@@ -105,7 +105,7 @@ from ._common import TunedLaunch, check_inputs, fill_state_half, register_attent
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 
-__all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS"]
+__all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS", "segments", "splits_time"]
 
 _INTERPRET = _common.INTERPRET
 
@@ -543,6 +543,8 @@ _FWD, _BWD, _SEG = TunedLaunch(_fwd), TunedLaunch(_bwd), TunedLaunch(_seg)
 # --------------------------------------------------------------------------- wrappers
 #: Segments are whole multiples of this many tokens (every autotuned chunk length divides it).
 SEG_ALIGN = 64
+#: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
+AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
 
 
@@ -559,10 +561,12 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
     One program per (head, tile) walking T alone is latency-bound when there are few of
     them (B*H = 16 at B = 1 leaves 116 of the H200's 132 SMs idle), so T is cut into
     segments swept in parallel; a segment-sums pass first gives each program its starting
-    state (one more read of k and v).  Automatic: enough segments for about two programs
-    per SM, none when the grid already has that many, at most 16 (each program adds the
-    sums of the segments before it).  ``FEATATTN_SEGMENT``: ``off``, or a segment length in
-    tokens (a multiple of 64) to force."""
+    state (one more read of k and v, two more launches backward).  Automatic, from the H200
+    sweep of docs/benchmarks.md: split when the grid fills at most half the SMs and
+    T >= 16384 (at B = 1, H = 16, T = 16384 the op on features went from 0.52 / 1.78 ms to
+    ~0.2 / ~1.2 ms fwd / fwd+bwd; at shorter T or fuller grids the extra pass and launches
+    cost more than the parallelism gave), into up to 16 segments aiming at two programs per
+    SM.  ``FEATATTN_SEGMENT``: ``off``, or a segment length in tokens (a multiple of 64)."""
     mode = _switches.read("FEATATTN_SEGMENT")
     whole = triton.cdiv(T, SEG_ALIGN) * SEG_ALIGN
     if mode == "off":
@@ -576,14 +580,20 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
             raise ValueError(f"FEATATTN_SEGMENT must be 'auto', 'off' or a positive multiple of "
                              f"{SEG_ALIGN} (tokens per segment), got {mode!r}")
         return triton.cdiv(T, seg), seg
-    if device.type != "cuda":
+    if device.type != "cuda" or T < AUTO_SPLIT_MIN_T:
         return 1, whole
-    target = 2 * _sm_count(device)
-    if programs >= target:
+    sms = _sm_count(device)
+    if 2 * programs > sms:
         return 1, whole
-    ns = min(triton.cdiv(target, programs), triton.cdiv(T, SEG_ALIGN), 16)
-    seg = triton.cdiv(triton.cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN
+    ns = min(triton.cdiv(2 * sms, programs), 16)
+    seg = max(triton.cdiv(triton.cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN, 1024)
     return triton.cdiv(T, seg), seg
+
+
+def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
+    """Whether a forward call of this shape runs in several segments (see :func:`segments`)."""
+    BK, BV = _tiles(Dk, Dv, dtype)
+    return segments(B * H * triton.cdiv(Dk, BK) * triton.cdiv(Dv, BV), T, device)[0] > 1
 
 
 def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0):

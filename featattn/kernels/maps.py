@@ -104,7 +104,8 @@ def lookup(key: str) -> tuple[FeatureMap, ElementwiseTritonForm]:
 # The attention kernels can apply a form in registers (FUSED in chunked.py), but on the H200 that
 # made the latency-bound chunk loop ~2x slower (docs/benchmarks.md).  One elementwise pass that
 # writes the features (read x, write phi(x): 2 bytes per element each way in bf16) costs far
-# less, so it is the default; FEATATTN_FUSE_MAPS=kernel picks the in-kernel form.
+# less, so it is the choice when one program sweeps each head; when the kernel splits T into
+# segments (few heads, long T) the in-kernel form wins (featattn.dispatch._triton_map_path).
 
 _BLOCK = 1024
 
