@@ -34,6 +34,18 @@ def poisoned_outputs(on: bool = True) -> Iterator[None]:
         POISON_OUTPUTS = before
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints.  (``triton.cdiv`` is a ``@triton.jit`` function: called from
+    Python it goes through JITFunction.__call__, ~8 us a call, and a forward+backward made
+    ~20 such calls.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for host ints (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def alloc(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -136,8 +148,8 @@ def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     """fp32 [B, H, T]: ``(do * o).sum(-1)`` in one pass (the normalised backward's delta)."""
     B, H, T, Dv = o.shape
     delta = alloc((B, H, T), torch.float32, o.device)
-    bv = min(max(16, triton.next_power_of_2(Dv)), 128)
-    delta_kernel[(B * H, triton.cdiv(T, 64))](
+    bv = min(max(16, next_pow2(Dv)), 128)
+    delta_kernel[(B * H, cdiv(T, 64))](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), T, H, Dv, BT=64, BV=bv)
     return delta

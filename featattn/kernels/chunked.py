@@ -98,6 +98,7 @@ import triton.language as tl
 from .. import _switches
 from . import _common
 from . import maps as _maps
+from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
@@ -140,8 +141,8 @@ def _tiles(Dk: int, Dv: int, dtype: torch.dtype) -> tuple[int, int]:
     products on 16-wide tiles; benchmarks/gpu_configs.py), while 32-wide tiles, masked,
     pass.  The padding costs nothing that matters at such small dims."""
     low = 32 if dtype == torch.float32 and not _INTERPRET else 16
-    bk = min(max(low, triton.next_power_of_2(Dk)), _MAX_BK)
-    bv = min(max(low, triton.next_power_of_2(Dv)), _MAX_BV)
+    bk = min(max(low, next_pow2(Dk)), _MAX_BK)
+    bv = min(max(low, next_pow2(Dv)), _MAX_BV)
     return bk, bv
 
 
@@ -568,7 +569,7 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
     cost more than the parallelism gave), into up to 16 segments aiming at two programs per
     SM.  ``FEATATTN_SEGMENT``: ``off``, or a segment length in tokens (a multiple of 64)."""
     mode = _switches.read("FEATATTN_SEGMENT")
-    whole = triton.cdiv(T, SEG_ALIGN) * SEG_ALIGN
+    whole = cdiv(T, SEG_ALIGN) * SEG_ALIGN
     if mode == "off":
         return 1, whole
     if mode != "auto":
@@ -579,21 +580,21 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
         if seg <= 0 or seg % SEG_ALIGN:
             raise ValueError(f"FEATATTN_SEGMENT must be 'auto', 'off' or a positive multiple of "
                              f"{SEG_ALIGN} (tokens per segment), got {mode!r}")
-        return triton.cdiv(T, seg), seg
+        return cdiv(T, seg), seg
     if device.type != "cuda" or T < AUTO_SPLIT_MIN_T:
         return 1, whole
     sms = _sm_count(device)
     if 2 * programs > sms:
         return 1, whole
-    ns = min(triton.cdiv(2 * sms, programs), 16)
-    seg = max(triton.cdiv(triton.cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN, 1024)
-    return triton.cdiv(T, seg), seg
+    ns = min(cdiv(2 * sms, programs), 16)
+    seg = max(cdiv(cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN, 1024)
+    return cdiv(T, seg), seg
 
 
 def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
     """Whether a forward call of this shape runs in several segments (see :func:`segments`)."""
     BK, BV = _tiles(Dk, Dv, dtype)
-    return segments(B * H * triton.cdiv(Dk, BK) * triton.cdiv(Dv, BV), T, device)[0] > 1
+    return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device)[0] > 1
 
 
 def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0):
@@ -602,7 +603,7 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     B, Ha, T, Dk = a.shape
     Dv = b.shape[-1]
     BK, BV = _tiles(Dk, Dv, a.dtype)
-    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     dev = a.device
     S = _alloc((B * Ha, ns, Dk, Dv), torch.float32, dev)
     z = _alloc((B * Ha, ns, Dk), torch.float32, dev) if has_z else S
@@ -630,7 +631,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     BK, BV = _tiles(Dk, Dv, q.dtype)
-    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     split_k = NK > 1
     dev = q.device
     has_init = kv0 is not None
@@ -684,7 +685,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     G = H // Hkv
     dev = q.device
     BK, BV = _tiles(Dk, Dv, q.dtype)
-    NK, NV = triton.cdiv(Dk, BK), triton.cdiv(Dv, BV)
+    NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None
     if has_dfinal:

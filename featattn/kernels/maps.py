@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..feature_maps.base import ElementwiseTritonForm, FeatureMap
+from ._common import cdiv
 
 __all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "apply_map"]
 
@@ -168,7 +169,7 @@ class _MapPass(torch.autograd.Function):
         x = _dense(x_in)
         y = _like(x)
         n = x.numel()
-        _map_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
+        _map_fwd_kernel[(cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
         # the input itself (not a dense copy): a differentiable backward differentiates it
         ctx.save_for_backward(x_in)
         ctx.key, ctx.scale = key, scale
@@ -187,7 +188,7 @@ class _MapPass(torch.autograd.Function):
         g = _match(g, x)
         dx = _like(x)
         n = x.numel()
-        _map_bwd_kernel[(triton.cdiv(n, _BLOCK),)](x, g, dx, n, ctx.scale, PHI=form.phi,
+        _map_bwd_kernel[(cdiv(n, _BLOCK),)](x, g, dx, n, ctx.scale, PHI=form.phi,
                                                    DPHI=form.dphi, BLOCK=_BLOCK)
         return dx, None, None
 

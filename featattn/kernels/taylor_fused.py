@@ -107,6 +107,7 @@ import triton.language as tl
 
 from .. import _switches
 from . import _common
+from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
@@ -141,10 +142,10 @@ def _pads(d: int) -> tuple[int, int, bool]:
     built by selection products.  d > 16 (FOLD3): the full form, every (i, j) in DP*DP slots
     built by a 3-D broadcast + reshape (the 0/1 selection matrices would not fit in shared
     memory)."""
-    dp = max(16, triton.next_power_of_2(d))
+    dp = max(16, next_pow2(d))
     if d > 16:
         return dp, dp * dp, True
-    return dp, max(16, triton.next_power_of_2(d * (d // 2))), False
+    return dp, max(16, next_pow2(d * (d // 2))), False
 
 
 def _fwd_configs(big: bool):
@@ -186,7 +187,7 @@ def _bwd_block_v(d: int, dv: int) -> int:
     cap = int(env) if env else (16 if _pads(d)[2] else 64)
     if _INTERPRET:
         cap = 32
-    return max(16, min(cap, triton.next_power_of_2(dv)))
+    return max(16, min(cap, next_pow2(dv)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -751,7 +752,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
         fn, meta = _fwd_kernel, dict(config)
 
     def grid(m):  # BV is autotuned: nothing the wrapper allocates depends on it
-        return (B * H, triton.cdiv(Dv, m["BV"]))
+        return (B * H, cdiv(Dv, m["BV"]))
 
     fn[grid](
         q, k, v, o, den,
@@ -775,7 +776,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
     DP, Q, FOLD3 = _pads(d)
     dev = q.device
     BV = _bwd_block_v(d, Dv) if config is None or "BV" not in config else config["BV"]
-    NV = triton.cdiv(Dv, BV)
+    NV = cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None
     if has_dfinal:

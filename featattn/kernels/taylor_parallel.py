@@ -45,6 +45,7 @@ import triton.language as tl
 
 from .. import _switches
 from . import _common
+from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
@@ -334,12 +335,12 @@ _FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 # --------------------------------------------------------------------------- wrappers
 def _size_key(B: int, H: int, T: int) -> int:
     """Autotuning bucket of a problem: log2 of the next powers of two of T and of B*H."""
-    return (triton.next_power_of_2(T).bit_length() << 8) | triton.next_power_of_2(B * H).bit_length()
+    return (next_pow2(T).bit_length() << 8) | next_pow2(B * H).bit_length()
 
 
 def _dims(q, k, v):
     B, H, T, d = q.shape
-    return B, H, T, d, k.shape[1], v.shape[-1], max(16, triton.next_power_of_2(d))
+    return B, H, T, d, k.shape[1], v.shape[-1], max(16, next_pow2(d))
 
 
 def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
@@ -351,10 +352,10 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
     den = _alloc((B, H, T), torch.float32, q.device) if normalize else o
     lowp, ieee = _flags(q.dtype)
-    BV = min(128, max(16, triton.next_power_of_2(Dv)))
+    BV = min(128, max(16, next_pow2(Dv)))
 
     def grid(m):
-        return (B * H, triton.cdiv(T, m["BM"]), triton.cdiv(Dv, BV))
+        return (B * H, cdiv(T, m["BM"]), cdiv(Dv, BV))
 
     _FWD[grid](
         q, k, v, o, den,
@@ -381,7 +382,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
 
     def grid(m):
-        return (B * H, triton.cdiv(T, m["BNK"]) + triton.cdiv(T, m["BMQ"]))
+        return (B * H, cdiv(T, m["BNK"]) + cdiv(T, m["BMQ"]))
 
     _BWD[grid](
         q, k, v, o, do, den, dq, dk, dv,
@@ -389,7 +390,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         T, H, G, 1.0 / math.sqrt(d), size_key=_size_key(B, H, T),
-        D=d, DP=DP, DV=Dv, BV=max(16, triton.next_power_of_2(Dv)), NORMALIZE=normalize,
+        D=d, DP=DP, DV=Dv, BV=max(16, next_pow2(Dv)), NORMALIZE=normalize,
         LOWP=lowp, IEEE=ieee,
     )
     if G > 1:
