@@ -24,7 +24,7 @@ class FeatureAttention(nn.Module):
     """Multi-head causal linear attention: ``[B, T, dim] -> [B, T, dim]``.
 
     ``q = x W_q``, ``k = x W_k``, ``v = x W_v`` (``heads`` query heads, ``kv_heads`` key/value
-    heads), then :func:`featattn.linear_attention` with ``feature_map`` per head, then an
+    heads; the three weights are the rows of one ``qkv_proj`` Linear), then :func:`featattn.linear_attention` with ``feature_map`` per head, then an
     output projection.  ``forward`` returns a tensor, so the layer composes in
     ``nn.Sequential``; pass ``return_state=True`` (or a ``state``) for chunked prefill and
     step-by-step decoding, which give exactly the full forward's outputs.
@@ -104,10 +104,29 @@ class FeatureAttention(nn.Module):
         self.head_dim, self.qk_dim = head_dim, qk_dim
         self.normalize, self.eps, self.backend = normalize, eps, backend
         self.feature_map = fm
-        self.q_proj = nn.Linear(dim, heads * qk_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * qk_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        # q, k and v come from one GEMM (one launch forward, one for each gradient backward);
+        # the kernels read the [B, T, H, D] slices of its output in place
+        self._qkv_split = (heads * qk_dim, kv_heads * qk_dim, kv_heads * head_dim)
+        self.qkv_proj = nn.Linear(dim, sum(self._qkv_split), bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self._register_load_state_dict_pre_hook(self._merge_separate_projections)
+
+    def _merge_separate_projections(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints saved before the projections were fused hold ``q_proj``, ``k_proj``
+        and ``v_proj``: concatenate them into ``qkv_proj`` (rows q, then k, then v)."""
+        for p in ("weight", "bias"):
+            names = [f"{prefix}{n}_proj.{p}" for n in "qkv"]
+            if all(n in state_dict for n in names):
+                state_dict[f"{prefix}qkv_proj.{p}"] = torch.cat([state_dict.pop(n) for n in names])
+
+    def projections(self, x: torch.Tensor):
+        """``(q, k, v)`` of ``x: [B, T, dim]`` as the attention reads them: ``[B, H, T, qk_dim]``,
+        ``[B, Hkv, T, qk_dim]``, ``[B, Hkv, T, head_dim]`` (strided views of one GEMM's
+        output, raw: the feature map is applied by :func:`featattn.linear_attention`)."""
+        q, k, v = self.qkv_proj(x).split(self._qkv_split, dim=-1)
+        return (q.unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2),
+                k.unflatten(-1, (self.kv_heads, self.qk_dim)).transpose(1, 2),
+                v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2))
 
     @property
     def feature_dim(self) -> int:
@@ -137,9 +156,7 @@ class FeatureAttention(nn.Module):
             raise ValueError(f"FeatureAttention expects x of shape [B, T, {self.dim}], got {got}")
         B, T, _ = x.shape
         # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
-        q = self.q_proj(x).unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2)
-        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.qk_dim)).transpose(1, 2)
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        q, k, v = self.projections(x)
         res = linear_attention(
             q, k, v,
             feature_map=self.feature_map,

@@ -226,12 +226,16 @@ def test_fused_map_double_backward_matches_torch_path(mode, monkeypatch):
 
 def test_map_pass_is_one_triton_pass_each_way():
     """featattn.kernels.maps.apply_map: the Triton form forward and backward against the map's
-    PyTorch form in float64, on a transposed (dense) view and on a sliced (non-dense) one;
-    the output keeps the input's layout."""
+    PyTorch form in float64, on a transposed (dense) view, on sliced (non-dense) ones (read
+    in place) and on the q/k slices of a fused qkv projection; the output keeps a dense
+    input's layout and is dense otherwise."""
     base = torch.randn(2, 37, 3, 16, device=DEV)
     one = torch.randn(1, 37, 1, 16, device=DEV)  # size-1 dims: strides there are arbitrary
+    qkv = torch.randn(2, 37, 5 * 12, device=DEV)  # [B, T, (Hq + Hk + Hv) * D], D = 12
     for x in (base.transpose(1, 2), base.transpose(1, 2)[:, :, 5:], one.transpose(1, 2),
-              one.expand(1, 37, 1, 16).transpose(1, 2)[:, :, ::2]):
+              one.expand(1, 37, 1, 16).transpose(1, 2)[:, :, ::2],
+              qkv[..., :36].unflatten(-1, (3, 12)).transpose(1, 2),
+              qkv[..., 36:48].unflatten(-1, (1, 12)).transpose(1, 2)):
         for fm in BUILTIN + ("test_softplus",):
             m = featattn.get_feature_map(fm)
             xi = x.detach().requires_grad_()
@@ -246,7 +250,7 @@ def test_map_pass_is_one_triton_pass_each_way():
             if M._is_dense(x):
                 assert M._same_layout(y, x)
             else:
-                assert y.is_contiguous()
+                assert M._is_dense(y) and M._is_dense(dx)
 
 
 def test_fuse_maps_switch_rejects_unknown_values(monkeypatch):

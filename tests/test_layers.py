@@ -51,9 +51,26 @@ def test_layer_equals_functional_on_projections():
     torch.manual_seed(2)
     layer = FeatureAttention(24, 3, "elu", head_dim=5, qk_dim=6, kv_heads=1).double()
     x = torch.randn(1, 9, 24, dtype=torch.float64)
-    q = layer.q_proj(x).view(1, 9, 3, 6).transpose(1, 2)
-    k = layer.k_proj(x).view(1, 9, 1, 6).transpose(1, 2)
-    v = layer.v_proj(x).view(1, 9, 1, 5).transpose(1, 2)
+    w = layer.qkv_proj.weight  # rows: q (3 heads x 6), k (1 x 6), v (1 x 5)
+    q = (x @ w[:18].T).view(1, 9, 3, 6).transpose(1, 2)
+    k = (x @ w[18:24].T).view(1, 9, 1, 6).transpose(1, 2)
+    v = (x @ w[24:].T).view(1, 9, 1, 5).transpose(1, 2)
     o = linear_attention(q, k, v, feature_map="elu", backend="reference")
     expected = layer.o_proj(o.transpose(1, 2).reshape(1, 9, 15))
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_checkpoint_with_separate_projections_loads():
+    """A state dict from before the q/k/v projections were fused (q_proj, k_proj, v_proj)
+    loads into qkv_proj and gives the same outputs."""
+    torch.manual_seed(4)
+    layer = FeatureAttention(24, 3, "elu", head_dim=5, qk_dim=6, kv_heads=1, bias=True).double()
+    sd = layer.state_dict()
+    old = {k: v for k, v in sd.items() if not k.startswith("qkv_proj")}
+    for p in ("weight", "bias"):
+        for name, part in zip("qkv", sd[f"qkv_proj.{p}"].split([18, 6, 5])):
+            old[f"{name}_proj.{p}"] = part.clone()
+    fresh = FeatureAttention(24, 3, "elu", head_dim=5, qk_dim=6, kv_heads=1, bias=True).double()
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), layer(x))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..feature_maps.base import ElementwiseTritonForm, FeatureMap
-from ._common import cdiv
+from ._common import cdiv, next_pow2
 
 __all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "apply_map"]
 
@@ -129,6 +129,54 @@ def _map_bwd_kernel(x, g, dx, N, scale, PHI: tl.constexpr, DPHI: tl.constexpr,
     tl.store(dx + offs, (gv * DPHI(xv, PHI(xv)) * scale).to(dx.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _map_rows_kernel(x, g, y, R, H, T, D, sxb, sxh, sxt, sgb, sgh, sgt, syb, syh, syt, scale,
+                     PHI: tl.constexpr, DPHI: tl.constexpr, BWD: tl.constexpr,
+                     BR: tl.constexpr, BD: tl.constexpr):
+    """The pass over a strided [B, H, T, D] view (unit last stride), BR rows (b, h, t) a
+    program: y = PHI(scale * x), or with BWD y = g * DPHI(scale * x) * scale."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    m = (r < R)[:, None] & (d < D)[None, :]
+    t = r % T
+    bh = r // T
+    h = bh % H
+    b = bh // H
+    xv = tl.load(x + (b * sxb + h * sxh + t * sxt)[:, None] + d[None, :], mask=m,
+                 other=0.0).to(tl.float32) * scale
+    if BWD:
+        gv = tl.load(g + (b * sgb + h * sgh + t * sgt)[:, None] + d[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        out = gv * DPHI(xv, PHI(xv)) * scale
+    else:
+        out = PHI(xv)
+    tl.store(y + (b * syb + h * syh + t * syt)[:, None] + d[None, :],
+             out.to(y.dtype.element_ty), mask=m)
+
+
+def _rows_pass(x, g, form, scale):
+    """The pass over a 4-D view whose elements do not fill one block (a slice of a fused
+    qkv projection): reads it in place, writes a dense [B, H, T, D] (or [B, T, H, D] order,
+    following x) result, so no copy of x is made."""
+    from ._common import empty_like_layout
+
+    B, H, T, D = x.shape
+    y = empty_like_layout(x, B, H, T, D, x.dtype)
+    src = g if g is not None else x
+    bd = max(16, next_pow2(D))
+    br = max(1, 4096 // bd)
+    R = B * H * T
+    _map_rows_kernel[(cdiv(R, br),)](
+        x, src, y, R, H, T, D, x.stride(0), x.stride(1), x.stride(2),
+        src.stride(0), src.stride(1), src.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        scale, PHI=form.phi, DPHI=form.dphi, BWD=g is not None, BR=br, BD=bd)
+    return y
+
+
+def _rows_ok(x) -> bool:
+    return x.dim() == 4 and x.stride(-1) == 1 and not _is_dense(x)
+
+
 def _dense(x):
     """x itself when its elements fill one block of memory (any order of dims, e.g. a
     transposed [B, T, H, D] view), else a contiguous copy: the pass walks memory linearly."""
@@ -166,13 +214,15 @@ class _MapPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_in, key, scale):
         form = lookup(key)[1]
+        # the input itself (not a dense copy): a differentiable backward differentiates it
+        ctx.save_for_backward(x_in)
+        ctx.key, ctx.scale = key, scale
+        if _rows_ok(x_in):
+            return _rows_pass(x_in, None, form, scale)
         x = _dense(x_in)
         y = _like(x)
         n = x.numel()
         _map_fwd_kernel[(cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
-        # the input itself (not a dense copy): a differentiable backward differentiates it
-        ctx.save_for_backward(x_in)
-        ctx.key, ctx.scale = key, scale
         return y
 
     @staticmethod
@@ -184,6 +234,8 @@ class _MapPass(torch.autograd.Function):
             y = fm(x.to(up) * ctx.scale)
             return torch.autograd.grad(y, x, g.to(up), create_graph=True)[0].to(x.dtype), None, None
         form = lookup(ctx.key)[1]
+        if _rows_ok(x):
+            return _rows_pass(x, g, form, ctx.scale), None, None
         x = _dense(x)
         g = _match(g, x)
         dx = _like(x)
