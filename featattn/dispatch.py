@@ -1,22 +1,27 @@
 """Kernel selection: which implementation runs a given call, and why.
 
-The decision depends on the device, the dtype, the *expanded* q/k feature dim Dk (after the
-feature map), the value dim Dv, the feature map and the ``backend=`` override:
+Every implementation is a spec (:class:`Impl`) that declares what it needs and answers
+``not_supported_reasons(call) -> list[str]`` for one call's facts (:class:`Call`); the
+dispatcher walks them in priority order and returns the first that can run, naming exactly
+what runs (and, for the chunked kernel, where an elementwise feature map runs):
 
-==================  ==========================================================
-kernel              when
-==================  ==========================================================
-``taylor_fused``    Triton; Taylor map fused into the kernel (raw q/k, d <= 32)
-``equal_dim``       Triton chunked kernel, Dk <= Dv
-``small_vhd``       Triton chunked kernel, Dk > Dv (Dk split into blocks)
-``torch_chunked``   the O(T) PyTorch path: CPU, float64, no Triton, or fallback
-``reference``       the O(T^2) oracle, only when asked for
-==================  ==========================================================
+===================  =====================================================================
+kernel               when (priority order of ``backend="auto"``)
+===================  =====================================================================
+``taylor_parallel``  Triton, Taylor map fused, the quadratic parallel form: no state in or
+                     out and T <= ``FEATATTN_TAYLOR_PARALLEL_MAX_T`` (2048)
+``taylor_chunked``   Triton, Taylor map fused, the chunked O(T) form
+``chunked``          Triton chunked kernel on features (any Dk, Dv up to 4096; elementwise
+                     maps with a Triton form run in Triton, see ``KernelChoice.map_path``)
+``torch_chunked``    the O(T) PyTorch path: CPU, float64, no Triton, or fallback
+``reference``        the O(T^2) oracle, only when asked for
+===================  =====================================================================
 
-``backend="auto"`` takes the first kernel that can run, and never fails where the torch path
-works.  ``backend="triton"`` forces a Triton kernel (on CUDA, or on CPU tensors under
-``TRITON_INTERPRET=1``) and raises with the reasons when none can run.  A kernel name forces
-that kernel.
+``backend=`` is ``"auto"`` (the first kernel that can run; never fails where the torch path
+works; Triton only on CUDA), ``"triton"`` (the first Triton kernel that can run, on CUDA or on
+CPU tensors under ``TRITON_INTERPRET=1``; raises with the reasons when none can), ``"torch"``,
+``"reference"``, a kernel name, or an alias: ``"equal_dim"`` / ``"small_vhd"`` (the two old
+names of ``chunked``, one kernel body) and ``"taylor_fused"`` (either Taylor form).
 """
 
 from __future__ import annotations
@@ -28,20 +33,17 @@ import torch
 from . import _switches
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 
-__all__ = ["KernelChoice", "select_kernel", "BACKENDS", "KERNELS"]
-
-#: every kernel name select_kernel can return
-KERNELS = ("taylor_fused", "equal_dim", "small_vhd", "torch_chunked", "reference")
-#: every accepted ``backend=`` value
-BACKENDS = ("auto", "torch", "reference", "triton", "equal_dim", "small_vhd", "taylor_fused")
+__all__ = ["KernelChoice", "KernelUnavailable", "select_kernel", "BACKENDS", "KERNELS",
+           "ALIASES", "Call", "Impl", "IMPLS"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class KernelChoice(NamedTuple):
-    """The dispatcher's answer: ``name`` of the kernel that runs, ``reasons`` saying why
-    each faster candidate was not taken (empty when the fastest one was), and ``map_path``:
-    where the feature map runs, None without a map (or inside ``taylor_fused``):
+    """The dispatcher's answer: ``name`` of the kernel that runs (one of :data:`KERNELS`),
+    ``reasons`` saying why each faster candidate was not taken (empty when the fastest one
+    was), and ``map_path``: where the feature map runs, None without a map (or inside a
+    Taylor kernel):
 
     * ``"triton_pass"``: the map's Triton form in one elementwise pass before the chunked
       kernel (one more read and write of q/k, forward and backward; the choice for maps
@@ -61,7 +63,166 @@ class KernelChoice(NamedTuple):
         return self.map_path in ("kernel", "triton_pass")
 
 
-def _triton_map_path(kernels, shape, dk: int, dv: int, dtype, device) -> str:
+class KernelUnavailable(ValueError):
+    """A forced ``backend=`` cannot run this call; ``reasons`` lists why, one per kernel
+    tried (a ValueError, so ``except ValueError`` keeps working)."""
+
+    def __init__(self, backend: str, reasons: tuple):
+        self.backend, self.reasons = backend, tuple(reasons)
+        super().__init__(
+            f"backend={backend!r} cannot run: {'; '.join(self.reasons)}; use backend='auto' "
+            "or 'torch' to fall back to the PyTorch path")
+
+
+class Call(NamedTuple):
+    """One call's facts, validated once by :func:`featattn.linear_attention` (or
+    :func:`select_kernel`), which every implementation is asked about.  ``dqk`` is the raw
+    q/k head dim, ``dk`` the expanded feature dim (``fm.output_dim(dqk)``); ``stateful``:
+    a state is passed in or returned."""
+
+    device: torch.device
+    dtype: torch.dtype
+    B: int
+    H: int
+    T: int
+    dqk: int
+    dk: int
+    dv: int
+    fm: Optional[FeatureMap]
+    stateful: bool
+
+
+class Impl:
+    """An implementation: its ``name``, whether it is Triton, the ``aliases`` that also
+    select it, and :meth:`not_supported_reasons`.  ``applies(call)`` says whether it is a
+    candidate worth explaining at all (a Taylor kernel is not, for an elu call)."""
+
+    name: str = ""
+    triton: bool = False
+    aliases: tuple = ()
+    in_auto: bool = True
+
+    def applies(self, call: Call) -> bool:
+        return True
+
+    def not_supported_reasons(self, call: Call) -> list:
+        return []
+
+    def choice(self, call: Call, reasons: tuple) -> KernelChoice:
+        return KernelChoice(self.name, reasons)
+
+
+def _kernels_module():
+    try:
+        from . import kernels
+    except ImportError:  # pragma: no cover - the package always ships featattn.kernels
+        return None
+    return kernels
+
+
+def _triton_reasons(call: Call, auto: bool) -> list:
+    kernels = _kernels_module()
+    if kernels is None or not getattr(kernels, "TRITON_AVAILABLE", False):
+        return ["triton is not installed (pip install triton; Linux only)"]
+    kind = call.device.type
+    if kind == "cpu":
+        if auto:
+            return ["backend='auto' uses Triton on CUDA only (the interpreter is for testing)"]
+        if not _switches.enabled("TRITON_INTERPRET"):
+            return ["tensors are on the CPU: Triton kernels need CUDA (or TRITON_INTERPRET=1 "
+                    "for testing)"]
+    elif kind != "cuda":
+        return [f"tensors are on {kind}: Triton kernels need CUDA"]
+    if call.dtype not in _TRITON_DTYPES:
+        return [f"dtype {call.dtype} is not supported by the Triton kernels (fp32, fp16, bf16)"]
+    return []
+
+
+class _Taylor(Impl):
+    triton = True
+    aliases = ("taylor_fused",)
+
+    def applies(self, call):
+        return type(call.fm) is TaylorFeatureMap
+
+    def not_supported_reasons(self, call):
+        if type(call.fm) is not TaylorFeatureMap:
+            return ["only for feature_map='taylor'"]
+        why = _kernels_module().taylor_unsupported_reason(call.dqk, call.dv)
+        return [why.removeprefix("taylor_fused: ")] if why else []
+
+
+class TaylorParallel(_Taylor):
+    name = "taylor_parallel"
+
+    def not_supported_reasons(self, call):
+        out = super().not_supported_reasons(call)
+        if out:
+            return out
+        limit = _kernels_module().taylor_parallel_max_t()
+        if call.stateful:
+            out.append("a state is passed in or returned (the parallel form keeps none)")
+        elif call.T > limit:
+            out.append(f"T={call.T} is above FEATATTN_TAYLOR_PARALLEL_MAX_T={limit}, where the "
+                       "chunked form is faster")
+        return out
+
+
+class TaylorChunked(_Taylor):
+    name = "taylor_chunked"
+
+
+class Chunked(Impl):
+    name = "chunked"
+    triton = True
+    aliases = ("equal_dim", "small_vhd")
+
+    def not_supported_reasons(self, call):
+        limits = getattr(_kernels_module(), "KERNEL_LIMITS", None) or {}
+        if not limits:
+            return ["this build has no Triton kernels"]
+        if call.dk > limits["max_dk"]:
+            return [f"feature dim Dk={call.dk} is above the kernels' limit of {limits['max_dk']}"]
+        if call.dv > limits["max_dv"]:
+            return [f"value dim Dv={call.dv} is above the kernels' limit of {limits['max_dv']}"]
+        return []
+
+    def choice(self, call, reasons):
+        if call.fm is None:
+            return KernelChoice(self.name, reasons)
+        unfused = _unfusable_reason(call.fm, call.dqk)
+        if unfused is None and torch.compiler.is_compiling():
+            # a Triton launch inside an autograd.Function is opaque to dynamo; the map's
+            # PyTorch form is what Inductor fuses into one elementwise kernel itself
+            unfused = (f"map {call.fm.name!r} runs as PyTorch operations under torch.compile "
+                       "(Inductor fuses them)")
+        if unfused is None:
+            return KernelChoice(self.name, reasons, _triton_map_path(call))
+        return KernelChoice(self.name, reasons + (unfused,), "torch")
+
+
+class TorchChunked(Impl):
+    name = "torch_chunked"
+    aliases = ("torch",)
+
+
+class Reference(Impl):
+    name = "reference"
+    in_auto = False
+
+
+#: Every implementation, fastest first (the order ``backend="auto"`` and ``"triton"`` try).
+IMPLS = (TaylorParallel(), TaylorChunked(), Chunked(), TorchChunked(), Reference())
+#: every kernel name select_kernel can return
+KERNELS = tuple(i.name for i in IMPLS)
+#: alias -> the kernel names it selects (tried in order)
+ALIASES = {a: tuple(i.name for i in IMPLS if a in i.aliases)
+           for i in IMPLS for a in i.aliases}
+#: every accepted ``backend=`` value
+BACKENDS = tuple(dict.fromkeys(("auto", "torch", "reference", "triton") + KERNELS + tuple(ALIASES)))
+
+
+def _triton_map_path(call: Call) -> str:
     """Where an elementwise map runs: the pass is cheaper when one program sweeps each head
     (the map on the latency-bound chunk loop's critical path costs more than writing the
     features), the kernel when T is split into segments (enough programs hide it, and the
@@ -71,7 +232,8 @@ def _triton_map_path(kernels, shape, dk: int, dv: int, dtype, device) -> str:
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
                          f"got {mode!r}")
     if mode == "auto":
-        split = shape is not None and kernels.splits_time(*shape, dk, dv, dtype, device)
+        split = _kernels_module().splits_time(call.B, call.H, call.T, call.dk, call.dv,
+                                              call.dtype, call.device)
         mode = "kernel" if split else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
@@ -92,41 +254,6 @@ def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:
     return None
 
 
-def _kernels_module():
-    try:
-        from . import kernels
-    except ImportError:  # pragma: no cover - the package always ships featattn.kernels
-        return None
-    return kernels
-
-
-def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    kernels = _kernels_module()
-    if kernels is None or not getattr(kernels, "TRITON_AVAILABLE", False):
-        return "triton is not installed (pip install triton; Linux only)"
-    if device.type == "cuda":
-        pass
-    elif device.type == "cpu":
-        if not _switches.enabled("TRITON_INTERPRET"):
-            return "tensors are on the CPU: Triton kernels need CUDA (or TRITON_INTERPRET=1 for testing)"
-    else:
-        return f"tensors are on {device.type}: Triton kernels need CUDA"
-    if dtype not in _TRITON_DTYPES:
-        return f"dtype {dtype} is not supported by the Triton kernels (fp32, fp16, bf16)"
-    return None
-
-
-def _kernel_shape_reason(kernels, dk: int, dv: int) -> Optional[str]:
-    limits = getattr(kernels, "KERNEL_LIMITS", None)
-    if not limits:
-        return "this build has no Triton kernels"
-    if dk > limits["max_dk"]:
-        return f"feature dim Dk={dk} is above the kernels' limit of {limits['max_dk']}"
-    if dv > limits["max_dv"]:
-        return f"value dim Dv={dv} is above the kernels' limit of {limits['max_dv']}"
-    return None
-
-
 def _check_backend(backend) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -138,89 +265,60 @@ def select_kernel(
     v: torch.Tensor,
     feature_map=None,
     backend: str = "auto",
+    *,
+    initial_state=None,
+    return_state: bool = False,
 ) -> KernelChoice:
-    """Pick the kernel for ``linear_attention(q, k, v, feature_map=..., backend=...)``.
+    """The kernel ``linear_attention(q, k, v, feature_map=..., backend=..., initial_state=...,
+    return_state=...)`` runs, and why.
 
     Args:
         q: ``[B, H, T, Dqk]`` raw queries (before the feature map).
         k: ``[B, Hkv, T, Dqk]``.  v: ``[B, Hkv, T, Dv]``.
         feature_map: None, a registered name or a FeatureMap.
         backend: one of :data:`BACKENDS`.
+        initial_state, return_state: as for linear_attention (the Taylor parallel form
+            keeps no state).
 
     Returns:
-        :class:`KernelChoice` ``(name, reasons)``.
+        :class:`KernelChoice` ``(name, reasons, map_path)``.
 
     Raises:
-        ValueError: unknown backend, or a forced backend that cannot run here (the message
-        lists why).
+        ValueError: unknown backend; :class:`KernelUnavailable` (a ValueError) when a forced
+        backend cannot run here (``.reasons`` lists why).
     """
     _check_backend(backend)
     fm = resolve_feature_map(feature_map)
-    return _select(q.device, q.dtype, q.shape[-1], v.shape[-1], fm, backend, tuple(q.shape[:3]))
-
-
-def _select(device, dtype, dqk: int, dv: int, fm: Optional[FeatureMap], backend: str,
-            shape: Optional[tuple] = None) -> KernelChoice:
-    """``shape``: q's (B, H, T), which decides where an elementwise map runs (None: the
-    pass)."""
+    B, H, T, dqk = q.shape
     dk = fm.output_dim(dqk) if fm is not None else dqk
-    if backend == "torch":
-        return KernelChoice("torch_chunked", ("backend='torch' was requested",))
-    if backend == "reference":
-        return KernelChoice("reference", ("backend='reference' was requested",))
+    call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
+                initial_state is not None or bool(return_state))
+    return select(call, backend)
 
+
+def select(call: Call, backend: str) -> KernelChoice:
+    """The first implementation of ``backend``'s candidates that can run ``call``."""
+    if backend == "auto":
+        candidates = [i for i in IMPLS if i.in_auto]
+    elif backend == "triton":
+        candidates = [i for i in IMPLS if i.triton]
+    else:
+        names = ALIASES.get(backend, (backend,)) if backend not in KERNELS else (backend,)
+        candidates = [i for i in IMPLS if i.name in names]
+    auto = backend == "auto"
     reasons = []
-    kernels = _kernels_module()
-    triton_why = _triton_unavailable_reason(device, dtype)
-    if backend == "auto" and triton_why is None and device.type != "cuda":
-        triton_why = "backend='auto' uses Triton on CUDA only (the interpreter is for testing)"
-
-    # 1. the fused Taylor kernel
-    if backend in ("auto", "triton", "taylor_fused"):
-        why = triton_why
-        if why is None:
-            if fm is None or type(fm) is not TaylorFeatureMap:
-                why = "taylor_fused: only for feature_map='taylor'"
-            elif not hasattr(kernels, "taylor_attention"):
-                why = "taylor_fused: this build has no fused Taylor kernel"
-            else:
-                why = kernels.taylor_unsupported_reason(dqk, dv)
-        elif not why.startswith("taylor_fused"):
-            why = f"taylor_fused: {why}"
-        if why is None:
-            return KernelChoice("taylor_fused", tuple(reasons))
-        if backend == "taylor_fused":
-            raise ValueError(f"backend='taylor_fused' cannot run: {why}")
-        if type(fm) is TaylorFeatureMap:
-            reasons.append(why)
-
-    # 2. the chunked Triton kernels on materialised features
-    if backend in ("auto", "triton", "equal_dim", "small_vhd"):
-        name = "equal_dim" if dk <= dv else "small_vhd"
-        why = triton_why
-        if why is None:
-            why = _kernel_shape_reason(kernels, dk, dv)
-        if why is None and backend in ("equal_dim", "small_vhd") and backend != name:
-            why = f"Dk={dk}, Dv={dv} is a {name} shape"
-        if why is None:
-            if fm is None:
-                return KernelChoice(name, tuple(reasons))
-            unfused = _unfusable_reason(fm, dqk)
-            if unfused is None and torch.compiler.is_compiling():
-                # a Triton launch inside an autograd.Function is opaque to dynamo; the map's
-                # PyTorch form is what Inductor fuses into one elementwise kernel itself
-                unfused = (f"map {fm.name!r} runs as PyTorch operations under torch.compile "
-                           "(Inductor fuses them)")
-            if unfused is None:
-                return KernelChoice(name, tuple(reasons),
-                                    _triton_map_path(kernels, shape, dk, dv, dtype, device))
-            return KernelChoice(name, tuple(reasons) + (unfused,), "torch")
-        if backend != "auto":
-            raise ValueError(
-                f"backend={backend!r} cannot run: {name}: {why}"
-                + (f"; also {'; '.join(reasons)}" if reasons else "")
-                + "; use backend='auto' or 'torch' to fall back to the PyTorch path"
-            )
-        reasons.append(f"{name}: {why}")
-
-    return KernelChoice("torch_chunked", tuple(reasons))
+    triton_why = None
+    for impl in candidates:
+        if impl.triton:
+            if triton_why is None:  # shared by every Triton kernel: said once
+                triton_why = _triton_reasons(call, auto)
+                if triton_why:
+                    reasons.append(f"Triton kernels: {'; '.join(triton_why)}")
+            if triton_why:
+                continue
+        why = impl.not_supported_reasons(call)
+        if not why:
+            return impl.choice(call, tuple(reasons))
+        if impl.applies(call) or not auto:
+            reasons.append(f"{impl.name}: {'; '.join(why)}")
+    raise KernelUnavailable(backend, tuple(reasons))

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from .chunked import chunked_linear_attention
-from .dispatch import _check_backend, _select
+from .dispatch import Call, _check_backend, select
 from .feature_maps import FeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
@@ -56,7 +56,8 @@ def linear_attention(
             ``[B, H, Dk]``) summarising an earlier prefix.
         return_state: also return the state after the last token.
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"reference"`` (quadratic
-            oracle), ``"triton"`` or a kernel name (``"equal_dim"``, ``"small_vhd"``,
+            oracle), ``"triton"``, a kernel name (``"chunked"``, ``"taylor_parallel"``,
+            ``"taylor_chunked"``) or an alias (``"equal_dim"``, ``"small_vhd"``,
             ``"taylor_fused"``).  See :func:`featattn.select_kernel`.
         layout: ``"bhtd"`` (the default, as above and as ``scaled_dot_product_attention``)
             or ``"bthd"``: q ``[B, T, H, Dqk]``, k ``[B, T, Hkv, Dqk]``, v ``[B, T, Hkv, Dv]``
@@ -104,44 +105,44 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
 
-    choice = _select(q.device, q.dtype, Dqk, Dv, fm, backend, (B, H, T))
-    if choice.map_fused:  # the map runs in Triton: a pass before the kernel, or inside it
+    call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
+                kv0 is not None or z0 is not None or return_state)
+    choice = select(call, backend)
+    kernel = choice.name
+    # q, k, v and the state are validated above: the kernels' own checks are skipped
+    if kernel == "chunked":
         from .kernels import chunked_attention
-        from .kernels.maps import apply_map, fused_key
 
         in_kernel = {}
         if choice.map_path == "triton_pass":
+            from .kernels.maps import apply_map, fused_key
+
             key = fused_key(fm)
             q, k = apply_map(q, key, scale), apply_map(k, key)
-        else:
+        elif choice.map_path == "kernel":
             in_kernel = dict(feature_map=fm, scale=scale)
+        elif fm is not None:  # the map's PyTorch form
+            q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
+        elif scale != 1.0:
+            q = q * scale
         out, kv, z = chunked_attention(
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
-            return_state=return_state, **in_kernel,
+            return_state=return_state, check=False, **in_kernel,
         )
-        if return_state:
-            return out, LinearAttentionState(kv, z)
-        return out
-    if scale != 1.0:
-        q = q * scale
-    if choice.name == "taylor_fused":
+    elif kernel in ("taylor_parallel", "taylor_chunked"):
         from .kernels import taylor_attention
 
         out, kv, z = taylor_attention(
-            q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
-            return_state=return_state,
+            q * scale if scale != 1.0 else q, k, v, normalize=normalize, eps=eps,
+            initial_kv=kv0, initial_z=z0, return_state=return_state,
+            form=kernel.removeprefix("taylor_"), check=False,
         )
     else:
+        if scale != 1.0:
+            q = q * scale
         if fm is not None:
-            q_in, k_in = q, k
-            q, k = fm.forward_query(q), fm.forward_key(k)
-            _check_features(fm, q, k, Dqk, Dk, q_in, k_in)
-        if choice.name in ("equal_dim", "small_vhd"):
-            from .kernels import chunked_attention as fn
-        elif choice.name == "reference":
-            fn = quadratic_linear_attention
-        else:
-            fn = chunked_linear_attention
+            q, k = _torch_map(fm, q, k, Dqk, Dk)
+        fn = quadratic_linear_attention if kernel == "reference" else chunked_linear_attention
         out, kv, z = fn(
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
             return_state=return_state,
@@ -149,6 +150,13 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def _torch_map(fm, q, k, Dqk, Dk):
+    """The map's PyTorch form on (scaled) q and on k, its outputs checked."""
+    fq, fk = fm.forward_query(q), fm.forward_key(k)
+    _check_features(fm, fq, fk, Dqk, Dk, q, k)
+    return fq, fk
 
 
 _NAMED: dict = {}

@@ -25,18 +25,48 @@ def test_auto_on_cpu_is_torch_with_reasons():
 
 @pytest.mark.parametrize(
     "Dqk,Dv,fm,expected",
-    [(64, 64, None, "equal_dim"), (32, 128, "elu", "equal_dim"), (128, 64, None, "small_vhd"),
-     (16, 64, "elu", "equal_dim"), (5, 8, "hedgehog_like", "small_vhd")],
+    [(64, 64, None, "chunked"), (32, 128, "elu", "chunked"), (128, 64, None, "chunked"),
+     (16, 64, "elu", "chunked"), (5, 8, "hedgehog_like", "chunked"), (4, 8, "taylor", "taylor_parallel")],
 )
-def test_triton_names_the_kernel_by_expanded_dim(Dqk, Dv, fm, expected):
+def test_triton_names_the_kernel(Dqk, Dv, fm, expected):
     if fm == "hedgehog_like":  # 2 * Dqk = 10 features > Dv = 8
         fm = featattn.get_feature_map("hedgehog", head_dim=Dqk, heads=2, kv_heads=1)
     assert select_kernel(*_qkv(Dqk, Dv), feature_map=fm, backend="triton").name == expected
 
 
-def test_forced_kernel_with_wrong_shape_raises():
-    with pytest.raises(ValueError, match="backend='small_vhd' cannot run.*equal_dim shape"):
-        select_kernel(*_qkv(16, 64), backend="small_vhd")
+@pytest.mark.parametrize("alias", ["equal_dim", "small_vhd"])
+def test_old_chunked_names_are_aliases(alias):
+    """equal_dim and small_vhd were two names of one kernel body: either selects it, for any
+    Dk, Dv."""
+    for dqk, dv in ((16, 64), (64, 16)):
+        assert select_kernel(*_qkv(dqk, dv), backend=alias).name == "chunked"
+    assert featattn.dispatch.ALIASES[alias] == ("chunked",)
+
+
+def test_taylor_form_is_named_and_explained(monkeypatch):
+    """The dispatcher, not the kernel module, picks the Taylor form: parallel for stateless
+    calls up to FEATATTN_TAYLOR_PARALLEL_MAX_T tokens, else chunked, and says why."""
+    from featattn import kernels
+
+    q, k, v = _qkv(4, 8, T=8)
+    assert select_kernel(q, k, v, "taylor", "taylor_fused").name == "taylor_parallel"
+    stateful = select_kernel(q, k, v, "taylor", "taylor_fused", return_state=True)
+    assert stateful.name == "taylor_chunked"
+    assert any(r.startswith("taylor_parallel: a state") for r in stateful.reasons)
+    monkeypatch.setattr(kernels, "taylor_parallel_max_t", lambda: 4)
+    long = select_kernel(q, k, v, "taylor", "triton")
+    assert long.name == "taylor_chunked" and "above FEATATTN_TAYLOR_PARALLEL_MAX_T=4" in long.reasons[0]
+    with pytest.raises(featattn.dispatch.KernelUnavailable) as e:
+        select_kernel(q, k, v, "elu", "taylor_fused")
+    assert e.value.reasons == ("taylor_parallel: only for feature_map='taylor'",
+                               "taylor_chunked: only for feature_map='taylor'")
+
+
+def test_names_are_declared_once():
+    """KERNELS, BACKENDS and the aliases all come from the implementation specs."""
+    d = featattn.dispatch
+    assert d.KERNELS == tuple(i.name for i in d.IMPLS)
+    assert set(d.BACKENDS) == {"auto", "triton"} | set(d.KERNELS) | set(d.ALIASES)
 
 
 def test_float64_cannot_use_triton():

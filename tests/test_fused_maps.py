@@ -170,7 +170,7 @@ def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
                        positive=fm == "identity")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     choice = featattn.select_kernel(q, k, v, feature_map=fm, backend="triton")
-    assert choice.name == "equal_dim" and choice.map_path == path and choice.map_fused, choice
+    assert choice.name == "chunked" and choice.map_path == path and choice.map_fused, choice
     cls = type(featattn.get_feature_map(fm))
 
     def boom(self, x):

@@ -159,11 +159,11 @@ def _triton_cases():
     # (backend, feature_map, d, dv, T, with_state): the chunked kernels on features (Dk <= Dv
     # and Dk > Dv), the fused Taylor kernel's chunked form (a state) and its parallel form
     return [
-        ("equal_dim", "elu", 8, 16, 37, False),
-        ("equal_dim", "elu", 8, 8, 37, True),
-        ("small_vhd", "elu", 20, 8, 37, True),
-        ("taylor_fused", "taylor", 4, 8, 37, True),
-        ("taylor_fused", "taylor", 4, 8, 37, False),
+        ("chunked", "elu", 8, 16, 37, False),
+        ("chunked", "elu", 8, 8, 37, True),
+        ("small_vhd", "elu", 20, 8, 37, True),  # an alias of chunked
+        ("taylor_chunked", "taylor", 4, 8, 37, True),
+        ("taylor_parallel", "taylor", 4, 8, 37, False),
     ]
 
 

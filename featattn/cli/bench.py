@@ -2,9 +2,10 @@
 
 Backends (``--backends``):
 
-- ``torch``, ``reference``, ``triton``, ``equal_dim``, ``small_vhd``, ``taylor_fused``: the
-  ``backend=`` values of :func:`featattn.linear_attention`.  A backend that cannot run here
-  (the Triton kernels on a CPU, ``taylor_fused`` for another map...) gets one row marked
+- ``torch``, ``reference``, ``triton``, ``taylor_parallel``, ``taylor_chunked``, ``chunked``
+  (the default set), or any other ``backend=`` value of :func:`featattn.linear_attention`
+  (``auto``, the aliases ``equal_dim``, ``small_vhd``, ``taylor_fused``...).  A backend that
+  cannot run here (the Triton kernels on a CPU, a Taylor kernel for another map...) gets one row marked
   ``n/a`` with the dispatcher's reason.  On a CPU with ``TRITON_INTERPRET=1`` the Triton
   kernels are reachable but run in the interpreter, which is far too slow to time: they are
   marked ``n/a`` unless named in ``--backends``.
@@ -38,18 +39,22 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import select_kernel
+from ..dispatch import BACKENDS, IMPLS, KernelUnavailable, select_kernel
 from ..feature_maps import get_feature_map
 from ..functional import linear_attention
 
 __all__ = ["BenchConfig", "BenchRow", "FEATATTN_BACKENDS", "ALL_BACKENDS", "run_bench",
            "plot_rows", "default_config"]
 
-#: backend= values of featattn.linear_attention that the bench times
-FEATATTN_BACKENDS = ("torch", "reference", "triton", "equal_dim", "small_vhd", "taylor_fused")
-TRITON_BACKENDS = ("triton", "equal_dim", "small_vhd", "taylor_fused")
+#: backend= values of featattn.linear_attention that the bench times by default: the
+#: dispatcher's own kernel names (any other backend= value, an alias, may be named too)
+TRITON_BACKENDS = tuple(i.name for i in IMPLS if i.triton)
+FEATATTN_BACKENDS = ("torch", "reference", "triton") + TRITON_BACKENDS
 FLA_BACKENDS = ("fla_chunk", "fla_fused_chunk", "fla_based")
-ALL_BACKENDS = FEATATTN_BACKENDS + ("sdpa",) + FLA_BACKENDS
+#: what a run times without --backends
+DEFAULT_BACKENDS = FEATATTN_BACKENDS + ("sdpa",) + FLA_BACKENDS
+#: every name --backends takes: the defaults and the dispatcher's other backend= values
+ALL_BACKENDS = DEFAULT_BACKENDS + tuple(b for b in BACKENDS if b not in DEFAULT_BACKENDS)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -69,7 +74,7 @@ class BenchConfig:
     dv: int = 64
     feature_map: str = "elu"
     dtype: str = "float32"
-    backends: List[str] = field(default_factory=lambda: list(ALL_BACKENDS))
+    backends: List[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     explicit_backends: bool = False     # --backends was given: force interpreter kernels
     seed: int = 0
 
@@ -241,7 +246,7 @@ def _call_fla(fn, q, k, v, **kwargs):
 def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
     fm_name, normalize = cfg.feature_map, cfg.normalize
     device = torch.device(cfg.device)
-    if backend in FEATATTN_BACKENDS:
+    if backend in BACKENDS:
         if backend == "reference" and _quadratic_bytes(cfg, T) > _quadratic_limit(device):
             raise Skip(f"skipped: O(T^2) memory, ~{_quadratic_bytes(cfg, T) / 2**30:.1f} GiB")
         q, k, v = _inputs(cfg, T, grad=grad)
@@ -266,20 +271,14 @@ def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _short_reason(msg: str, backend: str) -> str:
-    """The dispatcher's error without its boilerplate (the table has a row per backend)."""
-    msg = msg.replace(f"backend={backend!r} cannot run: ", "")
-    return msg.split("; use backend='auto'")[0].strip()
-
-
 def _kernel_label(cfg: BenchConfig, backend: str):
     """(kernel name, None) or (None, reason it cannot run)."""
-    if backend in FEATATTN_BACKENDS:
+    if backend in BACKENDS:
         q, k, v = _inputs(cfg, 1)
         try:
             choice = select_kernel(q, k, v, feature_map=cfg.feature_map, backend=backend)
-        except ValueError as e:
-            return None, _short_reason(str(e), backend)
+        except KernelUnavailable as e:
+            return None, "; ".join(e.reasons)
         if (choice.name in TRITON_BACKENDS and torch.device(cfg.device).type == "cpu"
                 and not cfg.explicit_backends):
             return None, ("Triton interpreter (TRITON_INTERPRET=1) is too slow to time; "

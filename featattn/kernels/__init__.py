@@ -4,7 +4,6 @@ Exports:
     TRITON_AVAILABLE: bool, whether triton imported (the kernels below are usable).
     chunked_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                       return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
-    kernel_name(Dk, Dv) -> "equal_dim" | "small_vhd"
     splits_time(B, H, T, Dk, Dv, dtype, device) -> bool: whether the chunked kernels cut T
         into segments swept in parallel for this shape (FEATATTN_SEGMENT).
     KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
@@ -13,6 +12,8 @@ Exports:
         the Taylor feature map fused into the kernel: raw q/k in, expanded-layout state out.
         Stateless calls up to T = 2048 run its parallel form (featattn/kernels/taylor_parallel.py).
     taylor_unsupported_reason(d, dv) -> None | str
+    taylor_parallel_max_t() -> int: the longest T the Taylor parallel form takes
+        (FEATATTN_TAYLOR_PARALLEL_MAX_T); featattn.dispatch decides between the two forms.
 
 Without triton ``import featattn`` still works: the dispatcher sees TRITON_AVAILABLE False
 and uses the PyTorch path.
@@ -28,8 +29,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     TRITON_AVAILABLE = False
 
 if TRITON_AVAILABLE:
-    from .chunked import KERNEL_LIMITS, chunked_attention, kernel_name, splits_time
+    from .chunked import KERNEL_LIMITS, chunked_attention, splits_time
     from .taylor_fused import taylor_attention, taylor_unsupported_reason
+    from .taylor_parallel import max_t as taylor_parallel_max_t
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
 
@@ -39,16 +41,16 @@ else:  # pragma: no cover
     def taylor_attention(*args, **kwargs):
         raise RuntimeError("featattn.kernels.taylor_attention needs triton (pip install triton)")
 
-    def kernel_name(Dk: int, Dv: int) -> str:
-        return "equal_dim" if Dk <= Dv else "small_vhd"
-
     def chunked_attention(*args, **kwargs):
         raise RuntimeError("featattn.kernels.chunked_attention needs triton (pip install triton)")
 
     def splits_time(*args, **kwargs) -> bool:
         return False
 
+    def taylor_parallel_max_t() -> int:
+        return 0
+
 __all__ = [
-    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "kernel_name", "splits_time",
-    "taylor_attention", "taylor_unsupported_reason",
+    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_time",
+    "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
 ]

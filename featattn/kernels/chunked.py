@@ -106,7 +106,7 @@ from ._common import TunedLaunch, check_inputs, fill_state_half, register_attent
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 
-__all__ = ["chunked_attention", "kernel_name", "KERNEL_LIMITS", "segments", "splits_time"]
+__all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_time"]
 
 _INTERPRET = _common.INTERPRET
 
@@ -118,20 +118,8 @@ _MAX_BV = 128
 KERNEL_LIMITS = {
     "max_dk": 4096,  # any Dk up to this (tiled by 128); larger is untested
     "max_dv": 4096,  # any Dv up to this (tiled by 128)
-    "min_t": 1,
     "dtypes": (torch.float32, torch.float16, torch.bfloat16),
-    "block_dk": _MAX_BK,
-    "block_dv": _MAX_BV,
 }
-
-def kernel_name(Dk: int, Dv: int) -> str:
-    """Name of the variant a shape uses: ``"equal_dim"`` (Dk <= Dv) or ``"small_vhd"``.
-
-    Both are the same kernel body; "small_vhd" (Dk > Dv, e.g. Taylor features with
-    a 64-dim value) is where the Dk tiling / partial sums come into play.
-    """
-    return "equal_dim" if Dk <= Dv else "small_vhd"
-
 
 def _tiles(Dk: int, Dv: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BK, BV): one tile per dim up to 128, padded to a power of two >= 16 (>= 32 for fp32).
@@ -742,7 +730,7 @@ def _shape_reason(Dk: int, Dv: int):
 
 def chunked_attention(q, k, v, *, normalize: bool, eps: float,
                       initial_kv=None, initial_z=None, return_state: bool = False,
-                      feature_map=None, scale: float = 1.0):
+                      feature_map=None, scale: float = 1.0, check: bool = True):
     """Causal linear attention with Triton kernels (q, k already feature-mapped).
 
     Args:
@@ -758,14 +746,16 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
             form (``feature_map.triton_elementwise()``): q, k are then raw and the kernels
             compute ``phi(scale * q)``, ``phi(k)`` in registers, forward and backward.
         scale: multiplies q inside the kernel (fused maps only; 1 otherwise).
+        check: validate the inputs (featattn.linear_attention has, and passes False).
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; kv fp32 [B, H, Dk, Dv] and z fp32
         [B, H, Dk] (None when normalize=False) if return_state, else (o, None, None).
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
-    check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: d,
-                 dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
+    if check:
+        check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: d,
+                     dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
     fmap = ""
     if feature_map is not None:
         fmap = _maps.fused_key(feature_map)

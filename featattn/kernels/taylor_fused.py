@@ -820,7 +820,8 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
 
 
 def taylor_attention(q, k, v, *, normalize: bool, eps: float,
-                     initial_kv=None, initial_z=None, return_state: bool = False):
+                     initial_kv=None, initial_z=None, return_state: bool = False,
+                     form: str = "auto", check: bool = True):
     """Causal linear attention with the second-order Taylor feature map fused in.
 
     Equal to ``linear_attention(q, k, v, feature_map="taylor", ...)`` on materialised
@@ -839,19 +840,32 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
             an earlier segment, in the LinearAttentionState layout of every backend.
         initial_z: None or fp32 [B, H, Dk] (normalize=True only).
         return_state: also return the final state.
+        form: ``"parallel"`` (stateless calls only), ``"chunked"``, or ``"auto"`` (the
+            dispatcher's rule: parallel for stateless calls up to
+            ``FEATATTN_TAYLOR_PARALLEL_MAX_T`` tokens).  featattn.linear_attention passes the
+            form featattn.dispatch chose.
+        check: validate the inputs (featattn.linear_attention has, and passes False).
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; with return_state kv fp32
         [B, H, Dk, Dv] and z fp32 [B, H, Dk] (None when normalize=False), else None, None.
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
-    check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: 1 + d + d * d,
-                 dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
+    if check:
+        check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: 1 + d + d * d,
+                     dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     from . import taylor_parallel as _par  # imports this module's helpers: not at the top
 
-    if _par.use_parallel(q.shape[2], initial_kv is not None or initial_z is not None
-                         or return_state):
+    stateful = initial_kv is not None or initial_z is not None or return_state
+    if form == "auto":
+        form = "parallel" if _par.use_parallel(q.shape[2], stateful) else "chunked"
+    if form not in ("parallel", "chunked"):
+        raise ValueError(f"form must be 'auto', 'parallel' or 'chunked', got {form!r}")
+    if form == "parallel":
+        if stateful:
+            raise ValueError("the Taylor parallel form keeps no state: pass no initial state "
+                             "and return_state=False, or use form='chunked'")
         o, _den, _, _ = _par.parallel_op(q, k, v, None, None, bool(normalize), float(eps), False)
         return o, None, None
     if initial_kv is not None:

@@ -399,8 +399,14 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     return dq, dk, dv, None, None
 
 
+def max_t() -> int:
+    """The longest T the parallel form is used for (the dispatcher's rule)."""
+    return PARALLEL_MAX_T
+
+
 def use_parallel(T: int, has_state: bool) -> bool:
-    """Whether taylor_attention runs the parallel form for a sequence of T tokens."""
+    """Whether ``taylor_attention(form="auto")`` runs the parallel form for T tokens (the
+    same rule as featattn.dispatch's ``taylor_parallel``)."""
     return not has_state and T <= PARALLEL_MAX_T
 
 
