@@ -366,6 +366,14 @@ def _meta(bt, nw, ns, reg):
     return m
 
 
+def _tuned(kernel, cfg, fn, *args):
+    """fn(*args) with the kernel's config fixed (featattn.kernels.tuning)."""
+    from featattn.kernels import tuning
+
+    with tuning.override(kernel, **cfg):
+        return fn(*args)
+
+
 def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
     """Time every forward / backward tile config directly (no autotuning), bf16, normalised."""
     print(f"\n## config sweep, bf16 normalised, B={B} H={H} d={d} Dv={Dv} (median ms)")
@@ -376,7 +384,7 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
             cfg = dict(_meta(bt, nw, ns, reg), BV=bv)
             seen = _compiled(TF._fwd_kernel)
             try:
-                t = bench(lambda: TF._forward(q, k, v, True, 1e-6, None, None, False, config=cfg))
+                t = bench(lambda: _tuned("taylor_fwd", cfg, TF._forward, q, k, v, True, 1e-6, None, None, False))
                 print(f"fwd T{T} BT{bt} BV{bv} w{nw} s{ns} r{reg}: {t:.3f}  {_res(TF._fwd_kernel, seen)}", flush=True)
                 if T == Ts[0] and (best is None or t < best[0]):
                     best = (t, cfg)
@@ -388,7 +396,7 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
             cfg = dict(_meta(bt, nw, ns, reg), BV=bv)
             seen = _compiled(TF._bwd_kernel)
             try:
-                t = bench(lambda: TF._backward(q, k, v, o, den, None, None, do, None, None, True, config=cfg))
+                t = bench(lambda: _tuned("taylor_bwd", cfg, TF._backward, q, k, v, o, den, None, None, do, None, None, True))
                 print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg}: {t:.3f}  {_res(TF._bwd_kernel, seen)}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg}: ERROR {type(e).__name__}: {str(e)[:200]}")
@@ -399,7 +407,7 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
         print(f"best fwd at T{Ts[0]}: {cfg} {t0:.3f} ms for {B * H} programs")
         for b in batches:
             q, k, v = inputs(b, H, H, Ts[0], d, Dv, torch.bfloat16)
-            t = bench(lambda: TF._forward(q, k, v, True, 1e-6, None, None, False, config=cfg))
+            t = bench(lambda: _tuned("taylor_fwd", cfg, TF._forward, q, k, v, True, 1e-6, None, None, False))
             print(f"  B={b}: {t:.3f} ms ({t / t0:.2f}x for {b / B:.0f}x the programs)", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
@@ -490,11 +498,12 @@ def overhead_detail(d=16, Dv=64, T=64):
 
 def sweep_bv(B=8, H=16, d=16, Dv=64, T=16384):
     print("\n## backward Dv tile sweep (T=%d)" % T)
-    for bv in ("16", "32", "64"):
-        os.environ["FEATATTN_TAYLOR_BWD_BV"] = bv
-        f, fb, mem = time_ours(B, H, T, d, Dv)
+    from featattn.kernels import tuning
+
+    for bv in (16, 32, 64):
+        with tuning.override("taylor_bwd", BV=bv):
+            f, fb, mem = time_ours(B, H, T, d, Dv)
         print(f"BWD_BV={bv}: fwd {f:.3f} fwd+bwd {fb:.3f} (bwd ~{fb - f:.3f}) mem {mem:.0f}", flush=True)
-    os.environ.pop("FEATATTN_TAYLOR_BWD_BV")
 
 
 def main():

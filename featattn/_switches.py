@@ -43,9 +43,6 @@ SWITCHES = {s.name: s for s in (
     Switch("FEATATTN_TAYLOR_PARALLEL_MAX_T", "2048", "import",
            "longest T for which stateless Taylor calls use the parallel (quadratic) form; `0` "
            "turns it off"),
-    Switch("FEATATTN_TAYLOR_BWD_BV", "", "call",
-           "benchmarking only: the Dv tile of the chunked Taylor backward (empty: 16 or 64 by "
-           "head dim)"),
     Switch("TRITON_INTERPRET", "0", "import",
            "Triton's own: `1` runs the kernels in its interpreter on CPU tensors (CI); "
            "`backend='auto'` never picks it"),

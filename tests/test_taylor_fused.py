@@ -352,3 +352,49 @@ def test_benchmark_check_paths_run_and_catch_unwritten_outputs(monkeypatch):
         assert any(f.startswith("dq: ") and "non-finite" in f for f in failures), failures
         _, failures = bench.par_check_one(*par_case)
         assert any(f.startswith("o: ") and "non-finite" in f for f in failures), failures
+
+
+def test_tuning_override_fixes_the_config_and_keeps_results():
+    """featattn.kernels.tuning: a fixed forward config and a fixed backward Dv tile give the
+    same results as the autotuned launch, inside the block only; bad names are explained."""
+    from featattn.kernels import tuning
+
+    q, k, v = make_inputs(1, 2, 1, 37, 16, 40, torch.float32, seed=6)
+    launched = []
+    real = TF._fwd_kernel.run
+
+    def spy(*a, **kw):
+        launched.append({k_: kw[k_] for k_ in ("BT", "BV") if k_ in kw})
+        return real(*a, **kw)
+
+    with tuning.override("taylor_fwd", BT=16, BV=16, num_warps=4, num_stages=1), \
+            tuning.override("taylor_bwd", BV=16):
+        assert tuning.forced("taylor_bwd") == {"BV": 16}
+        TF._fwd_kernel.run = spy
+        try:
+            run_checked(q, k, v, True, None, None, True, tolerance(torch.float32, "small"))
+        finally:
+            del TF._fwd_kernel.run
+    assert {"BT": 16, "BV": 16} in launched
+    assert tuning.forced("taylor_fwd") is None and tuning.forced("taylor_bwd") is None
+    with pytest.raises(ValueError, match="tunable kernels: taylor_fwd"):
+        with tuning.override("chunked_fwd", BT=16):
+            pass
+    with pytest.raises(ValueError, match="taylor_fwd has no meta-parameter BK"):
+        with tuning.override("taylor_fwd", BK=16):
+            pass
+
+
+def test_explicit_forms(parallel_calls):
+    """taylor_attention(form=...) runs the form the dispatcher names; the parallel form
+    refuses a state."""
+    q, k, v = make_inputs(1, 2, 2, 40, 16, 24, torch.float32, seed=8)
+    o_ch, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="chunked")
+    assert not parallel_calls
+    o_par, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="parallel")
+    assert len(parallel_calls) == 1
+    check_close("o", o_ch, o_par, 1e-5)
+    with pytest.raises(ValueError, match="keeps no state"):
+        TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="parallel", return_state=True)
+    with pytest.raises(ValueError, match="form must be"):
+        TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="fast")

@@ -107,6 +107,7 @@ import triton.language as tl
 
 from .. import _switches
 from . import _common
+from . import tuning as _tuning
 from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
@@ -181,10 +182,9 @@ def _bwd_configs(big: bool):
 
 
 def _bwd_block_v(d: int, dv: int) -> int:
-    """Dv tile of the backward (it decides the partial dq/dk buffers, so it is not autotuned).
-    FEATATTN_TAYLOR_BWD_BV overrides it (for benchmarking)."""
-    env = _switches.read("FEATATTN_TAYLOR_BWD_BV")
-    cap = int(env) if env else (16 if _pads(d)[2] else 64)
+    """Dv tile of the backward (it decides the partial dq/dk buffers, so it is not autotuned;
+    ``tuning.override("taylor_bwd", BV=...)`` fixes it for benchmarking)."""
+    cap = 16 if _pads(d)[2] else 64
     if _INTERPRET:
         cap = 32
     return max(16, min(cap, next_pow2(dv)))
@@ -732,8 +732,8 @@ def _consts(d: int) -> tuple[float, float, float, float]:
     return d ** -0.25, c2, (c2 if _pads(d)[2] else 2.0 * c2), 1.0 / math.sqrt(d)
 
 
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
-    """config (benchmarks only): {"BT", "BV", "num_warps", "num_stages"} bypasses autotuning."""
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
+    """Launch the forward; ``tuning.override("taylor_fwd", ...)`` fixes its config."""
     B, H, T, d = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     DK = 1 + d + d * d
@@ -748,7 +748,8 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_fwd_big if FOLD3 else _fwd_small]
     meta = {}
-    if config is not None:
+    config = _tuning.forced("taylor_fwd")
+    if config:
         fn, meta = _fwd_kernel, dict(config)
 
     def grid(m):  # BV is autotuned: nothing the wrapper allocates depends on it
@@ -767,15 +768,17 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, config=None):
             zT if (store_final and normalize) else None)
 
 
-def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
-    """config (benchmarks only): {"BT", "num_warps", "num_stages"} bypasses autotuning."""
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+    """Launch the backward; ``tuning.override("taylor_bwd", ...)`` fixes its config (BV alone:
+    the Dv tile, the rest still autotuned)."""
     B, H, T, d = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     DK = 1 + d + d * d
     DP, Q, FOLD3 = _pads(d)
     dev = q.device
-    BV = _bwd_block_v(d, Dv) if config is None or "BV" not in config else config["BV"]
+    config = _tuning.forced("taylor_bwd") or {}
+    BV = config.get("BV") or _bwd_block_v(d, Dv)
     NV = cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None
@@ -799,9 +802,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, config=None):
     lowp, ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_bwd_big if FOLD3 else _bwd_small]
-    meta = {}
-    if config is not None:
-        fn, meta = _bwd_kernel, {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
+    meta = {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
+    if meta:
+        fn = _bwd_kernel
     fn[(B * H, NV, 2)](
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
