@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -19,6 +19,24 @@ from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
 
 __all__ = ["linear_attention"]
+
+
+@overload
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
+    scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
+    return_state: Literal[False] = ..., backend: str = ..., layout: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
+    scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
+    return_state: Literal[True], backend: str = ..., layout: str = ...,
+) -> Tuple[torch.Tensor, LinearAttentionState]: ...
 
 
 def linear_attention(
@@ -34,7 +52,7 @@ def linear_attention(
     return_state: bool = False,
     backend: str = "auto",
     layout: str = "bhtd",
-):
+) -> Union[torch.Tensor, Tuple[torch.Tensor, LinearAttentionState]]:
     """Causal linear attention.
 
     ``o_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s / (phi(q_t) . sum_{s<=t} phi(k_s) + eps)``

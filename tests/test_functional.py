@@ -193,3 +193,16 @@ def test_select_kernel_cpu_is_torch():
     assert isinstance(choice.reasons, tuple) and choice.reasons
     assert featattn.select_kernel(q, k, v, backend="reference").name == "reference"
     assert featattn.select_kernel(q.double(), k.double(), v.double()).name == "torch_chunked"
+
+
+def test_return_type_follows_return_state():
+    """Static types: linear_attention is overloaded on return_state (a tensor, or a tensor and
+    a LinearAttentionState), so type checkers see each call's result."""
+    import typing
+
+    hints = typing.get_type_hints(featattn.linear_attention)
+    assert hints["return"] == typing.Union[torch.Tensor,
+                                           typing.Tuple[torch.Tensor, featattn.LinearAttentionState]]
+    if hasattr(typing, "get_overloads"):  # Python >= 3.11 records them
+        returns = {typing.get_type_hints(f)["return"] for f in typing.get_overloads(featattn.linear_attention)}
+        assert returns == {torch.Tensor, typing.Tuple[torch.Tensor, featattn.LinearAttentionState]}
