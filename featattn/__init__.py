@@ -12,7 +12,7 @@ from .feature_maps import (
     list_feature_maps,
     register_feature_map,
 )
-from .functional import linear_attention
+from .functional import decode_step, linear_attention
 from .layers import FeatureAttention
 from .state import LinearAttentionState
 
@@ -25,6 +25,7 @@ _HF_NAMES = ("patch_hf_model", "unpatch_hf_model")
 __all__ = [
     "__version__",
     "linear_attention",
+    "decode_step",
     "LinearAttentionState",
     "FeatureAttention",
     "FeatureMap",

@@ -8,6 +8,8 @@ what runs (and, for the chunked kernel, where an elementwise feature map runs):
 ===================  =====================================================================
 kernel               when (priority order of ``backend="auto"``)
 ===================  =====================================================================
+``recurrent_step``   Triton, T <= 16 tokens against an initial state, no gradient (decoding):
+                     one launch, the map (elementwise or Taylor) fused, state in registers
 ``taylor_parallel``  Triton, Taylor map fused, the quadratic parallel form: no state in or
                      out and T <= ``FEATATTN_TAYLOR_PARALLEL_MAX_T`` (2048)
 ``taylor_chunked``   Triton, Taylor map fused, the chunked O(T) form
@@ -34,7 +36,7 @@ from . import _switches
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 
 __all__ = ["KernelChoice", "KernelUnavailable", "select_kernel", "BACKENDS", "KERNELS",
-           "ALIASES", "Call", "Impl", "IMPLS"]
+           "ALIASES", "Call", "Impl", "IMPLS", "needs_grad"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,7 +80,8 @@ class Call(NamedTuple):
     """One call's facts, validated once by :func:`featattn.linear_attention` (or
     :func:`select_kernel`), which every implementation is asked about.  ``dqk`` is the raw
     q/k head dim, ``dk`` the expanded feature dim (``fm.output_dim(dqk)``); ``stateful``:
-    a state is passed in or returned."""
+    a state is passed in or returned; ``has_init``: a state is passed in; ``needs_grad``:
+    autograd will differentiate the call."""
 
     device: torch.device
     dtype: torch.dtype
@@ -90,6 +93,8 @@ class Call(NamedTuple):
     dv: int
     fm: Optional[FeatureMap]
     stateful: bool
+    has_init: bool = False
+    needs_grad: bool = False
 
 
 class Impl:
@@ -136,6 +141,48 @@ def _triton_reasons(call: Call, auto: bool) -> list:
     if call.dtype not in _TRITON_DTYPES:
         return [f"dtype {call.dtype} is not supported by the Triton kernels (fp32, fp16, bf16)"]
     return []
+
+
+class RecurrentStep(Impl):
+    """featattn/kernels/decode.py: a few tokens against a state, inference only."""
+
+    name = "recurrent_step"
+    triton = True
+
+    def applies(self, call):
+        return call.has_init and call.T <= _kernels_module().STEP_MAX_T
+
+    def not_supported_reasons(self, call):
+        kernels = _kernels_module()
+        if not call.has_init:  # said before T is looked at: under torch.compile a test of a
+            # symbolic T would guard on it, and a prefill would recompile at T = 16
+            return ["no initial state (a prefill: the chunked kernels)"]
+        out = []
+        if call.needs_grad:
+            out.append("autograd needs the call's gradient (the step kernel has no backward)")
+        kind = _step_map_kind(call.fm, call.dqk)
+        if kind is None:
+            out.append(f"map {call.fm.name!r} is neither elementwise with a Triton form nor "
+                       "'taylor'")
+        else:
+            why = kernels.step_unsupported_reason(kind, call.dqk, call.dv, call.T)
+            if why:
+                out.append(why)
+        return out
+
+    def choice(self, call, reasons):
+        fused = _step_map_kind(call.fm, call.dqk) == "elementwise"
+        return KernelChoice(self.name, reasons, "kernel" if fused else None)
+
+
+def _step_map_kind(fm, dqk) -> Optional[str]:
+    """How the step kernel applies ``fm``: "none", "elementwise", "taylor", or None (it
+    cannot)."""
+    if fm is None:
+        return "none"
+    if type(fm) is TaylorFeatureMap:
+        return "taylor"
+    return "elementwise" if _unfusable_reason(fm, dqk) is None else None
 
 
 class _Taylor(Impl):
@@ -212,7 +259,8 @@ class Reference(Impl):
 
 
 #: Every implementation, fastest first (the order ``backend="auto"`` and ``"triton"`` try).
-IMPLS = (TaylorParallel(), TaylorChunked(), Chunked(), TorchChunked(), Reference())
+IMPLS = (RecurrentStep(), TaylorParallel(), TaylorChunked(), Chunked(), TorchChunked(),
+         Reference())
 #: every kernel name select_kernel can return
 KERNELS = tuple(i.name for i in IMPLS)
 #: alias -> the kernel names it selects (tried in order)
@@ -278,7 +326,8 @@ def select_kernel(
         feature_map: None, a registered name or a FeatureMap.
         backend: one of :data:`BACKENDS`.
         initial_state, return_state: as for linear_attention (the Taylor parallel form
-            keeps no state).
+            keeps no state; the step kernel needs an initial state).  Whether the inputs
+            require a gradient matters too (the step kernel is inference only).
 
     Returns:
         :class:`KernelChoice` ``(name, reasons, map_path)``.
@@ -292,8 +341,22 @@ def select_kernel(
     B, H, T, dqk = q.shape
     dk = fm.output_dim(dqk) if fm is not None else dqk
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
-                initial_state is not None or bool(return_state))
+                initial_state is not None or bool(return_state), initial_state is not None,
+                needs_grad(q, k, v, initial_state, fm))
     return select(call, backend)
+
+
+def needs_grad(q, k, v, state=None, fm=None) -> bool:
+    """Whether autograd will differentiate a call on these inputs (grad mode on and some
+    input, state tensor or map parameter requires a gradient)."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [q, k, v]
+    if state is not None:
+        ts += [state.kv, state.z]
+    if any(t is not None and t.requires_grad for t in ts):
+        return True
+    return fm is not None and any(p.requires_grad for p in fm.parameters())
 
 
 def select(call: Call, backend: str) -> KernelChoice:
@@ -319,6 +382,6 @@ def select(call: Call, backend: str) -> KernelChoice:
         why = impl.not_supported_reasons(call)
         if not why:
             return impl.choice(call, tuple(reasons))
-        if impl.applies(call) or not auto:
+        if impl.applies(call) or backend not in ("auto", "triton"):  # or named by the caller
             reasons.append(f"{impl.name}: {'; '.join(why)}")
     raise KernelUnavailable(backend, tuple(reasons))

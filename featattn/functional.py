@@ -13,12 +13,12 @@ from typing import Literal, Optional, Tuple, Union, overload
 import torch
 
 from .chunked import chunked_linear_attention
-from .dispatch import Call, _check_backend, select
-from .feature_maps import FeatureMap, resolve_feature_map
+from .dispatch import Call, _check_backend, needs_grad, select
+from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
 
-__all__ = ["linear_attention"]
+__all__ = ["linear_attention", "decode_step"]
 
 
 @overload
@@ -109,8 +109,9 @@ def _to_bhtd(x, name):
 
 
 def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
-                      backend):
-    """linear_attention on [B, H, T, D] views."""
+                      backend, in_place=False, out_buf=None):
+    """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
+    ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
@@ -122,13 +123,22 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     scale = _validate_scale(scale, fm, Dqk)
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
+    return_state = return_state or in_place
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
-                kv0 is not None or z0 is not None or return_state)
+                kv0 is not None or z0 is not None or return_state, kv0 is not None,
+                needs_grad(q, k, v, initial_state, fm))
     choice = select(call, backend)
     kernel = choice.name
     # q, k, v and the state are validated above: the kernels' own checks are skipped
-    if kernel == "chunked":
+    if kernel == "recurrent_step":
+        direct = in_place and _fp32_dense(kv0) and (z0 is None or _fp32_dense(z0))
+        out, kv, z = _step(q, k, v, fm, scale, normalize, eps, kv0, z0, return_state or in_place,
+                           kv_out=kv0 if direct else None, z_out=z0 if direct else None,
+                           out=out_buf)
+        if direct:
+            return out
+    elif kernel == "chunked":
         from .kernels import chunked_attention
 
         in_kernel = {}
@@ -165,9 +175,37 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
             return_state=return_state,
         )
+    if in_place:  # any kernel: the new state copied into the caller's tensors
+        initial_state.kv.copy_(kv)
+        if z is not None:
+            initial_state.z.copy_(z)
+        if out_buf is not None and out_buf is not out:
+            out_buf.copy_(out)
+            out = out_buf
+        return out
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def _fp32_dense(t) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _step(q, k, v, fm, scale, normalize, eps, kv0, z0, return_state, kv_out=None, z_out=None,
+          out=None):
+    """The recurrent step kernel (the dispatcher checked it can run this call)."""
+    from .kernels import recurrent_step
+
+    if fm is None and scale != 1.0:
+        q = q * scale
+    taylor = type(fm) is TaylorFeatureMap
+    return recurrent_step(
+        q, k, v, normalize=normalize, eps=eps, initial_kv=kv0.float().contiguous(),
+        initial_z=None if z0 is None else z0.float().contiguous(),
+        feature_map=None if (fm is None or taylor) else fm, scale=scale if fm is not None else 1.0,
+        taylor=taylor, kv_out=kv_out, z_out=z_out, out=out,
+        store_state=return_state or kv_out is not None)
 
 
 def _torch_map(fm, q, k, Dqk, Dk):
@@ -175,6 +213,82 @@ def _torch_map(fm, q, k, Dqk, Dk):
     fq, fk = fm.forward_query(q), fm.forward_key(k)
     _check_features(fm, fq, fk, Dqk, Dk, q, k)
     return fq, fk
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearAttentionState,
+    *,
+    feature_map: Union[None, str, FeatureMap] = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    layout: str = "bhtd",
+) -> torch.Tensor:
+    """A few new tokens against ``state``, which is updated **in place**: decoding.
+
+    Equal to ``o, new = linear_attention(q, k, v, ..., initial_state=state,
+    return_state=True)`` followed by ``state = new``, but on CUDA (T <= 16 tokens, an
+    elementwise map with a Triton form, ``"taylor"``, or features) it is one kernel launch
+    that reads raw q/k, applies the map in registers and overwrites ``state.kv`` / ``state.z``:
+    no allocation when ``out`` is given and the state is fp32 and contiguous, no host
+    synchronisation, so a step can be captured in a CUDA graph and replayed
+    (docs/decoding.md).  Elsewhere (CPU, other maps) the same result is computed by the usual
+    path and copied into the state's tensors.
+
+    Args:
+        q: ``[B, H, T, Dqk]`` (``[B, T, H, Dqk]`` with ``layout="bthd"``); k, v as in
+            :func:`linear_attention`.
+        state: the :class:`LinearAttentionState` of the tokens so far (``kv [B, H, Dk, Dv]``,
+            ``z [B, H, Dk]`` when normalising), e.g. from a prefill with ``return_state=True``
+            or ``LinearAttentionState.zeros``.  Its tensors are overwritten.
+        out: optional buffer for o, shaped like the result, of q's dtype.
+        feature_map, normalize, eps, scale, backend, layout: as in :func:`linear_attention`.
+
+    Returns:
+        o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``); ``out`` itself when
+        given.
+
+    Raises:
+        ValueError: as :func:`linear_attention`, and when autograd would have to
+        differentiate the call (an in-place update cannot be; train with linear_attention
+        and ``return_state=True``).
+    """
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(f"state must be a featattn.LinearAttentionState (from a prefill with "
+                        f"return_state=True, or LinearAttentionState.zeros), got "
+                        f"{type(state).__name__}")
+    out_bhtd = out
+    if layout == "bthd":
+        q, k, v = _to_bhtd(q, "q"), _to_bhtd(k, "k"), _to_bhtd(v, "v")
+        out_bhtd = None if out is None else _to_bhtd(out, "out")
+    elif layout != "bhtd":
+        raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
+                         f"got {layout!r}")
+    fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
+    if needs_grad(q, k, v, state, fm):
+        raise ValueError(
+            "decode_step updates the state in place, which autograd cannot differentiate, and "
+            "an input requires a gradient; run it under torch.no_grad() (decoding), or use "
+            "linear_attention(..., initial_state=state, return_state=True) to train")
+    if out_bhtd is not None:
+        _validate_qkv(q, k, v)
+        want = (*q.shape[:3], v.shape[-1])
+        if not isinstance(out_bhtd, torch.Tensor) or tuple(out_bhtd.shape) != want \
+                or out_bhtd.dtype != q.dtype or out_bhtd.device != q.device:
+            got = (tuple(out_bhtd.shape), out_bhtd.dtype, str(out_bhtd.device)) \
+                if isinstance(out_bhtd, torch.Tensor) else type(out_bhtd).__name__
+            raise ValueError(f"out must be shaped like the result, [B, H, T, Dv] = {list(want)} "
+                             f"in the call's layout, {q.dtype} on {q.device}; got {got}")
+    o = _linear_attention(q, k, v, fm, normalize, eps, scale, state, False, backend,
+                          in_place=True, out_buf=out_bhtd)
+    if out is not None:
+        return out
+    return o.transpose(1, 2) if layout == "bthd" else o
 
 
 _NAMED: dict = {}

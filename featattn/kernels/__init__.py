@@ -12,6 +12,10 @@ Exports:
         the Taylor feature map fused into the kernel: raw q/k in, expanded-layout state out.
         Stateless calls up to T = 2048 run its parallel form (featattn/kernels/taylor_parallel.py).
     taylor_unsupported_reason(d, dv) -> None | str
+    recurrent_step(q, k, v, *, normalize, eps, initial_kv, initial_z, feature_map=None,
+                   scale=1.0, taylor=False, kv_out=None, z_out=None, out=None) -> (o, kv, z)
+        a few tokens against a state in one launch, in place when kv_out/z_out are the state
+        (featattn/kernels/decode.py); STEP_MAX_T, step_unsupported_reason(kind, d, dv, T).
     taylor_parallel_max_t() -> int: the longest T the Taylor parallel form takes
         (FEATATTN_TAYLOR_PARALLEL_MAX_T); featattn.dispatch decides between the two forms.
 
@@ -32,6 +36,8 @@ if TRITON_AVAILABLE:
     from .chunked import KERNEL_LIMITS, chunked_attention, splits_time
     from .taylor_fused import taylor_attention, taylor_unsupported_reason
     from .taylor_parallel import max_t as taylor_parallel_max_t
+    from .decode import MAX_T as STEP_MAX_T
+    from .decode import recurrent_step, step_unsupported_reason
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
 
@@ -50,7 +56,16 @@ else:  # pragma: no cover
     def taylor_parallel_max_t() -> int:
         return 0
 
+    STEP_MAX_T = 0
+
+    def step_unsupported_reason(kind, d, dv, T) -> str:
+        return "triton is not installed"
+
+    def recurrent_step(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.recurrent_step needs triton (pip install triton)")
+
 __all__ = [
     "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_time",
     "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
+    "recurrent_step", "step_unsupported_reason", "STEP_MAX_T",
 ]

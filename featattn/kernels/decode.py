@@ -1,0 +1,223 @@
+"""The recurrent step: a few tokens (decoding, speculative or chunked) against a state.
+
+Legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), T tokens (<= MAX_T),
+d raw q/k head dim, Dk feature dim (d for elementwise maps, 1 + d + d^2 for Taylor), Dv value
+dim.
+
+One program per (batch, head) holds the head's whole state (fp32 [Dk, Dv] and z [Dk]) in
+registers, walks the T tokens in order and, per token t (inclusive, as the chunked kernels)::
+
+    S += phi(k_t)^T v_t;   z += phi(k_t)
+    o_t = phi(q_t) S / (phi(q_t) . z + eps)        (numerator only without normalize)
+
+then writes S and z back: into the same buffers (in place: each program owns its head's
+state, so no other program reads what it overwrites) or into caller-given ones.  The map is
+applied in registers to raw q/k: an elementwise map's Triton form (``phi(scale * q)``,
+``phi(k)``), the Taylor map ``[1, x / d^(1/4), vec(x x^T) / sqrt(2 d)]`` (in the layout of
+:func:`featattn.feature_maps.taylor.taylor_features` and of every backend's state), or none.
+
+No allocation when the output buffers are given, no host synchronisation, one fixed launch
+config (no autotuning): a step can be captured in a CUDA graph and replayed.  Inference only
+(no backward): the dispatcher takes it for calls with an initial state, T <= MAX_T and no
+gradient, see featattn.dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import maps as _maps
+from ._common import alloc as _alloc
+from ._common import empty_like_layout as _empty_like_layout
+from ._common import next_pow2
+
+__all__ = ["recurrent_step", "MAX_T", "step_unsupported_reason"]
+
+#: the longest T the step kernel takes (longer calls are prefill: the chunked kernels)
+MAX_T = 16
+#: largest Dk (elementwise maps, no map), d (Taylor) and Dv the one-program-per-head state fits
+MAX_DK, MAX_TAYLOR_D, MAX_DV, MAX_TAYLOR_DV = 128, 16, 128, 64
+
+
+def step_unsupported_reason(kind: str, d: int, dv: int, T: int) -> Optional[str]:
+    """None when the step kernel runs map ``kind`` ("none", "elementwise", "taylor") with raw
+    q/k dim ``d``, value dim ``dv`` and T tokens, else why not."""
+    if T > MAX_T:
+        return f"T={T} is above the step kernel's {MAX_T} tokens (a prefill: chunked kernels)"
+    if kind == "taylor":
+        if d > MAX_TAYLOR_D or dv > MAX_TAYLOR_DV:
+            return (f"the Taylor state [1 + d + d^2, Dv] with d={d}, Dv={dv} does not fit one "
+                    f"program (d <= {MAX_TAYLOR_D}, Dv <= {MAX_TAYLOR_DV})")
+        return None
+    if d > MAX_DK or dv > MAX_DV:
+        return f"the state [Dk={d}, Dv={dv}] does not fit one program (Dk, Dv <= {MAX_DK})"
+    return None
+
+
+@triton.jit
+def _none_phi(x):
+    return x
+
+
+@triton.jit(do_not_specialize=["T"])
+def _step_kernel(
+    q, k, v, o, kv, z, kv_out, z_out,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, H, G, D, DK, DV, eps, scale, c1, c2,
+    BD: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr, PHI: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE: tl.constexpr,
+):
+    """Grid (B*H,).  MAP 0: q, k are features (Dk = D); 1: elementwise PHI on raw q/k
+    (Dk = D); 2: Taylor on raw q/k (Dk = 1 + D + D*D, rows 0 | 1..D | 1+D+i*D+j).
+    kv/kv_out fp32 [B*H, Dk, Dv] contiguous, z/z_out fp32 [B*H, Dk] (may alias)."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // G
+    q_base = q + i_b * sqb + i_h * sqh
+    k_base = k + i_b * skb + i_hk * skh
+    v_base = v + i_b * svb + i_hk * svh
+    o_base = o + i_b * sob + i_h * soh
+    st = i_bh.to(tl.int64) * DK * DV
+    zt = i_bh.to(tl.int64) * DK
+
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BV)
+    md = offs_d < D
+    mv = offs_v < DV
+    m1 = md[:, None] & mv[None, :]
+    if MAP == 2:
+        row1 = 1 + offs_d                          # linear rows
+        offs_p = tl.arange(0, BD * BD)
+        pi = offs_p // BD
+        pj = offs_p % BD
+        mp = (pi < D) & (pj < D)
+        row2 = 1 + D + pi * D + pj                 # quadratic rows, row-major (i, j)
+        m2 = mp[:, None] & mv[None, :]
+    else:
+        row1 = offs_d
+
+    S1 = tl.zeros([BD, BV], dtype=tl.float32)
+    z1 = tl.zeros([BD], dtype=tl.float32)
+    if MAP == 2:
+        S0 = tl.zeros([BV], dtype=tl.float32)
+        S2 = tl.zeros([BD * BD, BV], dtype=tl.float32)
+        z0 = tl.zeros([1], dtype=tl.float32)
+        z2 = tl.zeros([BD * BD], dtype=tl.float32)
+    if HAS_INIT:
+        S1 = tl.load(kv + st + row1[:, None] * DV + offs_v[None, :], mask=m1, other=0.0)
+        if NORMALIZE:
+            z1 = tl.load(z + zt + row1, mask=md, other=0.0)
+        if MAP == 2:
+            S0 = tl.load(kv + st + offs_v, mask=mv, other=0.0)
+            S2 = tl.load(kv + st + row2[:, None] * DV + offs_v[None, :], mask=m2, other=0.0)
+            if NORMALIZE:
+                z0 = tl.load(z + zt + tl.arange(0, 1))
+                z2 = tl.load(z + zt + row2, mask=mp, other=0.0)
+
+    for t in range(0, T):
+        xq = tl.load(q_base + t * sqt + offs_d, mask=md, other=0.0).to(tl.float32)
+        xk = tl.load(k_base + t * skt + offs_d, mask=md, other=0.0).to(tl.float32)
+        vv = tl.load(v_base + t * svt + offs_v, mask=mv, other=0.0).to(tl.float32)
+        if MAP == 1:
+            fq = tl.where(md, PHI(xq * scale), 0.0)
+            fk = tl.where(md, PHI(xk), 0.0)
+        elif MAP == 2:
+            xq = xq * scale
+            fq = xq * c1
+            fk = xk * c1
+        else:
+            fq = xq
+            fk = xk
+        S1 += fk[:, None] * vv[None, :]
+        num = tl.sum(fq[:, None] * S1, axis=0)
+        if NORMALIZE:
+            z1 += fk
+            den = tl.sum(fq * z1, axis=0)
+        if MAP == 2:
+            fq2 = tl.reshape(xq[:, None] * xq[None, :], [BD * BD]) * c2
+            fk2 = tl.reshape(xk[:, None] * xk[None, :], [BD * BD]) * c2
+            S0 += vv
+            S2 += fk2[:, None] * vv[None, :]
+            num += S0 + tl.sum(fq2[:, None] * S2, axis=0)
+            if NORMALIZE:
+                z0 += 1.0
+                z2 += fk2
+                den += tl.sum(z0, axis=0) + tl.sum(fq2 * z2, axis=0)
+        if NORMALIZE:
+            num = num / (den + eps)
+        tl.store(o_base + t * sot + offs_v, num.to(o.dtype.element_ty), mask=mv)
+
+    if STORE:
+        tl.store(kv_out + st + row1[:, None] * DV + offs_v[None, :], S1, mask=m1)
+        if NORMALIZE:
+            tl.store(z_out + zt + row1, z1, mask=md)
+        if MAP == 2:
+            tl.store(kv_out + st + offs_v, S0, mask=mv)
+            tl.store(kv_out + st + row2[:, None] * DV + offs_v[None, :], S2, mask=m2)
+            if NORMALIZE:
+                tl.store(z_out + zt + tl.arange(0, 1), z0)
+                tl.store(z_out + zt + row2, z2, mask=mp)
+
+
+def recurrent_step(q, k, v, *, normalize: bool, eps: float, initial_kv=None, initial_z=None,
+                   feature_map=None, scale: float = 1.0, taylor: bool = False,
+                   kv_out=None, z_out=None, out=None, store_state: bool = True):
+    """T <= MAX_T tokens of causal linear attention against a state, in one launch.
+
+    Args:
+        q: [B, H, T, d]; k: [B, Hkv, T, d]; v: [B, Hkv, T, Dv] (any strides with a unit last
+            stride).  Raw q/k when ``feature_map`` (an elementwise map with a Triton form) or
+            ``taylor`` is given, else features.
+        normalize, eps: as in featattn.linear_attention.
+        initial_kv: None (zeros) or fp32 [B, H, Dk, Dv] contiguous; initial_z: fp32 [B, H, Dk].
+        scale: multiplies q before the map (maps only).
+        kv_out, z_out: where the new state goes; pass ``initial_kv`` / ``initial_z`` themselves
+            to update in place.  None: new buffers (only when ``store_state``).
+        out: None, or a [B, H, T, Dv] tensor of q's dtype to write o into.
+
+    Returns:
+        (o, kv, z): o [B, H, T, Dv]; kv / z the new state (None without ``store_state``; z
+        None without normalize).  Not differentiable.
+    """
+    B, H, T, d = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    Dk = 1 + d + d * d if taylor else d
+    dev = q.device
+    if out is None:
+        out = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+    has_init = initial_kv is not None
+    if store_state:
+        if kv_out is None:
+            kv_out = _alloc((B, H, Dk, Dv), torch.float32, dev)
+        if normalize and z_out is None:
+            z_out = _alloc((B, H, Dk), torch.float32, dev)
+    if normalize and has_init and initial_z is None:
+        raise ValueError("normalize=True with an initial state needs its z (initial_z)")
+    phi, kind = _none_phi, 0
+    if feature_map is not None:
+        phi, kind = _maps.lookup(_maps.fused_key(feature_map))[1].phi, 1
+    elif taylor:
+        kind = 2
+    c1 = d ** -0.25
+    c2 = 1.0 / math.sqrt(2.0 * d)
+    dummy = out
+    _step_kernel[(B * H,)](
+        q, k, v, out,
+        initial_kv if has_init else dummy, initial_z if (has_init and normalize) else dummy,
+        kv_out if store_state else dummy, z_out if (store_state and normalize) else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T, H, H // Hkv, d, Dk, Dv, eps, scale, c1, c2,
+        BD=max(16, next_pow2(d)), BV=max(16, next_pow2(Dv)), MAP=kind, PHI=phi,
+        NORMALIZE=normalize, HAS_INIT=has_init, STORE=store_state,
+        num_warps=8 if taylor else 4,
+    )
+    if not store_state:
+        return out, None, None
+    return out, kv_out, (z_out if normalize else None)

@@ -1,0 +1,203 @@
+"""The recurrent step kernel (featattn/kernels/decode.py) and featattn.decode_step.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), fp32/fp16; the
+``cuda`` tests run it in bf16 and capture it in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import featattn  # noqa: E402
+from featattn import LinearAttentionState, decode_step, select_kernel  # noqa: E402
+from featattn.kernels import decode as D  # noqa: E402
+from helpers import check_close, rand_qkv, rand_state, reference  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
+
+def _dk(fm, d):
+    return 1 + d + d * d if fm == "taylor" else d
+
+
+# (feature map, B, H, Hkv, T, d, Dv, dtype, normalize, layout, scale)
+CASES = [
+    ("elu", 2, 4, 2, 1, 16, 24, torch.float32, True, "bhtd", 0.7),      # one token, grouped
+    ("relu", 1, 2, 2, 3, 8, 16, torch.float32, False, "bthd", 1.0),     # plain, strided
+    ("squared_relu", 1, 2, 1, 5, 40, 100, torch.float16, True, "bhtd", 1.0),  # odd dims, fp16
+    ("identity", 1, 2, 2, 2, 16, 16, torch.float32, False, "bhtd", 0.5),
+    ("taylor", 2, 2, 1, 3, 4, 8, torch.float32, True, "bthd", 1.0),     # Taylor, grouped
+    ("taylor", 1, 1, 1, 1, 16, 64, torch.float16, True, "bhtd", 0.8),   # d = 16 (273 rows)
+    (None, 1, 3, 1, 4, 20, 12, torch.float32, True, "bhtd", 1.0),       # features given
+]
+
+
+def _id(c):
+    fm, B, H, Hkv, T, d, Dv, dt, norm, lay, s = c
+    return f"{fm}-B{B}-H{H}-Hkv{Hkv}-T{T}-d{d}-Dv{Dv}-{str(dt)[6:]}-{'norm' if norm else 'plain'}-{lay}-s{s}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_decode_step_matches_float64_and_updates_in_place(case):
+    fm, B, H, Hkv, T, d, Dv, dtype, normalize, layout, scale = case
+    q, k, v = rand_qkv(B, H, Hkv, T, d, Dv, dtype, DEV, generator=T + d, layout=layout,
+                       positive=fm is None)
+    kv0, z0 = rand_state(B, H, _dk(fm, d), Dv, normalize, generator=3, device=DEV, z_min=1.0)
+    want_o, want_kv, want_z = reference(q, k, v, fm, normalize=normalize, scale=scale,
+                                        initial_kv=kv0, initial_z=z0)
+    state = LinearAttentionState(kv0.clone(), None if z0 is None else z0.clone())
+    kv_ptr = state.kv.data_ptr()
+    assert select_kernel(q, k, v, fm, "triton", initial_state=state).name == "recurrent_step"
+    with torch.no_grad():
+        o = decode_step(q, k, v, state, feature_map=fm, normalize=normalize, scale=scale,
+                        backend="triton")
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    check_close("o", o, want_o, tol)
+    check_close("kv", state.kv, want_kv, 1e-5)
+    if normalize:
+        check_close("z", state.z, want_z, 1e-5)
+    assert state.kv.data_ptr() == kv_ptr  # the caller's tensors were updated, not replaced
+    assert o.shape == (B, H, T, Dv) and o.dtype == dtype
+
+
+def test_linear_attention_with_a_state_takes_the_step_and_leaves_the_state_alone():
+    """The dispatcher picks the step for a short call with a state and no gradient, names
+    the fused map, and linear_attention returns a new state (the caller's is untouched)."""
+    q, k, v = rand_qkv(1, 2, 2, 2, 16, 16, torch.float32, DEV, generator=1)
+    kv0, z0 = rand_state(1, 2, 16, 16, True, device=DEV, z_min=1.0)
+    st = LinearAttentionState(kv0.clone(), z0.clone())
+    choice = select_kernel(q, k, v, "elu", "triton", initial_state=st)
+    assert (choice.name, choice.map_path) == ("recurrent_step", "kernel")
+    with torch.no_grad():
+        o, new = featattn.linear_attention(q, k, v, feature_map="elu", initial_state=st,
+                                           return_state=True, backend="triton")
+    assert torch.equal(st.kv, kv0) and torch.equal(st.z, z0)
+    want_o, want_kv, _ = reference(q, k, v, "elu", initial_kv=kv0, initial_z=z0)
+    check_close("o", o, want_o, 2e-5)
+    check_close("kv", new.kv, want_kv, 1e-5)
+
+
+def test_step_is_not_taken_with_gradients_long_t_or_other_maps():
+    q, k, v = rand_qkv(1, 2, 2, 3, 8, 8, torch.float32, DEV, generator=2)
+    st = LinearAttentionState(*rand_state(1, 2, 8, 8, True, device=DEV))
+    qg = q.clone().requires_grad_()
+    c = select_kernel(qg, k, v, "elu", "triton", initial_state=st)
+    assert c.name == "chunked" and any("no backward" in r for r in c.reasons)
+    long = rand_qkv(1, 2, 2, D.MAX_T + 1, 8, 8, torch.float32, DEV, generator=2)
+    c = select_kernel(*long, "elu", "triton", initial_state=st)  # a prefill: not a candidate
+    assert c.name == "chunked" and not any(r.startswith("recurrent_step") for r in c.reasons)
+    with pytest.raises(featattn.dispatch.KernelUnavailable, match="above the step kernel's 16"):
+        select_kernel(*long, "elu", "recurrent_step", initial_state=st)
+    hh = featattn.get_feature_map("hedgehog", head_dim=8, heads=2, kv_heads=2)
+    st16 = LinearAttentionState(*rand_state(1, 2, 16, 8, True, device=DEV))
+    with torch.no_grad():  # (its parameters require gradients)
+        c = select_kernel(q, k, v, hh, "triton", initial_state=st16)
+    assert c.name == "chunked" and any(r.startswith("recurrent_step: map 'hedgehog'") for r in c.reasons)
+    # without a state the step is not a candidate worth explaining
+    assert not any(r.startswith("recurrent_step") for r in select_kernel(q, k, v, "elu", "triton").reasons)
+
+
+def test_thousand_decoded_tokens_equal_the_prefill():
+    """1000 tokens decoded one at a time (fp32 state, in place, o written into a given
+    buffer) give the outputs and final state of one prefill over the same sequence."""
+    T, d, Dv = 1000, 8, 8
+    q, k, v = rand_qkv(1, 2, 1, T, d, Dv, torch.float32, DEV, generator=5)
+    want, want_st = featattn.linear_attention(q, k, v, feature_map="elu", return_state=True,
+                                              backend="torch")
+    state = LinearAttentionState.zeros(1, 2, d, Dv, device=DEV)
+    out = torch.empty(1, 2, 1, Dv, device=DEV)
+    got = torch.empty(1, 2, T, Dv, device=DEV)
+    with torch.no_grad():
+        for t in range(T):
+            o = decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                            feature_map="elu", out=out, backend="triton")
+            assert o is out
+            got[:, :, t] = out[:, :, 0]
+    check_close("o", got, want, 1e-5)
+    check_close("kv", state.kv, want_st.kv, 1e-5)
+    check_close("z", state.z, want_st.z, 1e-5)
+
+
+def test_decode_step_falls_back_and_copies_on_other_paths():
+    """Where the step kernel cannot run (the torch backend here, a map without a Triton
+    form), decode_step gives the same result through the usual path and still updates the
+    caller's tensors."""
+    q, k, v = rand_qkv(1, 2, 2, 3, 8, 8, torch.float64, "cpu", generator=4)
+    hh = featattn.get_feature_map("hedgehog", head_dim=8, heads=2, kv_heads=2).double()
+    kv0, z0 = (t.double() for t in rand_state(1, 2, 16, 8, True, z_min=1.0))
+    st = LinearAttentionState(kv0.clone(), z0.clone())
+    ptr = st.kv.data_ptr()
+    with torch.no_grad():
+        o = decode_step(q, k, v, st, feature_map=hh)
+        want_o, want_st = featattn.linear_attention(q, k, v, feature_map=hh, return_state=True,
+                                                    initial_state=LinearAttentionState(kv0, z0))
+    check_close("o", o, want_o, 1e-12)
+    check_close("kv", st.kv, want_st.kv, 1e-12)
+    assert st.kv.data_ptr() == ptr
+
+
+def test_decode_step_errors_are_explained():
+    q, k, v = rand_qkv(1, 2, 2, 1, 8, 8, torch.float32, "cpu", generator=6)
+    st = LinearAttentionState.zeros(1, 2, 8, 8)
+    with pytest.raises(TypeError, match="state must be a featattn.LinearAttentionState"):
+        decode_step(q, k, v, None)
+    with pytest.raises(ValueError, match="in place.*torch.no_grad"):
+        decode_step(q.requires_grad_(), k, v, st, feature_map="elu")
+    with pytest.raises(ValueError, match=r"out must be shaped like the result, \[B, H, T, Dv\] = \[1, 2, 1, 8\]"):
+        with torch.no_grad():
+            decode_step(q, k, v, st, feature_map="elu", out=torch.empty(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="initial_state.kv must have shape"):
+        with torch.no_grad():
+            decode_step(q, k, v, LinearAttentionState.zeros(1, 2, 4, 8), feature_map="elu")
+
+
+def test_step_limits_are_explained():
+    assert D.step_unsupported_reason("elementwise", 64, 64, 1) is None
+    assert "17" in D.step_unsupported_reason("elementwise", 64, 64, 17)
+    assert "does not fit" in D.step_unsupported_reason("taylor", 32, 64, 1)
+    assert "does not fit" in D.step_unsupported_reason("none", 256, 64, 1)
+
+
+# --------------------------------------------------------------------------- GPU
+cuda = pytest.mark.cuda
+
+
+@cuda
+@pytest.mark.parametrize("fm,d", [("elu", 64), ("taylor", 16), ("relu", 64)])
+def test_gpu_captured_step_equals_eager_bf16(fm, d):
+    """bf16 q/k/v, fp32 state: the step against float64, and a CUDA graph of it replayed on
+    new inputs equals the eager step (and needs no allocation inside the graph)."""
+    B, H, Dv = 4, 16, 64
+    q, k, v = rand_qkv(B, H, H, 1, d, Dv, torch.bfloat16, "cuda", generator=7)
+    kv0, z0 = rand_state(B, H, _dk(fm, d), Dv, True, device="cuda", z_min=1.0)
+    want_o, want_kv, _ = reference(q, k, v, fm, initial_kv=kv0, initial_z=z0)
+    st = LinearAttentionState(kv0.clone(), z0.clone())
+    out = torch.empty(B, H, 1, Dv, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        decode_step(q, k, v, st, feature_map=fm, out=out)
+    check_close("o", out, want_o, 1e-2)
+    check_close("kv", st.kv, want_kv, 1e-5)
+    # capture one step on static buffers, replay it on new inputs
+    sq, sk, sv = q.clone(), k.clone(), v.clone()
+    gst = LinearAttentionState(kv0.clone(), z0.clone())
+    with torch.no_grad():
+        decode_step(sq, sk, sv, gst, feature_map=fm, out=out)  # warm-up (compiles)
+        gst.kv.copy_(kv0)
+        gst.z.copy_(z0)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            decode_step(sq, sk, sv, gst, feature_map=fm, out=out)
+    q2, k2, v2 = rand_qkv(B, H, H, 1, d, Dv, torch.bfloat16, "cuda", generator=8)
+    gst.kv.copy_(kv0)
+    gst.z.copy_(z0)
+    sq.copy_(q2), sk.copy_(k2), sv.copy_(v2)
+    g.replay()
+    eager = LinearAttentionState(kv0.clone(), z0.clone())
+    with torch.no_grad():
+        o_eager = decode_step(q2, k2, v2, eager, feature_map=fm)
+    torch.cuda.synchronize()
+    assert torch.equal(out, o_eager) and torch.equal(gst.kv, eager.kv) and torch.equal(gst.z, eager.z)
