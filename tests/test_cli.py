@@ -1,4 +1,4 @@
-"""The command line: ``featattn demo``, ``featattn bench``, help and errors.
+"""The command line: ``featattn demo``, ``featattn bench``, ``featattn info``, help and errors.
 
 Runs in-process through ``featattn.cli.main`` (stdout is captured, so not a terminal: the
 plain progress and markdown table are what CI sees), plus one subprocess for the entry point.
@@ -60,13 +60,14 @@ def test_help(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "bench" in out
+    assert "demo" in out and "bench" in out and "info" in out
 
 
 @pytest.mark.parametrize("cmd, flags", [
     ("demo", ["--device", "--steps", "--seq-len", "--feature-maps", "--out", "--quick"]),
     ("bench", ["--device", "--lengths", "--batch", "--heads", "--dqk", "--dv", "--feature-map",
                "--dtype", "--backends", "--out", "--quick"]),
+    ("info", ["--device"]),
 ])
 def test_command_help(cmd, flags, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -129,6 +130,8 @@ def test_import_featattn_does_not_import_cli():
     (["bench", "--feature-map", "nope"], "unknown 'nope'"),
     (["bench", "--lengths", "0"], "must be >= 1"),
     (["bench", "--dtype", "int8"], "invalid choice"),
+    (["info", "--device", "tpu"], "--device"),
+    (["info", "--out", "x"], "unrecognized arguments"),
 ])
 def test_bad_flags(argv, expect, capsys):
     err = fails(argv, capsys)
@@ -274,6 +277,114 @@ def test_bench_triton_interpreter(tmp_path, capsys, monkeypatch):
     backend, kernel, T, fwd, fwdbwd, peak, note = rows["equal_dim"]
     assert (kernel, T, note) == ("chunked", "32", "")  # an alias names the kernel it selects
     assert float(fwd) > 0 and float(fwdbwd) > 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def table(out, title):
+    """{first cell: cells} of the markdown table printed under the line ``title...``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    rows = {}
+    for line in lines[start + 3:]:              # title, header, rule
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_info(capsys):
+    import platform
+
+    import featattn
+    from featattn import _switches
+    from featattn.cli.info import CALLS
+    from featattn.dispatch import BACKENDS, KERNELS
+
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
+    versions = table(out, "versions")
+    assert versions["featattn"][1] == featattn.__version__
+    assert versions["featattn"][2] == os.path.dirname(featattn.__file__)   # the copy under test
+    assert versions["python"][1] == platform.python_version()
+    assert versions["torch"][1] == torch.__version__
+    assert set(versions) == {"featattn", "python", "torch", "triton", "transformers"}
+    device = table(out, "device")
+    assert device["device"][1] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert device["capability"][1].startswith(
+            "{}.{}".format(*torch.cuda.get_device_capability()))
+    kernels = table(out, "kernels: backend='auto'")
+    assert [c.label for c in CALLS] == ["no map", "elu", "taylor", "hedgehog"]
+    for call in CALLS:
+        assert kernels[call.label][3] in KERNELS, kernels[call.label]
+    if not torch.cuda.is_available():
+        assert {kernels[c.label][3] for c in CALLS} == {"torch_chunked"}
+        assert "Triton kernels need CUDA" in kernels["elu"][5] \
+            or "uses Triton on CUDA only" in kernels["elu"][5]
+    backends = table(out, "backends:")
+    assert set(backends) == set(BACKENDS)
+    assert backends["torch"][2] == "torch_chunked" and backends["reference"][2] == "reference"
+    assert "kernels that run here: " in out
+    switches = table(out, "switches")
+    assert set(switches) == set(_switches.SWITCHES)
+    for name, s in _switches.SWITCHES.items():
+        assert switches[name][2] == (s.default or "(empty)")
+        assert switches[name][4] == s.when
+
+
+def test_info_switches_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("FEATATTN_SEGMENT", "off")
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "auto")
+    monkeypatch.delenv("FEATATTN_EAGER_CUSTOM_OP", raising=False)
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
+    switches = table(out, "switches")
+    assert switches["FEATATTN_SEGMENT"][1:4] == ["off", "auto", "set"]
+    assert switches["FEATATTN_FUSE_MAPS"][1:4] == ["auto", "auto", "set (= default)"]
+    assert switches["FEATATTN_EAGER_CUSTOM_OP"][1:4] == ["0", "0", "default"]
+
+
+def test_info_without_optional_packages(capsys, monkeypatch):
+    """A missing transformers (or triton) is reported, not raised."""
+    # import the kernels (with triton) before hiding it: imported while it is hidden, they
+    # would stay without triton for the later tests of this process
+    import featattn.kernels  # noqa: F401
+    monkeypatch.setitem(sys.modules, "transformers", None)   # import raises ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
+    versions = table(out, "versions")
+    assert versions["transformers"][1:] == ["not installed", "-"]
+    assert versions["triton"][1:] == ["not installed", "-"]
+
+
+def test_info_reports_dispatcher_errors(capsys, monkeypatch):
+    """A select_kernel that raises (a switch set to a bad value, say) shows in its row."""
+    import featattn
+
+    def boom(*args, **kwargs):
+        raise ValueError("FEATATTN_FUSE_MAPS must be 'auto'")
+
+    monkeypatch.setattr(featattn, "select_kernel", boom)
+    rc, out, _ = run(["info"], capsys)
+    assert rc == 0
+    kernels = table(out, "kernels: backend='auto'")
+    assert kernels["elu"][3] == "error"
+    assert "error: ValueError: FEATATTN_FUSE_MAPS must be 'auto'" in kernels["elu"][5]
+    assert table(out, "backends:")["auto"][2] == "n/a"
+
+
+def test_info_subprocess():
+    """``python -m featattn info`` in a fresh interpreter, a switch set in its environment."""
+    env = {**python_env(), "FEATATTN_SEGMENT": "off"}
+    r = subprocess.run([sys.executable, "-m", "featattn", "info"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout, "switches")["FEATATTN_SEGMENT"][1:4] == ["off", "auto", "set"]
+    assert "kernels: backend='auto'" in r.stdout
 
 
 def test_call_fla_signatures():

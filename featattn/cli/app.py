@@ -4,8 +4,10 @@ Commands:
   featattn demo    train small models that differ only in their attention layer on
                    multi-query associative recall (MQAR) and compare them
   featattn bench   time every backend the dispatcher can reach on this device
+  featattn info    versions, the device, the kernels the dispatcher picks here and the
+                   switches (environment variables) in force: paste it into bug reports
 
-Both print a table and write a PNG plot (and a JSON file of the numbers) under --out.
+demo and bench print a table and write a PNG plot (and a JSON file of the numbers) under --out.
 Run `featattn COMMAND --help` for the options.
 """
 
@@ -57,6 +59,19 @@ backends:
 
 Prints a table and writes bench.png (time against T, log-log) and bench.json under --out.
 On CUDA, times are triton.testing.do_bench medians; on the CPU, wall-clock medians."""
+
+INFO_HELP = """\
+Print what featattn finds here, in five tables:
+
+  versions   featattn (and where it is imported from), Python, torch, triton, transformers
+  device     the CUDA device's name and capability, else the CPU
+  kernels    the kernel featattn.select_kernel picks (backend='auto') for a few representative
+             calls, where the feature map runs and why faster kernels were not taken
+  backends   whether each backend= value can run here, and the kernel it runs
+  switches   every environment variable featattn reads, its value and whether it is the
+             default (docs/kernels-and-dispatch.md)
+
+Takes seconds: nothing is compiled or launched (select_kernel only looks at shapes)."""
 
 
 # --------------------------------------------------------------------------- parsing
@@ -129,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="featattn", description=__doc__, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"featattn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}", required=True)
 
     # ------------------------------------------------------------------ demo
     from .demo import DEFAULT_CONFIG as D, QUICK_CONFIG as Q
@@ -215,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CPU threads for torch (default: torch's, here {torch.get_num_threads()})")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.set_defaults(func=_cmd_bench, parser=p)
+
+    # ------------------------------------------------------------------ info
+    from .info import SAMPLE_BHT
+
+    B, H, T = SAMPLE_BHT
+    p = sub.add_parser(
+        "info", formatter_class=fmt,
+        help="versions, device, kernels picked here and switches in force (for bug reports)",
+        description=INFO_HELP,
+        epilog=(f"the sample calls: B={B} H={H} T={T}, bfloat16 on CUDA, float32 on CPU\n\n"
+                "examples:\n"
+                "  featattn info\n"
+                "  FEATATTN_FUSE_MAPS=kernel featattn info     # what a switch changes\n"
+                "  featattn info --device cpu"))
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_info, parser=p, threads=None)
     return parser
 
 
@@ -364,6 +396,51 @@ def _cmd_bench(args, ui: UI) -> int:
         ui.print("matplotlib is not installed: no plot (pip install matplotlib)")
     write_json(rows, cfg, js)
     ui.print(f"wrote {js}")
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _cmd_info(args, ui: UI) -> int:
+    from .. import _switches
+    from ..dispatch import KERNELS
+    from .info import (SAMPLE_BHT, backend_rows, device_rows, kernel_rows, sample_dtype,
+                       switch_rows, versions)
+
+    device = _resolve_device(args.parser, args.device)
+    ui.table("versions", ["package", "version", "location"],
+             [list(r) for r in versions()])
+    ui.print()
+    ui.table("device", ["field", "value"], [list(r) for r in device_rows(device)])
+    ui.print()
+
+    B, H, T = SAMPLE_BHT
+    dtype = str(sample_dtype(device)).replace("torch.", "")
+    krows = kernel_rows(device)
+    ui.table(f"kernels: backend='auto' on {device}, {dtype}, B={B} H={H} T={T}",
+             ["call", "Dqk", "Dv", "kernel", "map path", "reasons"],
+             [[r.call.label, str(r.call.dqk), str(r.call.dv), r.kernel or "error",
+               r.map_path or "-", "; ".join(r.reasons) or "-"] for r in krows],
+             right=[False, True, True])
+    ui.print()
+    brows = backend_rows(device)
+    ui.table(f"backends: forced with backend=NAME on {device}, {dtype}",
+             ["backend", "sample call", "kernel", "why not"],
+             [[b, call, kernel or "n/a", why or "-"] for b, call, kernel, why in brows])
+    reached = ({r.kernel for r in krows} | {kernel for _, _, kernel, _ in brows}) - {None}
+    interpreted = device.type == "cpu" and _switches.enabled("TRITON_INTERPRET")
+    ui.print(f"kernels that run here: {', '.join(k for k in KERNELS if k in reached)}"
+             + (" (the Triton ones in its interpreter, TRITON_INTERPRET=1: slow, for tests)"
+                if interpreted and reached - {"torch_chunked", "reference"} else ""))
+    missing = [k for k in KERNELS if k not in reached]
+    if missing:
+        ui.print(f"kernels that do not: {', '.join(missing)}")
+    ui.print()
+    ui.table("switches (featattn/_switches.py, docs/kernels-and-dispatch.md)",
+             ["switch", "value", "default", "state", "read at"],
+             [[name, value or "(empty)", default or "(empty)", state, when]
+              for name, value, default, state, when in switch_rows()])
     return 0
 
 

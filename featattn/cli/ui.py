@@ -1,5 +1,5 @@
 """The one terminal UI of featattn: progress bars and tables for ``featattn demo``,
-``featattn bench`` and :func:`featattn.hf.transfer_attention`.
+``featattn bench``, ``featattn info`` and :func:`featattn.hf.transfer_attention`.
 
 rich draws them on a terminal; when the stream is not a terminal (CI logs, pipes, files), TERM
 is ``dumb`` or rich is not installed (it is the optional ``bench`` extra), they are plain lines:
