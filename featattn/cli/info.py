@@ -43,7 +43,8 @@ CALLS = (
 )
 
 #: the sample call each ``backend=`` is asked about (the others: "no map")
-_BACKEND_CALL = {"taylor_fused": "taylor", "small_vhd": "hedgehog"}
+_BACKEND_CALL = {"taylor_fused": "taylor", "taylor_parallel": "taylor", "taylor_chunked": "taylor",
+                 "small_vhd": "hedgehog", "recurrent_step": "elu"}
 
 
 class KernelRow(NamedTuple):
@@ -174,7 +175,7 @@ def backend_rows(device: torch.device) -> List[Tuple[str, str, Optional[str], st
     """(backend, sample call, kernel or None, why not) for every ``backend=`` value: whether
     forcing it works on ``device`` (``backend="triton"`` or a kernel name raises where it
     cannot run; that message is the why)."""
-    from ..dispatch import BACKENDS
+    from ..dispatch import BACKENDS, KernelUnavailable
 
     dtype = sample_dtype(device)
     calls = {c.label: c for c in CALLS}
@@ -183,13 +184,11 @@ def backend_rows(device: torch.device) -> List[Tuple[str, str, Optional[str], st
         call = calls[_BACKEND_CALL.get(backend, "no map")]
         try:
             choice = _select(call, device, dtype, backend)
+        except KernelUnavailable as e:  # the dispatcher's reasons, one per kernel tried
+            rows.append((backend, call.label, None, "; ".join(e.reasons)))
+            continue
         except Exception as e:
-            why = _first_line(e) if not isinstance(e, ValueError) else str(e)
-            # the dispatcher's "backend='x' cannot run: ...; use backend='auto' or 'torch' ..."
-            # without what the table already says
-            why = why.replace(f"backend={backend!r} cannot run: ", "", 1)
-            why = why.split("; use backend='auto'")[0]
-            rows.append((backend, call.label, None, why))
+            rows.append((backend, call.label, None, _first_line(e)))
             continue
         rows.append((backend, call.label, choice.name, ""))
     return rows
