@@ -1,5 +1,5 @@
 # make demo : the main job (CPU by default, the GPU when there is one)
-# make test : the test suite
+# make test : ruff check, then the test suite
 # Both create .venv and install what they need on a clean machine.
 
 PYTHON ?= python3
@@ -24,6 +24,7 @@ demo: $(VENV)/.installed
 	$(PY) -m featattn demo
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # make gpu-test : on a machine with a CUDA GPU, after every kernel change.  The cuda-marked

@@ -400,7 +400,8 @@ def sweep_configs(B=8, H=16, d=16, Dv=64, Ts=(16384, 2048), batches=(4,)):
                 print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg}: {t:.3f}  {_res(TF._bwd_kernel, seen)}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"bwd T{T} BV{bv} BT{bt} w{nw} s{ns} r{reg}: ERROR {type(e).__name__}: {str(e)[:200]}")
-        del q, k, v, o, den, do
+        # free them before the next T; not `del`, which unbinds names the lambdas close over
+        q = k = v = o = den = do = None
         torch.cuda.empty_cache()
     if best is not None:  # occupancy: does a second program per SM help? (time per program)
         t0, cfg = best

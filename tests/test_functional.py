@@ -152,7 +152,6 @@ def test_scale_default_and_explicit():
 def test_gradcheck_chunked(normalize, with_state):
     g = torch.Generator().manual_seed(0)
     q, k, v = rand_qkv(1, 2, 1, 11, 3, 2, generator=g, requires_grad=True)
-    state = None
     inputs = [q, k, v]
     if with_state:
         kv0 = torch.rand(1, 2, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)

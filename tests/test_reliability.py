@@ -4,8 +4,6 @@ many head dims in one process on the GPU."""
 import pytest
 import torch
 
-from featattn.kernels import _common
-
 
 def _chunked():
     from featattn.kernels import chunked
