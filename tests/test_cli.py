@@ -15,6 +15,7 @@ import torch
 
 from featattn import cli
 from featattn.cli.bench import _call_fla
+from featattn.cli.demo import QUICK_CONFIG
 from featattn.cli.ui import UI
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -148,9 +149,14 @@ def test_cuda_without_cuda(capsys):
 
 
 def test_demo_quick(tmp_path, capsys):
+    """``featattn demo --quick`` end to end with every default model: the table, progress,
+    plot and JSON.  Its sizes, with 30 of its 250 steps (past an evaluation at 25 and the
+    warm-up steps left out of tokens/s): the full run trains taylor alone for ~15 s, and
+    what it learns is checked by test_demo_quick_softmax_learns."""
     threads = torch.get_num_threads()
     # one thread: steadier when other jobs share the CPU (OpenMP barriers spin otherwise)
-    rc, out, _ = run(["demo", "--quick", "--threads", "1", "--out", str(tmp_path)], capsys)
+    rc, out, _ = run(["demo", "--quick", "--steps", "30", "--threads", "1", "--out",
+                      str(tmp_path)], capsys)
     assert rc == 0
     assert torch.get_num_threads() == threads             # restored
     names = ["softmax", "taylor", "elu", "relu", "identity"]
@@ -159,17 +165,30 @@ def test_demo_quick(tmp_path, capsys):
     assert_png(tmp_path / "demo.png")
     res = json.loads((tmp_path / "demo.json").read_text())
     assert [r["name"] for r in res["results"]] == names
+    assert res["config"] == {**dataclasses.asdict(QUICK_CONFIG), "steps": 30}
     steps = res["config"]["steps"]
     for r in res["results"]:
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["params"] > 0 and r["tokens_per_s"] > 0
         assert r["curve"][0][0] == 0 and r["curve"][-1] == [steps, r["accuracy"]]
+        assert [s for s, _ in r["curve"]] == [0, 25, 30]
     # the plain progress (stdout is not a terminal) reports each model
     for name in names:
         assert f"  {name:<10} {steps:>6}/{steps:<6}" in out
-    # real learning even in the quick run: softmax recalls (the linear maps learn more slowly)
-    assert res["results"][0]["accuracy"] > 0.5
     assert res["threads"] == 1
+
+
+def test_demo_quick_softmax_learns(tmp_path, capsys):
+    """Real learning even in the quick run: softmax recalls (the linear maps learn more
+    slowly).  A model's result depends on its config and seed alone, not on the models
+    trained before it (test_demo_model_depends_on_the_seed_alone), so this is the accuracy
+    the full ``featattn demo --quick`` reports for softmax."""
+    rc, out, _ = run(["demo", "--quick", "--feature-maps", "softmax", "--threads", "1",
+                      "--out", str(tmp_path)], capsys)
+    assert rc == 0 and table_rows(out) == ["softmax"]
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["config"] == dataclasses.asdict(QUICK_CONFIG) and res["threads"] == 1
+    assert res["results"][0]["accuracy"] > 0.5
 
 
 def test_demo_reproducible_and_png_path(tmp_path, capsys):
