@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# Under pytest-xdist (`-n 8`, also on 2-core machines) one intra-op thread per worker: with
+# torch's default of one per core, the workers' OpenMP threads spin against each other and the
+# small CPU models of the tests run up to ten times slower.  Tests that need a thread count
+# set it themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 settings.register_profile(
     "ci",
     max_examples=20,

@@ -154,11 +154,15 @@ def test_demo_quick(tmp_path, capsys):
     warm-up steps left out of tokens/s): the full run trains taylor alone for ~15 s, and
     what it learns is checked by test_demo_quick_softmax_learns."""
     threads = torch.get_num_threads()
-    # one thread: steadier when other jobs share the CPU (OpenMP barriers spin otherwise)
-    rc, out, _ = run(["demo", "--quick", "--steps", "30", "--threads", "1", "--out",
-                      str(tmp_path)], capsys)
+    torch.set_num_threads(2)    # not 1 (the xdist workers' count), so restoring it shows
+    try:
+        # one thread: steadier when other jobs share the CPU (OpenMP barriers spin otherwise)
+        rc, out, _ = run(["demo", "--quick", "--steps", "30", "--threads", "1", "--out",
+                          str(tmp_path)], capsys)
+        assert torch.get_num_threads() == 2                   # restored
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
-    assert torch.get_num_threads() == threads             # restored
     names = ["softmax", "taylor", "elu", "relu", "identity"]
     assert table_rows(out) == names                       # one row per model
     assert f"wrote {tmp_path / 'demo.png'}" in out
