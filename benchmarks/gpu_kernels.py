@@ -36,8 +36,8 @@ from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
 
 HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
 PROFILE = True  # print a kernel breakdown for the tiled-Dk timings
-#: the checks also run on CPU tensors under TRITON_INTERPRET=1 (tests/test_kernels.py runs a
-#: tiny one so this script's check path cannot rot); the timings need CUDA
+#: the checks also run on CPU tensors under TRITON_INTERPRET=1 (tests/kernels/test_kernels.py
+#: runs a tiny one so this script's check path cannot rot); the timings need CUDA
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,6 +1,13 @@
 import os
+import sys
 
 import torch
+
+# the test folders mirror the package (tests/kernels/, tests/hf/, ...); the helpers every
+# folder shares (helpers.py) sit here, importable from all of them
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 # On machines without a GPU the Triton kernels run in the interpreter on CPU tensors.  The
 # variable must be set before anything imports triton.

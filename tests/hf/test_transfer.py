@@ -25,7 +25,7 @@ from featattn.hf import (  # noqa: E402
     unpatch_hf_model,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = hf_models.VOCAB
 
 
