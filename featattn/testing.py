@@ -46,7 +46,7 @@ A kernel check, as the tests and benchmarks run it::
 torch only: triton and ``featattn.kernels`` are imported on first use of the poisoning.
 
 ``FEATATTN_POISON=1`` in the environment turns the poisoning on for a whole process.  The
-harness cannot pass silently: tests/test_kernels.py and tests/test_taylor_fused.py check
+harness cannot pass silently: tests/kernels/test_kernels.py and tests/kernels/test_taylor_fused.py check
 that :func:`poisoned_outputs` is the switch ``_common.alloc`` reads and that a kernel launch
 made to skip one (b, h) program fails :func:`check_run` and the benchmarks' tables (their
 check paths run on CPU tensors under ``TRITON_INTERPRET=1`` too).
