@@ -175,10 +175,16 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
             return_state=return_state,
         )
-    if in_place:  # any kernel: the new state copied into the caller's tensors
-        initial_state.kv.copy_(kv)
-        if z is not None:
-            initial_state.z.copy_(z)
+    if in_place:  # any kernel: the new state copied into the caller's tensors, or set on
+        # the caller's state object where a tensor cannot be written (an expanded view)
+        for name, new in (("kv", kv), ("z", z)):
+            old = getattr(initial_state, name)
+            if new is None:
+                continue
+            if old is not None and old.is_contiguous() and old.dtype == new.dtype:
+                old.copy_(new)
+            else:
+                setattr(initial_state, name, new)
         if out_buf is not None and out_buf is not out:
             out_buf.copy_(out)
             out = out_buf
@@ -245,7 +251,8 @@ def decode_step(
             :func:`linear_attention`.
         state: the :class:`LinearAttentionState` of the tokens so far (``kv [B, H, Dk, Dv]``,
             ``z [B, H, Dk]`` when normalising), e.g. from a prefill with ``return_state=True``
-            or ``LinearAttentionState.zeros``.  Its tensors are overwritten.
+            or ``LinearAttentionState.zeros``.  Its tensors are overwritten (a tensor that
+            cannot be written in place, such as an expanded view, is replaced on the object).
         out: optional buffer for o, shaped like the result, of q's dtype.
         feature_map, normalize, eps, scale, backend, layout: as in :func:`linear_attention`.
 

@@ -10,7 +10,7 @@ from torch import nn
 from .feature_maps import FeatureMap, TaylorFeatureMap
 from .feature_maps.registry import build_feature_map
 from .dispatch import _check_backend
-from .functional import _validate_eps, linear_attention
+from .functional import _validate_eps, decode_step, linear_attention
 from .state import LinearAttentionState
 
 __all__ = ["FeatureAttention"]
@@ -145,11 +145,14 @@ class FeatureAttention(nn.Module):
         x: torch.Tensor,
         state: Optional[LinearAttentionState] = None,
         return_state: bool = False,
+        update_state: bool = False,
     ):
         """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
 
         ``state`` is the :class:`LinearAttentionState` returned by an earlier call over the
         preceding tokens; decoding one token at a time is ``y, s = layer(x_t, s, True)``.
+        ``update_state=True`` advances ``state`` in place instead (inference: no gradient),
+        through :func:`featattn.decode_step`: ``y = layer(x_t, s, update_state=True)``.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -157,6 +160,14 @@ class FeatureAttention(nn.Module):
         B, T, _ = x.shape
         # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
         q, k, v = self.projections(x)
+        if update_state:
+            if state is None:
+                raise ValueError("update_state=True needs a state to update; start from "
+                                 "layer.init_state(batch) or a prefill with return_state=True")
+            o = decode_step(q, k, v, state, feature_map=self.feature_map,
+                            normalize=self.normalize, eps=self.eps, backend=self.backend)
+            y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            return (y, state) if return_state else y
         res = linear_attention(
             q, k, v,
             feature_map=self.feature_map,

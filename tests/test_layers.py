@@ -74,3 +74,22 @@ def test_checkpoint_with_separate_projections_loads():
     fresh.load_state_dict(old)
     x = torch.randn(2, 7, 24, dtype=torch.float64)
     torch.testing.assert_close(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_decode_in_place_equals_full_forward(backend):
+    """update_state=True advances the state in place (the step kernel under the interpreter
+    with backend='triton', the copy-back path on the torch backend) and gives the full
+    forward's outputs; it refuses to run without a state."""
+    torch.manual_seed(5)
+    layer = FeatureAttention(16, 2, "elu", kv_heads=1, backend=backend)
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        full = layer(x)
+        y0, state = layer(x[:, :5], return_state=True)
+        kv = state.kv
+        ys = [y0] + [layer(x[:, t:t + 1], state, update_state=True) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(ys, 1), full, rtol=1e-5, atol=1e-5)
+    assert state.kv is kv or not kv.is_contiguous()  # the same tensors advanced, where writable
+    with pytest.raises(ValueError, match="update_state=True needs a state"):
+        layer(x[:, :1], update_state=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..feature_maps import FeatureMap, TaylorFeatureMap
-from ..functional import linear_attention
+from ..functional import decode_step, linear_attention
 from ._common import _FAMILIES, PADDING_KWARG, _supported_text
 from .cache import _state_layer
 
@@ -265,7 +265,15 @@ class HFFeatureAttention(nn.Module):
                     )
                 if state.kv.device != q.device:
                     state = state.to(q.device)
-            o, new_state = self.attend(q, k, v, key_mask, state, return_state=True)
+            if state is not None and key_mask is None and not torch.is_grad_enabled():
+                # decoding: the state advanced in place (one step kernel on CUDA, no new
+                # state tensors per token); the cache is mutated as transformers' own are
+                o = decode_step(q, k, v, state, feature_map=self.feature_map,
+                                normalize=self.normalize, eps=self.eps, scale=self.q_scale,
+                                backend=self.backend)
+                new_state = state
+            else:
+                o, new_state = self.attend(q, k, v, key_mask, state, return_state=True)
             layer.store(new_state, T)
         return self.output(o), None
 
