@@ -27,6 +27,7 @@ def linear_attention(
     feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[False] = ..., backend: str = ..., layout: str = ...,
+    cu_seqlens: Optional[torch.Tensor] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -36,6 +37,7 @@ def linear_attention(
     feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[True], backend: str = ..., layout: str = ...,
+    cu_seqlens: Optional[torch.Tensor] = ...,
 ) -> Tuple[torch.Tensor, LinearAttentionState]: ...
 
 
@@ -52,6 +54,7 @@ def linear_attention(
     return_state: bool = False,
     backend: str = "auto",
     layout: str = "bhtd",
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, LinearAttentionState]]:
     """Causal linear attention.
 
@@ -81,6 +84,13 @@ def linear_attention(
             or ``"bthd"``: q ``[B, T, H, Dqk]``, k ``[B, T, Hkv, Dqk]``, v ``[B, T, Hkv, Dv]``
             and o ``[B, T, H, Dv]`` (fla's and FlashAttention's layout), read and written in
             place, with no transpose copies.  The state's shapes do not change.
+        cu_seqlens: None, or packed sequences: an int32/int64 tensor ``[N + 1]`` on q's
+            device (``cu_seqlens[0] == 0``, strictly increasing, last entry the total T);
+            q, k, v then hold N sequences back to back in a batch of one (``[1, H, T, D]``)
+            and each is attended alone, as FlashAttention's and fla's ``cu_seqlens``.
+            ``initial_state`` and the returned state are then per sequence (kv
+            ``[N, H, Dk, Dv]``, z ``[N, H, Dk]``).  The Triton chunked kernel takes them
+            natively; the other backends run the sequences one after another.
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
@@ -93,7 +103,7 @@ def linear_attention(
         raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
                          f"got {layout!r}")
     out = _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state,
-                            return_state, backend)
+                            return_state, backend, cu_seqlens=cu_seqlens)
     if layout == "bthd":
         if return_state:
             return out[0].transpose(1, 2), out[1]
@@ -109,7 +119,7 @@ def _to_bhtd(x, name):
 
 
 def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
-                      backend, in_place=False, out_buf=None):
+                      backend, in_place=False, out_buf=None, cu_seqlens=None):
     """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
     ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
@@ -122,6 +132,12 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
     scale = _validate_scale(scale, fm, Dqk)
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
+    cu = None
+    if cu_seqlens is not None:
+        if in_place:
+            raise ValueError("decode_step does not take packed sequences; call it per sequence")
+        cu = _validate_cu_seqlens(cu_seqlens, q)
+        B = len(cu) - 1  # the states are per sequence
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
     return_state = return_state or in_place
 
@@ -130,6 +146,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                 needs_grad(q, k, v, initial_state, fm))
     choice = select(call, backend)
     kernel = choice.name
+    if cu is not None and kernel != "chunked":  # no native packed form: one sequence at a time
+        return _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu)
     # q, k, v and the state are validated above: the kernels' own checks are skipped
     if kernel == "recurrent_step":
         direct = in_place and _fp32_dense(kv0) and (z0 is None or _fp32_dense(z0))
@@ -155,7 +173,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             q = q * scale
         out, kv, z = chunked_attention(
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
-            return_state=return_state, check=False, **in_kernel,
+            return_state=return_state, check=False, cu_seqlens=cu_seqlens, **in_kernel,
         )
     elif kernel in ("taylor_parallel", "taylor_chunked"):
         from .kernels import taylor_attention
@@ -192,6 +210,58 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu):
+    """Packed sequences through a backend without a packed form: each sequence alone, the
+    outputs concatenated and the states stacked (autograd flows through the slices)."""
+    outs, kvs, zs = [], [], []
+    for n in range(len(cu) - 1):
+        sl = slice(cu[n], cu[n + 1])
+        st = None if kv0 is None else LinearAttentionState(kv0[n:n + 1], None if z0 is None else z0[n:n + 1])
+        res = _linear_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], fm, normalize, eps, scale,
+                                st, return_state, backend)
+        o, s = res if return_state else (res, None)
+        outs.append(o)
+        if s is not None:
+            kvs.append(s.kv)
+            zs.append(s.z)
+    out = torch.cat(outs, 2)
+    if return_state:
+        return out, LinearAttentionState(torch.cat(kvs), torch.cat(zs) if normalize else None)
+    return out
+
+
+def _validate_cu_seqlens(cu_seqlens, q) -> list:
+    """The boundaries of packed sequences as a Python list (one host synchronisation), after
+    checking what FlashAttention's varlen interface expects."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32/int64 boundaries [N + 1], "
+                        f"got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64 (cumulative sequence lengths), got "
+                        f"{cu_seqlens.dtype}; e.g. torch.tensor([0, 5, 12], dtype=torch.int32)")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; move it "
+                         f"with cu_seqlens.to(q.device)")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v hold the packed sequences in a batch of one "
+                         f"([1, H, total_T, D]); got B = {q.shape[0]}: pack them into one row")
+    cu = cu_seqlens.tolist()
+    T = q.shape[2]
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]} (cu_seqlens = {cu[:8]}...)")
+    bad = next((i for i in range(1, len(cu)) if cu[i] <= cu[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be strictly increasing (every sequence >= 1 token): "
+                         f"cu_seqlens[{bad - 1}] = {cu[bad - 1]}, cu_seqlens[{bad}] = {cu[bad]}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at the total length T = {T} (dim 2 of q), got "
+                         f"{cu[-1]}")
+    return cu
 
 
 def _fp32_dense(t) -> bool:

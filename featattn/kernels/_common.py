@@ -237,22 +237,26 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     which ``differentiable`` receives too.
     """
 
-    def map_kw(fmap, scale):
-        return dict(fmap=fmap, scale=scale) if fuses_maps else {}
+    def map_kw(fmap, scale, cu=None):
+        kw = dict(fmap=fmap, scale=scale) if fuses_maps else {}
+        if cu is not None:  # packed sequences (only kernels that take them are given one)
+            kw["cu_seqlens"] = cu
+        return kw
 
-    def run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
+    def run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0, cu=None):
         o, den, kvT, zT = forward(q, k, v, normalize, eps, kv0, z0, store_final,
-                                  **map_kw(fmap, scale))
+                                  **map_kw(fmap, scale, cu))
         e = q.new_empty(0, dtype=torch.float32)
         return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
                 zT if zT is not None else e.clone())
 
-    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
+    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
+                     cu=None):
         if do is None:  # only the returned state is used
             B, H, T, _ = q.shape
             do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
-                                         normalize, **map_kw(fmap, scale))
+                                         normalize, **map_kw(fmap, scale, cu))
         e = q.new_empty(0, dtype=torch.float32)
         return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
 
@@ -261,16 +265,19 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
         normalize: bool, eps: float, store_final: bool, fmap: str = "", scale: float = 1.0,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
+        return run_forward(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale, cu_seqlens)
 
     @fwd_op.register_fake
-    def _(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
+    def _(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0, cu_seqlens=None):
         B, H, T, d = q.shape
+        if cu_seqlens is not None:  # the states are per packed sequence
+            B = cu_seqlens.shape[0] - 1
         Dk, Dv = state_dim(d), v.shape[-1]
         f32 = dict(dtype=torch.float32, device=q.device)
-        o = empty_like_layout(q, B, H, T, Dv, q.dtype, poison=False)
-        den = torch.empty((B, H, T), **f32) if normalize else torch.empty(0, **f32)
+        o = empty_like_layout(q, q.shape[0], H, T, Dv, q.dtype, poison=False)
+        den = torch.empty((q.shape[0], H, T), **f32) if normalize else torch.empty(0, **f32)
         kvT = torch.empty((B, H, Dk, Dv), **f32) if store_final else torch.empty(0, **f32)
         zT = torch.empty((B, H, Dk), **f32) if (store_final and normalize) else torch.empty(0, **f32)
         return o, den, kvT, zT
@@ -282,11 +289,14 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         kv0: Optional[torch.Tensor], z0: Optional[torch.Tensor],
         do: Optional[torch.Tensor], dkvT: Optional[torch.Tensor], dzT: Optional[torch.Tensor],
         normalize: bool, fmap: str = "", scale: float = 1.0,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap, scale)
+        return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap, scale,
+                            cu_seqlens)
 
     @bwd_op.register_fake
-    def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
+    def _(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
+          cu_seqlens=None):
         f32 = dict(dtype=torch.float32, device=q.device)
         dkv0 = torch.empty(kv0.shape, **f32) if kv0 is not None else torch.empty(0, **f32)
         has_z = z0 is not None and normalize
@@ -297,26 +307,27 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
 
     def setup_context(ctx, inputs, output):
         q, k, v, kv0, z0, normalize, eps, store_final = inputs[:8]
-        ctx.fmap, ctx.scale = inputs[8:] if len(inputs) > 8 else ("", 1.0)
+        ctx.fmap, ctx.scale = inputs[8:10] if len(inputs) > 8 else ("", 1.0)
+        cu = inputs[10] if len(inputs) > 10 else None
         o, den, _, _ = output
         # o is only needed for delta = do . o (normalised): not keeping it otherwise lets
         # the caller free it
         ctx.save_for_backward(q, k, v, o if normalize else None, den if normalize else None,
-                              kv0, z0)
+                              kv0, z0, cu)
         ctx.normalize = normalize
         ctx.eps = eps
         ctx.set_materialize_grads(False)  # unused outputs arrive as None: skip their work
 
     def grads_with_graph(ctx, do, dkvT, dzT):
         """The backward as differentiable operations (see ``differentiable`` above)."""
-        q, k, v, _o, _den, kv0, z0 = ctx.saved_tensors
+        q, k, v, _o, _den, kv0, z0, cu = ctx.saved_tensors
         inputs = (q, k, v, kv0, z0)
         wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-        result = [None] * 10
+        result = [None] * 11
         if not wrt:
             return tuple(result)
         o2, kv2, z2 = differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps,
-                                     **map_kw(ctx.fmap, ctx.scale))
+                                     **map_kw(ctx.fmap, ctx.scale, cu))
         outs, gouts = [], []
         for out, g in ((o2, do), (kv2, _none_if_empty(dkvT)), (z2, _none_if_empty(dzT))):
             if out is not None and g is not None:
@@ -333,11 +344,11 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     def grads(ctx, do, dkvT, dzT, bwd):
         if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
             return grads_with_graph(ctx, do, dkvT, dzT)
-        q, k, v, o, den, kv0, z0 = ctx.saved_tensors
+        q, k, v, o, den, kv0, z0, cu = ctx.saved_tensors
         dq, dk, dv, dkv0, dz0 = bwd(q, k, v, o, den, kv0, z0, do, _none_if_empty(dkvT),
-                                    _none_if_empty(dzT), ctx.normalize, ctx.fmap, ctx.scale)
+                                    _none_if_empty(dzT), ctx.normalize, ctx.fmap, ctx.scale, cu)
         return (dq, dk, dv, dkv0 if kv0 is not None else None,
-                dz0 if z0 is not None else None, None, None, None, None, None)
+                dz0 if z0 is not None else None, None, None, None, None, None, None)
 
     def backward_formula(ctx, do, _dden, dkvT, dzT):
         return grads(ctx, do, dkvT, dzT, bwd_op)
@@ -363,10 +374,10 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         def backward(ctx, do, _dden, dkvT, dzT):
             return grads(ctx, do, dkvT, dzT, run_backward)
 
-    def op(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0):
+    def op(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0, cu_seqlens=None):
         if EAGER_CUSTOM_OP or torch.compiler.is_compiling():
-            return fwd_op(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
-        return _Eager.apply(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale)
+            return fwd_op(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale, cu_seqlens)
+        return _Eager.apply(q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale, cu_seqlens)
 
     op.custom_op = fwd_op
     return op
@@ -389,7 +400,7 @@ def torch_forward(feature_map: Optional[str] = None) -> Callable:
     ``fmap`` key of an elementwise map fused into the chunked kernels, with q's ``scale``)
     applied first when the kernel fuses one."""
 
-    def run(q, k, v, kv0, z0, normalize, eps, fmap="", scale=1.0):
+    def run(q, k, v, kv0, z0, normalize, eps, fmap="", scale=1.0, cu_seqlens=None):
         from ..chunked import chunked_linear_attention
         from ..feature_maps import resolve_feature_map
 
@@ -403,8 +414,20 @@ def torch_forward(feature_map: Optional[str] = None) -> Callable:
 
             fm = lookup(fmap)[0]
             q, k = fm(q * scale), fm(k)
-        o, kv, z = chunked_linear_attention(q, k, v, normalize=normalize, eps=eps,
+        if cu_seqlens is None:
+            return chunked_linear_attention(q, k, v, normalize=normalize, eps=eps,
                                             initial_kv=kv0, initial_z=z0, return_state=True)
-        return o, kv, z
+        outs, kvs, zs = [], [], []  # packed sequences: each on its own
+        cu = cu_seqlens.tolist()
+        for n in range(len(cu) - 1):
+            sl = slice(cu[n], cu[n + 1])
+            o, kv, z = chunked_linear_attention(
+                q[:, :, sl], k[:, :, sl], v[:, :, sl], normalize=normalize, eps=eps,
+                initial_kv=None if kv0 is None else kv0[n:n + 1],
+                initial_z=None if z0 is None else z0[n:n + 1], return_state=True)
+            outs.append(o)
+            kvs.append(kv)
+            zs.append(z)
+        return (torch.cat(outs, 2), torch.cat(kvs), torch.cat(zs) if normalize else None)
 
     return run

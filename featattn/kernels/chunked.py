@@ -170,6 +170,20 @@ def _dot_in(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _sequence(i_bh, H, T, cu, VARLEN: tl.constexpr):
+    """(batch index, head, first token, length) of program row ``i_bh``: row b*H + h of a
+    [B, H, T] batch, or with VARLEN sequence n = i_bh // H of the packed [1, H, T] batch,
+    tokens [cu[n], cu[n+1])."""
+    i_h = (i_bh % H).to(tl.int64)
+    if VARLEN:
+        i_n = i_bh // H
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+        return i_h * 0, i_h, bos, (eos - bos).to(tl.int32)
+    return (i_bh // H).to(tl.int64), i_h, i_h * 0, T
+
+
+@triton.jit
 def _features(x, scale, mask, PHI: tl.constexpr):
     """PHI(scale * x) in fp32, rounded once to x's dtype (as the PyTorch maps do), and 0
     where ``mask`` is off: padded rows and columns must stay 0, and PHI(0) need not be."""
@@ -248,14 +262,14 @@ def _seg_kernel(
 # --------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _fwd_kernel(
-    q, k, v, o, den, kv0, z0, kvT, zT, segS, segz,
+    q, k, v, o, den, kv0, z0, kvT, zT, segS, segz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, DK, DV, SEG, NS, eps, scale,
+    T, NB, H, G, DK, DV, SEG, NS, eps, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
-    FUSED: tl.constexpr, PHI: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -263,27 +277,29 @@ def _fwd_kernel(
     q: [B,H,T,Dk], k: [B,Hkv,T,Dk], v: [B,Hkv,T,Dv] (strided, unit last stride).  o: [B,H,T,Dv] strided (input dtype) or, with SPLIT_K, fp32
     partial numerators [NK,B,H,T,Dv] contiguous.  den: fp32 [B,H,T] (eps added) or,
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
-    [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here."""
+    [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here.
+    VARLEN: NB = 1 and program row i_bh is (sequence i_bh // H, head i_bh % H) of the packed
+    batch, tokens [cu[n], cu[n+1]) (``_sequence``); its states are kv0/kvT [N, H, ...]."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
     i_s = tl.program_id(2)
     i_k = i_kv // NV
     i_v = i_kv % NV
-    n_bh = tl.num_programs(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
+    n_rows = NB * H
+    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
     i_hk = i_h // G
 
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
     if SPLIT_K:
-        o_base = o + (i_k.to(tl.int64) * n_bh + i_bh) * T * DV
-        d_base = den + (i_k.to(tl.int64) * n_bh + i_bh) * T
+        o_base = o + ((i_k.to(tl.int64) * n_rows + row) * T + bos) * DV
+        d_base = den + (i_k.to(tl.int64) * n_rows + row) * T + bos
         sot_ = DV
     else:
-        o_base = o + i_b * sob + i_h * soh
-        d_base = den + i_bh.to(tl.int64) * T
+        o_base = o + i_b * sob + i_h * soh + bos * sot
+        d_base = den + row * T + bos
         sot_ = sot
 
     offs_t = tl.arange(0, BT)
@@ -313,9 +329,9 @@ def _fwd_kernel(
             z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
 
     c0 = i_s * (SEG // BT)
-    for i in range(c0, tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))):
+    for i in range(c0, tl.minimum(c0 + SEG // BT, tl.cdiv(TS, BT))):
         t0 = tl.cast(i * BT, tl.int64)
-        mt = (i * BT + offs_t) < T
+        mt = (i * BT + offs_t) < TS
         b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                       mask=mt[:, None] & mk[None, :], other=0.0)
         b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
@@ -357,14 +373,14 @@ def _fwd_kernel(
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
-    dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz,
+    dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, DK, DV, SEG, NS, scale,
+    T, NB, H, G, DK, DV, SEG, NS, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, IEEE: tl.constexpr,
-    FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -385,16 +401,16 @@ def _bwd_kernel(
     i_s = tl.program_id(2) % NS
     i_k = i_kv // NV
     i_v = i_kv % NV
-    n_bh = tl.num_programs(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
+    n_rows = NB * H
+    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
     i_hk = i_h // G
 
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    do_base = do + i_b * sdb + i_h * sdh
-    row_base = i_bh.to(tl.int64) * T  # den / delta rows
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    row_base = row * T + bos  # den / delta rows
 
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -407,7 +423,7 @@ def _bwd_kernel(
     own_t = (offs_t * 0 + i_v) == 0  # vectors: the interpreter rejects vector & scalar
     own_k = (offs_k * 0 + i_v) == 0
     c0 = i_s * (SEG // BT)
-    c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))
+    c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(TS, BT))
 
     if phase == 0:
         # ---- forward sweep: dq_t = r_t [ sum_{s<=t} (do_t.v_s - delta_t) k_s
@@ -426,10 +442,10 @@ def _bwd_kernel(
                           mask=mk[None, :] & mv[:, None], other=0.0)
             if NORMALIZE:
                 z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
-        dq_base = dq + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
+        dq_base = dq + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * DK
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < T
+            mt = (i * BT + offs_t) < TS
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
             b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
@@ -475,12 +491,12 @@ def _bwd_kernel(
                           mask=mk[:, None] & mv[None, :], other=0.0)
             if NORMALIZE:
                 dz += tl.load(segdz + sd * DK + offs_k, mask=mk & own_k, other=0.0)
-        dk_base = dk + (i_v.to(tl.int64) * n_bh + i_bh) * T * DK
-        dv_base = dv + (i_k.to(tl.int64) * n_bh + i_bh) * T * DV
+        dk_base = dk + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * DK
+        dv_base = dv + ((i_k.to(tl.int64) * n_rows + row) * T + bos) * DV
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < T
+            mt = (i * BT + offs_t) < TS
             b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                           mask=mt[:, None] & mk[None, :], other=0.0)
             b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
@@ -614,8 +630,12 @@ def _map_form(fmap: str):
     return True, form.phi, form.dphi
 
 
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, cu_seqlens=None):
     B, H, T, Dk = q.shape
+    varlen = cu_seqlens is not None
+    NB = B
+    if varlen:  # B = 1 holds N packed sequences: one program row per (sequence, head)
+        B = cu_seqlens.shape[0] - 1
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     BK, BV = _tiles(Dk, Dv, q.dtype)
@@ -624,17 +644,17 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
     dev = q.device
     has_init = kv0 is not None
     if split_k:
-        o_buf = _alloc((NK, B, H, T, Dv), torch.float32, dev)
-        den_buf = _alloc((NK, B, H, T), torch.float32, dev) if normalize else o_buf
+        o_buf = _alloc((NK, NB, H, T, Dv), torch.float32, dev)
+        den_buf = _alloc((NK, NB, H, T), torch.float32, dev) if normalize else o_buf
         o = o_buf
     else:
-        o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
-        den_buf = _alloc((B, H, T), torch.float32, dev) if normalize else o
+        o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
+        den_buf = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, Dk, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
     fused, phi, _ = _map_form(fmap)
-    ns, seg = segments(B * H * NK * NV, T, dev)
+    ns, seg = segments(B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = o
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
@@ -643,13 +663,14 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
     _FWD[grid](
         q, k, v, o, den_buf,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT, segS, segz,
+        cu_seqlens if varlen else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, H, G, Dk, Dv, seg, ns, eps, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, eps, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, IEEE=ieee,
-        FUSED=fused, PHI=phi,
+        FUSED=fused, PHI=phi, VARLEN=varlen,
     )
     den = den_buf if normalize else None
     if split_k:
@@ -657,18 +678,23 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0):
         if normalize:
             den = den_buf.sum(0).add_(eps)
             num.div_(den[..., None])
-        o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+        o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
         o.copy_(num)
     return o, den, (kvT if store_final else None), (zT if store_final and normalize else None)
 
 
-def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0):
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
+              cu_seqlens=None):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
     ``o`` and ``den`` are the saved forward output and fp32 denominator (normalised only).
     """
     B, H, T, Dk = q.shape
+    varlen = cu_seqlens is not None
+    NB = B
+    if varlen:
+        B = cu_seqlens.shape[0] - 1
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     dev = q.device
@@ -690,14 +716,14 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     # element is written in the input dtype directly.
     reduce_dk = NV > 1 or G > 1
     reduce_dv = NK > 1 or G > 1
-    dq = _alloc((NV, B, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
-    dk = _alloc((NV, B, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
-    dv = _alloc((NK, B, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
+    dq = _alloc((NV, NB, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
+    dk = _alloc((NV, NB, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
+    dv = _alloc((NK, NB, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
     fused, phi, dphi = _map_form(fmap)
-    ns, seg = segments(2 * B * H * NK * NV, T, dev)
+    ns, seg = segments(2 * B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = segdS = segdz = dq
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
@@ -708,16 +734,17 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
         dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
-        dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz,
+        dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu_seqlens if varlen else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, Dk, Dv, seg, ns, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, FUSED=fused, PHI=phi, DPHI=dphi,
+        VARLEN=varlen,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dk = dk.view(NV, B, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
-    dv = dv.view(NK, B, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]
+    dk = dk.view(NV, NB, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
+    dv = dv.view(NK, NB, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]
     return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
 
 
@@ -730,7 +757,8 @@ def _shape_reason(Dk: int, Dv: int):
 
 def chunked_attention(q, k, v, *, normalize: bool, eps: float,
                       initial_kv=None, initial_z=None, return_state: bool = False,
-                      feature_map=None, scale: float = 1.0, check: bool = True):
+                      feature_map=None, scale: float = 1.0, check: bool = True,
+                      cu_seqlens=None):
     """Causal linear attention with Triton kernels (q, k already feature-mapped).
 
     Args:
@@ -747,6 +775,10 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
             compute ``phi(scale * q)``, ``phi(k)`` in registers, forward and backward.
         scale: multiplies q inside the kernel (fused maps only; 1 otherwise).
         check: validate the inputs (featattn.linear_attention has, and passes False).
+        cu_seqlens: None, or int32/int64 [N + 1] on q's device: q, k, v are [1, H, T, D] with
+            N sequences back to back (tokens cu[n]..cu[n+1]), each attended alone; the states
+            in and out are then [N, H, ...].  Validated by featattn.linear_attention (here
+            only with ``check``).
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; kv fp32 [B, H, Dk, Dv] and z fp32
@@ -754,7 +786,12 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
     if check:
-        check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: d,
+        if cu_seqlens is not None:
+            from ..functional import _validate_cu_seqlens
+
+            _validate_cu_seqlens(cu_seqlens, q)
+        check_inputs(q, k, v, normalize, None if cu_seqlens is not None else initial_kv,
+                     None if cu_seqlens is not None else initial_z, state_dim=lambda d: d,
                      dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
     fmap = ""
     if feature_map is not None:
@@ -773,10 +810,12 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
     if initial_z is not None:
         initial_z = initial_z.float().contiguous()
     B, H, _, Dk = q.shape
+    if cu_seqlens is not None:
+        B = cu_seqlens.shape[0] - 1
     initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, Dk,
                                             v.shape[-1], q.device)
     o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
-                             bool(return_state), fmap, float(scale))
+                             bool(return_state), fmap, float(scale), cu_seqlens)
     if not return_state:
         return o, None, None
     return o, kv, (z if normalize else None)

@@ -1,0 +1,140 @@
+"""Packed sequences (``cu_seqlens``): a packed batch equals each sequence run alone.
+
+The Triton chunked kernel takes them natively (one program row per sequence and head); the
+other backends run the sequences one after another.  Under the interpreter on CPU (fp32/fp16),
+``cuda`` tests in bf16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from featattn import LinearAttentionState, linear_attention
+from helpers import check_close, rand_qkv
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
+
+def _cu(lens, device=DEV, dtype=torch.int32):
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=dtype, device=device)
+
+
+def _dk(fm, d):
+    return 1 + d + d * d if fm == "taylor" else d
+
+
+def _run(fn_backend, q, k, v, fm, cu, kv0, z0, dtype_up=None):
+    """(o, kv, z, grads of q, k, v, kv0, z0) of a packed call (``cu``) or, with cu=None, of
+    each sequence alone in float64 through the reference."""
+    leaves = [t.detach().clone() for t in (q, k, v, kv0, z0)]
+    if dtype_up is not None:
+        leaves = [t.to(dtype_up) for t in leaves]
+    leaves = [t.requires_grad_() for t in leaves]
+    if cu is not None:
+        o, s = linear_attention(*leaves[:3], feature_map=fm, backend=fn_backend, cu_seqlens=cu,
+                                initial_state=LinearAttentionState(leaves[3], leaves[4]),
+                                return_state=True)
+        kv, z = s.kv, s.z
+    else:
+        bounds = fn_backend
+        outs, kvs, zs = [], [], []
+        for n in range(len(bounds) - 1):
+            sl = slice(bounds[n], bounds[n + 1])
+            o_n, s_n = linear_attention(
+                leaves[0][:, :, sl], leaves[1][:, :, sl], leaves[2][:, :, sl], feature_map=fm,
+                backend="reference", return_state=True,
+                initial_state=LinearAttentionState(leaves[3][n:n + 1], leaves[4][n:n + 1]))
+            outs.append(o_n)
+            kvs.append(s_n.kv)
+            zs.append(s_n.z)
+        o, kv, z = torch.cat(outs, 2), torch.cat(kvs), torch.cat(zs)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g).to(o.device)
+    loss = (o.double() * wo.double()).sum() + kv.double().sum() * 0.1 + z.double().sum() * 0.1
+    return (o, kv, z, *torch.autograd.grad(loss, leaves))
+
+
+def _check(lens, fm, backend, dtype, H=2, Hkv=1, d=8, Dv=12, seed=0, tol=2e-5):
+    T = sum(lens)
+    q, k, v = rand_qkv(1, H, Hkv, T, d, Dv, dtype, DEV, generator=seed, positive=fm is None)
+    g = torch.Generator().manual_seed(seed + 1)
+    kv0 = torch.randn(len(lens), H, _dk(fm, d), Dv, generator=g).to(DEV)
+    z0 = (torch.rand(len(lens), H, _dk(fm, d), generator=g) + 1).to(DEV)
+    cu = _cu(lens)
+    got = _run(backend, q, k, v, fm, cu, kv0, z0)
+    want = _run(cu.tolist(), q, k, v, fm, None, kv0, z0, dtype_up=torch.float64)
+    for name, a, b in zip(("o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0"), got, want):
+        check_close(name, a, b, tol)
+
+
+@pytest.mark.parametrize("fm,backend,dtype,lens", [
+    ("elu", "triton", torch.float32, [1, 63, 70, 5]),      # native kernel: boundaries inside chunks
+    ("relu", "triton", torch.float32, [40, 1]),
+    (None, "triton", torch.float16, [33, 64, 2]),          # features, fp16
+    ("taylor", "triton", torch.float32, [20, 3]),          # Taylor kernels, one sequence at a time
+    ("elu", "torch", torch.float32, [7, 1, 30]),
+], ids=lambda x: str(x) if not isinstance(x, list) else "-".join(map(str, x)))
+def test_packed_equals_each_sequence_alone(fm, backend, dtype, lens):
+    _check(lens, fm, backend, dtype, tol=2e-5 if dtype == torch.float32 else 2e-3)
+
+
+@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=5))
+def test_packed_equals_alone_any_lengths_torch(lens):
+    """Any number of sequences and lengths (1 included, not multiples of the chunk), on the
+    PyTorch path."""
+    _check(lens, "elu", "torch", torch.float32, H=2, Hkv=2, d=4, Dv=4)
+
+
+def test_native_kernel_takes_packed_sequences(monkeypatch):
+    """The chunked kernel runs the packed batch itself: the one-sequence-at-a-time fallback
+    is never entered, and the result equals the second sequence run alone."""
+    from featattn import functional
+
+    def boom(*a, **kw):
+        raise AssertionError("the packed call fell back to one sequence at a time")
+
+    monkeypatch.setattr(functional, "_per_sequence", boom)
+    q, k, v = rand_qkv(1, 2, 2, 50, 8, 8, torch.float32, DEV, generator=3)
+    with torch.no_grad():
+        o = linear_attention(q, k, v, feature_map="elu", backend="triton", cu_seqlens=_cu([20, 30]))
+        alone = linear_attention(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], feature_map="elu",
+                                 backend="triton")
+    check_close("o", o[:, :, 20:], alone, 1e-6)
+
+
+def test_bad_cu_seqlens_are_explained():
+    q, k, v = rand_qkv(1, 2, 2, 10, 4, 4, torch.float32, "cpu", generator=4)
+    cases = [
+        ([1, 10], "must start at 0"),
+        ([0, 6, 6, 10], "strictly increasing"),
+        ([0, 5, 9], "must end at the total length T = 10"),
+    ]
+    for bounds, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            linear_attention(q, k, v, cu_seqlens=torch.tensor(bounds))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        linear_attention(q, k, v, cu_seqlens=torch.tensor([0.0, 10.0]))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        linear_attention(q, k, v, cu_seqlens=[0, 10])
+    with pytest.raises(ValueError, match="batch of one"):
+        q2, k2, v2 = rand_qkv(2, 2, 2, 10, 4, 4, torch.float32, "cpu", generator=4)
+        linear_attention(q2, k2, v2, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"initial_state.kv must have shape \[B, H, Dk, Dv\] = \[2, 2, 4, 4\]"):
+        linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 10]),
+                         initial_state=LinearAttentionState.zeros(1, 2, 4, 4))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cu_seqlens is on cpu but q is on cuda"):
+            qc, kc, vc = (t.cuda() for t in (q, k, v))
+            linear_attention(qc, kc, vc, cu_seqlens=torch.tensor([0, 10]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fm", ["elu", "taylor"])
+def test_gpu_packed_bf16(fm):
+    _check([1, 500, 1000, 37], fm, "auto", torch.bfloat16, H=4, Hkv=2, d=16, Dv=64, tol=2e-2)
