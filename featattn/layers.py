@@ -146,6 +146,7 @@ class FeatureAttention(nn.Module):
         state: Optional[LinearAttentionState] = None,
         return_state: bool = False,
         update_state: bool = False,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ):
         """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
 
@@ -153,6 +154,9 @@ class FeatureAttention(nn.Module):
         preceding tokens; decoding one token at a time is ``y, s = layer(x_t, s, True)``.
         ``update_state=True`` advances ``state`` in place instead (inference: no gradient),
         through :func:`featattn.decode_step`: ``y = layer(x_t, s, update_state=True)``.
+        ``cu_seqlens``: packed sequences, ``x [1, total_T, dim]`` holding N sequences back to
+        back (int32/int64 ``[N + 1]`` cumulative lengths, see
+        :func:`featattn.linear_attention`); each is attended alone and a state is per sequence.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -161,6 +165,9 @@ class FeatureAttention(nn.Module):
         # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
         q, k, v = self.projections(x)
         if update_state:
+            if cu_seqlens is not None:
+                raise ValueError("update_state=True decodes one batch of sequences; packed "
+                                 "sequences (cu_seqlens) are for prefill and training")
             if state is None:
                 raise ValueError("update_state=True needs a state to update; start from "
                                  "layer.init_state(batch) or a prefill with return_state=True")
@@ -176,6 +183,7 @@ class FeatureAttention(nn.Module):
             initial_state=state,
             return_state=return_state,
             backend=self.backend,
+            cu_seqlens=cu_seqlens,
         )
         o, new_state = res if return_state else (res, None)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

@@ -93,3 +93,19 @@ def test_decode_in_place_equals_full_forward(backend):
     assert state.kv is kv or not kv.is_contiguous()  # the same tensors advanced, where writable
     with pytest.raises(ValueError, match="update_state=True needs a state"):
         layer(x[:, :1], update_state=True)
+
+
+def test_packed_sequences_equal_each_alone():
+    """forward(x [1, total_T, dim], cu_seqlens=...) attends each packed sequence alone; the
+    returned state is per sequence."""
+    torch.manual_seed(6)
+    layer = FeatureAttention(16, 2, "elu", kv_heads=1).double()
+    lens = [3, 1, 9]
+    x = torch.randn(1, sum(lens), 16, dtype=torch.float64)
+    cu = torch.tensor([0, 3, 4, 13])
+    y, state = layer(x, cu_seqlens=cu, return_state=True)
+    alone = [layer(x[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    torch.testing.assert_close(y, torch.cat(alone, 1))
+    assert state.kv.shape[0] == 3
+    with pytest.raises(ValueError, match="packed sequences"):
+        layer(x, state, update_state=True, cu_seqlens=cu)
