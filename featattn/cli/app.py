@@ -49,9 +49,11 @@ Time every backend the dispatcher can reach on this device, across sequence leng
 forward and forward+backward, with peak memory (CUDA) and the kernel select_kernel picks.
 
 backends:
-  torch, reference, triton,    featattn.linear_attention(..., backend=NAME); a backend that
-  equal_dim, small_vhd,        cannot run here gets one 'n/a' row with the reason. On a CPU
-  taylor_fused                 with TRITON_INTERPRET=1 the Triton kernels run in the (slow)
+  torch, reference, triton,    featattn.linear_attention(..., backend=NAME) (the default
+  taylor_parallel,             set; any other backend= value, e.g. the aliases equal_dim,
+  taylor_chunked, chunked      small_vhd, taylor_fused, may be named); a backend that cannot
+                               run here gets one 'n/a' row with the reason. On a CPU with
+                               TRITON_INTERPRET=1 the Triton kernels run in the (slow)
                                interpreter: timed only when named in --backends
   sdpa                         torch scaled_dot_product_attention(is_causal=True): softmax
   fla_chunk, fla_fused_chunk,  flash-linear-attention, when it is importable (left out
