@@ -185,14 +185,21 @@ class HFFeatureAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, key_mask=None, state=None, return_state=False):
-        """Feature attention on projected ``q, k, v``; ``key_mask [B, T]`` (True = real token)
-        zeroes the features and values of padded keys."""
+        """Feature attention on projected ``q, k, v``; ``key_mask [B, T]`` (True = real token):
+        the real tokens of each row are packed into one sequence each (``cu_seqlens``), attended,
+        and the outputs put back in place (padded positions get 0), so padding costs nothing and
+        fused kernels still run.  A row with no real token falls back to zeroing the features
+        and values of padded keys."""
         fm = self.feature_map
         if key_mask is None:
             return linear_attention(
                 q, k, v, feature_map=fm, normalize=self.normalize, eps=self.eps, scale=self.q_scale,
                 initial_state=state, return_state=return_state, backend=self.backend,
             )
+        keep = key_mask.to(device=k.device, dtype=torch.bool)
+        lengths = keep.sum(1)
+        if bool((lengths > 0).all()):
+            return self._attend_packed(q, k, v, keep, lengths, state, return_state)
         qf = fm.forward_query(q * self.q_scale if self.q_scale != 1.0 else q)
         kf = fm.forward_key(k)
         pad = ~key_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None]
@@ -202,6 +209,29 @@ class HFFeatureAttention(nn.Module):
             qf, kf, v, feature_map=None, normalize=self.normalize, eps=self.eps, scale=1.0,
             initial_state=state, return_state=return_state, backend=self.backend,
         )
+
+    def _attend_packed(self, q, k, v, keep, lengths, state, return_state):
+        """unpad -> linear_attention(cu_seqlens) -> repad (FlashAttention's varlen recipe)."""
+        B, H, T, _ = q.shape
+        idx = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, row by row, in order
+
+        def pack(x):  # [B, h, T, d] -> [1, h, total, d]
+            h, d = x.shape[1], x.shape[3]
+            return x.transpose(1, 2).reshape(B * T, h, d).index_select(0, idx).unsqueeze(0).transpose(1, 2)
+
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        res = linear_attention(
+            pack(q), pack(k), pack(v), feature_map=self.feature_map, normalize=self.normalize,
+            eps=self.eps, scale=self.q_scale, initial_state=state, return_state=return_state,
+            backend=self.backend, cu_seqlens=cu,
+        )
+        o, new_state = res if return_state else (res, None)
+        Dv = o.shape[-1]
+        full = o.new_zeros(B * T, H, Dv)
+        full = full.index_copy(0, idx, o[0].transpose(0, 1))
+        o = full.view(B, T, H, Dv).transpose(1, 2)
+        return (o, new_state) if return_state else o
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """``o [B, H, T, d]`` -> ``[B, T, E]`` through the model's output projection."""

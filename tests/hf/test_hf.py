@@ -388,6 +388,33 @@ def test_generate_left_padded_batch_equals_alone(family):
     assert torch.equal(batch, greedy(model, ids, 6, attention_mask=mask, use_cache=False))
 
 
+def test_padded_batch_is_packed_not_masked(monkeypatch):
+    """A padded prefill goes unpad -> cu_seqlens -> repad (no padded token is computed, the
+    map still runs in its own path), and gives each row the logits of that row alone."""
+    from featattn.hf.attention import HFFeatureAttention
+
+    model = make_model(FAMILIES[0])
+    patch_hf_model(model, "elu")
+    packed = []
+    real = HFFeatureAttention._attend_packed
+
+    def spy(self, q, k, v, keep, lengths, *rest):
+        packed.append(lengths.tolist())
+        return real(self, q, k, v, keep, lengths, *rest)
+
+    monkeypatch.setattr(HFFeatureAttention, "_attend_packed", spy)
+    a, b = ids_batch(1, 7, seed=5)[0], ids_batch(1, 4, seed=6)[0]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 3:], mask[1, 3:] = b, 1
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        alone_b = model(b[None]).logits
+    assert packed and all(p == [7, 4] for p in packed)
+    torch.testing.assert_close(logits[1, 3:], alone_b[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_memory_constant_in_generated_length(family):
     model = make_model(family, dtype=torch.float32)
