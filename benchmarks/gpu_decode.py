@@ -10,7 +10,9 @@ decode loop sees); "graph" is per replay of a captured step.  H = 16, D = 64 (Ta
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +20,10 @@ import torch.nn.functional as F
 import featattn
 from featattn import LinearAttentionState
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import wall_ms  # noqa: E402
+
 DT = torch.bfloat16
-
-
-def wall_ms(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
 
 
 def graph_ms(fn, n=1000):

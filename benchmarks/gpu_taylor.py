@@ -32,7 +32,7 @@ from featattn.kernels import taylor_fused as TF  # noqa: E402
 from featattn.kernels import taylor_parallel as TP  # noqa: E402
 from featattn.testing import (  # noqa: E402  (the tests' correctness harness)
     compare_runs, kernel_vs_reference, rand_qkv, rand_state, taylor_dim, tolerance)
-from _timing import bench, peak_mib  # noqa: E402  (benchmarks/_timing.py)
+from _timing import bench, peak_mib, wall_ms  # noqa: E402  (benchmarks/_timing.py)
 
 HBM_TBPS = 3.0  # measured device copy on the H100 (ANCHORS.md)
 #: the checks also run on CPU tensors under TRITON_INTERPRET=1
@@ -448,16 +448,7 @@ def overhead(shapes=((1, 1, 64), (8, 16, 1024), (8, 16, 2048)), d=16, Dv=64):
 def _host_ms(fn, n=300):
     """Host milliseconds per call of ``fn`` with the GPU queue running ahead (B=1 H=1 T=64:
     the GPU work is far below the host cost, so this is the launch path's cost)."""
-    import time
-
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    return wall_ms(fn, n)
 
 
 def overhead_detail(d=16, Dv=64, T=64):
