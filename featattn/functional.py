@@ -123,6 +123,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
     ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
+    if out_buf is not None:
+        _validate_out(out_buf, q, (B, H, T, Dv))
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if not isinstance(return_state, bool):
@@ -264,6 +266,15 @@ def _validate_cu_seqlens(cu_seqlens, q) -> list:
     return cu
 
 
+def _validate_out(out, q, want):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want \
+            or out.dtype != q.dtype or out.device != q.device:
+        got = (tuple(out.shape), out.dtype, str(out.device)) \
+            if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be shaped like the result, [B, H, T, Dv] = {list(want)} "
+                         f"in the call's layout, {q.dtype} on {q.device}; got {got}")
+
+
 def _fp32_dense(t) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous()
 
@@ -352,15 +363,6 @@ def decode_step(
             "decode_step updates the state in place, which autograd cannot differentiate, and "
             "an input requires a gradient; run it under torch.no_grad() (decoding), or use "
             "linear_attention(..., initial_state=state, return_state=True) to train")
-    if out_bhtd is not None:
-        _validate_qkv(q, k, v)
-        want = (*q.shape[:3], v.shape[-1])
-        if not isinstance(out_bhtd, torch.Tensor) or tuple(out_bhtd.shape) != want \
-                or out_bhtd.dtype != q.dtype or out_bhtd.device != q.device:
-            got = (tuple(out_bhtd.shape), out_bhtd.dtype, str(out_bhtd.device)) \
-                if isinstance(out_bhtd, torch.Tensor) else type(out_bhtd).__name__
-            raise ValueError(f"out must be shaped like the result, [B, H, T, Dv] = {list(want)} "
-                             f"in the call's layout, {q.dtype} on {q.device}; got {got}")
     o = _linear_attention(q, k, v, fm, normalize, eps, scale, state, False, backend,
                           in_place=True, out_buf=out_bhtd)
     if out is not None:
