@@ -26,7 +26,8 @@ SWITCHES = {s.name: s for s in (
     Switch("FEATATTN_FUSE_MAPS", "auto", "call",
            "where elementwise maps run on CUDA: `pass` (one Triton pass over q and k before the "
            "chunked kernel), `kernel` (inside the chunked kernel, on raw q/k), or `auto` (inside "
-           "the kernel when it splits T into segments, else the pass)"),
+           "the kernel for calls of at most 2^20 batch*head*token rows or when it splits T into "
+           "segments, else the pass)"),
     Switch("FEATATTN_SEGMENT", "auto", "call",
            "how the chunked kernels split T into segments swept in parallel: `auto` (when the "
            "grid fills at most half the SMs and T >= 16384), `off`, or a segment length in "

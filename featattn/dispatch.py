@@ -49,9 +49,11 @@ class KernelChoice(NamedTuple):
 
     * ``"triton_pass"``: the map's Triton form in one elementwise pass before the chunked
       kernel (one more read and write of q/k, forward and backward; the choice for maps
-      with an :class:`~featattn.ElementwiseTritonForm` when one program sweeps each head);
+      with an :class:`~featattn.ElementwiseTritonForm` on calls of more than
+      :data:`FUSE_MAX_ROWS` rows when one program sweeps each head);
     * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
-      when the kernel splits T into segments, or with ``FEATATTN_FUSE_MAPS=kernel``);
+      for smaller calls, when the kernel splits T into segments, or with
+      ``FEATATTN_FUSE_MAPS=kernel``);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
     ``map_fused`` is True for the first two (the map runs in Triton)."""
@@ -270,19 +272,30 @@ ALIASES = {a: tuple(i.name for i in IMPLS if a in i.aliases)
 BACKENDS = tuple(dict.fromkeys(("auto", "torch", "reference", "triton") + KERNELS + tuple(ALIASES)))
 
 
+#: ``FEATATTN_FUSE_MAPS=auto`` applies an elementwise map inside the chunked kernel when a call
+#: has at most this many (batch, head, token) rows, or when the kernel splits T into segments.
+#: H200, bf16, D = 64 (docs/benchmarks.md): at B*H*T = 2^19 (B8 H16 T4096) the map in the kernel
+#: took 0.28 / 1.31 ms fwd / fwd+bwd against 0.47 / 1.81 for the pass (each pass is a launch
+#: and an autograd node: host time the kernel's extra GPU work stays under); at 2^21 (B8 H16
+#: T16384) 1.05 / 3.71 against 0.83 / 2.78 (the map on the latency-bound chunk loop's critical
+#: path costs more GPU time than writing the features).
+FUSE_MAX_ROWS = 1 << 20
+
+
 def _triton_map_path(call: Call) -> str:
-    """Where an elementwise map runs: the pass is cheaper when one program sweeps each head
-    (the map on the latency-bound chunk loop's critical path costs more than writing the
-    features), the kernel when T is split into segments (enough programs hide it, and the
-    features never reach memory).  H200 numbers: docs/benchmarks.md."""
+    """Where an elementwise map runs: inside the chunked kernel for calls of at most
+    :data:`FUSE_MAX_ROWS` rows (host-bound: one launch and one autograd node fewer each way)
+    or when T is split into segments (enough programs hide the map, and the features never
+    reach memory); one Triton pass before the kernel for larger calls, where one program
+    sweeping each head makes the in-kernel map cost more than writing the features."""
     mode = _switches.read("FEATATTN_FUSE_MAPS")
     if mode not in ("auto", "pass", "kernel"):
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
                          f"got {mode!r}")
     if mode == "auto":
-        split = _kernels_module().splits_time(call.B, call.H, call.T, call.dk, call.dv,
-                                              call.dtype, call.device)
-        mode = "kernel" if split else "pass"
+        small = call.B * call.H * call.T <= FUSE_MAX_ROWS
+        mode = "kernel" if small or _kernels_module().splits_time(
+            call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
 

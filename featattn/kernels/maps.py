@@ -103,10 +103,10 @@ def lookup(key: str) -> tuple[FeatureMap, ElementwiseTritonForm]:
 
 # --------------------------------------------------------------------------- the map as one pass
 # The attention kernels can apply a form in registers (FUSED in chunked.py), but on the H200 that
-# made the latency-bound chunk loop ~2x slower (docs/benchmarks.md).  One elementwise pass that
-# writes the features (read x, write phi(x): 2 bytes per element each way in bf16) costs far
-# less, so it is the choice when one program sweeps each head; when the kernel splits T into
-# segments (few heads, long T) the in-kernel form wins (featattn.dispatch._triton_map_path).
+# made the latency-bound chunk loop ~2x slower (docs/benchmarks.md).  On large calls one
+# elementwise pass that writes the features (read x, write phi(x): 2 bytes per element each way
+# in bf16) costs less GPU time; small calls (host-bound) and calls whose kernel splits T into
+# segments take the in-kernel form (featattn.dispatch._triton_map_path).
 
 _BLOCK = 1024
 

@@ -136,16 +136,28 @@ def test_fused_map_in_segments_matches_float64(case, monkeypatch):
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
-def test_map_runs_in_the_kernel_when_t_is_split(monkeypatch):
-    """FEATATTN_FUSE_MAPS=auto: the pass when one program sweeps each head, the kernel when
-    the chunked kernel splits T into segments."""
+def test_map_runs_in_the_kernel_on_small_calls_or_split_t(monkeypatch):
+    """FEATATTN_FUSE_MAPS=auto: the kernel for calls of at most FUSE_MAX_ROWS rows or when the
+    chunked kernel splits T into segments, else the pass; the switch forces either."""
+    from featattn import dispatch
+
     q = torch.randn(1, 2, 200, 16)
+    path = lambda: featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path  # noqa: E731
     monkeypatch.setenv("FEATATTN_SEGMENT", "off")
-    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "triton_pass"
+    assert path() == "kernel"  # 400 rows
+    monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 399)
+    assert path() == "triton_pass"
+    monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 400)
+    assert path() == "kernel"  # the bound is inclusive
+    monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 0)
     monkeypatch.setenv("FEATATTN_SEGMENT", "64")
-    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "kernel"
+    assert path() == "kernel"  # T split
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
-    assert featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path == "triton_pass"
+    assert path() == "triton_pass"
+    monkeypatch.setenv("FEATATTN_SEGMENT", "off")
+    monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 1 << 20)
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "kernel")
+    assert path() == "kernel"
 
 
 def test_fused_map_with_wrong_triton_form_is_caught():
@@ -157,11 +169,11 @@ def test_fused_map_with_wrong_triton_form_is_caught():
     assert errs["o"] < 1e-5  # the forward form is right
 
 
-@pytest.mark.parametrize("mode,path", [(None, "triton_pass"), ("kernel", "kernel")])
+@pytest.mark.parametrize("mode,path", [(None, "kernel"), ("pass", "triton_pass")])
 @pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
 def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
-    """Through featattn.linear_attention, both Triton paths (one elementwise pass before the
-    kernel, the default; inside the kernel with FEATATTN_FUSE_MAPS=kernel): the map's PyTorch
+    """Through featattn.linear_attention, both Triton paths (inside the kernel, the default at
+    this size; one elementwise pass before the kernel with FEATATTN_FUSE_MAPS=pass): the map's PyTorch
     forward never runs and the result matches the float64 reference, for a strided
     [B, T, H, D] view too."""
     if mode:
