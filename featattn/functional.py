@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, Optional, Tuple, Union, overload
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -27,7 +27,7 @@ def linear_attention(
     feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[False] = ..., backend: str = ..., layout: str = ...,
-    cu_seqlens: Optional[torch.Tensor] = ...,
+    cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -37,7 +37,7 @@ def linear_attention(
     feature_map: Union[None, str, FeatureMap] = ..., normalize: bool = ..., eps: float = ...,
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[True], backend: str = ..., layout: str = ...,
-    cu_seqlens: Optional[torch.Tensor] = ...,
+    cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
 ) -> Tuple[torch.Tensor, LinearAttentionState]: ...
 
 
@@ -55,6 +55,7 @@ def linear_attention(
     backend: str = "auto",
     layout: str = "bhtd",
     cu_seqlens: Optional[torch.Tensor] = None,
+    cp_group: Optional[Any] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, LinearAttentionState]]:
     """Causal linear attention.
 
@@ -91,6 +92,16 @@ def linear_attention(
             ``initial_state`` and the returned state are then per sequence (kv
             ``[N, H, Dk, Dv]``, z ``[N, H, Dk]``).  The Triton chunked kernel takes them
             natively; the other backends run the sequences one after another.
+        cp_group: None, or a ``torch.distributed.ProcessGroup`` for context parallelism:
+            each rank of the group holds a contiguous slice of one sequence (rank order is
+            sequence order; only T may differ between ranks) and gets its slice of the whole
+            sequence's output.  One all_gather of the ranks' states forward, one of their
+            gradients backward (``B * H * Dk * (Dv + 1)`` fp32 values a rank, whatever T),
+            plus a tiny one that checks the ranks agree.  ``initial_state`` is the whole
+            sequence's (pass the same on every rank; each rank gets its full gradient); the
+            returned state is the state after the rank's slice (the last rank's is the whole
+            sequence's).  Every rank must make the call and, when it needs a gradient,
+            backpropagate through it.  See docs/distributed.md.
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
@@ -103,7 +114,7 @@ def linear_attention(
         raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
                          f"got {layout!r}")
     out = _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state,
-                            return_state, backend, cu_seqlens=cu_seqlens)
+                            return_state, backend, cu_seqlens=cu_seqlens, cp_group=cp_group)
     if layout == "bthd":
         if return_state:
             return out[0].transpose(1, 2), out[1]
@@ -119,7 +130,7 @@ def _to_bhtd(x, name):
 
 
 def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
-                      backend, in_place=False, out_buf=None, cu_seqlens=None):
+                      backend, in_place=False, out_buf=None, cu_seqlens=None, cp_group=None):
     """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
     ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
@@ -142,6 +153,13 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         B = len(cu) - 1  # the states are per sequence
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
     return_state = return_state or in_place
+    if cp_group is not None:
+        if cu is not None:
+            raise ValueError("cp_group with cu_seqlens is not supported: context parallelism "
+                             "splits one sequence per batch row across ranks; pass packed "
+                             "sequences without cp_group (or one sequence per row with it)")
+        return _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state,
+                                 return_state, backend, cp_group, Dk)
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
@@ -212,6 +230,21 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state, return_state,
+                      backend, group, Dk):
+    """This rank's slice of one sequence split across ``group`` (featattn/distributed.py)."""
+    from . import distributed as D
+
+    D.check_group(group)
+    grad = needs_grad(q, k, v, initial_state, fm)
+    D.agree(group, q.device, what=D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None,
+                                               grad, return_state))
+    kv, z = D.slice_state(k, v, fm, normalize)
+    kv_r, z_r = D.rank_initial_state(kv, z, kv0, z0, group, q.shape[1])
+    return _linear_attention(q, k, v, fm, normalize, eps, scale,
+                             LinearAttentionState(kv_r, z_r), return_state, backend)
 
 
 def _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu):

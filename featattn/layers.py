@@ -147,6 +147,7 @@ class FeatureAttention(nn.Module):
         return_state: bool = False,
         update_state: bool = False,
         cu_seqlens: Optional[torch.Tensor] = None,
+        cp_group=None,
     ):
         """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
 
@@ -157,6 +158,8 @@ class FeatureAttention(nn.Module):
         ``cu_seqlens``: packed sequences, ``x [1, total_T, dim]`` holding N sequences back to
         back (int32/int64 ``[N + 1]`` cumulative lengths, see
         :func:`featattn.linear_attention`); each is attended alone and a state is per sequence.
+        ``cp_group``: context parallelism, ``x`` being this rank's slice of the sequence (see
+        :func:`featattn.linear_attention` and docs/distributed.md).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -168,6 +171,9 @@ class FeatureAttention(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("update_state=True decodes one batch of sequences; packed "
                                  "sequences (cu_seqlens) are for prefill and training")
+            if cp_group is not None:
+                raise ValueError("update_state=True decodes on one rank; cp_group is for "
+                                 "prefill and training of a sequence split across ranks")
             if state is None:
                 raise ValueError("update_state=True needs a state to update; start from "
                                  "layer.init_state(batch) or a prefill with return_state=True")
@@ -184,6 +190,7 @@ class FeatureAttention(nn.Module):
             return_state=return_state,
             backend=self.backend,
             cu_seqlens=cu_seqlens,
+            cp_group=cp_group,
         )
         o, new_state = res if return_state else (res, None)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

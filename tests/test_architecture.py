@@ -25,6 +25,8 @@ RULES = {
         where=["featattn/**"], minus=["featattn/hf/**"], forbidden=["transformers"]),
     "the oracle featattn/reference.py imports nothing of featattn": dict(
         where=["featattn/reference.py"], minus=[], forbidden=["featattn"]),
+    "torch.distributed only in featattn/distributed.py (imported when cp_group is given)": dict(
+        where=["featattn/**"], minus=["featattn/distributed.py"], forbidden=["torch.distributed"]),
     "the core never imports featattn.cli or featattn.hf": dict(
         where=CORE, minus=[], forbidden=["featattn.cli", "featattn.hf"]),
 }

@@ -1,0 +1,255 @@
+"""Context parallelism (featattn/distributed.py) with gloo on 127.0.0.1: 2 and 4 processes,
+each holding a slice of one sequence, against the single-process call on the whole sequence.
+
+One spawn per world size runs every case (a process start costs seconds on the CI machine);
+each rank writes its errors to a JSON file the tests read."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+import featattn
+from featattn.feature_maps import resolve_feature_map
+
+# name -> (world slices (tokens per rank), dtype, feature map, normalize, B, H, Hkv, Dqk, Dv,
+#          with an initial state, return_state used in the loss)
+CASES = {
+    "elu_f64_init": ([5, 12], torch.float64, "elu", True, 2, 2, 2, 8, 8, True, False),
+    "taylor_f64": ([9, 7], torch.float64, "taylor", True, 1, 2, 2, 4, 6, True, True),
+    "hedgehog_f64_params": ([6, 11], torch.float64, "hedgehog", True, 1, 2, 2, 8, 8, False, False),
+    "plain_gqa_f64": ([10, 3], torch.float64, None, False, 1, 4, 2, 6, 5, True, True),
+    "one_token_rank_f32": ([1, 30], torch.float32, "elu", True, 2, 2, 2, 8, 4, True, True),
+    "four_ranks_f64": ([3, 1, 7, 10], torch.float64, "elu", True, 1, 2, 1, 8, 8, True, True),
+    "four_ranks_taylor_f32": ([4, 9, 2, 5], torch.float32, "taylor", True, 1, 2, 2, 4, 4, False, True),
+    "four_ranks_hedgehog_f64": ([2, 5, 1, 6], torch.float64, "hedgehog", True, 1, 2, 2, 4, 4, True, False),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _make_map(name, dqk, dtype):
+    if name != "hedgehog":
+        return name
+    torch.manual_seed(11)
+    fm = featattn.get_feature_map("hedgehog", head_dim=dqk, heads=2).to(dtype)
+    with torch.no_grad():  # away from the identity init, so its gradient is not special
+        for p in fm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return fm
+
+
+def run_case(name, rank, group):
+    """Errors of this rank's slice (output, gradients) against the whole sequence."""
+    import torch.distributed as dist
+
+    slices, dtype, fmname, normalize, B, H, Hkv, Dqk, Dv, with_init, use_state = CASES[name]
+    world = len(slices)
+    T = sum(slices)
+    g = torch.Generator().manual_seed(1234)
+    q = torch.randn(B, H, T, Dqk, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, T, Dqk, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, T, Dv, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64).to(dtype)
+    fm = _make_map(fmname, Dqk, dtype)
+    Dk = resolve_feature_map(fm).output_dim(Dqk) if fm is not None else Dqk
+    if with_init:
+        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        kv0 = torch.rand(B, H, Dk, Dv, generator=g, dtype=torch.float64).to(sdt)
+        z0 = torch.rand(B, H, Dk, generator=g, dtype=torch.float64).to(kv0.dtype) if normalize else None
+    wkv = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+
+    def loss_of(o, state, last):
+        loss = (o * w_slice).sum()
+        if use_state and last:
+            loss = loss + (state.kv * wkv.to(state.kv.dtype)).sum()
+        return loss
+
+    def leaves(q_, k_, v_):
+        ls = [t.clone().requires_grad_() for t in (q_, k_, v_)]
+        st = None
+        if with_init:
+            st = featattn.LinearAttentionState(kv0.clone().requires_grad_(),
+                                               None if z0 is None else z0.clone().requires_grad_())
+        return ls, st
+
+    # the whole sequence in one process
+    (qf, kf, vf), st_full = leaves(q, k, v)
+    params = list(fm.parameters()) if isinstance(fm, torch.nn.Module) else []
+    for p in params:
+        p.grad = None
+    w_slice = w
+    o_full, s_full = featattn.linear_attention(qf, kf, vf, feature_map=fm, normalize=normalize,
+                                               initial_state=st_full, return_state=True)
+    loss_of(o_full, s_full, True).backward()
+    want = {"dq": qf.grad, "dk": kf.grad, "dv": vf.grad}
+    if with_init:
+        want["dkv0"] = st_full.kv.grad
+        if normalize:
+            want["dz0"] = st_full.z.grad
+    want_params = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    # this rank's slice
+    a = sum(slices[:rank])
+    sl = slice(a, a + slices[rank])
+    (ql, kl, vl), st = leaves(q[:, :, sl], k[:, :, sl], v[:, :, sl])
+    w_slice = w[:, :, sl]
+    o, s = featattn.linear_attention(ql, kl, vl, feature_map=fm, normalize=normalize,
+                                     initial_state=st, return_state=True, cp_group=group)
+    loss_of(o, s, rank == world - 1).backward()
+    err = {"o": _rel(o, o_full[:, :, sl]), "dq": _rel(ql.grad, want["dq"][:, :, sl]),
+           "dk": _rel(kl.grad, want["dk"][:, :, sl]), "dv": _rel(vl.grad, want["dv"][:, :, sl])}
+    if with_init:
+        err["dkv0"] = _rel(st.kv.grad, want["dkv0"])
+        if normalize:
+            err["dz0"] = _rel(st.z.grad, want["dz0"])
+    if rank == world - 1:
+        err["final kv"] = _rel(s.kv, s_full.kv)
+    for i, p in enumerate(params):  # DDP would sum these over the ranks
+        total = p.grad.clone()
+        dist.all_reduce(total, group=group)
+        err[f"param {i}"] = _rel(total, want_params[i])
+    return err
+
+
+def layer_case(rank, group):
+    """FeatureAttention(cp_group=...): each rank's output slice, and the parameter gradients
+    summed over the ranks, equal the layer on the whole sequence."""
+    import torch.distributed as dist
+
+    slices = [7, 9]
+    torch.manual_seed(5)
+    layer = featattn.FeatureAttention(16, 2, "hedgehog").double()
+    x = torch.randn(2, sum(slices), 16, dtype=torch.float64)
+    w = torch.randn_like(x)
+    (layer(x) * w).sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    a = sum(slices[:rank])
+    sl = slice(a, a + slices[rank])
+    y = layer(x[:, sl], cp_group=group)
+    (y * w[:, sl]).sum().backward()
+    err = {"o": _rel(y, layer(x)[:, sl].detach())}
+    for i, p in enumerate(layer.parameters()):
+        total = p.grad.clone()
+        dist.all_reduce(total, group=group)
+        err[f"param {i}"] = _rel(total, want[i])
+    return err
+
+
+def mismatch_case(rank, group):
+    """Rank 1 passes another Dv: every rank must raise the same ValueError (no hang)."""
+    q = torch.randn(1, 2, 4, 8)
+    v = torch.randn(1, 2, 4, 8 if rank == 0 else 6)
+    try:
+        featattn.linear_attention(q, q, v, feature_map="elu", cp_group=group)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _worker(rank, world, port, names, outdir):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    results = {}
+    for name in names:
+        try:
+            extra = {"mismatch": mismatch_case, "layer": layer_case}
+            results[name] = extra[name](rank, group) if name in extra \
+                else run_case(name, rank, group)
+        except Exception:  # noqa: BLE001 - reported to the test
+            results[name] = {"error": traceback.format_exc()}
+    dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, names, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp(f"cp{world}")
+    mp.spawn(_worker, args=(world, _free_port(), names, str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    two = [n for n, c in CASES.items() if len(c[0]) == 2] + ["mismatch", "layer"]
+    four = [n for n, c in CASES.items() if len(c[0]) == 4]
+    return {2: _spawn(2, two, tmp_path_factory), 4: _spawn(4, four, tmp_path_factory)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_context_parallel_equals_the_whole_sequence(name, results):
+    """Output, q/k/v gradients, the initial state's gradient (full on every rank), the map's
+    parameter gradients (summed over ranks) and the last rank's final state, on every rank."""
+    world = len(CASES[name][0])
+    tol = TOL[CASES[name][1]]
+    for rank, res in enumerate(results[world]):
+        err = res[name]
+        assert "error" not in err, f"rank {rank}:\n{err.get('error')}"
+        assert {"o", "dq", "dk", "dv"} <= set(err)
+        bad = {k: v for k, v in err.items() if not v <= tol}
+        assert not bad, f"rank {rank}: {bad} (tolerance {tol})"
+
+
+def test_feature_attention_layer_with_cp_group(results):
+    for rank, res in enumerate(results[2]):
+        err = res["layer"]
+        assert "error" not in err, f"rank {rank}:\n{err.get('error')}"
+        bad = {k: v for k, v in err.items() if not v <= 1e-10}
+        assert not bad and len(err) > 3, f"rank {rank}: {err}"
+
+
+def test_mismatched_ranks_raise_the_same_clear_error(results):
+    msgs = [res["mismatch"] for res in results[2]]
+    for m in msgs:
+        assert "disagree on Dv" in m and "rank 0 8" in m and "rank 1 6" in m, m
+    assert msgs[0] == msgs[1]
+
+
+def test_cp_group_errors_without_a_group():
+    q = torch.randn(1, 1, 4, 4)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the ranks live in spawned processes
+    with pytest.raises(ValueError, match="init_process_group"):
+        featattn.linear_attention(q, q, q, cp_group=object())
+
+
+def test_example_runs_under_torchrun():
+    """examples/context_parallel.py as docs/distributed.md runs it (gloo, 2 ranks)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(root / "examples" / "context_parallel.py"),
+         "--tokens", "300"], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errs = [float(e) for e in re.findall(r"error (\S+?)[,\s]", out.stdout + "\n")]
+    assert len(errs) == 3 and max(errs) < 1e-5, out.stdout
