@@ -1,0 +1,105 @@
+"""Host time of one eager call, at the level users call (CUDA): what a Python loop pays before
+the GPU work, which is all that counts at small shapes.
+
+    python benchmarks/gpu_host.py                    # B=4 H=16 T=1024 D=64, bf16
+    python benchmarks/gpu_host.py --B 1 --H 1 --T 64
+
+Each row: microseconds of host time per call (the wall time of back-to-back calls without a
+synchronisation, divided by their number; the launch queue never fills at these sizes) for
+bare Triton launches (the floor), SDPA, the op and the layer, forward and forward+backward,
+the map as a pass and in the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import featattn
+
+
+def host_us(fn, n=200, grad=False) -> float:
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def launch_rows():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one(x):
+        pass
+
+    @triton.jit
+    def many(x, y, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
+             a17, a18, a19, a20, a21, B0: tl.constexpr, B1: tl.constexpr):
+        pass
+
+    tuned = triton.autotune([triton.Config({"B1": 16}), triton.Config({"B1": 32})],
+                            key=["a0", "a1"])(triton.jit(many.fn))
+    x = torch.zeros(16, device="cuda")
+    ints = list(range(2, 24))
+    return [
+        ("empty @triton.jit kernel, 1 argument", host_us(lambda: one[(1,)](x))),
+        ("empty kernel, 24 arguments", host_us(lambda: many[(1,)](x, x, *ints, B0=16, B1=16))),
+        ("the same through triton.autotune (2 configs)",
+         host_us(lambda: tuned[(1,)](x, x, *ints, B0=16))),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--D", type=int, default=64)
+    a = ap.parse_args()
+    dt = torch.bfloat16
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    rows = launch_rows()
+    q, k, v = (torch.randn(a.B, a.H, a.T, a.D, device="cuda", dtype=dt) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    rows.append(("SDPA forward", host_us(lambda: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True))))
+    rows.append(("SDPA forward+backward", host_us(lambda: F.scaled_dot_product_attention(
+        qg, kg, vg, is_causal=True).backward(v), grad=True)))
+    rows.append(("op on features, forward", host_us(lambda: featattn.linear_attention(q, k, v))))
+    rows.append(("op on features, forward+backward",
+                 host_us(lambda: featattn.linear_attention(qg, kg, vg).backward(v), grad=True)))
+    for mode in ("pass", "kernel"):
+        os.environ["FEATATTN_FUSE_MAPS"] = mode
+        rows.append((f"op elu, map {mode}, forward",
+                     host_us(lambda: featattn.linear_attention(q, k, v, feature_map="elu"))))
+        rows.append((f"op elu, map {mode}, forward+backward", host_us(
+            lambda: featattn.linear_attention(qg, kg, vg, feature_map="elu").backward(v),
+            grad=True)))
+    os.environ.pop("FEATATTN_FUSE_MAPS")
+    dim = a.H * a.D
+    layer = featattn.FeatureAttention(dim, a.H, "elu").to("cuda", dt)
+    x = torch.randn(a.B, a.T, dim, device="cuda", dtype=dt, requires_grad=True)
+    dy = torch.randn_like(x)
+    rows.append(("FeatureAttention elu forward", host_us(lambda: layer(x))))
+    rows.append(("FeatureAttention elu forward+backward",
+                 host_us(lambda: layer(x).backward(dy), grad=True)))
+    print(f"\nhost us per call, B={a.B} H={a.H} T={a.T} D={a.D} bf16\n")
+    print("| call | host us |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
