@@ -97,6 +97,7 @@ class Call(NamedTuple):
     stateful: bool
     has_init: bool = False
     needs_grad: bool = False
+    window: int = 0
 
 
 class Impl:
@@ -329,6 +330,7 @@ def select_kernel(
     *,
     initial_state=None,
     return_state: bool = False,
+    window: int = 0,
 ) -> KernelChoice:
     """The kernel ``linear_attention(q, k, v, feature_map=..., backend=..., initial_state=...,
     return_state=...)`` runs, and why.
@@ -341,6 +343,7 @@ def select_kernel(
         initial_state, return_state: as for linear_attention (the Taylor parallel form
             keeps no state; the step kernel needs an initial state).  Whether the inputs
             require a gradient matters too (the step kernel is inference only).
+        window: as for linear_attention (the hybrid softmax window; > 0 runs in PyTorch).
 
     Returns:
         :class:`KernelChoice` ``(name, reasons, map_path)``.
@@ -355,7 +358,7 @@ def select_kernel(
     dk = fm.output_dim(dqk) if fm is not None else dqk
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
                 initial_state is not None or bool(return_state), initial_state is not None,
-                needs_grad(q, k, v, initial_state, fm))
+                needs_grad(q, k, v, initial_state, fm), int(window))
     return select(call, backend)
 
 
@@ -385,6 +388,11 @@ def select(call: Call, backend: str) -> KernelChoice:
     reasons = []
     triton_why = None
     for impl in candidates:
+        if impl.triton and call.window:
+            if impl.applies(call) or backend not in ("auto", "triton"):
+                reasons.append(f"{impl.name}: window={call.window} (the hybrid softmax window) "
+                               f"has no Triton kernel yet; the chunked PyTorch path runs it")
+            continue
         if impl.triton:
             if triton_why is None:  # shared by every Triton kernel: said once
                 triton_why = _triton_reasons(call, auto)

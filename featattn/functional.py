@@ -28,6 +28,8 @@ def linear_attention(
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[False] = ..., backend: str = ..., layout: str = ...,
     cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
+    window: int = ..., window_weight: Union[None, float, torch.Tensor] = ...,
+    window_scale: Optional[float] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -38,6 +40,8 @@ def linear_attention(
     scale: Optional[float] = ..., initial_state: Optional[LinearAttentionState] = ...,
     return_state: Literal[True], backend: str = ..., layout: str = ...,
     cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
+    window: int = ..., window_weight: Union[None, float, torch.Tensor] = ...,
+    window_scale: Optional[float] = ...,
 ) -> Tuple[torch.Tensor, LinearAttentionState]: ...
 
 
@@ -56,6 +60,9 @@ def linear_attention(
     layout: str = "bhtd",
     cu_seqlens: Optional[torch.Tensor] = None,
     cp_group: Optional[Any] = None,
+    window: int = 0,
+    window_weight: Union[None, float, torch.Tensor] = None,
+    window_scale: Optional[float] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, LinearAttentionState]]:
     """Causal linear attention.
 
@@ -102,6 +109,15 @@ def linear_attention(
             returned state is the state after the rank's slice (the last rank's is the whole
             sequence's).  Every rank must make the call and, when it needs a gradient,
             backpropagate through it.  See docs/distributed.md.
+        window: 0, or W > 0 for the hybrid layer (LoLCATs): a softmax over each query's last
+            W keys (itself included) plus linear attention over every older key, under one
+            denominator (docs/hybrid.md has the formula).  Needs ``normalize=True``.  The
+            returned state then also holds the last W raw keys and values.
+        window_weight: the mixing weight f in (0, 1) of the softmax part (the linear part
+            gets 1 - f): a float, or a tensor ``[H]`` (learnable: FeatureAttention uses a
+            sigmoid of a parameter).  Default 0.5.
+        window_scale: multiplies the raw ``q . k`` of the softmax part (default
+            ``1 / sqrt(Dqk)``); ``scale`` still scales q before the feature map.
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
@@ -114,7 +130,9 @@ def linear_attention(
         raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
                          f"got {layout!r}")
     out = _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state,
-                            return_state, backend, cu_seqlens=cu_seqlens, cp_group=cp_group)
+                            return_state, backend, cu_seqlens=cu_seqlens, cp_group=cp_group,
+                            window=window, window_weight=window_weight,
+                            window_scale=window_scale)
     if layout == "bthd":
         if return_state:
             return out[0].transpose(1, 2), out[1]
@@ -130,7 +148,8 @@ def _to_bhtd(x, name):
 
 
 def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
-                      backend, in_place=False, out_buf=None, cu_seqlens=None, cp_group=None):
+                      backend, in_place=False, out_buf=None, cu_seqlens=None, cp_group=None,
+                      window=0, window_weight=None, window_scale=None):
     """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
     ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
@@ -153,6 +172,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         B = len(cu) - 1  # the states are per sequence
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
     return_state = return_state or in_place
+    window = _validate_window(window, window_weight, window_scale, normalize, initial_state,
+                              q, k, v, cu, cp_group, in_place)
     if cp_group is not None:
         if cu is not None:
             raise ValueError("cp_group with cu_seqlens is not supported: context parallelism "
@@ -163,9 +184,12 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
-                needs_grad(q, k, v, initial_state, fm))
+                needs_grad(q, k, v, initial_state, fm), window)
     choice = select(call, backend)
     kernel = choice.name
+    if window:
+        return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
+                       window, window_weight, window_scale, Dqk, Dk)
     if cu is not None and kernel != "chunked":  # no native packed form: one sequence at a time
         return _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu)
     # q, k, v and the state are validated above: the kernels' own checks are skipped
@@ -230,6 +254,84 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_group, in_place):
+    """The hybrid options, checked; returns the window as an int (0: no window)."""
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+    window = int(window)
+    windowed_state = state is not None and getattr(state, "window_k", None) is not None
+    if window == 0:
+        if weight is not None or wscale is not None:
+            raise ValueError("window_weight and window_scale only apply with window > 0")
+        if windowed_state:
+            raise ValueError("initial_state holds a softmax window's keys (it came from a call "
+                             "with window > 0); pass the same window to every call sharing it")
+        return 0
+    if not normalize:
+        raise ValueError("window > 0 (the hybrid layer) shares one denominator between the "
+                         "softmax and linear parts: it needs normalize=True")
+    for what, bad in (("cu_seqlens", cu is not None), ("cp_group", cp_group is not None),
+                      ("decode_step", in_place)):
+        if bad:
+            raise ValueError(f"window > 0 is not supported with {what} yet; call per sequence "
+                             f"(or linear_attention with the state) instead")
+    H = q.shape[1]
+    if weight is not None:
+        if isinstance(weight, torch.Tensor):
+            if weight.shape != (H,) or not weight.is_floating_point() or weight.device != q.device:
+                raise ValueError(f"window_weight as a tensor must be a float [H] = [{H}] on "
+                                 f"{q.device}, got {tuple(weight.shape)} {weight.dtype} on "
+                                 f"{weight.device}")
+        elif isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+            if not 0.0 < float(weight) < 1.0:
+                raise ValueError(f"window_weight must be in (0, 1), got {weight!r}")
+        else:
+            raise TypeError(f"window_weight must be None, a float in (0, 1) or a tensor [H], "
+                            f"got {type(weight).__name__}")
+    if wscale is not None and (isinstance(wscale, bool) or not isinstance(wscale, numbers.Real)
+                               or not math.isfinite(wscale) or wscale <= 0):
+        raise ValueError(f"window_scale must be a positive finite float, got {wscale!r}")
+    if windowed_state:
+        wk, wv = state.window_k, state.window_v
+        B, Hkv, _, Dqk = k.shape
+        P = wk.shape[2] if isinstance(wk, torch.Tensor) and wk.dim() == 4 else -1
+        want_k, want_v = (B, Hkv, P, Dqk), (B, Hkv, P, v.shape[-1])
+        if not isinstance(wv, torch.Tensor) or tuple(wk.shape) != want_k \
+                or tuple(wv.shape) != want_v or not 0 < P <= window:
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                   for t in (wk, wv)]
+            raise ValueError(f"initial_state.window_k / window_v must be [B, Hkv, P, Dqk] / "
+                             f"[B, Hkv, P, Dv] with 0 < P <= window = {window}, got {got}")
+        if wk.dtype != q.dtype or wv.dtype != q.dtype or wk.device != q.device:
+            raise ValueError(f"initial_state.window_k / window_v must be {q.dtype} on "
+                             f"{q.device} like q, got {wk.dtype} on {wk.device}")
+    return window
+
+
+def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
+            wscale, Dqk, Dk):
+    """The hybrid layer (featattn/hybrid.py): the window's earlier keys and values from the
+    state ahead of this call's, the features of both, then the chunked path or the oracle."""
+    from .hybrid import chunked_hybrid_attention
+    from .reference import quadratic_hybrid_attention
+
+    if state is not None and state.window_k is not None:
+        k = torch.cat([state.window_k, k], dim=2)
+        v = torch.cat([state.window_v, v], dim=2)
+    if fm is not None:
+        fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
+    else:
+        fq, fk = (q * scale if scale != 1.0 else q), k
+    fn = quadratic_hybrid_attention if kernel == "reference" else chunked_hybrid_attention
+    out, kv, z = fn(q, k, v, fq, fk, window=window, weight=0.5 if weight is None else weight,
+                    scale=1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps=eps,
+                    initial_kv=kv0, initial_z=z0, return_state=return_state)
+    if not return_state:
+        return out
+    keep = min(window, k.shape[2])
+    return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
 
 
 def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state, return_state,

@@ -42,6 +42,9 @@ class FeatureAttention(nn.Module):
         feature_map_kwargs: passed to the registered map's constructor; ``head_dim`` (=qk_dim),
             ``heads`` and ``kv_heads`` are filled in when the constructor takes them.
         backend: passed to :func:`featattn.linear_attention`.
+        window: 0, or W > 0 for the hybrid layer (LoLCATs): a softmax over the last W tokens
+            plus linear attention over the older ones, mixed per head by a learnable weight
+            ``sigmoid(window_logit)`` (starting at 0.5); see docs/hybrid.md.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class FeatureAttention(nn.Module):
         bias: bool = False,
         feature_map_kwargs: Optional[dict] = None,
         backend: str = "auto",
+        window: int = 0,
     ):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads)):
@@ -77,6 +81,11 @@ class FeatureAttention(nn.Module):
                                 f"{type(val).__name__} {val!r}")
             if val < 1:
                 raise ValueError(f"{name} must be None or a positive int, got {val!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+        if window and not normalize:
+            raise ValueError("window > 0 needs normalize=True (the softmax and linear parts "
+                             "share one denominator)")
         kv_heads = heads if kv_heads is None else kv_heads
         if heads % kv_heads:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
@@ -109,7 +118,15 @@ class FeatureAttention(nn.Module):
         self._qkv_split = (heads * qk_dim, kv_heads * qk_dim, kv_heads * head_dim)
         self.qkv_proj = nn.Linear(dim, sum(self._qkv_split), bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.window = window
+        #: the hybrid layer's per-head mixing weight f = sigmoid(window_logit) (window > 0)
+        self.window_logit = nn.Parameter(torch.zeros(heads)) if window else None
         self._register_load_state_dict_pre_hook(self._merge_separate_projections)
+
+    def _window_kwargs(self) -> dict:
+        if not self.window:
+            return {}
+        return dict(window=self.window, window_weight=torch.sigmoid(self.window_logit))
 
     def _merge_separate_projections(self, state_dict, prefix, *args, **kwargs):
         """Checkpoints saved before the projections were fused hold ``q_proj``, ``k_proj``
@@ -177,6 +194,15 @@ class FeatureAttention(nn.Module):
             if state is None:
                 raise ValueError("update_state=True needs a state to update; start from "
                                  "layer.init_state(batch) or a prefill with return_state=True")
+            if self.window:  # the window's keys grow: the state object takes the new tensors
+                o, new = linear_attention(q, k, v, feature_map=self.feature_map,
+                                          normalize=self.normalize, eps=self.eps,
+                                          initial_state=state, return_state=True,
+                                          backend=self.backend, **self._window_kwargs())
+                state.kv, state.z, state.window_k, state.window_v = \
+                    new.kv, new.z, new.window_k, new.window_v
+                y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+                return (y, state) if return_state else y
             o = decode_step(q, k, v, state, feature_map=self.feature_map,
                             normalize=self.normalize, eps=self.eps, backend=self.backend)
             y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -191,6 +217,7 @@ class FeatureAttention(nn.Module):
             backend=self.backend,
             cu_seqlens=cu_seqlens,
             cp_group=cp_group,
+            **self._window_kwargs(),
         )
         o, new_state = res if return_state else (res, None)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -200,4 +227,5 @@ class FeatureAttention(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, qk_dim={self.qk_dim}, "
             f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, normalize={self.normalize}"
+            + (f", window={self.window}" if self.window else "")
         )

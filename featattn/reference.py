@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["quadratic_linear_attention", "recurrent_linear_attention"]
+__all__ = ["quadratic_linear_attention", "recurrent_linear_attention", "quadratic_hybrid_attention"]
 
 
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -94,3 +94,57 @@ def recurrent_linear_attention(
     if not return_state:
         return out, None, None
     return out, kv, (z if normalize else None)
+
+
+def quadratic_hybrid_attention(
+    q, k, v, fq, fk, *, window, weight, scale, eps, initial_kv=None, initial_z=None,
+    return_state=False,
+):
+    """O(T^2) masked form of the hybrid layer (LoLCATs): a softmax over the last ``window``
+    keys and linear attention over every older key, under one denominator.
+
+    ``q [B, H, T, Dqk]`` raw queries and ``fq [B, H, T, Dk]`` their features are the last T of
+    N positions; ``k [B, Hkv, N, Dqk]``, ``fk [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]`` hold
+    all N (the first N - T are earlier tokens still inside the window).  ``weight``: f in
+    (0, 1), a float or ``[H]``.  ``initial_kv`` / ``initial_z`` summarise tokens before the N
+    (all older than any window).  For query t, window ``S_t = {t - W < s <= t}``, linear part
+    ``L_t = {s <= t - W}``, ``a_ts = scale * q_t . k_s``, ``m_t = max_{S_t} a_ts``::
+
+        num_t = f sum_{S_t} exp(a_ts - m_t) v_s + (1 - f) (sum_{L_t} (fq_t . fk_s) v_s + fq_t kv0)
+        den_t = f sum_{S_t} exp(a_ts - m_t)     + (1 - f) (sum_{L_t} fq_t . fk_s + fq_t . z0)
+        o_t   = num_t / (den_t + eps)
+
+    Returns ``(o, kv, z)``: the state over the positions older than the last ``window``
+    (plus the initial one) when ``return_state``, else None.
+    """
+    B, H, T, _ = q.shape
+    N = k.shape[2]
+    cd = _compute_dtype(q, k, v, fq, fk, initial_kv, initial_z)
+    qf, fqf = q.to(cd), fq.to(cd)
+    kf, vf, fkf = (_expand_kv_heads(x.to(cd), H) for x in (k, v, fk))
+    t = torch.arange(N - T, N, device=q.device)[:, None]
+    s = torch.arange(N, device=q.device)[None, :]
+    in_window = (s <= t) & (s > t - window)
+    linear = s <= t - window
+    a = scale * (qf @ kf.transpose(-1, -2))  # [B, H, T, N]
+    a = a.masked_fill(~in_window, float("-inf"))
+    m = a.amax(-1, keepdim=True)
+    e = torch.exp(a - m)  # exactly 0 outside the window
+    f = torch.as_tensor(weight, dtype=cd, device=q.device)
+    f = f.view(1, -1, 1, 1) if f.dim() == 1 else f
+    lin = (fqf @ fkf.transpose(-1, -2)).masked_fill(~linear, 0.0)
+    lin_num, lin_den = lin @ vf, lin.sum(-1, keepdim=True)
+    if initial_kv is not None:
+        lin_num = lin_num + fqf @ initial_kv.to(cd)
+        lin_den = lin_den + fqf @ initial_z.to(cd).unsqueeze(-1)
+    num = f * (e @ vf) + (1 - f) * lin_num
+    den = f * e.sum(-1, keepdim=True) + (1 - f) * lin_den
+    out = (num / (den + eps)).to(q.dtype)
+    if not return_state:
+        return out, None, None
+    old = max(N - window, 0)
+    kv = fkf[:, :, :old].transpose(-1, -2) @ vf[:, :, :old]
+    z = fkf[:, :, :old].sum(-2)
+    if initial_kv is not None:
+        kv, z = kv + initial_kv.to(cd), z + initial_z.to(cd)
+    return out, kv, z

@@ -39,13 +39,20 @@ class LinearAttentionState:
         z: ``[B, H, Dk]`` fp32, the running ``sum phi(k)``; ``None`` for a state produced with
             ``normalize=False`` (such a state cannot feed a normalised call).
 
+        window_k, window_v: only in the state of a hybrid call (``window=W > 0``): the raw
+            keys ``[B, Hkv, P, Dqk]`` and values ``[B, Hkv, P, Dv]`` of the last ``P = min(W,
+            tokens seen)`` tokens, in the input dtype, which the softmax window still reads;
+            ``kv`` / ``z`` then cover the tokens before them.
+
     Passing the state returned by one call as ``initial_state`` of the next makes running a
     sequence in pieces give the same output as running it whole.  Decoding one token at a
-    time is then O(1) per token.
+    time is then O(1) per token (O(W) more with a window).
     """
 
     kv: torch.Tensor
     z: Optional[torch.Tensor] = None
+    window_k: Optional[torch.Tensor] = None
+    window_v: Optional[torch.Tensor] = None
 
     @classmethod
     def zeros(
@@ -74,28 +81,38 @@ class LinearAttentionState:
         """``(B, H, Dk, Dv)``."""
         return tuple(self.kv.shape)  # type: ignore[return-value]
 
+    def _map(self, fn) -> "LinearAttentionState":
+        """The state with ``fn`` applied to each tensor it holds."""
+        return LinearAttentionState(*(None if t is None else fn(t) for t in self._tensors()))
+
+    def _tensors(self) -> tuple:
+        return (self.kv, self.z, self.window_k, self.window_v)
+
+    @property
+    def windowed(self) -> bool:
+        """True when the state carries a softmax window's keys and values (a hybrid call's)."""
+        return self.window_k is not None
+
     def detach(self) -> "LinearAttentionState":
         """A copy cut from the autograd graph (for truncated backprop through time)."""
-        return LinearAttentionState(self.kv.detach(), None if self.z is None else self.z.detach())
+        return self._map(lambda t: t.detach())
 
     def clone(self) -> "LinearAttentionState":
-        return LinearAttentionState(self.kv.clone(), None if self.z is None else self.z.clone())
+        return self._map(lambda t: t.clone())
 
     def to(self, *args, **kwargs) -> "LinearAttentionState":
-        return LinearAttentionState(
-            self.kv.to(*args, **kwargs), None if self.z is None else self.z.to(*args, **kwargs)
-        )
+        """``Tensor.to`` on kv and z; the window's raw keys and values move device only
+        (they stay in the input dtype)."""
+        moved = self._map(lambda t: t.to(*args, **kwargs))
+        if self.window_k is not None:
+            moved.window_k = self.window_k.to(moved.kv.device)
+            moved.window_v = self.window_v.to(moved.kv.device)
+        return moved
 
     def index_select(self, dim: int, index: torch.Tensor) -> "LinearAttentionState":
         """Select along batch (``dim=0``), e.g. to reorder beams."""
-        return LinearAttentionState(
-            self.kv.index_select(dim, index),
-            None if self.z is None else self.z.index_select(dim, index),
-        )
+        return self._map(lambda t: t.index_select(dim, index))
 
     def nbytes(self) -> int:
         """Bytes held by the state (constant in the number of tokens seen)."""
-        n = self.kv.numel() * self.kv.element_size()
-        if self.z is not None:
-            n += self.z.numel() * self.z.element_size()
-        return n
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)

@@ -1,0 +1,204 @@
+"""The hybrid layer (window > 0): a softmax over the last W keys plus linear attention over the
+older ones under one denominator (featattn/hybrid.py, the oracle in featattn/reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featattn
+from featattn.dispatch import KernelUnavailable
+from featattn.feature_maps import resolve_feature_map
+from featattn.reference import quadratic_hybrid_attention
+
+
+def loop_oracle(q, k, v, fm, W, f, eps=1e-6):
+    """The LoLCATs formula token by token, straight from its definition (float64)."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    phi = (lambda x: x) if fm is None else fm
+    fq = phi(q) if fm is None else fm.forward_query(q)
+    fk = phi(kk) if fm is None else fm.forward_key(k).repeat_interleave(G, 1)
+    f = torch.as_tensor(f, dtype=q.dtype).expand(H).view(1, H, 1)
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
+    for t in range(T):
+        win = list(range(max(0, t - W + 1), t + 1))
+        old = list(range(0, max(0, t - W + 1)))
+        a = (q[:, :, t:t + 1] @ kk[:, :, win].transpose(-1, -2)).squeeze(2) / math.sqrt(D)
+        e = torch.exp(a - a.amax(-1, keepdim=True))
+        num = f * (e.unsqueeze(-1) * vv[:, :, win]).sum(2)
+        den = f * e.sum(-1, keepdim=True)
+        if old:
+            lin = (fq[:, :, t:t + 1] @ fk[:, :, old].transpose(-1, -2)).squeeze(2)
+            num = num + (1 - f) * (lin.unsqueeze(-1) * vv[:, :, old]).sum(2)
+            den = den + (1 - f) * lin.sum(-1, keepdim=True)
+        out[:, :, t] = num / (den + eps)
+    return out
+
+
+def _map(name, D, H, Hkv):
+    if name is None:
+        return None
+    if name == "hedgehog":
+        torch.manual_seed(3)
+        fm = featattn.get_feature_map("hedgehog", head_dim=D, heads=H, kv_heads=Hkv).double()
+        with torch.no_grad():
+            for p in fm.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        return fm
+    return resolve_feature_map(name)
+
+
+def _inputs(B, H, Hkv, T, D, Dv, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return mk(B, H, T, D), mk(B, Hkv, T, D), mk(B, Hkv, T, Dv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 40), W=st.integers(1, 48), G=st.sampled_from([1, 2]),
+       fm=st.sampled_from([None, "elu", "taylor", "hedgehog", "relu"]),
+       backend=st.sampled_from(["auto", "reference"]), seed=st.integers(0, 1000))
+def test_hybrid_equals_the_formula_token_by_token(T, W, G, fm, backend, seed):
+    """Both backends against the definition, W >= T included, float64."""
+    H, D, Dv = 2 * G, 4, 3
+    q, k, v = _inputs(1, H, H // G, T, D, Dv, seed)
+    m = _map(fm, D, H, H // G)
+    if fm == "relu":  # keep the linear part's denominator away from 0
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    f = torch.rand(H, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.8 + 0.1
+    got = featattn.linear_attention(q, k, v, feature_map=m, window=W, window_weight=f,
+                                    backend=backend)
+    want = loop_oracle(q, k, v, resolve_feature_map(m) if m is not None else None, W, f)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fm", ["elu", "hedgehog", "taylor"])
+@pytest.mark.parametrize("T,W", [(37, 8), (64, 64), (5, 16), (100, 1)])
+def test_chunked_gradients_equal_the_oracle(fm, T, W):
+    """q, k, v, the learnable weight f, the map's parameters and the initial state, with a
+    state passed in (window keys included) and returned."""
+    H, Hkv, D, Dv = 4, 2, 4, 5
+    q, k, v = _inputs(2, H, Hkv, T, D, Dv, seed=T + W)
+    m = _map(fm, D, H, Hkv)
+    prev = _inputs(2, H, Hkv, 11, D, Dv, seed=99)
+    logit = torch.randn(H, dtype=torch.float64)
+    with torch.no_grad():
+        _, state0 = featattn.linear_attention(*prev, feature_map=m, window=W, return_state=True)
+    runs = []
+    for backend in ("torch", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, logit, state0.kv, state0.z)]
+        params = list(m.parameters()) if isinstance(m, torch.nn.Module) else []
+        st0 = featattn.LinearAttentionState(leaves[4], leaves[5], state0.window_k, state0.window_v)
+        o, s = featattn.linear_attention(*leaves[:3], feature_map=m, window=W,
+                                         window_weight=torch.sigmoid(leaves[3]),
+                                         initial_state=st0, return_state=True, backend=backend)
+        loss = (o * o).sum() + (s.kv * 0.3).sum() + s.z.sum() + s.window_v.sum()
+        grads = torch.autograd.grad(loss, leaves + params)
+        runs.append([o, s.kv, s.z, s.window_k, s.window_v, *grads])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs_stay_close(dtype):
+    q, k, v = _inputs(1, 2, 2, 70, 8, 8, seed=1)
+    want = featattn.linear_attention(q, k, v, feature_map="elu", window=16, backend="reference")
+    got = featattn.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), feature_map="elu",
+                                    window=16)
+    assert got.dtype == dtype
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype], err
+
+
+def test_decoding_500_tokens_equals_the_prefill():
+    """The layer's state hands the window over exactly: prefill 37, then 463 single tokens
+    through update_state=True, against one call on all 500."""
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(32, 4, "hedgehog", kv_heads=2, window=16).double()
+    with torch.no_grad():
+        layer.window_logit.normal_()
+    x = torch.randn(2, 500, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(x)
+        y0, state = layer(x[:, :37], return_state=True)
+        outs = [y0] + [layer(x[:, t:t + 1], state, update_state=True) for t in range(37, 500)]
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-9, atol=1e-11)
+    assert state.window_k.shape == (2, 2, 16, 8)
+    # constant size once the window is full
+    assert state.nbytes() == state.kv.numel() * 8 + state.z.numel() * 8 \
+        + 2 * state.window_k.numel() * 8
+
+
+def test_layer_weight_trains():
+    layer = featattn.FeatureAttention(16, 2, "elu", window=4)
+    x = torch.randn(1, 9, 16)
+    layer(x).square().sum().backward()
+    assert layer.window_logit.grad is not None and layer.window_logit.grad.abs().sum() > 0
+    assert "window=4" in repr(layer)
+
+
+def test_state_helpers_carry_the_window():
+    q, k, v = _inputs(1, 2, 2, 6, 4, 4)
+    _, s = featattn.linear_attention(q, k, v, feature_map="elu", window=3, return_state=True)
+    for t in (s.clone(), s.detach(), s.index_select(0, torch.tensor([0])), s.to("cpu")):
+        assert t.windowed and torch.equal(t.window_k, s.window_k)
+    assert s.to(torch.float32).window_k.dtype == torch.float64  # raw keys keep their dtype
+
+
+def test_window_zero_matches_plain_and_select_kernel_says_why():
+    q, k, v = _inputs(1, 2, 2, 12, 4, 4)
+    assert torch.equal(featattn.linear_attention(q, k, v, feature_map="elu", window=0),
+                       featattn.linear_attention(q, k, v, feature_map="elu"))
+    choice = featattn.select_kernel(q, k, v, "elu", window=8)
+    assert choice.name == "torch_chunked"
+    with pytest.raises(KernelUnavailable, match="window=8.*no Triton kernel"):
+        featattn.select_kernel(q, k, v, "elu", backend="chunked", window=8)
+
+
+def test_bad_window_input_is_explained():
+    q, k, v = _inputs(1, 2, 2, 6, 4, 4)
+    la = featattn.linear_attention
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        la(q, k, v, window=-1)
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        la(q, k, v, window=True)
+    with pytest.raises(ValueError, match="needs normalize=True"):
+        la(q, k, v, window=4, normalize=False)
+    with pytest.raises(ValueError, match=r"window_weight must be in \(0, 1\)"):
+        la(q, k, v, window=4, window_weight=1.0)
+    with pytest.raises(ValueError, match=r"float \[H\] = \[2\]"):
+        la(q, k, v, window=4, window_weight=torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match="window_weight must be None"):
+        la(q, k, v, window=4, window_weight="half")
+    with pytest.raises(ValueError, match="only apply with window > 0"):
+        la(q, k, v, window_weight=0.3)
+    with pytest.raises(ValueError, match="window_scale must be a positive"):
+        la(q, k, v, window=4, window_scale=0.0)
+    _, s = la(q, k, v, feature_map="elu", window=4, return_state=True)
+    with pytest.raises(ValueError, match="came from a call with window > 0"):
+        la(q, k, v, feature_map="elu", initial_state=s)
+    with pytest.raises(ValueError, match="0 < P <= window = 2"):
+        la(q, k, v, feature_map="elu", window=2, initial_state=s)
+    with pytest.raises(ValueError, match="not supported with cu_seqlens"):
+        la(q[:1], k[:1], v[:1], window=4, cu_seqlens=torch.tensor([0, 2, 6]))
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        featattn.FeatureAttention(16, 2, "elu", window=-3)
+    with pytest.raises(ValueError, match="needs normalize=True"):
+        featattn.FeatureAttention(16, 2, "elu", window=3, normalize=False)
+
+
+def test_oracle_state_is_the_linear_part_before_the_window():
+    """The returned kv/z cover exactly the tokens older than the last W."""
+    q, k, v = _inputs(1, 2, 2, 10, 4, 4)
+    fk = torch.nn.functional.elu(k) + 1
+    _, kv, z = quadratic_hybrid_attention(q, k, v, torch.nn.functional.elu(q) + 1, fk,
+                                          window=3, weight=0.5, scale=0.5, eps=1e-6,
+                                          return_state=True)
+    torch.testing.assert_close(kv, fk[:, :, :7].transpose(-1, -2) @ v[:, :, :7])
+    torch.testing.assert_close(z, fk[:, :, :7].sum(2))
