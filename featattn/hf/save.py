@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
 from ..feature_maps import FeatureMap
-from ._common import CONFIG_KEY, _require_transformers
+from ._common import _FAMILIES, CONFIG_KEY, _require_transformers
 from .attention import HFFeatureAttention
 from .patch import _resolve_map_spec, patch_hf_model, unpatch_hf_model
 
@@ -149,11 +150,113 @@ def repatch_hf_model(
     return model
 
 
+#: ``from_pretrained`` keywords that say where config.json is (read first, for the record)
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision",
+               "subfolder", "token", "trust_remote_code")
+
+
+def _read_config(path, kwargs: dict):
+    """The config ``from_pretrained(path, **kwargs)`` would start from: ``kwargs["config"]`` if
+    it is a config object, else ``AutoConfig.from_pretrained`` of it or of ``path``."""
+    from transformers import AutoConfig, PretrainedConfig  # the 4.x name, kept in 5.x
+
+    given = kwargs.get("config")
+    if isinstance(given, PretrainedConfig):
+        return given
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    return AutoConfig.from_pretrained(given if given is not None else path, **hub)
+
+
+def _concrete_class(model_class, config):
+    """The ``PreTrainedModel`` subclass that ``model_class.from_pretrained`` builds for
+    ``config``: ``model_class`` itself, or what an Auto class maps ``type(config)`` to."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    mapping = getattr(model_class, "_model_mapping", None)  # every transformers Auto class has it
+    if not isinstance(model_class, type) or mapping is None:
+        raise TypeError(
+            "model_class must be a transformers model class (e.g. LlamaForCausalLM) or an Auto "
+            f"class (e.g. AutoModelForCausalLM), got {model_class!r}"
+        )
+    try:
+        found = mapping[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"{model_class.__name__} has no model class for {type(config).__name__} "
+            f"(model_type={getattr(config, 'model_type', None)!r}); pass model_class= explicitly"
+        ) from None
+    if isinstance(found, (list, tuple)):  # several classes for one config: pick by architectures
+        names = set(getattr(config, "architectures", None) or ())
+        found = next((c for c in found if c.__name__ in names), found[0])
+    return found
+
+
+def _feature_map_patterns(config) -> set:
+    """Regexes (transformers matches them with ``re.search``) for the feature-map keys of the
+    layers recorded in ``config.featattn``, wherever the layers sit (causal LM or base model
+    keys).  Empty when the family is unknown: re-patching will then raise its own error."""
+    record = getattr(config, CONFIG_KEY, None)
+    fam = _FAMILIES.get(getattr(config, "model_type", None))
+    layers = record.get("layers") if isinstance(record, Mapping) else None
+    if fam is None or not isinstance(layers, (list, tuple)):
+        return set()
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        return set()
+    idx = "|".join(str(i) for i in sorted(set(layers)))
+    return {
+        rf"(^|\.){re.escape(fam.layers_attr)}\.({idx})\.{re.escape(fam.attn_attr)}\.feature_map\."
+    }
+
+
 def load_patched_hf_model(path, model_class=None, **from_pretrained_kwargs) -> nn.Module:
     """``model_class.from_pretrained(path, **kwargs)`` then :func:`repatch_hf_model` with the
-    feature-map weights from ``path``.  ``model_class`` defaults to ``AutoModelForCausalLM``."""
+    feature-map weights from ``path``.  ``model_class`` defaults to ``AutoModelForCausalLM``.
+
+    Quiet: ``from_pretrained`` does not report the saved feature-map weights as unexpected keys
+    (the softmax model it builds has no feature maps); they are declared as keys to ignore
+    for this load (transformers' ``_keys_to_ignore_on_load_unexpected``) and loaded by the
+    re-patch, which raises ``KeyError`` if any is missing.  Any other unexpected or missing key
+    is still reported.  With ``output_loading_info=True`` it returns ``(model, loading_info)``.
+    Raises ``ValueError`` before loading any weights when the saved config has no featattn
+    record (not saved from a patched model).
+    """
     _require_transformers()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a save_pretrained directory or a model id (str or os.PathLike), "
+            f"got {type(path).__name__}"
+        )
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
-    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
-    return repatch_hf_model(model, checkpoint=path if os.path.isdir(os.fspath(path)) else None)
+    kwargs = dict(from_pretrained_kwargs)
+    config = _read_config(path, kwargs)
+    if not isinstance(getattr(config, CONFIG_KEY, None), Mapping):
+        raise ValueError(
+            f"the config of {os.fspath(path)!r} has no featattn record: it was not saved from a "
+            "patched model; load it with from_pretrained and use featattn.patch_hf_model"
+        )
+    cls = _concrete_class(model_class, config)
+    patterns = _feature_map_patterns(config) - set(cls._keys_to_ignore_on_load_unexpected or ())
+    # transformers' extension point for checkpoint keys a class knows it does not load is the
+    # class attribute _keys_to_ignore_on_load_unexpected (read by from_pretrained on the instance
+    # it builds).  Set it on a throwaway subclass, not on ``cls``, so that no other load is
+    # affected, and give the instance its own class back once the weights are in.
+    quiet = type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_keys_to_ignore_on_load_unexpected":
+            sorted(set(cls._keys_to_ignore_on_load_unexpected or ()) | patterns),
+    })
+    loaded = quiet.from_pretrained(path, **kwargs)
+    model, info = loaded if kwargs.get("output_loading_info") else (loaded, None)
+    if type(model) is quiet:
+        model.__class__ = cls
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    if isinstance(ignored, set):  # set per instance by post_init: what a plain load would leave
+        ignored -= patterns
+    local = os.path.isdir(os.fspath(path))
+    repatch_hf_model(model, checkpoint=path if local else None)
+    return (model, info) if info is not None else model
