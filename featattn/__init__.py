@@ -20,7 +20,13 @@ __version__ = "0.1.0"
 
 #: names served from featattn.hf, imported on first access so that ``import featattn`` never
 #: imports the Hugging Face integration (a leaf the core does not need)
-_HF_NAMES = ("patch_hf_model", "unpatch_hf_model")
+_HF_NAMES = (
+    "patch_hf_model",
+    "unpatch_hf_model",
+    "repatch_hf_model",
+    "load_patched_hf_model",
+    "transfer_attention",
+)
 
 __all__ = [
     "__version__",
@@ -35,8 +41,12 @@ __all__ = [
     "list_feature_maps",
     "select_kernel",
     "KernelChoice",
+    # featattn.hf's, served lazily (listed literally so that tools read them; the same as _HF_NAMES)
     "patch_hf_model",
     "unpatch_hf_model",
+    "repatch_hf_model",
+    "load_patched_hf_model",
+    "transfer_attention",
 ]
 
 

@@ -91,19 +91,26 @@ def test_import_without_transformers():
     run_python(code)
 
 
+HF_TOP_LEVEL = ["patch_hf_model", "unpatch_hf_model", "repatch_hf_model", "load_patched_hf_model",
+                "transfer_attention"]
+
+
 def test_import_featattn_does_not_import_hf():
-    # featattn.patch_hf_model / unpatch_hf_model are served lazily (PEP 562): the core package
-    # never imports its Hugging Face leaf until one of those names is used
+    # featattn.patch_hf_model, load_patched_hf_model, ... are served lazily (PEP 562): the core
+    # package never imports its Hugging Face leaf until one of those names is used
     code = (
+        f"names = {HF_TOP_LEVEL!r}\n"
         "import featattn, sys\n"
         "assert 'featattn.hf' not in sys.modules, 'import featattn imported featattn.hf'\n"
-        "assert {'patch_hf_model', 'unpatch_hf_model'} <= set(featattn.__all__)\n"
-        "assert 'patch_hf_model' in dir(featattn)\n"
-        "fn = featattn.patch_hf_model\n"
+        "assert sorted(featattn._HF_NAMES) == sorted(names), featattn._HF_NAMES\n"
+        "assert set(names) <= set(featattn.__all__) and set(names) <= set(dir(featattn))\n"
+        "fn = featattn.load_patched_hf_model\n"
         "assert 'featattn.hf' in sys.modules\n"
         "import featattn.hf\n"
-        "assert fn is featattn.hf.patch_hf_model\n"
-        "assert featattn.unpatch_hf_model is featattn.hf.unpatch_hf_model\n"
+        "assert fn is featattn.hf.load_patched_hf_model\n"
+        "for name in names:\n"
+        "    assert getattr(featattn, name) is getattr(featattn.hf, name), name\n"
+        "    assert name in featattn.hf.__all__, name\n"
         "from featattn import *\n"
         "try:\n"
         "    featattn.no_such_name\n"
