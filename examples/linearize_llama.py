@@ -7,7 +7,10 @@
    * ``elu``: plain swap to the ``elu`` feature map;
    * ``hedgehog``: swap to the learnable ``hedgehog`` map, untrained (its identity init);
    * ``hedgehog + transfer``: the same, then ``featattn.hf.transfer_attention`` fits the maps
-     to the softmax attention (nothing else is trained).
+     to the softmax attention (nothing else is trained);
+   * ``hedgehog + window + transfer``: the hybrid layer (``window=W``: softmax over the last W
+     tokens, linear attention before them, LoLCATs), its maps and mixing weights transferred
+     the same way.
 3. Print the held-out loss of the softmax original and of each variant (same held-out batches,
    fixed seeds), and the gap to the original.
 
@@ -160,6 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--copy-prob", type=float, default=0.08, help="chance per token of starting a copied span")
     p.add_argument("--feature-dim", type=int, default=None, help="hedgehog feature dim (default: head dim)")
+    p.add_argument("--window", type=int, default=8,
+                   help="softmax window of the hybrid variant (tokens; the sequence is --seq-len)")
     p.add_argument("--transfer-steps", type=int, default=300)
     p.add_argument("--transfer-lr", type=float, default=1e-2)
     p.add_argument("--transfer-loss", default="xent", choices=["mse", "xent", "mse+xent"])
@@ -214,17 +219,28 @@ def main(argv=None, log=print) -> dict:
     transfer_s = time.perf_counter() - t0
     losses["hedgehog + transfer"] = evaluate(hh, eval_batches)
 
+    hw = patch_hf_model(copy.deepcopy(model), "hedgehog", feature_map_kwargs=fm_kwargs,
+                        window=args.window)
+    t0 = time.perf_counter()
+    window_result = transfer_attention(
+        hw, transfer_data, steps=args.transfer_steps, lr=args.transfer_lr,
+        loss=args.transfer_loss, lr_schedule="cosine", progress=not args.no_progress,
+    )
+    transfer_s += time.perf_counter() - t0
+    wname = f"hedgehog + window {args.window} + transfer"
+    losses[wname] = evaluate(hw, eval_batches)
+
     base = losses["softmax (original)"]
     gaps = {k: v - base for k, v in losses.items()}
     elu_gap = gaps["elu (plain swap)"]
     lines = [
-        f"{'variant':<24}{'held-out loss':>14}{'gap':>9}{'gap / elu gap':>15}",
-        "-" * 62,
+        f"{'variant':<34}{'held-out loss':>14}{'gap':>9}{'gap / elu gap':>15}",
+        "-" * 72,
     ]
     for k, v in losses.items():
         ratio = "" if k.startswith("softmax") else f"{gaps[k] / elu_gap:.2f}" if elu_gap > 0 else "n/a"
         gap = "" if k.startswith("softmax") else f"{gaps[k]:+.3f}"
-        lines.append(f"{k:<24}{v:>14.3f}{gap:>9}{ratio:>15}")
+        lines.append(f"{k:<34}{v:>14.3f}{gap:>9}{ratio:>15}")
     table = "\n".join(lines)
     seconds = time.perf_counter() - t_start
     log("")
@@ -232,12 +248,18 @@ def main(argv=None, log=print) -> dict:
     log("")
     log(table)
     ok = elu_gap > 0 and gaps["hedgehog + transfer"] <= 0.5 * elu_gap
+    linear_gap = gaps["hedgehog + transfer"]
+    window_ok = linear_gap > 0 and gaps[wname] <= 0.5 * linear_gap
     log("")
     note = " (--quick: too small to mean anything)" if args.quick else ""
     log(f"acceptance (transfer gap <= half the elu gap): {'holds' if ok else 'does NOT hold'}{note}")
+    log(f"window (gap with the window <= half the pure-linear transferred gap: "
+        f"{gaps[wname]:+.3f} vs {linear_gap:+.3f}): "
+        f"{'holds' if window_ok else 'does NOT hold'}{note}")
     log(f"time: softmax training {train_s:.0f} s, transfer {transfer_s:.0f} s, total {seconds:.0f} s")
     return {"losses": losses, "gaps": gaps, "transfer": result, "table": table,
-            "acceptance": ok, "seconds": seconds}
+            "acceptance": ok, "window_transfer": window_result, "window_acceptance": window_ok,
+            "seconds": seconds}
 
 
 if __name__ == "__main__":

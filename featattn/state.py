@@ -81,8 +81,9 @@ class LinearAttentionState:
         """``(B, H, Dk, Dv)``."""
         return tuple(self.kv.shape)  # type: ignore[return-value]
 
-    def _map(self, fn) -> "LinearAttentionState":
-        """The state with ``fn`` applied to each tensor it holds."""
+    def map(self, fn) -> "LinearAttentionState":
+        """A state holding ``fn(t)`` for each tensor ``t`` of this one (kv, z and the window's
+        keys and values where present), e.g. ``state.map(lambda t: t[indices])``."""
         return LinearAttentionState(*(None if t is None else fn(t) for t in self._tensors()))
 
     def _tensors(self) -> tuple:
@@ -95,15 +96,15 @@ class LinearAttentionState:
 
     def detach(self) -> "LinearAttentionState":
         """A copy cut from the autograd graph (for truncated backprop through time)."""
-        return self._map(lambda t: t.detach())
+        return self.map(lambda t: t.detach())
 
     def clone(self) -> "LinearAttentionState":
-        return self._map(lambda t: t.clone())
+        return self.map(lambda t: t.clone())
 
     def to(self, *args, **kwargs) -> "LinearAttentionState":
         """``Tensor.to`` on kv and z; the window's raw keys and values move device only
         (they stay in the input dtype)."""
-        moved = self._map(lambda t: t.to(*args, **kwargs))
+        moved = self.map(lambda t: t.to(*args, **kwargs))
         if self.window_k is not None:
             moved.window_k = self.window_k.to(moved.kv.device)
             moved.window_v = self.window_v.to(moved.kv.device)
@@ -111,7 +112,7 @@ class LinearAttentionState:
 
     def index_select(self, dim: int, index: torch.Tensor) -> "LinearAttentionState":
         """Select along batch (``dim=0``), e.g. to reorder beams."""
-        return self._map(lambda t: t.index_select(dim, index))
+        return self.map(lambda t: t.index_select(dim, index))
 
     def nbytes(self) -> int:
         """Bytes held by the state (constant in the number of tokens seen)."""

@@ -89,16 +89,11 @@ class FeatureAttentionCacheLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:
-            s = self.state
-            self.state = LinearAttentionState(
-                s.kv.repeat_interleave(repeats, dim=0),
-                None if s.z is None else s.z.repeat_interleave(repeats, dim=0),
-            )
+            self.state = self.state.map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.state is not None:
-            s = self.state
-            self.state = LinearAttentionState(s.kv[indices], None if s.z is None else s.z[indices])
+            self.state = self.state.map(lambda t: t[indices])
 
     def offload(self):
         if self.state is not None:

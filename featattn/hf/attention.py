@@ -107,6 +107,7 @@ class HFFeatureAttention(nn.Module):
         eps: float = 1e-6,
         scale: Optional[float] = None,
         backend: str = "auto",
+        window: int = 0,
     ):
         super().__init__()
         if family not in _FAMILIES:
@@ -145,6 +146,26 @@ class HFFeatureAttention(nn.Module):
         self.scaling = float(getattr(original, "scaling", head_dim ** -0.5))
         self.q_scale = _q_scale(feature_map, self.scaling, head_dim, scale)
         self.split_size = getattr(original, "split_size", heads * head_dim)
+        #: the hybrid layer (LoLCATs): softmax over the last ``window`` tokens, linear attention
+        #: over older ones, mixed per head by ``sigmoid(window_logit)`` (docs/hybrid.md)
+        self.window = int(window)
+        if self.window:
+            ref = next(iter(self.parameters()), None)
+            self.window_logit = nn.Parameter(torch.zeros(
+                self.heads, device=None if ref is None else ref.device,
+                dtype=torch.float32 if ref is None or not ref.is_floating_point() else ref.dtype))
+        else:
+            self.window_logit = None
+
+    def window_kwargs(self) -> dict:
+        """The hybrid options of :func:`featattn.linear_attention` ({} without a window): the
+        softmax part uses the model's own scaling."""
+        if not self.window:
+            return {}
+        logit = self.window_logit
+        up = torch.promote_types(logit.dtype, torch.float32)  # float64 models keep float64
+        return dict(window=self.window, window_weight=torch.sigmoid(logit.to(up)),
+                    window_scale=self.scaling)
 
     @property
     def original(self) -> nn.Module:
@@ -195,7 +216,13 @@ class HFFeatureAttention(nn.Module):
             return linear_attention(
                 q, k, v, feature_map=fm, normalize=self.normalize, eps=self.eps, scale=self.q_scale,
                 initial_state=state, return_state=return_state, backend=self.backend,
+                **self.window_kwargs(),
             )
+        if self.window:
+            raise NotImplementedError(
+                f"layer {self.layer_idx} has a softmax window (window={self.window}), which does "
+                "not take padded batches yet: pass unpadded inputs (batch size 1, or sequences "
+                "of equal length without an attention_mask that has padding)")
         keep = key_mask.to(device=k.device, dtype=torch.bool)
         lengths = keep.sum(1)
         if bool((lengths > 0).all()):
@@ -295,7 +322,8 @@ class HFFeatureAttention(nn.Module):
                     )
                 if state.kv.device != q.device:
                     state = state.to(q.device)
-            if state is not None and key_mask is None and not torch.is_grad_enabled():
+            if state is not None and key_mask is None and not torch.is_grad_enabled() \
+                    and not self.window:
                 # decoding: the state advanced in place (one step kernel on CUDA, no new
                 # state tensors per token); the cache is mutated as transformers' own are
                 o = decode_step(q, k, v, state, feature_map=self.feature_map,
@@ -312,6 +340,7 @@ class HFFeatureAttention(nn.Module):
             f"family={self.family!r}, layer_idx={self.layer_idx}, heads={self.heads}, "
             f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}, "
             f"q_scale={self.q_scale:g}, normalize={self.normalize}"
+            + (f", window={self.window}" if self.window else "")
         )
 
 

@@ -248,6 +248,7 @@ def patch_hf_model(
     feature_map_kwargs: Optional[dict] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
+    window: int = 0,
 ) -> nn.Module:
     """Replace softmax self-attention by feature attention, in place; returns ``model``.
 
@@ -268,6 +269,11 @@ def patch_hf_model(
             scaling (``attention.scaling``, ``1/sqrt(head_dim)``), except for the Taylor map,
             which has ``1/sqrt(d)`` built in and gets ``scaling * sqrt(d)`` (= 1).
         backend: passed to :func:`featattn.linear_attention`.
+        window: 0, or W > 0 for the hybrid layer (LoLCATs): each patched layer keeps softmax
+            attention (with the model's own scaling) over the last W tokens and uses linear
+            attention for older ones, mixed per head by a learnable weight
+            ``sigmoid(<attention>.window_logit)`` starting at 0.5 (docs/hybrid.md).  Padded
+            batches are not supported with a window yet.
 
     The patch is recorded in ``model.config.featattn`` (saved by ``save_pretrained``); after
     ``from_pretrained`` re-apply it with :func:`repatch_hf_model`.  Patching a model that is
@@ -312,6 +318,12 @@ def patch_hf_model(
             f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
             f"{type(backend).__name__} {backend!r}; 'auto' picks the kernel per call"
         )
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+    window = int(window)
+    if window and not normalize:
+        raise ValueError("window > 0 needs normalize=True (the softmax and linear parts share "
+                         "one denominator)")
     idxs = _normalize_layers(layers, len(decoder_layers))
     config = model.config
     record = {
@@ -322,6 +334,7 @@ def patch_hf_model(
         "eps": eps,
         "scale": scale,
         "backend": backend,
+        "window": window,
         "featattn_version": _version(),
     }
     try:
@@ -349,7 +362,7 @@ def patch_hf_model(
         new_modules[i] = HFFeatureAttention(
             attn, family=fam.model_type, layer_idx=i, feature_map=fm, heads=heads,
             kv_heads=kv_heads, head_dim=head_dim, normalize=normalize, eps=eps,
-            scale=scale, backend=backend,
+            scale=scale, backend=backend, window=window,
         )
         new_modules[i].train(attn.training)
     for i, new in new_modules.items():

@@ -20,10 +20,14 @@ from .patch import _resolve_map_spec, patch_hf_model, unpatch_hf_model
 
 
 def _feature_map_keys(model) -> list:
+    """The state-dict keys a patch adds: each map's tensors and, with a softmax window, the
+    layer's ``window_logit``."""
     keys = []
     for name, m in model.named_modules():
         if isinstance(m, HFFeatureAttention):
             keys += [f"{name}.feature_map.{k}" for k in m.feature_map.state_dict()]
+            if m.window:
+                keys.append(f"{name}.window_logit")
     return keys
 
 
@@ -126,7 +130,7 @@ def repatch_hf_model(
     patch_hf_model(
         model, spec, layers=record["layers"], normalize=record.get("normalize", True),
         eps=record.get("eps", 1e-6), feature_map_kwargs=kwargs, scale=record.get("scale"),
-        backend=record.get("backend", "auto"),
+        backend=record.get("backend", "auto"), window=record.get("window", 0),
     )
     if not _feature_map_keys(model):
         return model
@@ -206,7 +210,8 @@ def _feature_map_patterns(config) -> set:
         return set()
     idx = "|".join(str(i) for i in sorted(set(layers)))
     return {
-        rf"(^|\.){re.escape(fam.layers_attr)}\.({idx})\.{re.escape(fam.attn_attr)}\.feature_map\."
+        rf"(^|\.){re.escape(fam.layers_attr)}\.({idx})\.{re.escape(fam.attn_attr)}\."
+        r"(feature_map\.|window_logit$)"
     }
 
 

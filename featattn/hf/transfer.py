@@ -138,6 +138,9 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     """Hedgehog's attention-weight loss: cross-entropy between the softmax weights (target, no
     grad) and the normalised linear weights ``phi(q_t).phi(k_s) / sum_s' phi(q_t).phi(k_s')``,
     minus the softmax entropy (so it is the KL divergence, 0 for a perfect fit: same gradient).
+    With a softmax window the linear weights are the hybrid's (``f exp(a_ts - m_t)`` inside the
+    window, ``(1 - f) phi(q_t).phi(k_s)`` before it, normalised; ``m_t`` without gradient here:
+    only the weights' shape is fitted).
     Materialises ``[B, H, T, T]`` weights: meant for the short sequences of transfer."""
     dt = _acc_dtype(q)
     B, H, T, _ = q.shape
@@ -156,6 +159,13 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
     fk = fm.forward_key(k).to(dt).repeat_interleave(g, dim=1)
     s = (fq @ fk.transpose(-1, -2)).masked_fill(~allowed, 0.0)
+    if attn.window:  # the hybrid's weights: f exp(a - m) in the window, (1 - f) phi.phi before
+        t = torch.arange(T, device=q.device)
+        in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - attn.window)
+        win = logits.masked_fill(~(allowed & in_window), float("-inf"))
+        e = torch.exp(win - win.amax(-1, keepdim=True))
+        f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
+        s = f * e + (1 - f) * s.masked_fill(in_window, 0.0)
     tiny = torch.finfo(dt).tiny
     log_lin = s.clamp_min(tiny).log() - s.sum(-1, keepdim=True).clamp_min(tiny).log()
     kl = (a * (log_a - log_lin)).masked_fill(~allowed, 0.0).sum(-1)  # [B, H, T]
@@ -308,8 +318,9 @@ def transfer_attention(
         if missing:
             raise ValueError(f"layers {missing} are not patched (patched: {sorted(mods)})")
     fm_params = []
-    for i in train:
-        for p in mods[i].feature_map.parameters():
+    for i in train:  # the maps' parameters and, with a softmax window, the mixing weights
+        extra = [mods[i].window_logit] if mods[i].window else []
+        for p in [*mods[i].feature_map.parameters(), *extra]:
             if p.is_floating_point() and all(p is not q for q in fm_params):
                 fm_params.append(p)
     if not fm_params:

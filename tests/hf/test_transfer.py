@@ -253,7 +253,8 @@ def test_example_quick_run():
     lines = []
     out = example.main(["--quick", "--no-progress", "--threads", "1"], log=lines.append)
     text = "\n".join(lines)
-    for name in ("softmax (original)", "elu (plain swap)", "hedgehog, no transfer", "hedgehog + transfer"):
+    for name in ("softmax (original)", "elu (plain swap)", "hedgehog, no transfer", "hedgehog + transfer",
+                 "hedgehog + window 8 + transfer"):
         assert name in out["table"] and name in text
         assert torch.isfinite(torch.tensor(out["losses"][name]))
     res = out["transfer"]
@@ -275,3 +276,4 @@ def test_example_full_run_meets_acceptance():
     example = _load_example()
     out = example.main(["--no-progress", "--threads", "1"], log=lambda *a: None)
     assert out["acceptance"], out["table"]
+    assert out["window_acceptance"], out["table"]  # the hybrid issue's CPU target
