@@ -364,9 +364,9 @@ def _cmd_bench(args, ui: UI) -> int:
     png, js = _out_paths(args.out, "bench")
     _prepare_out(parser, (png, js))
 
-    from ..feature_maps import get_feature_map
+    from ..feature_maps import build_feature_map
 
-    dk = get_feature_map(cfg.feature_map).output_dim(cfg.dqk)
+    dk = build_feature_map(cfg.feature_map, cfg.dqk, cfg.heads, cfg.heads).output_dim(cfg.dqk)
     ui.print(f"featattn bench on {device}"
              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                 f" ({torch.get_num_threads()} threads)"))

@@ -34,13 +34,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..dispatch import BACKENDS, IMPLS, KernelUnavailable, select_kernel
-from ..feature_maps import get_feature_map
+from ..feature_maps import FeatureMap, build_feature_map
 from ..functional import linear_attention
 
 __all__ = ["BenchConfig", "BenchRow", "FEATATTN_BACKENDS", "ALL_BACKENDS", "run_bench",
@@ -243,8 +243,18 @@ def _call_fla(fn, q, k, v, **kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def bench_feature_map(cfg: BenchConfig) -> Union[str, FeatureMap]:
+    """What the bench passes as ``feature_map``: the name, or for a map with parameters or
+    buffers (hedgehog, t2r, rebased, performer: sized by the layer that owns it) an instance
+    built for ``cfg``'s head dim and heads on ``cfg.device``, as FeatureAttention builds it."""
+    fm = build_feature_map(cfg.feature_map, cfg.dqk, cfg.heads, cfg.heads)
+    if not any(True for _ in fm.parameters()) and not any(True for _ in fm.buffers()):
+        return cfg.feature_map
+    return fm.to(cfg.device)
+
+
 def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
-    fm_name, normalize = cfg.feature_map, cfg.normalize
+    fm_name, normalize = bench_feature_map(cfg), cfg.normalize
     device = torch.device(cfg.device)
     if backend in BACKENDS:
         if backend == "reference" and _quadratic_bytes(cfg, T) > _quadratic_limit(device):
@@ -261,11 +271,17 @@ def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
         if backend == "fla_based":
             return Case(lambda: _call_fla(fn, q, k, v, scale=cfg.dqk ** -0.5, use_norm=normalize),
                         (q, k, v))
-        fm = get_feature_map(fm_name)
+        fm = build_feature_map(cfg.feature_map, cfg.dqk, cfg.heads, cfg.heads).to(device)
+        per_head = not isinstance(fm_name, str)  # its parameters are per head: [B, H, T, D] in
+
+        def features(x, fn_map):
+            if not per_head:  # acts on the last dim alone: any layout
+                return fn_map(x)
+            return fn_map(x.transpose(1, 2)).transpose(1, 2).contiguous()
 
         def run():
-            return _call_fla(fn, fm.forward_query(q), fm.forward_key(k), v, scale=1.0,
-                             normalize=normalize)
+            return _call_fla(fn, features(q, fm.forward_query), features(k, fm.forward_key), v,
+                             scale=1.0, normalize=normalize)
 
         return Case(run, (q, k, v))
     raise ValueError(f"unknown backend {backend!r}")
@@ -276,7 +292,7 @@ def _kernel_label(cfg: BenchConfig, backend: str):
     if backend in BACKENDS:
         q, k, v = _inputs(cfg, 1)
         try:
-            choice = select_kernel(q, k, v, feature_map=cfg.feature_map, backend=backend)
+            choice = select_kernel(q, k, v, feature_map=bench_feature_map(cfg), backend=backend)
         except KernelUnavailable as e:
             return None, "; ".join(e.reasons)
         if (choice.name in TRITON_BACKENDS and torch.device(cfg.device).type == "cpu"

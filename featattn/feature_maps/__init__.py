@@ -8,12 +8,27 @@ from .registry import (
     register_feature_map,
     resolve_feature_map,
 )
-from . import elu, hedgehog, identity, relu, squared_relu, taylor  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    dpfp,
+    elu,
+    hedgehog,
+    identity,
+    performer,
+    rebased,
+    relu,
+    squared_relu,
+    t2r,
+    taylor,
+)
+from .dpfp import DPFPFeatureMap
 from .elu import EluFeatureMap
 from .hedgehog import HedgehogFeatureMap
 from .identity import IdentityFeatureMap
+from .performer import PerformerFeatureMap
+from .rebased import ReBasedFeatureMap
 from .relu import ReluFeatureMap
 from .squared_relu import SquaredReluFeatureMap
+from .t2r import T2RFeatureMap
 from .taylor import TaylorFeatureMap, taylor_features
 
 __all__ = [
@@ -24,11 +39,15 @@ __all__ = [
     "list_feature_maps",
     "build_feature_map",
     "resolve_feature_map",
+    "DPFPFeatureMap",
     "EluFeatureMap",
     "HedgehogFeatureMap",
     "IdentityFeatureMap",
+    "PerformerFeatureMap",
+    "ReBasedFeatureMap",
     "ReluFeatureMap",
     "SquaredReluFeatureMap",
+    "T2RFeatureMap",
     "TaylorFeatureMap",
     "taylor_features",
 ]

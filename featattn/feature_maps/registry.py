@@ -59,6 +59,19 @@ def get_feature_map(name: str, **kwargs) -> FeatureMap:
             f"unknown feature map {name!r}; known feature maps: {', '.join(list_feature_maps())} "
             "(register your own with @featattn.register_feature_map)"
         ) from None
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        # e.g. a learnable map built by name, as linear_attention(feature_map="t2r") does:
+        # Python's "missing 1 required positional argument" says neither what nor how
+        sized = "head_dim" in inspect.signature(cls).parameters
+        raise TypeError(
+            f"feature map {name!r} ({cls.__name__}{inspect.signature(cls)}) cannot be built from "
+            f"{kwargs or 'no arguments'}: {e}; "
+            + (f"it is sized by the layer that owns it: use FeatureAttention(dim, heads, {name!r}) "
+               f"or pass an instance, e.g. get_feature_map({name!r}, head_dim=64)"
+               if sized else "pass the constructor arguments it takes")
+        ) from None
     return cls(**kwargs)
 
 
