@@ -62,7 +62,7 @@ def test_bad_normalize_flag():
 
 
 def test_unknown_feature_map_and_backend():
-    with pytest.raises(ValueError, match="unknown feature map 'softmax'.*known feature maps: elu"):
+    with pytest.raises(ValueError, match="unknown feature map 'softmax'.*known feature maps: dpfp, elu"):
         linear_attention(*qkv(), feature_map="softmax")
     with pytest.raises(TypeError, match="feature_map must be None"):
         linear_attention(*qkv(), feature_map=3)

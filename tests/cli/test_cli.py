@@ -122,7 +122,7 @@ def test_import_featattn_does_not_import_cli():
     (["demo", "--steps", "ten"], "expected an integer"),
     (["demo", "--seq-len", "10"], "--seq-len 10 is too short for 24 key-value pairs"),
     (["demo", "--quick", "--kv-pairs", "40"], "exceeds the 16 distinct keys"),
-    (["demo", "--feature-maps", "elu", "nope"], "unknown 'nope'; choose from softmax, elu"),
+    (["demo", "--feature-maps", "elu", "nope"], "unknown 'nope'; choose from softmax, dpfp, elu"),
     (["demo", "--lr", "-1"], "--lr"),
     (["demo", "--dim", "30", "--heads", "4"], "not divisible"),
     (["demo", "--device", "tpu"], "--device"),
