@@ -22,14 +22,34 @@ class _Family:
     layers_attr: str      # decoder layers on the base model
     attn_attr: str        # self-attention on a decoder layer
     rotary: bool          # q/k get rotary embeddings (position_embeddings=(cos, sin))
+    #: how q/k/v are projected: "separate" (q_proj/k_proj/v_proj, o_proj: transformers' standard
+    #: attention module; q_norm/k_norm are applied where the module has them, per head or over
+    #: the whole projection as their size says), "fused" (one qkv_proj, rows q, k, v: Phi-3),
+    #: "c_attn" (GPT-2)
+    qkv: str = "separate"
+    #: what the linear layer does not reproduce (the supported-family table of docs/hf.md)
+    dropped: str = ""
 
 
-_FAMILIES = {
-    "llama": _Family("llama", "LlamaForCausalLM", "layers", "self_attn", True),
-    "mistral": _Family("mistral", "MistralForCausalLM", "layers", "self_attn", True),
-    "qwen2": _Family("qwen2", "Qwen2ForCausalLM", "layers", "self_attn", True),
-    "gpt2": _Family("gpt2", "GPT2LMHeadModel", "h", "attn", False),
-}
+_FAMILIES = {f.model_type: f for f in (
+    _Family("llama", "LlamaForCausalLM", "layers", "self_attn", True),
+    _Family("mistral", "MistralForCausalLM", "layers", "self_attn", True,
+            dropped="the sliding window"),
+    _Family("mixtral", "MixtralForCausalLM", "layers", "self_attn", True,
+            dropped="the sliding window (the experts' MLPs are untouched)"),
+    _Family("qwen2", "Qwen2ForCausalLM", "layers", "self_attn", True,
+            dropped="the sliding window"),
+    _Family("qwen3", "Qwen3ForCausalLM", "layers", "self_attn", True,
+            dropped="the sliding window"),
+    _Family("olmo2", "Olmo2ForCausalLM", "layers", "self_attn", True),
+    _Family("gemma2", "Gemma2ForCausalLM", "layers", "self_attn", True,
+            dropped="attention logit softcapping, the sliding-window layers' window"),
+    _Family("gemma3_text", "Gemma3ForCausalLM", "layers", "self_attn", True,
+            dropped="the sliding-window layers' window"),
+    _Family("phi3", "Phi3ForCausalLM", "layers", "self_attn", True, qkv="fused",
+            dropped="the sliding window"),
+    _Family("gpt2", "GPT2LMHeadModel", "h", "attn", False, qkv="c_attn"),
+)}
 #: ``{model_type: causal-LM class name}`` of the families patch_hf_model knows
 SUPPORTED_FAMILIES = {name: fam.example for name, fam in _FAMILIES.items()}
 

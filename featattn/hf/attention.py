@@ -184,14 +184,21 @@ class HFFeatureAttention(nn.Module):
         rotary embeddings applied (the inputs of :func:`featattn.linear_attention`)."""
         B, T, _ = hidden_states.shape
         d = self.head_dim
-        if self.family == "gpt2":
+        qkv = _FAMILIES[self.family].qkv
+        if qkv == "c_attn":
             q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        elif qkv == "fused":
+            q, k, v = self.qkv_proj(hidden_states).split(
+                (self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=2)
         else:
             q = self.q_proj(hidden_states)
             k = self.k_proj(hidden_states)
             v = self.v_proj(hidden_states)
-        q = q.view(B, T, -1, d).transpose(1, 2)
-        k = k.view(B, T, -1, d).transpose(1, 2)
+        q, k = self._qk_norm(q, k, whole=True)  # OLMo 2: over the whole projection
+        q = q.view(B, T, -1, d)
+        k = k.view(B, T, -1, d)
+        q, k = self._qk_norm(q, k, whole=False)  # Qwen3, Gemma 3: per head
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, -1, d).transpose(1, 2)
         rotary = self.__dict__["_rotary"]
         if rotary is not None:
@@ -204,6 +211,19 @@ class HFFeatureAttention(nn.Module):
             cos, sin = position_embeddings
             q, k = rotary(q, k, cos, sin)
         return q, k, v
+
+    def _qk_norm(self, q, k, *, whole: bool):
+        """The module's own q_norm / k_norm where it has them: applied to the whole projection
+        (``whole``) when the norm's size is the projection's, else per head (size head_dim)."""
+        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        if qn is None or kn is None:
+            return q, k
+        size = getattr(qn, "weight", None)
+        size = size.shape[-1] if isinstance(size, torch.Tensor) else None
+        per_head = size is None or size == self.head_dim
+        if per_head == whole:
+            return q, k
+        return qn(q), kn(k)
 
     def attend(self, q, k, v, key_mask=None, state=None, return_state=False):
         """Feature attention on projected ``q, k, v``; ``key_mask [B, T]`` (True = real token):
@@ -264,7 +284,7 @@ class HFFeatureAttention(nn.Module):
         """``o [B, H, T, d]`` -> ``[B, T, E]`` through the model's output projection."""
         B, H, T, d = o.shape
         o = o.transpose(1, 2).reshape(B, T, H * d)
-        if self.family == "gpt2":
+        if _FAMILIES[self.family].qkv == "c_attn":
             return self.resid_dropout(self.c_proj(o))
         return self.o_proj(o)
 

@@ -52,13 +52,14 @@ def _resolve(model):
 
 
 def _attn_sizes(fam: _Family, attn: nn.Module, config):
-    if fam.model_type == "gpt2":
+    if fam.qkv == "c_attn":
         if getattr(attn, "is_cross_attention", False) or not hasattr(attn, "c_attn"):
             raise NotImplementedError("only GPT-2 self-attention (c_attn/c_proj) can be patched")
         heads = int(getattr(attn, "num_heads", config.num_attention_heads))
         head_dim = int(getattr(attn, "head_dim", config.hidden_size // heads))
         return heads, heads, head_dim
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    names = ("qkv_proj", "o_proj") if fam.qkv == "fused" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    for name in names:
         if not hasattr(attn, name):
             raise NotImplementedError(
                 f"{type(attn).__name__} has no {name}: not a {fam.model_type} attention "
@@ -253,9 +254,10 @@ def patch_hf_model(
     """Replace softmax self-attention by feature attention, in place; returns ``model``.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
-            ``GPT2LMHeadModel`` (or their base ``*Model``).  Any other model raises
-            ``NotImplementedError`` naming the supported families.
+        model: a causal LM (or its base ``*Model``) of a supported family
+            (:data:`featattn.hf.SUPPORTED_FAMILIES`: Llama, Mistral, Mixtral, Qwen2, Qwen3,
+            OLMo 2, Gemma 2, Gemma 3, Phi-3, GPT-2; docs/hf.md says what each keeps and drops).
+            Any other model raises ``NotImplementedError`` naming the supported families.
         feature_map: a registered name (``"taylor"``, ``"elu"``, ``"hedgehog"``, ...), a
             :class:`~featattn.FeatureMap` subclass, or an instance (deep-copied into each
             layer).  Each patched layer gets its own map as the submodule

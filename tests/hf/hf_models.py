@@ -6,9 +6,25 @@ import transformers
 VOCAB = 64
 
 
+#: the families beyond the first four: (transformers class prefix, extra config) of a tiny
+#: model each; every one has 4 query and 2 key/value heads of 8 dims
+EXTRA = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=2, num_experts_per_tok=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=50.0, sliding_window=4)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+#: families whose CPU kernels refuse float64 (Mixtral's grouped expert GEMM): built in float32
+NO_FLOAT64 = {"mixtral"}
+
+
 def make_model(family="llama", layers=2, dtype=torch.float64, seed=0):
-    """A 2-layer, 32-wide model of ``family`` (llama, mistral, qwen2, gpt2) with 4 query and
-    2 key/value heads, in eval mode and ``dtype``."""
+    """A 2-layer, 32-wide model of ``family`` (llama, mistral, qwen2, gpt2, or one of
+    :data:`EXTRA`) with 4 query and 2 key/value heads, in eval mode and ``dtype``."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -19,6 +35,11 @@ def make_model(family="llama", layers=2, dtype=torch.float64, seed=0):
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     elif family == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family in EXTRA:
+        cfg_name, model_name, extra = EXTRA[family]
+        model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**common, **extra))
+        if family in NO_FLOAT64 and dtype == torch.float64:
+            dtype = torch.float32
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=None)
