@@ -28,6 +28,14 @@ _HF_NAMES = (
     "transfer_attention",
 )
 
+#: featattn.hf's model classes, served the same way; left out of ``__all__`` because they need
+#: transformers (``from featattn import *`` must work without it)
+_HF_MODEL_NAMES = (
+    "FeatureAttentionConfig",
+    "FeatureAttentionModel",
+    "FeatureAttentionForCausalLM",
+)
+
 __all__ = [
     "__version__",
     "linear_attention",
@@ -51,7 +59,7 @@ __all__ = [
 
 
 def __getattr__(name):  # PEP 562: load featattn.hf only when one of its names is used
-    if name in _HF_NAMES:
+    if name in _HF_NAMES or name in _HF_MODEL_NAMES:
         from . import hf
 
         value = getattr(hf, name)
@@ -61,4 +69,4 @@ def __getattr__(name):  # PEP 562: load featattn.hf only when one of its names i
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_HF_NAMES))
+    return sorted(set(globals()) | set(_HF_NAMES) | set(_HF_MODEL_NAMES))

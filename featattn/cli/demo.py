@@ -12,7 +12,8 @@ values come from disjoint halves of the vocabulary; a fresh set of pairs is draw
 sequence, so nothing can be memorised in the weights: the layer has to store the pairs in its
 state and read them back.  Loss and accuracy count only the query positions.
 
-The model (identical for every attention layer)::
+The model (identical for every attention layer; its modules live in :mod:`featattn.blocks`, beside
+the pieces of the Hugging Face model class, and import nothing from transformers)::
 
     Embedding -> [x + ShortConv(LN x); x + Attention(LN x); x + MLP(LN x)] * layers -> LN -> Linear
 
@@ -47,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import RecallBlock as Block  # noqa: F401 (the demo's names, kept)
+from ..blocks import RecallModel, ShortConv  # noqa: F401
 from ..layers import FeatureAttention
 
 __all__ = [
@@ -177,49 +180,6 @@ class SoftmaxAttention(nn.Module):
         o = F.scaled_dot_product_attention(
             split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over time: ``[B, T, D] -> [B, T, D]``."""
-
-    def __init__(self, dim: int, kernel: int = 3):
-        super().__init__()
-        self.kernel = kernel
-        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x.transpose(1, 2), (self.kernel - 1, 0))).transpose(1, 2)
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, attention: nn.Module):
-        super().__init__()
-        self.norm_conv, self.conv = nn.LayerNorm(dim), ShortConv(dim)
-        self.norm_attn, self.attn = nn.LayerNorm(dim), attention
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
-                                 nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.conv(self.norm_conv(x))
-        x = x + self.attn(self.norm_attn(x))
-        return x + self.mlp(x)
-
-
-class RecallModel(nn.Module):
-    """Embedding, ``layers`` blocks (short conv, attention, MLP), norm, vocabulary head."""
-
-    def __init__(self, vocab: int, dim: int, layers: int, make_attention: Callable[[], nn.Module]):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, make_attention()) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
 
 
 def build_attention(name: str, dim: int, heads: int) -> nn.Module:

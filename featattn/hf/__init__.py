@@ -24,7 +24,9 @@ The package is split along the module's sections: ``_common`` (families, config 
 ``transformers`` check), ``attention`` (:class:`HFFeatureAttention`), ``cache`` (the recurrent
 cache; the transformers-dependent classes in ``_cache_types``, built on first access), ``hooks``
 (the base-model pre-forward hook), ``patch`` (patch / unpatch), ``save`` (save / load) and
-``transfer`` (attention transfer).  This ``__init__`` re-exports their public names, and the
+``transfer`` (attention transfer), and ``model`` (:class:`FeatureAttentionForCausalLM`, a ready
+model class registered with the Auto classes; imported, with transformers, on first access of
+its names).  This ``__init__`` re-exports their public names, and the
 private ones the tests use.
 """
 
@@ -62,9 +64,23 @@ __all__ = [
 ]
 
 
-# FeatureAttentionCache / FeatureAttentionCacheLayer are not in __all__ so that a star import
-# does not import transformers; they are built on first access.
-def __getattr__(name):  # PEP 562: the cache classes need transformers, so build them lazily
+#: the model classes of featattn.hf.model, imported on first access (the module imports
+#: transformers and registers them with AutoConfig / AutoModel / AutoModelForCausalLM)
+_MODEL_CLASSES = (
+    "FeatureAttentionConfig",
+    "FeatureAttentionModel",
+    "FeatureAttentionForCausalLM",
+    "FeatureAttentionPreTrainedModel",
+)
+
+
+# FeatureAttentionCache / FeatureAttentionCacheLayer and the model classes are not in __all__ so
+# that a star import does not import transformers; they are built on first access.
+def __getattr__(name):  # PEP 562: these classes need transformers, so build them lazily
     if name in _cache._LAZY_CLASSES:
         return getattr(_cache, name)
+    if name in _MODEL_CLASSES:
+        from . import model
+
+        return getattr(model, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
