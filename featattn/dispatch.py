@@ -98,6 +98,7 @@ class Call(NamedTuple):
     has_init: bool = False
     needs_grad: bool = False
     window: int = 0
+    causal: bool = True
 
 
 class Impl:
@@ -251,9 +252,25 @@ class Chunked(Impl):
         return KernelChoice(self.name, reasons + (unfused,), "torch")
 
 
+class NonCausal(Impl):
+    """``causal=False``: two GEMMs per head (``phi(k)^T v`` and ``phi(q)`` times it), which
+    PyTorch runs at GEMM speed on any device."""
+
+    name = "noncausal"
+
+    def applies(self, call):
+        return not call.causal
+
+    def not_supported_reasons(self, call):
+        return ["causal attention (the chunked paths)"] if call.causal else []
+
+
 class TorchChunked(Impl):
     name = "torch_chunked"
     aliases = ("torch",)
+
+    def not_supported_reasons(self, call):
+        return ["causal=False (the noncausal path)"] if not call.causal else []
 
 
 class Reference(Impl):
@@ -262,8 +279,8 @@ class Reference(Impl):
 
 
 #: Every implementation, fastest first (the order ``backend="auto"`` and ``"triton"`` try).
-IMPLS = (RecurrentStep(), TaylorParallel(), TaylorChunked(), Chunked(), TorchChunked(),
-         Reference())
+IMPLS = (RecurrentStep(), TaylorParallel(), TaylorChunked(), Chunked(), NonCausal(),
+         TorchChunked(), Reference())
 #: every kernel name select_kernel can return
 KERNELS = tuple(i.name for i in IMPLS)
 #: alias -> the kernel names it selects (tried in order)
@@ -331,6 +348,7 @@ def select_kernel(
     initial_state=None,
     return_state: bool = False,
     window: int = 0,
+    causal: bool = True,
 ) -> KernelChoice:
     """The kernel ``linear_attention(q, k, v, feature_map=..., backend=..., initial_state=...,
     return_state=...)`` runs, and why.
@@ -344,6 +362,7 @@ def select_kernel(
             keeps no state; the step kernel needs an initial state).  Whether the inputs
             require a gradient matters too (the step kernel is inference only).
         window: as for linear_attention (the hybrid softmax window; > 0 runs in PyTorch).
+        causal: as for linear_attention (False: every query reads every key, in PyTorch).
 
     Returns:
         :class:`KernelChoice` ``(name, reasons, map_path)``.
@@ -358,7 +377,7 @@ def select_kernel(
     dk = fm.output_dim(dqk) if fm is not None else dqk
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
                 initial_state is not None or bool(return_state), initial_state is not None,
-                needs_grad(q, k, v, initial_state, fm), int(window))
+                needs_grad(q, k, v, initial_state, fm), int(window), bool(causal))
     return select(call, backend)
 
 
@@ -377,6 +396,8 @@ def needs_grad(q, k, v, state=None, fm=None) -> bool:
 
 def select(call: Call, backend: str) -> KernelChoice:
     """The first implementation of ``backend``'s candidates that can run ``call``."""
+    if backend == "torch" and not call.causal:  # the PyTorch path of a non-causal call
+        backend = "noncausal"
     if backend == "auto":
         candidates = [i for i in IMPLS if i.in_auto]
     elif backend == "triton":
@@ -388,6 +409,11 @@ def select(call: Call, backend: str) -> KernelChoice:
     reasons = []
     triton_why = None
     for impl in candidates:
+        if impl.triton and not call.causal:
+            if impl.applies(call) or backend not in ("auto", "triton"):
+                reasons.append(f"{impl.name}: causal=False is two GEMMs a head; PyTorch runs it "
+                               f"(the noncausal path)")
+            continue
         if impl.triton and call.window:
             if impl.applies(call) or backend not in ("auto", "triton"):
                 reasons.append(f"{impl.name}: window={call.window} (the hybrid softmax window) "

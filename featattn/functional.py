@@ -29,7 +29,8 @@ def linear_attention(
     return_state: Literal[False] = ..., backend: str = ..., layout: str = ...,
     cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
     window: int = ..., window_weight: Union[None, float, torch.Tensor] = ...,
-    window_scale: Optional[float] = ...,
+    window_scale: Optional[float] = ..., causal: bool = ...,
+    key_padding_mask: Optional[torch.Tensor] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -41,7 +42,8 @@ def linear_attention(
     return_state: Literal[True], backend: str = ..., layout: str = ...,
     cu_seqlens: Optional[torch.Tensor] = ..., cp_group: Optional[Any] = ...,
     window: int = ..., window_weight: Union[None, float, torch.Tensor] = ...,
-    window_scale: Optional[float] = ...,
+    window_scale: Optional[float] = ..., causal: bool = ...,
+    key_padding_mask: Optional[torch.Tensor] = ...,
 ) -> Tuple[torch.Tensor, LinearAttentionState]: ...
 
 
@@ -63,6 +65,8 @@ def linear_attention(
     window: int = 0,
     window_weight: Union[None, float, torch.Tensor] = None,
     window_scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, LinearAttentionState]]:
     """Causal linear attention.
 
@@ -118,6 +122,14 @@ def linear_attention(
             sigmoid of a parameter).  Default 0.5.
         window_scale: multiplies the raw ``q . k`` of the softmax part (default
             ``1 / sqrt(Dqk)``); ``scale`` still scales q before the feature map.
+        causal: True (the default); False lets every query read every key (encoders, vision,
+            diffusion): ``o_t = phi(q_t) S / (phi(q_t) . z + eps)`` with ``S``, ``z`` summed
+            over all T (plus ``initial_state``), two GEMMs a head in PyTorch on any device.
+            The returned state is then the whole sequence's.
+        key_padding_mask: None, or ``[B, T]`` bool (or 0/1 integers, as Hugging Face's
+            ``attention_mask``): False marks padded keys, which then add nothing to any sum
+            (their features and values are zeroed).  Outputs at padded positions are
+            computed but meaningless.  For packed sequences use ``cu_seqlens`` instead.
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
@@ -132,7 +144,8 @@ def linear_attention(
     out = _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state,
                             return_state, backend, cu_seqlens=cu_seqlens, cp_group=cp_group,
                             window=window, window_weight=window_weight,
-                            window_scale=window_scale)
+                            window_scale=window_scale, causal=causal,
+                            key_padding_mask=key_padding_mask)
     if layout == "bthd":
         if return_state:
             return out[0].transpose(1, 2), out[1]
@@ -149,7 +162,8 @@ def _to_bhtd(x, name):
 
 def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state, return_state,
                       backend, in_place=False, out_buf=None, cu_seqlens=None, cp_group=None,
-                      window=0, window_weight=None, window_scale=None):
+                      window=0, window_weight=None, window_scale=None, causal=True,
+                      key_padding_mask=None):
     """linear_attention on [B, H, T, D] views.  ``in_place``: the new state goes into
     ``initial_state``'s own tensors (decode_step); ``out_buf``: o is written there."""
     B, H, T, Dqk, Hkv, Dv = _validate_qkv(q, k, v)
@@ -174,6 +188,22 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     return_state = return_state or in_place
     window = _validate_window(window, window_weight, window_scale, normalize, initial_state,
                               q, k, v, cu, cp_group, in_place)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    for what, bad in (("window > 0", window > 0), ("cu_seqlens", cu is not None),
+                      ("cp_group", cp_group is not None)):
+        if bad and (not causal or key_padding_mask is not None):
+            opt = "causal=False" if not causal else "key_padding_mask"
+            raise ValueError(f"{opt} is not supported with {what}; "
+                             + ("pack the sequences without padding (cu_seqlens) instead"
+                                if what == "cu_seqlens" and causal else "call without it"))
+    if key_padding_mask is not None:  # padded keys: zero features and values, then as usual
+        keep = _validate_key_mask(key_padding_mask, q)
+        q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk) if fm is not None \
+            else ((q * scale if scale != 1.0 else q), k)
+        k = k.masked_fill(~keep, 0.0)
+        v = v.masked_fill(~keep, 0.0)
+        fm, scale, Dqk = None, 1.0, Dk
     if cp_group is not None:
         if cu is not None:
             raise ValueError("cp_group with cu_seqlens is not supported: context parallelism "
@@ -184,9 +214,12 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
-                needs_grad(q, k, v, initial_state, fm), window)
+                needs_grad(q, k, v, initial_state, fm), window, causal)
     choice = select(call, backend)
     kernel = choice.name
+    if not causal:
+        return _noncausal(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, kernel,
+                          Dqk, Dk)
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
                        window, window_weight, window_scale, Dqk, Dk)
@@ -251,6 +284,58 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             out_buf.copy_(out)
             out = out_buf
         return out
+    if return_state:
+        return out, LinearAttentionState(kv, z)
+    return out
+
+
+def _validate_key_mask(mask, q) -> torch.Tensor:
+    """``[B, T]`` bool or 0/1 integers on q's device -> a bool ``[B, 1, T, 1]`` keep-mask."""
+    B, _, T, _ = q.shape
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a [B, T] bool tensor (True = a real key), got "
+                        f"{type(mask).__name__}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"key_padding_mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"key_padding_mask must be bool (or 0/1 integers), got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}; move it "
+                         f"with .to(q.device)")
+    return (mask if mask.dtype == torch.bool else mask != 0)[:, None, :, None]
+
+
+def _noncausal(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, kernel, Dqk, Dk):
+    """``causal=False``: every query reads every key; ``S = phi(k)^T v`` and ``z = sum phi(k)``
+    over all T (plus the initial state), then ``phi(q) S / (phi(q) . z + eps)``."""
+    from .state import compute_dtype
+
+    if fm is not None:
+        q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
+    elif scale != 1.0:
+        q = q * scale
+    if kernel == "reference":
+        out, kv, z = quadratic_linear_attention(q, k, v, normalize=normalize, eps=eps,
+                                                initial_kv=kv0, initial_z=z0,
+                                                return_state=return_state, causal=False)
+    else:
+        cd = compute_dtype(q, k, v, kv0, z0)
+        G = q.shape[1] // k.shape[1]
+        qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
+        kv = kf.transpose(-1, -2) @ vf  # [B, Hkv, Dk, Dv]
+        z = kf.sum(2)
+        if G > 1:
+            kv, z = kv.repeat_interleave(G, dim=1), z.repeat_interleave(G, dim=1)
+        if kv0 is not None:
+            kv = kv + kv0.to(cd)
+            if z0 is not None:
+                z = z + z0.to(cd)
+        out = qf @ kv
+        if normalize:
+            out = out / ((qf * z.unsqueeze(2)).sum(-1, keepdim=True) + eps)
+        out = out.to(q.dtype)
+        if not normalize:
+            z = None
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out

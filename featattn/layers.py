@@ -45,6 +45,8 @@ class FeatureAttention(nn.Module):
         window: 0, or W > 0 for the hybrid layer (LoLCATs): a softmax over the last W tokens
             plus linear attention over the older ones, mixed per head by a learnable weight
             ``sigmoid(window_logit)`` (starting at 0.5); see docs/hybrid.md.
+        causal: False for an encoder layer (every token reads every token); ``forward`` then
+            takes ``key_padding_mask`` for padded batches.  No decoding state then.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FeatureAttention(nn.Module):
         feature_map_kwargs: Optional[dict] = None,
         backend: str = "auto",
         window: int = 0,
+        causal: bool = True,
     ):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads)):
@@ -83,6 +86,10 @@ class FeatureAttention(nn.Module):
                 raise ValueError(f"{name} must be None or a positive int, got {val!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+        if window and not causal:
+            raise ValueError("window > 0 is a causal layer; pass causal=True (the default)")
         if window and not normalize:
             raise ValueError("window > 0 needs normalize=True (the softmax and linear parts "
                              "share one denominator)")
@@ -119,6 +126,7 @@ class FeatureAttention(nn.Module):
         self.qkv_proj = nn.Linear(dim, sum(self._qkv_split), bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.window = window
+        self.causal = causal
         #: the hybrid layer's per-head mixing weight f = sigmoid(window_logit) (window > 0)
         self.window_logit = nn.Parameter(torch.zeros(heads)) if window else None
         self._register_load_state_dict_pre_hook(self._merge_separate_projections)
@@ -165,6 +173,7 @@ class FeatureAttention(nn.Module):
         update_state: bool = False,
         cu_seqlens: Optional[torch.Tensor] = None,
         cp_group=None,
+        key_padding_mask: Optional[torch.Tensor] = None,
     ):
         """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
 
@@ -177,6 +186,7 @@ class FeatureAttention(nn.Module):
         :func:`featattn.linear_attention`); each is attended alone and a state is per sequence.
         ``cp_group``: context parallelism, ``x`` being this rank's slice of the sequence (see
         :func:`featattn.linear_attention` and docs/distributed.md).
+        ``key_padding_mask``: ``[B, T]``, False at padded tokens, which no query then reads.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -185,6 +195,9 @@ class FeatureAttention(nn.Module):
         # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
         q, k, v = self.projections(x)
         if update_state:
+            if not self.causal:
+                raise ValueError("update_state=True decodes a causal layer; this one has "
+                                 "causal=False (every token reads every token: no decoding)")
             if cu_seqlens is not None:
                 raise ValueError("update_state=True decodes one batch of sequences; packed "
                                  "sequences (cu_seqlens) are for prefill and training")
@@ -217,6 +230,8 @@ class FeatureAttention(nn.Module):
             backend=self.backend,
             cu_seqlens=cu_seqlens,
             cp_group=cp_group,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
             **self._window_kwargs(),
         )
         o, new_state = res if return_state else (res, None)
@@ -228,4 +243,5 @@ class FeatureAttention(nn.Module):
             f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, qk_dim={self.qk_dim}, "
             f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, normalize={self.normalize}"
             + (f", window={self.window}" if self.window else "")
+            + ("" if self.causal else ", causal=False")
         )

@@ -35,15 +35,19 @@ def _expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def quadratic_linear_attention(
-    q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False
+    q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False,
+    causal=True,
 ):
-    """O(T^2) masked form: ``o = tril(q k^T) v (+ q kv0)``, divided by the row sums."""
+    """O(T^2) masked form: ``o = tril(q k^T) v (+ q kv0)``, divided by the row sums
+    (``causal=False``: every query reads every key, no ``tril``)."""
     B, H, T, Dk = q.shape
     cd = _compute_dtype(q, k, v, initial_kv, initial_z)
     qf = q.to(cd)
     kf = _expand_kv_heads(k.to(cd), H)
     vf = _expand_kv_heads(v.to(cd), H)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = mask.tril()
     scores = (qf @ kf.transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B, H, T, T]
     num = scores @ vf
     if initial_kv is not None:
