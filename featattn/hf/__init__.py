@@ -9,7 +9,7 @@ one :class:`~featattn.LinearAttentionState` per patched layer in the cache inste
 key/value tensors: prefill runs the chunked kernel once, every new token is an O(1) update.
 
 Supported families (:data:`SUPPORTED_FAMILIES`; docs/hf.md says what each keeps and drops):
-Llama, Mistral, Mixtral, Qwen2, Qwen3, OLMo 2, Gemma 2, Gemma 3, Phi-3 (``*ForCausalLM`` and
+Llama, Mistral, Mixtral, Qwen2, Qwen3, OLMo 2, Gemma 2, Gemma 3, Phi-3, GPT-NeoX (``*ForCausalLM`` and
 their base ``*Model``) and GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``), with transformers 5.x (the ``past_key_values`` -> ``cache``
 keyword rename of 5.2x included).  ``transformers`` is an optional dependency
 (``pip install featattn[hf]``): importing this module never imports it, calling the functions does.

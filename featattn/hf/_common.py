@@ -25,6 +25,7 @@ class _Family:
     #: how q/k/v are projected: "separate" (q_proj/k_proj/v_proj, o_proj: transformers' standard
     #: attention module; q_norm/k_norm are applied where the module has them, per head or over
     #: the whole projection as their size says), "fused" (one qkv_proj, rows q, k, v: Phi-3),
+    #: "neox" (one query_key_value, [q | k | v] per head, output through ``dense``: GPT-NeoX),
     #: "c_attn" (GPT-2)
     qkv: str = "separate"
     #: what the linear layer does not reproduce (the supported-family table of docs/hf.md)
@@ -48,6 +49,7 @@ _FAMILIES = {f.model_type: f for f in (
             dropped="the sliding-window layers' window"),
     _Family("phi3", "Phi3ForCausalLM", "layers", "self_attn", True, qkv="fused",
             dropped="the sliding window"),
+    _Family("gpt_neox", "GPTNeoXForCausalLM", "layers", "attention", True, qkv="neox"),
     _Family("gpt2", "GPT2LMHeadModel", "h", "attn", False, qkv="c_attn"),
 )}
 #: ``{model_type: causal-LM class name}`` of the families patch_hf_model knows

@@ -187,6 +187,8 @@ class HFFeatureAttention(nn.Module):
         qkv = _FAMILIES[self.family].qkv
         if qkv == "c_attn":
             q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        elif qkv == "neox":  # [B, T, H, 3d]: q, k, v side by side in each head
+            q, k, v = self.query_key_value(hidden_states).view(B, T, -1, 3 * d).chunk(3, dim=-1)
         elif qkv == "fused":
             q, k, v = self.qkv_proj(hidden_states).split(
                 (self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=2)
@@ -284,8 +286,11 @@ class HFFeatureAttention(nn.Module):
         """``o [B, H, T, d]`` -> ``[B, T, E]`` through the model's output projection."""
         B, H, T, d = o.shape
         o = o.transpose(1, 2).reshape(B, T, H * d)
-        if _FAMILIES[self.family].qkv == "c_attn":
+        qkv = _FAMILIES[self.family].qkv
+        if qkv == "c_attn":
             return self.resid_dropout(self.c_proj(o))
+        if qkv == "neox":
+            return self.dense(o)
         return self.o_proj(o)
 
     def _key_mask(self, bound: dict, B: int, T: int):
@@ -321,6 +326,8 @@ class HFFeatureAttention(nn.Module):
         cache = bound.get("cache")
         if cache is None:
             cache = bound.get("past_key_values")  # transformers < 5.2x name
+        if cache is None:
+            cache = bound.get("layer_past")  # GPT-NeoX's name
         B, T, _ = hidden_states.shape
         key_mask = self._key_mask(bound, B, T)
         transfer = self.__dict__.get("_transfer")

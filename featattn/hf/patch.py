@@ -58,6 +58,12 @@ def _attn_sizes(fam: _Family, attn: nn.Module, config):
         heads = int(getattr(attn, "num_heads", config.num_attention_heads))
         head_dim = int(getattr(attn, "head_dim", config.hidden_size // heads))
         return heads, heads, head_dim
+    if fam.qkv == "neox":
+        if not (hasattr(attn, "query_key_value") and hasattr(attn, "dense")):
+            raise NotImplementedError(f"{type(attn).__name__} has no query_key_value/dense: not "
+                                      "a GPT-NeoX attention featattn knows")
+        heads = int(config.num_attention_heads)
+        return heads, heads, int(getattr(attn, "head_size", config.hidden_size // heads))
     names = ("qkv_proj", "o_proj") if fam.qkv == "fused" else ("q_proj", "k_proj", "v_proj", "o_proj")
     for name in names:
         if not hasattr(attn, name):
@@ -256,7 +262,8 @@ def patch_hf_model(
     Args:
         model: a causal LM (or its base ``*Model``) of a supported family
             (:data:`featattn.hf.SUPPORTED_FAMILIES`: Llama, Mistral, Mixtral, Qwen2, Qwen3,
-            OLMo 2, Gemma 2, Gemma 3, Phi-3, GPT-2; docs/hf.md says what each keeps and drops).
+            OLMo 2, Gemma 2, Gemma 3, Phi-3, GPT-NeoX, GPT-2; docs/hf.md says what each keeps
+            and drops).
             Any other model raises ``NotImplementedError`` naming the supported families.
         feature_map: a registered name (``"taylor"``, ``"elu"``, ``"hedgehog"``, ...), a
             :class:`~featattn.FeatureMap` subclass, or an instance (deep-copied into each

@@ -17,6 +17,10 @@ EXTRA = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # no grouped heads in GPT-NeoX; a partial rotary (half the head dims)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "partial_rotary_factor": 0.5})),
 }
 #: families whose CPU kernels refuse float64 (Mixtral's grouped expert GEMM): built in float32
 NO_FLOAT64 = {"mixtral"}
@@ -37,7 +41,7 @@ def make_model(family="llama", layers=2, dtype=torch.float64, seed=0):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     elif family in EXTRA:
         cfg_name, model_name, extra = EXTRA[family]
-        model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**common, **extra))
+        model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**{**common, **extra}))
         if family in NO_FLOAT64 and dtype == torch.float64:
             dtype = torch.float32
     elif family == "gpt2":

@@ -1,5 +1,5 @@
 """patch_hf_model on the families beyond Llama/Mistral/Qwen2/GPT-2 (Mixtral, Qwen3, OLMo 2,
-Gemma 2, Gemma 3, Phi-3): tiny random models built from their configs (no downloads).
+Gemma 2, Gemma 3, Phi-3, GPT-NeoX): tiny random models built from their configs (no downloads).
 
 The patched layer must feed the feature map exactly the q/k/v the original module feeds its
 attention function (its own q/k norms and rotary embeddings): that is checked through
@@ -60,7 +60,8 @@ def test_patched_layer_attends_what_the_original_would(family):
     model(ids)
     model.config._attn_implementation = "eager"
     patch_hf_model(model, "elu")
-    attn = model.base_model.layers[0].self_attn
+    layer0 = model.base_model.layers[0]
+    attn = layer0.attention if family == "gpt_neox" else layer0.self_attn
     out = {}
     h = attn.register_forward_hook(lambda m, a, o: out.update(o=o[0]))
     model(ids)
@@ -68,7 +69,8 @@ def test_patched_layer_attends_what_the_original_would(family):
     o = featattn.linear_attention(seen["q"], seen["k"], seen["v"], feature_map="elu",
                                   scale=attn.q_scale, backend="reference")
     B, H, T, d = o.shape
-    want = attn.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+    out_proj = attn.dense if family == "gpt_neox" else attn.o_proj
+    want = out_proj(o.transpose(1, 2).reshape(B, T, H * d))
     torch.testing.assert_close(out["o"], want, **_tol(model))
 
 
