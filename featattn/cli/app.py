@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--feature-maps", nargs="+", metavar="NAME", default=None,
-                   help=f"attention layers to compare: 'softmax' and/or registered feature maps "
+                   help=f"attention layers to compare: 'softmax' and/or registered feature maps, "
+                        f"or 'all' (softmax and every registered map: the zoo table) "
                         f"(default: {' '.join(DEMO_ATTENTIONS)})")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help=f"training steps per model (default: {D.steps}; --quick: {Q.steps})")
@@ -264,6 +265,8 @@ def _cmd_demo(args, ui: UI) -> int:
     device = _resolve_device(parser, args.device)
     names = _names(args.feature_maps) or list(DEMO_ATTENTIONS)
     known = ["softmax"] + sorted(list_feature_maps())
+    if "all" in names:  # the zoo: softmax and every registered map, in that order
+        names = list(dict.fromkeys(n for m in names for n in (known if m == "all" else [m])))
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--feature-maps: unknown {', '.join(map(repr, unknown))}; "
@@ -312,13 +315,14 @@ def _cmd_demo(args, ui: UI) -> int:
     total = time.perf_counter() - t_all
 
     rows = [[r.name, "-" if r.feature_dim is None else str(r.feature_dim),
-             f"{r.accuracy:.3f}", f"{r.final_loss:.3f}", f"{r.params:,}",
-             f"{r.tokens_per_s:,.0f}", f"{r.train_seconds:.1f}"] for r in results]
+             f"{r.state_bytes / 1024:,.1f}", f"{r.accuracy:.3f}", f"{r.final_loss:.3f}",
+             f"{r.params:,}", f"{r.tokens_per_s:,.0f}", f"{r.train_seconds:.1f}"]
+            for r in results]
     ui.print()
     ui.table(f"MQAR recall after {cfg.steps} steps ({device})",
-             ["attention", "features/head", "recall acc", "final loss", "params", "tokens/s",
-              "train s"],
-             rows, right=[False, True, True, True, True, True, True])
+             ["attention", "features/head", "state KiB", "recall acc", "final loss", "params",
+              "tokens/s", "train s"],
+             rows, right=[False, True, True, True, True, True, True, True])
     ui.print(f"total {total:.1f}s")
     try:
         plot_curves(results, cfg, png,

@@ -195,6 +195,20 @@ def build_model(name: str, cfg: DemoConfig) -> RecallModel:
                        lambda: build_attention(name, cfg.dim, cfg.heads))
 
 
+def state_bytes(model: RecallModel, seq_len: int) -> int:
+    """Bytes a sequence's inference state takes, over all attention layers: the recurrent
+    state (fp32 kv and z, the same at any length) for feature maps; the fp32 K/V cache after
+    ``seq_len`` tokens for softmax (it grows with the length)."""
+    total = 0
+    for block in model.blocks:
+        attn = block.attn
+        if isinstance(attn, FeatureAttention):
+            total += attn.init_state(1).nbytes()
+        else:
+            total += 2 * seq_len * attn.k_proj.weight.shape[0] * 4  # K and V, all heads
+    return total
+
+
 def feature_dim(model: RecallModel) -> Optional[int]:
     """Dk per head of the first attention layer (None for softmax)."""
     attn = model.blocks[0].attn
@@ -211,6 +225,7 @@ class TrainResult:
     final_loss: float               # training loss of the last step
     params: int
     feature_dim: Optional[int]      # Dk per head (None for softmax)
+    state_bytes: int                # inference state of one sequence (softmax: K/V at seq_len)
     tokens_per_s: float             # training tokens/s after WARMUP_STEPS steps (eval excluded)
     train_seconds: float            # all training steps (eval excluded)
     curve: List[List[float]] = field(default_factory=list)  # [[step, accuracy], ...]
@@ -303,6 +318,7 @@ def train_one(
         final_loss=loss_val,
         params=sum(p.numel() for p in model.parameters()),
         feature_dim=feature_dim(model),
+        state_bytes=state_bytes(model, cfg.seq_len),
         tokens_per_s=tokens / max(steady_s, 1e-9),
         train_seconds=train_s,
         curve=curve,

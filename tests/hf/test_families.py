@@ -115,3 +115,25 @@ def test_left_padded_batch_equals_alone_on_gemma3():
     batch = _greedy(model, ids, 5, attention_mask=mask)
     assert torch.equal(batch[0, 7:], _greedy(model, a[None], 5)[0, 7:])
     assert torch.equal(batch[1, 7:], _greedy(model, b[None], 5)[0, 4:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_memory_constant_and_unpatch_restores(family):
+    """The recurrent cache does not grow with the generated length; unpatching gives the
+    original logits back exactly (and the softmax cache grows again)."""
+    from featattn import hf
+
+    model = hf_models.make_model(family)
+    ids = _ids(2, 5)
+    before = model(ids).logits
+    patch_hf_model(model, "elu")
+    sizes = []
+    for n in (2, 9):
+        out = _greedy(model, ids, n, return_dict_in_generate=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        assert cache.get_seq_length() == 5 + n - 1
+        sizes.append(hf.cache_nbytes(cache))
+    assert sizes[0] == sizes[1] > 0
+    featattn.unpatch_hf_model(model)
+    assert not hf.is_patched(model)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
