@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .feature_maps import FeatureMap, TaylorFeatureMap
 from .feature_maps.registry import build_feature_map
 from .dispatch import _check_backend
-from .functional import _validate_eps, decode_step, linear_attention
+from .functional import _validate_cu_seqlens, _validate_eps, decode_step, linear_attention
 from .state import LinearAttentionState
 
 __all__ = ["FeatureAttention"]
@@ -18,6 +21,54 @@ __all__ = ["FeatureAttention"]
 #: raw q/k size used for the Taylor map when ``qk_dim`` is not given: 1 + 16 + 256 = 273
 #: features, where a 64-dim q/k would expand to 4161.
 TAYLOR_DEFAULT_QK_DIM = 16
+
+#: epsilon of the optional q/k and output RMSNorms
+NORM_EPS = 1e-6
+
+OUTPUT_NORMS = ("rmsnorm",)
+
+
+def _check_options(rotary, rope_theta, qk_norm, output_norm, output_gate, dropout) -> None:
+    """The layer options' checks: expected, got, and the fix."""
+    for name, val in (("rotary", rotary), ("qk_norm", qk_norm), ("output_gate", output_gate)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be a bool (True to turn it on), got "
+                            f"{type(val).__name__} {val!r}")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real):
+        raise TypeError(f"rope_theta must be a float > 0 (the rotary base, e.g. 10000.0), got "
+                        f"{type(rope_theta).__name__} {rope_theta!r}")
+    if not math.isfinite(float(rope_theta)) or rope_theta <= 0:
+        raise ValueError(f"rope_theta must be a finite float > 0 (the rotary base, e.g. "
+                         f"10000.0), got {rope_theta!r}")
+    if output_norm is not None and not isinstance(output_norm, str):
+        raise TypeError(f"output_norm must be None or one of {OUTPUT_NORMS}, got "
+                        f"{type(output_norm).__name__} {output_norm!r}; pass output_norm="
+                        f"'rmsnorm' (or None for no norm)")
+    if output_norm is not None and output_norm not in OUTPUT_NORMS:
+        raise ValueError(f"output_norm must be None or one of {OUTPUT_NORMS}, got "
+                         f"{output_norm!r}; pass output_norm='rmsnorm' (or None for no norm)")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} "
+                        f"{dropout!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1) (a probability; 0 turns it off), "
+                         f"got {dropout!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (the rotary embedding's pairing)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """``cos, sin`` ``[..., dim]`` of the rotary embedding at integer ``positions`` (angles
+    computed in float64, then cast to ``dtype``)."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device,
+                                       dtype=torch.float64) / dim)
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    ang = torch.cat((ang, ang), dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 class FeatureAttention(nn.Module):
@@ -47,6 +98,32 @@ class FeatureAttention(nn.Module):
             ``sigmoid(window_logit)`` (starting at 0.5); see docs/hybrid.md.
         causal: False for an encoder layer (every token reads every token); ``forward`` then
             takes ``key_padding_mask`` for padded batches.  No decoding state then.
+
+    Layer options (all off by default: a layer built without them has the same parameters,
+    state dict and outputs as before they existed):
+
+        qk_norm: RMSNorm of each head's raw q and k over ``qk_dim`` (eps 1e-6, one learnable
+            weight ``[qk_dim]`` for q, ``q_norm``, one for k, ``k_norm``, shared by the heads),
+            applied first.
+        rotary: rotary position embeddings (RoPE, the rotate-half convention of GPT-NeoX and
+            Llama) on the raw q and k, after ``qk_norm`` and before the feature map: pairs
+            ``(i, i + qk_dim/2)`` rotate by ``pos * rope_theta ** (-2i / qk_dim)``.  ``qk_dim``
+            must be even.  Positions are absolute: a call continuing from a ``state`` starts at
+            the tokens that state has seen (``state.offset``, kept by the layer), packed
+            sequences (``cu_seqlens``) each start at 0, and ``forward(positions=)`` overrides
+            them (needed with ``cp_group``).
+        rope_theta: the rotary base (default 10000.0).
+        output_norm: None, or ``"rmsnorm"``: RMSNorm of each head's attention output over
+            ``head_dim`` (eps 1e-6, one learnable weight ``o_norm`` ``[head_dim]`` shared by the
+            heads), as fla's layers do.
+        output_gate: multiply the (normed) attention output by ``silu(x W_g)`` (SiLU, i.e.
+            swish, as fla's gated layers; ``W_g`` is ``g_proj``, ``dim -> heads * head_dim``,
+            with ``bias``) before the output projection.
+        dropout: dropout probability on the layer's output, after ``o_proj`` (the residual
+            dropout of GPT-2-style blocks); active only in training mode.
+
+    Order: ``q, k, v = x W`` -> ``qk_norm`` -> ``rotary`` -> attention (feature map inside) ->
+    ``output_norm`` -> ``output_gate`` -> ``o_proj`` -> ``dropout``.
     """
 
     def __init__(
@@ -65,6 +142,12 @@ class FeatureAttention(nn.Module):
         backend: str = "auto",
         window: int = 0,
         causal: bool = True,
+        rotary: bool = False,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        output_norm: Optional[str] = None,
+        output_gate: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads)):
@@ -93,6 +176,7 @@ class FeatureAttention(nn.Module):
         if window and not normalize:
             raise ValueError("window > 0 needs normalize=True (the softmax and linear parts "
                              "share one denominator)")
+        _check_options(rotary, rope_theta, qk_norm, output_norm, output_gate, dropout)
         kv_heads = heads if kv_heads is None else kv_heads
         if heads % kv_heads:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
@@ -129,6 +213,21 @@ class FeatureAttention(nn.Module):
         self.causal = causal
         #: the hybrid layer's per-head mixing weight f = sigmoid(window_logit) (window > 0)
         self.window_logit = nn.Parameter(torch.zeros(heads)) if window else None
+        if rotary and qk_dim % 2:
+            raise ValueError(f"rotary=True rotates pairs of q/k dims and needs an even qk_dim, "
+                             f"got qk_dim={qk_dim}; pass an even qk_dim")
+        self.rotary, self.rope_theta = rotary, float(rope_theta)
+        self.qk_norm, self.output_norm = qk_norm, output_norm
+        self.output_gate, self.dropout = output_gate, float(dropout)
+        # the options' parameters exist only when the option is on: checkpoints saved without
+        # them load unchanged (strict) into a layer built without them
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(qk_dim, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(qk_dim, eps=NORM_EPS)
+        if output_norm:
+            self.o_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        if output_gate:
+            self.g_proj = nn.Linear(dim, heads * head_dim, bias=bias)
         self._register_load_state_dict_pre_hook(self._merge_separate_projections)
 
     def _window_kwargs(self) -> dict:
@@ -160,10 +259,13 @@ class FeatureAttention(nn.Module):
 
     def init_state(self, batch: int, *, device=None) -> LinearAttentionState:
         """The zero state for ``batch`` sequences (equivalent to passing ``state=None``)."""
-        return LinearAttentionState.zeros(
+        state = LinearAttentionState.zeros(
             batch, self.heads, self.feature_dim, self.head_dim,
             normalize=self.normalize, device=device,
         )
+        if self.rotary:
+            state.offset = torch.zeros(batch, dtype=torch.int64, device=device)
+        return state
 
     def forward(
         self,
@@ -174,6 +276,7 @@ class FeatureAttention(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         cp_group=None,
         key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
     ):
         """``x: [B, T, dim]`` -> ``[B, T, dim]`` (and the new state if ``return_state``).
 
@@ -187,13 +290,34 @@ class FeatureAttention(nn.Module):
         ``cp_group``: context parallelism, ``x`` being this rank's slice of the sequence (see
         :func:`featattn.linear_attention` and docs/distributed.md).
         ``key_padding_mask``: ``[B, T]``, False at padded tokens, which no query then reads.
+        ``positions``: only with ``rotary=True``, integer ``[T]`` or ``[B, T]`` rotary
+        positions of the tokens (``[total_T]`` with ``cu_seqlens``), overriding the default
+        ``state.offset + t`` (0-based from each packed sequence's start); the returned state
+        then continues after each sequence's last given position.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"FeatureAttention expects x of shape [B, T, {self.dim}], got {got}")
         B, T, _ = x.shape
+        if positions is not None and not self.rotary:
+            raise ValueError("positions= only applies to a layer with rotary=True (the "
+                             "positions of the rotary embedding); this layer has none: drop it")
         # [B, T, H, D] -> [B, H, T, D] as views: the kernels take strided inputs
         q, k, v = self.projections(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        next_offset = None
+        if self.rotary:
+            pos = self._positions(q, state, cu_seqlens, cp_group, positions)
+            cos, sin = rotary_cos_sin(pos, self.qk_dim, self.rope_theta, q.dtype)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B or 1, 1, T, Dqk]: every head
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            # the next call continues after each sequence's last position
+            if cu_seqlens is None:
+                next_offset = pos[:, -1].expand(B) + 1
+            else:
+                next_offset = pos[0, cu_seqlens[1:].long() - 1] + 1
         if update_state:
             if not self.causal:
                 raise ValueError("update_state=True decodes a causal layer; this one has "
@@ -214,11 +338,12 @@ class FeatureAttention(nn.Module):
                                           backend=self.backend, **self._window_kwargs())
                 state.kv, state.z, state.window_k, state.window_v = \
                     new.kv, new.z, new.window_k, new.window_v
-                y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-                return (y, state) if return_state else y
-            o = decode_step(q, k, v, state, feature_map=self.feature_map,
-                            normalize=self.normalize, eps=self.eps, backend=self.backend)
-            y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            else:
+                o = decode_step(q, k, v, state, feature_map=self.feature_map,
+                                normalize=self.normalize, eps=self.eps, backend=self.backend)
+            if next_offset is not None:
+                state.offset = next_offset
+            y = self._output(o, x)
             return (y, state) if return_state else y
         res = linear_attention(
             q, k, v,
@@ -235,8 +360,72 @@ class FeatureAttention(nn.Module):
             **self._window_kwargs(),
         )
         o, new_state = res if return_state else (res, None)
-        y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        if new_state is not None and next_offset is not None:
+            new_state.offset = next_offset
+        y = self._output(o, x)
         return (y, new_state) if return_state else y
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o [B, H, T, head_dim]`` -> ``[B, T, dim]``: output norm, gate, projection,
+        dropout."""
+        B, T, _ = x.shape
+        if self.output_norm:
+            o = self.o_norm(o)
+        o = o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        if self.output_gate:
+            o = o * F.silu(self.g_proj(x))
+        y = self.o_proj(o)
+        if self.dropout:
+            y = F.dropout(y, self.dropout, training=self.training)
+        return y
+
+    def _positions(self, q_like, state, cu_seqlens, cp_group, positions) -> torch.Tensor:
+        """The rotary positions ``[B or 1, T]`` (int64) of this call's tokens (``q_like``:
+        ``[B, H, T, D]``)."""
+        B, T, device = q_like.shape[0], q_like.shape[2], q_like.device
+        if positions is not None:
+            if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point \
+                    or positions.dtype.is_complex or positions.dtype == torch.bool:
+                got = (f"a {positions.dtype} tensor" if isinstance(positions, torch.Tensor)
+                       else type(positions).__name__)
+                raise TypeError(f"positions must be an integer tensor [T] or [B, T], got {got}; "
+                                f"e.g. torch.arange(T)")
+            if positions.dim() == 1:
+                positions = positions.unsqueeze(0)
+            if positions.dim() != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
+                raise ValueError(f"positions must be [T] or [B, T] = [{B}, {T}] (one position "
+                                 f"per token of x), got shape {tuple(positions.shape)}")
+            if positions.device != device:
+                raise ValueError(f"positions is on {positions.device} but x is on {device}; "
+                                 f"move it with positions.to(x.device)")
+            return positions.long()
+        if cp_group is not None:
+            raise ValueError("rotary=True with cp_group needs positions=: this rank holds a "
+                             "slice of the sequence and cannot tell where it starts; pass "
+                             "positions=torch.arange(start, start + T) for the slice")
+        if cu_seqlens is not None:
+            _validate_cu_seqlens(cu_seqlens, q_like)  # before the positions read it
+        n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        if state is None:
+            offset = torch.zeros(n, dtype=torch.int64, device=device)
+        else:
+            offset = getattr(state, "offset", None)
+            if offset is None:
+                raise ValueError(
+                    "rotary=True continues from the state's token count (state.offset), and this "
+                    "state has none (it was not made by a rotary layer); start from "
+                    "layer.init_state(batch) or a call with return_state=True, set "
+                    "state.offset = torch.full((batch,), tokens_seen), or pass positions=")
+            if offset.shape != (n,):
+                raise ValueError(f"state.offset must be [{n}] (tokens seen per sequence), got "
+                                 f"shape {tuple(offset.shape)}")
+            offset = offset.to(device=device, dtype=torch.int64)
+        if cu_seqlens is None:
+            return offset[:, None] + torch.arange(T, device=device)
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=T)
+        return (torch.arange(T, device=device) - cu[seq] + offset[seq]).unsqueeze(0)
 
     def extra_repr(self) -> str:
         return (
@@ -244,4 +433,9 @@ class FeatureAttention(nn.Module):
             f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, normalize={self.normalize}"
             + (f", window={self.window}" if self.window else "")
             + ("" if self.causal else ", causal=False")
+            + (f", rotary=True, rope_theta={self.rope_theta:g}" if self.rotary else "")
+            + (", qk_norm=True" if self.qk_norm else "")
+            + (f", output_norm={self.output_norm!r}" if self.output_norm else "")
+            + (", output_gate=True" if self.output_gate else "")
+            + (f", dropout={self.dropout:g}" if self.dropout else "")
         )

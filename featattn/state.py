@@ -53,6 +53,7 @@ class LinearAttentionState:
     z: Optional[torch.Tensor] = None
     window_k: Optional[torch.Tensor] = None
     window_v: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
 
     @classmethod
     def zeros(
@@ -83,11 +84,13 @@ class LinearAttentionState:
 
     def map(self, fn) -> "LinearAttentionState":
         """A state holding ``fn(t)`` for each tensor ``t`` of this one (kv, z and the window's
-        keys and values where present), e.g. ``state.map(lambda t: t[indices])``."""
+        keys and values and the token ``offset`` where present), e.g.
+        ``state.map(lambda t: t[indices])``: ``fn`` should act on the batch dim (dim 0), the
+        only dim of ``offset``."""
         return LinearAttentionState(*(None if t is None else fn(t) for t in self._tensors()))
 
     def _tensors(self) -> tuple:
-        return (self.kv, self.z, self.window_k, self.window_v)
+        return (self.kv, self.z, self.window_k, self.window_v, self.offset)
 
     @property
     def windowed(self) -> bool:
@@ -102,12 +105,14 @@ class LinearAttentionState:
         return self.map(lambda t: t.clone())
 
     def to(self, *args, **kwargs) -> "LinearAttentionState":
-        """``Tensor.to`` on kv and z; the window's raw keys and values move device only
-        (they stay in the input dtype)."""
+        """``Tensor.to`` on kv and z; the window's raw keys and values and the token
+        ``offset`` move device only (they keep their dtypes)."""
         moved = self.map(lambda t: t.to(*args, **kwargs))
         if self.window_k is not None:
             moved.window_k = self.window_k.to(moved.kv.device)
             moved.window_v = self.window_v.to(moved.kv.device)
+        if self.offset is not None:
+            moved.offset = self.offset.to(moved.kv.device)
         return moved
 
     def index_select(self, dim: int, index: torch.Tensor) -> "LinearAttentionState":
