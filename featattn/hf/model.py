@@ -4,11 +4,14 @@ the Auto classes), as fla ships its ``*ForCausalLM`` classes.
 
 - :class:`FeatureAttentionConfig` (``model_type = "featattn"``): sizes, the feature map (any
   registered name, with its ``feature_map_kwargs``), ``normalize``, ``window`` (the softmax-window
-  hybrid), the MLP width, tied or untied embeddings.
+  hybrid), the layer options (``rotary``, ``qk_norm``, ``output_norm``, ``output_gate``,
+  ``attention_dropout``; all off by default), the MLP width, tied or untied embeddings.
 - :class:`FeatureAttentionModel`: embeddings, ``num_hidden_layers`` pre-norm blocks
   (``x + attn(RMSNorm x)``, ``x + SwiGLU(RMSNorm x)``, the attention a
-  :class:`featattn.FeatureAttention`), a final RMSNorm.  No position embeddings: the causal
-  recurrence orders the tokens (``position_ids`` is accepted and ignored).
+  :class:`featattn.FeatureAttention`), a final RMSNorm.  No position embeddings by default:
+  the causal recurrence orders the tokens; ``rotary=True`` rotates q and k at each row's own
+  token positions (counted from its first real token, kept by the cache).  ``position_ids`` is
+  accepted and ignored.
 - :class:`FeatureAttentionForCausalLM`: the base model plus a vocabulary head; ``labels`` give
   the shifted next-token loss like every ``*ForCausalLM``.
 
@@ -36,7 +39,7 @@ from torch import nn
 from ..blocks import SwiGLU, swiglu_hidden_size
 from ..dispatch import _check_backend
 from ..feature_maps import list_feature_maps
-from ..layers import FeatureAttention
+from ..layers import OUTPUT_NORMS, TAYLOR_DEFAULT_QK_DIM, FeatureAttention
 from ._common import _require_transformers
 from .cache import _cache_classes, _state_layer
 
@@ -114,6 +117,13 @@ class FeatureAttentionConfig(PretrainedConfig):
         attention_eps: the denominator's epsilon.
         window: 0, or ``W > 0`` for the softmax-window hybrid (``FeatureAttention(window=W)``).
         attention_bias: bias in the q/k/v and output projections.
+        rotary: rotary position embeddings on q and k (``FeatureAttention(rotary=)``).
+        rope_theta: the rotary base.
+        qk_norm: RMSNorm of each head's q and k (``FeatureAttention(qk_norm=)``).
+        output_norm: None or ``"rmsnorm"``, per-head output norm (``FeatureAttention(output_norm=)``).
+        output_gate: ``silu(x W_g)`` output gate (``FeatureAttention(output_gate=)``).
+        attention_dropout: dropout on each attention layer's output (``FeatureAttention(dropout=)``),
+            training mode only.
         intermediate_size: the SwiGLU hidden width (default ``8 * hidden_size / 3`` rounded up to
             a multiple of 8).
         mlp_bias: bias in the MLP's projections.
@@ -143,6 +153,12 @@ class FeatureAttentionConfig(PretrainedConfig):
         attention_eps: float = 1e-6,
         window: int = 0,
         attention_bias: bool = False,
+        rotary: bool = False,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        output_norm: Optional[str] = None,
+        output_gate: bool = False,
+        attention_dropout: float = 0.0,
         intermediate_size: Optional[int] = None,
         mlp_bias: bool = False,
         rms_norm_eps: float = 1e-6,
@@ -198,8 +214,25 @@ class FeatureAttentionConfig(PretrainedConfig):
                                  "config.json)", feature_map_kwargs, str(e))) from None
         for name, value in (("normalize", normalize), ("attention_bias", attention_bias),
                             ("mlp_bias", mlp_bias), ("tie_word_embeddings", tie_word_embeddings),
-                            ("use_cache", use_cache)):
+                            ("use_cache", use_cache), ("rotary", rotary), ("qk_norm", qk_norm),
+                            ("output_gate", output_gate)):
             _check_bool(name, value)
+        _check_float("rope_theta", rope_theta)
+        _check_float("attention_dropout", attention_dropout, positive=False)
+        if attention_dropout >= 1:
+            raise ValueError(_bad("attention_dropout", "a float in [0, 1)", attention_dropout,
+                                  "0 turns dropout off"))
+        if output_norm is not None and output_norm not in OUTPUT_NORMS:
+            err = TypeError if not isinstance(output_norm, str) else ValueError
+            raise err(_bad("output_norm", f"None or one of {OUTPUT_NORMS}", output_norm,
+                           "pass output_norm='rmsnorm' or None"))
+        if rotary:
+            qk = qk_dim if qk_dim is not None else (
+                TAYLOR_DEFAULT_QK_DIM if feature_map == "taylor" else
+                (head_dim if head_dim is not None else hidden_size // num_attention_heads))
+            if qk % 2:
+                raise ValueError(_bad("qk_dim", "even with rotary=True (rotary rotates pairs of "
+                                      "q/k dims)", qk, "pass an even qk_dim (or head_dim)"))
         if window and not normalize:
             raise ValueError("FeatureAttentionConfig: window > 0 needs normalize=True (the "
                              f"softmax and linear parts share one denominator), got window={window} "
@@ -225,6 +258,12 @@ class FeatureAttentionConfig(PretrainedConfig):
         self.attention_eps = float(attention_eps)
         self.window = int(window)
         self.attention_bias = attention_bias
+        self.rotary = rotary
+        self.rope_theta = float(rope_theta)
+        self.qk_norm = qk_norm
+        self.output_norm = output_norm
+        self.output_gate = output_gate
+        self.attention_dropout = float(attention_dropout)
         self.intermediate_size = (swiglu_hidden_size(hidden_size) if intermediate_size is None
                                   else int(intermediate_size))
         self.mlp_bias = mlp_bias
@@ -244,6 +283,9 @@ class FeatureAttentionConfig(PretrainedConfig):
             kv_heads=self.num_key_value_heads, normalize=self.normalize, eps=self.attention_eps,
             bias=self.attention_bias, feature_map_kwargs=dict(self.feature_map_kwargs) or None,
             backend=self.backend, window=self.window,
+            rotary=self.rotary, rope_theta=self.rope_theta, qk_norm=self.qk_norm,
+            output_norm=self.output_norm, output_gate=self.output_gate,
+            dropout=self.attention_dropout,
         )
 
 
