@@ -244,9 +244,10 @@ class FeatureAttention(nn.Module):
                 state_dict[f"{prefix}qkv_proj.{p}"] = torch.cat([state_dict.pop(n) for n in names])
 
     def projections(self, x: torch.Tensor):
-        """``(q, k, v)`` of ``x: [B, T, dim]`` as the attention reads them: ``[B, H, T, qk_dim]``,
+        """``(q, k, v)`` of ``x: [B, T, dim]`` straight from the projection: ``[B, H, T, qk_dim]``,
         ``[B, Hkv, T, qk_dim]``, ``[B, Hkv, T, head_dim]`` (strided views of one GEMM's
-        output, raw: the feature map is applied by :func:`featattn.linear_attention`)."""
+        output), before ``qk_norm`` and ``rotary`` when those options are on; the feature map
+        is applied later, by :func:`featattn.linear_attention`."""
         q, k, v = self.qkv_proj(x).split(self._qkv_split, dim=-1)
         return (q.unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2),
                 k.unflatten(-1, (self.kv_heads, self.qk_dim)).transpose(1, 2),
