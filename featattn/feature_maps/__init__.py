@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (registration side effect)
     hedgehog,
     identity,
     performer,
+    polysketch,
     rebased,
     relu,
     squared_relu,
@@ -25,6 +26,7 @@ from .elu import EluFeatureMap
 from .hedgehog import HedgehogFeatureMap
 from .identity import IdentityFeatureMap
 from .performer import PerformerFeatureMap
+from .polysketch import PolySketchFeatureMap
 from .rebased import ReBasedFeatureMap
 from .relu import ReluFeatureMap
 from .squared_relu import SquaredReluFeatureMap
@@ -44,6 +46,7 @@ __all__ = [
     "HedgehogFeatureMap",
     "IdentityFeatureMap",
     "PerformerFeatureMap",
+    "PolySketchFeatureMap",
     "ReBasedFeatureMap",
     "ReluFeatureMap",
     "SquaredReluFeatureMap",
