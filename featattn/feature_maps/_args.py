@@ -46,3 +46,18 @@ def check_bhtd(map_name: str, x, heads: int, head_dim: int, what: str):
         )
     if not x.is_floating_point():
         raise TypeError(f"{map_name} expects floating-point {what}, got {x.dtype}")
+
+
+def check_input(map_name: str, x, head_dim: int) -> None:
+    """A floating-point tensor whose last dim is the map's ``head_dim``, else TypeError /
+    ValueError (for maps built for one head dim: performer, polysketch)."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{map_name} expects a floating-point torch.Tensor, got {got}")
+    if x.shape[-1:] != (head_dim,):
+        raise ValueError(
+            f"{map_name} was built for head_dim={head_dim}, got input of shape "
+            f"{tuple(x.shape)}; build one with head_dim={x.shape[-1] if x.dim() else 0}"
+        )

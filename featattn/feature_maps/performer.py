@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._args import positive_int
+from ._args import check_input, positive_int
 from .base import FeatureMap
 from .registry import register_feature_map
 
@@ -117,14 +117,7 @@ class PerformerFeatureMap(FeatureMap):
         return self.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"performer expects a floating-point torch.Tensor, got {got}")
-        if x.shape[-1:] != (self.head_dim,):
-            raise ValueError(
-                f"performer was built for head_dim={self.head_dim}, got input of shape "
-                f"{tuple(x.shape)}; build one with head_dim={x.shape[-1] if x.dim() else 0}"
-            )
+        check_input("performer", x, self.head_dim)
         cd = torch.promote_types(x.dtype, torch.float32)
         xs = x.to(cd) * self.head_dim ** -0.25
         w = self.projection.to(device=x.device, dtype=cd)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._args import positive_int
+from ._args import check_input, positive_int
 from .base import FeatureMap
 from .performer import _check_seed
 from .registry import register_feature_map
@@ -74,14 +74,7 @@ class PolySketchFeatureMap(FeatureMap):
         return self.sketch_size ** (self.degree // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"polysketch expects a floating-point torch.Tensor, got {got}")
-        if x.shape[-1:] != (self.head_dim,):
-            raise ValueError(
-                f"polysketch was built for head_dim={self.head_dim}, got input of shape "
-                f"{tuple(x.shape)}; build one with head_dim={x.shape[-1] if x.dim() else 0}"
-            )
+        check_input("polysketch", x, self.head_dim)
         cd = torch.promote_types(x.dtype, torch.float32)
         xs = x.to(cd) * self.head_dim ** -0.25
         g = self.sketch.to(device=x.device, dtype=cd)
