@@ -17,6 +17,7 @@ from torch import nn
 
 from ..feature_maps import FeatureMap, TaylorFeatureMap
 from ..functional import decode_step, linear_attention
+from ..layers import rotate_half
 from ._common import _FAMILIES, PADDING_KWARG, _supported_text
 from .cache import _state_layer
 
@@ -32,14 +33,9 @@ def _param_names(fn) -> tuple:
     return tuple(names[1:]) if names and names[0] == "self" else tuple(names)
 
 
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _default_apply_rotary(q, k, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def _rotary_fn_for(original: nn.Module):
