@@ -11,20 +11,34 @@ def bench(fn, grad_to_none=None) -> float:
     return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
 
 
-def wall_ms(fn, n=300) -> float:
-    """Wall milliseconds per call of ``fn`` over ``n`` back-to-back calls, host included (the
-    number a Python loop sees: a decode step, or the launch path's cost when the GPU work is
-    small), after 20 warm-up calls."""
+def _loop(fn, n, warmup):
+    """(host seconds, wall seconds) of ``n`` back-to-back calls after ``warmup`` calls: host
+    until the last call returns, wall until the GPU has finished too."""
     import time
 
-    for _ in range(20):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
         fn()
+    host = time.perf_counter() - t
     torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    return host, time.perf_counter() - t
+
+
+def wall_ms(fn, n=300) -> float:
+    """Wall milliseconds per call of ``fn`` over ``n`` back-to-back calls, host included (the
+    number a Python loop sees: a decode step, or the launch path's cost when the GPU work is
+    small), after 20 warm-up calls."""
+    return _loop(fn, n, 20)[1] / n * 1e3
+
+
+def host_us(fn, n=200) -> float:
+    """Host microseconds per call of ``fn`` over ``n`` back-to-back calls (without waiting for
+    the GPU: what the Python side costs when the launch queue never fills), after 10 warm-up
+    calls."""
+    return _loop(fn, n, 10)[0] / n * 1e6
 
 
 def peak_mib(fn) -> float:

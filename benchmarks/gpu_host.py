@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import featattn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+
 
 def host_us(fn, n=200, grad=False) -> float:
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx:
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+    """:func:`_timing.host_us` under no_grad (forward rows) or enable_grad (fwd+bwd rows)."""
+    with torch.enable_grad() if grad else torch.no_grad():
+        return _timing.host_us(fn, n)
 
 
 def launch_rows():
