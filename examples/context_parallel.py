@@ -50,7 +50,10 @@ def main():
     if rank == world - 1:
         s_err = ((state.kv - whole_state.kv).norm() / whole_state.kv.norm()).item()
         line += f", final state error {s_err:.2e} (the last rank's state is the whole sequence's)"
-    print(line, flush=True)
+    lines = [None] * world  # rank 0 prints every rank's line, in rank order (no interleaving)
+    dist.all_gather_object(lines, line)
+    if rank == 0:
+        print("\n".join(lines), flush=True)
     dist.destroy_process_group()
 
 
