@@ -7,6 +7,7 @@ Dqk raw q/k head dim, Dk expanded feature dim, Dv value head dim.
 from .dispatch import KernelChoice, select_kernel
 from .feature_maps import (
     ElementwiseTritonForm,
+    ProjectionTritonForm,
     FeatureMap,
     get_feature_map,
     list_feature_maps,
@@ -44,6 +45,7 @@ __all__ = [
     "FeatureAttention",
     "FeatureMap",
     "ElementwiseTritonForm",
+    "ProjectionTritonForm",
     "register_feature_map",
     "get_feature_map",
     "list_feature_maps",

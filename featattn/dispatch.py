@@ -241,6 +241,11 @@ class Chunked(Impl):
     def choice(self, call, reasons):
         if call.fm is None:
             return KernelChoice(self.name, reasons)
+        if call.fm.triton_projection() is not None:
+            why = _projection_reason(call)
+            if why is None:
+                return KernelChoice(self.name, reasons, "kernel")
+            return KernelChoice(self.name, reasons + (why,), "torch")
         unfused = _unfusable_reason(call.fm, call.dqk)
         if unfused is None and torch.compiler.is_compiling():
             # a Triton launch inside an autograd.Function is opaque to dynamo; the map's
@@ -315,6 +320,17 @@ def _triton_map_path(call: Call) -> str:
         mode = "kernel" if small or _kernels_module().splits_time(
             call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
+
+
+def _projection_reason(call: Call) -> Optional[str]:
+    """None when the chunked kernels compute ``call.fm``'s learned projection map themselves
+    (featattn/kernels/projected.py), else why the map runs in PyTorch before the kernel."""
+    what = f"map {call.fm.name!r} runs in PyTorch before the kernel"
+    if torch.compiler.is_compiling():
+        return f"{what} under torch.compile (a Triton launch in an autograd.Function is opaque to dynamo)"
+    why = _kernels_module().projection_unsupported_reason(call.fm.triton_projection(), call.dqk,
+                                                          call.H)
+    return f"{what}: {why}" if why else None
 
 
 def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:

@@ -237,7 +237,14 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         from .kernels import chunked_attention
 
         in_kernel = {}
-        if choice.map_path == "triton_pass":
+        proj = fm.triton_projection() if choice.map_path == "kernel" else None
+        if proj is not None:  # a learned projection map, inside its own kernels
+            from .kernels import projected_attention
+
+            out, kv, z = projected_attention(
+                q, k, v, proj, normalize=normalize, eps=eps, scale=scale, initial_kv=kv0,
+                initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens)
+        elif choice.map_path == "triton_pass":
             from .kernels.maps import apply_map, fused_key
 
             key = fused_key(fm)
@@ -248,10 +255,11 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
         elif scale != 1.0:
             q = q * scale
-        out, kv, z = chunked_attention(
-            q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
-            return_state=return_state, check=False, cu_seqlens=cu_seqlens, **in_kernel,
-        )
+        if proj is None:
+            out, kv, z = chunked_attention(
+                q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
+                return_state=return_state, check=False, cu_seqlens=cu_seqlens, **in_kernel,
+            )
     elif kernel in ("taylor_parallel", "taylor_chunked"):
         from .kernels import taylor_attention
 

@@ -1,6 +1,6 @@
 """Feature maps and their registry.  Importing this package registers the built-in maps."""
 
-from .base import ElementwiseTritonForm, FeatureMap
+from .base import ElementwiseTritonForm, FeatureMap, ProjectionTritonForm
 from .registry import (
     build_feature_map,
     get_feature_map,
@@ -36,6 +36,7 @@ from .taylor import TaylorFeatureMap, taylor_features
 __all__ = [
     "FeatureMap",
     "ElementwiseTritonForm",
+    "ProjectionTritonForm",
     "register_feature_map",
     "get_feature_map",
     "list_feature_maps",

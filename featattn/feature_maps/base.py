@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-__all__ = ["FeatureMap", "ElementwiseTritonForm"]
+__all__ = ["FeatureMap", "ElementwiseTritonForm", "ProjectionTritonForm"]
 
 
 class ElementwiseTritonForm(NamedTuple):
@@ -28,6 +28,31 @@ class ElementwiseTritonForm(NamedTuple):
 
     phi: Callable
     dphi: Callable
+
+
+class ProjectionTritonForm(NamedTuple):
+    """How the chunked Triton kernels compute a map of the "learned projection, then a row-wise
+    activation" family in registers, forward and backward (weights' gradients included)::
+
+        l = x W_h + b_h                       # W_h: [d, f] of head h, b_h: [f]
+        "softmax_pair" (Hedgehog):  phi(x) = [softmax(l), softmax(-l)]    (2 f features)
+        "relu" (T2R):               phi(x) = relu(l)                      (f features)
+
+    ``q_weight``: ``[H, d, f]`` (one per query head), or with ``q_shares_kv_head`` ``[Hkv, d,
+    f]`` (query head h uses row ``h // (H // Hkv)``, as T2R); ``k_weight``: ``[Hkv, d, f]``;
+    ``q_bias`` / ``k_bias``:
+    ``[., f]`` or both None.  The tensors are the map's own parameters (``tie_qk`` maps pass
+    the same tensor twice: autograd adds both gradients).  The queries are multiplied by the
+    call's ``scale`` before the projection, the keys are not, as with every map.  ``d`` and
+    ``f`` up to 128.
+    """
+
+    q_weight: torch.Tensor
+    q_bias: Optional[torch.Tensor]
+    k_weight: torch.Tensor
+    k_bias: Optional[torch.Tensor]
+    activation: str
+    q_shares_kv_head: bool = False
 
 
 class FeatureMap(nn.Module):
@@ -68,6 +93,14 @@ class FeatureMap(nn.Module):
         act on each coordinate alone, with ``output_dim(d) == d``, no parameters and the same
         treatment of queries and keys (``forward_query`` / ``forward_key`` not overridden).
         Return None when triton is not installed."""
+        return None
+
+    def triton_projection(self) -> Optional[ProjectionTritonForm]:
+        """The map's :class:`ProjectionTritonForm` (a learned per-head projection and a
+        row-wise activation the kernels know), or None (the default).  A map that returns one
+        runs inside the chunked Triton kernels, its parameters' gradients included; its
+        :meth:`forward_query` / :meth:`forward_key` must compute the same thing (the tests
+        check the built-ins; check yours with ``featattn.testing``)."""
         return None
 
     def forward_query(self, q: torch.Tensor) -> torch.Tensor:

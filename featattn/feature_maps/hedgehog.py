@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import FeatureMap
+from .base import FeatureMap, ProjectionTritonForm
 from .registry import register_feature_map
 
 
@@ -83,6 +83,11 @@ class HedgehogFeatureMap(FeatureMap):
         logits = torch.einsum("bhtd,hdf->bhtf", x.to(cd), weight.to(cd)) + bias.to(cd)[:, None, :]
         # both softmaxes in fp32: the features are probabilities and must stay > 0
         return torch.cat([logits.softmax(-1), (-logits).softmax(-1)], dim=-1).to(x.dtype)
+
+    def triton_projection(self) -> ProjectionTritonForm:
+        """Computed inside the chunked kernels (featattn.kernels.projected)."""
+        return ProjectionTritonForm(self.q_weight, self.q_bias, self.k_weight, self.k_bias,
+                                    "softmax_pair")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Query features (``forward_key`` uses the key projection)."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._args import check_bhtd, head_counts, positive_int
-from .base import FeatureMap
+from .base import FeatureMap, ProjectionTritonForm
 from .registry import register_feature_map
 
 
@@ -64,6 +64,12 @@ class T2RFeatureMap(FeatureMap):
         cd = torch.promote_types(x.dtype, torch.float32)
         y = torch.einsum("bhtd,hdf->bhtf", x.to(cd), weight.to(cd)) + bias.to(cd)[:, None, :]
         return torch.relu(y).to(x.dtype)
+
+    def triton_projection(self) -> ProjectionTritonForm:
+        """Computed inside the chunked kernels (featattn.kernels.projected); query head h
+        uses kv head h // group's map there too."""
+        return ProjectionTritonForm(self.weight, self.bias, self.weight, self.bias, "relu",
+                                    q_shares_kv_head=True)
 
     def forward_query(self, q: torch.Tensor) -> torch.Tensor:
         group = self.heads // self.kv_heads

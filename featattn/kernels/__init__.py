@@ -16,6 +16,11 @@ Exports:
                    scale=1.0, taylor=False, kv_out=None, z_out=None, out=None) -> (o, kv, z)
         a few tokens against a state in one launch, in place when kv_out/z_out are the state
         (featattn/kernels/decode.py); STEP_MAX_T, step_unsupported_reason(kind, d, dv, T).
+    projected_attention(q, k, v, form, *, normalize, eps, scale=1.0, initial_kv=None,
+                        initial_z=None, return_state=False, cu_seqlens=None) -> (o, kv, z)
+        a learned projection map (Hedgehog, T2R: FeatureMap.triton_projection) computed in the
+        kernels, its weights' gradients included (featattn/kernels/projected.py);
+        projection_unsupported_reason(form, d, H) -> None | str.
     taylor_parallel_max_t() -> int: the longest T the Taylor parallel form takes
         (FEATATTN_TAYLOR_PARALLEL_MAX_T); featattn.dispatch decides between the two forms.
 
@@ -38,6 +43,7 @@ if TRITON_AVAILABLE:
     from .taylor_parallel import max_t as taylor_parallel_max_t
     from .decode import MAX_T as STEP_MAX_T
     from .decode import recurrent_step, step_unsupported_reason
+    from .projected import projected_attention, projection_unsupported_reason
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
 
@@ -64,8 +70,15 @@ else:  # pragma: no cover
     def recurrent_step(*args, **kwargs):
         raise RuntimeError("featattn.kernels.recurrent_step needs triton (pip install triton)")
 
+    def projection_unsupported_reason(form, d, H) -> str:
+        return "triton is not installed"
+
+    def projected_attention(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.projected_attention needs triton (pip install triton)")
+
 __all__ = [
     "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_time",
     "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
     "recurrent_step", "step_unsupported_reason", "STEP_MAX_T",
+    "projected_attention", "projection_unsupported_reason",
 ]

@@ -201,9 +201,8 @@ def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
 
 def test_select_kernel_says_why_a_map_is_not_fused():
     q = k = v = torch.randn(1, 2, 8, 16)
-    hh = featattn.select_kernel(q, k, v, feature_map=featattn.get_feature_map("hedgehog", head_dim=16),
-                                backend="triton")
-    assert not hh.map_fused and any("no elementwise Triton form" in r for r in hh.reasons)
+    dpfp = featattn.select_kernel(q, k, v, feature_map="dpfp", backend="triton")
+    assert not dpfp.map_fused and any("no elementwise Triton form" in r for r in dpfp.reasons)
     assert not featattn.select_kernel(q, k, v, backend="triton").map_fused  # no map at all
     assert featattn.select_kernel(q, k, v, feature_map="elu", backend="triton").map_fused
     # the PyTorch path never "fuses"

@@ -1,0 +1,667 @@
+"""Learned projection maps (Hedgehog, T2R) computed inside the chunked kernels.
+
+Legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), T time, D raw q/k head
+dim, F the map's projection width, Dv value dim, BT chunk, BD / BF / BV tiles of D / F / Dv.
+
+The maps (:class:`~featattn.feature_maps.base.ProjectionTritonForm`)::
+
+    l = (scale * x) W_h + b_h                      # [F] logits, W_h [D, F] per head
+    softmax_pair (Hedgehog): phi = [softmax(l), softmax(-l)]      (2F features)
+    relu (T2R):              phi = relu(l)                         (F features)
+
+The kernels read raw q / k tiles, compute the logits (tensor cores, fp32 operands: tf32, or
+tf32x3 for fp32 inputs) and the activation in fp32 registers, round the features once to
+the input dtype (as the PyTorch maps do) and run the chunked algorithm of
+:mod:`featattn.kernels.chunked` on them; the features never reach memory.  A softmax pair is
+kept as two halves (``a = softmax(l)``, ``b = softmax(-l)``), each with its own state tile,
+so every product of the plain kernel is a sum of two products and the state keeps the
+PyTorch layout (rows ``0..F-1`` the first half, ``F..2F-1`` the second).
+
+Backward: one launch, two kinds of programs (as the chunked kernel): phase 0 sweeps forward
+for d(features of q), phase 1 backward for d(features of k) and dv.  Each recomputes the
+features, backpropagates through the activation (softmax: ``dl = a (da - <da, a>) -
+b (db - <db, b>)``) and the projection: ``dx = scale * dl W^T`` and the program's partial
+``dW = scale * x^T dl``, ``db = sum dl``, accumulated in registers over its whole sweep and
+written once per (program row, Dv tile); torch sums those fp32 partials (no atomics, so
+results repeat bit for bit).  d(features) is linear, so Dv tiles and the q heads of a
+key/value group simply add.
+
+Limits: D <= 128 and F <= 128 (one tile each); Dv any (tiled by BV).  No split-T segments
+(one program sweeps each head).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import _common
+from ._common import alloc as _alloc
+from ._common import cdiv, next_pow2, row_dot
+from ._common import dtype_flags as _flags
+from ._common import empty_like_layout as _empty_like_layout
+from ._common import unit_last as _unit_last
+from .chunked import _dot_in, _mm, _sequence
+
+__all__ = ["projected_attention", "projection_unsupported_reason", "ACTIVATIONS", "MAX_DIM"]
+
+_INTERPRET = _common.INTERPRET
+
+#: activation name -> (kernel code, features per projection column)
+ACTIVATIONS = {"softmax_pair": (0, 2), "relu": (1, 1)}
+#: largest D and F (one register tile each)
+MAX_DIM = 128
+
+
+def projection_unsupported_reason(form, d: int, H: int) -> Optional[str]:
+    """None when the kernels take this map for q heads of dim ``d`` and ``H`` query heads,
+    else why not."""
+    if form.activation not in ACTIVATIONS:
+        return (f"activation {form.activation!r} has no kernel (known: "
+                f"{', '.join(ACTIVATIONS)})")
+    f = form.q_weight.shape[-1]
+    if d > MAX_DIM or f > MAX_DIM:
+        return f"head dim {d} or projection width {f} is above {MAX_DIM} (one register tile)"
+    hq, hk = form.q_weight.shape[0], form.k_weight.shape[0]
+    fits = H % hq == 0 and hq == hk if form.q_shares_kv_head else hq == H and H % hk == 0
+    if not fits or tuple(form.q_weight.shape[1:]) != (d, f) \
+            or tuple(form.k_weight.shape[1:]) != (d, f):
+        return (f"its weights {tuple(form.q_weight.shape)} / {tuple(form.k_weight.shape)} do "
+                f"not fit {H} query heads of dim {d}")
+    return None
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BT": 16}, num_warps=4, num_stages=1)]
+    from .. import _switches
+
+    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
+        return [triton.Config({"BT": 64}, num_warps=4, num_stages=2)]
+    space = [(64, 4, 2), (64, 8, 2), (32, 4, 2), (64, 4, 3), (32, 8, 2)]
+    return [triton.Config({"BT": bt}, num_warps=nw, num_stages=ns) for bt, nw, ns in space]
+
+
+# --------------------------------------------------------------------------- the map
+@triton.jit
+def _dot32(a, b, IEEE: tl.constexpr):
+    """a @ b on fp32 operands: tf32 tensor cores (tf32x3 for fp32 inputs)."""
+    if IEEE:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return r
+
+
+@triton.jit
+def _load_w(w, offs_d, offs_f, md, mf, F):
+    """One head's weight [BD, BF] (fp32) from w (that head's [D, F], contiguous)."""
+    return tl.load(w + offs_d[:, None] * F + offs_f[None, :], mask=md[:, None] & mf[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """(scale * x) w + bias in fp32 [BT, BF]."""
+    lg = _dot32(x, w, IEEE) * scale
+    if HAS_BIAS:
+        lg += tl.load(bias + offs_f, mask=mf, other=0.0).to(tl.float32)[None, :]
+    return lg
+
+
+@triton.jit
+def _act(lg, keep, mf, ACT: tl.constexpr):
+    """The features (fp32) of logits l [BT, BF]: (a, b), b unused for one-half maps; 0 where
+    ``keep`` ([BT, BF]: real row and column) is off."""
+    if ACT == 0:
+        lp = tl.where(mf[None, :], lg, float("-inf"))
+        ep = tl.exp(lp - tl.max(lp, axis=1)[:, None])
+        a = ep / tl.sum(ep, axis=1)[:, None]
+        ln = tl.where(mf[None, :], -lg, float("-inf"))
+        en = tl.exp(ln - tl.max(ln, axis=1)[:, None])
+        b = en / tl.sum(en, axis=1)[:, None]
+        a = tl.where(keep, a, 0.0)
+        b = tl.where(keep, b, 0.0)
+    else:
+        a = tl.where(keep, tl.maximum(lg, 0.0), 0.0)
+        b = a
+    return a, b
+
+
+@triton.jit
+def _dact(lg, a, b, da, db, keep, ACT: tl.constexpr):
+    """d(logits) from the features' gradients (da, db) and the fp32 features (a, b)."""
+    if ACT == 0:
+        dl = a * (da - tl.sum(da * a, axis=1)[:, None]) - b * (db - tl.sum(db * b, axis=1)[:, None])
+    else:
+        dl = tl.where(lg > 0, da, 0.0)
+    return tl.where(keep, dl, 0.0)
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["T"])
+def _fwd_kernel(
+    q, k, v, wq, bq, wk, bk, o, den, kv0, z0, kvT, zT, cu,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, H, G, D, F, DV, eps, scale,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
+    QW_KV: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Grid (B*H, NV).  q [B,H,T,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] strided (unit last
+    stride); wq [Hq_w,D,F] (Hq_w = H, or Hkv with QW_KV), wk [Hkv,D,F], bq/bk [.., F]; o like
+    q with Dv; den fp32 [B,H,T] (eps added); states fp32 [B,H,DK,Dv] / [B,H,DK] with
+    DK = 2F (PAIR) or F."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
+    i_hk = i_h // G
+    i_wq = i_hk if QW_KV else i_h
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    o_base = o + i_b * sob + i_h * soh + bos * sot
+    d_base = den + row * T + bos
+    wq_base = wq + i_wq * D * F
+    wk_base = wk + i_hk * D * F
+
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BF)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    md = offs_d < D
+    mf = offs_f < F
+    mv = offs_v < DV
+    causal = offs_t[:, None] >= offs_t[None, :]
+    own_t = (offs_t * 0 + i_v) == 0
+    own_f = (offs_f * 0 + i_v) == 0
+    DK = F * (1 + PAIR)
+    st_off = i_bh.to(tl.int64) * DK * DV
+    zt_off = i_bh.to(tl.int64) * DK
+
+    Sa = tl.zeros([BF, BV], dtype=tl.float32)
+    Sb = tl.zeros([BF, BV], dtype=tl.float32)
+    za = tl.zeros([BF], dtype=tl.float32)
+    zb = tl.zeros([BF], dtype=tl.float32)
+    if HAS_INIT:
+        mS = mf[:, None] & mv[None, :]
+        Sa = tl.load(kv0 + st_off + offs_f[:, None] * DV + offs_v[None, :], mask=mS, other=0.0)
+        if PAIR:
+            Sb = tl.load(kv0 + st_off + (F + offs_f)[:, None] * DV + offs_v[None, :], mask=mS,
+                         other=0.0)
+        if NORMALIZE:
+            za = tl.load(z0 + zt_off + offs_f, mask=mf, other=0.0)
+            if PAIR:
+                zb = tl.load(z0 + zt_off + F + offs_f, mask=mf, other=0.0)
+
+    for i in range(0, tl.cdiv(TS, BT)):
+        t0 = tl.cast(i * BT, tl.int64)
+        mt = (i * BT + offs_t) < TS
+        keep = mt[:, None] & mf[None, :]
+        xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_d[None, :],
+                     mask=mt[:, None] & md[None, :], other=0.0)
+        xk = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_d[None, :],
+                     mask=mt[:, None] & md[None, :], other=0.0)
+        b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                      mask=mt[:, None] & mv[None, :], other=0.0)
+        lq = _logits(xq, _load_w(wq_base, offs_d, offs_f, md, mf, F), bq + i_wq * F, offs_f, mf, scale,
+                     HAS_BIAS, IEEE)
+        qa, qb = _act(lq, keep, mf, ACT)
+        qa = qa.to(xq.dtype)
+        qb = qb.to(xq.dtype)
+        lk = _logits(xk, _load_w(wk_base, offs_d, offs_f, md, mf, F), bk + i_hk * F, offs_f, mf, 1.0,
+                     HAS_BIAS, IEEE)
+        ka, kb = _act(lk, keep, mf, ACT)
+        ka = ka.to(xk.dtype)
+        kb = kb.to(xk.dtype)
+
+        A = _dot_in(qa, tl.trans(ka), IEEE)
+        if PAIR:
+            A += _dot_in(qb, tl.trans(kb), IEEE)
+        A = tl.where(causal, A, 0.0)
+        num = _mm(A, b_v, LOWP, IEEE) + _mm(qa, Sa, LOWP, IEEE)
+        if PAIR:
+            num += _mm(qb, Sb, LOWP, IEEE)
+        if NORMALIZE:
+            d = tl.sum(A, axis=1) + tl.sum(qa.to(tl.float32) * za[None, :], axis=1)
+            za += tl.sum(ka.to(tl.float32), axis=0)
+            if PAIR:
+                d += tl.sum(qb.to(tl.float32) * zb[None, :], axis=1)
+                zb += tl.sum(kb.to(tl.float32), axis=0)
+            d = d + eps
+            num = num / d[:, None]
+            tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
+        Sa += _dot_in(tl.trans(ka), b_v, IEEE)
+        if PAIR:
+            Sb += _dot_in(tl.trans(kb), b_v, IEEE)
+        tl.store(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
+                 num.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+    if STORE_FINAL:
+        mS = mf[:, None] & mv[None, :]
+        tl.store(kvT + st_off + offs_f[:, None] * DV + offs_v[None, :], Sa, mask=mS)
+        if PAIR:
+            tl.store(kvT + st_off + (F + offs_f)[:, None] * DV + offs_v[None, :], Sb, mask=mS)
+        if NORMALIZE:
+            tl.store(zT + zt_off + offs_f, za, mask=mf & own_f)
+            if PAIR:
+                tl.store(zT + zt_off + F + offs_f, zb, mask=mf & own_f)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["T"])
+def _bwd_kernel(
+    q, k, v, do, wq, bq, wk, bk, den, delta, kv0, z0, dkvT, dzT,
+    dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    T, NB, H, G, D, F, DV, scale,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
+    QW_KV: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Grid (B*H, NV, 2): phase 0 the dq sweep, phase 1 the dk/dv sweep (see the module
+    docstring; the algebra is featattn.kernels.chunked's with two feature halves).
+    Outputs: dq, dk [NV,NB,H,T,D] and dv [NB,H,T,Dv] (written per q head); dwq, dwk fp32
+    [NV, B*H, D, F] and dbq, dbk [NV, B*H, F] partials; dkv0 / dz0 fp32 (HAS_INIT)."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    phase = tl.program_id(2)
+    n_rows = NB * H
+    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
+    i_hk = i_h // G
+    i_wq = i_hk if QW_KV else i_h
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    row_base = row * T + bos
+    wq_base = wq + i_wq * D * F
+    wk_base = wk + i_hk * D * F
+
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BF)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    md = offs_d < D
+    mf = offs_f < F
+    mv = offs_v < DV
+    own_t = (offs_t * 0 + i_v) == 0
+    own_f = (offs_f * 0 + i_v) == 0
+    DK = F * (1 + PAIR)
+    st_off = i_bh.to(tl.int64) * DK * DV
+    zt_off = i_bh.to(tl.int64) * DK
+    mS = mf[:, None] & mv[None, :]
+    n_chunks = tl.cdiv(TS, BT)
+    dW = tl.zeros([BD, BF], dtype=tl.float32)
+    dB = tl.zeros([BF], dtype=tl.float32)
+    part = (i_v.to(tl.int64) * tl.num_programs(0) + i_bh) * D * F
+
+    if phase == 0:
+        causal = offs_t[:, None] >= offs_t[None, :]
+        STa = tl.zeros([BV, BF], dtype=tl.float32)  # S^T halves
+        STb = tl.zeros([BV, BF], dtype=tl.float32)
+        za = tl.zeros([BF], dtype=tl.float32)
+        zb = tl.zeros([BF], dtype=tl.float32)
+        if HAS_INIT:
+            mST = mf[None, :] & mv[:, None]
+            STa = tl.load(kv0 + st_off + offs_f[None, :] * DV + offs_v[:, None], mask=mST,
+                          other=0.0)
+            if PAIR:
+                STb = tl.load(kv0 + st_off + (F + offs_f)[None, :] * DV + offs_v[:, None],
+                              mask=mST, other=0.0)
+            if NORMALIZE:
+                za = tl.load(z0 + zt_off + offs_f, mask=mf, other=0.0)
+                if PAIR:
+                    zb = tl.load(z0 + zt_off + F + offs_f, mask=mf, other=0.0)
+        dq_base = dq + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * D
+        for i in range(0, n_chunks):
+            t0 = tl.cast(i * BT, tl.int64)
+            mt = (i * BT + offs_t) < TS
+            keep = mt[:, None] & mf[None, :]
+            b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                           mask=mt[:, None] & mv[None, :], other=0.0)
+            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=mt[:, None] & mv[None, :], other=0.0)
+            xk = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_d[None, :],
+                         mask=mt[:, None] & md[None, :], other=0.0)
+            lk = _logits(xk, _load_w(wk_base, offs_d, offs_f, md, mf, F), bk + i_hk * F, offs_f, mf,
+                         1.0, HAS_BIAS, IEEE)
+            ka, kb = _act(lk, keep, mf, ACT)
+            ka = ka.to(xk.dtype)
+            kb = kb.to(xk.dtype)
+            dA = _dot_in(b_do, tl.trans(b_v), IEEE)
+            if NORMALIZE:
+                b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
+                dA = dA - b_dl[:, None]
+            dA = tl.where(causal, dA, 0.0)
+            dqa = _mm(dA, ka, LOWP, IEEE) + _mm(b_do, STa, LOWP, IEEE)
+            if PAIR:
+                dqb = _mm(dA, kb, LOWP, IEEE) + _mm(b_do, STb, LOWP, IEEE)
+            else:
+                dqb = dqa
+            if NORMALIZE:
+                b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
+                dqa = (dqa - b_dl[:, None] * za[None, :]) * b_r[:, None]
+                za += tl.sum(ka.to(tl.float32), axis=0)
+                if PAIR:
+                    dqb = (dqb - b_dl[:, None] * zb[None, :]) * b_r[:, None]
+                    zb += tl.sum(kb.to(tl.float32), axis=0)
+            STa += _dot_in(tl.trans(b_v), ka, IEEE)
+            if PAIR:
+                STb += _dot_in(tl.trans(b_v), kb, IEEE)
+            # through the map of q
+            xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_d[None, :],
+                         mask=mt[:, None] & md[None, :], other=0.0)
+            w = _load_w(wq_base, offs_d, offs_f, md, mf, F)
+            lq = _logits(xq, w, bq + i_wq * F, offs_f, mf, scale, HAS_BIAS, IEEE)
+            qa32, qb32 = _act(lq, keep, mf, ACT)
+            dlq = _dact(lq, qa32, qb32, dqa, dqb, keep, ACT)
+            b_dx = _dot32(dlq, tl.trans(w), IEEE) * scale
+            tl.store(dq_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
+                     b_dx.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
+            dW += _dot32(tl.trans(xq), dlq, IEEE)
+            dB += tl.sum(dlq, axis=0)
+        mW = md[:, None] & mf[None, :]
+        tl.store(dwq + part + offs_d[:, None] * F + offs_f[None, :], dW * scale, mask=mW)
+        if HAS_BIAS:
+            tl.store(dbq + part // D + offs_f, dB, mask=mf)
+    else:
+        anti = offs_t[:, None] <= offs_t[None, :]
+        dSa = tl.zeros([BF, BV], dtype=tl.float32)
+        dSb = tl.zeros([BF, BV], dtype=tl.float32)
+        dza = tl.zeros([BF], dtype=tl.float32)
+        dzb = tl.zeros([BF], dtype=tl.float32)
+        if HAS_DFINAL:
+            dSa = tl.load(dkvT + st_off + offs_f[:, None] * DV + offs_v[None, :], mask=mS,
+                          other=0.0)
+            if PAIR:
+                dSb = tl.load(dkvT + st_off + (F + offs_f)[:, None] * DV + offs_v[None, :],
+                              mask=mS, other=0.0)
+            if NORMALIZE:
+                dza = tl.load(dzT + zt_off + offs_f, mask=mf & own_f, other=0.0)
+                if PAIR:
+                    dzb = tl.load(dzT + zt_off + F + offs_f, mask=mf & own_f, other=0.0)
+        dk_base = dk + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * D
+        dv_base = dv + (row * T + bos) * DV
+        for j in range(0, n_chunks):
+            i = n_chunks - 1 - j
+            t0 = tl.cast(i * BT, tl.int64)
+            mt = (i * BT + offs_t) < TS
+            keep = mt[:, None] & mf[None, :]
+            xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_d[None, :],
+                         mask=mt[:, None] & md[None, :], other=0.0)
+            xk = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_d[None, :],
+                         mask=mt[:, None] & md[None, :], other=0.0)
+            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=mt[:, None] & mv[None, :], other=0.0)
+            b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
+                           mask=mt[:, None] & mv[None, :], other=0.0)
+            lq = _logits(xq, _load_w(wq_base, offs_d, offs_f, md, mf, F), bq + i_wq * F, offs_f, mf,
+                         scale, HAS_BIAS, IEEE)
+            qa, qb = _act(lq, keep, mf, ACT)
+            qa = qa.to(xq.dtype)
+            qb = qb.to(xq.dtype)
+            w = _load_w(wk_base, offs_d, offs_f, md, mf, F)
+            lk = _logits(xk, w, bk + i_hk * F, offs_f, mf, 1.0, HAS_BIAS, IEEE)
+            ka32, kb32 = _act(lk, keep, mf, ACT)
+            ka = ka32.to(xk.dtype)
+            kb = kb32.to(xk.dtype)
+
+            AT = _dot_in(ka, tl.trans(qa), IEEE)
+            if PAIR:
+                AT += _dot_in(kb, tl.trans(qb), IEEE)
+            AT = tl.where(anti, AT, 0.0)
+            dAT = _dot_in(b_v, tl.trans(b_do), IEEE)
+            if NORMALIZE:
+                b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
+                b_dn = b_do.to(tl.float32) * b_r[:, None]
+                b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0) * b_r
+                dAT = dAT * b_r[None, :] + b_dd[None, :]
+            else:
+                b_dn = b_do
+            dAT = tl.where(anti, dAT, 0.0)
+            b_dv = _mm(AT, b_dn, LOWP, IEEE) + _mm(ka, dSa, LOWP, IEEE)
+            dka = _mm(dAT, qa, LOWP, IEEE) + _mm(b_v, tl.trans(dSa), LOWP, IEEE)
+            if PAIR:
+                b_dv += _mm(kb, dSb, LOWP, IEEE)
+                dkb = _mm(dAT, qb, LOWP, IEEE) + _mm(b_v, tl.trans(dSb), LOWP, IEEE)
+            else:
+                dkb = dka
+            if NORMALIZE:
+                dka += dza[None, :]
+                dza += tl.sum(qa.to(tl.float32) * b_dd[:, None], axis=0)
+                if PAIR:
+                    dkb += dzb[None, :]
+                    dzb += tl.sum(qb.to(tl.float32) * b_dd[:, None], axis=0)
+            dSa += _mm(tl.trans(qa), b_dn, LOWP, IEEE)
+            if PAIR:
+                dSb += _mm(tl.trans(qb), b_dn, LOWP, IEEE)
+            dlk = _dact(lk, ka32, kb32, dka, dkb, keep, ACT)
+            b_dx = _dot32(dlk, tl.trans(w), IEEE)
+            tl.store(dk_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
+                     b_dx.to(dk.dtype.element_ty), mask=mt[:, None] & md[None, :])
+            tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
+                     b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            dW += _dot32(tl.trans(xk), dlk, IEEE)
+            dB += tl.sum(dlk, axis=0)
+        mW = md[:, None] & mf[None, :]
+        tl.store(dwk + part + offs_d[:, None] * F + offs_f[None, :], dW, mask=mW)
+        if HAS_BIAS:
+            tl.store(dbk + part // D + offs_f, dB, mask=mf)
+        if HAS_INIT:
+            tl.store(dkv0 + st_off + offs_f[:, None] * DV + offs_v[None, :], dSa, mask=mS)
+            if PAIR:
+                tl.store(dkv0 + st_off + (F + offs_f)[:, None] * DV + offs_v[None, :], dSb,
+                         mask=mS)
+            if NORMALIZE:
+                tl.store(dz0 + zt_off + offs_f, dza, mask=mf & own_f)
+                if PAIR:
+                    tl.store(dz0 + zt_off + F + offs_f, dzb, mask=mf & own_f)
+
+
+_fwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_bwd_kernel)
+_FWD, _BWD = _common.TunedLaunch(_fwd), _common.TunedLaunch(_bwd)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _tiles(D: int, F: int, Dv: int, pair: bool, dtype) -> tuple[int, int, int]:
+    low = 32 if dtype == torch.float32 and not _INTERPRET else 16
+    bd = max(low, next_pow2(D))
+    bf = max(low, next_pow2(F))
+    # two [BF, BV] fp32 state halves live in registers: keep BF * BV * halves <= 8192
+    cap = max(low, 8192 // (bf * (2 if pair else 1)))
+    bv = max(low, min(next_pow2(Dv), 128, cap))
+    return bd, bf, bv
+
+
+def _launch_args(q, k, v, wq, wk, act):
+    B, H, T, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    F = wq.shape[-1]
+    code, halves = ACTIVATIONS[act]
+    pair = halves == 2
+    BD, BF, BV = _tiles(D, F, Dv, pair, q.dtype)
+    return B, H, T, D, Hkv, Dv, F, code, pair, BD, BF, BV
+
+
+def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store_final, cu):
+    B, H, T, D, Hkv, Dv, F, code, pair, BD, BF, BV = _launch_args(q, k, v, wq, wk, act)
+    NB = B
+    if cu is not None:
+        B = cu.shape[0] - 1
+    NV = cdiv(Dv, BV)
+    DK = F * (2 if pair else 1)
+    dev = q.device
+    o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
+    den = _alloc((NB, H, T), torch.float32, dev) if normalize else o
+    kvT = _alloc((B, H, DK, Dv), torch.float32, dev) if store_final else o
+    zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
+    lowp, ieee = _flags(q.dtype)
+    has_init = kv0 is not None
+    qw_kv = wq.shape[0] != H  # query heads share their kv head's weights
+    _FWD[(B * H, NV)](
+        q, k, v, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
+        o, den, kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
+        cu if cu is not None else o,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        T, H, H // Hkv, D, F, Dv, eps, scale,
+        BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, STORE_FINAL=store_final,
+        LOWP=lowp, IEEE=ieee, ACT=code, PAIR=pair, QW_KV=qw_kv,
+        HAS_BIAS=bq is not None, VARLEN=cu is not None,
+    )
+    return o, (den if normalize else None), (kvT if store_final else None), \
+        (zT if store_final and normalize else None)
+
+
+def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, do, dkvT, dzT,
+              cu):
+    B, H, T, D, Hkv, Dv, F, code, pair, BD, BF, BV = _launch_args(q, k, v, wq, wk, act)
+    NB = B
+    if cu is not None:
+        B = cu.shape[0] - 1
+    NV = cdiv(Dv, BV)
+    G = H // Hkv
+    DK = F * (2 if pair else 1)
+    dev = q.device
+    has_init = kv0 is not None
+    has_dfinal = dkvT is not None or dzT is not None
+    if has_dfinal:
+        dkvT = torch.zeros(B, H, DK, Dv, dtype=torch.float32, device=dev) if dkvT is None \
+            else dkvT.float().contiguous()
+        if normalize:
+            dzT = torch.zeros(B, H, DK, dtype=torch.float32, device=dev) if dzT is None \
+                else dzT.float().contiguous()
+    delta = row_dot(o, do) if normalize else do
+    if not normalize:
+        den = do
+    reduce_dk = NV > 1 or G > 1
+    dq = _alloc((NV, NB, H, T, D), torch.float32 if NV > 1 else q.dtype, dev)
+    dk = _alloc((NV, NB, H, T, D), torch.float32 if reduce_dk else q.dtype, dev)
+    dv = _alloc((NB, H, T, Dv), torch.float32 if G > 1 else q.dtype, dev)
+    dwq = _alloc((NV, B * H, D, F), torch.float32, dev)
+    dwk = _alloc((NV, B * H, D, F), torch.float32, dev)
+    has_bias = bq is not None
+    dbq = _alloc((NV, B * H, F), torch.float32, dev) if has_bias else dwq
+    dbk = _alloc((NV, B * H, F), torch.float32, dev) if has_bias else dwk
+    dkv0 = _alloc((B, H, DK, Dv), torch.float32, dev) if has_init else dq
+    dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
+    lowp, ieee = _flags(q.dtype)
+    qw_kv = wq.shape[0] != H  # query heads share their kv head's weights
+    _BWD[(B * H, NV, 2)](
+        q, k, v, do, wq, bq if has_bias else wq, wk, bk if has_bias else wk, den, delta,
+        kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
+        dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
+        dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu if cu is not None else dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        T, NB, H, G, D, F, Dv, scale,
+        BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
+        LOWP=lowp, IEEE=ieee, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
+        VARLEN=cu is not None,
+    )
+    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
+    dk = dk.view(NV, NB, Hkv, G, T, D).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
+    dv = dv.view(NB, Hkv, G, T, Dv).sum(2).to(v.dtype) if G > 1 else dv
+    dwk_ = dwk.view(NV, B, Hkv, G, D, F).sum((0, 1, 3))
+    dbk_ = dbk.view(NV, B, Hkv, G, F).sum((0, 1, 3)) if has_bias else None
+    if qw_kv:
+        dwq_ = dwq.view(NV, B, Hkv, G, D, F).sum((0, 1, 3))
+        dbq_ = dbq.view(NV, B, Hkv, G, F).sum((0, 1, 3)) if has_bias else None
+    else:
+        dwq_ = dwq.view(NV, B, H, D, F).sum((0, 1))
+        dbq_ = dbq.view(NV, B, H, F).sum((0, 1)) if has_bias else None
+    return (dq, dk, dv, dwq_, dbq_, dwk_, dbk_, (dkv0 if has_init else None),
+            (dz0 if has_init and normalize else None))
+
+
+class _Projected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, wq, bq, wk, bk, kv0, z0, act, normalize, eps, scale,
+                store_final, cu):
+        wq_c, wk_c = wq.contiguous(), wk.contiguous()
+        bq_c = bq.contiguous() if bq is not None else None
+        bk_c = bk.contiguous() if bk is not None else None
+        o, den, kvT, zT = _forward(q, k, v, wq_c, bq_c, wk_c, bk_c, act, normalize, eps, scale,
+                                   kv0, z0, store_final, cu)
+        ctx.save_for_backward(q, k, v, wq_c, bq_c, wk_c, bk_c, o, den, kv0, z0, cu)
+        ctx.act, ctx.normalize, ctx.scale = act, normalize, scale
+        ctx.dtypes = (wq.dtype, None if bq is None else bq.dtype, wk.dtype,
+                      None if bk is None else bk.dtype)
+        return o, kvT, zT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dkvT, dzT):
+        q, k, v, wq, bq, wk, bk, o, den, kv0, z0, cu = ctx.saved_tensors
+        do = _unit_last(do)
+        dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0 = _backward(
+            q, k, v, wq, bq, wk, bk, ctx.act, ctx.normalize, ctx.scale, o, den, kv0, z0, do,
+            dkvT, dzT, cu)
+        tq, tbq, tk, tbk = ctx.dtypes
+        return (dq, dk, dv, dwq.to(tq), None if dbq is None else dbq.to(tbq), dwk.to(tk),
+                None if dbk is None else dbk.to(tbk), dkv0, dz0,
+                None, None, None, None, None, None)
+
+
+def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: float = 1.0,
+                        initial_kv=None, initial_z=None, return_state: bool = False,
+                        cu_seqlens=None):
+    """Causal linear attention with a projection map fused into the kernels.
+
+    Args:
+        q: [B, H, T, D] raw queries; k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv] (Hkv divides H).
+            fp32, fp16 or bf16, all the same; any strides with a unit last stride.
+        form: a :class:`~featattn.feature_maps.base.ProjectionTritonForm`: q_weight
+            [H or Hkv, D, F] (Hkv: query head h uses row h // (H // Hkv)), k_weight
+            [Hkv, D, F], biases [.., F] or None, activation "softmax_pair" (2F features)
+            or "relu" (F).
+        normalize, eps: as for :func:`~featattn.kernels.chunked_attention`.
+        scale: multiplies q before its projection.
+        initial_kv: None or fp32 [B, H, DK, Dv] (DK = the map's output dim); initial_z: fp32
+            [B, H, DK] (normalize only).  With cu_seqlens the leading dim is N.
+        return_state: also return the final state.
+        cu_seqlens: None or int [N + 1] (q, k, v are then [1, ., total_T, .]).
+
+    Returns:
+        (o, kv, z): o [B, H, T, Dv] in the input dtype; with return_state the fp32 final
+        state, else None, None.  Differentiable in q, k, v, the weights and biases and the
+        initial state (also through the returned state).
+    """
+    why = projection_unsupported_reason(form, q.shape[-1], q.shape[1])
+    if why is None and k.shape[1] != form.k_weight.shape[0]:
+        why = (f"the key weights are for {form.k_weight.shape[0]} key/value heads, k has "
+               f"{k.shape[1]}")
+    if why is not None:
+        raise ValueError(f"projected_attention: {why}; build the map for these heads "
+                         "(heads=, kv_heads=, head_dim=) or pass backend='torch'")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if initial_kv is not None:
+        initial_kv = initial_kv.float().contiguous()
+    if initial_z is not None:
+        initial_z = initial_z.float().contiguous()
+    B, H, _, D = q.shape
+    if cu_seqlens is not None:
+        B = cu_seqlens.shape[0] - 1
+    F = form.q_weight.shape[-1]
+    DK = F * ACTIVATIONS[form.activation][1]
+    if normalize and (initial_kv is None) != (initial_z is None):
+        from ._common import fill_state_half
+
+        initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, DK,
+                                                v.shape[-1], q.device)
+    o, kv, z = _Projected.apply(q, k, v, form.q_weight, form.q_bias, form.k_weight, form.k_bias,
+                                initial_kv, initial_z, form.activation, bool(normalize),
+                                float(eps), float(scale), bool(return_state), cu_seqlens)
+    if not return_state:
+        return o, None, None
+    return o, kv, (z if normalize else None)

@@ -1,0 +1,168 @@
+"""Learned projection maps (Hedgehog, T2R) computed inside the chunked Triton kernels
+(FeatureMap.triton_projection, featattn/kernels/projected.py).
+
+Each case runs ``linear_attention(..., feature_map=<map>, backend="triton")`` and the float64
+reference on the map's PyTorch form (a float64 copy of the map), same inputs and upstream
+gradients, and compares the output, the returned state and the gradients of q, k, v, the
+initial state and every map parameter.  Under the interpreter in fp32/fp16 (small shapes);
+the ``cuda`` cases in bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import featattn  # noqa: E402
+from featattn.feature_maps import HedgehogFeatureMap  # noqa: E402
+from featattn.feature_maps.t2r import T2RFeatureMap  # noqa: E402
+from featattn.kernels import projected_attention  # noqa: E402
+from helpers import rel_err, tolerance  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
+
+def _map(kind, d, H, Hkv, f, tie, seed=0):
+    torch.manual_seed(seed)
+    if kind == "hedgehog":
+        fm = HedgehogFeatureMap(d, heads=H, kv_heads=Hkv, feature_dim=f, tie_qk=tie)
+    else:
+        fm = T2RFeatureMap(d, heads=H, kv_heads=Hkv, feature_dim=f)
+    with torch.no_grad():  # away from the identity start, so every weight matters
+        for p in fm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return fm
+
+
+def _run(fm, q, k, v, state, do, dkv, dz, backend, dtype, normalize, scale, cu=None):
+    """(output, state, grads of q, k, v, kv0, z0, *map parameters) in float64."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    s0 = None
+    leaves = [q, k, v]
+    if state is not None:
+        kv0 = state[0].detach().clone().requires_grad_()
+        z0 = state[1].detach().clone().requires_grad_() if normalize else None
+        s0 = featattn.LinearAttentionState(kv0, z0)
+        leaves += [kv0] + ([z0] if normalize else [])
+    params = list(fm.parameters())
+    o, s = featattn.linear_attention(q, k, v, feature_map=fm, backend=backend, scale=scale,
+                                     normalize=normalize, initial_state=s0, return_state=True,
+                                     cu_seqlens=cu)
+    loss = (o.double() * do).sum() + (s.kv.double() * dkv).sum()
+    if normalize:
+        loss = loss + (s.z.double() * dz).sum()
+    grads = torch.autograd.grad(loss, leaves + params)
+    outs = [o, s.kv] + ([s.z] if normalize else []) + list(grads)
+    return [x.detach().double() for x in outs]
+
+
+CASES = [
+    # kind, B, H, Hkv, T, d, f, Dv, normalize, state, tie
+    ("hedgehog", 1, 2, 2, 37, 16, 16, 16, True, False, False),
+    ("hedgehog", 2, 4, 2, 50, 16, 12, 24, True, True, False),  # grouped, f != d, state
+    ("hedgehog", 1, 2, 2, 40, 16, 16, 16, True, True, True),  # tie_qk
+    ("hedgehog", 1, 1, 1, 1, 8, 8, 16, False, True, False),  # T = 1, not normalised
+    ("hedgehog", 1, 1, 1, 20, 16, 64, 150, True, True, False),  # several Dv tiles
+    ("t2r", 1, 4, 2, 33, 16, 20, 8, True, True, False),  # q heads share their kv head's map
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_projection_in_kernel_matches_float64(case, dtype):
+    if DEV == "cuda":
+        dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    kind, B, H, Hkv, T, d, f, Dv, normalize, with_state, tie = case
+    fm = _map(kind, d, H, Hkv, f, tie).to(DEV)
+    Dk = fm.output_dim(d)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, T, d, generator=g).to(DEV)
+    k = torch.randn(B, Hkv, T, d, generator=g).to(DEV)
+    v = torch.randn(B, Hkv, T, Dv, generator=g).to(DEV)
+    do = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64).to(DEV)
+    dkv = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64).to(DEV)
+    dz = torch.randn(B, H, Dk, generator=g, dtype=torch.float64).to(DEV)
+    state = None
+    if with_state:
+        state = (torch.rand(B, H, Dk, Dv, generator=g).to(DEV),
+                 (1.0 + torch.rand(B, H, Dk, generator=g)).to(DEV))
+    choice = featattn.select_kernel(q, k, v, fm, backend="triton")
+    assert choice.name == "chunked" and choice.map_path == "kernel", choice
+    got = _run(fm, q, k, v, state, do, dkv, dz, "triton", dtype, normalize, 0.7)
+    fm64 = copy.deepcopy(fm).double()
+    want = _run(fm64, q.double(), k.double(), v.double(),
+                None if state is None else tuple(s.double() for s in state),
+                do, dkv, dz, "reference", torch.float64, normalize, 0.7)
+    names = ["o", "kv"] + (["z"] if normalize else []) + ["dq", "dk", "dv"]
+    names += (["dkv0"] + (["dz0"] if normalize else [])) if with_state else []
+    names += [n for n, _ in fm.named_parameters()]
+    tol = tolerance(dtype, "small")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        err = rel_err(a, b)
+        # gradients through the features' rounding to fp16/bf16 get 2x the forward's room
+        assert err < (tol if name in ("o", "kv", "z") else 2 * tol), (name, err)
+
+
+def test_fused_path_never_calls_the_pytorch_map(monkeypatch):
+    fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
+
+    def boom(*a, **kw):
+        raise AssertionError("the map's PyTorch form ran")
+
+    for name in ("forward", "forward_query", "forward_key"):
+        monkeypatch.setattr(HedgehogFeatureMap, name, boom)
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEV, requires_grad=True) for _ in range(3))
+    o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton")
+    o.sum().backward()
+    assert torch.isfinite(q.grad).all() and fm.q_weight.grad is not None
+
+
+def test_weight_gradients_repeat_bit_for_bit():
+    """Per-program partial sums reduced by torch, no atomics: two runs are identical."""
+    fm = _map("hedgehog", 16, 4, 2, 16, False).to(DEV)
+    q = torch.randn(2, 4, 40, 16, device=DEV)
+    k, v = torch.randn(2, 2, 40, 16, device=DEV), torch.randn(2, 2, 40, 16, device=DEV)
+    runs = []
+    for _ in range(2):
+        fm.zero_grad()
+        featattn.linear_attention(q, k, v, feature_map=fm, backend="triton").square().sum().backward()
+        runs.append([p.grad.clone() for p in fm.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_packed_sequences_match_each_sequence_alone():
+    fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
+    cu = torch.tensor([0, 1, 18, 40], device=DEV)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEV) for _ in range(3))
+    o, s = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", cu_seqlens=cu,
+                                     return_state=True)
+    for n in range(3):
+        sl = slice(int(cu[n]), int(cu[n + 1]))
+        o1, s1 = featattn.linear_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                           feature_map=fm, backend="torch", return_state=True)
+        assert rel_err(o[:, :, sl], o1) < 1e-5
+        assert rel_err(s.kv[n:n + 1], s1.kv) < 1e-5 and rel_err(s.z[n:n + 1], s1.z) < 1e-5
+
+
+def test_select_kernel_says_when_the_projection_stays_in_pytorch():
+    q = k = v = torch.randn(1, 2, 8, 160, device=DEV)
+    fm = HedgehogFeatureMap(160, heads=2)
+    c = featattn.select_kernel(q, k, v, fm, backend="triton")
+    assert c.map_path == "torch" and any("above 128" in r for r in c.reasons), c
+    q = k = v = torch.randn(1, 2, 8, 16, device=DEV)
+    c = featattn.select_kernel(q, k, v, HedgehogFeatureMap(16, heads=2), backend="triton")
+    assert c.map_path == "kernel" and c.map_fused
+
+
+def test_projected_attention_rejects_weights_for_other_heads():
+    fm = HedgehogFeatureMap(16, heads=2)
+    q = torch.randn(1, 4, 8, 16, device=DEV)
+    with pytest.raises(ValueError, match="do not fit 4 query heads"):
+        projected_attention(q, q, q, fm.triton_projection(), normalize=True, eps=1e-6)
