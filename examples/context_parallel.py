@@ -54,6 +54,7 @@ def main():
     dist.all_gather_object(lines, line)
     if rank == 0:
         print("\n".join(lines), flush=True)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
