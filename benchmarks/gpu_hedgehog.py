@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from featattn.feature_maps import HedgehogFeatureMap  # noqa: E402
 from gpu_e2e import SoftmaxLayer, _time  # noqa: E402
 
 DT = torch.bfloat16
+QUICK = False  # --quick: no "before" (map in PyTorch) or fla rows
 
 
 def _rel(a, b):
@@ -92,10 +94,15 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
             rows.append((f"T={T} {name}", *_time(fwd, fwdbwd, leaves)))
             print(rows[-1], flush=True)
 
-        case("feature_map=<Hedgehog>, map in the kernel",
-             lambda: featattn.linear_attention(q, k, v, feature_map=fm), [q, k, v, *params])
-        case("feature_map=<Hedgehog>, map in PyTorch (before)",
-             lambda: featattn.linear_attention(q, k, v, feature_map=slow), [q, k, v, *params])
+        for mode in ("auto", "kernel", "pass"):
+            os.environ["FEATATTN_FUSE_MAPS"] = mode
+            path = featattn.select_kernel(q, k, v, fm).map_path
+            case(f"feature_map=<Hedgehog>, FEATATTN_FUSE_MAPS={mode} ({path})",
+                 lambda: featattn.linear_attention(q, k, v, feature_map=fm), [q, k, v, *params])
+        os.environ["FEATATTN_FUSE_MAPS"] = "auto"
+        if not QUICK:
+            case("feature_map=<Hedgehog>, map in PyTorch (before)",
+                 lambda: featattn.linear_attention(q, k, v, feature_map=slow), [q, k, v, *params])
         with torch.no_grad():
             fq = fm.forward_query(q).detach().requires_grad_()
             fk = fm.forward_key(k).detach().requires_grad_()
@@ -105,6 +112,8 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
             from fla.ops.linear_attn import chunk_linear_attn
         except Exception as e:  # noqa: BLE001
             print(f"fla unavailable: {e}")
+            continue
+        if QUICK:
             continue
         qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (fq, fk, v))
         dot = do.transpose(1, 2).contiguous()
@@ -123,6 +132,8 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
 
 
 def layer_rows(dim=1024, heads=16, shapes=((4, 1024), (4, 4096), (1, 16384))):
+    if QUICK:
+        shapes = shapes[1:]
     rows = []
     for B, T in shapes:
         x = torch.randn(B, T, dim, device="cuda", dtype=DT, requires_grad=True)
@@ -130,9 +141,15 @@ def layer_rows(dim=1024, heads=16, shapes=((4, 1024), (4, 4096), (1, 16384))):
         hh = featattn.FeatureAttention(dim, heads, "hedgehog").to("cuda", DT)
         slow = copy.deepcopy(hh)
         slow.feature_map.triton_projection = lambda: None
-        for name, layer in (("FeatureAttention hedgehog", hh),
-                            ("FeatureAttention hedgehog, map in PyTorch (before)", slow),
-                            ("softmax SDPA layer", SoftmaxLayer(dim, heads).to("cuda", DT))):
+        cases = [("FeatureAttention hedgehog", hh, "auto"),
+                 ("FeatureAttention hedgehog, FEATATTN_FUSE_MAPS=kernel", hh, "kernel"),
+                 ("FeatureAttention hedgehog, FEATATTN_FUSE_MAPS=pass", hh, "pass")]
+        if not QUICK:
+            cases.append(("FeatureAttention hedgehog, map in PyTorch (before)", slow, "auto"))
+        cases.append(("softmax SDPA layer", SoftmaxLayer(dim, heads).to("cuda", DT), "auto"))
+        for name, layer, mode in cases:
+            os.environ["FEATATTN_FUSE_MAPS"] = mode
+
             def fwd(layer=layer):
                 with torch.no_grad():
                     layer(x)
@@ -142,10 +159,11 @@ def layer_rows(dim=1024, heads=16, shapes=((4, 1024), (4, 4096), (1, 16384))):
 
             rows.append((f"B={B} T={T} {name}", *_time(fwd, fwdbwd, [x, *layer.parameters()])))
             print(rows[-1], flush=True)
+        os.environ["FEATATTN_FUSE_MAPS"] = "auto"
     return rows
 
 
-def train_rows(T=2048, B=4, steps=10):
+def train_rows(T=2048, B=4, steps=6):
     """Training steps of a patched random Llama (hidden 1024, 8 layers) with hedgehog, map in
     the kernel vs in PyTorch: ms per optimizer step."""
     import transformers
@@ -194,7 +212,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("op", "layer", "train"), default=None)
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="leave out the before (map in PyTorch) and fla rows, and T = 1024 layers")
     args = ap.parse_args()
+    global QUICK
+    QUICK = args.quick
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     ok = True if args.no_checks else check()
     rows = []

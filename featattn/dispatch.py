@@ -53,7 +53,9 @@ class KernelChoice(NamedTuple):
       :data:`FUSE_MAX_ROWS` rows when one program sweeps each head);
     * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
       for smaller calls, when the kernel splits T into segments, or with
-      ``FEATATTN_FUSE_MAPS=kernel``);
+      ``FEATATTN_FUSE_MAPS=kernel``); for a learned projection map (Hedgehog, T2R:
+      ``FeatureMap.triton_projection``) inside its own kernels (featattn/kernels/projected.py),
+      and ``"triton_pass"`` is then its Triton pass (weights' gradients included);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
     ``map_fused`` is True for the first two (the map runs in Triton)."""
@@ -244,7 +246,7 @@ class Chunked(Impl):
         if call.fm.triton_projection() is not None:
             why = _projection_reason(call)
             if why is None:
-                return KernelChoice(self.name, reasons, "kernel")
+                return KernelChoice(self.name, reasons, _triton_map_path(call, projection=True))
             return KernelChoice(self.name, reasons + (why,), "torch")
         unfused = _unfusable_reason(call.fm, call.dqk)
         if unfused is None and torch.compiler.is_compiling():
@@ -305,20 +307,26 @@ BACKENDS = tuple(dict.fromkeys(("auto", "torch", "reference", "triton") + KERNEL
 FUSE_MAX_ROWS = 1 << 20
 
 
-def _triton_map_path(call: Call) -> str:
+def _triton_map_path(call: Call, projection: bool = False) -> str:
     """Where an elementwise map runs: inside the chunked kernel for calls of at most
     :data:`FUSE_MAX_ROWS` rows (host-bound: one launch and one autograd node fewer each way)
     or when T is split into segments (enough programs hide the map, and the features never
     reach memory); one Triton pass before the kernel for larger calls, where one program
-    sweeping each head makes the in-kernel map cost more than writing the features."""
+    sweeping each head makes the in-kernel map cost more than writing the features.
+    A learned projection map (``projection``) has kernels of its own that never split T, so
+    it runs inside them only for small calls that the chunked kernel would not split."""
     mode = _switches.read("FEATATTN_FUSE_MAPS")
     if mode not in ("auto", "pass", "kernel"):
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
                          f"got {mode!r}")
     if mode == "auto":
         small = call.B * call.H * call.T <= FUSE_MAX_ROWS
-        mode = "kernel" if small or _kernels_module().splits_time(
-            call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
+        split = _kernels_module().splits_time(call.B, call.H, call.T, call.dk, call.dv,
+                                              call.dtype, call.device)
+        if projection:  # the projection kernels never split T: the chunked kernel after a
+            mode = "kernel" if small and not split else "pass"  # pass does
+        else:
+            mode = "kernel" if small or split else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
 

@@ -237,13 +237,18 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         from .kernels import chunked_attention
 
         in_kernel = {}
-        proj = fm.triton_projection() if choice.map_path == "kernel" else None
-        if proj is not None:  # a learned projection map, inside its own kernels
-            from .kernels import projected_attention
+        proj = fm.triton_projection() if choice.map_fused else None
+        if proj is not None and choice.map_path == "kernel":  # a learned projection map,
+            from .kernels import projected_attention  # inside its own kernels
 
             out, kv, z = projected_attention(
                 q, k, v, proj, normalize=normalize, eps=eps, scale=scale, initial_kv=kv0,
                 initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens)
+        elif proj is not None:  # its Triton pass, then the chunked kernel on the features
+            from .kernels.projected import projection_features
+
+            q, k = projection_features(q, k, proj, scale)
+            proj = None
         elif choice.map_path == "triton_pass":
             from .kernels.maps import apply_map, fused_key
 

@@ -47,7 +47,8 @@ from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
 from .chunked import _dot_in, _mm, _sequence
 
-__all__ = ["projected_attention", "projection_unsupported_reason", "ACTIVATIONS", "MAX_DIM"]
+__all__ = ["projected_attention", "projection_features", "projection_unsupported_reason",
+           "ACTIVATIONS", "MAX_DIM"]
 
 _INTERPRET = _common.INTERPRET
 
@@ -665,3 +666,142 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
     if not return_state:
         return o, None, None
     return o, kv, (z if normalize else None)
+
+
+# --------------------------------------------------------------------------- the map as a pass
+# For large calls (featattn.dispatch: more than FUSE_MAX_ROWS rows, or T split into segments)
+# one pass writes the features (input dtype) and the unchanged chunked kernel runs on them:
+# its chunk loop stays as short as on precomputed features, and it can split T across
+# programs.  The backward pass recomputes the features from x and returns dx and the weights'
+# gradients (per-program fp32 partials, summed by torch).
+
+_PASS_ROWS = 1024  # tokens per program: weight partials are [B, H, cdiv(T, 1024), D, F]
+
+
+@triton.jit(do_not_specialize=["T"])
+def _pass_kernel(x, w, bias, g, y, dx, dw, db,
+                 sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
+                 BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
+                 ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 IEEE: tl.constexpr, BWD: tl.constexpr):
+    """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
+    Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
+    g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
+    dw [B*H, NR, D, F] (scale included) and db [B*H, NR, F]."""
+    i_bh = tl.program_id(0)
+    i_r = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_w = i_h // WDIV
+    DK = F * (1 + PAIR)
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BF)
+    md = offs_d < D
+    mf = offs_f < F
+    wt = _load_w(w + i_w * D * F, offs_d, offs_f, md, mf, F)
+    x_base = x + i_b * sxb + i_h * sxh
+    row0 = i_bh.to(tl.int64) * T
+    dW = tl.zeros([BD, BF], dtype=tl.float32)
+    dB = tl.zeros([BF], dtype=tl.float32)
+    for r in range(i_r * ROWS, tl.minimum(T, (i_r + 1) * ROWS), BT):
+        t = r + offs_t
+        mt = t < T
+        keep = mt[:, None] & mf[None, :]
+        xt = tl.load(x_base + t.to(tl.int64)[:, None] * sxt + offs_d[None, :],
+                     mask=mt[:, None] & md[None, :], other=0.0)
+        lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, IEEE)
+        a, b = _act(lg, keep, mf, ACT)
+        rows = (row0 + t)[:, None] * DK
+        if BWD:
+            ga = tl.load(g + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
+            gb = ga
+            if PAIR:
+                gb = tl.load(g + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
+            dl = _dact(lg, a, b, ga, gb, keep, ACT)
+            dxt = _dot32(dl, tl.trans(wt), IEEE) * scale
+            tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
+                     dxt.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
+            dW += _dot32(tl.trans(xt), dl, IEEE)
+            dB += tl.sum(dl, axis=0)
+        else:
+            tl.store(y + rows + offs_f[None, :], a.to(y.dtype.element_ty), mask=keep)
+            if PAIR:
+                tl.store(y + rows + F + offs_f[None, :], b.to(y.dtype.element_ty), mask=keep)
+    if BWD:
+        part = i_bh.to(tl.int64) * NR + i_r
+        tl.store(dw + part * D * F + offs_d[:, None] * F + offs_f[None, :], dW * scale,
+                 mask=md[:, None] & mf[None, :])
+        if HAS_BIAS:
+            tl.store(db + part * F + offs_f, dB, mask=mf)
+
+
+def _pass(x, w, bias, act, scale, g=None):
+    """Forward: the features of x [B, Hx, T, D] under weights w [Hx // wdiv, D, F]. Backward
+    (g given): (dx, dw, db) with dw / db summed to w's / bias's shape (fp32)."""
+    B, Hx, T, D = x.shape
+    F = w.shape[-1]
+    code, halves = ACTIVATIONS[act]
+    pair = halves == 2
+    BD, BF, _ = _tiles(D, F, 16, pair, x.dtype)
+    wdiv = Hx // w.shape[0]
+    NR = cdiv(T, _PASS_ROWS)
+    dev = x.device
+    bwd = g is not None
+    if bwd:
+        y = g
+        dx = _alloc((B, Hx, T, D), x.dtype, dev)
+        dw = _alloc((B * Hx, NR, D, F), torch.float32, dev)
+        db = _alloc((B * Hx, NR, F), torch.float32, dev) if bias is not None else dw
+    else:
+        y = _alloc((B, Hx, T, F * halves), x.dtype, dev)
+        dx = dw = db = y
+    _PASS[(B * Hx, NR)](
+        x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
+        x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
+        BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32, BWD=bwd)
+    if not bwd:
+        return y
+    hw = w.shape[0]
+    dw = dw.view(B, hw, wdiv, NR, D, F).sum((0, 2, 3))
+    db = db.view(B, hw, wdiv, NR, F).sum((0, 2, 3)) if bias is not None else None
+    return dx, dw, db
+
+
+def _pass_configs():
+    if _INTERPRET:
+        return [triton.Config({"BT": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BT": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BT": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BT": 128}, num_warps=8, num_stages=2)]
+
+
+_PASS = _common.TunedLaunch(triton.autotune(
+    configs=_pass_configs(), key=["D", "F", "ACT", "BWD"])(_pass_kernel))
+
+
+class _ProjectionPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, act, scale):
+        w_c = w.contiguous()
+        b_c = bias.contiguous() if bias is not None else None
+        ctx.save_for_backward(x, w_c, b_c)
+        ctx.act, ctx.scale = act, scale
+        ctx.dtypes = (w.dtype, None if bias is None else bias.dtype)
+        return _pass(_unit_last(x), w_c, b_c, act, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w, bias = ctx.saved_tensors
+        dx, dw, db = _pass(_unit_last(x), w, bias, ctx.act, ctx.scale, g=g.contiguous())
+        return dx, dw.to(ctx.dtypes[0]), (None if db is None else db.to(ctx.dtypes[1])), None, None
+
+
+def projection_features(q, k, form, scale: float = 1.0):
+    """(phi(scale * q), phi(k)) of a projection map as one Triton pass each (features
+    [B, H, T, DK] in the input dtype; differentiable in q, k and the map's weights)."""
+    fq = _ProjectionPass.apply(q, form.q_weight, form.q_bias, form.activation, float(scale))
+    fk = _ProjectionPass.apply(k, form.k_weight, form.k_bias, form.activation, 1.0)
+    return fq, fk

@@ -72,9 +72,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_projection_in_kernel_matches_float64(case, dtype):
+PASS_CASES = [CASES[1], CASES[3], CASES[5]]
+
+
+@pytest.mark.parametrize("mode,case,dtype",
+                         [("kernel", c, dt) for c in CASES for dt in (torch.float32, torch.float16)]
+                         + [("pass", c, dt) for c in PASS_CASES for dt in (torch.float32, torch.float16)],
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
+    """mode "kernel": the features made inside the attention kernels; "pass": one Triton pass
+    writes them and the chunked kernel runs on them (large calls)."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
         dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     kind, B, H, Hkv, T, d, f, Dv, normalize, with_state, tie = case
@@ -92,7 +100,7 @@ def test_projection_in_kernel_matches_float64(case, dtype):
         state = (torch.rand(B, H, Dk, Dv, generator=g).to(DEV),
                  (1.0 + torch.rand(B, H, Dk, generator=g)).to(DEV))
     choice = featattn.select_kernel(q, k, v, fm, backend="triton")
-    assert choice.name == "chunked" and choice.map_path == "kernel", choice
+    assert choice.name == "chunked" and choice.map_path == {"kernel": "kernel", "pass": "triton_pass"}[mode], choice
     got = _run(fm, q, k, v, state, do, dkv, dz, "triton", dtype, normalize, 0.7)
     fm64 = copy.deepcopy(fm).double()
     want = _run(fm64, q.double(), k.double(), v.double(),
@@ -137,7 +145,9 @@ def test_weight_gradients_repeat_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_packed_sequences_match_each_sequence_alone():
+@pytest.mark.parametrize("mode", ["kernel", "pass"])
+def test_packed_sequences_match_each_sequence_alone(mode, monkeypatch):
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
     cu = torch.tensor([0, 1, 18, 40], device=DEV)
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEV) for _ in range(3))
