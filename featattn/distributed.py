@@ -18,6 +18,12 @@ the slice's state gradient, and over every rank into the caller's ``initial_stat
 Before all that, a 96-byte ``all_gather`` compares every rank's shapes and options, so a
 mismatch raises the same ValueError on every rank instead of hanging in a collective.
 
+A packed row (``cu_seqlens``, the whole row's boundaries on every rank) is cut the same way;
+documents may cross rank boundaries.  Only the state of the document running over a boundary
+crosses it, so the forward all_gather carries each rank's state of its last document's part,
+and a rank's first document starts from the parts of it on earlier ranks
+(:func:`packed_plan`, :func:`packed_initial_states`).
+
 The collectives are torch.distributed's (NCCL on GPUs, gloo on CPU).  Contract (as for DDP):
 every rank of the group makes the call, with the same shapes except T, the same options and
 the same ``initial_state``; when the call needs a gradient every rank backpropagates through
@@ -27,12 +33,14 @@ its output.  See docs/distributed.md.
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["check_group", "slice_state", "rank_initial_state", "STATE_CHUNK_ELEMENTS"]
+__all__ = ["check_group", "slice_state", "rank_initial_state", "packed_plan",
+           "packed_initial_states", "STATE_CHUNK_ELEMENTS"]
 
 #: The slice's state is summed over chunks of T holding at most this many feature elements
 #: (B * Hkv * chunk * Dk), so the fp32 features of one chunk stay near 64 MiB.
@@ -61,16 +69,20 @@ def check_group(group) -> None:
                         f"got {type(group).__name__}")
 
 
-def agree(group, device, *, what: dict) -> None:
+def agree(group, device, *, what: dict, share: Optional[dict] = None) -> dict:
     """One small all_gather of ``what`` (name -> int): a ValueError on every rank, naming the
-    ranks and values, when the ranks disagree (before a collective whose sizes would)."""
-    names = list(what)
-    mine = torch.tensor([int(what[n]) for n in names], dtype=torch.int64, device=device)
+    ranks and values, when the ranks disagree (before a collective whose sizes would).  The
+    values of ``share`` (name -> int) travel in the same collective without being compared:
+    returns name -> [every rank's value]."""
+    share = share or {}
+    names = list(what) + list(share)
+    values = {**what, **share}
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     every = torch.empty(world * len(names), dtype=torch.int64, device=device)
     _all_gather(every, mine, group)
     rows = every.view(world, len(names)).tolist()
-    bad = [n for i, n in enumerate(names) if len({r[i] for r in rows}) > 1]
+    bad = [n for i, n in enumerate(names) if n in what and len({r[i] for r in rows}) > 1]
     if bad:
         detail = "; ".join(f"{n}: " + ", ".join(f"rank {r} {_show(n, row[names.index(n)])}"
                                                for r, row in enumerate(rows)) for n in bad)
@@ -78,6 +90,7 @@ def agree(group, device, *, what: dict) -> None:
             f"context parallelism: the ranks of cp_group disagree on {', '.join(bad)} "
             f"({detail}). Every rank must call with the same B, heads, head dims, dtype, "
             f"feature map and options (only T may differ) and the same initial_state")
+    return {n: [r[names.index(n)] for r in rows] for n in share}
 
 
 def _show(name, value):
@@ -86,15 +99,18 @@ def _show(name, value):
     return str(value)
 
 
-def call_facts(q, k, v, fm, normalize, Dk, has_init, needs_grad, return_state) -> dict:
-    """What every rank must agree on (T excluded)."""
+def call_facts(q, k, v, fm, normalize, Dk, has_init, needs_grad, return_state,
+               cu: Optional[list] = None) -> dict:
+    """What every rank must agree on (T excluded); ``cu``: the packed row's boundaries."""
     B, H, _, Dqk = q.shape
     name = type(fm).__name__ + ":" + getattr(fm, "name", "") if fm is not None else "features"
     return {"B": B, "H": H, "Hkv": k.shape[1], "Dqk": Dqk, "Dk": Dk, "Dv": v.shape[-1],
             "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99,
             "feature map (crc32 of its class and name)": zlib.crc32(name.encode()),
             "normalize": normalize, "initial_state given": has_init,
-            "needs a gradient": needs_grad, "return_state": return_state}
+            "needs a gradient": needs_grad, "return_state": return_state,
+            "cu_seqlens (crc32 of its entries; -1: none)":
+                -1 if cu is None else zlib.crc32(",".join(map(str, cu)).encode())}
 
 
 def slice_state(k, v, fm, normalize):
@@ -128,20 +144,24 @@ def slice_state(k, v, fm, normalize):
 
 
 class _RankPrefix(torch.autograd.Function):
-    """``flat init (per query head) + sum over earlier ranks of their flat states (per k/v
-    head, expanded to the query heads)``: one all_gather each way (see the module doc)."""
+    """``flat init (per query head) + sum over the ranks r' that feed this rank of their flat
+    states (per k/v head, expanded to the query heads)``: one all_gather each way (see the
+    module doc).  ``feeds[r][r']`` (the same on every rank) is 1 when rank r' feeds rank r:
+    every earlier rank for one sequence, the ranks holding earlier parts of the same sequence
+    for a packed row."""
 
     @staticmethod
-    def forward(ctx, local, init, group, H, G):
+    def forward(ctx, local, init, group, H, G, feeds):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         every = local.new_empty(world * local.numel())
         _all_gather(every, local.contiguous(), group)
         every = every.view(world, *local.shape)
-        prefix = every[:rank].sum(0) if rank > 0 else torch.zeros_like(local)
+        src = [r for r in range(world) if feeds[rank][r]]
+        prefix = every[src].sum(0) if src else torch.zeros_like(local)
         out = _expand(prefix, G)
         if init is not None:
             out = out + init
-        ctx.group, ctx.rank, ctx.world, ctx.G = group, rank, world, G
+        ctx.group, ctx.rank, ctx.world, ctx.G, ctx.feeds = group, rank, world, G, feeds
         ctx.has_init = init is not None
         return out
 
@@ -151,10 +171,11 @@ class _RankPrefix(torch.autograd.Function):
         every = g.new_empty(ctx.world * g.numel())
         _all_gather(every, g, ctx.group)
         every = every.view(ctx.world, *g.shape)
-        later = every[ctx.rank + 1:].sum(0) if ctx.rank + 1 < ctx.world else torch.zeros_like(g)
+        dst = [r for r in range(ctx.world) if ctx.feeds[r][ctx.rank]]
+        later = every[dst].sum(0) if dst else torch.zeros_like(g)
         d_local = _reduce(later, ctx.G)
         d_init = every.sum(0) if ctx.has_init else None
-        return d_local, d_init, None, None, None
+        return d_local, d_init, None, None, None, None
 
 
 def _expand(x, G):
@@ -181,7 +202,90 @@ def rank_initial_state(kv, z, kv0, z0, group, H):
         if z is not None:
             ip.append(z0.to(local.dtype))
         init = torch.cat(ip, -1)
-    flat = _RankPrefix.apply(local, init, group, H, G)
+    world = dist.get_world_size(group)
+    earlier = [[int(r2 < r) for r2 in range(world)] for r in range(world)]
+    flat = _RankPrefix.apply(local, init, group, H, G, earlier)
     kv_r = flat[..., :Dk * Dv].reshape(B, H, Dk, Dv)
     z_r = flat[..., Dk * Dv:] if z is not None else None
     return kv_r, z_r
+
+
+# --------------------------------------------------------------------------- packed rows
+class PackedPlan(NamedTuple):
+    """How one rank's slice of a packed row meets the sequences (all from the whole row's
+    ``cu_seqlens`` and every rank's T, so every rank computes every rank's plan alike).
+
+    ``local_cu``: the boundaries of the sequences this rank holds a part of, in its own
+    tokens; ``first`` / ``last``: the indices of the first and last of them; ``tail_start``:
+    where the last one's part begins (the only part whose state a later rank can need);
+    ``feeds[r][r']``: rank r' holds an earlier part of rank r's first sequence."""
+
+    local_cu: list
+    first: int
+    last: int
+    tail_start: int
+    feeds: list
+
+
+def packed_plan(cu: list, Ts: list, rank: int) -> PackedPlan:
+    """The :class:`PackedPlan` of ``rank`` for a row with boundaries ``cu`` cut into slices of
+    ``Ts`` tokens (rank order is row order)."""
+    import bisect
+
+    offs = [0]
+    for t in Ts:
+        offs.append(offs[-1] + t)
+
+    def seq_at(pos):  # the sequence holding token pos of the row
+        return bisect.bisect_right(cu, pos) - 1
+
+    first = [seq_at(offs[r]) for r in range(len(Ts))]
+    last = [seq_at(offs[r + 1] - 1) for r in range(len(Ts))]
+    feeds = [[int(r2 < r and last[r2] == first[r] and cu[first[r]] < offs[r])
+              for r2 in range(len(Ts))] for r in range(len(Ts))]
+    a, b = offs[rank], offs[rank + 1]
+    local = [0] + [cu[n] - a for n in range(first[rank] + 1, last[rank] + 1)] + [b - a]
+    return PackedPlan(local, first[rank], last[rank], local[-2], feeds)
+
+
+def packed_initial_states(kv, z, kv0, z0, group, H, plan: PackedPlan):
+    """(kv [n, H, Dk, Dv], z [n, H, Dk] or None): the states this rank's n local sequences start
+    from: the caller's per-sequence ``initial_state`` rows (``kv0 [N, H, Dk, Dv]``, ``z0``; None
+    when not given), and for the first one the states of its earlier parts on earlier ranks.
+    ``kv [1, Hkv, Dk, Dv]`` / ``z``: this rank's state of its last sequence's part (see
+    :func:`slice_state`).  One all_gather forward (the parts' states), one backward (the
+    first local sequence's state gradients)."""
+    _, Hkv, Dk, Dv = kv.shape
+    G = H // Hkv
+    n = plan.last - plan.first + 1
+    local = torch.cat([kv.reshape(1, Hkv, -1)] + ([z] if z is not None else []), -1)
+    flat = _RankPrefix.apply(local, None, group, H, G, plan.feeds)  # [1, H, X]
+    if kv0 is not None:
+        rows = [kv0.to(local.dtype).reshape(kv0.shape[0], H, -1)]
+        if z is not None:
+            rows.append(z0.to(local.dtype))
+        # every rank's use of the caller's state is summed into its gradient on every rank
+        init = _SumGradOverRanks.apply(torch.cat(rows, -1), group)[plan.first:plan.last + 1]
+        flat = torch.cat([flat + init[:1], init[1:]])
+    elif n > 1:
+        flat = torch.cat([flat, flat.new_zeros(n - 1, *flat.shape[1:])])
+    kv_r = flat[..., :Dk * Dv].reshape(n, H, Dk, Dv)
+    z_r = flat[..., Dk * Dv:] if z is not None else None
+    return kv_r, z_r
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity forward (the caller's per-sequence state, all N rows); backward: the gradient
+    summed over the ranks (one all_reduce), so every rank gets the whole gradient of the state
+    it was given, as every rank of one sequence does."""
+
+    @staticmethod
+    def forward(ctx, full, group):
+        ctx.group = group
+        return full.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None

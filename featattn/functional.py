@@ -112,7 +112,11 @@ def linear_attention(
             sequence's (pass the same on every rank; each rank gets its full gradient); the
             returned state is the state after the rank's slice (the last rank's is the whole
             sequence's).  Every rank must make the call and, when it needs a gradient,
-            backpropagate through it.  See docs/distributed.md.
+            backpropagate through it.  With ``cu_seqlens`` (the whole packed row's
+            boundaries, the same on every rank, ending at the sum of the ranks' T) each rank
+            holds a contiguous slice of the row: sequences may cross rank boundaries, and the
+            rank returns the states of the sequences it holds a part of (each after its last
+            token of it).  See docs/distributed.md.
         window: 0, or W > 0 for the hybrid layer (LoLCATs): a softmax over each query's last
             W keys (itself included) plus linear attention over every older key, under one
             denominator (docs/hybrid.md has the formula).  Needs ``normalize=True``.  The
@@ -182,7 +186,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if cu_seqlens is not None:
         if in_place:
             raise ValueError("decode_step does not take packed sequences; call it per sequence")
-        cu = _validate_cu_seqlens(cu_seqlens, q)
+        # with cp_group the last entry is the whole row's length, checked once the ranks' T
+        # are known (featattn.distributed)
+        cu = _validate_cu_seqlens(cu_seqlens, q, total=-1 if cp_group is not None else None)
         B = len(cu) - 1  # the states are per sequence
     kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
     return_state = return_state or in_place
@@ -205,12 +211,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         v = v.masked_fill(~keep, 0.0)
         fm, scale, Dqk = None, 1.0, Dk
     if cp_group is not None:
-        if cu is not None:
-            raise ValueError("cp_group with cu_seqlens is not supported: context parallelism "
-                             "splits one sequence per batch row across ranks; pass packed "
-                             "sequences without cp_group (or one sequence per row with it)")
         return _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state,
-                                 return_state, backend, cp_group, Dk)
+                                 return_state, backend, cp_group, Dk, cu, cu_seqlens)
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
@@ -433,18 +435,29 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
 
 
 def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state, return_state,
-                      backend, group, Dk):
-    """This rank's slice of one sequence split across ``group`` (featattn/distributed.py)."""
+                      backend, group, Dk, cu=None, cu_seqlens=None):
+    """This rank's slice of one sequence split across ``group`` (featattn/distributed.py); with
+    ``cu`` (the whole row's boundaries, the same on every rank) of a packed row."""
     from . import distributed as D
 
     D.check_group(group)
     grad = needs_grad(q, k, v, initial_state, fm)
-    D.agree(group, q.device, what=D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None,
-                                               grad, return_state))
-    kv, z = D.slice_state(k, v, fm, normalize)
-    kv_r, z_r = D.rank_initial_state(kv, z, kv0, z0, group, q.shape[1])
+    facts = D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None, grad, return_state, cu)
+    Ts = D.agree(group, q.device, what=facts, share={"T": q.shape[2]})["T"]
+    if cu is None:
+        kv, z = D.slice_state(k, v, fm, normalize)
+        kv_r, z_r = D.rank_initial_state(kv, z, kv0, z0, group, q.shape[1])
+        return _linear_attention(q, k, v, fm, normalize, eps, scale,
+                                 LinearAttentionState(kv_r, z_r), return_state, backend)
+    _validate_cu_seqlens(cu_seqlens, q, total=sum(Ts))
+    plan = D.packed_plan(cu, Ts, D.dist.get_rank(group))
+    tail = slice(plan.tail_start, q.shape[2])  # this rank's part of its last sequence
+    kv, z = D.slice_state(k[:, :, tail], v[:, :, tail], fm, normalize)
+    kv_r, z_r = D.packed_initial_states(kv, z, kv0, z0, group, q.shape[1], plan)
+    local_cu = torch.tensor(plan.local_cu, dtype=cu_seqlens.dtype, device=q.device)
     return _linear_attention(q, k, v, fm, normalize, eps, scale,
-                             LinearAttentionState(kv_r, z_r), return_state, backend)
+                             LinearAttentionState(kv_r, z_r), return_state, backend,
+                             cu_seqlens=local_cu)
 
 
 def _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu):
@@ -467,9 +480,10 @@ def _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, bac
     return out
 
 
-def _validate_cu_seqlens(cu_seqlens, q) -> list:
+def _validate_cu_seqlens(cu_seqlens, q, total: Optional[int] = None) -> list:
     """The boundaries of packed sequences as a Python list (one host synchronisation), after
-    checking what FlashAttention's varlen interface expects."""
+    checking what FlashAttention's varlen interface expects.  ``total``: the length the last
+    entry must equal when it is not q's own T (the whole sequence of a cp_group)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of int32/int64 boundaries [N + 1], "
                         f"got {type(cu_seqlens).__name__}")
@@ -493,8 +507,12 @@ def _validate_cu_seqlens(cu_seqlens, q) -> list:
     if bad is not None:
         raise ValueError(f"cu_seqlens must be strictly increasing (every sequence >= 1 token): "
                          f"cu_seqlens[{bad - 1}] = {cu[bad - 1]}, cu_seqlens[{bad}] = {cu[bad]}")
-    if cu[-1] != T:
+    if total is None and cu[-1] != T:
         raise ValueError(f"cu_seqlens must end at the total length T = {T} (dim 2 of q), got "
+                         f"{cu[-1]}")
+    if total is not None and total >= 0 and cu[-1] != total:
+        raise ValueError(f"with cp_group, cu_seqlens holds the boundaries of the whole packed "
+                         f"row, so it must end at the sum of the ranks' T, {total}; got "
                          f"{cu[-1]}")
     return cu
 

@@ -122,6 +122,68 @@ def run_case(name, rank, group):
     return err
 
 
+# name -> (world slices, whole row's cu_seqlens, dtype, map, normalize, H, Hkv, with an
+#          initial state).  Sequences cross rank boundaries; in the four-rank case one rank
+#          lies inside one sequence and another starts exactly where a sequence does.
+PACKED = {
+    "packed_elu_init": ([7, 9], [0, 3, 10, 12, 16], torch.float64, "elu", True, 2, 2, True),
+    "packed_four_ranks_gqa": ([4, 3, 5, 6], [0, 1, 9, 12, 18], torch.float64, "elu", True, 4, 2,
+                              True),
+    "packed_hedgehog_plain": ([5, 6], [0, 8, 11], torch.float64, "hedgehog", False, 2, 2, False),
+}
+
+
+def packed_case(name, rank, group):
+    """One packed row split across the ranks against the whole row in one process: output,
+    q/k/v gradients, the per-sequence initial state's gradient (whole on every rank), and the
+    returned states (each local sequence's state after this rank's last token of it)."""
+    slices, cu, dtype, fmname, normalize, H, Hkv, with_init = PACKED[name]
+    T, N, Dqk, Dv = sum(slices), len(cu) - 1, 8, 6
+    g = torch.Generator().manual_seed(99)
+    q = torch.randn(1, H, T, Dqk, generator=g, dtype=dtype)
+    k = torch.randn(1, Hkv, T, Dqk, generator=g, dtype=dtype)
+    v = torch.randn(1, Hkv, T, Dv, generator=g, dtype=dtype)
+    w = torch.randn(1, H, T, Dv, generator=g, dtype=dtype)
+    fm = _make_map(fmname, Dqk, dtype)
+    Dk = resolve_feature_map(fm).output_dim(Dqk) if fm is not None else Dqk
+    kv0 = torch.rand(N, H, Dk, Dv, generator=g, dtype=dtype) if with_init else None
+    z0 = torch.rand(N, H, Dk, generator=g, dtype=dtype) if with_init and normalize else None
+
+    def run(qs, ks, vs, cu_, group_=None):
+        ls = [t.clone().requires_grad_() for t in (qs, ks, vs)]
+        st = None
+        if with_init:
+            n = len(cu_) - 1  # the row cut after a rank holds fewer sequences
+            st = featattn.LinearAttentionState(
+                kv0[:n].clone().requires_grad_(),
+                None if z0 is None else z0[:n].clone().requires_grad_())
+        o, s = featattn.linear_attention(*ls, feature_map=fm, normalize=normalize,
+                                         initial_state=st, return_state=True,
+                                         cu_seqlens=torch.tensor(cu_), cp_group=group_)
+        return ls, st, o, s
+
+    (qf, kf, vf), st_f, o_f, _ = run(q, k, v, cu)
+    (o_f * w).sum().backward()
+    a, b = sum(slices[:rank]), sum(slices[:rank + 1])
+    sl = slice(a, b)
+    (ql, kl, vl), st, o, s = run(q[:, :, sl], k[:, :, sl], v[:, :, sl], cu, group)
+    (o * w[:, :, sl]).sum().backward()
+    err = {"o": _rel(o, o_f[:, :, sl]), "dq": _rel(ql.grad, qf.grad[:, :, sl]),
+           "dk": _rel(kl.grad, kf.grad[:, :, sl]), "dv": _rel(vl.grad, vf.grad[:, :, sl])}
+    if with_init:
+        err["dkv0"] = _rel(st.kv.grad, st_f.kv.grad)
+        if normalize:
+            err["dz0"] = _rel(st.z.grad, st_f.z.grad)
+    # the states after this rank's last token: the row cut there, in one process
+    cut = [c for c in cu if c < b] + [b]
+    with torch.no_grad():
+        _, _, _, s_cut = run(q[:, :, :b], k[:, :, :b], v[:, :, :b], cut)
+    first = len([c for c in cu if c <= a]) - 1
+    want = s_cut.kv[first:]
+    err["states"] = _rel(s.kv, want) if s.kv.shape == want.shape else float("inf")
+    return err
+
+
 def layer_case(rank, group):
     """FeatureAttention(cp_group=...): each rank's output slice, and the parameter gradients
     summed over the ranks, equal the layer on the whole sequence."""
@@ -169,8 +231,12 @@ def _worker(rank, world, port, names, outdir):
     for name in names:
         try:
             extra = {"mismatch": mismatch_case, "layer": layer_case}
-            results[name] = extra[name](rank, group) if name in extra \
-                else run_case(name, rank, group)
+            if name in extra:
+                results[name] = extra[name](rank, group)
+            elif name in PACKED:
+                results[name] = packed_case(name, rank, group)
+            else:
+                results[name] = run_case(name, rank, group)
         except Exception:  # noqa: BLE001 - reported to the test
             results[name] = {"error": traceback.format_exc()}
     dist.destroy_process_group()
@@ -195,7 +261,9 @@ def _spawn(world, names, tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     two = [n for n, c in CASES.items() if len(c[0]) == 2] + ["mismatch", "layer"]
+    two += [n for n, c in PACKED.items() if len(c[0]) == 2]
     four = [n for n, c in CASES.items() if len(c[0]) == 4]
+    four += [n for n, c in PACKED.items() if len(c[0]) == 4]
     return {2: _spawn(2, two, tmp_path_factory), 4: _spawn(4, four, tmp_path_factory)}
 
 
@@ -211,6 +279,18 @@ def test_context_parallel_equals_the_whole_sequence(name, results):
         assert {"o", "dq", "dk", "dv"} <= set(err)
         bad = {k: v for k, v in err.items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad} (tolerance {tol})"
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_row_across_ranks_equals_the_whole_row(name, results):
+    """cu_seqlens with cp_group: sequences crossing rank boundaries (and a rank inside one)."""
+    world = len(PACKED[name][0])
+    for rank, res in enumerate(results[world]):
+        err = res[name]
+        assert "error" not in err, f"rank {rank}:\n{err.get('error')}"
+        assert {"o", "dq", "dk", "dv", "states"} <= set(err)
+        bad = {k: v for k, v in err.items() if not v <= 1e-10}
+        assert not bad, f"rank {rank}: {bad}"
 
 
 def test_feature_attention_layer_with_cp_group(results):
