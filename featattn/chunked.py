@@ -59,7 +59,9 @@ def chunked_linear_attention(
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
-    C = chunk_size
+    # a call shorter than a chunk (decoding: T = 1) is one chunk of its own length, not a
+    # padded C x C one (eager only: under torch.compile C must not depend on T)
+    C = chunk_size if torch.compiler.is_compiling() else min(chunk_size, T)
     cd = compute_dtype(q, k, v, initial_kv, initial_z)
 
     q5 = q.unflatten(1, (Hkv, G)).to(cd)  # [B, Hkv, G, T, Dk]
@@ -77,7 +79,28 @@ def chunked_linear_attention(
         else:
             z = q5.new_zeros(B, Hkv, 1, Dk)
 
-    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if T == 1 and not torch.compiler.is_compiling():  # one decoding step: the recurrence
+        kv = kv + k5.transpose(-1, -2) @ v5  # [B, Hkv, 1, Dk, Dv] (G > 1: broadcast below)
+        out = q5 @ kv  # [B, Hkv, G, 1, Dv]
+        if normalize:
+            z = z + k5.squeeze(-2)
+            out = out / ((q5 @ z.unsqueeze(-1)) + eps)
+    else:
+        out, kv, z = _chunks(q5, k5, v5, kv, z, C, normalize, eps, block_chunks)
+
+    out = out.flatten(1, 2).to(q.dtype)  # [B, H, T, Dv]
+    if not return_state:
+        return out, None, None
+    kv_out = kv.expand(B, Hkv, G, Dk, Dv).reshape(B, H, Dk, Dv)
+    z_out = z.expand(B, Hkv, G, Dk).reshape(B, H, Dk) if normalize else None
+    return out, kv_out, z_out
+
+
+def _chunks(q5, k5, v5, kv, z, C, normalize, eps, block_chunks):
+    """The whole sequence in blocks of ``block_chunks`` chunks (one block under
+    torch.compile): ``(o [B, Hkv, G, T, Dv], kv, z)``."""
+    T = q5.shape[-2]
+    mask = torch.ones(C, C, dtype=torch.bool, device=q5.device).tril()
     if torch.compiler.is_compiling():
         # A Python loop over blocks (or any branch on T) makes dynamo specialise T and
         # recompile for every new length, so compiled code runs the whole sequence as one
@@ -94,13 +117,7 @@ def chunked_linear_attention(
             )
             outs.append(o)
         out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-
-    out = out.flatten(1, 2).to(q.dtype)  # [B, H, T, Dv]
-    if not return_state:
-        return out, None, None
-    kv_out = kv.expand(B, Hkv, G, Dk, Dv).reshape(B, H, Dk, Dv)
-    z_out = z.expand(B, Hkv, G, Dk).reshape(B, H, Dk) if normalize else None
-    return out, kv_out, z_out
+    return out, kv, z
 
 
 def _block(qb, kb, vb, kv, z, mask, C, normalize, eps, spare_chunk=False):

@@ -205,3 +205,27 @@ def test_return_type_follows_return_state():
     if hasattr(typing, "get_overloads"):  # Python >= 3.11 records them
         returns = {typing.get_type_hints(f)["return"] for f in typing.get_overloads(featattn.linear_attention)}
         assert returns == {torch.Tensor, typing.Tuple[torch.Tensor, featattn.LinearAttentionState]}
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("T", [1, 3])
+def test_torch_path_short_calls_match_the_reference(heads, normalize, T):
+    """The PyTorch path's one-token recurrence (T = 1) and one short chunk (T < 64): output,
+    state and gradients against the float64 reference, with a state in."""
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, H, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, Hkv, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, Hkv, T, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    st = featattn.LinearAttentionState(
+        torch.rand(2, H, 8, 5, generator=g, dtype=torch.float64),
+        torch.rand(2, H, 8, generator=g, dtype=torch.float64) if normalize else None)
+    runs = []
+    for backend in ("torch", "reference"):
+        o, s = featattn.linear_attention(q, k, v, feature_map="elu", normalize=normalize,
+                                         initial_state=st, return_state=True, backend=backend)
+        grads = torch.autograd.grad(o.square().sum() + s.kv.sum(), (q, k, v))
+        runs.append([o, s.kv, *grads] + ([s.z] if normalize else []))
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
