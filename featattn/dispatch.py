@@ -85,7 +85,7 @@ class Call(NamedTuple):
     :func:`select_kernel`), which every implementation is asked about.  ``dqk`` is the raw
     q/k head dim, ``dk`` the expanded feature dim (``fm.output_dim(dqk)``); ``stateful``:
     a state is passed in or returned; ``has_init``: a state is passed in; ``needs_grad``:
-    autograd will differentiate the call."""
+    autograd will differentiate the call; ``hkv``: the key/value heads (None: not known)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -101,6 +101,7 @@ class Call(NamedTuple):
     needs_grad: bool = False
     window: int = 0
     causal: bool = True
+    hkv: Optional[int] = None
 
 
 class Impl:
@@ -338,7 +339,7 @@ def _projection_reason(call: Call) -> Optional[str]:
     if torch.compiler.is_compiling():
         return f"{what} under torch.compile (a Triton launch in an autograd.Function is opaque to dynamo)"
     why = _kernels_module().projection_unsupported_reason(call.fm.triton_projection(), call.dqk,
-                                                          call.H)
+                                                          call.H, call.hkv)
     return f"{what}: {why}" if why else None
 
 
@@ -402,7 +403,7 @@ def select_kernel(
     dk = fm.output_dim(dqk) if fm is not None else dqk
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
                 initial_state is not None or bool(return_state), initial_state is not None,
-                needs_grad(q, k, v, initial_state, fm), int(window), bool(causal))
+                needs_grad(q, k, v, initial_state, fm), int(window), bool(causal), k.shape[1])
     return select(call, backend)
 
 

@@ -100,15 +100,18 @@ def _show(name, value):
 
 
 def call_facts(q, k, v, fm, normalize, Dk, has_init, needs_grad, return_state,
-               cu: Optional[list] = None) -> dict:
-    """What every rank must agree on (T excluded); ``cu``: the packed row's boundaries."""
+               cu: Optional[list] = None, state_grad: bool = False) -> dict:
+    """What every rank must agree on (T excluded); ``cu``: the packed row's boundaries;
+    ``needs_grad``: q, k, v or the map need a gradient, ``state_grad``: the initial state
+    does (separately: each decides which collectives the backward runs)."""
     B, H, _, Dqk = q.shape
     name = type(fm).__name__ + ":" + getattr(fm, "name", "") if fm is not None else "features"
     return {"B": B, "H": H, "Hkv": k.shape[1], "Dqk": Dqk, "Dk": Dk, "Dv": v.shape[-1],
             "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99,
             "feature map (crc32 of its class and name)": zlib.crc32(name.encode()),
             "normalize": normalize, "initial_state given": has_init,
-            "needs a gradient": needs_grad, "return_state": return_state,
+            "q, k, v or the map need a gradient": needs_grad,
+            "initial_state needs a gradient": state_grad, "return_state": return_state,
             "cu_seqlens (crc32 of its entries; -1: none)":
                 -1 if cu is None else zlib.crc32(",".join(map(str, cu)).encode())}
 

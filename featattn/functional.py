@@ -216,7 +216,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
 
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
-                needs_grad(q, k, v, initial_state, fm), window, causal)
+                needs_grad(q, k, v, initial_state, fm), window, causal, Hkv)
     choice = select(call, backend)
     kernel = choice.name
     if not causal:
@@ -245,7 +245,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
 
             out, kv, z = projected_attention(
                 q, k, v, proj, normalize=normalize, eps=eps, scale=scale, initial_kv=kv0,
-                initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens)
+                initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens, check=False)
         elif proj is not None:  # its Triton pass, then the chunked kernel on the features
             from .kernels.projected import projection_features
 
@@ -441,8 +441,10 @@ def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state
     from . import distributed as D
 
     D.check_group(group)
-    grad = needs_grad(q, k, v, initial_state, fm)
-    facts = D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None, grad, return_state, cu)
+    state_grad = torch.is_grad_enabled() and initial_state is not None and any(
+        t is not None and t.requires_grad for t in (initial_state.kv, initial_state.z))
+    facts = D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None,
+                         needs_grad(q, k, v, None, fm), return_state, cu, state_grad)
     Ts = D.agree(group, q.device, what=facts, share={"T": q.shape[2]})["T"]
     if cu is None:
         kv, z = D.slice_state(k, v, fm, normalize)

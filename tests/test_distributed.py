@@ -134,9 +134,13 @@ PACKED = {
 
 
 def packed_case(name, rank, group):
-    """One packed row split across the ranks against the whole row in one process: output,
-    q/k/v gradients, the per-sequence initial state's gradient (whole on every rank), and the
-    returned states (each local sequence's state after this rank's last token of it)."""
+    """One packed row split across the ranks against the whole row in one process. The loss
+    takes every rank's output slice and its returned states (each local document's state after
+    the rank's last token of it), so gradients also flow back to earlier ranks through the
+    states; checked: output, states, q/k/v gradients, the per-document initial state's
+    gradient (whole on every rank) and the map's parameter gradients (summed over ranks)."""
+    import torch.distributed as dist
+
     slices, cu, dtype, fmname, normalize, H, Hkv, with_init = PACKED[name]
     T, N, Dqk, Dv = sum(slices), len(cu) - 1, 8, 6
     g = torch.Generator().manual_seed(99)
@@ -145,42 +149,69 @@ def packed_case(name, rank, group):
     v = torch.randn(1, Hkv, T, Dv, generator=g, dtype=dtype)
     w = torch.randn(1, H, T, Dv, generator=g, dtype=dtype)
     fm = _make_map(fmname, Dqk, dtype)
+    params = list(fm.parameters()) if isinstance(fm, torch.nn.Module) else []
     Dk = resolve_feature_map(fm).output_dim(Dqk) if fm is not None else Dqk
     kv0 = torch.rand(N, H, Dk, Dv, generator=g, dtype=dtype) if with_init else None
     z0 = torch.rand(N, H, Dk, generator=g, dtype=dtype) if with_init and normalize else None
+    ends = [sum(slices[:r + 1]) for r in range(len(slices))]
+    starts = [e - t for e, t in zip(ends, slices)]
+    firsts = [len([c for c in cu if c <= a]) - 1 for a in starts]
+    lasts = [len([c for c in cu if c < b]) - 1 for b in ends]
+    wst = [torch.randn(lasts[r] - firsts[r] + 1, H, Dk, Dv + 1, generator=g, dtype=dtype)
+           for r in range(len(slices))]  # weights of each rank's returned states in the loss
 
-    def run(qs, ks, vs, cu_, group_=None):
-        ls = [t.clone().requires_grad_() for t in (qs, ks, vs)]
-        st = None
-        if with_init:
-            n = len(cu_) - 1  # the row cut after a rank holds fewer sequences
-            st = featattn.LinearAttentionState(
-                kv0[:n].clone().requires_grad_(),
-                None if z0 is None else z0[:n].clone().requires_grad_())
-        o, s = featattn.linear_attention(*ls, feature_map=fm, normalize=normalize,
+    def state_loss(st, r, rows):
+        loss = (st.kv[rows] * wst[r][..., :Dv]).sum()
+        return loss + ((st.z[rows] * wst[r][..., Dv]).sum() if normalize else 0.0)
+
+    def call(qs, ks, vs, cu_, init, group_=None):
+        n = len(cu_) - 1  # a row cut after a rank holds fewer documents
+        st = None if init is None else featattn.LinearAttentionState(
+            init[0][:n], None if init[1] is None else init[1][:n])
+        return featattn.linear_attention(qs, ks, vs, feature_map=fm, normalize=normalize,
                                          initial_state=st, return_state=True,
                                          cu_seqlens=torch.tensor(cu_), cp_group=group_)
-        return ls, st, o, s
 
-    (qf, kf, vf), st_f, o_f, _ = run(q, k, v, cu)
-    (o_f * w).sum().backward()
-    a, b = sum(slices[:rank]), sum(slices[:rank + 1])
-    sl = slice(a, b)
-    (ql, kl, vl), st, o, s = run(q[:, :, sl], k[:, :, sl], v[:, :, sl], cu, group)
-    (o * w[:, :, sl]).sum().backward()
+    def leaves(*ts):
+        return [None if t is None else t.clone().requires_grad_() for t in ts]
+
+    # the whole row in one process, and each rank's states from the row cut after the rank
+    qf, kf, vf, kvf, zf = leaves(q, k, v, kv0, z0)
+    init_f = (kvf, zf) if with_init else None
+    o_f, _ = call(qf, kf, vf, cu, init_f)
+    loss = (o_f * w).sum()
+    want_states = []
+    for r, b in enumerate(ends):
+        _, s_cut = call(qf[:, :, :b], kf[:, :, :b], vf[:, :, :b],
+                        [c for c in cu if c < b] + [b], init_f)
+        loss = loss + state_loss(s_cut, r, slice(firsts[r], None))
+        want_states.append(s_cut)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    want_params = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    sl = slice(starts[rank], ends[rank])
+    ql, kl, vl, kvl, zl = leaves(q[:, :, sl], k[:, :, sl], v[:, :, sl], kv0, z0)
+    o, s = call(ql, kl, vl, cu, (kvl, zl) if with_init else None, group)
+    ((o * w[:, :, sl]).sum() + state_loss(s, rank, slice(None))).backward()
+    want = want_states[rank]
     err = {"o": _rel(o, o_f[:, :, sl]), "dq": _rel(ql.grad, qf.grad[:, :, sl]),
-           "dk": _rel(kl.grad, kf.grad[:, :, sl]), "dv": _rel(vl.grad, vf.grad[:, :, sl])}
+           "dk": _rel(kl.grad, kf.grad[:, :, sl]), "dv": _rel(vl.grad, vf.grad[:, :, sl]),
+           "states": _rel(s.kv, want.kv[firsts[rank]:])
+           if s.kv.shape == want.kv[firsts[rank]:].shape else float("inf")}
+    if normalize:
+        err["states z"] = _rel(s.z, want.z[firsts[rank]:])
     if with_init:
-        err["dkv0"] = _rel(st.kv.grad, st_f.kv.grad)
+        err["dkv0"] = _rel(kvl.grad, kvf.grad)
         if normalize:
-            err["dz0"] = _rel(st.z.grad, st_f.z.grad)
-    # the states after this rank's last token: the row cut there, in one process
-    cut = [c for c in cu if c < b] + [b]
-    with torch.no_grad():
-        _, _, _, s_cut = run(q[:, :, :b], k[:, :, :b], v[:, :, :b], cut)
-    first = len([c for c in cu if c <= a]) - 1
-    want = s_cut.kv[first:]
-    err["states"] = _rel(s.kv, want) if s.kv.shape == want.shape else float("inf")
+            err["dz0"] = _rel(zl.grad, zf.grad)
+    for i, p in enumerate(params):
+        total = p.grad.clone()
+        dist.all_reduce(total, group=group)
+        err[f"param {i}"] = _rel(total, want_params[i])
     return err
 
 

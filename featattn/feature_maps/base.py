@@ -44,7 +44,9 @@ class ProjectionTritonForm(NamedTuple):
     ``[., f]`` or both None.  The tensors are the map's own parameters (``tie_qk`` maps pass
     the same tensor twice: autograd adds both gradients).  The queries are multiplied by the
     call's ``scale`` before the projection, the keys are not, as with every map.  ``d`` and
-    ``f`` up to 128.
+    ``f`` up to 128.  ``heads``: the number of query heads the map was built for, when its
+    weights do not say it (``q_shares_kv_head``); calls with other head counts then run the
+    map in PyTorch, which raises.
     """
 
     q_weight: torch.Tensor
@@ -53,6 +55,7 @@ class ProjectionTritonForm(NamedTuple):
     k_bias: Optional[torch.Tensor]
     activation: str
     q_shares_kv_head: bool = False
+    heads: Optional[int] = None
 
 
 class FeatureMap(nn.Module):

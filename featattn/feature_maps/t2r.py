@@ -69,7 +69,7 @@ class T2RFeatureMap(FeatureMap):
         """Computed inside the chunked kernels (featattn.kernels.projected); query head h
         uses kv head h // group's map there too."""
         return ProjectionTritonForm(self.weight, self.bias, self.weight, self.bias, "relu",
-                                    q_shares_kv_head=True)
+                                    q_shares_kv_head=True, heads=self.heads)
 
     def forward_query(self, q: torch.Tensor) -> torch.Tensor:
         group = self.heads // self.kv_heads

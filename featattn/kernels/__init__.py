@@ -20,7 +20,7 @@ Exports:
                         initial_z=None, return_state=False, cu_seqlens=None) -> (o, kv, z)
         a learned projection map (Hedgehog, T2R: FeatureMap.triton_projection) computed in the
         kernels, its weights' gradients included (featattn/kernels/projected.py);
-        projection_unsupported_reason(form, d, H) -> None | str.
+        projection_unsupported_reason(form, d, H, Hkv=None) -> None | str.
     taylor_parallel_max_t() -> int: the longest T the Taylor parallel form takes
         (FEATATTN_TAYLOR_PARALLEL_MAX_T); featattn.dispatch decides between the two forms.
 
@@ -70,7 +70,7 @@ else:  # pragma: no cover
     def recurrent_step(*args, **kwargs):
         raise RuntimeError("featattn.kernels.recurrent_step needs triton (pip install triton)")
 
-    def projection_unsupported_reason(form, d, H) -> str:
+    def projection_unsupported_reason(form, d, H, Hkv=None) -> str:
         return "triton is not installed"
 
     def projected_attention(*args, **kwargs):

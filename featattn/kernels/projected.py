@@ -58,21 +58,34 @@ ACTIVATIONS = {"softmax_pair": (0, 2), "relu": (1, 1)}
 MAX_DIM = 128
 
 
-def projection_unsupported_reason(form, d: int, H: int) -> Optional[str]:
-    """None when the kernels take this map for q heads of dim ``d`` and ``H`` query heads,
-    else why not."""
+def projection_unsupported_reason(form, d: int, H: int, Hkv: Optional[int] = None) -> Optional[str]:
+    """None when the kernels take this map for ``H`` query heads (and ``Hkv`` key/value heads,
+    when known) of dim ``d``, else why not."""
     if form.activation not in ACTIVATIONS:
         return (f"activation {form.activation!r} has no kernel (known: "
                 f"{', '.join(ACTIVATIONS)})")
-    f = form.q_weight.shape[-1]
+    wq, wk, bq, bk = form.q_weight, form.k_weight, form.q_bias, form.k_bias
+    if wq.dim() != 3 or wk.dim() != 3:
+        return f"its weights must be [heads, d, f], got {tuple(wq.shape)} / {tuple(wk.shape)}"
+    f = wq.shape[-1]
     if d > MAX_DIM or f > MAX_DIM:
         return f"head dim {d} or projection width {f} is above {MAX_DIM} (one register tile)"
-    hq, hk = form.q_weight.shape[0], form.k_weight.shape[0]
+    hq, hk = wq.shape[0], wk.shape[0]
     fits = H % hq == 0 and hq == hk if form.q_shares_kv_head else hq == H and H % hk == 0
-    if not fits or tuple(form.q_weight.shape[1:]) != (d, f) \
-            or tuple(form.k_weight.shape[1:]) != (d, f):
-        return (f"its weights {tuple(form.q_weight.shape)} / {tuple(form.k_weight.shape)} do "
-                f"not fit {H} query heads of dim {d}")
+    fits = fits and (Hkv is None or hk == Hkv) and (form.heads is None or form.heads == H)
+    if not fits or tuple(wq.shape[1:]) != (d, f) or tuple(wk.shape[1:]) != (d, f):
+        kv = "" if Hkv is None else f" and {Hkv} key/value heads"
+        built = "" if form.heads is None else f" (the map was built for {form.heads} query heads)"
+        return (f"its weights {tuple(wq.shape)} / {tuple(wk.shape)} do not fit {H} query "
+                f"heads{kv} of dim {d}{built}")
+    if (bq is None) != (bk is None):
+        return "it gives a bias for only one of queries and keys (both or neither)"
+    if bq is not None and (tuple(bq.shape) != (hq, f) or tuple(bk.shape) != (hk, f)):
+        return (f"its biases {tuple(bq.shape)} / {tuple(bk.shape)} must be [{hq}, {f}] / "
+                f"[{hk}, {f}]")
+    devices = {t.device for t in (wq, wk, bq, bk) if t is not None}
+    if len(devices) > 1:
+        return f"its weights and biases are on different devices ({sorted(map(str, devices))})"
     return None
 
 
@@ -616,7 +629,7 @@ class _Projected(torch.autograd.Function):
 
 def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: float = 1.0,
                         initial_kv=None, initial_z=None, return_state: bool = False,
-                        cu_seqlens=None):
+                        cu_seqlens=None, check: bool = True):
     """Causal linear attention with a projection map fused into the kernels.
 
     Args:
@@ -632,16 +645,28 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
             [B, H, DK] (normalize only).  With cu_seqlens the leading dim is N.
         return_state: also return the final state.
         cu_seqlens: None or int [N + 1] (q, k, v are then [1, ., total_T, .]).
+        check: validate the inputs (featattn.linear_attention has, and passes False).
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; with return_state the fp32 final
         state, else None, None.  Differentiable in q, k, v, the weights and biases and the
         initial state (also through the returned state).
     """
-    why = projection_unsupported_reason(form, q.shape[-1], q.shape[1])
-    if why is None and k.shape[1] != form.k_weight.shape[0]:
-        why = (f"the key weights are for {form.k_weight.shape[0]} key/value heads, k has "
-               f"{k.shape[1]}")
+    if check:
+        from ._common import check_inputs
+
+        if cu_seqlens is not None:
+            from ..functional import _validate_cu_seqlens
+
+            _validate_cu_seqlens(cu_seqlens, q)
+        dk = form.q_weight.shape[-1] * ACTIVATIONS.get(form.activation, (0, 1))[1]
+        check_inputs(q, k, v, normalize, None if cu_seqlens is not None else initial_kv,
+                     None if cu_seqlens is not None else initial_z,
+                     state_dim=lambda d: dk, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                     shape_reason=lambda d, dv: None)
+    why = projection_unsupported_reason(form, q.shape[-1], q.shape[1], k.shape[1])
+    if why is None and form.q_weight.device != q.device:
+        why = f"its weights are on {form.q_weight.device}, q on {q.device}"
     if why is not None:
         raise ValueError(f"projected_attention: {why}; build the map for these heads "
                          "(heads=, kv_heads=, head_dim=) or pass backend='torch'")
@@ -802,6 +827,10 @@ class _ProjectionPass(torch.autograd.Function):
 def projection_features(q, k, form, scale: float = 1.0):
     """(phi(scale * q), phi(k)) of a projection map as one Triton pass each (features
     [B, H, T, DK] in the input dtype; differentiable in q, k and the map's weights)."""
+    why = projection_unsupported_reason(form, q.shape[-1], q.shape[1], k.shape[1])
+    if why is not None:
+        raise ValueError(f"projection_features: {why}; build the map for these heads "
+                         "(heads=, kv_heads=, head_dim=) or pass backend='torch'")
     fq = _ProjectionPass.apply(q, form.q_weight, form.q_bias, form.activation, float(scale))
     fk = _ProjectionPass.apply(k, form.k_weight, form.k_bias, form.activation, 1.0)
     return fq, fk

@@ -27,8 +27,39 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
+class NoBiasHedgehog(featattn.FeatureMap):
+    """A user's map: Hedgehog's softmax pair without biases, one weight per head."""
+
+    def __init__(self, d, heads, f):
+        super().__init__()
+        self.q_weight = torch.nn.Parameter(torch.randn(heads, d, f) / d ** 0.5)
+        self.k_weight = torch.nn.Parameter(torch.randn(heads, d, f) / d ** 0.5)
+
+    def output_dim(self, d):
+        return 2 * self.q_weight.shape[-1]
+
+    def _phi(self, x, w):
+        lg = torch.einsum("bhtd,hdf->bhtf", x.to(w.dtype), w)
+        return torch.cat([lg.softmax(-1), (-lg).softmax(-1)], -1).to(x.dtype)
+
+    def forward_query(self, q):
+        return self._phi(q, self.q_weight)
+
+    def forward_key(self, k):
+        return self._phi(k, self.k_weight)
+
+    def forward(self, x):
+        return self.forward_query(x)
+
+    def triton_projection(self):
+        return featattn.ProjectionTritonForm(self.q_weight, None, self.k_weight, None,
+                                             "softmax_pair")
+
+
 def _map(kind, d, H, Hkv, f, tie, seed=0):
     torch.manual_seed(seed)
+    if kind == "nobias":
+        return NoBiasHedgehog(d, H, f)
     if kind == "hedgehog":
         fm = HedgehogFeatureMap(d, heads=H, kv_heads=Hkv, feature_dim=f, tie_qk=tie)
     else:
@@ -69,6 +100,8 @@ CASES = [
     ("hedgehog", 1, 1, 1, 1, 8, 8, 16, False, True, False),  # T = 1, not normalised
     ("hedgehog", 1, 1, 1, 20, 16, 64, 150, True, True, False),  # several Dv tiles
     ("t2r", 1, 4, 2, 33, 16, 20, 8, True, True, False),  # q heads share their kv head's map
+    ("hedgehog", 1, 4, 2, 20, 16, 64, 150, True, True, False),  # Dv tiles and grouped heads
+    ("nobias", 1, 2, 2, 30, 16, 16, 16, True, True, False),  # a user's map without biases
 ]
 
 
@@ -147,18 +180,32 @@ def test_weight_gradients_repeat_bit_for_bit():
 
 @pytest.mark.parametrize("mode", ["kernel", "pass"])
 def test_packed_sequences_match_each_sequence_alone(mode, monkeypatch):
+    """Forward, states and gradients (of q, k, v and the weights) of a packed row against
+    each sequence alone on the PyTorch path."""
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
     cu = torch.tensor([0, 1, 18, 40], device=DEV)
-    q, k, v = (torch.randn(1, 2, 40, 16, device=DEV) for _ in range(3))
+    x = [torch.randn(1, 2, 40, 16, device=DEV) for _ in range(3)]
+    w = torch.randn(1, 2, 40, 16, device=DEV)
+
+    def grads(loss, leaves):
+        return torch.autograd.grad(loss, leaves + list(fm.parameters()))
+
+    q, k, v = (t.clone().requires_grad_() for t in x)
     o, s = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", cu_seqlens=cu,
                                      return_state=True)
+    got = grads((o * w).sum() + s.kv.sum(), [q, k, v])
+    q2, k2, v2 = (t.clone().requires_grad_() for t in x)
+    loss = 0.0
     for n in range(3):
         sl = slice(int(cu[n]), int(cu[n + 1]))
-        o1, s1 = featattn.linear_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl],
+        o1, s1 = featattn.linear_attention(q2[:, :, sl], k2[:, :, sl], v2[:, :, sl],
                                            feature_map=fm, backend="torch", return_state=True)
         assert rel_err(o[:, :, sl], o1) < 1e-5
         assert rel_err(s.kv[n:n + 1], s1.kv) < 1e-5 and rel_err(s.z[n:n + 1], s1.z) < 1e-5
+        loss = loss + (o1 * w[:, :, sl]).sum() + s1.kv.sum()
+    for a, b in zip(got, grads(loss, [q2, k2, v2])):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_select_kernel_says_when_the_projection_stays_in_pytorch():
@@ -176,3 +223,40 @@ def test_projected_attention_rejects_weights_for_other_heads():
     q = torch.randn(1, 4, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="do not fit 4 query heads"):
         projected_attention(q, q, q, fm.triton_projection(), normalize=True, eps=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["kernel", "pass"])
+def test_weights_for_other_heads_never_reach_the_kernels(mode, monkeypatch):
+    """k with 2 heads and a map built for 1 or 4 key heads, a T2R built for 8 query heads
+    used with 4, one bias without the other: the dispatcher keeps the map in PyTorch (whose
+    own checks raise) instead of reading the wrong weights."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
+    q = torch.randn(1, 4, 12, 16, device=DEV)
+    k = v = torch.randn(1, 2, 12, 16, device=DEV)
+    for fm in (HedgehogFeatureMap(16, heads=4, kv_heads=1), HedgehogFeatureMap(16, heads=4,
+               kv_heads=4), T2RFeatureMap(16, heads=8, kv_heads=2)):
+        c = featattn.select_kernel(q, k, v, fm.to(DEV), backend="triton")
+        assert c.map_path == "torch" and any("do not fit" in r for r in c.reasons), c
+        with pytest.raises(ValueError):
+            featattn.linear_attention(q, k, v, feature_map=fm, backend="triton")
+    one_bias = _map("hedgehog", 16, 4, 2, 16, False).to(DEV)
+    form = one_bias.triton_projection()._replace(k_bias=None)
+    monkeypatch.setattr(one_bias, "triton_projection", lambda: form)
+    c = featattn.select_kernel(q, k, v, one_bias, backend="triton")
+    assert c.map_path == "torch" and any("both or neither" in r for r in c.reasons), c
+
+
+def test_projected_attention_checks_its_inputs():
+    fm = HedgehogFeatureMap(16, heads=2).to(DEV)
+    form = fm.triton_projection()
+    q = torch.randn(1, 2, 8, 16, device=DEV)
+    with pytest.raises(ValueError, match="k must be"):
+        projected_attention(q, q[:, :, :5], q, form, normalize=True, eps=1e-6)
+    with pytest.raises(ValueError, match="initial_kv must be"):
+        projected_attention(q, q, q, form, normalize=True, eps=1e-6,
+                            initial_kv=torch.zeros(1, 2, 16, 16, device=DEV))
+    with pytest.raises(ValueError, match="cu_seqlens must end"):
+        projected_attention(q, q, q, form, normalize=True, eps=1e-6,
+                            cu_seqlens=torch.tensor([0, 5, 40], device=DEV))
+    with pytest.raises(TypeError):
+        projected_attention(q, q, q.half(), form, normalize=True, eps=1e-6)
