@@ -222,6 +222,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if not causal:
         return _noncausal(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, kernel,
                           Dqk, Dk)
+    if window and cu is not None:
+        return _hybrid_packed(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state,
+                              kernel, window, window_weight, window_scale, Dqk, Dk, cu)
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
                        window, window_weight, window_scale, Dqk, Dk)
@@ -372,8 +375,7 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     if not normalize:
         raise ValueError("window > 0 (the hybrid layer) shares one denominator between the "
                          "softmax and linear parts: it needs normalize=True")
-    for what, bad in (("cu_seqlens", cu is not None), ("cp_group", cp_group is not None),
-                      ("decode_step", in_place)):
+    for what, bad in (("cp_group", cp_group is not None), ("decode_step", in_place)):
         if bad:
             raise ValueError(f"window > 0 is not supported with {what} yet; call per sequence "
                              f"(or linear_attention with the state) instead")
@@ -396,6 +398,8 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     if windowed_state:
         wk, wv = state.window_k, state.window_v
         B, Hkv, _, Dqk = k.shape
+        if cu is not None:
+            B = len(cu) - 1  # one window per packed sequence
         P = wk.shape[2] if isinstance(wk, torch.Tensor) and wk.dim() == 4 else -1
         want_k, want_v = (B, Hkv, P, Dqk), (B, Hkv, P, v.shape[-1])
         if not isinstance(wv, torch.Tensor) or tuple(wk.shape) != want_k \
@@ -432,6 +436,45 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
         return out
     keep = min(window, k.shape[2])
     return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
+
+
+def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,
+                   weight, wscale, Dqk, Dk, cu):
+    """The hybrid layer on packed sequences: each sequence alone (the window never crosses a
+    boundary), outputs concatenated, states stacked.  A stacked state needs every sequence's
+    window to hold the same number of tokens, min(window, tokens seen)."""
+    N = len(cu) - 1
+    held = state.window_k.shape[2] if state is not None and state.window_k is not None else 0
+    if return_state:
+        keep = {min(window, held + cu[n + 1] - cu[n]) for n in range(N)}
+        if len(keep) > 1:
+            short = [n for n in range(N) if held + cu[n + 1] - cu[n] < window]
+            raise ValueError(
+                f"return_state with window={window} and cu_seqlens stacks one window of keys per "
+                f"sequence, so every sequence must have seen >= {window} tokens (or all the same "
+                f"number); sequences {short[:8]} are shorter. Pack only sequences of at least "
+                f"{window} tokens, or call per sequence to keep their states")
+    outs, states = [], []
+    for n in range(N):
+        sl = slice(cu[n], cu[n + 1])
+        st = None
+        if state is not None:
+            rows = slice(n, n + 1)
+            st = LinearAttentionState(
+                None if kv0 is None else kv0[rows], None if z0 is None else z0[rows],
+                None if not held else state.window_k[rows],
+                None if not held else state.window_v[rows])
+        res = _hybrid(q[:, :, sl], k[:, :, sl], v[:, :, sl], fm, eps, scale, st,
+                      None if st is None else st.kv, None if st is None else st.z,
+                      return_state, kernel, window, weight, wscale, Dqk, Dk)
+        o, s_n = res if return_state else (res, None)
+        outs.append(o)
+        states.append(s_n)
+    out = torch.cat(outs, 2)
+    if not return_state:
+        return out
+    cat = lambda name: torch.cat([getattr(s_n, name) for s_n in states])  # noqa: E731
+    return out, LinearAttentionState(cat("kv"), cat("z"), cat("window_k"), cat("window_v"))
 
 
 def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state, return_state,

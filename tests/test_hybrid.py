@@ -185,8 +185,8 @@ def test_bad_window_input_is_explained():
         la(q, k, v, feature_map="elu", initial_state=s)
     with pytest.raises(ValueError, match="0 < P <= window = 2"):
         la(q, k, v, feature_map="elu", window=2, initial_state=s)
-    with pytest.raises(ValueError, match="not supported with cu_seqlens"):
-        la(q[:1], k[:1], v[:1], window=4, cu_seqlens=torch.tensor([0, 2, 6]))
+    with pytest.raises(ValueError, match="sequences \\[0\\] are shorter"):
+        la(q[:1], k[:1], v[:1], window=4, cu_seqlens=torch.tensor([0, 2, 6]), return_state=True)
     with pytest.raises(ValueError, match="window must be an int >= 0"):
         featattn.FeatureAttention(16, 2, "elu", window=-3)
     with pytest.raises(ValueError, match="needs normalize=True"):
@@ -202,3 +202,44 @@ def test_oracle_state_is_the_linear_part_before_the_window():
                                           return_state=True)
     torch.testing.assert_close(kv, fk[:, :, :7].transpose(-1, -2) @ v[:, :, :7])
     torch.testing.assert_close(z, fk[:, :, :7].sum(2))
+
+
+@pytest.mark.parametrize("lengths,window", [((5, 1, 9), 3), ((4, 6), 4), ((7, 2, 3), 8)])
+def test_packed_sequences_equal_each_sequence_alone(lengths, window):
+    """window with cu_seqlens: each sequence alone (the window never crosses a boundary),
+    forward and gradients, against the float64 oracle; with return_state, the stacked states
+    (every sequence at least W long) carry on as each sequence's own."""
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    q, k, v = _inputs(1, 4, 2, T, 6, 5)
+    w = torch.tensor([0.3, 0.6, 0.5, 0.45], dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = featattn.linear_attention(*leaves, feature_map="elu", window=window, window_weight=w,
+                                  cu_seqlens=cu)
+    g = torch.autograd.grad(o.square().sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    parts = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        parts.append(featattn.linear_attention(
+            *(t[:, :, a:b] for t in ref), feature_map="elu", window=window, window_weight=w,
+            backend="reference"))
+    o_ref = torch.cat(parts, 2)
+    g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
+    assert torch.allclose(o, o_ref, atol=1e-10)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-9)
+    if min(lengths) < window:
+        return
+    _, s = featattn.linear_attention(q, k, v, feature_map="elu", window=window, window_weight=w,
+                                     cu_seqlens=cu, return_state=True)
+    q2, k2, v2 = _inputs(1, 4, 2, 2 * len(lengths), 6, 5, seed=3)
+    cu2 = torch.arange(0, 2 * len(lengths) + 1, 2)
+    o2 = featattn.linear_attention(q2, k2, v2, feature_map="elu", window=window,
+                                   window_weight=w, cu_seqlens=cu2, initial_state=s)
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        sl = slice(2 * n, 2 * n + 2)
+        whole = featattn.linear_attention(
+            torch.cat([q[:, :, a:b], q2[:, :, sl]], 2), torch.cat([k[:, :, a:b], k2[:, :, sl]], 2),
+            torch.cat([v[:, :, a:b], v2[:, :, sl]], 2), feature_map="elu", window=window,
+            window_weight=w, backend="reference")
+        assert torch.allclose(o2[:, :, sl], whole[:, :, -2:], atol=1e-10)

@@ -236,15 +236,25 @@ class HFFeatureAttention(nn.Module):
                 initial_state=state, return_state=return_state, backend=self.backend,
                 **self.window_kwargs(),
             )
-        if self.window:
-            raise NotImplementedError(
-                f"layer {self.layer_idx} has a softmax window (window={self.window}), which does "
-                "not take padded batches yet: pass unpadded inputs (batch size 1, or sequences "
-                "of equal length without an attention_mask that has padding)")
         keep = key_mask.to(device=k.device, dtype=torch.bool)
         lengths = keep.sum(1)
+        if self.window and return_state:
+            held = 0 if state is None or state.window_k is None else state.window_k.shape[2]
+            seen = (lengths + held).tolist()
+            if len({min(n, self.window) for n in seen}) > 1:
+                short = [b for b, n in enumerate(seen) if n < self.window]
+                raise ValueError(
+                    f"layer {self.layer_idx} has a softmax window (window={self.window}) and a "
+                    f"cache: each row keeps its last {self.window} keys, so every row of a padded "
+                    f"batch needs at least {self.window} real tokens (rows {short[:8]} have "
+                    f"fewer). Generate those rows separately, or run without a cache "
+                    f"(use_cache=False)")
         if bool((lengths > 0).all()):
             return self._attend_packed(q, k, v, keep, lengths, state, return_state)
+        if self.window:
+            raise ValueError(
+                f"layer {self.layer_idx} has a softmax window (window={self.window}) and a row of "
+                "the batch has no real token (its attention_mask is all 0): drop that row")
         qf = fm.forward_query(q * self.q_scale if self.q_scale != 1.0 else q)
         kf = fm.forward_key(k)
         pad = ~key_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None]
@@ -269,7 +279,7 @@ class HFFeatureAttention(nn.Module):
         res = linear_attention(
             pack(q), pack(k), pack(v), feature_map=self.feature_map, normalize=self.normalize,
             eps=self.eps, scale=self.q_scale, initial_state=state, return_state=return_state,
-            backend=self.backend, cu_seqlens=cu,
+            backend=self.backend, cu_seqlens=cu, **self.window_kwargs(),
         )
         o, new_state = res if return_state else (res, None)
         Dv = o.shape[-1]

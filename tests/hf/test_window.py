@@ -116,6 +116,36 @@ def test_bad_window_arguments_and_padding_are_explained():
     patch_hf_model(model, "elu", window=4)
     ids = _ids(2, 6)
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    with pytest.raises(NotImplementedError, match="does not take padded batches yet"):
-        model(ids, attention_mask=mask)
+    mask[0, :3] = 0  # row 0 holds 3 real tokens, fewer than the window
+    model(ids, attention_mask=mask, use_cache=False)  # without a cache: fine
+    with pytest.raises(ValueError, match=r"needs at least 4 real tokens \(rows \[0\]"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_row_alone(side):
+    """A padded batch through the windowed model (unpad -> packed sequences -> repad) gives
+    each row the logits of that row alone; cached greedy generation of a left-padded batch
+    whose prompts all reach the window equals each prompt alone."""
+    model = _patched(window=4, fm="elu")
+    lengths = [9, 5, 7]
+    seqs = [_ids(1, n, seed=10 + n)[0] for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    logits = model(ids, attention_mask=mask).logits
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        torch.testing.assert_close(logits[b, sl], model(s[None]).logits[0], rtol=1e-9, atol=1e-10)
+    if side == "right":
+        return
+
+    def greedy(ids, **kw):
+        return model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kw)
+
+    batch = greedy(ids, attention_mask=mask)
+    for b, s in enumerate(seqs):
+        assert torch.equal(batch[b, T:], greedy(s[None])[0, len(s):])
