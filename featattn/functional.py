@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 
+from . import _switches
 from .chunked import chunked_linear_attention
 from .dispatch import Call, _check_backend, needs_grad, select
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
@@ -228,7 +229,13 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
                        window, window_weight, window_scale, Dqk, Dk)
-    if cu is not None and kernel != "chunked":  # no native packed form: one sequence at a time
+    taylor_varlen = _switches.read("FEATATTN_TAYLOR_VARLEN") if cu is not None else "loop"
+    if taylor_varlen not in ("loop", "native"):
+        raise ValueError(f"FEATATTN_TAYLOR_VARLEN must be 'loop' (the default) or 'native', got "
+                         f"{taylor_varlen!r}")
+    if taylor_varlen == "native" and kernel in ("taylor_parallel", "taylor_chunked"):
+        kernel = "taylor_chunked"  # the packed form of the chunked Taylor kernel
+    elif cu is not None and kernel != "chunked":  # no packed form: one sequence at a time
         return _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu)
     # q, k, v and the state are validated above: the kernels' own checks are skipped
     if kernel == "recurrent_step":
@@ -276,7 +283,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         out, kv, z = taylor_attention(
             q * scale if scale != 1.0 else q, k, v, normalize=normalize, eps=eps,
             initial_kv=kv0, initial_z=z0, return_state=return_state,
-            form=kernel.removeprefix("taylor_"), check=False,
+            form=kernel.removeprefix("taylor_"), check=False, cu_seqlens=cu_seqlens,
         )
     else:
         if scale != 1.0:

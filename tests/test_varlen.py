@@ -91,6 +91,31 @@ def test_packed_equals_alone_any_lengths_torch(lens):
     _check(lens, "elu", "torch", torch.float32, H=2, Hkv=2, d=4, Dv=4)
 
 
+@pytest.mark.parametrize("dtype,lens", [(torch.float32, [1, 20, 37, 3]), (torch.float16, [33, 2])],
+                         ids=["fp32", "fp16"])
+def test_native_taylor_kernel_packed_equals_each_sequence_alone(dtype, lens, monkeypatch):
+    """FEATATTN_TAYLOR_VARLEN=native: one launch of the chunked Taylor kernel over every
+    sequence (boundaries inside chunks, a one-token sequence, grouped heads), forward, states
+    and every gradient against each sequence alone in float64; the per-sequence fallback is
+    never entered."""
+    from featattn import functional
+
+    def boom(*a, **kw):
+        raise AssertionError("the packed call fell back to one sequence at a time")
+
+    monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", "native")
+    monkeypatch.setattr(functional, "_per_sequence", boom)
+    _check(lens, "taylor", "triton", dtype, H=4, Hkv=2, d=4, Dv=8,
+           tol=2e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_taylor_varlen_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", "nativ")
+    q, k, v = rand_qkv(1, 2, 2, 10, 4, 4, torch.float32, DEV, generator=3)
+    with pytest.raises(ValueError, match="FEATATTN_TAYLOR_VARLEN must be"):
+        linear_attention(q, k, v, feature_map="taylor", cu_seqlens=_cu([4, 6]))
+
+
 def test_native_kernel_takes_packed_sequences(monkeypatch):
     """The chunked kernel runs the packed batch itself: the one-sequence-at-a-time fallback
     is never entered, and the result equals the second sequence run alone."""
@@ -135,6 +160,7 @@ def test_bad_cu_seqlens_are_explained():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fm", ["elu", "taylor"])
-def test_gpu_packed_bf16(fm):
+@pytest.mark.parametrize("fm,varlen", [("elu", "loop"), ("taylor", "loop"), ("taylor", "native")])
+def test_gpu_packed_bf16(fm, varlen, monkeypatch):
+    monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", varlen)
     _check([1, 500, 1000, 37], fm, "auto", torch.bfloat16, H=4, Hkv=2, d=16, Dv=64, tol=2e-2)

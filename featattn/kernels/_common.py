@@ -100,6 +100,20 @@ def delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
     tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
 
 
+@triton.jit
+def sequence_rows(i_bh, H, T, cu, VARLEN: tl.constexpr):
+    """(batch index, head, first token, length) of program row ``i_bh``: row b*H + h of a
+    [B, H, T] batch, or with VARLEN sequence n = i_bh // H of the packed [1, H, T] batch,
+    tokens [cu[n], cu[n+1])."""
+    i_h = (i_bh % H).to(tl.int64)
+    if VARLEN:
+        i_n = i_bh // H
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+        return i_h * 0, i_h, bos, (eos - bos).to(tl.int32)
+    return (i_bh // H).to(tl.int64), i_h, i_h * 0, T
+
+
 class TunedLaunch:
     """``TunedLaunch(triton.autotune(...)(kernel))[grid](*args, **kwargs)``: the autotuned
     launch, paying the autotuner's host cost once per key.

@@ -105,6 +105,7 @@ from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
+from ._common import sequence_rows as _sequence
 
 __all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_time"]
 
@@ -167,20 +168,6 @@ def _dot_in(a, b, IEEE: tl.constexpr):
     else:
         r = tl.dot(a, b)
     return r
-
-
-@triton.jit
-def _sequence(i_bh, H, T, cu, VARLEN: tl.constexpr):
-    """(batch index, head, first token, length) of program row ``i_bh``: row b*H + h of a
-    [B, H, T] batch, or with VARLEN sequence n = i_bh // H of the packed [1, H, T] batch,
-    tokens [cu[n], cu[n+1])."""
-    i_h = (i_bh % H).to(tl.int64)
-    if VARLEN:
-        i_n = i_bh // H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        eos = tl.load(cu + i_n + 1).to(tl.int64)
-        return i_h * 0, i_h, bos, (eos - bos).to(tl.int32)
-    return (i_bh // H).to(tl.int64), i_h, i_h * 0, T
 
 
 @triton.jit
@@ -279,7 +266,7 @@ def _fwd_kernel(
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
     [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here.
     VARLEN: NB = 1 and program row i_bh is (sequence i_bh // H, head i_bh % H) of the packed
-    batch, tokens [cu[n], cu[n+1]) (``_sequence``); its states are kv0/kvT [N, H, ...]."""
+    batch, tokens [cu[n], cu[n+1]) (``_common.sequence_rows``); its states are kv0/kvT [N, H, ...]."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
     i_s = tl.program_id(2)

@@ -45,7 +45,8 @@ from ._common import cdiv, next_pow2, row_dot
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
-from .chunked import _dot_in, _mm, _sequence
+from ._common import sequence_rows as _sequence
+from .chunked import _dot_in, _mm
 
 __all__ = ["projected_attention", "projection_features", "projection_unsupported_reason",
            "ACTIVATIONS", "MAX_DIM"]

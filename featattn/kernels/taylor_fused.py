@@ -115,6 +115,7 @@ from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
+from ._common import sequence_rows as _sequence
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
 
@@ -370,31 +371,33 @@ def _store_quad(ptr, x, base, row, rowm, valid, offs_v, mv, DV: tl.constexpr,
 # --------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["T"])
 def _fwd_kernel(
-    q, k, v, o, den, kv0, z0, kvT, zT,
+    q, k, v, o, den, kv0, z0, kvT, zT, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, H, G, eps, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, cdiv(Dv, BV)).  q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,Dv] (unit last
     stride); o [B,H,T,Dv] strided; den fp32 [B,H,T] (eps included); kv0/kvT fp32
-    [B,H,Dk,Dv]; z0/zT fp32 [B,H,Dk].
+    [B,H,Dk,Dv]; z0/zT fp32 [B,H,Dk].  VARLEN: B = 1 holds N packed sequences, program row
+    i_bh is (sequence i_bh // H, head i_bh % H), tokens [cu[n], cu[n+1]) (_common.sequence_rows),
+    and the states are [N, H, ...].
 
     The quadratic part of z is held as a [d, d] matrix Z2 (den gets q^T Z2 q, an exact fp32
     product), the quadratic part of kv as S2 [Q, BV]."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
+    i_b, i_h, bos, T_s = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
     i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    o_base = o + i_b * sob + i_h * soh
-    d_base = den + i_bh.to(tl.int64) * T
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    o_base = o + i_b * sob + i_h * soh + bos * sot
+    d_base = den + row * T + bos
 
     offs_t = tl.arange(0, BT)
     offs_d = tl.arange(0, DP)
@@ -436,9 +439,9 @@ def _fwd_kernel(
             z1 = tl.load(zst + 1 + offs_d, mask=md, other=0.0)
             Z2 = tl.load(zst + sq_off, mask=mdd, other=0.0)
 
-    for i in range(0, tl.cdiv(T, BT)):
+    for i in range(0, tl.cdiv(T_s, BT)):
         t0 = tl.cast(i * BT, tl.int64)
-        mt = (i * BT + offs_t) < T
+        mt = (i * BT + offs_t) < T_s
         b_q = tl.load(q_base + (t0 + offs_t)[:, None] * sqt + offs_d[None, :],
                       mask=mt[:, None] & md[None, :], other=0.0)
         b_k = tl.load(k_base + (t0 + offs_t)[:, None] * skt + offs_d[None, :],
@@ -499,31 +502,32 @@ def _fwd_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
-    dq, dk, dv, dkv0, dz0,
+    dq, dk, dv, dkv0, dz0, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, c1, c2, c2o, inv,
+    T, NB, H, G, c1, c2, c2o, inv,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NV, 2); axis 2: 0 = dq sweep (forward in time), 1 = dk/dv/d-state sweep.
 
-    Outputs (contiguous, per q head): dq, dk [NV, B, H, T, d] (partials over Dv tiles);
-    dv [B, H, T, Dv]; dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (when HAS_INIT)."""
+    Outputs (contiguous, per q head): dq, dk [NV, NB, H, T, d] (partials over Dv tiles);
+    dv [NB, H, T, Dv]; dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (when HAS_INIT).  VARLEN as
+    in the forward (NB = 1, B = N sequences)."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     phase = tl.program_id(2)
-    n_bh = tl.num_programs(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
+    n_rows = NB * H
+    i_b, i_h, bos, T_s = _sequence(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
     i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    do_base = do + i_b * sdb + i_h * sdh
-    row_base = i_bh.to(tl.int64) * T
+    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    row_base = row * T + bos
 
     offs_t = tl.arange(0, BT)
     offs_d = tl.arange(0, DP)
@@ -537,7 +541,7 @@ def _bwd_kernel(
     sq_offT = 1 + D + offs_d[None, :] * D + offs_d[:, None]  # ... of (j, i)
     own_t = (offs_t * 0 + i_v) == 0
     st = i_bh.to(tl.int64) * DK * DV
-    NT = tl.cdiv(T, BT)
+    NT = tl.cdiv(T_s, BT)
 
     Ri, Rj, RiT_f, RjT_f = _selectors(pi, pj, mq, DP)
     Ri = Ri.to(q.dtype.element_ty)
@@ -564,10 +568,10 @@ def _bwd_kernel(
                 zst = z0 + i_bh.to(tl.int64) * DK
                 z1 = tl.load(zst + 1 + offs_d, mask=md, other=0.0)
                 W = tl.load(zst + sq_off, mask=mdd, other=0.0) + tl.load(zst + sq_offT, mask=mdd, other=0.0)
-        dq_base = dq + (i_v.to(tl.int64) * n_bh + i_bh) * T * D
+        dq_base = dq + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * D
         for i in range(0, NT):
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < T
+            mt = (i * BT + offs_t) < T_s
             b_q = tl.load(q_base + (t0 + offs_t)[:, None] * sqt + offs_d[None, :],
                           mask=mt[:, None] & md[None, :], other=0.0)
             b_k = tl.load(k_base + (t0 + offs_t)[:, None] * skt + offs_d[None, :],
@@ -634,12 +638,12 @@ def _bwd_kernel(
                     dz1 = tl.load(zst + 1 + offs_d, mask=md, other=0.0)
                     DZ2 = tl.load(zst + sq_off, mask=mdd, other=0.0)
                     DZ2T = tl.load(zst + sq_offT, mask=mdd, other=0.0)
-        dk_base = dk + (i_v.to(tl.int64) * n_bh + i_bh) * T * D
-        dv_base = dv + i_bh.to(tl.int64) * T * DV
+        dk_base = dk + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * D
+        dv_base = dv + (row * T + bos) * DV
         for j in range(0, NT):
             i = NT - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < T
+            mt = (i * BT + offs_t) < T_s
             b_q = tl.load(q_base + (t0 + offs_t)[:, None] * sqt + offs_d[None, :],
                           mask=mt[:, None] & md[None, :], other=0.0)
             b_k = tl.load(k_base + (t0 + offs_t)[:, None] * skt + offs_d[None, :],
@@ -732,16 +736,18 @@ def _consts(d: int) -> tuple[float, float, float, float]:
     return d ** -0.25, c2, (c2 if _pads(d)[2] else 2.0 * c2), 1.0 / math.sqrt(d)
 
 
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
-    """Launch the forward; ``tuning.override("taylor_fwd", ...)`` fixes its config."""
-    B, H, T, d = q.shape
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
+    """Launch the forward; ``tuning.override("taylor_fwd", ...)`` fixes its config.
+    ``cu_seqlens``: q, k, v hold packed sequences (B = 1); the states are per sequence."""
+    NB, H, T, d = q.shape
+    B = NB if cu_seqlens is None else cu_seqlens.shape[0] - 1
     Hkv, Dv = k.shape[1], v.shape[-1]
     DK = 1 + d + d * d
     DP, Q, FOLD3 = _pads(d)
     dev = q.device
     has_init = kv0 is not None
-    o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
-    den = _alloc((B, H, T), torch.float32, dev) if normalize else o
+    o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
+    den = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, DK, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
     lowp, ieee = _flags(q.dtype)
@@ -758,20 +764,22 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     fn[grid](
         q, k, v, o, den,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT,
+        cu_seqlens if cu_seqlens is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, H, H // Hkv, eps, c1, c2, c2o, inv,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
-        STORE_FINAL=store_final, LOWP=lowp, IEEE=ieee, **meta,
+        STORE_FINAL=store_final, LOWP=lowp, IEEE=ieee, VARLEN=cu_seqlens is not None, **meta,
     )
     return (o, den if normalize else None, kvT if store_final else None,
             zT if (store_final and normalize) else None)
 
 
-def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
+def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=None):
     """Launch the backward; ``tuning.override("taylor_bwd", ...)`` fixes its config (BV alone:
     the Dv tile, the rest still autotuned)."""
-    B, H, T, d = q.shape
+    NB, H, T, d = q.shape
+    B = NB if cu_seqlens is None else cu_seqlens.shape[0] - 1
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     DK = 1 + d + d * d
@@ -794,9 +802,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         delta = den = do  # unused placeholders
     # fp32 where several programs contribute to one element (summed below), else direct.
     reduce_dk = NV > 1 or G > 1
-    dq = _alloc((NV, B, H, T, d), torch.float32 if NV > 1 else q.dtype, dev)
-    dk = _alloc((NV, B, H, T, d), torch.float32 if reduce_dk else k.dtype, dev)
-    dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
+    dq = _alloc((NV, NB, H, T, d), torch.float32 if NV > 1 else q.dtype, dev)
+    dk = _alloc((NV, NB, H, T, d), torch.float32 if reduce_dk else k.dtype, dev)
+    dv = _alloc((NB, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
     dkv0 = _alloc((B, H, DK, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
     lowp, ieee = _flags(q.dtype)
@@ -809,22 +817,22 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         q, k, v, do, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
         dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
-        dq, dk, dv, dkv0, dz0,
+        dq, dk, dv, dkv0, dz0, cu_seqlens if cu_seqlens is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, H, G, c1, c2, c2o, inv,
+        T, NB, H, G, c1, c2, c2o, inv,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, **meta,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, VARLEN=cu_seqlens is not None, **meta,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dk = dk.view(NV, B, Hkv, G, T, d).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
-    dv = dv.view(B, Hkv, G, T, Dv).sum(2).to(v.dtype) if G > 1 else dv
+    dk = dk.view(NV, NB, Hkv, G, T, d).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
+    dv = dv.view(NB, Hkv, G, T, Dv).sum(2).to(v.dtype) if G > 1 else dv
     return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
 
 
 def taylor_attention(q, k, v, *, normalize: bool, eps: float,
                      initial_kv=None, initial_z=None, return_state: bool = False,
-                     form: str = "auto", check: bool = True):
+                     form: str = "auto", check: bool = True, cu_seqlens=None):
     """Causal linear attention with the second-order Taylor feature map fused in.
 
     Equal to ``linear_attention(q, k, v, feature_map="taylor", ...)`` on materialised
@@ -848,19 +856,33 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
             ``FEATATTN_TAYLOR_PARALLEL_MAX_T`` tokens).  featattn.linear_attention passes the
             form featattn.dispatch chose.
         check: validate the inputs (featattn.linear_attention has, and passes False).
+        cu_seqlens: None, or int32/int64 [N + 1]: q, k, v are [1, ., T, .] holding N
+            sequences back to back, each attended alone (the chunked form); the states in and
+            out are [N, H, ...].
 
     Returns:
         (o, kv, z): o [B, H, T, Dv] in the input dtype; with return_state kv fp32
         [B, H, Dk, Dv] and z fp32 [B, H, Dk] (None when normalize=False), else None, None.
         Differentiable in q, k, v, initial_kv, initial_z, also through kv and z.
     """
+    varlen = cu_seqlens is not None
     if check:
-        check_inputs(q, k, v, normalize, initial_kv, initial_z, state_dim=lambda d: 1 + d + d * d,
+        if varlen:
+            from ..functional import _validate_cu_seqlens
+
+            _validate_cu_seqlens(cu_seqlens, q)
+        check_inputs(q, k, v, normalize, None if varlen else initial_kv,
+                     None if varlen else initial_z, state_dim=lambda d: 1 + d + d * d,
                      dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     from . import taylor_parallel as _par  # imports this module's helpers: not at the top
 
     stateful = initial_kv is not None or initial_z is not None or return_state
+    if varlen:
+        if form == "parallel":
+            raise ValueError("the Taylor parallel form takes no packed sequences: use "
+                             "form='chunked' (or 'auto') with cu_seqlens")
+        form = "chunked"
     if form == "auto":
         form = "parallel" if _par.use_parallel(q.shape[2], stateful) else "chunked"
     if form not in ("parallel", "chunked"):
@@ -876,10 +898,12 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
     if initial_z is not None:
         initial_z = initial_z.float().contiguous()
     B, H, _, d = q.shape
+    if varlen:
+        B = cu_seqlens.shape[0] - 1
     initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H,
                                             1 + d + d * d, v.shape[-1], q.device)
     o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
-                             bool(return_state))
+                             bool(return_state), "", 1.0, cu_seqlens)
     if not return_state:
         return o, None, None
     return o, kv, (z if normalize else None)
