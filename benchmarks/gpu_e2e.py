@@ -67,6 +67,27 @@ def _time(fwd, fwdbwd, leaves):
     return bench(fwd), bench(fwdbwd, leaves), peak_mib(fwdbwd)
 
 
+def print_table(rows):
+    """The rows ``(name, fwd ms, fwd+bwd ms, peak MiB)`` as a markdown table."""
+    print("\n| call | fwd ms | fwd+bwd ms | peak MiB |\n|---|---|---|---|")
+    for name, f, fb, mem in rows:
+        print(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
+
+
+def timed_case(rows, name, call, leaves, do):
+    """Append ``(name, fwd ms, fwd+bwd ms, peak MiB)`` of ``call()`` (backpropagating ``do``)
+    to ``rows`` and print it."""
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwdbwd():
+        call().backward(do)
+
+    rows.append((name, *_time(fwd, fwdbwd, leaves)))
+    print(rows[-1], flush=True)
+
+
 def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
     rows = []
     for T in Ts:
@@ -75,15 +96,7 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
         do = torch.randn(B, H, T, D, device="cuda", dtype=DT)
 
         def case(name, call, leaves):
-            def fwd():
-                with torch.no_grad():
-                    call()
-
-            def fwdbwd():
-                call().backward(do)
-
-            rows.append((f"T={T} {name}", *_time(fwd, fwdbwd, leaves)))
-            print(rows[-1], flush=True)
+            timed_case(rows, f"T={T} {name}", call, leaves, do)
 
         fq = (F.elu(q.detach().float()) + 1).to(DT).requires_grad_()
         fk = (F.elu(k.detach().float()) + 1).to(DT).requires_grad_()
@@ -185,9 +198,7 @@ def main():
         rows += op_rows()
     if args.only in (None, "layer"):
         rows += layer_rows()
-    print("\n| call | fwd ms | fwd+bwd ms | peak MiB |\n|---|---|---|---|")
-    for name, f, fb, mem in rows:
-        print(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
+    print_table(rows)
     if not ok:
         sys.exit("a map failed its float64 check (see above)")
 

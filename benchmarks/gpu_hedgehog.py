@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import featattn  # noqa: E402
 from featattn.feature_maps import HedgehogFeatureMap  # noqa: E402
-from gpu_e2e import SoftmaxLayer, _time  # noqa: E402
+from gpu_e2e import SoftmaxLayer, _time, print_table, timed_case  # noqa: E402
 
 DT = torch.bfloat16
 QUICK = False  # --quick: no "before" (map in PyTorch) or fla rows
@@ -84,15 +84,7 @@ def op_rows(B=8, H=16, D=64, Ts=(4096, 16384)):
         do = torch.randn(B, H, T, D, device="cuda", dtype=DT)
 
         def case(name, call, leaves):
-            def fwd():
-                with torch.no_grad():
-                    call()
-
-            def fwdbwd():
-                call().backward(do)
-
-            rows.append((f"T={T} {name}", *_time(fwd, fwdbwd, leaves)))
-            print(rows[-1], flush=True)
+            timed_case(rows, f"T={T} {name}", call, leaves, do)
 
         for mode in ("auto", "kernel", "pass"):
             os.environ["FEATATTN_FUSE_MAPS"] = mode
@@ -229,9 +221,7 @@ def main():
             rows += train_rows()
         except ImportError as e:
             print(f"training rows skipped: {e}")
-    print("\n| call | fwd ms | fwd+bwd ms | peak MiB |\n|---|---|---|---|")
-    for name, f, fb, mem in rows:
-        print(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
+    print_table(rows)
     if not ok:
         sys.exit("the fused map failed its float64 check (see above)")
 

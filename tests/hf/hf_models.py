@@ -65,3 +65,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def padded_batch(seqs, side):
+    """``(ids, mask, places)``: the 1-D token tensors ``seqs`` padded to the longest, on the
+    ``side`` ("left" or "right"), with their attention mask and each row's slice of real tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    places = [slice(T - len(s), T) if side == "left" else slice(0, len(s)) for s in seqs]
+    for b, (s, sl) in enumerate(zip(seqs, places)):
+        ids[b, sl], mask[b, sl] = s, 1
+    return ids, mask, places

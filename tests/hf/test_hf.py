@@ -313,17 +313,10 @@ def test_padded_batch_equals_unpadded_sequences(family, side):
     # checks that positions of a padded row match the unpadded run
     model = make_model(family)
     patch_hf_model(model, "elu")
-    lengths = [9, 5, 7]
-    seqs = [ids_batch(1, n, seed=10 + n)[0] for n in lengths]
-    T = max(lengths)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, sl], mask[b, sl] = s, 1
+    seqs = [ids_batch(1, n, seed=10 + n)[0] for n in (9, 5, 7)]
+    ids, mask, places = hf_models.padded_batch(seqs, side)
     logits = model(ids, attention_mask=mask).logits
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+    for b, (s, sl) in enumerate(zip(seqs, places)):
         alone = model(s[None]).logits[0]
         torch.testing.assert_close(logits[b, sl], alone, rtol=1e-9, atol=1e-10)
 

@@ -128,17 +128,11 @@ def test_padded_batch_equals_each_row_alone(side):
     each row the logits of that row alone; cached greedy generation of a left-padded batch
     whose prompts all reach the window equals each prompt alone."""
     model = _patched(window=4, fm="elu")
-    lengths = [9, 5, 7]
-    seqs = [_ids(1, n, seed=10 + n)[0] for n in lengths]
-    T = max(lengths)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, sl], mask[b, sl] = s, 1
+    seqs = [_ids(1, n, seed=10 + n)[0] for n in (9, 5, 7)]
+    ids, mask, places = hf_models.padded_batch(seqs, side)
+    T = ids.shape[1]
     logits = model(ids, attention_mask=mask).logits
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+    for b, (s, sl) in enumerate(zip(seqs, places)):
         torch.testing.assert_close(logits[b, sl], model(s[None]).logits[0], rtol=1e-9, atol=1e-10)
     if side == "right":
         return
