@@ -421,6 +421,11 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     return window
 
 
+#: Hybrid calls with at most this many queries (decoding, a short chunk) take the direct
+#: O(T N) form: blocks of W tokens would pad them to W x 2W scores.
+_HYBRID_DIRECT_MAX_T = 64
+
+
 def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
             wscale, Dqk, Dk):
     """The hybrid layer (featattn/hybrid.py): the window's earlier keys and values from the
@@ -435,7 +440,12 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
         fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
     else:
         fq, fk = (q * scale if scale != 1.0 else q), k
-    fn = quadratic_hybrid_attention if kernel == "reference" else chunked_hybrid_attention
+    # A window longer than every key sees them all: the same answer as a window of N keys,
+    # without blocks of W x 2W.  A few queries (decoding) take the direct O(T N) form.
+    N, T = k.shape[2], q.shape[2]
+    window = min(window, N)
+    direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
+    fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
     out, kv, z = fn(q, k, v, fq, fk, window=window, weight=0.5 if weight is None else weight,
                     scale=1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps=eps,
                     initial_kv=kv0, initial_z=z0, return_state=return_state)

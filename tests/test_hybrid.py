@@ -243,3 +243,12 @@ def test_packed_sequences_equal_each_sequence_alone(lengths, window):
             torch.cat([v[:, :, a:b], v2[:, :, sl]], 2), feature_map="elu", window=window,
             window_weight=w, backend="reference")
         assert torch.allclose(o2[:, :, sl], whole[:, :, -2:], atol=1e-10)
+
+
+def test_a_window_longer_than_the_call_costs_only_the_call():
+    """window >= every key: the same answer as window = T, computed on T keys (a window of a
+    billion tokens once padded a call to W x 2W blocks and ran out of memory)."""
+    q, k, v = _inputs(1, 2, 2, 70, 8, 8)
+    huge = featattn.linear_attention(q, k, v, feature_map="elu", window=10**9)
+    exact = featattn.linear_attention(q, k, v, feature_map="elu", window=70, backend="reference")
+    assert torch.allclose(huge, exact, atol=1e-12)

@@ -1,5 +1,9 @@
 """Elementwise feature maps as Triton functions, and the table the fused chunked kernels use.
 
+``tl.maximum`` / ``tl.minimum`` drop a NaN operand unless told otherwise: every form here passes
+``propagate_nan=tl.PropagateNan.ALL``, so a NaN input gives a NaN feature as the PyTorch maps
+do (a silent finite answer would hide it).
+
 A map fused into the kernels is named to the torch.library ops by a string (custom ops take
 no Python objects): :func:`fused_key` files the map under its class's qualified name, and
 :func:`lookup` gives the kernels its :class:`~featattn.feature_maps.base.ElementwiseTritonForm`
@@ -34,7 +38,7 @@ __all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "ap
 @triton.jit
 def elu_phi(x):
     # exp of the clamped value: the unused branch must not overflow (see EluFeatureMap)
-    return tl.where(x >= 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    return tl.where(x >= 0, x + 1.0, tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
 
 
 @triton.jit
@@ -44,7 +48,7 @@ def elu_dphi(x, y):
 
 @triton.jit
 def relu_phi(x):
-    return tl.maximum(x, 0.0)
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -65,13 +69,13 @@ def identity_dphi(x, y):
 
 @triton.jit
 def squared_relu_phi(x):
-    r = tl.maximum(x, 0.0)
+    r = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return r * r
 
 
 @triton.jit
 def squared_relu_dphi(x, y):
-    return 2.0 * tl.maximum(x, 0.0)
+    return 2.0 * tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 ELU = ElementwiseTritonForm(elu_phi, elu_dphi)

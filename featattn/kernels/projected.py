@@ -142,7 +142,7 @@ def _act(lg, keep, mf, ACT: tl.constexpr):
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
     else:
-        a = tl.where(keep, tl.maximum(lg, 0.0), 0.0)
+        a = tl.where(keep, tl.maximum(lg, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
         b = a
     return a, b
 

@@ -304,3 +304,19 @@ def test_layer_with_map_in_triton_matches_torch_path(B, H):
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
     for a, p in zip(got, layer.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["pass", "kernel"])
+@pytest.mark.parametrize("fm", BUILTIN)
+def test_a_nan_input_gives_a_nan_output(fm, mode, monkeypatch):
+    """tl.maximum / tl.minimum drop NaN operands by default: the Triton forms must not turn a
+    NaN query or key into a finite feature (the PyTorch maps give NaN)."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEV) for _ in range(3))
+    q[0, 0, 3, 0] = float("nan")
+    o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton")
+    assert o[0, 0, 3].isnan().any() and not o[0, 0, :3].isnan().any()
+    k[0, 0, 2, 1] = float("nan")
+    _, s = featattn.linear_attention(q.nan_to_num(), k, v, feature_map=fm, backend="triton",
+                                     return_state=True)
+    assert s.kv.isnan().any()
