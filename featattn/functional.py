@@ -372,9 +372,17 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
         raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
     window = int(window)
     windowed_state = state is not None and getattr(state, "window_k", None) is not None
+    if state is not None and (getattr(state, "window_v", None) is not None) != windowed_state:
+        raise ValueError("initial_state has only one of window_k / window_v: a windowed state "
+                         "holds both (the window's keys and values), an unwindowed one neither")
     if window == 0:
         if weight is not None or wscale is not None:
             raise ValueError("window_weight and window_scale only apply with window > 0")
+        if windowed_state and in_place:
+            raise ValueError("the state holds a softmax window's keys (it came from a call with "
+                             "window > 0), and decode_step has no window: decode with "
+                             "linear_attention(q, k, v, window=W, initial_state=state, "
+                             "return_state=True), or the layer's update_state=True")
         if windowed_state:
             raise ValueError("initial_state holds a softmax window's keys (it came from a call "
                              "with window > 0); pass the same window to every call sharing it")
@@ -404,6 +412,9 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
         raise ValueError(f"window_scale must be a positive finite float, got {wscale!r}")
     if windowed_state:
         wk, wv = state.window_k, state.window_v
+        if not isinstance(wk, torch.Tensor) or not isinstance(wv, torch.Tensor):
+            raise TypeError(f"initial_state.window_k / window_v must be tensors, got "
+                            f"{type(wk).__name__} / {type(wv).__name__}")
         B, Hkv, _, Dqk = k.shape
         if cu is not None:
             B = len(cu) - 1  # one window per packed sequence
@@ -415,9 +426,10 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
                    for t in (wk, wv)]
             raise ValueError(f"initial_state.window_k / window_v must be [B, Hkv, P, Dqk] / "
                              f"[B, Hkv, P, Dv] with 0 < P <= window = {window}, got {got}")
-        if wk.dtype != q.dtype or wv.dtype != q.dtype or wk.device != q.device:
+        if any(t.dtype != q.dtype or t.device != q.device for t in (wk, wv)):
             raise ValueError(f"initial_state.window_k / window_v must be {q.dtype} on "
-                             f"{q.device} like q, got {wk.dtype} on {wk.device}")
+                             f"{q.device} like q, got {wk.dtype} on {wk.device} / {wv.dtype} on "
+                             f"{wv.device}")
     return window
 
 

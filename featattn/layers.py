@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .feature_maps import FeatureMap, TaylorFeatureMap
-from .feature_maps.registry import build_feature_map
+from .feature_maps.registry import build_feature_map, check_map_fits
 from .dispatch import _check_backend
 from .functional import _validate_cu_seqlens, _validate_eps, decode_step, linear_attention
 from .state import LinearAttentionState
@@ -189,6 +189,10 @@ class FeatureAttention(nn.Module):
         if isinstance(feature_map, str):
             if qk_dim is None:
                 qk_dim = TAYLOR_DEFAULT_QK_DIM if feature_map == "taylor" else head_dim
+            sized = sorted({"head_dim", "heads", "kv_heads"} & set(feature_map_kwargs or {}))
+            if sized:
+                raise ValueError(f"feature_map_kwargs must not set {', '.join(sized)}: the layer "
+                                 f"sizes its map (pass qk_dim=, heads=, kv_heads= to the layer)")
             fm = build_feature_map(feature_map, qk_dim, heads, kv_heads, **(feature_map_kwargs or {}))
         elif isinstance(feature_map, FeatureMap):
             if feature_map_kwargs:
@@ -200,6 +204,7 @@ class FeatureAttention(nn.Module):
             raise TypeError(
                 f"feature_map must be a registered name or a FeatureMap, got {type(feature_map).__name__}"
             )
+        check_map_fits(fm, qk_dim, heads, kv_heads, "FeatureAttention")
         self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.head_dim, self.qk_dim = head_dim, qk_dim
         self.normalize, self.eps, self.backend = normalize, eps, backend
@@ -299,6 +304,11 @@ class FeatureAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"FeatureAttention expects x of shape [B, T, {self.dim}], got {got}")
+        w = self.qkv_proj.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"FeatureAttention holds {w.dtype} weights but x is {x.dtype}: cast "
+                            f"one to the other (x.to({w.dtype}) or layer.to({x.dtype})), or run "
+                            f"under torch.autocast")
         B, T, _ = x.shape
         if positions is not None and not self.rotary:
             raise ValueError("positions= only applies to a layer with rotary=True (the "

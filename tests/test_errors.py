@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import featattn
 from featattn import FeatureAttention, LinearAttentionState, linear_attention, select_kernel
 
 
@@ -113,3 +114,53 @@ def test_layer_errors():
     layer = FeatureAttention(32, 4, "elu")
     with pytest.raises(ValueError, match=r"\[B, T, 32\]"):
         layer(torch.randn(2, 5, 16))
+
+
+# --------------------------------------------------------------------------- found by fuzzing
+def test_hedgehog_constructor_checks_its_arguments():
+    get = featattn.get_feature_map
+    with pytest.raises(TypeError, match="head_dim must be an int"):
+        get("hedgehog", head_dim="8")
+    with pytest.raises(TypeError, match="feature_dim must be an int"):
+        get("hedgehog", head_dim=8, feature_dim=2.5)
+    with pytest.raises(ValueError, match="kv_heads must divide heads"):
+        get("hedgehog", head_dim=8, heads=4, kv_heads=3)
+    with pytest.raises(TypeError, match="tie_qk must be a bool"):
+        get("hedgehog", head_dim=8, tie_qk="yes")
+    with pytest.raises(ValueError, match="degree must be 2 or 4, got 4.0"):
+        get("polysketch", head_dim=8, degree=4.0)
+
+
+def test_windowed_states_are_checked_whole():
+    q, k, v = torch.randn(3, 1, 2, 6, 4)
+    _, s = featattn.linear_attention(q, k, v, feature_map="elu", window=3, return_state=True)
+    LAS = featattn.LinearAttentionState
+    with pytest.raises(ValueError, match="torch.float32 on cpu / torch.float64 on cpu"):
+        featattn.linear_attention(q, k, v, feature_map="elu", window=3,
+                                  initial_state=LAS(s.kv, s.z, s.window_k, s.window_v.double()))
+    with pytest.raises(TypeError, match="must be tensors, got list"):
+        featattn.linear_attention(q, k, v, feature_map="elu", window=3,
+                                  initial_state=LAS(s.kv, s.z, [1], s.window_v))
+    with pytest.raises(ValueError, match="only one of window_k / window_v"):
+        featattn.linear_attention(q, k, v, feature_map="elu", window=3,
+                                  initial_state=LAS(s.kv, s.z, None, s.window_v))
+    with pytest.raises(ValueError, match="decode_step has no window"):
+        featattn.decode_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], s, feature_map="elu")
+
+
+def test_layer_says_which_dtype_it_holds():
+    layer = featattn.FeatureAttention(32, 4, "elu")
+    with pytest.raises(TypeError, match="holds torch.float32 weights but x is torch.float64"):
+        layer(torch.randn(1, 5, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the layer
+        assert layer(torch.randn(1, 5, 32)).dtype == torch.bfloat16
+
+
+def test_a_map_built_for_other_heads_is_refused_when_the_layer_is_built():
+    hh = featattn.get_feature_map("hedgehog", head_dim=8, heads=2)
+    with pytest.raises(ValueError, match="built for heads=2, but the attention has heads=4"):
+        featattn.FeatureAttention(32, 4, hh)
+    with pytest.raises(ValueError, match="built for head_dim=4, but the attention has head_dim=8"):
+        featattn.FeatureAttention(32, 4, featattn.get_feature_map("hedgehog", head_dim=4, heads=4))
+    with pytest.raises(ValueError, match="feature_map_kwargs must not set head_dim"):
+        featattn.FeatureAttention(32, 4, "hedgehog", feature_map_kwargs={"head_dim": 4})

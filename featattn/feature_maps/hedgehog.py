@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._args import head_counts, positive_int
 from .base import FeatureMap, ProjectionTritonForm
 from .registry import register_feature_map
 
@@ -40,13 +41,12 @@ class HedgehogFeatureMap(FeatureMap):
         tie_qk: bool = False,
     ):
         super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        f = head_dim if feature_dim is None else feature_dim
-        if min(head_dim, heads, kv_heads, f) < 1:
-            raise ValueError(
-                f"hedgehog needs positive head_dim/heads/kv_heads/feature_dim, got "
-                f"{head_dim}/{heads}/{kv_heads}/{f}"
-            )
+        head_dim, heads, kv_heads = head_counts("hedgehog", head_dim, heads, kv_heads)
+        f = head_dim if feature_dim is None else positive_int(
+            "hedgehog", "feature_dim", feature_dim, "pass the projection width per head, e.g. "
+            "feature_dim=32 (2 * feature_dim features), or leave it out for feature_dim=head_dim")
+        if not isinstance(tie_qk, bool):
+            raise TypeError(f"hedgehog: tie_qk must be a bool, got {type(tie_qk).__name__}")
         if tie_qk and kv_heads != heads:
             raise ValueError(f"tie_qk=True needs kv_heads == heads, got {kv_heads} and {heads}")
         self.head_dim, self.heads, self.kv_heads, self.feature_dim = head_dim, heads, kv_heads, f

@@ -45,7 +45,7 @@ class PolySketchFeatureMap(FeatureMap):
         r = head_dim if sketch_size is None else positive_int(
             "polysketch", "sketch_size", sketch_size,
             "pass the sketch size r, e.g. sketch_size=16 (degree 4 gives r^2 features)")
-        if isinstance(degree, bool) or degree not in (2, 4):
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree not in (2, 4):
             raise ValueError(f"polysketch: degree must be 2 or 4, got {degree!r}; 4 (the "
                              f"default) gives non-negative features, 2 a signed unbiased sketch")
         self.sketch_size, self.degree = r, degree

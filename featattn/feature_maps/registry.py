@@ -90,6 +90,30 @@ def build_feature_map(
     return get_feature_map(name, **kwargs)
 
 
+def check_map_fits(fm: FeatureMap, head_dim: int, heads: int, kv_heads: int, where: str) -> int:
+    """``fm.output_dim(head_dim)`` after checking the map fits an attention of ``heads`` query
+    and ``kv_heads`` key/value heads of dim ``head_dim`` (a map sized for other heads would
+    only fail at the first forward): a ValueError/TypeError naming ``where``, else the feature
+    dim."""
+    name = f"{type(fm).__name__} ({getattr(fm, 'name', 'custom')!r})"
+    for attr, want in (("head_dim", head_dim), ("heads", heads), ("kv_heads", kv_heads)):
+        got = getattr(fm, attr, None)
+        if isinstance(got, int) and not isinstance(got, bool) and got != want:
+            raise ValueError(
+                f"{where}: the feature map {name} was built for {attr}={got}, but the attention "
+                f"has {attr}={want}; build it with {attr}={want} (or pass its name and let "
+                f"{where} size it)")
+    try:
+        dk = fm.output_dim(head_dim)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: the feature map {name} does not take head_dim={head_dim}: "
+                         f"{e}") from None
+    if isinstance(dk, bool) or not isinstance(dk, int) or dk < 1:
+        raise TypeError(f"{where}: {name}.output_dim({head_dim}) must be an int >= 1, got "
+                        f"{type(dk).__name__} {dk!r}")
+    return dk
+
+
 def resolve_feature_map(feature_map) -> FeatureMap | None:
     """None -> None, a name -> a fresh instance, a FeatureMap -> itself; else TypeError."""
     if feature_map is None or isinstance(feature_map, FeatureMap):

@@ -19,6 +19,7 @@ from torch import nn
 from ..dispatch import BACKENDS
 from ..feature_maps import FeatureMap, get_feature_map, list_feature_maps
 from ..feature_maps import registry as _registry
+from ..feature_maps.registry import check_map_fits
 from ._common import _FAMILIES, CONFIG_KEY, _Family, _require_transformers, _supported_text
 from .attention import HFFeatureAttention
 from .hooks import _install_hook, _remove_hook
@@ -362,7 +363,7 @@ def patch_hf_model(
             raise NotImplementedError(f"decoder layer {i} has no .{fam.attn_attr}")
         heads, kv_heads, head_dim = _attn_sizes(fam, attn, config)
         fm = _build_map(feature_map, head_dim, heads, kv_heads, feature_map_kwargs)
-        fm.output_dim(head_dim)  # a map built for another head dim raises here
+        check_map_fits(fm, head_dim, heads, kv_heads, f"patch_hf_model (layer {i})")
         ref = _first_tensor(attn)
         if ref is not None:
             fm.to(device=ref.device)

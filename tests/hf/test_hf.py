@@ -612,3 +612,15 @@ def test_unregistered_map_class_is_recorded_by_import_path(tmp_path):
     fm = ScaledElu(8)
     patch_hf_model(model2, fm)
     assert attn_of(model2, 0).feature_map is not fm and isinstance(attn_of(model2, 1).feature_map, ScaledElu)
+
+
+def test_a_map_for_other_heads_leaves_the_model_unpatched():
+    """patch_hf_model checks every argument, the map's sizes included, before it replaces a
+    module (a hedgehog built for 2 heads used to patch, then fail at every forward)."""
+    model = make_model("llama")
+    hh = featattn.get_feature_map("hedgehog", head_dim=8, heads=2)
+    with pytest.raises(ValueError, match=r"patch_hf_model \(layer 0\).*built for heads=2"):
+        patch_hf_model(model, hh)
+    with pytest.raises(ValueError, match="built for heads=2"):
+        patch_hf_model(model, "hedgehog", feature_map_kwargs={"heads": 2})
+    assert not hf.is_patched(model)
