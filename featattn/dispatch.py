@@ -398,9 +398,19 @@ def select_kernel(
         backend cannot run here (``.reasons`` lists why).
     """
     _check_backend(backend)
+    # the call's own input checks (functional imports this module: imported here)
+    from .functional import _validate_qkv, _validate_state
+
+    B, H, T, dqk, _, dv = _validate_qkv(q, k, v)
     fm = resolve_feature_map(feature_map)
-    B, H, T, dqk = q.shape
     dk = fm.output_dim(dqk) if fm is not None else dqk
+    if initial_state is not None:
+        _validate_state(initial_state, initial_state.z is not None if hasattr(initial_state, "z")
+                        else True, B, H, dk, dv, q.device)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
                 initial_state is not None or bool(return_state), initial_state is not None,
                 needs_grad(q, k, v, initial_state, fm), int(window), bool(causal), k.shape[1])

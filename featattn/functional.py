@@ -401,6 +401,11 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
                 raise ValueError(f"window_weight as a tensor must be a float [H] = [{H}] on "
                                  f"{q.device}, got {tuple(weight.shape)} {weight.dtype} on "
                                  f"{weight.device}")
+            # checked where it costs no host synchronisation (a GPU tensor would stall the
+            # stream on every call; the layers pass a sigmoid, always in (0, 1))
+            if weight.device.type == "cpu" and not bool(((weight > 0) & (weight < 1)).all()):
+                raise ValueError(f"window_weight must be in (0, 1) for every head, got "
+                                 f"{weight.detach().tolist()}")
         elif isinstance(weight, numbers.Real) and not isinstance(weight, bool):
             if not 0.0 < float(weight) < 1.0:
                 raise ValueError(f"window_weight must be in (0, 1), got {weight!r}")

@@ -74,6 +74,10 @@ def test_unknown_feature_map_and_backend():
 
 
 def test_forced_triton_unavailable_raises_with_reasons(monkeypatch):
+    # Triton reads TRITON_INTERPRET when a kernel is decorated: import the kernels first, or
+    # they would be built for a GPU and fail every later interpreter test of this process
+    import featattn.kernels  # noqa: F401
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' cannot run: .*(CPU|not installed)"):
         select_kernel(*qkv(), backend="triton")
@@ -164,3 +168,24 @@ def test_a_map_built_for_other_heads_is_refused_when_the_layer_is_built():
         featattn.FeatureAttention(32, 4, featattn.get_feature_map("hedgehog", head_dim=4, heads=4))
     with pytest.raises(ValueError, match="feature_map_kwargs must not set head_dim"):
         featattn.FeatureAttention(32, 4, "hedgehog", feature_map_kwargs={"head_dim": 4})
+
+
+def test_select_kernel_checks_the_call_like_linear_attention():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="sequence lengths differ"):
+        select_kernel(q, q[:, :, :3], q)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        select_kernel([1], q, q)
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        select_kernel(q, q, q, window="3")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        select_kernel(q, q, q, causal="no")
+    with pytest.raises(TypeError, match="initial_state must be a featattn.LinearAttentionState"):
+        select_kernel(q, q, q, initial_state=(1, 2))
+
+
+def test_a_tensor_window_weight_is_range_checked_on_cpu():
+    q = torch.randn(1, 2, 5, 4)
+    for bad in (torch.full((2,), 1.5), torch.tensor([0.5, float("nan")])):
+        with pytest.raises(ValueError, match=r"window_weight must be in \(0, 1\) for every head"):
+            linear_attention(q, q, q, feature_map="elu", window=3, window_weight=bad)
