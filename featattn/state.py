@@ -68,6 +68,11 @@ class LinearAttentionState:
         dtype: torch.dtype = torch.float32,
     ) -> "LinearAttentionState":
         """The state of an empty prefix."""
+        for name, val in (("batch", batch), ("heads", heads), ("key_dim", key_dim),
+                          ("value_dim", value_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"LinearAttentionState.zeros: {name} must be an int >= 1, got "
+                                 f"{type(val).__name__} {val!r}")
         kv = torch.zeros(batch, heads, key_dim, value_dim, device=device, dtype=dtype)
         z = torch.zeros(batch, heads, key_dim, device=device, dtype=dtype) if normalize else None
         return cls(kv, z)

@@ -189,3 +189,10 @@ def test_a_tensor_window_weight_is_range_checked_on_cpu():
     for bad in (torch.full((2,), 1.5), torch.tensor([0.5, float("nan")])):
         with pytest.raises(ValueError, match=r"window_weight must be in \(0, 1\) for every head"):
             linear_attention(q, q, q, feature_map="elu", window=3, window_weight=bad)
+
+
+def test_zero_state_sizes_are_checked():
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got int -1"):
+        LinearAttentionState.zeros(-1, 2, 4, 4)
+    with pytest.raises(ValueError, match="key_dim must be an int >= 1, got float 4.0"):
+        LinearAttentionState.zeros(1, 2, 4.0, 4)

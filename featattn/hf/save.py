@@ -125,7 +125,16 @@ def repatch_hf_model(
             "use featattn.hf.patch_hf_model(model, ...) instead"
         )
     record = dict(record)
-    spec = feature_map if feature_map is not None else _resolve_map_spec(record["feature_map"])
+    if feature_map is None and not isinstance(record.get("feature_map"), str):
+        raise ValueError(f"model.config.{CONFIG_KEY} names no feature map (got "
+                         f"{record.get('feature_map')!r}): the record is damaged; pass "
+                         f"feature_map= (the map the model was patched with)")
+    try:
+        spec = feature_map if feature_map is not None else _resolve_map_spec(record["feature_map"])
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"the recorded feature map {record['feature_map']!r} cannot be imported "
+                         f"({type(e).__name__}: {e}); install the package that defines it, or "
+                         f"pass feature_map= (an instance or class)") from None
     kwargs = record.get("feature_map_kwargs") if not isinstance(spec, FeatureMap) else None
     patch_hf_model(
         model, spec, layers=record["layers"], normalize=record.get("normalize", True),

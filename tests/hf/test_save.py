@@ -165,3 +165,17 @@ def test_bad_input_and_incomplete_checkpoints(tmp_path):
     save_file(sd, weights, metadata={"format": "pt"})
     with pytest.raises(KeyError, match="layers.1.self_attn.feature_map.q_weight"):
         featattn.load_patched_hf_model(tmp_path / "patched", dtype=torch.float64)
+
+
+def test_a_damaged_record_is_explained():
+    """repatch_hf_model on a config whose featattn record lost its map, or names one that
+    cannot be imported: a ValueError saying to pass feature_map=, the model left unpatched."""
+    from featattn.hf import CONFIG_KEY, repatch_hf_model
+
+    for bad in ({"layers": [0, 1]}, {"layers": [0, 1], "feature_map": "no_such_pkg:Map"},
+                {"layers": [0, 1], "feature_map": "featattn:NoSuchMap"}):
+        model = hf_models.make_model("llama")
+        setattr(model.config, CONFIG_KEY, bad)
+        with pytest.raises(ValueError, match="feature_map="):
+            repatch_hf_model(model)
+        assert not is_patched(model)

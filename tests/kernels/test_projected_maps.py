@@ -260,3 +260,21 @@ def test_projected_attention_checks_its_inputs():
                             cu_seqlens=torch.tensor([0, 5, 40], device=DEV))
     with pytest.raises(TypeError):
         projected_attention(q, q, q.half(), form, normalize=True, eps=1e-6)
+
+
+def test_pass_covers_several_row_blocks(monkeypatch):
+    """FEATATTN_FUSE_MAPS=pass with T over the pass's 1024-token blocks (a tail block of 6
+    tokens): output, state and every gradient (weights included) against float64."""
+    fm = _map("hedgehog", 8, 1, 1, 8, False).to(DEV)
+    g = torch.Generator().manual_seed(4)
+    x = [torch.randn(1, 1, 1030, 8, generator=g).to(DEV) for _ in range(3)]
+    cot = [torch.randn(*shape, generator=g, dtype=torch.float64).to(DEV)
+           for shape in ((1, 1, 1030, 8), (1, 1, 16, 8), (1, 1, 16))]
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+    choice = featattn.select_kernel(*x, fm, backend="triton")
+    assert choice.map_path == "triton_pass", choice
+    got = _run(fm, *x, None, *cot, "triton", torch.float32, True, 0.5)
+    want = _run(copy.deepcopy(fm).double(), *(t.double() for t in x), None, *cot, "reference",
+                torch.float64, True, 0.5)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-4
