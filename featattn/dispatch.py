@@ -33,7 +33,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _switches
-from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
+from .feature_maps import (ElementwiseTritonForm, FeatureMap, ProjectionTritonForm,
+                           TaylorFeatureMap, resolve_feature_map)
 
 __all__ = ["KernelChoice", "KernelUnavailable", "select_kernel", "BACKENDS", "KERNELS",
            "ALIASES", "Call", "Impl", "IMPLS", "needs_grad"]
@@ -147,6 +148,9 @@ def _triton_reasons(call: Call, auto: bool) -> list:
         return [f"tensors are on {kind}: Triton kernels need CUDA"]
     if call.dtype not in _TRITON_DTYPES:
         return [f"dtype {call.dtype} is not supported by the Triton kernels (fp32, fp16, bf16)"]
+    if kind == "cpu" and call.dtype == torch.bfloat16:
+        return ["the Triton interpreter (TRITON_INTERPRET=1) computes bf16 tl.dot wrong (a Triton "
+                "bug): interpret in fp32 or fp16, or run bf16 on CUDA"]
     return []
 
 
@@ -244,7 +248,12 @@ class Chunked(Impl):
     def choice(self, call, reasons):
         if call.fm is None:
             return KernelChoice(self.name, reasons)
-        if call.fm.triton_projection() is not None:
+        proj = call.fm.triton_projection()
+        if proj is not None and not isinstance(proj, ProjectionTritonForm):
+            return KernelChoice(self.name, reasons + (
+                f"map {call.fm.name!r} runs in PyTorch before the kernel: its triton_projection() "
+                f"returned a {type(proj).__name__}, not a featattn.ProjectionTritonForm",), "torch")
+        if proj is not None:
             why = _projection_reason(call)
             if why is None:
                 return KernelChoice(self.name, reasons, _triton_map_path(call, projection=True))
@@ -347,8 +356,12 @@ def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:
     """None when the chunked kernels can fuse ``fm`` (an elementwise map that declares a
     Triton form), else why not."""
     what = f"map {fm.name!r} runs in PyTorch before the kernel"
-    if fm.triton_elementwise() is None:
+    form = fm.triton_elementwise()
+    if form is None:
         return f"{what}: it declares no elementwise Triton form (FeatureMap.triton_elementwise)"
+    if not isinstance(form, ElementwiseTritonForm):
+        return (f"{what}: its triton_elementwise() returned a {type(form).__name__}, not a "
+                f"featattn.ElementwiseTritonForm(phi, dphi)")
     if fm.output_dim(dqk) != dqk:
         return f"{what}: output_dim({dqk}) = {fm.output_dim(dqk)} is not elementwise"
     cls = type(fm)

@@ -603,6 +603,10 @@ def _validate_out(out, q, want):
             if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"out must be shaped like the result, [B, H, T, Dv] = {list(want)} "
                          f"in the call's layout, {q.dtype} on {q.device}; got {got}")
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+        raise ValueError(f"out has a zero stride (strides {tuple(out.stride())}: an expanded "
+                         f"view, where several results would share one element); pass a tensor "
+                         f"of its own, e.g. torch.empty({list(want)})")
 
 
 def _fp32_dense(t) -> bool:

@@ -196,3 +196,34 @@ def test_zero_state_sizes_are_checked():
         LinearAttentionState.zeros(-1, 2, 4, 4)
     with pytest.raises(ValueError, match="key_dim must be an int >= 1, got float 4.0"):
         LinearAttentionState.zeros(1, 2, 4.0, 4)
+
+
+def test_calls_the_kernels_would_get_wrong_are_refused():
+    """bf16 under the Triton interpreter (its tl.dot is wrong there), an expanded out buffer,
+    and a map whose triton_elementwise() returns something else than a form."""
+    import os
+
+    q = torch.randn(1, 2, 5, 4)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(ValueError, match="interpreter .* computes bf16 tl.dot wrong"):
+            select_kernel(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend="triton")
+    state = LinearAttentionState.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="out has a zero stride"):
+        featattn.decode_step(q[:, :, :1], q[:, :, :1], q[:, :, :1], state, feature_map="elu",
+                             out=torch.zeros(1, 1, 1, 4).expand(1, 2, 1, 4))
+
+    class Odd(featattn.FeatureMap):
+        def output_dim(self, d):
+            return d
+
+        def forward(self, x):
+            return x.relu()
+
+        def triton_elementwise(self):
+            return "relu"
+
+    c = select_kernel(q, q, q, Odd(), backend="triton") if os.environ.get("TRITON_INTERPRET") \
+        == "1" else None
+    if c is not None:
+        assert c.map_path == "torch" and any("not a featattn.ElementwiseTritonForm" in r
+                                             for r in c.reasons), c
