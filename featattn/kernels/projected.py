@@ -39,9 +39,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .. import _switches
 from . import _common
 from ._common import alloc as _alloc
-from ._common import cdiv, next_pow2, row_dot
+from ._common import cdiv, check_inputs, fill_state_half, next_pow2, row_dot
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
@@ -93,8 +94,6 @@ def projection_unsupported_reason(form, d: int, H: int, Hkv: Optional[int] = Non
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BT": 16}, num_warps=4, num_stages=1)]
-    from .. import _switches
-
     if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
         return [triton.Config({"BT": 64}, num_warps=4, num_stages=2)]
     space = [(64, 4, 2), (64, 8, 2), (32, 4, 2), (64, 4, 3), (32, 8, 2)]
@@ -654,8 +653,6 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
         initial state (also through the returned state).
     """
     if check:
-        from ._common import check_inputs
-
         if cu_seqlens is not None:
             from ..functional import _validate_cu_seqlens
 
@@ -682,8 +679,6 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
     F = form.q_weight.shape[-1]
     DK = F * ACTIVATIONS[form.activation][1]
     if normalize and (initial_kv is None) != (initial_z is None):
-        from ._common import fill_state_half
-
         initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, DK,
                                                 v.shape[-1], q.device)
     o, kv, z = _Projected.apply(q, k, v, form.q_weight, form.q_bias, form.k_weight, form.k_bias,
