@@ -28,6 +28,7 @@ names of ``chunked``, one kernel body) and ``"taylor_fused"`` (either Taylor for
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -388,6 +389,7 @@ def select_kernel(
     return_state: bool = False,
     window: int = 0,
     causal: bool = True,
+    cu_seqlens=None,
 ) -> KernelChoice:
     """The kernel ``linear_attention(q, k, v, feature_map=..., backend=..., initial_state=...,
     return_state=...)`` runs, and why.
@@ -402,6 +404,7 @@ def select_kernel(
             require a gradient matters too (the step kernel is inference only).
         window: as for linear_attention (the hybrid softmax window; > 0 runs in PyTorch).
         causal: as for linear_attention (False: every query reads every key, in PyTorch).
+        cu_seqlens: as for linear_attention (packed sequences: the state is then [N, ...]).
 
     Returns:
         :class:`KernelChoice` ``(name, reasons, map_path)``.
@@ -418,9 +421,11 @@ def select_kernel(
     fm = resolve_feature_map(feature_map)
     dk = fm.output_dim(dqk) if fm is not None else dqk
     if initial_state is not None:
+        if cu_seqlens is not None:  # the states are per packed sequence
+            B = len(cu_seqlens) - 1
         _validate_state(initial_state, initial_state.z is not None if hasattr(initial_state, "z")
                         else True, B, H, dk, dv, q.device)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")

@@ -187,7 +187,7 @@ def test_select_kernel_checks_the_call_like_linear_attention():
 def test_a_tensor_window_weight_is_range_checked_on_cpu():
     q = torch.randn(1, 2, 5, 4)
     for bad in (torch.full((2,), 1.5), torch.tensor([0.5, float("nan")])):
-        with pytest.raises(ValueError, match=r"window_weight must be in \(0, 1\) for every head"):
+        with pytest.raises(ValueError, match=r"window_weight must be in \[0, 1\] for every head"):
             linear_attention(q, q, q, feature_map="elu", window=3, window_weight=bad)
 
 
@@ -227,3 +227,53 @@ def test_calls_the_kernels_would_get_wrong_are_refused():
     if c is not None:
         assert c.map_path == "torch" and any("not a featattn.ElementwiseTritonForm" in r
                                              for r in c.reasons), c
+
+
+def test_review_fixes_accept_what_is_valid():
+    """A saturated sigmoid weight (exactly 1.0 in fp32), numpy ints for window, a packed
+    call's per-sequence state in select_kernel, and a user map whose attributes named `heads`
+    / `head_dim` mean something else (its constructor does not take them)."""
+    import numpy as np
+
+    layer = featattn.FeatureAttention(32, 4, "elu", window=4)
+    with torch.no_grad():
+        layer.window_logit.fill_(17.0)  # sigmoid(17) == 1.0 in fp32
+    layer(torch.randn(1, 6, 32))
+    q = torch.randn(1, 2, 6, 4)
+    select_kernel(q, q, q, window=np.int64(3))
+    cu = torch.tensor([0, 2, 6])
+    packed = LinearAttentionState.zeros(2, 2, 4, 4)
+    select_kernel(q, q, q, initial_state=packed, cu_seqlens=cu)
+
+    class Scales(featattn.FeatureMap):
+        def __init__(self):
+            super().__init__()
+            self.heads, self.head_dim = 3, 16  # not attention sizes
+
+        def output_dim(self, d):
+            return 2 * d
+
+        def forward(self, x):
+            return torch.cat([x.relu(), (-x).relu()], -1)
+
+    featattn.FeatureAttention(32, 4, Scales())
+
+
+def test_kernels_check_packed_states():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the direct kernel calls need the interpreter on CPU")
+    from featattn.kernels import chunked_attention, taylor_attention
+
+    q = torch.randn(1, 2, 6, 4)
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match=r"initial_kv must be \[N, H, Dk, Dv\] = \(2, 2, 4, 4\)"):
+        chunked_attention(q, q, q, normalize=True, eps=1e-6, cu_seqlens=cu,
+                          initial_kv=torch.zeros(1, 2, 4, 4), initial_z=torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match=r"initial_kv must be \[N, H, Dk, Dv\] = \(2, 2, 21, 4\)"):
+        taylor_attention(q, q, q, normalize=True, eps=1e-6, cu_seqlens=cu,
+                         initial_kv=torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="initial_z is only meaningful with normalize=True"):
+        taylor_attention(q, q, q, normalize=False, eps=1e-6, cu_seqlens=cu,
+                         initial_z=torch.zeros(2, 2, 21))

@@ -164,3 +164,26 @@ def test_bad_cu_seqlens_are_explained():
 def test_gpu_packed_bf16(fm, varlen, monkeypatch):
     monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", varlen)
     _check([1, 500, 1000, 37], fm, "auto", torch.bfloat16, H=4, Hkv=2, d=16, Dv=64, tol=2e-2)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_native_taylor_packed_without_states_several_value_tiles(normalize, monkeypatch):
+    """The packed Taylor kernel with no state in, an odd head dim, Dv over one tile and
+    normalize on/off: output and gradients equal each sequence alone in float64."""
+    monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", "native")
+    lens = [5, 1, 26]
+    q, k, v = rand_qkv(1, 2, 1, sum(lens), 5, 70, torch.float32, DEV, generator=7)
+    cu = _cu(lens)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = linear_attention(*leaves, feature_map="taylor", backend="triton", cu_seqlens=cu,
+                         normalize=normalize)
+    g = torch.autograd.grad(o.square().sum(), leaves)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    b = cu.tolist()
+    o_ref = torch.cat([linear_attention(*(t[:, :, b[n]:b[n + 1]] for t in ref),
+                                        feature_map="taylor", backend="reference",
+                                        normalize=normalize) for n in range(len(lens))], 2)
+    g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
+    check_close("o", o, o_ref, 2e-5)
+    for name, a, b_ in zip(("dq", "dk", "dv"), g, g_ref):
+        check_close(name, a, b_, 2e-5)

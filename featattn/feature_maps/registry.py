@@ -96,7 +96,13 @@ def check_map_fits(fm: FeatureMap, head_dim: int, heads: int, kv_heads: int, whe
     only fail at the first forward): a ValueError/TypeError naming ``where``, else the feature
     dim."""
     name = f"{type(fm).__name__} ({getattr(fm, 'name', 'custom')!r})"
+    # an attribute is read as the map's size only when its constructor takes that argument
+    # (the layers fill head_dim / heads / kv_heads in by name); other maps may use the names
+    # for something else
+    params = inspect.signature(type(fm).__init__).parameters
     for attr, want in (("head_dim", head_dim), ("heads", heads), ("kv_heads", kv_heads)):
+        if attr not in params:
+            continue
         got = getattr(fm, attr, None)
         if isinstance(got, int) and not isinstance(got, bool) and got != want:
             raise ValueError(

@@ -247,8 +247,9 @@ class HFFeatureAttention(nn.Module):
                     f"layer {self.layer_idx} has a softmax window (window={self.window}) and a "
                     f"cache: each row keeps its last {self.window} keys, so every row of a padded "
                     f"batch needs at least {self.window} real tokens (rows {short[:8]} have "
-                    f"fewer). Generate those rows separately, or run without a cache "
-                    f"(use_cache=False)")
+                    f"fewer). transformers makes a cache unless use_cache=False, in training "
+                    f"too: pass use_cache=False (training, scoring), or generate those rows "
+                    f"separately")
         if bool((lengths > 0).all()):
             return self._attend_packed(q, k, v, keep, lengths, state, return_state)
         if self.window:

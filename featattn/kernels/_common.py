@@ -209,6 +209,21 @@ def check_inputs(q, k, v, normalize, initial_kv, initial_z, *, state_dim, dtypes
             raise ValueError(f"initial_z must be [B,H,Dk]={(B, H, Dk)}, got {tuple(initial_z.shape)}")
 
 
+def check_packed_states(cu_seqlens, H, Dk, Dv, normalize, initial_kv, initial_z):
+    """With ``cu_seqlens`` (N sequences) the states are per sequence: ``initial_kv [N, H, Dk,
+    Dv]``, ``initial_z [N, H, Dk]`` (normalize only); else a ValueError naming the shapes."""
+    N = cu_seqlens.shape[0] - 1
+    if initial_kv is not None and tuple(initial_kv.shape) != (N, H, Dk, Dv):
+        raise ValueError(f"with cu_seqlens ({N} sequences) initial_kv must be [N, H, Dk, Dv] = "
+                         f"{(N, H, Dk, Dv)}, got {tuple(initial_kv.shape)}")
+    if initial_z is not None:
+        if not normalize:
+            raise ValueError("initial_z is only meaningful with normalize=True; pass None")
+        if tuple(initial_z.shape) != (N, H, Dk):
+            raise ValueError(f"with cu_seqlens ({N} sequences) initial_z must be [N, H, Dk] = "
+                             f"{(N, H, Dk)}, got {tuple(initial_z.shape)}")
+
+
 # --------------------------------------------------------------------------- torch.library
 # A kernel pair becomes two custom ops with fake (meta) implementations plus an autograd
 # formula, so torch.compile(fullgraph=True) traces through them without a graph break and

@@ -102,7 +102,8 @@ from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_half
+from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import sequence_rows as _sequence
@@ -780,6 +781,9 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         check_inputs(q, k, v, normalize, None if cu_seqlens is not None else initial_kv,
                      None if cu_seqlens is not None else initial_z, state_dim=lambda d: d,
                      dtypes=KERNEL_LIMITS["dtypes"], shape_reason=_shape_reason)
+        if cu_seqlens is not None:
+            check_packed_states(cu_seqlens, q.shape[1], q.shape[-1], v.shape[-1], normalize,
+                                initial_kv, initial_z)
     fmap = ""
     if feature_map is not None:
         fmap = _maps.fused_key(feature_map)

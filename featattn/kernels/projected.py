@@ -42,7 +42,8 @@ from torch.autograd.function import once_differentiable
 from .. import _switches
 from . import _common
 from ._common import alloc as _alloc
-from ._common import cdiv, check_inputs, fill_state_half, next_pow2, row_dot
+from ._common import cdiv, check_inputs, check_packed_states, fill_state_half, next_pow2
+from ._common import row_dot
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
@@ -662,6 +663,9 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
                      None if cu_seqlens is not None else initial_z,
                      state_dim=lambda d: dk, dtypes=(torch.float32, torch.float16, torch.bfloat16),
                      shape_reason=lambda d, dv: None)
+        if cu_seqlens is not None:
+            check_packed_states(cu_seqlens, q.shape[1], dk, v.shape[-1], normalize, initial_kv,
+                                initial_z)
     why = projection_unsupported_reason(form, q.shape[-1], q.shape[1], k.shape[1])
     if why is None and form.q_weight.device != q.device:
         why = f"its weights are on {form.q_weight.device}, q on {q.device}"

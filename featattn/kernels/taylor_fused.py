@@ -112,7 +112,8 @@ from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import TunedLaunch, check_inputs, fill_state_half, register_attention_ops, row_dot
+from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_half
+from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import sequence_rows as _sequence
@@ -874,6 +875,10 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
         check_inputs(q, k, v, normalize, None if varlen else initial_kv,
                      None if varlen else initial_z, state_dim=lambda d: 1 + d + d * d,
                      dtypes=TAYLOR_LIMITS["dtypes"], shape_reason=taylor_unsupported_reason)
+        if varlen:
+            d = q.shape[-1]
+            check_packed_states(cu_seqlens, q.shape[1], 1 + d + d * d, v.shape[-1], normalize,
+                                initial_kv, initial_z)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     from . import taylor_parallel as _par  # imports this module's helpers: not at the top
 
