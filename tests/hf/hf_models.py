@@ -77,3 +77,21 @@ def padded_batch(seqs, side):
     for b, (s, sl) in enumerate(zip(seqs, places)):
         ids[b, sl], mask[b, sl] = s, 1
     return ids, mask, places
+
+
+def attention_io(model, attn, ids):
+    """``(hidden_states, position_embeddings, output)`` the attention module ``attn`` of
+    ``model`` sees and returns when the model runs on ``ids``."""
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["pe"] = kwargs.get("position_embeddings")
+        seen["out"] = out[0]
+
+    h = attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        model(ids)
+    finally:
+        h.remove()
+    return seen["x"], seen["pe"], seen["out"]

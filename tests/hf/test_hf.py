@@ -248,17 +248,8 @@ def test_patched_attention_equals_linear_attention(family):
     model = make_model(family)
     patch_hf_model(model)
     attn = attn_of(model, 1)
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["pe"] = kwargs.get("position_embeddings")
-        seen["out"] = out[0]
-
-    h = attn.register_forward_hook(hook, with_kwargs=True)
-    model(ids_batch(2, 13))
-    h.remove()
-    x, B, T = seen["x"], 2, 13
+    x, pe, out = hf_models.attention_io(model, attn, ids_batch(2, 13))
+    B, T = 2, 13
     if family == "gpt2":
         q, k, v = attn.c_attn(x).split(32, dim=2)
     else:
@@ -269,12 +260,12 @@ def test_patched_attention_equals_linear_attention(family):
     assert q.shape[1] == 4 and k.shape[1] == (4 if family == "gpt2" else 2)  # grouped heads kept
     if family != "gpt2":
         mod = sys.modules[type(attn.original).__module__]
-        cos, sin = seen["pe"]
+        cos, sin = pe
         q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
     o = featattn.linear_attention(q, k, v, feature_map="taylor", backend="reference")
     o = o.transpose(1, 2).reshape(B, T, 32)
     expected = attn.c_proj(o) if family == "gpt2" else attn.o_proj(o)
-    torch.testing.assert_close(seen["out"], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -45,27 +45,18 @@ def test_patched_layer_equals_the_hybrid_call():
     model = _patched()
     attn = _attn(model, 1)
     assert "window=4" in repr(attn)
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["pe"] = kwargs.get("position_embeddings")
-        seen["out"] = out[0]
-
-    h = attn.register_forward_hook(hook, with_kwargs=True)
-    model(_ids(2, 13))
-    h.remove()
-    x, B, T = seen["x"], 2, 13
+    x, pe, out = hf_models.attention_io(model, attn, _ids(2, 13))
+    B, T = 2, 13
     q = attn.q_proj(x).view(B, T, -1, 8).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, -1, 8).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, 8).transpose(1, 2)
     mod = sys.modules[type(attn.original).__module__]
-    q, k = mod.apply_rotary_pos_emb(q, k, *seen["pe"])
+    q, k = mod.apply_rotary_pos_emb(q, k, *pe)
     o = featattn.linear_attention(q, k, v, feature_map=attn.feature_map, scale=attn.q_scale,
                                   window=4, window_weight=torch.sigmoid(attn.window_logit),
                                   window_scale=attn.scaling, backend="reference")
     want = attn.o_proj(o.transpose(1, 2).reshape(B, T, 32))
-    torch.testing.assert_close(seen["out"], want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
 
 
 def test_cached_generate_equals_recompute():
