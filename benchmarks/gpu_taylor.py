@@ -163,7 +163,7 @@ def par_sweep(B=8, H=16, d=16, Dv=64, T=2048):
     o, den, _, _ = TP._forward(q, k, v, True, 1e-6, None, None, False)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     inv = 1.0 / math.sqrt(d)
-    common = dict(D=d, DP=16, DV=Dv, BV=64, NORMALIZE=True, LOWP=True, IEEE=False)
+    common = dict(D=d, DP=16, DV=Dv, BV=64, NORMALIZE=True, LOWP=True, FP32_IEEE=False)
     for bm, bn, nw, ns in [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4)]:
         cfg = dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns)
         t = bench(lambda: TP._fwd_kernel[(B * H, triton.cdiv(T, bm), 1)](

@@ -150,11 +150,11 @@ def _configs():
 
 # --------------------------------------------------------------------------- helpers
 @triton.jit
-def _mm(a, b, LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _mm(a, b, LOWP: tl.constexpr, TF32X3: tl.constexpr):
     """a @ b where an operand is an fp32 intermediate (see module docstring)."""
     if LOWP:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif IEEE:
+    elif TF32X3:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
@@ -162,9 +162,9 @@ def _mm(a, b, LOWP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot_in(a, b, IEEE: tl.constexpr):
+def _dot_in(a, b, TF32X3: tl.constexpr):
     """a @ b for two tiles in the input dtype, fp32 accumulation."""
-    if IEEE:
+    if TF32X3:
         r = tl.dot(a, b, input_precision="tf32x3")
     else:
         r = tl.dot(a, b)
@@ -186,7 +186,7 @@ def _seg_kernel(
     T, H, DK, DV, SEG, NS, J0, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, n).  Program (bh, tile, p) sums segment j = J0 + p (tokens
@@ -233,13 +233,13 @@ def _seg_kernel(
                 b_dn = b_b.to(tl.float32) * b_r[:, None]
                 b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt, other=0.0) * b_r
                 z += tl.sum(b_a.to(tl.float32) * b_dd[:, None], axis=0)
-                S += _mm(tl.trans(b_a), b_dn, LOWP, IEEE)
+                S += _mm(tl.trans(b_a), b_dn, LOWP, TF32X3)
             else:
-                S += _mm(tl.trans(b_a), b_b, LOWP, IEEE)
+                S += _mm(tl.trans(b_a), b_b, LOWP, TF32X3)
         else:
             if HAS_Z:
                 z += tl.sum(b_a.to(tl.float32), axis=0)
-            S += _dot_in(tl.trans(b_a), b_b, IEEE)
+            S += _dot_in(tl.trans(b_a), b_b, TF32X3)
     st = (i_bh.to(tl.int64) * NS + j) * DK
     tl.store(outS + st * DV + offs_k[:, None] * DV + offs_v[None, :], S,
              mask=mk[:, None] & mv[None, :])
@@ -256,7 +256,7 @@ def _fwd_kernel(
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    SPLIT_K: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
@@ -329,13 +329,13 @@ def _fwd_kernel(
         if FUSED:
             b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
             b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
-        A = _dot_in(b_q, tl.trans(b_k), IEEE)  # [BT, BT] fp32
+        A = _dot_in(b_q, tl.trans(b_k), TF32X3)  # [BT, BT] fp32
         A = tl.where(causal, A, 0.0)
-        num = _mm(A, b_v, LOWP, IEEE) + _mm(b_q, S, LOWP, IEEE)  # [BT, BV]
+        num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if NORMALIZE:
             d = tl.sum(A, axis=1) + tl.sum(b_q.to(tl.float32) * z[None, :], axis=1)
             z += tl.sum(b_k.to(tl.float32), axis=0)
-        S += _dot_in(tl.trans(b_k), b_v, IEEE)
+        S += _dot_in(tl.trans(b_k), b_v, TF32X3)
 
         o_ptr = o_base + t0 * sot_ + offs_t[:, None] * sot_ + offs_v[None, :]
         if SPLIT_K:
@@ -367,7 +367,7 @@ def _bwd_kernel(
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr,
+    LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
@@ -442,18 +442,18 @@ def _bwd_kernel(
                           mask=mt[:, None] & mk[None, :], other=0.0)
             if FUSED:
                 b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
-            dA = _dot_in(b_do, tl.trans(b_v), IEEE)  # [BT, BT]
+            dA = _dot_in(b_do, tl.trans(b_v), TF32X3)  # [BT, BT]
             if NORMALIZE:
                 b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
                 dA = dA - b_dl[:, None]
             dA = tl.where(causal, dA, 0.0)
-            b_dq = _mm(dA, b_k, LOWP, IEEE) + _mm(b_do, ST, LOWP, IEEE)  # [BT, BK]
+            b_dq = _mm(dA, b_k, LOWP, TF32X3) + _mm(b_do, ST, LOWP, TF32X3)  # [BT, BK]
             if NORMALIZE:
                 b_dq -= b_dl[:, None] * z[None, :]
                 b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dq = b_dq / b_den[:, None]
                 z += tl.sum(b_k.to(tl.float32), axis=0)
-            ST += _dot_in(tl.trans(b_v), b_k, IEEE)
+            ST += _dot_in(tl.trans(b_v), b_k, TF32X3)
             if FUSED:
                 b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32) * scale
@@ -497,8 +497,8 @@ def _bwd_kernel(
                 b_xk = b_k.to(tl.float32)
                 b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
                 b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
-            AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), IEEE), 0.0)  # [s, t]
-            dAT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [s, t]
+            AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), TF32X3), 0.0)  # [s, t]
+            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dn = b_do.to(tl.float32) * b_r[:, None]
@@ -507,12 +507,12 @@ def _bwd_kernel(
             else:
                 b_dn = b_do
             dAT = tl.where(anti, dAT, 0.0)
-            b_dv = _mm(AT, b_dn, LOWP, IEEE) + _mm(b_k, dS, LOWP, IEEE)
-            b_dk = _mm(dAT, b_q, LOWP, IEEE) + _mm(b_v, tl.trans(dS), LOWP, IEEE)
+            b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(b_k, dS, LOWP, TF32X3)
+            b_dk = _mm(dAT, b_q, LOWP, TF32X3) + _mm(b_v, tl.trans(dS), LOWP, TF32X3)
             if NORMALIZE:
                 b_dk += dz[None, :]
                 dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], axis=0)
-            dS += _mm(tl.trans(b_q), b_dn, LOWP, IEEE)
+            dS += _mm(tl.trans(b_q), b_dn, LOWP, TF32X3)
             if FUSED:
                 b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
             tl.store(dk_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
@@ -600,12 +600,12 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     S = _alloc((B * Ha, ns, Dk, Dv), torch.float32, dev)
     z = _alloc((B * Ha, ns, Dk), torch.float32, dev) if has_z else S
     bwd = den is not None or delta is not None
-    lowp, ieee = _flags(a.dtype)
+    lowp, tf32x3 = _flags(a.dtype)
     _SEG[(B * Ha, NK * NV, ns - 1)](
         a, b, den if den is not None else S, delta if delta is not None else S, S, z,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         T, Ha, Dk, Dv, seg, ns, j0, scale,
-        NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, IEEE=ieee,
+        NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
     )
     return S, z
@@ -640,7 +640,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         den_buf = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, Dk, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
-    lowp, ieee = _flags(q.dtype)
+    lowp, tf32x3 = _flags(q.dtype)
     fused, phi, _ = _map_form(fmap)
     ns, seg = segments(B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = o
@@ -657,7 +657,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
         T, NB, H, G, Dk, Dv, seg, ns, eps, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, IEEE=ieee,
+        STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
     )
     den = den_buf if normalize else None
@@ -709,7 +709,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     dv = _alloc((NK, NB, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
-    lowp, ieee = _flags(q.dtype)
+    lowp, tf32x3 = _flags(q.dtype)
     fused, phi, dphi = _map_form(fmap)
     ns, seg = segments(2 * B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = segdS = segdz = dq
@@ -727,7 +727,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         T, NB, H, G, Dk, Dv, seg, ns, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, FUSED=fused, PHI=phi, DPHI=dphi,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)

@@ -103,9 +103,9 @@ def _configs():
 
 # --------------------------------------------------------------------------- the map
 @triton.jit
-def _dot32(a, b, IEEE: tl.constexpr):
+def _dot32(a, b, TF32X3: tl.constexpr):
     """a @ b on fp32 operands: tf32 tensor cores (tf32x3 for fp32 inputs)."""
-    if IEEE:
+    if TF32X3:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
@@ -120,9 +120,9 @@ def _load_w(w, offs_d, offs_f, md, mf, F):
 
 
 @triton.jit
-def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, TF32X3: tl.constexpr):
     """(scale * x) w + bias in fp32 [BT, BF]."""
-    lg = _dot32(x, w, IEEE) * scale
+    lg = _dot32(x, w, TF32X3) * scale
     if HAS_BIAS:
         lg += tl.load(bias + offs_f, mask=mf, other=0.0).to(tl.float32)[None, :]
     return lg
@@ -165,7 +165,7 @@ def _fwd_kernel(
     T, H, G, D, F, DV, eps, scale,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
+    LOWP: tl.constexpr, TF32X3: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
     QW_KV: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NV).  q [B,H,T,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] strided (unit last
@@ -226,23 +226,23 @@ def _fwd_kernel(
         b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
                       mask=mt[:, None] & mv[None, :], other=0.0)
         lq = _logits(xq, _load_w(wq_base, offs_d, offs_f, md, mf, F), bq + i_wq * F, offs_f, mf, scale,
-                     HAS_BIAS, IEEE)
+                     HAS_BIAS, TF32X3)
         qa, qb = _act(lq, keep, mf, ACT)
         qa = qa.to(xq.dtype)
         qb = qb.to(xq.dtype)
         lk = _logits(xk, _load_w(wk_base, offs_d, offs_f, md, mf, F), bk + i_hk * F, offs_f, mf, 1.0,
-                     HAS_BIAS, IEEE)
+                     HAS_BIAS, TF32X3)
         ka, kb = _act(lk, keep, mf, ACT)
         ka = ka.to(xk.dtype)
         kb = kb.to(xk.dtype)
 
-        A = _dot_in(qa, tl.trans(ka), IEEE)
+        A = _dot_in(qa, tl.trans(ka), TF32X3)
         if PAIR:
-            A += _dot_in(qb, tl.trans(kb), IEEE)
+            A += _dot_in(qb, tl.trans(kb), TF32X3)
         A = tl.where(causal, A, 0.0)
-        num = _mm(A, b_v, LOWP, IEEE) + _mm(qa, Sa, LOWP, IEEE)
+        num = _mm(A, b_v, LOWP, TF32X3) + _mm(qa, Sa, LOWP, TF32X3)
         if PAIR:
-            num += _mm(qb, Sb, LOWP, IEEE)
+            num += _mm(qb, Sb, LOWP, TF32X3)
         if NORMALIZE:
             d = tl.sum(A, axis=1) + tl.sum(qa.to(tl.float32) * za[None, :], axis=1)
             za += tl.sum(ka.to(tl.float32), axis=0)
@@ -252,9 +252,9 @@ def _fwd_kernel(
             d = d + eps
             num = num / d[:, None]
             tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
-        Sa += _dot_in(tl.trans(ka), b_v, IEEE)
+        Sa += _dot_in(tl.trans(ka), b_v, TF32X3)
         if PAIR:
-            Sb += _dot_in(tl.trans(kb), b_v, IEEE)
+            Sb += _dot_in(tl.trans(kb), b_v, TF32X3)
         tl.store(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
                  num.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
@@ -278,7 +278,7 @@ def _bwd_kernel(
     T, NB, H, G, D, F, DV, scale,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
+    LOWP: tl.constexpr, TF32X3: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
     QW_KV: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NV, 2): phase 0 the dq sweep, phase 1 the dk/dv sweep (see the module
@@ -348,18 +348,18 @@ def _bwd_kernel(
             xk = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_d[None, :],
                          mask=mt[:, None] & md[None, :], other=0.0)
             lk = _logits(xk, _load_w(wk_base, offs_d, offs_f, md, mf, F), bk + i_hk * F, offs_f, mf,
-                         1.0, HAS_BIAS, IEEE)
+                         1.0, HAS_BIAS, TF32X3)
             ka, kb = _act(lk, keep, mf, ACT)
             ka = ka.to(xk.dtype)
             kb = kb.to(xk.dtype)
-            dA = _dot_in(b_do, tl.trans(b_v), IEEE)
+            dA = _dot_in(b_do, tl.trans(b_v), TF32X3)
             if NORMALIZE:
                 b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
                 dA = dA - b_dl[:, None]
             dA = tl.where(causal, dA, 0.0)
-            dqa = _mm(dA, ka, LOWP, IEEE) + _mm(b_do, STa, LOWP, IEEE)
+            dqa = _mm(dA, ka, LOWP, TF32X3) + _mm(b_do, STa, LOWP, TF32X3)
             if PAIR:
-                dqb = _mm(dA, kb, LOWP, IEEE) + _mm(b_do, STb, LOWP, IEEE)
+                dqb = _mm(dA, kb, LOWP, TF32X3) + _mm(b_do, STb, LOWP, TF32X3)
             else:
                 dqb = dqa
             if NORMALIZE:
@@ -369,20 +369,20 @@ def _bwd_kernel(
                 if PAIR:
                     dqb = (dqb - b_dl[:, None] * zb[None, :]) * b_r[:, None]
                     zb += tl.sum(kb.to(tl.float32), axis=0)
-            STa += _dot_in(tl.trans(b_v), ka, IEEE)
+            STa += _dot_in(tl.trans(b_v), ka, TF32X3)
             if PAIR:
-                STb += _dot_in(tl.trans(b_v), kb, IEEE)
+                STb += _dot_in(tl.trans(b_v), kb, TF32X3)
             # through the map of q
             xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_d[None, :],
                          mask=mt[:, None] & md[None, :], other=0.0)
             w = _load_w(wq_base, offs_d, offs_f, md, mf, F)
-            lq = _logits(xq, w, bq + i_wq * F, offs_f, mf, scale, HAS_BIAS, IEEE)
+            lq = _logits(xq, w, bq + i_wq * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
             qa32, qb32 = _act(lq, keep, mf, ACT)
             dlq = _dact(lq, qa32, qb32, dqa, dqb, keep, ACT)
-            b_dx = _dot32(dlq, tl.trans(w), IEEE) * scale
+            b_dx = _dot32(dlq, tl.trans(w), TF32X3) * scale
             tl.store(dq_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
                      b_dx.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
-            dW += _dot32(tl.trans(xq), dlq, IEEE)
+            dW += _dot32(tl.trans(xq), dlq, TF32X3)
             dB += tl.sum(dlq, axis=0)
         mW = md[:, None] & mf[None, :]
         tl.store(dwq + part + offs_d[:, None] * F + offs_f[None, :], dW * scale, mask=mW)
@@ -420,21 +420,21 @@ def _bwd_kernel(
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
             lq = _logits(xq, _load_w(wq_base, offs_d, offs_f, md, mf, F), bq + i_wq * F, offs_f, mf,
-                         scale, HAS_BIAS, IEEE)
+                         scale, HAS_BIAS, TF32X3)
             qa, qb = _act(lq, keep, mf, ACT)
             qa = qa.to(xq.dtype)
             qb = qb.to(xq.dtype)
             w = _load_w(wk_base, offs_d, offs_f, md, mf, F)
-            lk = _logits(xk, w, bk + i_hk * F, offs_f, mf, 1.0, HAS_BIAS, IEEE)
+            lk = _logits(xk, w, bk + i_hk * F, offs_f, mf, 1.0, HAS_BIAS, TF32X3)
             ka32, kb32 = _act(lk, keep, mf, ACT)
             ka = ka32.to(xk.dtype)
             kb = kb32.to(xk.dtype)
 
-            AT = _dot_in(ka, tl.trans(qa), IEEE)
+            AT = _dot_in(ka, tl.trans(qa), TF32X3)
             if PAIR:
-                AT += _dot_in(kb, tl.trans(qb), IEEE)
+                AT += _dot_in(kb, tl.trans(qb), TF32X3)
             AT = tl.where(anti, AT, 0.0)
-            dAT = _dot_in(b_v, tl.trans(b_do), IEEE)
+            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dn = b_do.to(tl.float32) * b_r[:, None]
@@ -443,11 +443,11 @@ def _bwd_kernel(
             else:
                 b_dn = b_do
             dAT = tl.where(anti, dAT, 0.0)
-            b_dv = _mm(AT, b_dn, LOWP, IEEE) + _mm(ka, dSa, LOWP, IEEE)
-            dka = _mm(dAT, qa, LOWP, IEEE) + _mm(b_v, tl.trans(dSa), LOWP, IEEE)
+            b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(ka, dSa, LOWP, TF32X3)
+            dka = _mm(dAT, qa, LOWP, TF32X3) + _mm(b_v, tl.trans(dSa), LOWP, TF32X3)
             if PAIR:
-                b_dv += _mm(kb, dSb, LOWP, IEEE)
-                dkb = _mm(dAT, qb, LOWP, IEEE) + _mm(b_v, tl.trans(dSb), LOWP, IEEE)
+                b_dv += _mm(kb, dSb, LOWP, TF32X3)
+                dkb = _mm(dAT, qb, LOWP, TF32X3) + _mm(b_v, tl.trans(dSb), LOWP, TF32X3)
             else:
                 dkb = dka
             if NORMALIZE:
@@ -456,16 +456,16 @@ def _bwd_kernel(
                 if PAIR:
                     dkb += dzb[None, :]
                     dzb += tl.sum(qb.to(tl.float32) * b_dd[:, None], axis=0)
-            dSa += _mm(tl.trans(qa), b_dn, LOWP, IEEE)
+            dSa += _mm(tl.trans(qa), b_dn, LOWP, TF32X3)
             if PAIR:
-                dSb += _mm(tl.trans(qb), b_dn, LOWP, IEEE)
+                dSb += _mm(tl.trans(qb), b_dn, LOWP, TF32X3)
             dlk = _dact(lk, ka32, kb32, dka, dkb, keep, ACT)
-            b_dx = _dot32(dlk, tl.trans(w), IEEE)
+            b_dx = _dot32(dlk, tl.trans(w), TF32X3)
             tl.store(dk_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
                      b_dx.to(dk.dtype.element_ty), mask=mt[:, None] & md[None, :])
             tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-            dW += _dot32(tl.trans(xk), dlk, IEEE)
+            dW += _dot32(tl.trans(xk), dlk, TF32X3)
             dB += tl.sum(dlk, axis=0)
         mW = md[:, None] & mf[None, :]
         tl.store(dwk + part + offs_d[:, None] * F + offs_f[None, :], dW, mask=mW)
@@ -520,7 +520,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
     den = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, DK, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
-    lowp, ieee = _flags(q.dtype)
+    lowp, tf32x3 = _flags(q.dtype)
     has_init = kv0 is not None
     qw_kv = wq.shape[0] != H  # query heads share their kv head's weights
     _FWD[(B * H, NV)](
@@ -531,7 +531,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, H, H // Hkv, D, F, Dv, eps, scale,
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, STORE_FINAL=store_final,
-        LOWP=lowp, IEEE=ieee, ACT=code, PAIR=pair, QW_KV=qw_kv,
+        LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv,
         HAS_BIAS=bq is not None, VARLEN=cu is not None,
     )
     return o, (den if normalize else None), (kvT if store_final else None), \
@@ -570,7 +570,7 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
     dbk = _alloc((NV, B * H, F), torch.float32, dev) if has_bias else dwk
     dkv0 = _alloc((B, H, DK, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
-    lowp, ieee = _flags(q.dtype)
+    lowp, tf32x3 = _flags(q.dtype)
     qw_kv = wq.shape[0] != H  # query heads share their kv head's weights
     _BWD[(B * H, NV, 2)](
         q, k, v, do, wq, bq if has_bias else wq, wk, bk if has_bias else wk, den, delta,
@@ -581,7 +581,7 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         T, NB, H, G, D, F, Dv, scale,
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
-        LOWP=lowp, IEEE=ieee, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
+        LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
         VARLEN=cu is not None,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
@@ -708,7 +708,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
                  sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 IEEE: tl.constexpr, BWD: tl.constexpr):
+                 TF32X3: tl.constexpr, BWD: tl.constexpr):
     """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
     Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
     g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
@@ -735,7 +735,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
         keep = mt[:, None] & mf[None, :]
         xt = tl.load(x_base + t.to(tl.int64)[:, None] * sxt + offs_d[None, :],
                      mask=mt[:, None] & md[None, :], other=0.0)
-        lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, IEEE)
+        lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
         a, b = _act(lg, keep, mf, ACT)
         rows = (row0 + t)[:, None] * DK
         if BWD:
@@ -744,10 +744,10 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             if PAIR:
                 gb = tl.load(g + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             dl = _dact(lg, a, b, ga, gb, keep, ACT)
-            dxt = _dot32(dl, tl.trans(wt), IEEE) * scale
+            dxt = _dot32(dl, tl.trans(wt), TF32X3) * scale
             tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
                      dxt.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
-            dW += _dot32(tl.trans(xt), dl, IEEE)
+            dW += _dot32(tl.trans(xt), dl, TF32X3)
             dB += tl.sum(dl, axis=0)
         else:
             tl.store(y + rows + offs_f[None, :], a.to(y.dtype.element_ty), mask=keep)
@@ -785,7 +785,7 @@ def _pass(x, w, bias, act, scale, g=None):
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
-        IEEE=x.dtype == torch.float32, BWD=bwd)
+        TF32X3=x.dtype == torch.float32, BWD=bwd)
     if not bwd:
         return y
     hw = w.shape[0]

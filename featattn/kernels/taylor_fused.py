@@ -194,11 +194,11 @@ def _bwd_block_v(d: int, dv: int) -> int:
 
 # --------------------------------------------------------------------------- helpers
 @triton.jit
-def _mm(a, b, LOWP: tl.constexpr, IEEE: tl.constexpr):
+def _mm(a, b, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """a @ b where an operand is an fp32 intermediate (see module docstring, Numerics)."""
     if LOWP:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif IEEE:
+    elif FP32_IEEE:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
@@ -206,9 +206,9 @@ def _mm(a, b, LOWP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot_in(a, b, IEEE: tl.constexpr):
+def _dot_in(a, b, FP32_IEEE: tl.constexpr):
     """a @ b for two tiles in the input dtype, fp32 accumulation."""
-    if IEEE:
+    if FP32_IEEE:
         r = tl.dot(a, b, input_precision="ieee")
     else:
         r = tl.dot(a, b)
@@ -234,7 +234,7 @@ def _quad(a, b, LOWP: tl.constexpr):
 
 @triton.jit
 def _feat(x, Ri, Rj, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-          LOWP: tl.constexpr, IEEE: tl.constexpr):
+          LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """Quadratic features x_i x_j (unscaled) of a [BT, DP] tile: [BT, Q]."""
     if FOLD3:
         if LOWP:
@@ -245,15 +245,15 @@ def _feat(x, Ri, Rj, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
     else:
         # a selection product is a copy of x: cast back to x's dtype at once (exact), so the
         # two fp32 accumulators are never live together
-        xa = _dot_in(x, Ri, IEEE).to(x.dtype)
-        xb = _dot_in(x, Rj, IEEE).to(x.dtype)
+        xa = _dot_in(x, Ri, FP32_IEEE).to(x.dtype)
+        xb = _dot_in(x, Rj, FP32_IEEE).to(x.dtype)
         r = _quad(xa, xb, LOWP)
     return r
 
 
 @triton.jit
 def _featT(xT, RiT, RjT, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
-           LOWP: tl.constexpr, IEEE: tl.constexpr):
+           LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """Quadratic features of a transposed [DP, BT] tile: [Q, BT]."""
     if FOLD3:
         if LOWP:
@@ -262,15 +262,15 @@ def _featT(xT, RiT, RjT, BT: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constexpr,
             xx = xT.to(tl.float32)
         r = tl.reshape(xx[:, None, :] * xx[None, :, :], (Q, BT))
     else:
-        xa = _dot_in(RiT, xT, IEEE).to(xT.dtype)
-        xb = _dot_in(RjT, xT, IEEE).to(xT.dtype)
+        xa = _dot_in(RiT, xT, FP32_IEEE).to(xT.dtype)
+        xb = _dot_in(RjT, xT, FP32_IEEE).to(xT.dtype)
         r = _quad(xa, xb, LOWP)
     return r
 
 
 @triton.jit
 def _fold(g, x, Ri, Rj, RiT, RjT, BT: tl.constexpr, DP: tl.constexpr, FOLD3: tl.constexpr,
-          LOWP: tl.constexpr, IEEE: tl.constexpr):
+          LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """Gradient of sum_ij g_ij x_i x_j w.r.t. x_m, i.e. sum_j (g_mj + g_jm) x_j: [BT, DP]
     from g [BT, Q] (fp32) and x [BT, DP]."""
     if FOLD3:
@@ -278,9 +278,9 @@ def _fold(g, x, Ri, Rj, RiT, RjT, BT: tl.constexpr, DP: tl.constexpr, FOLD3: tl.
         xf = x.to(tl.float32)
         r = tl.sum(G * xf[:, None, :], axis=2) + tl.sum(G * xf[:, :, None], axis=1)
     else:
-        xa = _dot_in(x, Ri, IEEE).to(x.dtype)
-        xb = _dot_in(x, Rj, IEEE).to(x.dtype)
-        r = _mm(_quad(g, xb, LOWP), RiT, LOWP, IEEE) + _mm(_quad(g, xa, LOWP), RjT, LOWP, IEEE)
+        xa = _dot_in(x, Ri, FP32_IEEE).to(x.dtype)
+        xb = _dot_in(x, Rj, FP32_IEEE).to(x.dtype)
+        r = _mm(_quad(g, xb, LOWP), RiT, LOWP, FP32_IEEE) + _mm(_quad(g, xa, LOWP), RjT, LOWP, FP32_IEEE)
     return r
 
 
@@ -379,7 +379,7 @@ def _fwd_kernel(
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    LOWP: tl.constexpr, FP32_IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, cdiv(Dv, BV)).  q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,Dv] (unit last
     stride); o [B,H,T,Dv] strided; den fp32 [B,H,T] (eps included); kv0/kvT fp32
@@ -450,14 +450,14 @@ def _fwd_kernel(
         b_v = tl.load(v_base + (t0 + offs_t)[:, None] * svt + offs_v[None, :],
                       mask=mt[:, None] & mv[None, :], other=0.0)
         b_kT = tl.trans(b_k)
-        s = _dot_in(b_q, b_kT, IEEE) * inv  # [BT, BT] fp32
+        s = _dot_in(b_q, b_kT, FP32_IEEE) * inv  # [BT, BT] fp32
         A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
-        num = _mm(A, b_v, LOWP, IEEE) + S0[None, :] + c1 * _mm(b_q, S1, LOWP, IEEE)
-        f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q] q_i q_j
-        n2 = _mm(f2q, S2, LOWP, IEEE)
+        num = _mm(A, b_v, LOWP, FP32_IEEE) + S0[None, :] + c1 * _mm(b_q, S1, LOWP, FP32_IEEE)
+        f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, FP32_IEEE)  # [BT, Q] q_i q_j
+        n2 = _mm(f2q, S2, LOWP, FP32_IEEE)
         if SYM:
             b_qf = b_q.to(tl.float32)
-            n2 += _mm(b_qf * b_qf, Sd, LOWP, IEEE)
+            n2 += _mm(b_qf * b_qf, Sd, LOWP, FP32_IEEE)
         num += c2 * n2
         if NORMALIZE:
             b_qf = b_q.to(tl.float32)
@@ -468,16 +468,16 @@ def _fwd_kernel(
             tl.store(d_base + t0 + offs_t, dn, mask=mt & own_t)
             zc += tl.sum(tl.where(mt, 1.0, 0.0), axis=0)
             z1 += c1 * tl.sum(b_k.to(tl.float32), axis=0)
-            Z2 += c2 * _dot_in(b_kT, b_k, IEEE)
+            Z2 += c2 * _dot_in(b_kT, b_k, FP32_IEEE)
         tl.store(o_base + (t0 + offs_t)[:, None] * sot + offs_v[None, :],
                  num.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
         S0 += tl.sum(b_v.to(tl.float32), axis=0)
-        S1 += c1 * _dot_in(b_kT, b_v, IEEE)
-        f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
-        S2 += c2o * _mm(f2kT, b_v, LOWP, IEEE)
+        S1 += c1 * _dot_in(b_kT, b_v, FP32_IEEE)
+        f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, FP32_IEEE)  # [Q, BT]
+        S2 += c2o * _mm(f2kT, b_v, LOWP, FP32_IEEE)
         if SYM:
             b_kTf = b_kT.to(tl.float32)
-            Sd += c2 * _mm(b_kTf * b_kTf, b_v, LOWP, IEEE)
+            Sd += c2 * _mm(b_kTf * b_kTf, b_v, LOWP, FP32_IEEE)
 
     if STORE_FINAL:
         tl.store(kvT + st + offs_v, S0, mask=mv)
@@ -510,7 +510,7 @@ def _bwd_kernel(
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    LOWP: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    LOWP: tl.constexpr, FP32_IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (B*H, NV, 2); axis 2: 0 = dq sweep (forward in time), 1 = dk/dv/d-state sweep.
 
@@ -583,33 +583,33 @@ def _bwd_kernel(
                            mask=mt[:, None] & mv[None, :], other=0.0)
             b_vT = tl.trans(b_v)
             b_kT = tl.trans(b_k)
-            s = _dot_in(b_q, b_kT, IEEE) * inv
-            dA = _dot_in(b_do, b_vT, IEEE)  # [t, s] do_t . v_s
+            s = _dot_in(b_q, b_kT, FP32_IEEE) * inv
+            dA = _dot_in(b_do, b_vT, FP32_IEEE)  # [t, s] do_t . v_s
             if NORMALIZE:
                 b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
                 dA = dA - b_dl[:, None]
             dA = tl.where(causal, dA * (1.0 + s), 0.0)
-            b_dq = inv * _mm(dA, b_k, LOWP, IEEE) + c1 * _mm(b_do, S1T, LOWP, IEEE)
+            b_dq = inv * _mm(dA, b_k, LOWP, FP32_IEEE) + c1 * _mm(b_do, S1T, LOWP, FP32_IEEE)
             if NORMALIZE:
                 b_dq -= b_dl[:, None] * (c1 * z1[None, :] + c2 * _dot32(b_q, W))
-            g2 = _mm(b_do, S2T, LOWP, IEEE)  # [BT, Q]
-            gq = _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
+            g2 = _mm(b_do, S2T, LOWP, FP32_IEEE)  # [BT, Q]
+            gq = _fold(g2, b_q, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, FP32_IEEE)
             if SYM:
-                gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, LOWP, IEEE)
+                gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, LOWP, FP32_IEEE)
             b_dq += c2 * gq
             if NORMALIZE:
                 b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dq = b_dq / b_den[:, None]
                 z1 += c1 * tl.sum(b_k.to(tl.float32), axis=0)
-                W += (2.0 * c2) * _dot_in(b_kT, b_k, IEEE)
+                W += (2.0 * c2) * _dot_in(b_kT, b_k, FP32_IEEE)
             tl.store(dq_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
-            S1T += c1 * _dot_in(b_vT, b_k, IEEE)
-            f2k = _feat(b_k, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
-            S2T += c2o * _mm(b_vT, f2k, LOWP, IEEE)
+            S1T += c1 * _dot_in(b_vT, b_k, FP32_IEEE)
+            f2k = _feat(b_k, Ri, Rj, BT, Q, FOLD3, LOWP, FP32_IEEE)  # [BT, Q]
+            S2T += c2o * _mm(b_vT, f2k, LOWP, FP32_IEEE)
             if SYM:
                 b_kf = b_k.to(tl.float32)
-                SdT += c2 * _mm(b_vT, b_kf * b_kf, LOWP, IEEE)
+                SdT += c2 * _mm(b_vT, b_kf * b_kf, LOWP, FP32_IEEE)
     else:
         # ---- reverse sweep: dk, dv, d(initial state).  dn_t = r_t do_t, dd_t = -r_t delta_t.
         causal = offs_t[:, None] >= offs_t[None, :]  # [t, s]
@@ -657,8 +657,8 @@ def _bwd_kernel(
             b_kT = tl.trans(b_k)
             b_doT = tl.trans(b_do)  # [BV, BT]
             # -- dk_s = (dA^T o (1+s^T)) q / sqrt(d) + d phi(k_s) . (dKV v_s + dZ)
-            sT = _dot_in(b_k, b_qT, IEEE) * inv  # [s, t]
-            dAT = _dot_in(b_v, b_doT, IEEE)  # [s, t] v_s . do_t
+            sT = _dot_in(b_k, b_qT, FP32_IEEE) * inv  # [s, t]
+            dAT = _dot_in(b_v, b_doT, FP32_IEEE)  # [s, t] v_s . do_t
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0) * b_r
@@ -667,34 +667,34 @@ def _bwd_kernel(
             else:
                 b_dnT = b_doT.to(tl.float32)
             dAT = tl.where(anti, dAT * (1.0 + sT), 0.0)
-            b_dk = inv * _mm(dAT, b_q, LOWP, IEEE) + c1 * _mm(b_v, dS1T, LOWP, IEEE)
+            b_dk = inv * _mm(dAT, b_q, LOWP, FP32_IEEE) + c1 * _mm(b_v, dS1T, LOWP, FP32_IEEE)
             if NORMALIZE:
                 b_dk += c1 * dz1[None, :] + c2 * _dot32(b_k, DZ2 + DZ2T)
-            gd2 = _mm(b_v, dS2T, LOWP, IEEE)  # [BT, Q]
-            b_dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, IEEE)
+            gd2 = _mm(b_v, dS2T, LOWP, FP32_IEEE)  # [BT, Q]
+            b_dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT_f, RjT_f, BT, DP, FOLD3, LOWP, FP32_IEEE)
             if SYM:
-                b_dk += (2.0 * c2) * b_k.to(tl.float32) * _mm(b_v, dSdT, LOWP, IEEE)
+                b_dk += (2.0 * c2) * b_k.to(tl.float32) * _mm(b_v, dSdT, LOWP, FP32_IEEE)
             tl.store(dk_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=mt[:, None] & md[None, :])
             # -- dv_s^T = dn^T A + dS0 + c1 dS1^T k_s^T + c2 dS2^T f2(k_s)^T   ([BV, BT])
-            s = _dot_in(b_q, b_kT, IEEE) * inv  # [t, s]
+            s = _dot_in(b_q, b_kT, FP32_IEEE) * inv  # [t, s]
             A = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
-            b_dvT = _mm(b_dnT, A, LOWP, IEEE) + dS0[:, None] + c1 * _mm(dS1T, b_kT, LOWP, IEEE)
-            f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, IEEE)  # [Q, BT]
-            b_dvT += c2o * _mm(dS2T, f2kT, LOWP, IEEE)
+            b_dvT = _mm(b_dnT, A, LOWP, FP32_IEEE) + dS0[:, None] + c1 * _mm(dS1T, b_kT, LOWP, FP32_IEEE)
+            f2kT = _featT(b_kT, RiT, RjT, BT, Q, FOLD3, LOWP, FP32_IEEE)  # [Q, BT]
+            b_dvT += c2o * _mm(dS2T, f2kT, LOWP, FP32_IEEE)
             if SYM:
                 b_kTf = b_kT.to(tl.float32)
-                b_dvT += c2 * _mm(dSdT, b_kTf * b_kTf, LOWP, IEEE)
+                b_dvT += c2 * _mm(dSdT, b_kTf * b_kTf, LOWP, FP32_IEEE)
             tl.store(dv_base + (t0 + offs_t)[None, :] * DV + offs_v[:, None],
                      b_dvT.to(dv.dtype.element_ty), mask=mt[None, :] & mv[:, None])
             # -- this chunk's queries into dS, dz
             dS0 += tl.sum(b_dnT, axis=1)
-            dS1T += c1 * _mm(b_dnT, b_q, LOWP, IEEE)
-            f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, IEEE)  # [BT, Q]
-            dS2T += c2 * _mm(b_dnT, f2q, LOWP, IEEE)
+            dS1T += c1 * _mm(b_dnT, b_q, LOWP, FP32_IEEE)
+            f2q = _feat(b_q, Ri, Rj, BT, Q, FOLD3, LOWP, FP32_IEEE)  # [BT, Q]
+            dS2T += c2 * _mm(b_dnT, f2q, LOWP, FP32_IEEE)
             if SYM:
                 b_qf2 = b_q.to(tl.float32)
-                dSdT += c2 * _mm(b_dnT, b_qf2 * b_qf2, LOWP, IEEE)
+                dSdT += c2 * _mm(b_dnT, b_qf2 * b_qf2, LOWP, FP32_IEEE)
             if NORMALIZE:
                 b_qd = b_q.to(tl.float32) * b_dd[:, None]
                 dzc += tl.sum(b_dd, axis=0)
@@ -719,8 +719,8 @@ def _bwd_kernel(
                     tl.store(zst + sq_off, DZ2, mask=mdd)
 
 
-_FWD_KEY = ["D", "DV", "NORMALIZE", "HAS_INIT", "LOWP", "IEEE"]
-_BWD_KEY = ["D", "DV", "BV", "NORMALIZE", "LOWP", "IEEE"]
+_FWD_KEY = ["D", "DV", "NORMALIZE", "HAS_INIT", "LOWP", "FP32_IEEE"]
+_BWD_KEY = ["D", "DV", "BV", "NORMALIZE", "LOWP", "FP32_IEEE"]
 _fwd_small = triton.autotune(configs=_fwd_configs(False), key=_FWD_KEY)(_fwd_kernel)
 _fwd_big = triton.autotune(configs=_fwd_configs(True), key=_FWD_KEY)(_fwd_kernel)
 _bwd_small = triton.autotune(configs=_bwd_configs(False), key=_BWD_KEY)(_bwd_kernel)
@@ -751,7 +751,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
     den = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, DK, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, DK), torch.float32, dev) if (store_final and normalize) else o
-    lowp, ieee = _flags(q.dtype)
+    lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_fwd_big if FOLD3 else _fwd_small]
     meta = {}
@@ -770,7 +770,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, H, H // Hkv, eps, c1, c2, c2o, inv,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
-        STORE_FINAL=store_final, LOWP=lowp, IEEE=ieee, VARLEN=cu_seqlens is not None, **meta,
+        STORE_FINAL=store_final, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
     return (o, den if normalize else None, kvT if store_final else None,
             zT if (store_final and normalize) else None)
@@ -808,7 +808,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
     dv = _alloc((NB, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
     dkv0 = _alloc((B, H, DK, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, DK), torch.float32, dev) if (has_init and normalize) else dq
-    lowp, ieee = _flags(q.dtype)
+    lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_bwd_big if FOLD3 else _bwd_small]
     meta = {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
@@ -823,7 +823,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         T, NB, H, G, c1, c2, c2o, inv,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
-        HAS_DFINAL=has_dfinal, LOWP=lowp, IEEE=ieee, VARLEN=cu_seqlens is not None, **meta,
+        HAS_DFINAL=has_dfinal, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dk = dk.view(NV, NB, Hkv, G, T, d).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]

@@ -32,7 +32,7 @@ are deterministic.
 
 Numerics are those of taylor_fused: fp32 scores, a, sums and accumulators; the products
 with an fp32 operand (a @ v, dS @ k, ...) round it to bf16 for bf16 inputs, use tf32 for
-fp16 inputs and ieee fp32 for fp32 inputs.
+fp16 inputs and fp32_ieee fp32 for fp32 inputs.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _fwd_kernel(
     T, H, G, eps, inv, size_key,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     """Grid (B*H, cdiv(T, BM), cdiv(Dv, BV)).  den fp32 [B, H, T] (eps included), written by
     Dv tile 0.  Query blocks run last-first (the last has the most keys to walk), so the
@@ -125,9 +125,9 @@ def _fwd_kernel(
         nn = (n0 + offs_n).to(tl.int64)
         b_kT = tl.load(k_base + nn[None, :] * skt + offs_d[:, None], mask=md[:, None], other=0.0)
         b_v = tl.load(v_base + nn[:, None] * svt + offs_v[None, :], mask=mv[None, :], other=0.0)
-        s = _dot_in(b_q, b_kT, IEEE) * inv
+        s = _dot_in(b_q, b_kT, FP32_IEEE) * inv
         a = 1.0 + s + 0.5 * s * s
-        acc += _mm(a, b_v, LOWP, IEEE)
+        acc += _mm(a, b_v, LOWP, FP32_IEEE)
         l += tl.sum(a, axis=1)
     # the diagonal block(s): causal mask and the end of the sequence
     for n0 in range(i_m * BM, tl.minimum(i_m * BM + BM, T), BN):
@@ -137,9 +137,9 @@ def _fwd_kernel(
                        mask=md[:, None] & mn[None, :], other=0.0)
         b_v = tl.load(v_base + nn[:, None].to(tl.int64) * svt + offs_v[None, :],
                       mask=mn[:, None] & mv[None, :], other=0.0)
-        s = _dot_in(b_q, b_kT, IEEE) * inv
+        s = _dot_in(b_q, b_kT, FP32_IEEE) * inv
         a = tl.where((offs_m[:, None] >= nn[None, :]) & mn[None, :], 1.0 + s + 0.5 * s * s, 0.0)
-        acc += _mm(a, b_v, LOWP, IEEE)
+        acc += _mm(a, b_v, LOWP, FP32_IEEE)
         l += tl.sum(a, axis=1)
     if NORMALIZE:
         dn = l + eps
@@ -162,7 +162,7 @@ def _row_delta(o_base, b_do, tm64, sot, offs_v, m, den, row, tm, mt):
 @triton.jit
 def _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv, b_k, b_v, b_dk, b_dv,
              offs_n, offs_m, offs_d, offs_v, md, mv, MASK: tl.constexpr,
-             NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+             NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """One query block of the dk/dv walk, in the transposed [key, query] orientation.
     Query rows past T load as zeros and then add nothing (do = delta = 0, q = 0)."""
     tm = m0 + offs_m
@@ -172,9 +172,9 @@ def _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv, b_k, 
                   mask=mt[:, None] & md[None, :], other=0.0)
     b_do = tl.load(do_base + tm64[:, None] * sdt + offs_v[None, :],
                    mask=mt[:, None] & mv[None, :], other=0.0)
-    sT = _dot_in(b_k, tl.trans(b_q), IEEE) * inv  # [BN, BM]
+    sT = _dot_in(b_k, tl.trans(b_q), FP32_IEEE) * inv  # [BN, BM]
     aT = 1.0 + sT + 0.5 * sT * sT
-    dpT = _dot_in(b_v, tl.trans(b_do), IEEE)  # [BN, BM] v_s . do_t
+    dpT = _dot_in(b_v, tl.trans(b_do), FP32_IEEE)  # [BN, BM] v_s . do_t
     if NORMALIZE:
         r, dl = _row_delta(o_base, b_do, tm64, sot, offs_v, mt[:, None] & mv[None, :], den, row,
                            tm, mt)
@@ -187,15 +187,15 @@ def _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv, b_k, 
         keep = tm[None, :] >= offs_n[:, None]
         aT = tl.where(keep, aT, 0.0)
         dsT = tl.where(keep, dsT, 0.0)
-    b_dv += _mm(aT, dn, LOWP, IEEE)
-    b_dk += _mm(dsT, b_q, LOWP, IEEE)
+    b_dv += _mm(aT, dn, LOWP, FP32_IEEE)
+    b_dk += _mm(dsT, b_q, LOWP, FP32_IEEE)
     return b_dk, b_dv
 
 
 @triton.jit
 def _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m, offs_n,
             offs_d, offs_v, md, mv, MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-            LOWP: tl.constexpr, IEEE: tl.constexpr):
+            LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
     """One key block of the dq walk.  Keys past T load as zeros and add nothing (k = 0)."""
     nn = n0 + offs_n
     mn = nn < T
@@ -204,14 +204,14 @@ def _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m
                   mask=mn[:, None] & md[None, :], other=0.0)
     b_v = tl.load(v_base + nn64[:, None] * svt + offs_v[None, :],
                   mask=mn[:, None] & mv[None, :], other=0.0)
-    s = _dot_in(b_q, tl.trans(b_k), IEEE) * inv
-    dp = _dot_in(b_do, tl.trans(b_v), IEEE)  # [BM, BN] do_t . v_s
+    s = _dot_in(b_q, tl.trans(b_k), FP32_IEEE) * inv
+    dp = _dot_in(b_do, tl.trans(b_v), FP32_IEEE)  # [BM, BN] do_t . v_s
     if NORMALIZE:
         dp = dp * r[:, None] - dl[:, None]
     ds = dp * (1.0 + s)
     if MASK:
         ds = tl.where(offs_m[:, None] >= nn[None, :], ds, 0.0)
-    b_dq += _mm(ds, b_k, LOWP, IEEE)
+    b_dq += _mm(ds, b_k, LOWP, FP32_IEEE)
     return b_dq
 
 
@@ -220,7 +220,7 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
              sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
              BMK: tl.constexpr, BNK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
              DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
-             IEEE: tl.constexpr):
+             FP32_IEEE: tl.constexpr):
     """A dk/dv program: keys pid*BNK.. , walking the query blocks (BMK) from its own on."""
     offs_n = pid * BNK + tl.arange(0, BNK)
     offs_m = tl.arange(0, BMK)
@@ -238,11 +238,11 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
     for m0 in range(m_lo, tl.minimum(m_mid, T), BMK):
         b_dk, b_dv = _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv,
                               b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
-                              True, NORMALIZE, LOWP, IEEE)
+                              True, NORMALIZE, LOWP, FP32_IEEE)
     for m0 in range(m_mid, T, BMK):
         b_dk, b_dv = _kv_step(q_base, do_base, o_base, den, row, m0, T, sqt, sdt, sot, inv,
                               b_k, b_v, b_dk, b_dv, offs_n, offs_m, offs_d, offs_v, md, mv,
-                              False, NORMALIZE, LOWP, IEEE)
+                              False, NORMALIZE, LOWP, FP32_IEEE)
     tl.store(dk + (row + nn)[:, None] * D + offs_d[None, :],
              (b_dk * inv).to(dk.dtype.element_ty), mask=mn[:, None] & md[None, :])
     tl.store(dv + (row + nn)[:, None] * DV + offs_v[None, :], b_dv.to(dv.dtype.element_ty),
@@ -254,7 +254,7 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
             sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
             BMQ: tl.constexpr, BNQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
             DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
-            IEEE: tl.constexpr):
+            FP32_IEEE: tl.constexpr):
     """A dq program: queries i_m*BMQ.., walking the key blocks (BNQ) up to its own."""
     offs_m = i_m * BMQ + tl.arange(0, BMQ)
     offs_n = tl.arange(0, BNQ)
@@ -275,10 +275,10 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
     n_mid = (i_m * BMQ // BNQ) * BNQ
     for n0 in range(0, n_mid, BNQ):
         b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
-                       offs_n, offs_d, offs_v, md, mv, False, NORMALIZE, LOWP, IEEE)
+                       offs_n, offs_d, offs_v, md, mv, False, NORMALIZE, LOWP, FP32_IEEE)
     for n0 in range(n_mid, tl.minimum(i_m * BMQ + BMQ, T), BNQ):
         b_dq = _q_step(k_base, v_base, n0, T, skt, svt, inv, b_q, b_do, r, dl, b_dq, offs_m,
-                       offs_n, offs_d, offs_v, md, mv, True, NORMALIZE, LOWP, IEEE)
+                       offs_n, offs_d, offs_v, md, mv, True, NORMALIZE, LOWP, FP32_IEEE)
     tl.store(dq + (row + tm64)[:, None] * D + offs_d[None, :],
              (b_dq * inv).to(dq.dtype.element_ty), mask=mm[:, None] & md[None, :])
 
@@ -290,7 +290,7 @@ def _bwd_kernel(
     T, H, G, inv, size_key,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BMK: tl.constexpr, BNK: tl.constexpr, BMQ: tl.constexpr, BNQ: tl.constexpr,
-    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     """Grid (B*H, cdiv(T, BNK) + cdiv(T, BMQ)).  The first cdiv(T, BNK) programs each own a
     block of BNK keys and walk the query blocks (BMK) after it for dk, dv; the others each
@@ -317,16 +317,16 @@ def _bwd_kernel(
     if pid < n_kv:
         _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
                  sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
-                 BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
+                 BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE)
     else:
         _q_part(tl.cdiv(T, BMQ) - 1 - (pid - n_kv), q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
                 sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
-                BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, IEEE)
+                BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE)
 
 
 #: size_key (see _size_key) is in the key: tiles tuned on a small problem (few programs)
 #: are not the ones for a large one
-_KEY = ["D", "DV", "NORMALIZE", "LOWP", "IEEE", "size_key"]
+_KEY = ["D", "DV", "NORMALIZE", "LOWP", "FP32_IEEE", "size_key"]
 _fwd = triton.autotune(configs=_configs("fwd"), key=_KEY)(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs("bwd"), key=_KEY)(_bwd_kernel)
 _FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
@@ -351,7 +351,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
     B, H, T, d, Hkv, Dv, DP = _dims(q, k, v)
     o = _empty_like_layout(q, B, H, T, Dv, q.dtype)
     den = _alloc((B, H, T), torch.float32, q.device) if normalize else o
-    lowp, ieee = _flags(q.dtype)
+    lowp, fp32_ieee = _flags(q.dtype)
     BV = min(128, max(16, next_pow2(Dv)))
 
     def grid(m):
@@ -362,7 +362,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, H, H // Hkv, eps, 1.0 / math.sqrt(d), size_key=_size_key(B, H, T),
-        D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, IEEE=ieee,
+        D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, FP32_IEEE=fp32_ieee,
     )
     return o, (den if normalize else None), None, None
 
@@ -376,7 +376,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
     dev = q.device
     if not normalize:
         o = den = do  # unused placeholders
-    lowp, ieee = _flags(q.dtype)
+    lowp, fp32_ieee = _flags(q.dtype)
     dq = _alloc((B, H, T, d), q.dtype, dev)
     dk = _alloc((B, H, T, d), torch.float32 if G > 1 else k.dtype, dev)
     dv = _alloc((B, H, T, Dv), torch.float32 if G > 1 else v.dtype, dev)
@@ -391,7 +391,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize):
         do.stride(0), do.stride(1), do.stride(2),
         T, H, G, 1.0 / math.sqrt(d), size_key=_size_key(B, H, T),
         D=d, DP=DP, DV=Dv, BV=max(16, next_pow2(Dv)), NORMALIZE=normalize,
-        LOWP=lowp, IEEE=ieee,
+        LOWP=lowp, FP32_IEEE=fp32_ieee,
     )
     if G > 1:
         dk = dk.view(B, Hkv, G, T, d).sum(2).to(k.dtype)
