@@ -10,8 +10,8 @@ The maps (:class:`~featattn.feature_maps.base.ProjectionTritonForm`)::
     relu (T2R):              phi = relu(l)                         (F features)
 
 The kernels read raw q / k tiles, compute the logits (tensor cores, fp32 operands: tf32, or
-tf32x3 for fp32 inputs) and the activation in fp32 registers, round the features once to
-the input dtype (as the PyTorch maps do) and run the chunked algorithm of
+tf32x3 for fp32 inputs: chunked._mm with LOWP off) and the activation in fp32 registers,
+round the features once to the input dtype (as the PyTorch maps do) and run the chunked algorithm of
 :mod:`featattn.kernels.chunked` on them; the features never reach memory.  A softmax pair is
 kept as two halves (``a = softmax(l)``, ``b = softmax(-l)``), each with its own state tile,
 so every product of the plain kernel is a sum of two products and the state keeps the
@@ -103,16 +103,6 @@ def _configs():
 
 # --------------------------------------------------------------------------- the map
 @triton.jit
-def _dot32(a, b, TF32X3: tl.constexpr):
-    """a @ b on fp32 operands: tf32 tensor cores (tf32x3 for fp32 inputs)."""
-    if TF32X3:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return r
-
-
-@triton.jit
 def _load_w(w, offs_d, offs_f, md, mf, F):
     """One head's weight [BD, BF] (fp32) from w (that head's [D, F], contiguous)."""
     return tl.load(w + offs_d[:, None] * F + offs_f[None, :], mask=md[:, None] & mf[None, :],
@@ -122,7 +112,7 @@ def _load_w(w, offs_d, offs_f, md, mf, F):
 @triton.jit
 def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, TF32X3: tl.constexpr):
     """(scale * x) w + bias in fp32 [BT, BF]."""
-    lg = _dot32(x, w, TF32X3) * scale
+    lg = _mm(x, w, False, TF32X3) * scale
     if HAS_BIAS:
         lg += tl.load(bias + offs_f, mask=mf, other=0.0).to(tl.float32)[None, :]
     return lg
@@ -379,10 +369,10 @@ def _bwd_kernel(
             lq = _logits(xq, w, bq + i_wq * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
             qa32, qb32 = _act(lq, keep, mf, ACT)
             dlq = _dact(lq, qa32, qb32, dqa, dqb, keep, ACT)
-            b_dx = _dot32(dlq, tl.trans(w), TF32X3) * scale
+            b_dx = _mm(dlq, tl.trans(w), False, TF32X3) * scale
             tl.store(dq_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
                      b_dx.to(dq.dtype.element_ty), mask=mt[:, None] & md[None, :])
-            dW += _dot32(tl.trans(xq), dlq, TF32X3)
+            dW += _mm(tl.trans(xq), dlq, False, TF32X3)
             dB += tl.sum(dlq, axis=0)
         mW = md[:, None] & mf[None, :]
         tl.store(dwq + part + offs_d[:, None] * F + offs_f[None, :], dW * scale, mask=mW)
@@ -460,12 +450,12 @@ def _bwd_kernel(
             if PAIR:
                 dSb += _mm(tl.trans(qb), b_dn, LOWP, TF32X3)
             dlk = _dact(lk, ka32, kb32, dka, dkb, keep, ACT)
-            b_dx = _dot32(dlk, tl.trans(w), TF32X3)
+            b_dx = _mm(dlk, tl.trans(w), False, TF32X3)
             tl.store(dk_base + t0 * D + offs_t[:, None] * D + offs_d[None, :],
                      b_dx.to(dk.dtype.element_ty), mask=mt[:, None] & md[None, :])
             tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-            dW += _dot32(tl.trans(xk), dlk, TF32X3)
+            dW += _mm(tl.trans(xk), dlk, False, TF32X3)
             dB += tl.sum(dlk, axis=0)
         mW = md[:, None] & mf[None, :]
         tl.store(dwk + part + offs_d[:, None] * F + offs_f[None, :], dW, mask=mW)
@@ -744,10 +734,10 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             if PAIR:
                 gb = tl.load(g + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             dl = _dact(lg, a, b, ga, gb, keep, ACT)
-            dxt = _dot32(dl, tl.trans(wt), TF32X3) * scale
+            dxt = _mm(dl, tl.trans(wt), False, TF32X3) * scale
             tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
                      dxt.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
-            dW += _dot32(tl.trans(xt), dl, TF32X3)
+            dW += _mm(tl.trans(xt), dl, False, TF32X3)
             dB += tl.sum(dl, axis=0)
         else:
             tl.store(y + rows + offs_f[None, :], a.to(y.dtype.element_ty), mask=keep)
