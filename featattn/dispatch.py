@@ -56,8 +56,9 @@ class KernelChoice(NamedTuple):
     * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
       for smaller calls, when the kernel splits T into segments, or with
       ``FEATATTN_FUSE_MAPS=kernel``); for a learned projection map (Hedgehog, T2R:
-      ``FeatureMap.triton_projection``) inside its own kernels (featattn/kernels/projected.py),
-      and ``"triton_pass"`` is then its Triton pass (weights' gradients included);
+      ``FeatureMap.triton_projection``) ``"triton_pass"`` is its Triton pass (weights'
+      gradients included; the default) and ``"kernel"`` its own kernels
+      (featattn/kernels/projected.py: less memory, slower);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
     ``map_fused`` is True for the first two (the map runs in Triton)."""
@@ -104,6 +105,17 @@ class Call(NamedTuple):
     window: int = 0
     causal: bool = True
     hkv: Optional[int] = None
+    packed: bool = False
+
+
+def taylor_varlen_mode() -> str:
+    """``FEATATTN_TAYLOR_VARLEN``: how packed sequences (``cu_seqlens``) run the Taylor map on
+    CUDA: ``"native"`` (the chunked Taylor kernel's packed form, one launch) or ``"loop"``."""
+    mode = _switches.read("FEATATTN_TAYLOR_VARLEN")
+    if mode not in ("loop", "native"):
+        raise ValueError(f"FEATATTN_TAYLOR_VARLEN must be 'native' (the default) or 'loop', got "
+                         f"{mode!r}")
+    return mode
 
 
 class Impl:
@@ -219,7 +231,10 @@ class TaylorParallel(_Taylor):
         if out:
             return out
         limit = _kernels_module().taylor_parallel_max_t()
-        if call.stateful:
+        if call.packed and taylor_varlen_mode() == "native":
+            out.append("packed sequences (cu_seqlens) run in one launch of the chunked Taylor "
+                       "kernel's packed form (FEATATTN_TAYLOR_VARLEN=native)")
+        elif call.stateful:
             out.append("a state is passed in or returned (the parallel form keeps none)")
         elif call.T > limit:
             out.append(f"T={call.T} is above FEATATTN_TAYLOR_PARALLEL_MAX_T={limit}, where the "
@@ -324,17 +339,19 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
     or when T is split into segments (enough programs hide the map, and the features never
     reach memory); one Triton pass before the kernel for larger calls, where one program
     sweeping each head makes the in-kernel map cost more than writing the features.
-    A learned projection map (``projection``) runs inside its own kernels under ``auto``;
-    ``FEATATTN_FUSE_MAPS=pass`` gives its Triton pass before the chunked kernel."""
+    A learned projection map (``projection``) runs as its Triton pass under ``auto``;
+    ``FEATATTN_FUSE_MAPS=kernel`` gives its own kernels (features never in memory)."""
     mode = _switches.read("FEATATTN_FUSE_MAPS")
     if mode not in ("auto", "pass", "kernel"):
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
                          f"got {mode!r}")
     if mode == "auto" and projection:
-        # The projection's pass (then the chunked kernel, which can split T) is tested under
-        # the interpreter but not yet timed on a GPU: until it is, auto keeps the in-kernel
-        # map, validated and timed on the H200 (docs/benchmarks.md).
-        mode = "kernel"
+        # H200, bf16, B8 H16 D64 -> 128 features (docs/benchmarks.md): the pass then the
+        # chunked kernel took 0.41 / 1.99 ms fwd / fwd+bwd at T = 4096 and 1.53 / 6.68 at
+        # 16384, against 0.87 / 3.25 and 3.42 / 12.8 for the projection kernels (each chunk's
+        # two projections and four softmaxes sit on the latency-bound chunk loop); the pass
+        # holds the features, 2.5x the kernels' peak memory (2576 vs 1045 MiB at 16384).
+        mode = "pass"
     elif mode == "auto":
         small = call.B * call.H * call.T <= FUSE_MAX_ROWS
         mode = "kernel" if small or _kernels_module().splits_time(
@@ -431,7 +448,8 @@ def select_kernel(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     call = Call(q.device, q.dtype, B, H, T, dqk, dk, v.shape[-1], fm,
                 initial_state is not None or bool(return_state), initial_state is not None,
-                needs_grad(q, k, v, initial_state, fm), int(window), bool(causal), k.shape[1])
+                needs_grad(q, k, v, initial_state, fm), int(window), bool(causal), k.shape[1],
+                cu_seqlens is not None)
     return select(call, backend)
 
 

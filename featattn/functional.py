@@ -12,9 +12,8 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 
-from . import _switches
 from .chunked import chunked_linear_attention
-from .dispatch import Call, _check_backend, needs_grad, select
+from .dispatch import Call, _check_backend, needs_grad, select, taylor_varlen_mode
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
@@ -215,9 +214,11 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         return _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state,
                                  return_state, backend, cp_group, Dk, cu, cu_seqlens)
 
+    if cu is not None:
+        taylor_varlen_mode()  # a bad switch value raises whichever kernel runs
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
-                needs_grad(q, k, v, initial_state, fm), window, causal, Hkv)
+                needs_grad(q, k, v, initial_state, fm), window, causal, Hkv, cu is not None)
     choice = select(call, backend)
     kernel = choice.name
     if not causal:
@@ -229,13 +230,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
                        window, window_weight, window_scale, Dqk, Dk)
-    taylor_varlen = _switches.read("FEATATTN_TAYLOR_VARLEN") if cu is not None else "loop"
-    if taylor_varlen not in ("loop", "native"):
-        raise ValueError(f"FEATATTN_TAYLOR_VARLEN must be 'loop' (the default) or 'native', got "
-                         f"{taylor_varlen!r}")
-    if taylor_varlen == "native" and kernel in ("taylor_parallel", "taylor_chunked"):
-        kernel = "taylor_chunked"  # the packed form of the chunked Taylor kernel
-    elif cu is not None and kernel != "chunked":  # no packed form: one sequence at a time
+    if cu is not None and not (kernel == "chunked" or (
+            kernel == "taylor_chunked" and taylor_varlen_mode() == "native")):
+        # no packed form: one sequence at a time
         return _per_sequence(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, backend, cu)
     # q, k, v and the state are validated above: the kernels' own checks are skipped
     if kernel == "recurrent_step":

@@ -116,6 +116,22 @@ def test_taylor_varlen_switch_is_checked(monkeypatch):
         linear_attention(q, k, v, feature_map="taylor", cu_seqlens=_cu([4, 6]))
 
 
+@pytest.mark.parametrize("mode,expected", [("native", "taylor_chunked"), ("loop", "taylor_parallel")])
+def test_select_kernel_names_the_packed_taylor_kernel(mode, expected, monkeypatch):
+    """select_kernel with cu_seqlens says what runs: the chunked Taylor kernel's packed form
+    under FEATATTN_TAYLOR_VARLEN=native (the default) even where a lone call of that length
+    would take the parallel form, and the per-sequence parallel form under ``loop``."""
+    from featattn import select_kernel
+
+    monkeypatch.setenv("FEATATTN_TAYLOR_VARLEN", mode)
+    q, k, v = rand_qkv(1, 2, 2, 40, 4, 4, torch.float32, DEV, generator=3)
+    choice = select_kernel(q, k, v, "taylor", "triton", cu_seqlens=_cu([15, 25]))
+    assert choice.name == expected, choice
+    if mode == "native":
+        assert any("packed" in r for r in choice.reasons), choice.reasons
+    assert select_kernel(q, k, v, "taylor", "triton").name == "taylor_parallel"
+
+
 def test_native_kernel_takes_packed_sequences(monkeypatch):
     """The chunked kernel runs the packed batch itself: the one-sequence-at-a-time fallback
     is never entered, and the result equals the second sequence run alone."""

@@ -208,12 +208,16 @@ def test_packed_sequences_match_each_sequence_alone(mode, monkeypatch):
         assert rel_err(a, b) < 1e-5
 
 
-def test_select_kernel_says_when_the_projection_stays_in_pytorch():
+def test_select_kernel_says_when_the_projection_stays_in_pytorch(monkeypatch):
+    monkeypatch.delenv("FEATATTN_FUSE_MAPS", raising=False)
     q = k = v = torch.randn(1, 2, 8, 160, device=DEV)
     fm = HedgehogFeatureMap(160, heads=2)
     c = featattn.select_kernel(q, k, v, fm, backend="triton")
     assert c.map_path == "torch" and any("above 128" in r for r in c.reasons), c
     q = k = v = torch.randn(1, 2, 8, 16, device=DEV)
+    c = featattn.select_kernel(q, k, v, HedgehogFeatureMap(16, heads=2), backend="triton")
+    assert c.map_path == "triton_pass" and c.map_fused  # auto: the pass (2x faster on the H200)
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "kernel")
     c = featattn.select_kernel(q, k, v, HedgehogFeatureMap(16, heads=2), backend="triton")
     assert c.map_path == "kernel" and c.map_fused
 
