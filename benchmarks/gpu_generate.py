@@ -10,7 +10,9 @@ over the prompt, through ``generate(max_new_tokens=1)``) and the per-token time,
 ``(time of generate(N new) - time of generate(1 new)) / (N - 1)`` so the prefill cancels (each
 the fastest of three runs).
 Before timing, each patched model's greedy tokens with the recurrent cache are checked against
-``use_cache=False`` recomputation on a short prompt.
+``use_cache=False`` recomputation on a short prompt, and (CUDA) the same model with
+``featattn.hf.enable_cuda_graphs`` against the eager one; "+ CUDA graphs" rows replay one
+captured decoding step per token.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import torch
 
 import featattn
+from featattn.hf import enable_cuda_graphs
 
 
 def build(args, device, dtype):
@@ -71,6 +74,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate")
     ap.add_argument("--maps", default="elu,hedgehog")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="no rows with featattn.hf.enable_cuda_graphs (CUDA only)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -81,6 +86,19 @@ def main():
         m = featattn.patch_hf_model(copy.deepcopy(base), name)
         print(f"{name}: cached greedy == recompute: {check(m, vocab, device)}", flush=True)
         models[f"patched {name}"] = m
+        if device.type == "cuda" and not args.no_graphs:
+            g = copy.deepcopy(m)
+            enable_cuda_graphs(g)
+            ids = torch.randint(1, vocab, (2, 40), device=device)
+            with torch.no_grad():
+                same = torch.equal(
+                    g.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False),
+                    m.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False))
+            dec = g._featattn_graphs
+            print(f"{name} + CUDA graphs: greedy == eager: {same}, replays "
+                  f"{sum(e.replays for e in dec.entries.values())}, eager calls "
+                  f"{dec.eager_reasons}", flush=True)
+            models[f"patched {name} + CUDA graphs"] = g
     rows = []
     for T in (int(t) for t in args.prompts.split(",")):
         for B in (int(b) for b in args.batches.split(",")):

@@ -332,6 +332,11 @@ BACKENDS = tuple(dict.fromkeys(("auto", "torch", "reference", "triton") + KERNEL
 #: path costs more GPU time than writing the features).
 FUSE_MAX_ROWS = 1 << 20
 
+#: ``FEATATTN_FUSE_MAPS=auto`` runs a learned projection map (Hedgehog, T2R) in its own
+#: kernels for calls of at most this many (batch, head, token) rows (host-bound calls, where
+#: one launch fewer each way wins), else as its Triton pass before the chunked kernel.
+PROJECTION_KERNEL_MAX_ROWS = 1 << 15
+
 
 def _triton_map_path(call: Call, projection: bool = False) -> str:
     """Where an elementwise map runs: inside the chunked kernel for calls of at most
@@ -339,8 +344,9 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
     or when T is split into segments (enough programs hide the map, and the features never
     reach memory); one Triton pass before the kernel for larger calls, where one program
     sweeping each head makes the in-kernel map cost more than writing the features.
-    A learned projection map (``projection``) runs as its Triton pass under ``auto``;
-    ``FEATATTN_FUSE_MAPS=kernel`` gives its own kernels (features never in memory)."""
+    A learned projection map (``projection``) runs as its Triton pass under ``auto``, in its
+    own kernels for calls of at most :data:`PROJECTION_KERNEL_MAX_ROWS` rows;
+    ``FEATATTN_FUSE_MAPS=kernel`` forces its own kernels (features never in memory)."""
     mode = _switches.read("FEATATTN_FUSE_MAPS")
     if mode not in ("auto", "pass", "kernel"):
         raise ValueError(f"FEATATTN_FUSE_MAPS must be 'auto' (the default), 'pass' or 'kernel', "
@@ -351,7 +357,10 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
         # 16384, against 0.87 / 3.25 and 3.42 / 12.8 for the projection kernels (each chunk's
         # two projections and four softmaxes sit on the latency-bound chunk loop); the pass
         # holds the features, 2.5x the kernels' peak memory (2576 vs 1045 MiB at 16384).
-        mode = "pass"
+        # Small calls (decoding, short prompts) are host-bound: the kernels' fewer launches
+        # win there (a patched model's eager generate() took 2x longer per token with the
+        # pass at T = 1).
+        mode = "kernel" if call.B * call.H * call.T <= PROJECTION_KERNEL_MAX_ROWS else "pass"
     elif mode == "auto":
         small = call.B * call.H * call.T <= FUSE_MAX_ROWS
         mode = "kernel" if small or _kernels_module().splits_time(

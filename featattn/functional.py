@@ -620,12 +620,37 @@ def _step(q, k, v, fm, scale, normalize, eps, kv0, z0, return_state, kv_out=None
     if fm is None and scale != 1.0:
         q = q * scale
     taylor = type(fm) is TaylorFeatureMap
+    if torch.compiler.is_compiling():  # one opaque node that updates the state in place
+        return _step_compiled(q, k, v, fm, scale, normalize, eps, kv0, z0, taylor, kv_out,
+                              z_out, out)
     return recurrent_step(
         q, k, v, normalize=normalize, eps=eps, initial_kv=kv0.float().contiguous(),
         initial_z=None if z0 is None else z0.float().contiguous(),
         feature_map=None if (fm is None or taylor) else fm, scale=scale if fm is not None else 1.0,
         taylor=taylor, kv_out=kv_out, z_out=z_out, out=out,
         store_state=return_state or kv_out is not None)
+
+
+def _step_compiled(q, k, v, fm, scale, normalize, eps, kv0, z0, taylor, kv_out, z_out, out):
+    """The step kernel under torch.compile, as the in-place custom op: the new state goes
+    into ``kv_out`` / ``z_out`` (fresh copies of the initial state when not given)."""
+    from .kernels.decode import recurrent_step_inplace
+
+    B, H, T, _ = q.shape
+    kv = kv_out if kv_out is not None else kv0.float().clone(memory_format=torch.contiguous_format)
+    if kv_out is not None and kv_out is not kv0:
+        kv.copy_(kv0)
+    z = None
+    if normalize:
+        z = z_out if z_out is not None else z0.float().clone(memory_format=torch.contiguous_format)
+        if z_out is not None and z_out is not z0:
+            z.copy_(z0)
+    if out is None:
+        out = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+    recurrent_step_inplace(q, k, v, kv, z, out, normalize=normalize, eps=eps,
+                           feature_map=None if (fm is None or taylor) else fm,
+                           scale=scale if fm is not None else 1.0, taylor=taylor)
+    return out, kv, z
 
 
 def _torch_map(fm, q, k, Dqk, Dk):

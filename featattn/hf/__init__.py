@@ -23,7 +23,7 @@ See docs/hf.md for the workflow, attention transfer, the save/load round trip an
 The package is split along the module's sections: ``_common`` (families, config key,
 ``transformers`` check), ``attention`` (:class:`HFFeatureAttention`), ``cache`` (the recurrent
 cache; the transformers-dependent classes in ``_cache_types``, built on first access), ``hooks``
-(the base-model pre-forward hook), ``patch`` (patch / unpatch), ``save`` (save / load) and
+(the base-model pre-forward hook), ``graphs`` (CUDA-graph decoding), ``patch`` (patch / unpatch), ``save`` (save / load) and
 ``transfer`` (attention transfer), and ``model`` (:class:`FeatureAttentionForCausalLM`, a ready
 model class registered with the Auto classes; imported, with transformers, on first access of
 its names).  This ``__init__`` re-exports their public names, and the
@@ -36,6 +36,7 @@ from . import cache as _cache
 from ._common import CONFIG_KEY, PADDING_KWARG, SUPPORTED_FAMILIES
 from .attention import HFFeatureAttention
 from .cache import cache_kwarg_name, cache_nbytes
+from .graphs import disable_cuda_graphs, enable_cuda_graphs
 from .patch import is_patched, patch_hf_model, patched_layers, unpatch_hf_model
 from .save import load_feature_maps, load_patched_hf_model, repatch_hf_model
 from .transfer import TRANSFER_LOSSES, TransferResult, transfer_attention
@@ -58,6 +59,8 @@ __all__ = [
     "HFFeatureAttention",
     "cache_nbytes",
     "cache_kwarg_name",
+    "enable_cuda_graphs",
+    "disable_cuda_graphs",
     "SUPPORTED_FAMILIES",
     "CONFIG_KEY",
     "PADDING_KWARG",

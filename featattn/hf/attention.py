@@ -301,7 +301,12 @@ class HFFeatureAttention(nn.Module):
         return self.o_proj(o)
 
     def _key_mask(self, bound: dict, B: int, T: int):
-        """Key padding of the current tokens (True = real), or None when nothing is padded."""
+        """Key padding of the current tokens (True = real), or None when nothing is padded.
+
+        Without the base-model hook's :data:`PADDING_KWARG` (a 4-D mask, a layer called
+        directly) the mask is read, which is a host synchronisation; a one-token call skips
+        that and is taken as a real token, as ``generate()``'s decoding steps are (so a step
+        can be captured in a CUDA graph: featattn.hf.enable_cuda_graphs)."""
         if PADDING_KWARG in bound:
             key_mask = bound[PADDING_KWARG]
             key_mask = None if key_mask is None or key_mask is False else key_mask
@@ -310,6 +315,8 @@ class HFFeatureAttention(nn.Module):
                     f"{PADDING_KWARG} must be [B, T] = [{B}, {T}], got {tuple(key_mask.shape)}"
                 )
             return key_mask
+        if T == 1:
+            return None
         return _key_mask_from_attention_mask(bound.get("attention_mask"), B, T)
 
     # ---------------------------------------------------------------- forward

@@ -22,6 +22,12 @@ def _base_model_pre_hook(module, args, kwargs):
       * when the mask has zeros and no ``position_ids`` were given, sets
         ``position_ids = cumsum(mask) - 1`` (0 on padding), as ``generate()`` does, so rotary /
         learned positions of a padded sequence match the unpadded run.
+
+    A one-token call with ``position_ids`` (``generate()``'s decoding steps) is taken as a real
+    token without reading the mask: reading it is a host synchronisation per step, which
+    stalls eager decoding and breaks a ``torch.compile``d (CUDA-graph) step.  ``generate()``
+    never steps a padding token; a caller stepping one by hand must leave ``position_ids``
+    out so the mask is read.
     """
     names = _param_names(type(module).forward)
     npos = min(len(args), len(names))
@@ -49,6 +55,8 @@ def _base_model_pre_hook(module, args, kwargs):
     B = ids.shape[0] if isinstance(ids, torch.Tensor) else embeds.shape[0]
     if mask.shape[-1] != _seq_length(cache) + T or mask.shape[0] != B:
         return None
+    if T == 1 and get("position_ids") is not None:  # a decoding step: no host sync
+        return args, {**kwargs, PADDING_KWARG: False}
     keep = mask != 0
     flags = torch.stack([(~keep).any(), (~keep[:, -T:]).any()]).tolist()  # one sync
     any_pad, current_pad = bool(flags[0]), bool(flags[1])

@@ -400,13 +400,17 @@ def unpatch_hf_model(model: nn.Module) -> nn.Module:
     """Put the original softmax attention modules back, in place; returns ``model``.
 
     The originals get the (shared) projections back as they are now, fine-tuning included;
-    the feature maps are dropped, as are the pre-forward hook and ``model.config.featattn``.
+    the feature maps are dropped, as are the pre-forward hook, CUDA-graph decoding
+    (:func:`~featattn.hf.enable_cuda_graphs`) and ``model.config.featattn``.
     Raises ``RuntimeError`` when the model is not patched.
     """
     fam, base, decoder_layers = _resolve(model)
     mods = _patched_modules(model)
     if not mods:
         raise RuntimeError("this model is not patched by featattn: nothing to unpatch")
+    from .graphs import disable_cuda_graphs  # graphs imports this module
+
+    disable_cuda_graphs(model)
     for layer in decoder_layers:
         new = getattr(layer, fam.attn_attr, None)
         if not isinstance(new, HFFeatureAttention):

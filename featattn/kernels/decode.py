@@ -36,7 +36,7 @@ from ._common import alloc as _alloc
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import next_pow2
 
-__all__ = ["recurrent_step", "MAX_T", "step_unsupported_reason"]
+__all__ = ["recurrent_step", "recurrent_step_inplace", "MAX_T", "step_unsupported_reason"]
 
 #: the longest T the step kernel takes (longer calls are prefill: the chunked kernels)
 MAX_T = 16
@@ -221,3 +221,30 @@ def recurrent_step(q, k, v, *, normalize: bool, eps: float, initial_kv=None, ini
     if not store_state:
         return out, None, None
     return out, kv_out, (z_out if normalize else None)
+
+
+@torch.library.custom_op("featattn::recurrent_step_", mutates_args=("kv", "z", "out"))
+def _step_inplace_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+    z: Optional[torch.Tensor], out: torch.Tensor, normalize: bool, eps: float, fmap: str,
+    scale: float, taylor: bool,
+) -> None:
+    fm = _maps.lookup(fmap)[0] if fmap else None
+    recurrent_step(q, k, v, normalize=normalize, eps=eps, initial_kv=kv, initial_z=z,
+                   feature_map=fm, scale=scale, taylor=taylor, kv_out=kv, z_out=z, out=out)
+
+
+@_step_inplace_op.register_fake
+def _(q, k, v, kv, z, out, normalize, eps, fmap, scale, taylor):
+    return None
+
+
+def recurrent_step_inplace(q, k, v, kv, z, out, *, normalize: bool, eps: float,
+                           feature_map=None, scale: float = 1.0, taylor: bool = False) -> None:
+    """:func:`recurrent_step` updating ``kv`` / ``z`` (fp32, contiguous) in place and writing
+    ``out``, as the custom op ``featattn::recurrent_step_``: torch.compile keeps it as one
+    opaque node that mutates those three buffers (it cannot trace the launch itself, whose
+    map is a constexpr ``@triton.jit`` function), so a compiled decoding step, CUDA graphs
+    included, runs the same kernel as an eager one."""
+    fmap = "" if feature_map is None else _maps.fused_key(feature_map)
+    _step_inplace_op(q, k, v, kv, z, out, normalize, float(eps), fmap, float(scale), taylor)

@@ -23,6 +23,8 @@ map                phi(x)                          phi'(x)
 
 from __future__ import annotations
 
+import importlib
+
 from typing import Optional
 
 import torch
@@ -89,11 +91,17 @@ _FUSED: dict[str, tuple[FeatureMap, ElementwiseTritonForm]] = {}
 def fused_key(fm: FeatureMap) -> Optional[str]:
     """The string naming ``fm``'s Triton form to the kernel ops, or None when it has none.
     The form is a property of the class (maps with one carry no parameters), so one instance
-    stands for all of them."""
+    stands for all of them.
+
+    Under torch.compile the form (a ``@triton.jit`` function) cannot be traced: the key is the
+    class's name alone, and :func:`lookup` files it when the op runs (the caller checked that
+    the map has a form)."""
+    key = f"{type(fm).__module__}:{type(fm).__qualname__}"
+    if torch.compiler.is_compiling():
+        return key
     form = fm.triton_elementwise()
     if form is None:
         return None
-    key = f"{type(fm).__module__}.{type(fm).__qualname__}"
     known = _FUSED.get(key)
     if known is None or known[1] != form:
         _FUSED[key] = (fm, form)
@@ -101,7 +109,25 @@ def fused_key(fm: FeatureMap) -> Optional[str]:
 
 
 def lookup(key: str) -> tuple[FeatureMap, ElementwiseTritonForm]:
-    """(a map instance, its Triton form) for a key from :func:`fused_key`."""
+    """(a map instance, its Triton form) for a key from :func:`fused_key`.  A key first made
+    under torch.compile is filed here, with an instance of its class built without
+    arguments."""
+    hit = _FUSED.get(key)
+    if hit is not None:
+        return hit
+    module, _, qualname = key.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    try:
+        fm = obj()
+    except TypeError as e:
+        raise TypeError(
+            f"the feature map class {qualname} met first under torch.compile cannot be built "
+            f"without arguments ({e}); call the compiled function's map once eagerly first "
+            "(any featattn call with it), which files its Triton form") from None
+    if fused_key(fm) != key:
+        raise TypeError(f"feature map {qualname} has no Triton form (triton_elementwise())")
     return _FUSED[key]
 
 

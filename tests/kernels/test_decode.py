@@ -201,3 +201,67 @@ def test_gpu_captured_step_equals_eager_bf16(fm, d):
         o_eager = decode_step(q2, k2, v2, eager, feature_map=fm)
     torch.cuda.synchronize()
     assert torch.equal(out, o_eager) and torch.equal(gst.kv, eager.kv) and torch.equal(gst.z, eager.z)
+
+
+@pytest.mark.parametrize("fm,normalize,return_state",
+                         [("elu", True, False), ("taylor", True, True), (None, False, True)])
+def test_compiled_step_is_one_inplace_op_equal_to_the_eager_step(fm, normalize, return_state):
+    """Under torch.compile(fullgraph=True) the step is the custom op featattn::recurrent_step_
+    (dynamo cannot trace the launch itself): decode_step updates the state's own buffers in
+    place, a linear_attention call returning a state leaves the initial state alone, and both
+    equal the eager step."""
+    B, H, Hkv, T, d, Dv = 1, 2, 1, 2, 4, 8
+    q, k, v = rand_qkv(B, H, Hkv, T, d, Dv, torch.float32, DEV, generator=5, positive=fm is None)
+    kv0, z0 = rand_state(B, H, _dk(fm, d), Dv, normalize, generator=6, device=DEV, z_min=1.0)
+    eager = LinearAttentionState(kv0.clone(), None if z0 is None else z0.clone())
+    comp = LinearAttentionState(kv0.clone(), None if z0 is None else z0.clone())
+    ptr = comp.kv.data_ptr()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        if return_state:
+            def f(q, k, v, s):
+                return featattn.linear_attention(q, k, v, feature_map=fm, normalize=normalize,
+                                                 initial_state=s, return_state=True,
+                                                 backend="recurrent_step")
+            want_o, want_s = f(q, k, v, eager)
+            o, s = torch.compile(f, fullgraph=True, backend=backend)(q, k, v, comp)
+            check_close("kv", s.kv, want_s.kv, 1e-6)
+            assert torch.equal(comp.kv, kv0)  # the initial state is left alone
+        else:
+            def f(q, k, v, s):
+                return decode_step(q, k, v, s, feature_map=fm, normalize=normalize,
+                                   backend="recurrent_step")
+            want_o = f(q, k, v, eager)
+            o = torch.compile(f, fullgraph=True, backend=backend)(q, k, v, comp)
+            check_close("kv in place", comp.kv, eager.kv, 1e-6)
+            check_close("z in place", comp.z, eager.z, 1e-6)
+            assert comp.kv.data_ptr() == ptr
+    check_close("o", o, want_o, 1e-6)
+    assert any("recurrent_step_" in t for t in seen), seen
+
+
+def test_a_map_first_met_under_compile_is_filed_when_the_op_runs(monkeypatch):
+    """Under torch.compile the map's key names its class (its @triton.jit form cannot be
+    traced); the op files it when it runs, from an instance built without arguments, and a
+    class that needs arguments is explained."""
+    from featattn.feature_maps import resolve_feature_map
+    from featattn.kernels import maps
+
+    monkeypatch.setattr(maps, "_FUSED", {})
+    fm = resolve_feature_map("elu")
+    key = f"{type(fm).__module__}:{type(fm).__qualname__}"
+    inst, form = maps.lookup(key)
+    assert type(inst) is type(fm) and form == fm.triton_elementwise()
+
+    class NeedsArgs(type(fm)):
+        def __init__(self, width):
+            super().__init__()
+
+    monkeypatch.setattr(maps, "NeedsArgs", NeedsArgs, raising=False)
+    with pytest.raises(TypeError, match="once eagerly first"):
+        maps.lookup("featattn.kernels.maps:NeedsArgs")

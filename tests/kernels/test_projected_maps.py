@@ -21,6 +21,7 @@ import featattn  # noqa: E402
 from featattn.feature_maps import HedgehogFeatureMap  # noqa: E402
 from featattn.feature_maps.t2r import T2RFeatureMap  # noqa: E402
 from featattn.kernels import projected_attention  # noqa: E402
+from featattn.dispatch import PROJECTION_KERNEL_MAX_ROWS  # noqa: E402
 from helpers import rel_err, tolerance  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,7 +217,10 @@ def test_select_kernel_says_when_the_projection_stays_in_pytorch(monkeypatch):
     assert c.map_path == "torch" and any("above 128" in r for r in c.reasons), c
     q = k = v = torch.randn(1, 2, 8, 16, device=DEV)
     c = featattn.select_kernel(q, k, v, HedgehogFeatureMap(16, heads=2), backend="triton")
-    assert c.map_path == "triton_pass" and c.map_fused  # auto: the pass (2x faster on the H200)
+    assert c.map_path == "kernel" and c.map_fused  # auto, a small (host-bound) call: the kernels
+    big = torch.zeros(1, 2, PROJECTION_KERNEL_MAX_ROWS // 2 + 1, 16, device=DEV)
+    c = featattn.select_kernel(big, big, big, HedgehogFeatureMap(16, heads=2), backend="triton")
+    assert c.map_path == "triton_pass" and c.map_fused  # auto, large: the pass (2x faster)
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", "kernel")
     c = featattn.select_kernel(q, k, v, HedgehogFeatureMap(16, heads=2), backend="triton")
     assert c.map_path == "kernel" and c.map_fused

@@ -1,0 +1,165 @@
+"""CUDA-graph decoding (featattn.hf.enable_cuda_graphs).
+
+On CPU the graph is a stand-in that re-runs the captured call on the static buffers at each
+replay, which checks the plumbing a real replay relies on (inputs copied into static buffers,
+states advanced in place in the graph's buffers, token counts kept by the wrapper, a cache
+handing the buffers to another and getting its states back); the ``cuda`` test captures real
+graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import featattn  # noqa: E402
+from featattn.hf import (FeatureAttentionCache, cache_kwarg_name, disable_cuda_graphs,  # noqa: E402
+                         enable_cuda_graphs)
+from featattn.hf.graphs import CUDAGraphDecoding  # noqa: E402
+from hf_models import VOCAB, make_model  # noqa: E402
+
+
+class ReRun:
+    """A stand-in CUDA graph: capture runs the call; replay runs it again and writes its
+    outputs into the captured ones (a replay re-issues the captured kernels on the same
+    buffers, outputs included)."""
+
+    def __init__(self, pool=None):
+        self.fn = self.out = None
+
+    def capture(self, fn):
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self):
+        new = self.fn()
+        for k, v in self.out.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(new[k])
+
+
+class Broken(ReRun):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _patched(fm="elu", layers=None, dtype=torch.float32):
+    model = make_model("llama", dtype=dtype)
+    return featattn.patch_hf_model(model, fm, layers=layers)
+
+
+def _graphs(model, cls=ReRun):
+    dec = enable_cuda_graphs(model)
+    dec.graph_class = cls
+    return dec
+
+
+def _generate(model, ids, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("fm", ["elu", "taylor"])
+def test_generate_with_graphs_equals_eager(fm):
+    model = _patched(fm)
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    want = _generate(model, ids, 12)
+    dec = _graphs(model)
+    got = _generate(model, ids, 12)
+    assert torch.equal(got, want)
+    (entry,) = dec.entries.values()
+    assert entry.replays == 11  # every step after the prefill replays the graph
+    assert all("prefill" in r or "one new token" in r for r in dec.eager_reasons), dec.eager_reasons
+    # a second generate (a new cache) takes the same graph over
+    got2 = _generate(model, ids, 12, **{cache_kwarg_name(model): FeatureAttentionCache(model)})
+    assert torch.equal(got2, want) and len(dec.entries) == 1 and entry.replays == 22
+
+
+def test_alternating_caches_keep_their_own_states():
+    """Two caches stepped in turn through one graph equal each stepped alone: the cache that
+    loses the graph's buffers gets its states back, and token counts stay per cache."""
+    model = _patched("elu")
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, VOCAB, (2, 5), generator=g), torch.randint(1, VOCAB, (2, 9), generator=g)
+    toks = torch.randint(1, VOCAB, (6, 2, 1), generator=g)
+    kw = cache_kwarg_name(model)
+
+    def run(prompts_order):
+        caches, logits = {}, {"a": [], "b": []}
+        with torch.no_grad():
+            for name, prompt in (("a", a), ("b", b)):
+                caches[name] = FeatureAttentionCache(model)
+                model(prompt, **{kw: caches[name]}, use_cache=True)
+            for i, name in enumerate(prompts_order):
+                c = caches[name]
+                n = c.get_seq_length()
+                out = model(toks[i], **{kw: c}, use_cache=True,
+                            position_ids=torch.full((2, 1), n),
+                            cache_position=torch.tensor([n]))
+                logits[name].append(out.logits)
+        return caches, logits
+
+    order = ["a", "b", "a", "a", "b", "b"]
+    want_c, want = run(order)
+    dec = _graphs(model)
+    got_c, got = run(order)
+    for name in "ab":
+        for x, y in zip(got[name], want[name]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        assert got_c[name].get_seq_length() == want_c[name].get_seq_length()
+        for lx, ly in zip(got_c[name].layers, want_c[name].layers):
+            torch.testing.assert_close(lx.state.kv, ly.state.kv, rtol=1e-5, atol=1e-5)
+    assert sum(e.replays for e in dec.entries.values()) == 6
+    disable_cuda_graphs(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "_featattn_graphs")
+    # the cache that held the graph's buffers last still works, eagerly
+    with torch.no_grad():
+        model(toks[0], **{kw: got_c["b"]}, use_cache=True)
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_the_reason():
+    model = _patched("elu")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    want = _generate(model, ids, 5)
+    dec = _graphs(model, Broken)
+    assert torch.equal(_generate(model, ids, 5), want)  # states restored after the failure
+    assert any("could not be captured" in r for r in dec.eager_reasons), dec.eager_reasons
+
+
+def test_training_and_prefill_calls_run_the_models_forward():
+    model = _patched("elu")
+    dec = _graphs(model)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    out = model(ids, labels=ids)
+    out.loss.backward()  # gradients flow: the model's own forward ran
+    assert not dec.entries and any("labels" in r or "grad" in r for r in dec.eager_reasons)
+
+
+def test_enable_cuda_graphs_explains_what_it_needs():
+    with pytest.raises(ValueError, match="patched by featattn"):
+        enable_cuda_graphs(make_model("llama"))
+    with pytest.raises(ValueError, match="1 of 2 decoder layers"):
+        enable_cuda_graphs(_patched("elu", layers=[0]))
+    model = _patched("elu")
+    assert enable_cuda_graphs(model) is enable_cuda_graphs(model)
+    assert isinstance(model._featattn_graphs, CUDAGraphDecoding)
+    import inspect
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters  # generate reads it
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_gpu_generate_with_cuda_graphs_equals_eager(fm):
+    model = copy.deepcopy(_patched(fm)).cuda()
+    ids = torch.randint(1, VOCAB, (2, 40), device="cuda")
+    want = _generate(model, ids, 16)
+    dec = enable_cuda_graphs(model)
+    got = _generate(model, ids, 16)
+    assert torch.equal(got, want), dec.eager_reasons
+    assert sum(e.replays for e in dec.entries.values()) == 15, dec.eager_reasons
