@@ -24,7 +24,9 @@ patched attention never reads that mask when decoding, so the wrapper does not b
 
 from __future__ import annotations
 
+import copy
 import inspect
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -86,8 +88,8 @@ class CUDAGraphDecoding:
     graph_class = _CUDAGraph
 
     def __init__(self, model: nn.Module):
-        self.model_ref = weakref.ref(model)
         self.forward = model.forward  # the bound forward the wrapper replaces
+        self.patched = len(_patched_modules(model))
         #: generate() reads the forward's signature (logits_to_keep, position_ids, ...)
         self.__signature__ = inspect.signature(self.forward)
         self.params = tuple(self.__signature__.parameters)
@@ -95,6 +97,19 @@ class CUDAGraphDecoding:
         self.entries: dict = {}
         self.eager_reasons: dict = {}
         self.pool = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.forward.__self__
+
+    def __deepcopy__(self, memo):
+        """A copied model gets its own wrapper, on its own forward, with no graphs yet (the
+        graphs replay the original's kernels on the original's buffers)."""
+        model = copy.deepcopy(self.model, memo)  # the copy, already being built
+        new = copy.copy(self)
+        new.forward = types.MethodType(self.forward.__func__, model)
+        new.entries, new.eager_reasons, new.pool = {}, {}, None
+        return new
 
     # ------------------------------------------------------------------ eligibility
     def _why_eager(self, kwargs) -> Optional[str]:
@@ -123,11 +138,9 @@ class CUDAGraphDecoding:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer_cls = _cache_classes()[0]
         layers = getattr(cache, "layers", None)
-        model = self.model_ref()
-        n = len(_patched_modules(model)) if model is not None else -1
         if not isinstance(layers, list) or not layers:
             return "no cache with per-layer states"
-        if len(layers) != n or not all(isinstance(x, layer_cls) for x in layers):
+        if len(layers) != self.patched or not all(isinstance(x, layer_cls) for x in layers):
             return "some layers are not patched (their key/value cache grows every step)"
         for x in layers:
             s = x.state
@@ -171,7 +184,7 @@ class CUDAGraphDecoding:
             [None if x.state.z is None else torch.empty_like(
                 x.state.z, dtype=torch.float32, memory_format=torch.contiguous_format)
              for x in cache.layers])
-        static = _cache_classes()[1](self.model_ref())
+        static = _cache_classes()[1](self.model)
         for x, kv, z in zip(static.layers, entry.kv, entry.z):
             x.store(LinearAttentionState(kv, z), 0)
         entry.cache = static

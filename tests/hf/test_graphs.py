@@ -140,6 +140,25 @@ def test_training_and_prefill_calls_run_the_models_forward():
     assert not dec.entries and any("labels" in r or "grad" in r for r in dec.eager_reasons)
 
 
+def test_a_copied_model_gets_its_own_wrapper():
+    model = _patched("elu")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    want = _generate(model, ids, 6)
+    dec = _graphs(model)
+    _generate(model, ids, 6)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)  # the copy's weights differ: its steps must use them
+    want_twin = _generate(disable_cuda_graphs(copy.deepcopy(twin)), ids, 6)
+    new = twin._featattn_graphs
+    assert new is not dec and new.model is twin and not new.entries
+    new.graph_class = ReRun
+    assert torch.equal(_generate(twin, ids, 6), want_twin)
+    assert not torch.equal(want_twin, want) and sum(e.replays for e in new.entries.values()) == 5
+    assert torch.equal(_generate(model, ids, 6), want)
+
+
 def test_enable_cuda_graphs_explains_what_it_needs():
     with pytest.raises(ValueError, match="patched by featattn"):
         enable_cuda_graphs(make_model("llama"))
