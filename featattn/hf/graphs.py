@@ -61,6 +61,7 @@ class _Entry:
     owner: object = None  # weakref to the user's cache whose layers point at kv / z
     failed: Optional[str] = None
     replays: int = 0
+    weights: tuple = ()
 
 
 class _CUDAGraph:
@@ -111,6 +112,13 @@ class CUDAGraphDecoding:
         new.entries, new.eager_reasons, new.pool = {}, {}, None
         return new
 
+    def __getstate__(self):
+        """Pickled without its graphs (CUDA graphs and their buffers do not pickle); the
+        unpickled model captures again."""
+        state = dict(self.__dict__)
+        state.update(entries={}, eager_reasons={}, pool=None)
+        return state
+
     # ------------------------------------------------------------------ eligibility
     def _why_eager(self, kwargs) -> Optional[str]:
         """None when this call is a step the graph can take, else why not."""
@@ -150,6 +158,10 @@ class CUDAGraphDecoding:
                 return "a softmax window (its keys shift every step)"
             if s.kv.shape[0] != ids.shape[0] or s.kv.device != ids.device:
                 return "the cache's batch or device differs from input_ids"
+            if s.kv.dtype != torch.float32 or (s.z is not None and s.z.dtype != torch.float32):
+                return "the states are not fp32 (the step kernel advances fp32 states in place)"
+        if kwargs.get("attention_mask") is not None and kwargs.get("position_ids") is None:
+            return "attention_mask without position_ids (positions would come from the mask)"
         return None
 
     # ------------------------------------------------------------------ the step
@@ -158,12 +170,22 @@ class CUDAGraphDecoding:
             kwargs = {**dict(zip(self.params, args)), **kwargs}
         why = self._why_eager(kwargs)
         if why is None:
-            entry = self._entry(kwargs)
-            if entry.failed is None:
-                return self._step(entry, kwargs)
+            # buffers and graphs outlive the call: never inference tensors, which a later
+            # call outside torch.inference_mode() could not update in place
+            with torch.inference_mode(False), torch.no_grad():
+                entry = self._entry(kwargs)
+                if entry.failed is None:
+                    return self._step(entry, kwargs)
             why = entry.failed
         self.eager_reasons[why] = self.eager_reasons.get(why, 0) + 1
         return self.forward(**kwargs)
+
+    def _weights(self) -> tuple:
+        """Where the model's parameters and buffers live: a graph replays the kernels it
+        captured on those addresses, so a change (``model.to(...)``, a replaced Parameter)
+        drops every graph."""
+        m = self.model
+        return tuple((t.data_ptr(), t.dtype) for t in (*m.parameters(), *m.buffers()))
 
     def _entry(self, kwargs) -> _Entry:
         B = kwargs["input_ids"].shape[0]
@@ -197,22 +219,22 @@ class CUDAGraphDecoding:
         layers = cache.layers
         if all(x.state.kv is entry.kv[i] for i, x in enumerate(layers)):
             return
+        weights = self._weights()
+        if entry.graph is not None and entry.weights != weights:
+            entry.graph, entry.out = None, None  # the model moved: capture again
+        entry.weights = weights
         for i, x in enumerate(layers):
             if tuple(x.state.kv.shape) != tuple(entry.kv[i].shape) or (
                     (x.state.z is None) != (entry.z[i] is None)):
                 raise _Mismatch("the cache's state shapes differ from the captured step's")
         prev = entry.owner() if entry.owner is not None else None
         if prev is not None and prev is not cache:
-            for i, x in enumerate(prev.layers):
-                s = getattr(x, "state", None)
-                if s is not None and s.kv is entry.kv[i]:
-                    x.state = LinearAttentionState(
-                        s.kv.clone(), None if s.z is None else s.z.clone())
+            _hand_back(entry, prev)
         for i, x in enumerate(layers):
             entry.kv[i].copy_(x.state.kv)
             if entry.z[i] is not None:
                 entry.z[i].copy_(x.state.z)
-            x.state = LinearAttentionState(entry.kv[i], entry.z[i])
+            x.state.kv, x.state.z = entry.kv[i], entry.z[i]  # a held state object follows
         entry.owner = weakref.ref(cache)
 
     def _fill(self, entry: _Entry, kwargs, seen: int) -> None:
@@ -258,7 +280,7 @@ class CUDAGraphDecoding:
         entry.replays += 1
         for x, n in zip(layers, seen):
             x.seen = n + 1
-        return self._output(entry, cache)
+        return self._output(entry, cache, kwargs.get("return_dict"))
 
     def _capture(self, entry: _Entry, kwargs, seen: int) -> bool:
         """Warm up (the kernels compile) and capture the step; the states are put back after
@@ -282,6 +304,10 @@ class CUDAGraphDecoding:
             graph = self.graph_class(self.pool)
             entry.out = graph.capture(lambda: self._call_static(entry, kwargs))
             restore()
+            moved = [i for i, (x, kv) in enumerate(zip(entry.cache.layers, entry.kv))
+                     if x.state.kv is not kv or x.state.z is not entry.z[i]]
+            if moved:  # the step replaced a state instead of updating it in place
+                raise RuntimeError(f"layers {moved} did not update their state in place")
         except Exception as e:  # a step that cannot be captured (a host sync): run eagerly
             restore()
             entry.failed = f"the step could not be captured ({type(e).__name__}: {e})"
@@ -290,7 +316,7 @@ class CUDAGraphDecoding:
         entry.graph = graph
         return True
 
-    def _output(self, entry: _Entry, cache):
+    def _output(self, entry: _Entry, cache, return_dict):
         out = entry.out
         fields = {}
         for k, v in out.items():
@@ -301,11 +327,26 @@ class CUDAGraphDecoding:
             elif v is not None and hasattr(v, "layers"):
                 v = cache
             fields[k] = v
-        return type(out)(**fields)
+        out = type(out)(**fields)
+        if return_dict is None:
+            cfg = getattr(self.model, "config", None)
+            return_dict = getattr(cfg, "use_return_dict", getattr(cfg, "return_dict", True))
+        return out if return_dict else out.to_tuple()
 
 
 class _Mismatch(ValueError):
     pass
+
+
+def _hand_back(entry: _Entry, cache) -> None:
+    """Give ``cache``'s states that live in the entry's buffers tensors of their own (the
+    state objects themselves, which a caller may hold, keep their values)."""
+    for i, x in enumerate(cache.layers):
+        s = getattr(x, "state", None)
+        if s is not None and s.kv is entry.kv[i]:
+            s.kv = s.kv.clone()
+            if s.z is not None:
+                s.z = s.z.clone()
 
 
 def enable_cuda_graphs(model: nn.Module) -> CUDAGraphDecoding:
@@ -361,10 +402,6 @@ def disable_cuda_graphs(model: nn.Module) -> nn.Module:
         for entry in dec.entries.values():
             owner = entry.owner() if entry.owner is not None else None
             if owner is not None:  # the cache keeps its states, now in tensors of its own
-                for i, x in enumerate(owner.layers):
-                    s = getattr(x, "state", None)
-                    if s is not None and s.kv is entry.kv[i]:
-                        x.state = LinearAttentionState(
-                            s.kv.clone(), None if s.z is None else s.z.clone())
+                _hand_back(entry, owner)
         dec.entries.clear()
     return model

@@ -116,15 +116,15 @@ def lookup(key: str) -> tuple[FeatureMap, ElementwiseTritonForm]:
     if hit is not None:
         return hit
     module, _, qualname = key.partition(":")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
     try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
         fm = obj()
-    except TypeError as e:
+    except (ImportError, AttributeError, TypeError) as e:
         raise TypeError(
-            f"the feature map class {qualname} met first under torch.compile cannot be built "
-            f"without arguments ({e}); call the compiled function's map once eagerly first "
+            f"the feature map class {qualname} met first under torch.compile cannot be found "
+            f"or built without arguments ({e}); call the compiled function's map once eagerly first "
             "(any featattn call with it), which files its Triton form") from None
     if fused_key(fm) != key:
         raise TypeError(f"feature map {qualname} has no Triton form (triton_elementwise())")

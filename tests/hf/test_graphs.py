@@ -182,3 +182,54 @@ def test_gpu_generate_with_cuda_graphs_equals_eager(fm):
     got = _generate(model, ids, 16)
     assert torch.equal(got, want), dec.eager_reasons
     assert sum(e.replays for e in dec.entries.values()) == 15, dec.eager_reasons
+
+
+def test_graphs_follow_the_model_and_the_call():
+    """The review's cases: a model moved to another dtype captures again (a graph replays
+    the old weights' addresses); non-fp32 states, a mask without positions and
+    return_dict=False are honoured; a state object a caller holds keeps its values when
+    another cache takes the graph; buffers made under inference_mode work after it; a
+    pickled model drops its graphs."""
+    import pickle
+
+    model = _patched("elu")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    dec = _graphs(model)
+    with torch.inference_mode():
+        first = _generate(model, ids, 4)
+    assert torch.equal(_generate(model, ids, 4), first)  # no inference-tensor errors
+    (entry,) = dec.entries.values()
+    assert entry.replays == 6
+    captured = entry.graph
+    model.to(torch.float64)
+    disable_cuda_graphs(twin := copy.deepcopy(model))
+    want = _generate(twin, ids, 4)
+    got = _generate(model, ids, 4)
+    assert torch.equal(got, want)
+    assert any("not fp32" in r for r in dec.eager_reasons), dec.eager_reasons  # fp64 states
+    model.to(torch.float32)
+    old = model.lm_head.weight  # kept alive: the new Parameter lives elsewhere
+    model.lm_head.weight = torch.nn.Parameter(old.detach().clone())
+    assert torch.equal(_generate(model, ids, 4), first)
+    assert entry.graph is not captured and old is not None  # weights moved: captured again
+    kw = cache_kwarg_name(model)
+    a, b = FeatureAttentionCache(model), FeatureAttentionCache(model)
+    step = torch.randint(1, VOCAB, (2, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        model(ids, **{kw: a}, use_cache=True)
+        model(ids, **{kw: b}, use_cache=True)
+        pos = torch.full((2, 1), 6)
+        model(step, **{kw: a}, use_cache=True, position_ids=pos)
+        held = a.layers[0].state  # a caller holding a's state object
+        before = held.kv.clone()
+        model(step, **{kw: b}, use_cache=True, position_ids=pos)  # b takes the graph over
+        assert torch.equal(held.kv, before)
+        out = model(step, **{kw: b}, use_cache=True, position_ids=pos + 1, return_dict=False)
+        assert isinstance(out, tuple) and out[0].shape == (2, 1, VOCAB)
+        n = dec.eager_reasons.get(
+            "attention_mask without position_ids (positions would come from the mask)", 0)
+        model(step, **{kw: b}, use_cache=True, attention_mask=torch.ones(2, 9, dtype=torch.long))
+        assert dec.eager_reasons[
+            "attention_mask without position_ids (positions would come from the mask)"] == n + 1
+    again = pickle.loads(pickle.dumps(model))
+    assert again._featattn_graphs.entries == {} and again._featattn_graphs.model is again
