@@ -12,8 +12,10 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 
+from . import _switches
 from .chunked import chunked_linear_attention
-from .dispatch import Call, _check_backend, needs_grad, select, taylor_varlen_mode
+from .dispatch import (Call, KernelUnavailable, _check_backend, needs_grad, select,
+                       taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
@@ -452,23 +454,67 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     if state is not None and state.window_k is not None:
         k = torch.cat([state.window_k, k], dim=2)
         v = torch.cat([state.window_v, v], dim=2)
-    if fm is not None:
-        fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
-    else:
-        fq, fk = (q * scale if scale != 1.0 else q), k
     # A window longer than every key sees them all: the same answer as a window of N keys,
     # without blocks of W x 2W.  A few queries (decoding) take the direct O(T N) form.
     N, T = k.shape[2], q.shape[2]
     window = min(window, N)
     direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
+    extra = {}
+    if not direct and _hybrid_linear_mode() == "triton":
+        extra["linear"] = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
+    if extra.get("linear") is not None:
+        fq = fk = None  # the kernel applied the map
+    elif fm is not None:
+        fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
+    else:
+        fq, fk = (q * scale if scale != 1.0 else q), k
     out, kv, z = fn(q, k, v, fq, fk, window=window, weight=0.5 if weight is None else weight,
                     scale=1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps=eps,
-                    initial_kv=kv0, initial_z=z0, return_state=return_state)
+                    initial_kv=kv0, initial_z=z0, return_state=return_state, **extra)
     if not return_state:
         return out
     keep = min(window, k.shape[2])
     return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
+
+
+def _hybrid_linear_mode() -> str:
+    mode = _switches.read("FEATATTN_HYBRID_LINEAR")
+    if mode not in ("torch", "triton"):
+        raise ValueError(f"FEATATTN_HYBRID_LINEAR must be 'torch' (the default) or 'triton', "
+                         f"got {mode!r}")
+    return mode
+
+
+def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
+    """The hybrid's linear part, ``sum_{s <= t - W} phi(q_t) . phi(k_s) [v_s, 1]``, at every
+    one of the N key positions (q [B, H, T, .] holds the last T): the chunked Triton kernel
+    on keys and values shifted W positions later, so that a causal sum up to t covers
+    s <= t - W, with a column of ones after v for the denominator (the state is then
+    ``[kv | z]``).  The shifted-in rows have zero values (and a zero in the ones column), so
+    whatever the map makes of their zero keys adds nothing.  Returns ``(num [B, H, N, Dv],
+    den [B, H, N, 1], kv, z)``, kv / z covering every key but the last W, as the state of a
+    hybrid call does; None when no Triton kernel can run it (the PyTorch block states then)."""
+    B, H, T, _ = q.shape
+    N, Dv = k.shape[2], v.shape[-1]
+    W = min(window, N)
+    pad = torch.nn.functional.pad
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    k_s = pad(k, (0, 0, W, 0))[:, :, :N]
+    v_s = pad(v1, (0, 0, W, 0))[:, :, :N]
+    q_full = pad(q, (0, 0, N - T, 0)) if N > T else q
+    if q.dtype == torch.float16:  # unnormalised sums of many tokens overflow fp16
+        q_full, k_s, v_s = q_full.float(), k_s.float(), v_s.float()
+    state = None
+    if kv0 is not None:
+        z = z0 if z0 is not None else torch.zeros_like(kv0[..., 0])
+        state = LinearAttentionState(torch.cat([kv0, z.unsqueeze(-1)], dim=-1).float())
+    try:
+        o, s = linear_attention(q_full, k_s, v_s, feature_map=fm, normalize=False, scale=scale,
+                                initial_state=state, return_state=True, backend="triton")
+    except KernelUnavailable:
+        return None
+    return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv], s.kv[..., Dv]
 
 
 def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,

@@ -252,3 +252,60 @@ def test_a_window_longer_than_the_call_costs_only_the_call():
     huge = featattn.linear_attention(q, k, v, feature_map="elu", window=10**9)
     exact = featattn.linear_attention(q, k, v, feature_map="elu", window=70, backend="reference")
     assert torch.allclose(huge, exact, atol=1e-12)
+
+
+@pytest.mark.parametrize("fm,dtype,G", [("elu", torch.float32, 2), ("hedgehog", torch.float32, 1),
+                                        (None, torch.float32, 1), ("relu", torch.float16, 2)])
+@pytest.mark.parametrize("T,W", [(150, 8), (80, 64), (70, 3)])
+def test_linear_part_in_the_triton_kernel_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
+    """FEATATTN_HYBRID_LINEAR=triton: the linear part through the chunked Triton kernel on
+    keys shifted by W (under the interpreter on CPU), with a state passed in (window keys
+    included) and returned: output, states and every gradient against the float64 oracle;
+    the kernel really ran (the PyTorch block states were not built)."""
+    from featattn import functional, hybrid
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    ran = []
+    real = functional._hybrid_linear_triton
+    monkeypatch.setattr(functional, "_hybrid_linear_triton",
+                        lambda *a: ran.append(1) or real(*a))
+    chunked = hybrid.chunked_hybrid_attention
+
+    def spy(*a, **kw):
+        assert kw.get("linear") is not None, "the PyTorch linear part ran"
+        return chunked(*a, **kw)
+
+    monkeypatch.setattr(hybrid, "chunked_hybrid_attention", spy)
+    H, D, Dv = 2 * G, 4, 5
+    q, k, v = _inputs(1, H, H // G, T, D, Dv, seed=T + W)
+    m = _map(fm, D, H, H // G)
+    if fm in ("relu", None):  # keep the linear part's denominator away from 0
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    prev = _inputs(1, H, H // G, 11, D, Dv, seed=5)
+    if fm is None:
+        prev = (prev[0].abs() + 0.1, prev[1].abs() + 0.1, prev[2])
+    logit = torch.randn(H, dtype=torch.float64)
+    with torch.no_grad():
+        _, state0 = featattn.linear_attention(*prev, feature_map=m, window=W, return_state=True)
+    runs = []
+    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
+        mm = m if not isinstance(m, torch.nn.Module) else m.to(
+            torch.float32 if backend == "triton" else torch.float64)
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, k, v)] + [
+            t.clone().requires_grad_() for t in (logit, state0.kv, state0.z)]
+        st0 = featattn.LinearAttentionState(leaves[4], leaves[5], state0.window_k.to(dt),
+                                            state0.window_v.to(dt))
+        o, s = featattn.linear_attention(*leaves[:3], feature_map=mm, window=W,
+                                         window_weight=torch.sigmoid(leaves[3]),
+                                         initial_state=st0, return_state=True,
+                                         backend="auto" if backend == "triton" else backend)
+        loss = (o.double() ** 2).sum() + (s.kv * 0.3).sum() + s.z.sum()
+        grads = torch.autograd.grad(loss, leaves)
+        runs.append([o, s.kv, s.z, *grads])
+    assert ran, "the Triton linear part did not run"
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    names = ["o", "kv", "z", "dq", "dk", "dv", "dlogit", "dkv0", "dz0"]
+    for name, a, b in zip(names, *runs):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert err < tol, (name, err)
+

@@ -1,0 +1,88 @@
+"""The hybrid layer (``window > 0``: softmax over the last W keys, linear attention before)
+on the GPU, in one run: its linear part in PyTorch block states (``FEATATTN_HYBRID_LINEAR=
+torch``, the default) and in the chunked Triton kernel on shifted keys (``=triton``), beside
+the pure linear kernel and causal SDPA.
+
+    python benchmarks/gpu_hybrid.py                 # checks, then B8 H16 D64 W64 elu tables
+    python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
+
+Before timing, both settings are checked in bf16 at T = 1000 (grouped heads, a state in and
+out) against the float64 oracle: output and the gradients of q, k, v.  ms fwd / fwd+bwd
+(median of triton.testing.do_bench) and the peak memory of forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import featattn  # noqa: E402
+from gpu_e2e import print_table, timed_case  # noqa: E402
+
+DT = torch.bfloat16
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(W, dev):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1000, 64, device=dev)
+    k, v = torch.randn(2, 2, 1000, 64, device=dev), torch.randn(2, 2, 1000, 64, device=dev)
+    want, grads_want = None, None
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want = featattn.linear_attention(*leaves, feature_map="elu", window=W, backend="reference")
+    grads_want = torch.autograd.grad(want.square().sum(), leaves)
+    for mode in ("torch", "triton"):
+        os.environ["FEATATTN_HYBRID_LINEAR"] = mode
+        lv = [t.to(DT).requires_grad_() for t in (q, k, v)]
+        o = featattn.linear_attention(*lv, feature_map="elu", window=W)
+        g = torch.autograd.grad(o.float().square().sum(), lv)
+        errs = [_rel(o, want)] + [_rel(a, b) for a, b in zip(g, grads_want)]
+        ok = max(errs) < 2e-2
+        print(f"check {mode}: o {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} "
+              f"dv {errs[3]:.1e} {'OK' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            raise SystemExit(f"FEATATTN_HYBRID_LINEAR={mode} disagrees with the oracle")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--no-checks", action="store_true")
+    args = ap.parse_args()
+    dev = "cuda"
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if not args.no_checks:
+        check(args.window, dev)
+    rows = []
+    B, H, D = args.B, args.H, 64
+    for T in args.T:
+        q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=DT).requires_grad_()
+                   for _ in range(3))
+        do = torch.randn(B, H, T, D, device=dev, dtype=DT)
+        for mode in ("torch", "triton"):
+            os.environ["FEATATTN_HYBRID_LINEAR"] = mode
+            timed_case(rows, f"T={T} hybrid W={args.window} elu, linear part {mode}",
+                       lambda: featattn.linear_attention(q, k, v, feature_map="elu",
+                                                         window=args.window), [q, k, v], do)
+        timed_case(rows, f"T={T} pure linear elu (no window)",
+                   lambda: featattn.linear_attention(q, k, v, feature_map="elu"), [q, k, v], do)
+        timed_case(rows, f"T={T} causal SDPA",
+                   lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do)
+    print(f"\n{torch.cuda.get_device_name()}, bf16, B = {B}, H = {H}, D = {D}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
