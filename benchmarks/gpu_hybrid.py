@@ -1,7 +1,8 @@
 """The hybrid layer (``window > 0``: softmax over the last W keys, linear attention before)
-on the GPU, in one run: its linear part in PyTorch block states (``FEATATTN_HYBRID_LINEAR=
-torch``, the default) and in the chunked Triton kernel on shifted keys (``=triton``), beside
-the pure linear kernel and causal SDPA.
+on the GPU, in one run: the chunked PyTorch path (``FEATATTN_HYBRID_LINEAR=torch``, the
+default) and the Triton form (``=triton``: the linear part in the chunked kernel on shifted
+keys, the window in featattn/kernels/window.py), beside the pure linear kernel and causal
+SDPA.
 
     python benchmarks/gpu_hybrid.py                 # checks, then B8 H16 D64 W64 elu tables
     python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
@@ -73,7 +74,7 @@ def main():
         do = torch.randn(B, H, T, D, device=dev, dtype=DT)
         for mode in ("torch", "triton"):
             os.environ["FEATATTN_HYBRID_LINEAR"] = mode
-            timed_case(rows, f"T={T} hybrid W={args.window} elu, linear part {mode}",
+            timed_case(rows, f"T={T} hybrid W={args.window} elu, FEATATTN_HYBRID_LINEAR={mode}",
                        lambda: featattn.linear_attention(q, k, v, feature_map="elu",
                                                          window=args.window), [q, k, v], do)
         timed_case(rows, f"T={T} pure linear elu (no window)",

@@ -49,9 +49,10 @@ SWITCHES = {s.name: s for s in (
            "of the chunked Taylor kernel over all of them; 2.8x faster than `loop` on the H200, "
            "docs/benchmarks.md) or `loop` (one call per sequence)"),
     Switch("FEATATTN_HYBRID_LINEAR", "torch", "call",
-           "the linear part of a hybrid (`window > 0`) call: `torch` (the chunked PyTorch "
-           "path's block states) or `triton` (the chunked Triton kernel on keys shifted by the "
-           "window, the map fused; tested under the interpreter, not yet timed on a GPU)"),
+           "hybrid (`window > 0`) calls of more than 64 queries: `torch` (the chunked PyTorch "
+           "path) or `triton` (the linear part in the chunked Triton kernel on keys shifted by "
+           "the window, the map fused, and the window's softmax in featattn/kernels/window.py; "
+           "tested under the interpreter, not yet timed on a GPU)"),
     Switch("TRITON_INTERPRET", "0", "import",
            "Triton's own: `1` runs the kernels in its interpreter on CPU tensors (CI); "
            "`backend='auto'` never picks it"),

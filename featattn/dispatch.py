@@ -428,7 +428,8 @@ def select_kernel(
         initial_state, return_state: as for linear_attention (the Taylor parallel form
             keeps no state; the step kernel needs an initial state).  Whether the inputs
             require a gradient matters too (the step kernel is inference only).
-        window: as for linear_attention (the hybrid softmax window; > 0 runs in PyTorch).
+        window: as for linear_attention (the hybrid softmax window; > 0 runs in the chunked
+            PyTorch path, or with FEATATTN_HYBRID_LINEAR=triton in two Triton kernels).
         causal: as for linear_attention (False: every query reads every key, in PyTorch).
         cu_seqlens: as for linear_attention (packed sequences: the state is then [N, ...]).
 
@@ -498,7 +499,8 @@ def select(call: Call, backend: str) -> KernelChoice:
         if impl.triton and call.window:
             if impl.applies(call) or backend not in ("auto", "triton"):
                 reasons.append(f"{impl.name}: window={call.window} (the hybrid softmax window) "
-                               f"has no Triton kernel yet; the chunked PyTorch path runs it")
+                               f"runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR="
+                               f"triton: its parts in Triton kernels, not yet GPU-timed)")
             continue
         if impl.triton:
             if triton_why is None:  # shared by every Triton kernel: said once

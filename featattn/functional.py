@@ -461,16 +461,23 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
     extra = {}
+    wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
+    weight = 0.5 if weight is None else weight
     if not direct and _hybrid_linear_mode() == "triton":
         extra["linear"] = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
+        if extra["linear"] is not None and _window_kernel_reason(q, v) is None:
+            out, kv, z = _hybrid_triton(q, k, v, extra["linear"], window, weight, wscale, eps)
+            if not return_state:
+                return out
+            keep = min(window, k.shape[2])
+            return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
     if extra.get("linear") is not None:
         fq = fk = None  # the kernel applied the map
     elif fm is not None:
         fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
     else:
         fq, fk = (q * scale if scale != 1.0 else q), k
-    out, kv, z = fn(q, k, v, fq, fk, window=window, weight=0.5 if weight is None else weight,
-                    scale=1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps=eps,
+    out, kv, z = fn(q, k, v, fq, fk, window=window, weight=weight, scale=wscale, eps=eps,
                     initial_kv=kv0, initial_z=z0, return_state=return_state, **extra)
     if not return_state:
         return out
@@ -515,6 +522,29 @@ def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
     except KernelUnavailable:
         return None
     return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv], s.kv[..., Dv]
+
+
+def _window_kernel_reason(q, v):
+    from .kernels.window import window_unsupported_reason
+
+    return window_unsupported_reason(q.shape[-1], v.shape[-1])
+
+
+def _hybrid_triton(q, k, v, linear, window, weight, wscale, eps):
+    """Both parts in Triton: the window's softmax sums (featattn/kernels/window.py) and the
+    linear part (:func:`_hybrid_linear_triton`), combined under one denominator at the last
+    T positions.  Returns ``(o, kv, z)``."""
+    from .kernels.window import window_softmax
+
+    B, H, T, _ = q.shape
+    N = k.shape[2]
+    A, a, _ = window_softmax(q, k, v, window=window, scale=wscale)
+    num, den, kv, z = linear
+    num, den = num[:, :, N - T:].float(), den[:, :, N - T:].float()
+    f = torch.as_tensor(weight, dtype=torch.float32, device=q.device)
+    f = f.view(1, -1, 1, 1) if f.dim() == 1 else f
+    o = (f * A + (1 - f) * num) / (f * a.unsqueeze(-1) + (1 - f) * den + eps)
+    return o.to(q.dtype), kv, z
 
 
 def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,

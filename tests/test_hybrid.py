@@ -157,7 +157,7 @@ def test_window_zero_matches_plain_and_select_kernel_says_why():
                        featattn.linear_attention(q, k, v, feature_map="elu"))
     choice = featattn.select_kernel(q, k, v, "elu", window=8)
     assert choice.name == "torch_chunked"
-    with pytest.raises(KernelUnavailable, match="window=8.*no Triton kernel"):
+    with pytest.raises(KernelUnavailable, match="window=8.*chunked PyTorch path.*FEATATTN_HYBRID_LINEAR"):
         featattn.select_kernel(q, k, v, "elu", backend="chunked", window=8)
 
 
@@ -257,25 +257,28 @@ def test_a_window_longer_than_the_call_costs_only_the_call():
 @pytest.mark.parametrize("fm,dtype,G", [("elu", torch.float32, 2), ("hedgehog", torch.float32, 1),
                                         (None, torch.float32, 1), ("relu", torch.float16, 2)])
 @pytest.mark.parametrize("T,W", [(150, 8), (80, 64), (70, 3)])
-def test_linear_part_in_the_triton_kernel_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
+def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
     """FEATATTN_HYBRID_LINEAR=triton: the linear part through the chunked Triton kernel on
-    keys shifted by W (under the interpreter on CPU), with a state passed in (window keys
-    included) and returned: output, states and every gradient against the float64 oracle;
-    the kernel really ran (the PyTorch block states were not built)."""
+    keys shifted by W and the window's softmax through featattn/kernels/window.py (under the
+    interpreter on CPU; W above and below the kernels' 32-key tiles, grouped heads), with a
+    state passed in (window keys included) and returned: output, states and every gradient
+    (the mixing weight's too) against the float64 oracle; the PyTorch blocks never ran."""
     from featattn import functional, hybrid
+    from featattn.kernels import window as window_kernels
 
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
     ran = []
     real = functional._hybrid_linear_triton
     monkeypatch.setattr(functional, "_hybrid_linear_triton",
-                        lambda *a: ran.append(1) or real(*a))
-    chunked = hybrid.chunked_hybrid_attention
+                        lambda *a: ran.append("linear") or real(*a))
+    real_window = window_kernels.window_softmax
+    monkeypatch.setattr(window_kernels, "window_softmax",
+                        lambda *a, **kw: ran.append("window") or real_window(*a, **kw))
 
-    def spy(*a, **kw):
-        assert kw.get("linear") is not None, "the PyTorch linear part ran"
-        return chunked(*a, **kw)
+    def boom(*a, **kw):
+        raise AssertionError("the PyTorch blocks ran")
 
-    monkeypatch.setattr(hybrid, "chunked_hybrid_attention", spy)
+    monkeypatch.setattr(hybrid, "chunked_hybrid_attention", boom)
     H, D, Dv = 2 * G, 4, 5
     q, k, v = _inputs(1, H, H // G, T, D, Dv, seed=T + W)
     m = _map(fm, D, H, H // G)
@@ -302,10 +305,27 @@ def test_linear_part_in_the_triton_kernel_equals_the_oracle(fm, dtype, G, T, W, 
         loss = (o.double() ** 2).sum() + (s.kv * 0.3).sum() + s.z.sum()
         grads = torch.autograd.grad(loss, leaves)
         runs.append([o, s.kv, s.z, *grads])
-    assert ran, "the Triton linear part did not run"
+    assert set(ran) == {"linear", "window"}, ran  # both parts ran in Triton
     tol = 2e-5 if dtype == torch.float32 else 3e-3
     names = ["o", "kv", "z", "dq", "dk", "dv", "dlogit", "dkv0", "dz0"]
     for name, a, b in zip(names, *runs):
         err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
         assert err < tol, (name, err)
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T,W", [(1000, 64), (515, 128)])
+def test_gpu_hybrid_in_triton_bf16(T, W, monkeypatch):
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    q, k, v = (t.cuda() for t in _inputs(2, 4, 2, T, 64, 64, seed=T))
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    o = featattn.linear_attention(*leaves, feature_map="elu", window=W)
+    g = torch.autograd.grad(o.float().square().sum(), leaves)
+    ref = [t.requires_grad_() for t in (q, k, v)]
+    o_ref = featattn.linear_attention(*ref, feature_map="elu", window=W, backend="reference")
+    g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
+    for a, b in zip([o, *g], [o_ref, *g_ref]):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 2e-2, err
