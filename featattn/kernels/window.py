@@ -227,6 +227,14 @@ def _dkdv_kernel(
              acc_v.to(dv.dtype.element_ty), mask=mc[:, None] & (ov[None, :] < DV))
 
 
+def _laid_out(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is [B, H, T, D] or a transposed [B, T, H, D] (both dense, so
+    ``empty_like`` gives its gradient the same strides, which the kernels write with), else a
+    contiguous copy (a slice along T, say)."""
+    x = unit_last(x)
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
+
+
 def _tiles(D: int, DV: int):
     return 32, 32, max(16, next_pow2(D)), max(16, next_pow2(DV))
 
@@ -238,7 +246,7 @@ def _strides(x):
 class _Window(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, scale):
-        q, k, v = unit_last(q), unit_last(k), unit_last(v)
+        q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         BT, BK, BD, BV = _tiles(D, DV)
@@ -264,9 +272,7 @@ class _Window(torch.autograd.Function):
         g = ((dA * A).sum(-1) + da * a).contiguous()
         BT, BK, BD, BV = _tiles(D, DV)
         fp32 = q.dtype == torch.float32
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (T, N, H, H // Hkv, D, DV, ctx.window, ctx.scale)
         meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, FP32=fp32, num_warps=4)
         _dq_kernel[(cdiv(T, BT), B * H)](
