@@ -429,7 +429,8 @@ def select_kernel(
             keeps no state; the step kernel needs an initial state).  Whether the inputs
             require a gradient matters too (the step kernel is inference only).
         window: as for linear_attention (the hybrid softmax window; > 0 runs in the chunked
-            PyTorch path, or with FEATATTN_HYBRID_LINEAR=triton in two Triton kernels).
+            PyTorch path, or with FEATATTN_HYBRID_LINEAR=triton in the chunked kernel and
+            kernels/window.py: ``chunked``).
         causal: as for linear_attention (False: every query reads every key, in PyTorch).
         cu_seqlens: as for linear_attention (packed sequences: the state is then [N, ...]).
 
@@ -476,6 +477,36 @@ def needs_grad(q, k, v, state=None, fm=None) -> bool:
     return fm is not None and any(p.requires_grad for p in fm.parameters())
 
 
+#: hybrid (``window > 0``) calls of at most this many queries (decoding) take the direct
+#: O(T N) PyTorch form
+HYBRID_DIRECT_MAX_T = 64
+
+
+def hybrid_triton_mode() -> str:
+    """``FEATATTN_HYBRID_LINEAR``: ``"torch"`` (hybrid calls in the chunked PyTorch path) or
+    ``"triton"`` (the linear part in the chunked kernel, the window in kernels/window.py)."""
+    mode = _switches.read("FEATATTN_HYBRID_LINEAR")
+    if mode not in ("torch", "triton"):
+        raise ValueError(f"FEATATTN_HYBRID_LINEAR must be 'torch' (the default) or 'triton', "
+                         f"got {mode!r}")
+    return mode
+
+
+def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
+    """None when ``impl`` runs this hybrid call (the chunked kernel, for both parts), else
+    why not."""
+    if hybrid_triton_mode() != "triton":
+        return ("runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=triton: its two "
+                "parts in Triton kernels, not yet GPU-timed)")
+    if impl.name != "chunked":
+        return "runs in the chunked kernel (linear part) and kernels/window.py"
+    if call.T <= HYBRID_DIRECT_MAX_T:
+        return (f"T={call.T} queries (at most {HYBRID_DIRECT_MAX_T}: decoding) take the direct "
+                "PyTorch form")
+    why = _kernels_module().window_unsupported_reason(call.dqk, call.dv)
+    return why
+
+
 def select(call: Call, backend: str) -> KernelChoice:
     """The first implementation of ``backend``'s candidates that can run ``call``."""
     if backend == "torch" and not call.causal:  # the PyTorch path of a non-causal call
@@ -497,11 +528,12 @@ def select(call: Call, backend: str) -> KernelChoice:
                                f"(the noncausal path)")
             continue
         if impl.triton and call.window:
-            if impl.applies(call) or backend not in ("auto", "triton"):
-                reasons.append(f"{impl.name}: window={call.window} (the hybrid softmax window) "
-                               f"runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR="
-                               f"triton: its parts in Triton kernels, not yet GPU-timed)")
-            continue
+            why = _hybrid_refusal(call, impl)
+            if why:
+                if impl.applies(call) or backend not in ("auto", "triton"):
+                    reasons.append(f"{impl.name}: window={call.window} (the hybrid softmax "
+                                   f"window) {why}")
+                continue
         if impl.triton:
             if triton_why is None:  # shared by every Triton kernel: said once
                 triton_why = _triton_reasons(call, auto)

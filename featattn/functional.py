@@ -12,10 +12,9 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 
-from . import _switches
 from .chunked import chunked_linear_attention
-from .dispatch import (Call, KernelUnavailable, _check_backend, needs_grad, select,
-                       taylor_varlen_mode)
+from .dispatch import (HYBRID_DIRECT_MAX_T, Call, KernelUnavailable, _check_backend,
+                       needs_grad, select, taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
@@ -441,7 +440,7 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
 
 #: Hybrid calls with at most this many queries (decoding, a short chunk) take the direct
 #: O(T N) form: blocks of W tokens would pad them to W x 2W scores.
-_HYBRID_DIRECT_MAX_T = 64
+_HYBRID_DIRECT_MAX_T = HYBRID_DIRECT_MAX_T
 
 
 def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
@@ -463,9 +462,9 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     extra = {}
     wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
     weight = 0.5 if weight is None else weight
-    if not direct and _hybrid_linear_mode() == "triton":
+    if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
         extra["linear"] = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
-        if extra["linear"] is not None and _window_kernel_reason(q, v) is None:
+        if extra["linear"] is not None:
             out, kv, z = _hybrid_triton(q, k, v, extra["linear"], window, weight, wscale, eps)
             if not return_state:
                 return out
@@ -483,14 +482,6 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
         return out
     keep = min(window, k.shape[2])
     return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
-
-
-def _hybrid_linear_mode() -> str:
-    mode = _switches.read("FEATATTN_HYBRID_LINEAR")
-    if mode not in ("torch", "triton"):
-        raise ValueError(f"FEATATTN_HYBRID_LINEAR must be 'torch' (the default) or 'triton', "
-                         f"got {mode!r}")
-    return mode
 
 
 def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
@@ -521,20 +512,14 @@ def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
                                 initial_state=state, return_state=True, backend="triton")
     except KernelUnavailable:
         return None
-    return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv], s.kv[..., Dv]
-
-
-def _window_kernel_reason(q, v):
-    from .kernels.window import window_unsupported_reason
-
-    return window_unsupported_reason(q.shape[-1], v.shape[-1])
+    return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv].contiguous(), s.kv[..., Dv].contiguous()
 
 
 def _hybrid_triton(q, k, v, linear, window, weight, wscale, eps):
     """Both parts in Triton: the window's softmax sums (featattn/kernels/window.py) and the
     linear part (:func:`_hybrid_linear_triton`), combined under one denominator at the last
     T positions.  Returns ``(o, kv, z)``."""
-    from .kernels.window import window_softmax
+    from .kernels import window_softmax
 
     B, H, T, _ = q.shape
     N = k.shape[2]

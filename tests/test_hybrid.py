@@ -264,7 +264,7 @@ def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
     state passed in (window keys included) and returned: output, states and every gradient
     (the mixing weight's too) against the float64 oracle; the PyTorch blocks never ran."""
     from featattn import functional, hybrid
-    from featattn.kernels import window as window_kernels
+    import featattn.kernels as window_kernels
 
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
     ran = []
@@ -274,6 +274,8 @@ def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
     real_window = window_kernels.window_softmax
     monkeypatch.setattr(window_kernels, "window_softmax",
                         lambda *a, **kw: ran.append("window") or real_window(*a, **kw))
+    q0, k0, v0 = _inputs(1, 2, 1, T, 4, 5, dtype=torch.float32)
+    assert featattn.select_kernel(q0, k0, v0, "elu", "triton", window=W).name == "chunked"
 
     def boom(*a, **kw):
         raise AssertionError("the PyTorch blocks ran")
@@ -300,8 +302,7 @@ def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
                                             state0.window_v.to(dt))
         o, s = featattn.linear_attention(*leaves[:3], feature_map=mm, window=W,
                                          window_weight=torch.sigmoid(leaves[3]),
-                                         initial_state=st0, return_state=True,
-                                         backend="auto" if backend == "triton" else backend)
+                                         initial_state=st0, return_state=True, backend=backend)
         loss = (o.double() ** 2).sum() + (s.kv * 0.3).sum() + s.z.sum()
         grads = torch.autograd.grad(loss, leaves)
         runs.append([o, s.kv, s.z, *grads])
@@ -328,7 +329,8 @@ def test_hybrid_in_triton_takes_strided_and_packed_inputs(layout, monkeypatch):
     else:
         leaves = [t.float() for t in (q, k, v)]
     leaves = [t.requires_grad_() for t in leaves]
-    o = featattn.linear_attention(*leaves, feature_map="elu", window=W, cu_seqlens=cu)
+    o = featattn.linear_attention(*leaves, feature_map="elu", window=W, cu_seqlens=cu,
+                                  backend="triton")
     g = torch.autograd.grad(o.square().sum(), leaves)
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     o_ref = torch.cat([featattn.linear_attention(*(t[:, :, a:b] for t in ref), feature_map="elu",
@@ -353,3 +355,23 @@ def test_gpu_hybrid_in_triton_bf16(T, W, monkeypatch):
     for a, b in zip([o, *g], [o_ref, *g_ref]):
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < 2e-2, err
+
+
+def test_the_triton_hybrid_follows_backend(monkeypatch):
+    """FEATATTN_HYBRID_LINEAR=triton makes the chunked kernel a candidate for hybrid calls;
+    backend='torch' still runs PyTorch, 'auto' never picks the interpreter on CPU, and a
+    decoding-size call (T <= 64) takes the direct form, each said by select_kernel."""
+    import featattn.kernels as kernels
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    monkeypatch.setattr(kernels, "window_softmax", lambda *a, **kw: pytest.fail("Triton ran"))
+    q, k, v = _inputs(1, 2, 2, 80, 4, 4, dtype=torch.float32)
+    for backend in ("torch", "auto"):
+        assert featattn.select_kernel(q, k, v, "elu", backend, window=8).name == "torch_chunked"
+        featattn.linear_attention(q, k, v, feature_map="elu", window=8, backend=backend)
+    short = [t[:, :, :40] for t in (q, k, v)]
+    with pytest.raises(KernelUnavailable, match="T=40 queries"):
+        featattn.select_kernel(*short, "elu", "triton", window=8)
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "yes")
+    with pytest.raises(ValueError, match="FEATATTN_HYBRID_LINEAR must be"):
+        featattn.select_kernel(q, k, v, "elu", "triton", window=8)

@@ -19,8 +19,9 @@ Forward: one program per (query tile, batch * head), flash-attention style: an o
 over the key tiles of the window, the sums rescaled to the final max (which is m_p), and
 the number of maximal scores.  Backward: one program per (query tile, batch * head) for dq,
 one per (key tile, batch * kv head) for dk and dv, looping over the query heads of the
-group (no atomics, no per-head copies).  Scores and sums in fp32; the products take the
-input dtype on the tensor cores (fp32 inputs: full fp32).
+group (no atomics, no per-head copies).  Scores and sums in fp32; the forward's products take
+the input dtype on the tensor cores (fp32 inputs: tf32x3), the backward's fp32 gradients stay
+in a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on tf32 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from ._common import alloc, cdiv, next_pow2, unit_last
@@ -36,7 +38,7 @@ from ._common import alloc, cdiv, next_pow2, unit_last
 __all__ = ["window_softmax", "window_unsupported_reason", "MAX_D"]
 
 #: the largest q/k and value head dims the tiles take
-MAX_D = 256
+MAX_D = 128
 
 
 def window_unsupported_reason(d: int, dv: int) -> Optional[str]:
@@ -48,10 +50,25 @@ def window_unsupported_reason(d: int, dv: int) -> Optional[str]:
 
 @triton.jit
 def _dot(a, b, FP32: tl.constexpr):
+    """a @ b, fp32 accumulation; fp32 inputs (FP32) as three tf32 products."""
     if FP32:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a, b, input_precision="tf32x3")
     else:
         r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _dot_g(a, b, LOWP: tl.constexpr, FP32: tl.constexpr):
+    """a @ b for the backward, whose fp32 operands (dA, dS) would lose their range in fp16:
+    bf16 operands with bf16 inputs (LOWP; bf16 keeps fp32's range), else fp32 ones (tf32 on
+    the tensor cores, three of them for fp32 inputs)."""
+    if LOWP:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif FP32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32))
     return r
 
 
@@ -73,8 +90,8 @@ def _fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     FP32: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)
+    i_t = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -84,7 +101,7 @@ def _fwd_kernel(
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     mr = r < T
-    b_q = tl.load(q + i_b * sqb + i_h * sqh + r[:, None] * sqt + od[None, :],
+    b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
                   mask=mr[:, None] & (od[None, :] < D), other=0.0)
     m_i = tl.full([BT], -1e30, tl.float32)
     l_i = tl.zeros([BT], tl.float32)
@@ -97,9 +114,9 @@ def _fwd_kernel(
     for j0 in range(lo, hi, BK):
         cols = j0 + tl.arange(0, BK)
         mc = cols < hi
-        b_k = tl.load(k_base + cols[:, None] * skt + od[None, :],
+        b_k = tl.load(k_base + cols.to(tl.int64)[:, None] * skt + od[None, :],
                       mask=mc[:, None] & (od[None, :] < D), other=0.0)
-        b_v = tl.load(v_base + cols[:, None] * svt + ov[None, :],
+        b_v = tl.load(v_base + cols.to(tl.int64)[:, None] * svt + ov[None, :],
                       mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
         s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
         tmax = tl.max(s, 1)
@@ -110,7 +127,7 @@ def _fwd_kernel(
         c_i = tl.where(tmax > m_i, 0.0, c_i) + tl.sum(tl.where(ok & (s == m_new[:, None]), 1.0, 0.0), 1)
         acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, FP32)
         m_i = m_new
-    row = i_bh.to(tl.int64) * T + r
+    row = i_bh.to(tl.int64) * T + r.to(tl.int64)
     tl.store(A + row[:, None] * DV + ov[None, :], acc, mask=mr[:, None] & (ov[None, :] < DV))
     tl.store(asum + row, l_i, mask=mr)
     tl.store(m + row, m_i, mask=mr)
@@ -118,10 +135,10 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dS(s, ok, b_dA, b_v, da, m_i, g, c_i, FP32: tl.constexpr):
+def _dS(s, ok, b_dA, b_v, da, m_i, g, c_i, LOWP: tl.constexpr, FP32: tl.constexpr):
     """p and dS of one [BT, BK] tile (module docstring); g = dA . A + da a per row."""
     p = tl.exp(s - m_i[:, None])
-    dp = _dot(b_dA.to(b_v.dtype), tl.trans(b_v), FP32) + da[:, None]
+    dp = _dot_g(b_dA, tl.trans(b_v), LOWP, FP32) + da[:, None]
     top = tl.where(ok & (s == m_i[:, None]), 1.0, 0.0)
     return p, p * dp - top * (g / c_i)[:, None]
 
@@ -132,10 +149,10 @@ def _dq_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     T, N, H, G, D, DV, W, scale,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    FP32: tl.constexpr,
+    LOWP: tl.constexpr, FP32: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)
+    i_t = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -145,9 +162,9 @@ def _dq_kernel(
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     mr = r < T
-    b_q = tl.load(q + i_b * sqb + i_h * sqh + r[:, None] * sqt + od[None, :],
+    b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
                   mask=mr[:, None] & (od[None, :] < D), other=0.0)
-    row = i_bh.to(tl.int64) * T + r
+    row = i_bh.to(tl.int64) * T + r.to(tl.int64)
     b_dA = tl.load(dA + row[:, None] * DV + ov[None, :], mask=mr[:, None] & (ov[None, :] < DV),
                    other=0.0)
     b_da = tl.load(da + row, mask=mr, other=0.0)
@@ -162,14 +179,14 @@ def _dq_kernel(
     for j0 in range(lo, hi, BK):
         cols = j0 + tl.arange(0, BK)
         mc = cols < hi
-        b_k = tl.load(k_base + cols[:, None] * skt + od[None, :],
+        b_k = tl.load(k_base + cols.to(tl.int64)[:, None] * skt + od[None, :],
                       mask=mc[:, None] & (od[None, :] < D), other=0.0)
-        b_v = tl.load(v_base + cols[:, None] * svt + ov[None, :],
+        b_v = tl.load(v_base + cols.to(tl.int64)[:, None] * svt + ov[None, :],
                       mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
         s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
-        p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, FP32)
-        acc += _dot(dS.to(b_k.dtype), b_k, FP32)
-    tl.store(dq + i_b * sqb + i_h * sqh + r[:, None] * sqt + od[None, :],
+        p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
+        acc += _dot_g(dS, b_k, LOWP, FP32)
+    tl.store(dq + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
              (acc * scale).to(dq.dtype.element_ty), mask=mr[:, None] & (od[None, :] < D))
 
 
@@ -179,11 +196,11 @@ def _dkdv_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     T, N, H, G, D, DV, W, scale,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    FP32: tl.constexpr,
+    LOWP: tl.constexpr, FP32: tl.constexpr,
 ):
-    """Grid (key tiles, B * Hkv); dk, dv laid out like k, v."""
-    i_k = tl.program_id(0)
-    i_bhk = tl.program_id(1)
+    """Grid (B * Hkv, key tiles); dk, dv laid out like k, v."""
+    i_bhk = tl.program_id(0)
+    i_k = tl.program_id(1)
     Hkv = H // G
     i_b = (i_bhk // Hkv).to(tl.int64)
     i_hk = (i_bhk % Hkv).to(tl.int64)
@@ -192,9 +209,9 @@ def _dkdv_kernel(
     mc = cols < N
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
-    b_k = tl.load(k + i_b * skb + i_hk * skh + cols[:, None] * skt + od[None, :],
+    b_k = tl.load(k + i_b * skb + i_hk * skh + cols.to(tl.int64)[:, None] * skt + od[None, :],
                   mask=mc[:, None] & (od[None, :] < D), other=0.0)
-    b_v = tl.load(v + i_b * svb + i_hk * svh + cols[:, None] * svt + ov[None, :],
+    b_v = tl.load(v + i_b * svb + i_hk * svh + cols.to(tl.int64)[:, None] * svt + ov[None, :],
                   mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
     acc_k = tl.zeros([BK, BD], tl.float32)
     acc_v = tl.zeros([BK, BV], tl.float32)
@@ -208,9 +225,9 @@ def _dkdv_kernel(
             r = r0 + tl.arange(0, BT)
             mr = r < hi
             rows = tl.where(mr, P0 + r, N)  # a masked row has no keys
-            b_q = tl.load(q + i_b * sqb + i_h * sqh + r[:, None] * sqt + od[None, :],
+            b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
                           mask=mr[:, None] & (od[None, :] < D), other=0.0)
-            row = i_bh * T + r
+            row = i_bh * T + r.to(tl.int64)
             b_dA = tl.load(dA + row[:, None] * DV + ov[None, :],
                            mask=mr[:, None] & (ov[None, :] < DV), other=0.0)
             b_da = tl.load(da + row, mask=mr, other=0.0)
@@ -218,12 +235,12 @@ def _dkdv_kernel(
             g_i = tl.load(g + row, mask=mr, other=0.0)
             c_i = tl.load(ties + row, mask=mr, other=1.0)
             s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
-            p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, FP32)
-            acc_v += _dot(tl.trans(p).to(b_v.dtype), b_dA.to(b_v.dtype), FP32)
-            acc_k += _dot(tl.trans(dS).to(b_q.dtype), b_q, FP32)
-    tl.store(dk + i_b * skb + i_hk * skh + cols[:, None] * skt + od[None, :],
+            p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
+            acc_v += _dot_g(tl.trans(p), b_dA, LOWP, FP32)
+            acc_k += _dot_g(tl.trans(dS), b_q, LOWP, FP32)
+    tl.store(dk + i_b * skb + i_hk * skh + cols.to(tl.int64)[:, None] * skt + od[None, :],
              (acc_k * scale).to(dk.dtype.element_ty), mask=mc[:, None] & (od[None, :] < D))
-    tl.store(dv + i_b * svb + i_hk * svh + cols[:, None] * svt + ov[None, :],
+    tl.store(dv + i_b * svb + i_hk * svh + cols.to(tl.int64)[:, None] * svt + ov[None, :],
              acc_v.to(dv.dtype.element_ty), mask=mc[:, None] & (ov[None, :] < DV))
 
 
@@ -253,16 +270,17 @@ class _Window(torch.autograd.Function):
         A = alloc((B, H, T, DV), torch.float32, q.device)
         a, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
         fp32 = q.dtype == torch.float32
-        _fwd_kernel[(cdiv(T, BT), B * H)](
+        _fwd_kernel[(B * H, cdiv(T, BT))](
             q, k, v, A, a, m, ties, *_strides(q), *_strides(k), *_strides(v),
             T, N, H, H // Hkv, D, DV, int(window), float(scale),
-            BT=BT, BK=BK, BD=BD, BV=BV, FP32=fp32, num_warps=4)
+            BT=BT, BK=BK, BD=BD, BV=BV, FP32=fp32, num_warps=4, num_stages=2)
         ctx.save_for_backward(q, k, v, A, a, m, ties)
         ctx.window, ctx.scale = int(window), float(scale)
         ctx.mark_non_differentiable(m)
         return A, a, m
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dA, da, _dm):
         q, k, v, A, a, m, ties = ctx.saved_tensors
         B, H, T, D = q.shape
@@ -274,11 +292,12 @@ class _Window(torch.autograd.Function):
         fp32 = q.dtype == torch.float32
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (T, N, H, H // Hkv, D, DV, ctx.window, ctx.scale)
-        meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, FP32=fp32, num_warps=4)
-        _dq_kernel[(cdiv(T, BT), B * H)](
+        meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, LOWP=q.dtype == torch.bfloat16, FP32=fp32,
+                    num_warps=4, num_stages=2)
+        _dq_kernel[(B * H, cdiv(T, BT))](
             q, k, v, dA, da, m, g, ties, dq, *_strides(q), *_strides(k), *_strides(v),
             *args, **meta)
-        _dkdv_kernel[(cdiv(N, BK), B * Hkv)](
+        _dkdv_kernel[(B * Hkv, cdiv(N, BK))](
             q, k, v, dA, da, m, g, ties, dk, dv, *_strides(q), *_strides(k), *_strides(v),
             *args, **meta)
         return dq, dk, dv, None, None
