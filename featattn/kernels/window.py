@@ -21,7 +21,8 @@ the number of maximal scores.  Backward: one program per (query tile, batch * he
 one per (key tile, batch * kv head) for dk and dv, looping over the query heads of the
 group (no atomics, no per-head copies).  Scores and sums in fp32; the forward's products take
 the input dtype on the tensor cores (fp32 inputs: tf32x3), the backward's fp32 gradients stay
-in a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on tf32 cores).
+in a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on tf32 cores): chunked.py's
+``_dot_in`` and ``_mm``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from ._common import alloc, cdiv, next_pow2, unit_last
+from .chunked import _dot_in, _mm  # a @ b with the fp32 precision named (TF32X3)
 
 __all__ = ["window_softmax", "window_unsupported_reason", "MAX_D"]
 
@@ -49,37 +51,61 @@ def window_unsupported_reason(d: int, dv: int) -> Optional[str]:
 
 
 @triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    """a @ b, fp32 accumulation; fp32 inputs (FP32) as three tf32 products."""
-    if FP32:
-        r = tl.dot(a, b, input_precision="tf32x3")
-    else:
-        r = tl.dot(a, b)
-    return r
-
-
-@triton.jit
-def _dot_g(a, b, LOWP: tl.constexpr, FP32: tl.constexpr):
-    """a @ b for the backward, whose fp32 operands (dA, dS) would lose their range in fp16:
-    bf16 operands with bf16 inputs (LOWP; bf16 keeps fp32's range), else fp32 ones (tf32 on
-    the tensor cores, three of them for fp32 inputs)."""
-    if LOWP:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif FP32:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return r
-
-
-@triton.jit
 def _scores(q, k, scale, rows, cols, W, N, FP32: tl.constexpr):
     """scale * q k^T [BT, BK] in fp32, -inf outside each row's window (rows/cols are the
     query/key positions; a row past the last query has no keys)."""
-    s = _dot(q, tl.trans(k), FP32) * scale
+    s = _dot_in(q, tl.trans(k), FP32) * scale
     ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - W) \
         & (cols[None, :] >= 0) & (cols[None, :] < N) & (rows[:, None] < N)
     return tl.where(ok, s, float("-inf")), ok
+
+
+@triton.jit
+def _rows(ptr, pos, mask, stride, width, BW: tl.constexpr):
+    """The [len(pos), BW] tile of rows ``pos`` (stride apart, ``width`` valid columns) at
+    ``ptr``, 0 where ``mask`` is off."""
+    cols = tl.arange(0, BW)
+    return tl.load(ptr + pos.to(tl.int64)[:, None] * stride + cols[None, :],
+                   mask=mask[:, None] & (cols[None, :] < width), other=0.0)
+
+
+@triton.jit
+def _query_tile(i_t, T, N, W, BT: tl.constexpr):
+    """Query tile i_t: its rows r, their key positions, the valid-row mask, and the key
+    range [lo, hi) its windows cover."""
+    r = i_t * BT + tl.arange(0, BT)
+    P0 = N - T
+    lo = tl.maximum(P0 + i_t * BT - W + 1, 0)
+    hi = tl.minimum(P0 + i_t * BT + BT, N)
+    return r, P0 + r, r < T, lo, hi
+
+
+@triton.jit
+def _grad_rows(dA, da, m, g, ties, row, mr, DV, BV: tl.constexpr):
+    """The backward's per-row inputs of rows ``row`` (flat b*h*T + r)."""
+    return (_rows(dA, row, mr, DV, DV, BV), tl.load(da + row, mask=mr, other=0.0),
+            tl.load(m + row, mask=mr, other=0.0), tl.load(g + row, mask=mr, other=0.0),
+            tl.load(ties + row, mask=mr, other=1.0))
+
+
+@triton.jit
+def _program(H, G):
+    """(batch * head, query tile, batch, head, kv head) of this program, int64 indices."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    return i_bh, tl.program_id(1), i_b, i_h, i_h // G
+
+
+@triton.jit
+def _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N, D, DV,
+              BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr):
+    """The key/value tile at positions j0.. (below hi) and its masked scores with b_q."""
+    cols = j0 + tl.arange(0, BK)
+    b_k = _rows(k_base, cols, cols < hi, skt, D, BD)
+    b_v = _rows(v_base, cols, cols < hi, svt, DV, BV)
+    s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
+    return b_k, b_v, s, ok
 
 
 @triton.jit
@@ -90,44 +116,28 @@ def _fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     FP32: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    P0 = N - T
-    r = i_t * BT + tl.arange(0, BT)
-    rows = P0 + r
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
-    mr = r < T
-    b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
-                  mask=mr[:, None] & (od[None, :] < D), other=0.0)
+    i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
+    r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
+    b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
     m_i = tl.full([BT], -1e30, tl.float32)
     l_i = tl.zeros([BT], tl.float32)
     c_i = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BV], tl.float32)
-    lo = tl.maximum(P0 + i_t * BT - W + 1, 0)
-    hi = tl.minimum(P0 + i_t * BT + BT, N)
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
     for j0 in range(lo, hi, BK):
-        cols = j0 + tl.arange(0, BK)
-        mc = cols < hi
-        b_k = tl.load(k_base + cols.to(tl.int64)[:, None] * skt + od[None, :],
-                      mask=mc[:, None] & (od[None, :] < D), other=0.0)
-        b_v = tl.load(v_base + cols.to(tl.int64)[:, None] * svt + ov[None, :],
-                      mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
-        s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
+                                    D, DV, BK, BD, BV, FP32)
         tmax = tl.max(s, 1)
         m_new = tl.maximum(m_i, tmax)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         c_i = tl.where(tmax > m_i, 0.0, c_i) + tl.sum(tl.where(ok & (s == m_new[:, None]), 1.0, 0.0), 1)
-        acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, FP32)
+        acc = acc * alpha[:, None] + _dot_in(p.to(b_v.dtype), b_v, FP32)
         m_i = m_new
     row = i_bh.to(tl.int64) * T + r.to(tl.int64)
+    ov = tl.arange(0, BV)
     tl.store(A + row[:, None] * DV + ov[None, :], acc, mask=mr[:, None] & (ov[None, :] < DV))
     tl.store(asum + row, l_i, mask=mr)
     tl.store(m + row, m_i, mask=mr)
@@ -138,7 +148,7 @@ def _fwd_kernel(
 def _dS(s, ok, b_dA, b_v, da, m_i, g, c_i, LOWP: tl.constexpr, FP32: tl.constexpr):
     """p and dS of one [BT, BK] tile (module docstring); g = dA . A + da a per row."""
     p = tl.exp(s - m_i[:, None])
-    dp = _dot_g(b_dA, tl.trans(b_v), LOWP, FP32) + da[:, None]
+    dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + da[:, None]
     top = tl.where(ok & (s == m_i[:, None]), 1.0, 0.0)
     return p, p * dp - top * (g / c_i)[:, None]
 
@@ -151,41 +161,20 @@ def _dq_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     LOWP: tl.constexpr, FP32: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    P0 = N - T
-    r = i_t * BT + tl.arange(0, BT)
-    rows = P0 + r
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
-    mr = r < T
-    b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
-                  mask=mr[:, None] & (od[None, :] < D), other=0.0)
+    i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
+    r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
+    b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
     row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-    b_dA = tl.load(dA + row[:, None] * DV + ov[None, :], mask=mr[:, None] & (ov[None, :] < DV),
-                   other=0.0)
-    b_da = tl.load(da + row, mask=mr, other=0.0)
-    m_i = tl.load(m + row, mask=mr, other=0.0)
-    g_i = tl.load(g + row, mask=mr, other=0.0)
-    c_i = tl.load(ties + row, mask=mr, other=1.0)
+    b_dA, b_da, m_i, g_i, c_i = _grad_rows(dA, da, m, g, ties, row, mr, DV, BV)
     acc = tl.zeros([BT, BD], tl.float32)
-    lo = tl.maximum(P0 + i_t * BT - W + 1, 0)
-    hi = tl.minimum(P0 + i_t * BT + BT, N)
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
     for j0 in range(lo, hi, BK):
-        cols = j0 + tl.arange(0, BK)
-        mc = cols < hi
-        b_k = tl.load(k_base + cols.to(tl.int64)[:, None] * skt + od[None, :],
-                      mask=mc[:, None] & (od[None, :] < D), other=0.0)
-        b_v = tl.load(v_base + cols.to(tl.int64)[:, None] * svt + ov[None, :],
-                      mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
-        s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
+                                    D, DV, BK, BD, BV, FP32)
         p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
-        acc += _dot_g(dS, b_k, LOWP, FP32)
+        acc += _mm(dS, b_k, LOWP, FP32)
+    od = tl.arange(0, BD)
     tl.store(dq + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
              (acc * scale).to(dq.dtype.element_ty), mask=mr[:, None] & (od[None, :] < D))
 
@@ -209,10 +198,8 @@ def _dkdv_kernel(
     mc = cols < N
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
-    b_k = tl.load(k + i_b * skb + i_hk * skh + cols.to(tl.int64)[:, None] * skt + od[None, :],
-                  mask=mc[:, None] & (od[None, :] < D), other=0.0)
-    b_v = tl.load(v + i_b * svb + i_hk * svh + cols.to(tl.int64)[:, None] * svt + ov[None, :],
-                  mask=mc[:, None] & (ov[None, :] < DV), other=0.0)
+    b_k = _rows(k + i_b * skb + i_hk * skh, cols, mc, skt, D, BD)
+    b_v = _rows(v + i_b * svb + i_hk * svh, cols, mc, svt, DV, BV)
     acc_k = tl.zeros([BK, BD], tl.float32)
     acc_v = tl.zeros([BK, BV], tl.float32)
     # query rows that see these keys: positions in [first key, last key + W - 1], rows >= 0
@@ -225,19 +212,13 @@ def _dkdv_kernel(
             r = r0 + tl.arange(0, BT)
             mr = r < hi
             rows = tl.where(mr, P0 + r, N)  # a masked row has no keys
-            b_q = tl.load(q + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
-                          mask=mr[:, None] & (od[None, :] < D), other=0.0)
+            b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
             row = i_bh * T + r.to(tl.int64)
-            b_dA = tl.load(dA + row[:, None] * DV + ov[None, :],
-                           mask=mr[:, None] & (ov[None, :] < DV), other=0.0)
-            b_da = tl.load(da + row, mask=mr, other=0.0)
-            m_i = tl.load(m + row, mask=mr, other=0.0)
-            g_i = tl.load(g + row, mask=mr, other=0.0)
-            c_i = tl.load(ties + row, mask=mr, other=1.0)
+            b_dA, b_da, m_i, g_i, c_i = _grad_rows(dA, da, m, g, ties, row, mr, DV, BV)
             s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
             p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
-            acc_v += _dot_g(tl.trans(p), b_dA, LOWP, FP32)
-            acc_k += _dot_g(tl.trans(dS), b_q, LOWP, FP32)
+            acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
+            acc_k += _mm(tl.trans(dS), b_q, LOWP, FP32)
     tl.store(dk + i_b * skb + i_hk * skh + cols.to(tl.int64)[:, None] * skt + od[None, :],
              (acc_k * scale).to(dk.dtype.element_ty), mask=mc[:, None] & (od[None, :] < D))
     tl.store(dv + i_b * svb + i_hk * svh + cols.to(tl.int64)[:, None] * svt + ov[None, :],
