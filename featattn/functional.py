@@ -459,25 +459,19 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     window = min(window, N)
     direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
-    extra = {}
     wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
     weight = 0.5 if weight is None else weight
+    res = None
     if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
-        extra["linear"] = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
-        if extra["linear"] is not None:
-            out, kv, z = _hybrid_triton(q, k, v, extra["linear"], window, weight, wscale, eps)
-            if not return_state:
-                return out
-            keep = min(window, k.shape[2])
-            return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
-    if extra.get("linear") is not None:
-        fq = fk = None  # the kernel applied the map
-    elif fm is not None:
-        fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
-    else:
-        fq, fk = (q * scale if scale != 1.0 else q), k
-    out, kv, z = fn(q, k, v, fq, fk, window=window, weight=weight, scale=wscale, eps=eps,
-                    initial_kv=kv0, initial_z=z0, return_state=return_state, **extra)
+        res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps)
+    if res is None:
+        if fm is not None:
+            fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
+        else:
+            fq, fk = (q * scale if scale != 1.0 else q), k
+        res = fn(q, k, v, fq, fk, window=window, weight=weight, scale=wscale, eps=eps,
+                 initial_kv=kv0, initial_z=z0, return_state=return_state)
+    out, kv, z = res
     if not return_state:
         return out
     keep = min(window, k.shape[2])
@@ -492,7 +486,7 @@ def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
     ``[kv | z]``).  The shifted-in rows have zero values (and a zero in the ones column), so
     whatever the map makes of their zero keys adds nothing.  Returns ``(num [B, H, N, Dv],
     den [B, H, N, 1], kv, z)``, kv / z covering every key but the last W, as the state of a
-    hybrid call does; None when no Triton kernel can run it (the PyTorch block states then)."""
+    hybrid call does; None when no Triton kernel can run it."""
     B, H, T, _ = q.shape
     N, Dv = k.shape[2], v.shape[-1]
     W = min(window, N)
@@ -515,12 +509,16 @@ def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
     return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv].contiguous(), s.kv[..., Dv].contiguous()
 
 
-def _hybrid_triton(q, k, v, linear, window, weight, wscale, eps):
+def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps):
     """Both parts in Triton: the window's softmax sums (featattn/kernels/window.py) and the
     linear part (:func:`_hybrid_linear_triton`), combined under one denominator at the last
-    T positions.  Returns ``(o, kv, z)``."""
+    T positions.  Returns ``(o, kv, z)``, or None when the chunked kernel cannot take the
+    linear part (the PyTorch path then runs the call)."""
     from .kernels import window_softmax
 
+    linear = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
+    if linear is None:
+        return None
     B, H, T, _ = q.shape
     N = k.shape[2]
     A, a, _ = window_softmax(q, k, v, window=window, scale=wscale)

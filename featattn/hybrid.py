@@ -43,25 +43,22 @@ def _previous(xb: torch.Tensor) -> torch.Tensor:
 
 def chunked_hybrid_attention(
     q, k, v, fq, fk, *, window, weight, scale, eps, initial_kv=None, initial_z=None,
-    return_state=False, linear=None,
+    return_state=False,
 ):
     """Same signature and result as :func:`featattn.reference.quadratic_hybrid_attention`:
     ``q [B, H, T, Dqk]`` / ``fq [B, H, T, Dk]`` are the last T of the N positions of
     ``k [B, Hkv, N, Dqk]``, ``fk [B, Hkv, N, Dk]``, ``v [B, Hkv, N, Dv]``; returns
     ``(o [B, H, T, Dv], kv, z)`` with the state over all but the last ``window`` positions
-    when ``return_state``.
-
-    ``linear``: the linear part computed elsewhere (the Triton chunked kernel on keys shifted
-    by ``window``, featattn.functional._hybrid_linear_triton), ``(num [B, H, N, Dv],
-    den [B, H, N, 1], kv, z)`` over all N positions; ``fq`` and ``fk`` are then unused."""
+    when ``return_state``."""
     B, H, T, _ = q.shape
     N = k.shape[2]
     W = C = int(window)
     cd = compute_dtype(q, k, v, fq, fk, initial_kv, initial_z)
-    kx, vx = (_expand(x.to(cd), H) for x in (k, v))
+    kx, vx, fkx = (_expand(x.to(cd), H) for x in (k, v, fk))
     back = -N % C
     qb = _blocks(q.to(cd), N - T, back, C)  # queries only at the last T positions
-    kb, vb = (_blocks(x, 0, back, C) for x in (kx, vx))
+    fqb = _blocks(fq.to(cd), N - T, back, C)
+    kb, vb, fkb = (_blocks(x, 0, back, C) for x in (kx, vx, fkx))
     NB = kb.shape[2]
     dev = q.device
 
@@ -79,19 +76,7 @@ def chunked_hybrid_attention(
     e = torch.exp(a - m)
     win_num, win_den = e @ vcat, e.sum(-1, keepdim=True)
 
-    f = torch.as_tensor(weight, dtype=cd, device=dev)
-    f = f.view(1, -1, 1, 1, 1) if f.dim() == 1 else f
-    if linear is not None:
-        lin_num, lin_den = (_blocks(x.to(cd), 0, back, C) for x in linear[:2])
-        num = f * win_num + (1 - f) * lin_num
-        den = f * win_den + (1 - f) * lin_den
-        o = (num / (den + eps)).flatten(2, 3)[:, :, N - T:N].to(q.dtype)
-        return o, linear[2], linear[3]
-
     # the linear part: block n - 1 at offsets j <= i, and the blocks before it as a state
-    fkx = _expand(fk.to(cd), H)
-    fqb = _blocks(fq.to(cd), N - T, back, C)
-    fkb = _blocks(fkx, 0, back, C)
     fk_prev, v_prev = _previous(fkb), _previous(vb)
     intra = (fqb @ fk_prev.transpose(-1, -2)).masked_fill(j > i, 0.0)  # [B, H, NB, C, C]
     kv_blocks = fkb.transpose(-1, -2) @ vb  # [B, H, NB, Dk, Dv]
@@ -104,6 +89,8 @@ def chunked_hybrid_attention(
     lin_num = fqb @ kv_before + intra @ v_prev
     lin_den = (fqb * z_before.unsqueeze(-2)).sum(-1, keepdim=True) + intra.sum(-1, keepdim=True)
 
+    f = torch.as_tensor(weight, dtype=cd, device=dev)
+    f = f.view(1, -1, 1, 1, 1) if f.dim() == 1 else f
     num = f * win_num + (1 - f) * lin_num
     den = f * win_den + (1 - f) * lin_den
     o = (num / (den + eps)).flatten(2, 3)[:, :, N - T:N].to(q.dtype)
