@@ -25,10 +25,13 @@ import torch.distributed as dist
 import featattn
 
 
-def timed(fn, device, repeat):
+def timed(fn, device, repeat, barrier=True):
+    """Median ms of ``repeat`` calls, each between barriers (``barrier=False``: one rank's
+    own call, which the other ranks do not join)."""
     times = []
     for _ in range(repeat):
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -88,8 +91,9 @@ def main():
             dist.barrier()
             if rank == 0:
                 featattn.linear_attention(*whole, feature_map=name).backward(dwhole)  # warm-up
-                t_whole = timed_alone(lambda: featattn.linear_attention(
-                    *whole, feature_map=name).backward(dwhole), device, args.repeat)
+                t_whole = timed(lambda: featattn.linear_attention(
+                    *whole, feature_map=name).backward(dwhole), device, args.repeat,
+                    barrier=False)
                 rows.append((name, T, err, t_cp, t_whole, t_cp / t_whole,
                              max(0.0, 1 - t_local / t_cp)))
                 print(rows[-1], flush=True)
@@ -104,20 +108,6 @@ def main():
         for name, T, err, a, b, r, share in rows:
             print(f"| {name} | {T} | {err:.1e} | {a:.2f} | {b:.2f} | {r:.2f} | {share:.0%} |")
     dist.destroy_process_group()
-
-
-def timed_alone(fn, device, repeat):
-    """Like :func:`timed` for one rank's own call (no barrier: the other ranks wait)."""
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":
