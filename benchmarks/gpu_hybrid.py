@@ -6,6 +6,7 @@ SDPA.
 
     python benchmarks/gpu_hybrid.py                 # checks, then B8 H16 D64 W64 elu tables
     python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
+    python benchmarks/gpu_hybrid.py --profile       # the kernels of one Triton fwd+bwd, by time
 
 Before timing, both settings are checked in bf16 at T = 1000 (grouped heads, a state in and
 out) against the float64 oracle: output and the gradients of q, k, v.  ms fwd / fwd+bwd
@@ -61,6 +62,10 @@ def main():
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=["torch", "triton"],
+                    help="FEATATTN_HYBRID_LINEAR settings to time")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the GPU kernels of the Triton form's fwd+bwd at the last T")
     args = ap.parse_args()
     dev = "cuda"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -72,7 +77,7 @@ def main():
         q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=DT).requires_grad_()
                    for _ in range(3))
         do = torch.randn(B, H, T, D, device=dev, dtype=DT)
-        for mode in ("torch", "triton"):
+        for mode in args.modes:
             os.environ["FEATATTN_HYBRID_LINEAR"] = mode
             timed_case(rows, f"T={T} hybrid W={args.window} elu, FEATATTN_HYBRID_LINEAR={mode}",
                        lambda: featattn.linear_attention(q, k, v, feature_map="elu",
@@ -83,6 +88,29 @@ def main():
                    lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do)
     print(f"\n{torch.cuda.get_device_name()}, bf16, B = {B}, H = {H}, D = {D}")
     print_table(rows)
+    if args.profile:
+        profile(q, k, v, do, args.window)
+
+
+def profile(q, k, v, do, window, n=3):
+    """The GPU kernels of ``n`` Triton-form fwd+bwd calls, by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    os.environ["FEATATTN_HYBRID_LINEAR"] = "triton"
+
+    def step():
+        featattn.linear_attention(q, k, v, feature_map="elu", window=window).backward(do)
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    print(f"\nkernels of {n} fwd+bwd calls at T = {q.shape[2]}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                    max_name_column_width=60))
 
 
 if __name__ == "__main__":

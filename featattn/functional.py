@@ -227,10 +227,11 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                           Dqk, Dk)
     if window and cu is not None:
         return _hybrid_packed(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state,
-                              kernel, window, window_weight, window_scale, Dqk, Dk, cu)
+                              kernel, window, window_weight, window_scale, Dqk, Dk, cu,
+                              choice.map_path)
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
-                       window, window_weight, window_scale, Dqk, Dk)
+                       window, window_weight, window_scale, Dqk, Dk, choice.map_path)
     if cu is not None and not (kernel == "chunked" or (
             kernel == "taylor_chunked" and taylor_varlen_mode() == "native")):
         # no packed form: one sequence at a time
@@ -444,7 +445,7 @@ _HYBRID_DIRECT_MAX_T = HYBRID_DIRECT_MAX_T
 
 
 def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
-            wscale, Dqk, Dk):
+            wscale, Dqk, Dk, map_path=None):
     """The hybrid layer (featattn/hybrid.py): the window's earlier keys and values from the
     state ahead of this call's, the features of both, then the chunked path or the oracle."""
     from .hybrid import chunked_hybrid_attention
@@ -463,7 +464,8 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     weight = 0.5 if weight is None else weight
     res = None
     if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
-        res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps)
+        res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
+                             return_state)
     if res is None:
         if fm is not None:
             fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
@@ -478,60 +480,47 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
 
 
-def _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window):
-    """The hybrid's linear part, ``sum_{s <= t - W} phi(q_t) . phi(k_s) [v_s, 1]``, at every
-    one of the N key positions (q [B, H, T, .] holds the last T): the chunked Triton kernel
-    on keys and values shifted W positions later, so that a causal sum up to t covers
-    s <= t - W, with a column of ones after v for the denominator (the state is then
-    ``[kv | z]``).  The shifted-in rows have zero values (and a zero in the ones column), so
-    whatever the map makes of their zero keys adds nothing.  Returns ``(num [B, H, N, Dv],
-    den [B, H, N, 1], kv, z)``, kv / z covering every key but the last W, as the state of a
-    hybrid call does; None when no Triton kernel can run it."""
-    B, H, T, _ = q.shape
-    N, Dv = k.shape[2], v.shape[-1]
-    W = min(window, N)
-    pad = torch.nn.functional.pad
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    k_s = pad(k, (0, 0, W, 0))[:, :, :N]
-    v_s = pad(v1, (0, 0, W, 0))[:, :, :N]
-    q_full = pad(q, (0, 0, N - T, 0)) if N > T else q
-    if q.dtype == torch.float16:  # unnormalised sums of many tokens overflow fp16
-        q_full, k_s, v_s = q_full.float(), k_s.float(), v_s.float()
-    state = None
-    if kv0 is not None:
-        z = z0 if z0 is not None else torch.zeros_like(kv0[..., 0])
-        state = LinearAttentionState(torch.cat([kv0, z.unsqueeze(-1)], dim=-1).float())
-    try:
-        o, s = linear_attention(q_full, k_s, v_s, feature_map=fm, normalize=False, scale=scale,
-                                initial_state=state, return_state=True, backend="triton")
-    except KernelUnavailable:
-        return None
-    return o[..., :Dv], o[..., Dv:], s.kv[..., :Dv].contiguous(), s.kv[..., Dv].contiguous()
+def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
+                   return_state):
+    """Both parts in Triton (featattn/kernels/window.py): the linear part in the chunked
+    kernel with its keys shifted by the window, the window's softmax and the shared
+    denominator in the window kernels.  The map runs where the dispatcher put it
+    (``map_path``: in the chunked kernel, a Triton pass, the projection pass, or PyTorch).
+    Returns ``(o, kv, z)``."""
+    from .kernels import hybrid_attention
 
+    H = q.shape[1]
+    if isinstance(weight, torch.Tensor):
+        f = weight.float().contiguous()
+    else:
+        f = torch.full((H,), float(weight), dtype=torch.float32, device=q.device)
+    fmap, features = "", None
+    if fm is None:
+        if scale != 1.0:
+            features = (q * scale, k)
+    elif map_path in ("kernel", "triton_pass") and fm.triton_projection() is not None:
+        from .kernels.projected import projection_features  # the projection's Triton pass
 
-def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps):
-    """Both parts in Triton: the window's softmax sums (featattn/kernels/window.py) and the
-    linear part (:func:`_hybrid_linear_triton`), combined under one denominator at the last
-    T positions.  Returns ``(o, kv, z)``, or None when the chunked kernel cannot take the
-    linear part (the PyTorch path then runs the call)."""
-    from .kernels import window_softmax
+        features = projection_features(q, k, fm.triton_projection(), scale)
+    elif map_path == "kernel":
+        from .kernels.maps import fused_key
 
-    linear = _hybrid_linear_triton(q, k, v, fm, scale, kv0, z0, window)
-    if linear is None:
-        return None
-    B, H, T, _ = q.shape
-    N = k.shape[2]
-    A, a, _ = window_softmax(q, k, v, window=window, scale=wscale)
-    num, den, kv, z = linear
-    num, den = num[:, :, N - T:].float(), den[:, :, N - T:].float()
-    f = torch.as_tensor(weight, dtype=torch.float32, device=q.device)
-    f = f.view(1, -1, 1, 1) if f.dim() == 1 else f
-    o = (f * A + (1 - f) * num) / (f * a.unsqueeze(-1) + (1 - f) * den + eps)
-    return o.to(q.dtype), kv, z
+        fmap = fused_key(fm)
+    elif map_path == "triton_pass":
+        from .kernels.maps import apply_map, fused_key
+
+        key = fused_key(fm)
+        features = (apply_map(q, key, scale), apply_map(k, key))
+    else:
+        features = _torch_map(fm, q * scale if scale != 1.0 else q, k, q.shape[-1],
+                              fm.output_dim(q.shape[-1]))
+    return hybrid_attention(q, k, v, weight=f, window=window, window_scale=wscale, eps=eps,
+                            features=features, feature_map=fmap, scale=scale if fmap else 1.0,
+                            initial_kv=kv0, initial_z=z0, return_state=return_state)
 
 
 def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,
-                   weight, wscale, Dqk, Dk, cu):
+                   weight, wscale, Dqk, Dk, cu, map_path=None):
     """The hybrid layer on packed sequences: each sequence alone (the window never crosses a
     boundary), outputs concatenated, states stacked.  A stacked state needs every sequence's
     window to hold the same number of tokens, min(window, tokens seen)."""
@@ -558,7 +547,7 @@ def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel
                 None if not held else state.window_v[rows])
         res = _hybrid(q[:, :, sl], k[:, :, sl], v[:, :, sl], fm, eps, scale, st,
                       None if st is None else st.kv, None if st is None else st.z,
-                      return_state, kernel, window, weight, wscale, Dqk, Dk)
+                      return_state, kernel, window, weight, wscale, Dqk, Dk, map_path)
         o, s_n = res if return_state else (res, None)
         outs.append(o)
         states.append(s_n)

@@ -255,25 +255,31 @@ def test_a_window_longer_than_the_call_costs_only_the_call():
 
 
 @pytest.mark.parametrize("fm,dtype,G", [("elu", torch.float32, 2), ("hedgehog", torch.float32, 1),
-                                        (None, torch.float32, 1), ("relu", torch.float16, 2)])
+                                        (None, torch.float32, 1), ("relu", torch.float16, 2),
+                                        ("elu-pass", torch.float32, 2), ("taylor", torch.float32, 1),
+                                        ("elu-segments", torch.float32, 2)])
 @pytest.mark.parametrize("T,W", [(150, 8), (80, 64), (70, 3)])
 def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
-    """FEATATTN_HYBRID_LINEAR=triton: the linear part through the chunked Triton kernel on
-    keys shifted by W and the window's softmax through featattn/kernels/window.py (under the
-    interpreter on CPU; W above and below the kernels' 32-key tiles, grouped heads), with a
-    state passed in (window keys included) and returned: output, states and every gradient
-    (the mixing weight's too) against the float64 oracle; the PyTorch blocks never ran."""
-    from featattn import functional, hybrid
-    import featattn.kernels as window_kernels
+    """FEATATTN_HYBRID_LINEAR=triton: the linear part through the chunked Triton kernel with
+    its keys shifted by the window, the window's softmax and the shared denominator through
+    featattn/kernels/window.py (under the interpreter on CPU; W above and below the kernels'
+    32-key tiles, grouped heads), with a state passed in (window keys included) and
+    returned: output, states and every gradient (the mixing weight's too) against the
+    float64 oracle; the PyTorch blocks never ran."""
+    from featattn import hybrid
+    import featattn.kernels as kernels
 
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    if fm == "elu-pass":  # the map as a Triton pass before the kernels (not in the kernel)
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+        fm = "elu"
+    if fm == "elu-segments":  # the chunked kernels split T (their key shift in the segment sums)
+        monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+        fm = "elu"
     ran = []
-    real = functional._hybrid_linear_triton
-    monkeypatch.setattr(functional, "_hybrid_linear_triton",
-                        lambda *a: ran.append("linear") or real(*a))
-    real_window = window_kernels.window_softmax
-    monkeypatch.setattr(window_kernels, "window_softmax",
-                        lambda *a, **kw: ran.append("window") or real_window(*a, **kw))
+    real = kernels.hybrid_attention
+    monkeypatch.setattr(kernels, "hybrid_attention",
+                        lambda *a, **kw: ran.append("triton") or real(*a, **kw))
     q0, k0, v0 = _inputs(1, 2, 1, T, 4, 5, dtype=torch.float32)
     assert featattn.select_kernel(q0, k0, v0, "elu", "triton", window=W).name == "chunked"
 
@@ -306,7 +312,7 @@ def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
         loss = (o.double() ** 2).sum() + (s.kv * 0.3).sum() + s.z.sum()
         grads = torch.autograd.grad(loss, leaves)
         runs.append([o, s.kv, s.z, *grads])
-    assert set(ran) == {"linear", "window"}, ran  # both parts ran in Triton
+    assert ran == ["triton"], ran
     tol = 2e-5 if dtype == torch.float32 else 3e-3
     names = ["o", "kv", "z", "dq", "dk", "dv", "dlogit", "dkv0", "dz0"]
     for name, a, b in zip(names, *runs):
@@ -364,7 +370,7 @@ def test_the_triton_hybrid_follows_backend(monkeypatch):
     import featattn.kernels as kernels
 
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
-    monkeypatch.setattr(kernels, "window_softmax", lambda *a, **kw: pytest.fail("Triton ran"))
+    monkeypatch.setattr(kernels, "hybrid_attention", lambda *a, **kw: pytest.fail("Triton ran"))
     q, k, v = _inputs(1, 2, 2, 80, 4, 4, dtype=torch.float32)
     for backend in ("torch", "auto"):
         assert featattn.select_kernel(q, k, v, "elu", backend, window=8).name == "torch_chunked"

@@ -21,8 +21,10 @@ Exports:
         a learned projection map (Hedgehog, T2R: FeatureMap.triton_projection) computed in the
         kernels, its weights' gradients included (featattn/kernels/projected.py);
         projection_unsupported_reason(form, d, H, Hkv=None) -> None | str.
-    window_softmax(q, k, v, *, window, scale) -> (A, a, m): the hybrid layer's softmax window
-        sums (featattn/kernels/window.py); window_unsupported_reason(d, dv) -> None | str.
+    hybrid_attention(q, k, v, *, weight, window, window_scale, eps, features=None,
+        feature_map="", scale=1.0, initial_kv=None, initial_z=None, return_state=False)
+        -> (o, kv, z): the hybrid layer (a softmax window plus linear attention under one
+        denominator; featattn/kernels/window.py); window_unsupported_reason(d, dv) -> None | str.
     taylor_parallel_max_t() -> int: the longest T the Taylor parallel form takes
         (FEATATTN_TAYLOR_PARALLEL_MAX_T); featattn.dispatch decides between the two forms.
 
@@ -46,7 +48,7 @@ if TRITON_AVAILABLE:
     from .decode import MAX_T as STEP_MAX_T
     from .decode import recurrent_step, step_unsupported_reason
     from .projected import projected_attention, projection_unsupported_reason
-    from .window import window_softmax, window_unsupported_reason
+    from .window import hybrid_attention, window_unsupported_reason
 else:  # pragma: no cover
     KERNEL_LIMITS: dict = {}
 
@@ -82,13 +84,13 @@ else:  # pragma: no cover
     def window_unsupported_reason(d, dv) -> str:
         return "triton is not installed"
 
-    def window_softmax(*args, **kwargs):
-        raise RuntimeError("featattn.kernels.window_softmax needs triton (pip install triton)")
+    def hybrid_attention(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.hybrid_attention needs triton (pip install triton)")
 
 __all__ = [
     "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_time",
     "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
     "recurrent_step", "step_unsupported_reason", "STEP_MAX_T",
     "projected_attention", "projection_unsupported_reason",
-    "window_softmax", "window_unsupported_reason",
+    "hybrid_attention", "window_unsupported_reason",
 ]

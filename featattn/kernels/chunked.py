@@ -179,11 +179,11 @@ def _features(x, scale, mask, PHI: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- segment sums
-@triton.jit(do_not_specialize=["T", "SEG", "NS", "J0"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "J0", "KS"])
 def _seg_kernel(
     a, b, den, delta, outS, outz,
     sab, sah, sat, sbb, sbh, sbt,
-    T, H, DK, DV, SEG, NS, J0, scale,
+    T, H, DK, DV, SEG, NS, J0, KS, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
@@ -197,7 +197,9 @@ def _seg_kernel(
         backward (BWD=1, a = q, b = do):  S_j = sum_t f(a_t)^T (b_t / den_t),
                                           z_j = -sum_t f(a_t) delta_t / den_t
     (without HAS_Z the backward's b is not divided), where f(x) = PHI(scale * x) when
-    FUSED, else x.  a and b are [B, H, T, D] strided; den / delta fp32 [B*H, T]."""
+    FUSED, else x.  a and b are [B, H, T, D] strided; den / delta fp32 [B*H, T].  KS: row t
+    of a and b is their row t - KS, none for t < KS (the forward's key shift, see _fwd_kernel;
+    0 backward)."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
     j = J0 + tl.program_id(2)
@@ -220,10 +222,10 @@ def _seg_kernel(
     c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))
     for i in range(c0, c1):
         t0 = tl.cast(i * BT, tl.int64)
-        mt = (i * BT + offs_t) < T
-        b_a = tl.load(a_base + t0 * sat + offs_t[:, None] * sat + offs_k[None, :],
+        mt = ((i * BT + offs_t) < T) & ((i * BT + offs_t) >= KS)
+        b_a = tl.load(a_base + (t0 - KS) * sat + offs_t[:, None] * sat + offs_k[None, :],
                       mask=mt[:, None] & mk[None, :], other=0.0)
-        b_b = tl.load(b_base + t0 * sbt + offs_t[:, None] * sbt + offs_v[None, :],
+        b_b = tl.load(b_base + (t0 - KS) * sbt + offs_t[:, None] * sbt + offs_v[None, :],
                       mask=mt[:, None] & mv[None, :], other=0.0)
         if FUSED:
             b_a = _features(b_a, scale, mt[:, None] & mk[None, :], PHI)
@@ -248,11 +250,11 @@ def _seg_kernel(
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T", "SEG", "NS"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS"])
 def _fwd_kernel(
     q, k, v, o, den, kv0, z0, kvT, zT, segS, segz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, NB, H, G, DK, DV, SEG, NS, eps, scale,
+    T, NB, H, G, DK, DV, SEG, NS, KS, eps, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -267,7 +269,10 @@ def _fwd_kernel(
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
     [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here.
     VARLEN: NB = 1 and program row i_bh is (sequence i_bh // H, head i_bh % H) of the packed
-    batch, tokens [cu[n], cu[n+1]) (``_common.sequence_rows``); its states are kv0/kvT [N, H, ...]."""
+    batch, tokens [cu[n], cu[n+1]) (``_common.sequence_rows``); its states are kv0/kvT [N, H, ...].
+    KS (key shift, the hybrid layer's linear part): key/value row t is row t - KS of k and v,
+    and rows t < KS have none (zero features), so query t sums the keys s <= t - KS; k and v
+    need only T - KS rows."""
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -322,13 +327,14 @@ def _fwd_kernel(
         mt = (i * BT + offs_t) < TS
         b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                       mask=mt[:, None] & mk[None, :], other=0.0)
-        b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
-                      mask=mt[:, None] & mk[None, :], other=0.0)
-        b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
-                      mask=mt[:, None] & mv[None, :], other=0.0)
+        ms = mt & ((i * BT + offs_t) >= KS)  # rows with a key
+        b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
+                      mask=ms[:, None] & mk[None, :], other=0.0)
+        b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
+                      mask=ms[:, None] & mv[None, :], other=0.0)
         if FUSED:
             b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
-            b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
+            b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
         A = _dot_in(b_q, tl.trans(b_k), TF32X3)  # [BT, BT] fp32
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
@@ -358,12 +364,12 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T", "SEG", "NS"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, NB, H, G, DK, DV, SEG, NS, scale,
+    T, NB, H, G, DK, DV, SEG, NS, KS, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
@@ -382,6 +388,8 @@ def _bwd_kernel(
     dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (written when HAS_INIT).
     FUSED: q, k are raw; the features are recomputed as in the forward, and dq, dk are
     the raw inputs' gradients (the feature gradients times scale * PHI', DPHI').
+    KS: the forward's key shift; dk, dv of key row t go to row t - KS (rows >= T - KS of
+    the buffers are not written).
     """
     i_bh = tl.program_id(0)
     i_kv = tl.program_id(1)
@@ -436,12 +444,13 @@ def _bwd_kernel(
             mt = (i * BT + offs_t) < TS
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
-            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
-                          mask=mt[:, None] & mv[None, :], other=0.0)
-            b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
-                          mask=mt[:, None] & mk[None, :], other=0.0)
+            ms = mt & ((i * BT + offs_t) >= KS)
+            b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=ms[:, None] & mv[None, :], other=0.0)
+            b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
+                          mask=ms[:, None] & mk[None, :], other=0.0)
             if FUSED:
-                b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
+                b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             dA = _dot_in(b_do, tl.trans(b_v), TF32X3)  # [BT, BT]
             if NORMALIZE:
                 b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
@@ -487,16 +496,17 @@ def _bwd_kernel(
             mt = (i * BT + offs_t) < TS
             b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                           mask=mt[:, None] & mk[None, :], other=0.0)
-            b_k = tl.load(k_base + t0 * skt + offs_t[:, None] * skt + offs_k[None, :],
-                          mask=mt[:, None] & mk[None, :], other=0.0)
-            b_v = tl.load(v_base + t0 * svt + offs_t[:, None] * svt + offs_v[None, :],
-                          mask=mt[:, None] & mv[None, :], other=0.0)
+            ms = mt & ((i * BT + offs_t) >= KS)
+            b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
+                          mask=ms[:, None] & mk[None, :], other=0.0)
+            b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
+                          mask=ms[:, None] & mv[None, :], other=0.0)
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
             if FUSED:
                 b_xk = b_k.to(tl.float32)
                 b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
-                b_k = _features(b_k, 1.0, mt[:, None] & mk[None, :], PHI)
+                b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), TF32X3), 0.0)  # [s, t]
             dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
             if NORMALIZE:
@@ -515,10 +525,10 @@ def _bwd_kernel(
             dS += _mm(tl.trans(b_q), b_dn, LOWP, TF32X3)
             if FUSED:
                 b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
-            tl.store(dk_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
-                     b_dk.to(dk.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-            tl.store(dv_base + t0 * DV + offs_t[:, None] * DV + offs_v[None, :],
-                     b_dv.to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            tl.store(dk_base + (t0 - KS) * DK + offs_t[:, None] * DK + offs_k[None, :],
+                     b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
+            tl.store(dv_base + (t0 - KS) * DV + offs_t[:, None] * DV + offs_v[None, :],
+                     b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
         if HAS_INIT:
             first = (offs_k * 0 + i_s) == 0  # segment 0's program ends with d(initial state)
             tl.store(dkv0 + st_off + offs_k[:, None] * DV + offs_v[None, :], dS,
@@ -589,7 +599,8 @@ def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool
     return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device)[0] > 1
 
 
-def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0):
+def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0,
+                  kshift=0):
     """fp32 (S [B*Ha, NS, Dk, Dv], z [B*Ha, NS, Dk]) for segments j0 .. j0 + NS - 2 of
     _seg_kernel (a: [B, Ha, T, Dk], b: [B, Ha, T, Dv])."""
     B, Ha, T, Dk = a.shape
@@ -604,7 +615,7 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     _SEG[(B * Ha, NK * NV, ns - 1)](
         a, b, den if den is not None else S, delta if delta is not None else S, S, z,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        T, Ha, Dk, Dv, seg, ns, j0, scale,
+        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale,
         NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
     )
@@ -618,7 +629,11 @@ def _map_form(fmap: str):
     return True, form.phi, form.dphi
 
 
-def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, cu_seqlens=None):
+def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, cu_seqlens=None,
+             kshift=0):
+    """(o, den, kvT, zT) of the forward kernel (den fp32 with eps, normalised only).
+    ``kshift``: query t reads the keys and values up to row t - kshift (_fwd_kernel's KS);
+    k and v need only T - kshift rows (rows of k beyond are not read)."""
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
     NB = B
@@ -646,7 +661,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
     segS = segz = o
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
-                                   has_z=normalize)
+                                   has_z=normalize, kshift=kshift)
     grid = (B * H, NK * NV, ns)
     _FWD[grid](
         q, k, v, o, den_buf,
@@ -655,7 +670,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, NB, H, G, Dk, Dv, seg, ns, eps, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, eps, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
@@ -672,11 +687,15 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
 
 
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
-              cu_seqlens=None):
+              cu_seqlens=None, kshift=0, delta=None):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
     ``o`` and ``den`` are the saved forward output and fp32 denominator (normalised only).
+    ``delta``: fp32 [B, H, T] given instead of ``do . o`` (``o`` is then not read): with
+    ``den`` it sets d num_t = do_t / den_t and d den_t = -delta_t / den_t, which is how the
+    hybrid layer backpropagates through its shared denominator.  ``kshift`` as in
+    :func:`_forward`: dk, dv are [B, Hkv, T, .] with rows >= T - kshift undefined.
     """
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
@@ -697,7 +716,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
             dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
                 else dzT.float().contiguous()
     if normalize:
-        delta = row_dot(o, do)
+        delta = row_dot(o, do) if delta is None else delta
     else:
         delta = den = do  # unused placeholders
     # Buffers reduced across programs are fp32; a buffer with a single writer per
@@ -715,7 +734,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     segS = segz = segdS = segdz = dq
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
-                                   has_z=normalize)
+                                   has_z=normalize, kshift=kshift)
         segdS, segdz = _segment_sums(q, do, ns, seg, fused=fused, phi=phi, scale=scale,
                                      has_z=normalize, den=den, delta=delta, j0=1)
     _BWD[(B * H, NK * NV, 2 * ns)](
@@ -725,7 +744,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu_seqlens if varlen else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, Dk, Dv, seg, ns, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen,

@@ -1,28 +1,41 @@
-"""The softmax window of the hybrid layer (featattn/hybrid.py, docs/hybrid.md) in Triton.
+"""The hybrid layer (featattn/hybrid.py, docs/hybrid.md) in Triton: the softmax window fused
+with the combination under one denominator, the linear part in the chunked kernel.
 
 Legend: B batch, H query heads, Hkv key/value heads (G = H // Hkv), N key positions, the T
 queries at the last T of them (position ``P0 + r`` for query row r, ``P0 = N - T``), D the
-q/k head dim, Dv the value dim, W the window.  For query position p, its window is the keys
-``p - W < s <= p`` and, with ``a_ps = scale * q_p . k_s`` and ``m_p = max_s a_ps``::
+q/k head dim, Dv the value dim, W the window, f the per-head mixing weight.  For query
+position p, its window is the keys ``p - W < s <= p`` and, with ``a_ps = scale * q_p . k_s``
+and ``m_p = max_s a_ps``::
 
     A_p = sum_s exp(a_ps - m_p) v_s        a_p = sum_s exp(a_ps - m_p)
+    o_p = (f A_p + (1 - f) L_p) / (f a_p + (1 - f) l_p + eps)  =: num_p / D_p
 
-(the hybrid's softmax sums; featattn.hybrid combines them with the linear part under one
-denominator).  ``m_p`` is part of the function: its gradient goes to the maximal scores
-(shared equally by ties, as ``torch.amax``'s), so the backward of a loss through (A, a) is
+where ``L_p, l_p`` are the linear part's sums over the keys ``s <= p - W`` (and the state
+before them): the chunked kernel (chunked.py) with its key shift KS = W - P0, run
+normalised, gives ``L / l`` and ``l``.  ``m_p`` is part of the function: its gradient goes
+to the maximal scores (shared equally by ties, as ``torch.amax``'s).  With ``u_p = do_p . o_p``,
+the backward of the window is that of (A, a) under ``dA_p = f do_p / D_p`` and
+``da_p = -f u_p / D_p``::
 
-    dS_ps = p_ps (dA_p . v_s + da_p) - [a_ps = m_p] (dA_p . A_p + da_p a_p) / ties_p
+    dS_ps = p_ps (dA_p . v_s + da_p) - [a_ps = m_p] g_p / ties_p,   g_p = dA_p . A_p + da_p a_p
 
-with ``p_ps = exp(a_ps - m_p)``; dq = scale dS k, dk = scale dS^T q, dv = p^T dA.
+with ``p_ps = exp(a_ps - m_p)``; dq = scale dS k, dk = scale dS^T q, dv = p^T dA.  The linear
+part's backward is the chunked kernel's normalised one given ``den = D / (1 - f)`` and
+``delta = u`` (so d num = (1 - f) do / D, d den = -(1 - f) u / D); and
+``df_p = (do . (A - L) - u (a - l)) / D`` summed over batch and tokens per head.
 
-Forward: one program per (query tile, batch * head), flash-attention style: an online max
-over the key tiles of the window, the sums rescaled to the final max (which is m_p), and
-the number of maximal scores.  Backward: one program per (query tile, batch * head) for dq,
-one per (key tile, batch * kv head) for dk and dv, looping over the query heads of the
-group (no atomics, no per-head copies).  Scores and sums in fp32; the forward's products take
-the input dtype on the tensor cores (fp32 inputs: tf32x3), the backward's fp32 gradients stay
-in a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on tf32 cores): chunked.py's
-``_dot_in`` and ``_mm``.
+Kernels: forward, one program per (batch * head, query tile), flash-attention style (an
+online max over the window's key tiles, then the sums rescaled to the final max, which is
+m_p, and the count of maximal scores), reading the linear part's rows and writing o, D, m
+and the ties.  dq: one program per (batch * head, query tile) in one pass over the key
+tiles (A, a, the sum of the maximal keys and the dq sum together; the tie term is applied
+at the end), writing dq (plus the linear part's dq when the map is fused), g and df's rows.
+dk/dv: one program per (batch * kv head, key tile), looping over the query heads of the
+group (no atomics), adding the linear part's dk/dv of the same keys.  Scores and sums in
+fp32; products take the input dtype on the tensor cores (fp32 inputs: tf32x3), the
+backward's fp32 intermediates a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on
+tf32 cores): chunked.py's ``_dot_in`` and ``_mm``.  No feature, score or window sum reaches
+HBM; the saved tensors are o, the linear part's output, and fp32 rows.
 """
 
 from __future__ import annotations
@@ -34,13 +47,18 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from ._common import alloc, cdiv, next_pow2, unit_last
+from . import chunked as _chunked
+from ._common import alloc, cdiv, empty_like_layout, next_pow2, row_dot, unit_last
 from .chunked import _dot_in, _mm  # a @ b with the fp32 precision named (TF32X3)
 
-__all__ = ["window_softmax", "window_unsupported_reason", "MAX_D"]
+__all__ = ["hybrid_attention", "window_unsupported_reason", "MAX_D"]
 
 #: the largest q/k and value head dims the tiles take
 MAX_D = 128
+
+#: added to the linear part's own denominator (which the chunked kernel divides by): it only
+#: keeps 0 / 0 at 0 for queries with no linear keys and no state; D has the call's eps
+_LIN_EPS = 1e-30
 
 
 def window_unsupported_reason(d: int, dv: int) -> Optional[str]:
@@ -70,6 +88,14 @@ def _rows(ptr, pos, mask, stride, width, BW: tl.constexpr):
 
 
 @triton.jit
+def _put(ptr, pos, mask, stride, width, x, BW: tl.constexpr):
+    """Store x [len(pos), BW] into rows ``pos`` of ``ptr`` (as :func:`_rows` reads them)."""
+    cols = tl.arange(0, BW)
+    tl.store(ptr + pos.to(tl.int64)[:, None] * stride + cols[None, :],
+             x.to(ptr.dtype.element_ty), mask=mask[:, None] & (cols[None, :] < width))
+
+
+@triton.jit
 def _query_tile(i_t, T, N, W, BT: tl.constexpr):
     """Query tile i_t: its rows r, their key positions, the valid-row mask, and the key
     range [lo, hi) its windows cover."""
@@ -78,14 +104,6 @@ def _query_tile(i_t, T, N, W, BT: tl.constexpr):
     lo = tl.maximum(P0 + i_t * BT - W + 1, 0)
     hi = tl.minimum(P0 + i_t * BT + BT, N)
     return r, P0 + r, r < T, lo, hi
-
-
-@triton.jit
-def _grad_rows(dA, da, m, g, ties, row, mr, DV, BV: tl.constexpr):
-    """The backward's per-row inputs of rows ``row`` (flat b*h*T + r)."""
-    return (_rows(dA, row, mr, DV, DV, BV), tl.load(da + row, mask=mr, other=0.0),
-            tl.load(m + row, mask=mr, other=0.0), tl.load(g + row, mask=mr, other=0.0),
-            tl.load(ties + row, mask=mr, other=1.0))
 
 
 @triton.jit
@@ -109,13 +127,34 @@ def _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N, D, DV,
 
 
 @triton.jit
+def _linear_rows(L_base, l, r, mr, row, sLt, DV, BV: tl.constexpr):
+    """The linear part's numerator [BT, BV] (fp32: the chunked kernel's normalised output
+    times its denominator) and denominator [BT] of query rows r."""
+    b_l = tl.load(l + row, mask=mr, other=0.0)
+    return _rows(L_base, r, mr, sLt, DV, BV).to(tl.float32) * b_l[:, None], b_l
+
+
+@triton.jit
+def _grad_rows(do_base, sdt, u, Dn, m, ties, fw, r, mr, row, DV, BV: tl.constexpr):
+    """The backward's per-row inputs of query rows r (flat rows ``row`` = b*h*T + r): do
+    (fp32), dA = f do / D, da = -f u / D, u, D, m and the tie counts."""
+    b_do = _rows(do_base, r, mr, sdt, DV, BV).to(tl.float32)
+    b_u = tl.load(u + row, mask=mr, other=0.0)
+    b_D = tl.load(Dn + row, mask=mr, other=1.0)
+    return (b_do, b_do * (fw / b_D)[:, None], -fw * b_u / b_D, b_u, b_D,
+            tl.load(m + row, mask=mr, other=0.0), tl.load(ties + row, mask=mr, other=1.0))
+
+
+@triton.jit
 def _fwd_kernel(
-    q, k, v, A, asum, m, ties,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-    T, N, H, G, D, DV, W, scale,
+    q, k, v, L, l, f, o, Dn, m, ties,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
+    T, N, H, G, D, DV, W, scale, eps,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     FP32: tl.constexpr,
 ):
+    """Grid (B * H, query tiles): o (input dtype, strided like q), and fp32 [B*H, T] rows of
+    D (eps included), m and the tie counts."""
     i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
     r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
     b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
@@ -137,57 +176,70 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot_in(p.to(b_v.dtype), b_v, FP32)
         m_i = m_new
     row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-    ov = tl.arange(0, BV)
-    tl.store(A + row[:, None] * DV + ov[None, :], acc, mask=mr[:, None] & (ov[None, :] < DV))
-    tl.store(asum + row, l_i, mask=mr)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, l, r, mr, row, sLt, DV, BV)
+    fw = tl.load(f + i_h)
+    den = fw * l_i + (1.0 - fw) * b_l + eps
+    _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * b_L) / den[:, None], BV)
+    tl.store(Dn + row, den, mask=mr)
     tl.store(m + row, m_i, mask=mr)
     tl.store(ties + row, c_i, mask=mr)
 
 
 @triton.jit
-def _dS(s, ok, b_dA, b_v, da, m_i, g, c_i, LOWP: tl.constexpr, FP32: tl.constexpr):
-    """p and dS of one [BT, BK] tile (module docstring); g = dA . A + da a per row."""
-    p = tl.exp(s - m_i[:, None])
-    dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + da[:, None]
-    top = tl.where(ok & (s == m_i[:, None]), 1.0, 0.0)
-    return p, p * dp - top * (g / c_i)[:, None]
-
-
-@triton.jit
 def _dq_kernel(
-    q, k, v, dA, da, m, g, ties, dq,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    q, k, v, do, L, l, f, u, Dn, m, ties, dql, dq, g, dfr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
     T, N, H, G, D, DV, W, scale,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    LOWP: tl.constexpr, FP32: tl.constexpr,
+    ADD_LIN: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
 ):
+    """Grid (B * H, query tiles): dq (strided like q; plus dql, the linear part's dq
+    [B, H, T, D] contiguous, when ADD_LIN), and fp32 [B*H, T] rows of g and of df."""
     i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
     r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
     b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
     row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-    b_dA, b_da, m_i, g_i, c_i = _grad_rows(dA, da, m, g, ties, row, mr, DV, BV)
+    fw = tl.load(f + i_h)
+    b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
+                                                      ties, fw, r, mr, row, DV, BV)
+    A = tl.zeros([BT, BV], tl.float32)
+    a = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BD], tl.float32)
+    ktop = tl.zeros([BT, BD], tl.float32)  # the sum of each row's maximal keys
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
     for j0 in range(lo, hi, BK):
         b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
                                     D, DV, BK, BD, BV, FP32)
-        p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
-        acc += _mm(dS, b_k, LOWP, FP32)
-    od = tl.arange(0, BD)
-    tl.store(dq + i_b * sqb + i_h * sqh + r.to(tl.int64)[:, None] * sqt + od[None, :],
-             (acc * scale).to(dq.dtype.element_ty), mask=mr[:, None] & (od[None, :] < D))
+        p = tl.exp(s - m_i[:, None])
+        A += _dot_in(p.to(b_v.dtype), b_v, FP32)
+        a += tl.sum(p, 1)
+        dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
+        acc += _mm(p * dp, b_k, LOWP, FP32)
+        ktop += _mm(tl.where(ok & (s == m_i[:, None]), 1.0, 0.0), b_k, LOWP, FP32)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, l, r, mr, row, sLt, DV, BV)
+    doA = tl.sum(b_do * A, 1)
+    g_i = fw * (doA - b_u * a) / b_D
+    df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
+    b_dq = (acc - (g_i / c_i)[:, None] * ktop) * scale
+    if ADD_LIN:
+        b_dq += _rows(dql + i_bh.to(tl.int64) * T * D, r, mr, D, D, BD).to(tl.float32)
+    _put(dq + i_b * sqb + i_h * sqh, r, mr, sqt, D, b_dq, BD)
+    tl.store(g + row, g_i, mask=mr)
+    tl.store(dfr + row, df_i, mask=mr)
 
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, dA, da, m, g, ties, dk, dv,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-    T, N, H, G, D, DV, W, scale,
+    q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    slkb, slkh, slkt, slvb, slvh, slvt,
+    T, N, NL, H, G, D, DV, W, scale,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    LOWP: tl.constexpr, FP32: tl.constexpr,
+    ADD_LIN: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
 ):
-    """Grid (B * Hkv, key tiles); dk, dv laid out like k, v."""
+    """Grid (B * Hkv, key tiles); dk, dv laid out like k, v.  The linear part's dv (and its
+    dk when ADD_LIN) of keys s < NL, dvl / dkl [B, Hkv, >= NL, .] strided, are added."""
     i_bhk = tl.program_id(0)
     i_k = tl.program_id(1)
     Hkv = H // G
@@ -196,8 +248,6 @@ def _dkdv_kernel(
     P0 = N - T
     cols = i_k * BK + tl.arange(0, BK)
     mc = cols < N
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     b_k = _rows(k + i_b * skb + i_hk * skh, cols, mc, skt, D, BD)
     b_v = _rows(v + i_b * svb + i_hk * svh, cols, mc, svt, DV, BV)
     acc_k = tl.zeros([BK, BD], tl.float32)
@@ -208,21 +258,29 @@ def _dkdv_kernel(
     for gi in range(0, G):
         i_h = i_hk * G + gi
         i_bh = i_b * H + i_h
+        fw = tl.load(f + i_h)
         for r0 in range(lo, hi, BT):
             r = r0 + tl.arange(0, BT)
             mr = r < hi
             rows = tl.where(mr, P0 + r, N)  # a masked row has no keys
             b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
             row = i_bh * T + r.to(tl.int64)
-            b_dA, b_da, m_i, g_i, c_i = _grad_rows(dA, da, m, g, ties, row, mr, DV, BV)
+            _, b_dA, b_da, _, _, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
+                                                       ties, fw, r, mr, row, DV, BV)
+            g_i = tl.load(g + row, mask=mr, other=0.0)
             s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
-            p, dS = _dS(s, ok, b_dA, b_v, b_da, m_i, g_i, c_i, LOWP, FP32)
+            p = tl.exp(s - m_i[:, None])
+            dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
+            dS = p * dp - tl.where(ok & (s == m_i[:, None]), 1.0, 0.0) * (g_i / c_i)[:, None]
             acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
             acc_k += _mm(tl.trans(dS), b_q, LOWP, FP32)
-    tl.store(dk + i_b * skb + i_hk * skh + cols.to(tl.int64)[:, None] * skt + od[None, :],
-             (acc_k * scale).to(dk.dtype.element_ty), mask=mc[:, None] & (od[None, :] < D))
-    tl.store(dv + i_b * svb + i_hk * svh + cols.to(tl.int64)[:, None] * svt + ov[None, :],
-             acc_v.to(dv.dtype.element_ty), mask=mc[:, None] & (ov[None, :] < DV))
+    acc_k = acc_k * scale
+    ml = mc & (cols < NL)
+    acc_v += _rows(dvl + i_b * slvb + i_hk * slvh, cols, ml, slvt, DV, BV).to(tl.float32)
+    if ADD_LIN:
+        acc_k += _rows(dkl + i_b * slkb + i_hk * slkh, cols, ml, slkt, D, BD).to(tl.float32)
+    _put(dk + i_b * skb + i_hk * skh, cols, mc, skt, D, acc_k, BD)
+    _put(dv + i_b * svb + i_hk * svh, cols, mc, svt, DV, acc_v, BV)
 
 
 def _laid_out(x: torch.Tensor) -> torch.Tensor:
@@ -241,59 +299,100 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-class _Window(torch.autograd.Function):
+class _Hybrid(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window, scale):
+    def forward(ctx, q, k, v, fq, fk, f, kv0, z0, fmap, scale, wscale, window, eps, store_final):
         q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+        W = int(window)
+        ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
+        lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
+        L, l, kvT, zT = _chunked._forward(lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
+                                          fmap, scale, kshift=ks)
         BT, BK, BD, BV = _tiles(D, DV)
-        A = alloc((B, H, T, DV), torch.float32, q.device)
-        a, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
-        fp32 = q.dtype == torch.float32
+        o = empty_like_layout(q, B, H, T, DV, q.dtype)
+        Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
         _fwd_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, A, a, m, ties, *_strides(q), *_strides(k), *_strides(v),
-            T, N, H, H // Hkv, D, DV, int(window), float(scale),
-            BT=BT, BK=BK, BD=BD, BV=BV, FP32=fp32, num_warps=4, num_stages=2)
-        ctx.save_for_backward(q, k, v, A, a, m, ties)
-        ctx.window, ctx.scale = int(window), float(scale)
-        ctx.mark_non_differentiable(m)
-        return A, a, m
+            q, k, v, L, l, f, o, Dn, m, ties, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
+            BT=BT, BK=BK, BD=BD, BV=BV, FP32=q.dtype == torch.float32, num_warps=4,
+            num_stages=2)
+        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, l, Dn, m, ties)
+        ctx.meta = (fmap, float(scale), float(wscale), W, ks)
+        return o, kvT, zT
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dA, da, _dm):
-        q, k, v, A, a, m, ties = ctx.saved_tensors
+    def backward(ctx, do, dkvT, dzT):
+        q, k, v, fq, fk, f, kv0, z0, o, L, l, Dn, m, ties = ctx.saved_tensors
+        fmap, scale, wscale, W, ks = ctx.meta
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
-        dA = torch.zeros_like(A) if dA is None else dA.float().contiguous()
-        da = torch.zeros_like(a) if da is None else da.float().contiguous()
-        g = ((dA * A).sum(-1) + da * a).contiguous()
+        do = unit_last(do)
+        u = row_dot(o, do)
+        # the linear part: the chunked backward with the shared denominator (per head
+        # D / (1 - f)) and delta = do . o of the hybrid's own output
+        lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
+        dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
+            lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True, fmap,
+            scale, kshift=ks, delta=u)
         BT, BK, BD, BV = _tiles(D, DV)
-        fp32 = q.dtype == torch.float32
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        args = (T, N, H, H // Hkv, D, DV, ctx.window, ctx.scale)
-        meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, LOWP=q.dtype == torch.bfloat16, FP32=fp32,
+        meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, ADD_LIN=fq is None,
+                    LOWP=q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32,
                     num_warps=4, num_stages=2)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
         _dq_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, dA, da, m, g, ties, dq, *_strides(q), *_strides(k), *_strides(v),
-            *args, **meta)
+            q, k, v, do, L, l, f, u, Dn, m, ties, dql, dq, g, dfr,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
+            T, N, H, H // Hkv, D, DV, W, wscale, **meta)
+        nl = T - ks  # keys with a linear part: positions < N - W
         _dkdv_kernel[(B * Hkv, cdiv(N, BK))](
-            q, k, v, dA, da, m, g, ties, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-            *args, **meta)
-        return dq, dk, dv, None, None
+            q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
+            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, **meta)
+        dfq = dfk = None
+        if fq is not None:  # the features' gradients (their map's backward is autograd's)
+            dfq = dql
+            dfk = torch.zeros_like(fk)
+            if nl > 0:
+                dfk[:, :, :nl] = dkl[:, :, :nl]
+        df = dfr.sum((0, 2))
+        return dq, dk, dv, dfq, dfk, df, dkv0, dz0, None, None, None, None, None, None
 
 
-def window_softmax(q, k, v, *, window: int, scale: float):
-    """The window's softmax sums: ``(A [B, H, T, Dv], a [B, H, T], m [B, H, T])``, fp32.
+def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: float,
+                     features=None, feature_map: str = "", scale: float = 1.0,
+                     initial_kv=None, initial_z=None, return_state: bool = False):
+    """The hybrid layer's output ``o [B, H, T, Dv]`` (and its linear state), both parts in
+    Triton.
 
     Args:
         q: ``[B, H, T, D]``, the queries at the last T of the N key positions.
         k: ``[B, Hkv, N, D]``; v: ``[B, Hkv, N, Dv]`` (unit last stride, any other strides;
             dk/dv come back with the same strides).
-        window: W >= 1; scale: multiplies q . k.
+        weight: fp32 ``[H]``, the mixing weight f of each head (differentiable).
+        window: W, 1 <= W <= N (N - T, the keys before the queries, at most W).
+        window_scale: multiplies q . k in the softmax; eps: added to the shared denominator.
+        features: None, or ``(fq [B, H, T, Dk], fk [B, Hkv, N, Dk])`` the linear part's
+            features (differentiable); with None, q and k are the linear part's inputs, raw
+            when ``feature_map`` names an elementwise map of featattn.kernels.maps (applied
+            in the chunked kernel to ``scale * q`` and k), else features themselves.
+        initial_kv, initial_z: fp32 ``[B, H, Dk, Dv]`` / ``[B, H, Dk]``, the linear state of
+            the keys before the N (or None).
+        return_state: also return the linear state over every key but the last W.
 
-    Differentiable in q, k, v through A and a, with m's own dependence on the scores
-    included (m itself is returned for inspection and is not differentiable).
+    Returns:
+        ``(o, kv, z)``, kv / z None unless ``return_state``.
     """
-    return _Window.apply(q, k, v, window, scale)
+    fq, fk = (None, None) if features is None else features
+    B, H = q.shape[:2]
+    Dk = q.shape[-1] if fq is None else fq.shape[-1]
+    kv0, z0 = _chunked.fill_state_half(True, initial_kv, initial_z, B, H, Dk, v.shape[-1],
+                                       q.device)
+    if kv0 is not None:
+        kv0, z0 = kv0.float().contiguous(), z0.float().contiguous()
+    o, kv, z = _Hybrid.apply(q, k, v, fq, fk, weight, kv0, z0, feature_map, scale,
+                             window_scale, window, eps, bool(return_state))
+    return o, kv, z
