@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 import torch
 
 from .chunked import chunked_linear_attention
-from .dispatch import (HYBRID_DIRECT_MAX_T, Call, KernelUnavailable, _check_backend,
+from .dispatch import (HYBRID_DIRECT_MAX_T, Call, _check_backend,
                        needs_grad, select, taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention

@@ -127,10 +127,10 @@ def _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N, D, DV,
 
 
 @triton.jit
-def _linear_rows(L_base, l, r, mr, row, sLt, DV, BV: tl.constexpr):
+def _linear_rows(L_base, lden, r, mr, row, sLt, DV, BV: tl.constexpr):
     """The linear part's numerator [BT, BV] (fp32: the chunked kernel's normalised output
     times its denominator) and denominator [BT] of query rows r."""
-    b_l = tl.load(l + row, mask=mr, other=0.0)
+    b_l = tl.load(lden + row, mask=mr, other=0.0)
     return _rows(L_base, r, mr, sLt, DV, BV).to(tl.float32) * b_l[:, None], b_l
 
 
@@ -147,7 +147,7 @@ def _grad_rows(do_base, sdt, u, Dn, m, ties, fw, r, mr, row, DV, BV: tl.constexp
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, L, l, f, o, Dn, m, ties,
+    q, k, v, L, lden, f, o, Dn, m, ties,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
     T, N, H, G, D, DV, W, scale, eps,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
@@ -176,7 +176,7 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot_in(p.to(b_v.dtype), b_v, FP32)
         m_i = m_new
     row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, l, r, mr, row, sLt, DV, BV)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
     fw = tl.load(f + i_h)
     den = fw * l_i + (1.0 - fw) * b_l + eps
     _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * b_L) / den[:, None], BV)
@@ -187,7 +187,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, do, L, l, f, u, Dn, m, ties, dql, dq, g, dfr,
+    q, k, v, do, L, lden, f, u, Dn, m, ties, dql, dq, g, dfr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
     T, N, H, G, D, DV, W, scale,
     BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
@@ -217,7 +217,7 @@ def _dq_kernel(
         dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
         acc += _mm(p * dp, b_k, LOWP, FP32)
         ktop += _mm(tl.where(ok & (s == m_i[:, None]), 1.0, 0.0), b_k, LOWP, FP32)
-    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, l, r, mr, row, sLt, DV, BV)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
     doA = tl.sum(b_do * A, 1)
     g_i = fw * (doA - b_u * a) / b_D
     df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
@@ -308,24 +308,24 @@ class _Hybrid(torch.autograd.Function):
         W = int(window)
         ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
-        L, l, kvT, zT = _chunked._forward(lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
+        L, lden, kvT, zT = _chunked._forward(lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
                                           fmap, scale, kshift=ks)
         BT, BK, BD, BV = _tiles(D, DV)
         o = empty_like_layout(q, B, H, T, DV, q.dtype)
         Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
         _fwd_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, L, l, f, o, Dn, m, ties, *_strides(q), *_strides(k), *_strides(v),
+            q, k, v, L, lden, f, o, Dn, m, ties, *_strides(q), *_strides(k), *_strides(v),
             *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
             BT=BT, BK=BK, BD=BD, BV=BV, FP32=q.dtype == torch.float32, num_warps=4,
             num_stages=2)
-        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, l, Dn, m, ties)
+        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties)
         ctx.meta = (fmap, float(scale), float(wscale), W, ks)
         return o, kvT, zT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dkvT, dzT):
-        q, k, v, fq, fk, f, kv0, z0, o, L, l, Dn, m, ties = ctx.saved_tensors
+        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties = ctx.saved_tensors
         fmap, scale, wscale, W, ks = ctx.meta
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -344,7 +344,7 @@ class _Hybrid(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
         _dq_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, do, L, l, f, u, Dn, m, ties, dql, dq, g, dfr,
+            q, k, v, do, L, lden, f, u, Dn, m, ties, dql, dq, g, dfr,
             *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
             T, N, H, H // Hkv, D, DV, W, wscale, **meta)
         nl = T - ks  # keys with a linear part: positions < N - W
