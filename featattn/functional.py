@@ -502,20 +502,16 @@ def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map
         from .kernels.projected import projection_features  # the projection's Triton pass
 
         features = projection_features(q, k, fm.triton_projection(), scale)
-    elif map_path == "kernel":
+    elif map_path in ("kernel", "triton_pass"):  # the hybrid's own pass: no map backward
         from .kernels.maps import fused_key
 
         fmap = fused_key(fm)
-    elif map_path == "triton_pass":
-        from .kernels.maps import apply_map, fused_key
-
-        key = fused_key(fm)
-        features = (apply_map(q, key, scale), apply_map(k, key))
     else:
         features = _torch_map(fm, q * scale if scale != 1.0 else q, k, q.shape[-1],
                               fm.output_dim(q.shape[-1]))
     return hybrid_attention(q, k, v, weight=f, window=window, window_scale=wscale, eps=eps,
-                            features=features, feature_map=fmap, scale=scale if fmap else 1.0,
+                            features=features, feature_map=fmap,
+                            map_pass=map_path == "triton_pass", scale=scale if fmap else 1.0,
                             initial_kv=kv0, initial_z=z0, return_state=return_state)
 
 

@@ -381,3 +381,21 @@ def test_the_triton_hybrid_follows_backend(monkeypatch):
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "yes")
     with pytest.raises(ValueError, match="FEATATTN_HYBRID_LINEAR must be"):
         featattn.select_kernel(q, k, v, "elu", "triton", window=8)
+
+
+def test_hybrid_in_triton_splits_the_max_gradient_between_tied_keys(monkeypatch):
+    """Keys repeated in pairs tie for many rows' window maximum: the Triton kernels (the
+    second pass over the key tiles that sums the tied keys) match the oracle, whose
+    torch.amax shares m's gradient equally between ties."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    q, k, v = _inputs(1, 2, 2, 90, 4, 4, seed=21)
+    k = k.clone()
+    k[:, :, 1::2] = k[:, :, 0::2]
+    runs = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, k, v)]
+        o = featattn.linear_attention(*leaves, feature_map="elu", window=6, backend=backend)
+        runs.append([o, *torch.autograd.grad((o.double() ** 2).sum(), leaves)])
+    for name, a, b in zip(["o", "dq", "dk", "dv"], *runs):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 2e-5, (name, err)

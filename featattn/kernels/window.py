@@ -47,8 +47,10 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
+from .. import _switches
 from . import chunked as _chunked
-from ._common import alloc, cdiv, empty_like_layout, next_pow2, row_dot, unit_last
+from . import maps as _maps
+from ._common import INTERPRET, alloc, cdiv, empty_like_layout, next_pow2, row_dot, unit_last
 from .chunked import _dot_in, _mm  # a @ b with the fp32 precision named (TF32X3)
 
 __all__ = ["hybrid_attention", "window_unsupported_reason", "MAX_D"]
@@ -147,27 +149,29 @@ def _grad_rows(do_base, sdt, u, Dn, m, ties, fw, r, mr, row, DV, BV: tl.constexp
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, L, lden, f, o, Dn, m, ties,
+    q, k, v, L, lden, f, o, Dn, m, ties, arg,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
     T, N, H, G, D, DV, W, scale, eps,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    FP32: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """Grid (B * H, query tiles): o (input dtype, strided like q), and fp32 [B*H, T] rows of
-    D (eps included), m and the tie counts."""
+    """Grid (B * H, query tiles): o (input dtype, strided like q), fp32 [B*H, T] rows of
+    D (eps included), m and the tie counts, and int32 rows of a maximal key's position."""
     i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
     r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
     b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
     m_i = tl.full([BT], -1e30, tl.float32)
     l_i = tl.zeros([BT], tl.float32)
     c_i = tl.zeros([BT], tl.float32)
+    a_i = tl.zeros([BT], tl.int32)
     acc = tl.zeros([BT, BV], tl.float32)
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
     for j0 in range(lo, hi, BK):
         b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
                                     D, DV, BK, BD, BV, FP32)
-        tmax = tl.max(s, 1)
+        tmax, targ = tl.max(s, 1, return_indices=True)
+        a_i = tl.where(tmax > m_i, j0 + targ, a_i)
         m_new = tl.maximum(m_i, tmax)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -183,18 +187,39 @@ def _fwd_kernel(
     tl.store(Dn + row, den, mask=mr)
     tl.store(m + row, m_i, mask=mr)
     tl.store(ties + row, c_i, mask=mr)
+    tl.store(arg + row, a_i, mask=mr)
+
+
+@triton.jit
+def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
+              DPHI: tl.constexpr):
+    """acc plus the linear part's gradient dl of the same rows: dl itself (LIN_GRAD = 1), or
+    (LIN_GRAD = 2: the features were PHI(xscale * x), made before the chunked kernel)
+    dl * PHI'(xscale * x) * xscale."""
+    if LIN_GRAD == 1:
+        acc += dl
+    if LIN_GRAD == 2:
+        xs = x.to(tl.float32) * xscale
+        acc += dl * DPHI(xs, PHI(xs)) * xscale
+    return acc
 
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, do, L, lden, f, u, Dn, m, ties, dql, dq, g, dfr,
+    q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
-    T, N, H, G, D, DV, W, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    ADD_LIN: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    T, N, H, G, D, DV, W, scale, xscale,
+    BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
+    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """Grid (B * H, query tiles): dq (strided like q; plus dql, the linear part's dq
-    [B, H, T, D] contiguous, when ADD_LIN), and fp32 [B*H, T] rows of g and of df."""
+    """Grid (B * H, query tiles): dq (strided like q; the linear part's dq dql [B, H, T, D]
+    contiguous added as :func:`_lin_grad` says), and fp32 [B*H, T] rows of g and of df.
+
+    One pass over the key tiles: with dov = do v^T, dp = dov f / D + da and do . A =
+    sum p dov, so A itself is never formed; the tie term -g / ties times the sum of each
+    row's maximal keys is applied at the end (the key at ``arg`` when no row of the tile
+    has tied maxima, else a second pass sums them)."""
     i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
     r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
     b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
@@ -202,28 +227,34 @@ def _dq_kernel(
     fw = tl.load(f + i_h)
     b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
                                                       ties, fw, r, mr, row, DV, BV)
-    A = tl.zeros([BT, BV], tl.float32)
+    doA = tl.zeros([BT], tl.float32)
     a = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BD], tl.float32)
-    ktop = tl.zeros([BT, BD], tl.float32)  # the sum of each row's maximal keys
     k_base = k + i_b * skb + i_hk * skh
     v_base = v + i_b * svb + i_hk * svh
     for j0 in range(lo, hi, BK):
         b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
                                     D, DV, BK, BD, BV, FP32)
         p = tl.exp(s - m_i[:, None])
-        A += _dot_in(p.to(b_v.dtype), b_v, FP32)
+        dov = _mm(b_do, tl.trans(b_v), LOWP, FP32)
         a += tl.sum(p, 1)
-        dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
-        acc += _mm(p * dp, b_k, LOWP, FP32)
-        ktop += _mm(tl.where(ok & (s == m_i[:, None]), 1.0, 0.0), b_k, LOWP, FP32)
+        doA += tl.sum(p * dov, 1)
+        acc += _mm(p * (dov * (fw / b_D)[:, None] + b_da[:, None]), b_k, LOWP, FP32)
+    if tl.max(c_i) > 1.0:  # tied maxima in some row: sum each row's maximal keys
+        ktop = tl.zeros([BT, BD], tl.float32)
+        for j0 in range(lo, hi, BK):
+            b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W,
+                                        N, D, DV, BK, BD, BV, FP32)
+            ktop += _mm(tl.where(ok & (s == m_i[:, None]), 1.0, 0.0), b_k, LOWP, FP32)
+    else:
+        ktop = _rows(k_base, tl.load(arg + row, mask=mr, other=0), mr, skt, D, BD).to(tl.float32)
     b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
-    doA = tl.sum(b_do * A, 1)
     g_i = fw * (doA - b_u * a) / b_D
     df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
     b_dq = (acc - (g_i / c_i)[:, None] * ktop) * scale
-    if ADD_LIN:
-        b_dq += _rows(dql + i_bh.to(tl.int64) * T * D, r, mr, D, D, BD).to(tl.float32)
+    if LIN_GRAD > 0:
+        b_dq = _lin_grad(b_dq, b_q, _rows(dql + i_bh.to(tl.int64) * T * D, r, mr, D, D,
+                                          BD).to(tl.float32), xscale, LIN_GRAD, PHI, DPHI)
     _put(dq + i_b * sqb + i_h * sqh, r, mr, sqt, D, b_dq, BD)
     tl.store(g + row, g_i, mask=mr)
     tl.store(dfr + row, df_i, mask=mr)
@@ -234,12 +265,14 @@ def _dkdv_kernel(
     q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     slkb, slkh, slkt, slvb, slvh, slvt,
-    T, N, NL, H, G, D, DV, W, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    ADD_LIN: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    T, N, NL, H, G, D, DV, W, scale, xscale,
+    BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
+    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """Grid (B * Hkv, key tiles); dk, dv laid out like k, v.  The linear part's dv (and its
-    dk when ADD_LIN) of keys s < NL, dvl / dkl [B, Hkv, >= NL, .] strided, are added."""
+    """Grid (B * Hkv, key tiles); dk, dv laid out like k, v.  The linear part's dv and dk of
+    keys s < NL, dvl / dkl [B, Hkv, >= NL, .] strided, are added (dk as :func:`_lin_grad`
+    says, with xscale 1)."""
     i_bhk = tl.program_id(0)
     i_k = tl.program_id(1)
     Hkv = H // G
@@ -277,8 +310,9 @@ def _dkdv_kernel(
     acc_k = acc_k * scale
     ml = mc & (cols < NL)
     acc_v += _rows(dvl + i_b * slvb + i_hk * slvh, cols, ml, slvt, DV, BV).to(tl.float32)
-    if ADD_LIN:
-        acc_k += _rows(dkl + i_b * slkb + i_hk * slkh, cols, ml, slkt, D, BD).to(tl.float32)
+    if LIN_GRAD > 0:
+        acc_k = _lin_grad(acc_k, b_k, _rows(dkl + i_b * slkb + i_hk * slkh, cols, ml, slkt, D,
+                                            BD).to(tl.float32), 1.0, LIN_GRAD, PHI, DPHI)
     _put(dk + i_b * skb + i_hk * skh, cols, mc, skt, D, acc_k, BD)
     _put(dv + i_b * svb + i_hk * svh, cols, mc, svt, DV, acc_v, BV)
 
@@ -291,8 +325,25 @@ def _laid_out(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
 
 
-def _tiles(D: int, DV: int):
-    return 32, 32, max(16, next_pow2(D)), max(16, next_pow2(DV))
+def _configs():
+    """Query tile BT, key tile BK, warps: one small config in the interpreter and with
+    FEATATTN_NO_AUTOTUNE=1, else tuned per (D, Dv, W)."""
+    if INTERPRET:
+        return [triton.Config({"BT": 32, "BK": 32}, num_warps=4, num_stages=1)]
+    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
+        return [triton.Config({"BT": 64, "BK": 64}, num_warps=4, num_stages=2)]
+    space = [(32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (128, 32, 8)]
+    return [triton.Config({"BT": bt, "BK": bk}, num_warps=nw, num_stages=2)
+            for bt, bk, nw in space]
+
+
+_FWD = triton.autotune(configs=_configs(), key=["D", "DV", "W", "FP32"])(_fwd_kernel)
+_DQ = triton.autotune(configs=_configs(), key=["D", "DV", "W", "LIN_GRAD", "FP32"])(_dq_kernel)
+_DKDV = triton.autotune(configs=_configs(), key=["D", "DV", "W", "LIN_GRAD", "FP32"])(_dkdv_kernel)
+
+
+def _dims(D: int, DV: int):
+    return max(16, next_pow2(D)), max(16, next_pow2(DV))
 
 
 def _strides(x):
@@ -300,33 +351,47 @@ def _strides(x):
 
 
 class _Hybrid(torch.autograd.Function):
+    """The hybrid call.  How the linear part gets its inputs (``mode``):
+
+    * ``"features"``: fq, fk given (differentiable inputs of their own);
+    * ``"plain"``: q and k are the features (no map, scale 1);
+    * ``"kernel"``: raw q and k, the map (``fmap``) applied inside the chunked kernels;
+    * ``"pass"``: the features made here by the map's Triton pass and saved; the chunked
+      kernels run on them, and the window kernels apply the map's derivative to the linear
+      part's gradients (no map backward pass, no separate gradient sums).
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, f, kv0, z0, fmap, scale, wscale, window, eps, store_final):
+    def forward(ctx, q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
+                store_final):
         q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         W = int(window)
         ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
+        if mode == "pass":
+            fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
         L, lden, kvT, zT = _chunked._forward(lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
-                                          fmap, scale, kshift=ks)
-        BT, BK, BD, BV = _tiles(D, DV)
+                                             fmap if mode == "kernel" else "",
+                                             scale if mode == "kernel" else 1.0, kshift=ks)
+        BD, BV = _dims(D, DV)
         o = empty_like_layout(q, B, H, T, DV, q.dtype)
         Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
-        _fwd_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, L, lden, f, o, Dn, m, ties, *_strides(q), *_strides(k), *_strides(v),
+        arg = alloc((B, H, T), torch.int32, q.device)
+        _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
+            q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k), *_strides(v),
             *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
-            BT=BT, BK=BK, BD=BD, BV=BV, FP32=q.dtype == torch.float32, num_warps=4,
-            num_stages=2)
-        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties)
-        ctx.meta = (fmap, float(scale), float(wscale), W, ks)
+            BD=BD, BV=BV, FP32=q.dtype == torch.float32)
+        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg)
+        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks)
         return o, kvT, zT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dkvT, dzT):
-        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties = ctx.saved_tensors
-        fmap, scale, wscale, W, ks = ctx.meta
+        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg = ctx.saved_tensors
+        mode, fmap, scale, wscale, W, ks = ctx.meta
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         do = unit_last(do)
@@ -335,36 +400,44 @@ class _Hybrid(torch.autograd.Function):
         # D / (1 - f)) and delta = do . o of the hybrid's own output
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
         dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
-            lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True, fmap,
-            scale, kshift=ks, delta=u)
-        BT, BK, BD, BV = _tiles(D, DV)
-        meta = dict(BT=BT, BK=BK, BD=BD, BV=BV, ADD_LIN=fq is None,
-                    LOWP=q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32,
-                    num_warps=4, num_stages=2)
+            lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
+            fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
+            delta=u)
+        lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
+        form = _maps.lookup(fmap)[1] if mode == "pass" else None
+        BD, BV = _dims(D, DV)
+        meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
+                    DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
+                    FP32=q.dtype == torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
-        _dq_kernel[(B * H, cdiv(T, BT))](
-            q, k, v, do, L, lden, f, u, Dn, m, ties, dql, dq, g, dfr,
+        _DQ[lambda c: (B * H, cdiv(T, c["BT"]))](
+            q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
             *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-            T, N, H, H // Hkv, D, DV, W, wscale, **meta)
+            T, N, H, H // Hkv, D, DV, W, wscale, scale, **meta)
         nl = T - ks  # keys with a linear part: positions < N - W
-        _dkdv_kernel[(B * Hkv, cdiv(N, BK))](
+        _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
             q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
-            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, **meta)
+            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale, **meta)
         dfq = dfk = None
-        if fq is not None:  # the features' gradients (their map's backward is autograd's)
+        if mode == "features":  # the features' gradients (their map's backward is autograd's)
             dfq = dql
-            dfk = torch.zeros_like(fk)
-            if nl > 0:
-                dfk[:, :, :nl] = dkl[:, :, :nl]
+            if N == T and dkl.shape[2] == N:  # keys past N - W have no linear part
+                dfk = dkl
+                dfk[:, :, max(nl, 0):].zero_()
+            else:
+                dfk = torch.zeros_like(fk)
+                if nl > 0:
+                    dfk[:, :, :nl] = dkl[:, :, :nl]
         df = dfr.sum((0, 2))
-        return dq, dk, dv, dfq, dfk, df, dkv0, dz0, None, None, None, None, None, None
+        return (dq, dk, dv, dfq, dfk, df, dkv0, dz0) + (None,) * 7
 
 
 def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: float,
-                     features=None, feature_map: str = "", scale: float = 1.0,
-                     initial_kv=None, initial_z=None, return_state: bool = False):
+                     features=None, feature_map: str = "", map_pass: bool = False,
+                     scale: float = 1.0, initial_kv=None, initial_z=None,
+                     return_state: bool = False):
     """The hybrid layer's output ``o [B, H, T, Dv]`` (and its linear state), both parts in
     Triton.
 
@@ -376,9 +449,11 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
         window: W, 1 <= W <= N (N - T, the keys before the queries, at most W).
         window_scale: multiplies q . k in the softmax; eps: added to the shared denominator.
         features: None, or ``(fq [B, H, T, Dk], fk [B, Hkv, N, Dk])`` the linear part's
-            features (differentiable); with None, q and k are the linear part's inputs, raw
-            when ``feature_map`` names an elementwise map of featattn.kernels.maps (applied
-            in the chunked kernel to ``scale * q`` and k), else features themselves.
+            features (differentiable); with None, q and k are the linear part's inputs: raw
+            when ``feature_map`` is a key of featattn.kernels.maps (``fused_key``), whose map
+            of ``scale * q`` and of k is applied inside the chunked kernels, or with
+            ``map_pass`` by one Triton pass before them (faster when one program sweeps
+            each head: B * H near the SM count); else features themselves.
         initial_kv, initial_z: fp32 ``[B, H, Dk, Dv]`` / ``[B, H, Dk]``, the linear state of
             the keys before the N (or None).
         return_state: also return the linear state over every key but the last W.
@@ -387,12 +462,17 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
         ``(o, kv, z)``, kv / z None unless ``return_state``.
     """
     fq, fk = (None, None) if features is None else features
+    if features is not None:
+        mode = "features"
+    elif feature_map:
+        mode = "pass" if map_pass else "kernel"
+    else:
+        mode = "plain"
     B, H = q.shape[:2]
     Dk = q.shape[-1] if fq is None else fq.shape[-1]
     kv0, z0 = _chunked.fill_state_half(True, initial_kv, initial_z, B, H, Dk, v.shape[-1],
                                        q.device)
     if kv0 is not None:
         kv0, z0 = kv0.float().contiguous(), z0.float().contiguous()
-    o, kv, z = _Hybrid.apply(q, k, v, fq, fk, weight, kv0, z0, feature_map, scale,
-                             window_scale, window, eps, bool(return_state))
-    return o, kv, z
+    return _Hybrid.apply(q, k, v, fq, fk, weight, kv0, z0, mode, feature_map, scale,
+                         window_scale, window, eps, bool(return_state))
