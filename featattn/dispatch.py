@@ -429,8 +429,8 @@ def select_kernel(
             keeps no state; the step kernel needs an initial state).  Whether the inputs
             require a gradient matters too (the step kernel is inference only).
         window: as for linear_attention (the hybrid softmax window; > 0 runs in the chunked
-            PyTorch path, or with FEATATTN_HYBRID_LINEAR=triton in the chunked kernel and
-            kernels/window.py: ``chunked``).
+            kernel and kernels/window.py, ``chunked``, or with FEATATTN_HYBRID_LINEAR=torch
+            in the chunked PyTorch path).
         causal: as for linear_attention (False: every query reads every key, in PyTorch).
         cu_seqlens: as for linear_attention (packed sequences: the state is then [N, ...]).
 
@@ -483,11 +483,12 @@ HYBRID_DIRECT_MAX_T = 64
 
 
 def hybrid_triton_mode() -> str:
-    """``FEATATTN_HYBRID_LINEAR``: ``"torch"`` (hybrid calls in the chunked PyTorch path) or
-    ``"triton"`` (the linear part in the chunked kernel, the window in kernels/window.py)."""
+    """``FEATATTN_HYBRID_LINEAR``: ``"triton"`` (the default: the linear part in the chunked
+    kernel, the window and the shared denominator in kernels/window.py) or ``"torch"``
+    (hybrid calls in the chunked PyTorch path)."""
     mode = _switches.read("FEATATTN_HYBRID_LINEAR")
     if mode not in ("torch", "triton"):
-        raise ValueError(f"FEATATTN_HYBRID_LINEAR must be 'torch' (the default) or 'triton', "
+        raise ValueError(f"FEATATTN_HYBRID_LINEAR must be 'triton' (the default) or 'torch', "
                          f"got {mode!r}")
     return mode
 
@@ -496,8 +497,7 @@ def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
     """None when ``impl`` runs this hybrid call (the chunked kernel, for both parts), else
     why not."""
     if hybrid_triton_mode() != "triton":
-        return ("runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=triton: its two "
-                "parts in Triton kernels, not yet GPU-timed)")
+        return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"
     if impl.name != "chunked":
         return "runs in the chunked kernel (linear part) and kernels/window.py"
     if call.T <= HYBRID_DIRECT_MAX_T:

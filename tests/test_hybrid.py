@@ -151,14 +151,20 @@ def test_state_helpers_carry_the_window():
     assert s.to(torch.float32).window_k.dtype == torch.float64  # raw keys keep their dtype
 
 
-def test_window_zero_matches_plain_and_select_kernel_says_why():
+def test_window_zero_matches_plain_and_select_kernel_says_why(monkeypatch):
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "torch")
     q, k, v = _inputs(1, 2, 2, 12, 4, 4)
     assert torch.equal(featattn.linear_attention(q, k, v, feature_map="elu", window=0),
                        featattn.linear_attention(q, k, v, feature_map="elu"))
     choice = featattn.select_kernel(q, k, v, "elu", window=8)
     assert choice.name == "torch_chunked"
-    with pytest.raises(KernelUnavailable, match="window=8.*chunked PyTorch path.*FEATATTN_HYBRID_LINEAR"):
+    with pytest.raises(KernelUnavailable, match="window=8.*chunked PyTorch path.*FEATATTN_HYBRID_LINEAR=torch"):
         featattn.select_kernel(q, k, v, "elu", backend="chunked", window=8)
+    # the default: both parts in Triton (never the interpreter under backend='auto')
+    monkeypatch.delenv("FEATATTN_HYBRID_LINEAR")
+    q, k, v = _inputs(1, 2, 2, 80, 4, 4, dtype=torch.float32)
+    assert featattn.select_kernel(q, k, v, "elu", backend="auto", window=8).name == "torch_chunked"
+    assert featattn.select_kernel(q, k, v, "elu", backend="chunked", window=8).name == "chunked"
 
 
 def test_bad_window_input_is_explained():
