@@ -7,6 +7,7 @@ SDPA.
     python benchmarks/gpu_hybrid.py                 # checks, then B8 H16 D64 W64 elu tables
     python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
     python benchmarks/gpu_hybrid.py --profile       # the kernels of one Triton fwd+bwd, by time
+    python benchmarks/gpu_hybrid.py --configs       # every window-kernel tile config's time
 
 Before timing, both settings are checked in bf16 at T = 1000 (grouped heads, a state in and
 out) against the float64 oracle: output and the gradients of q, k, v.  ms fwd / fwd+bwd
@@ -38,12 +39,13 @@ def check(W, dev):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 1000, 64, device=dev)
     k, v = torch.randn(2, 2, 1000, 64, device=dev), torch.randn(2, 2, 1000, 64, device=dev)
-    want, grads_want = None, None
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want = featattn.linear_attention(*leaves, feature_map="elu", window=W, backend="reference")
     grads_want = torch.autograd.grad(want.square().sum(), leaves)
-    for mode in ("torch", "triton"):
-        os.environ["FEATATTN_HYBRID_LINEAR"] = mode
+    for mode in ("torch", "triton", "triton, 256-token segments"):
+        os.environ["FEATATTN_HYBRID_LINEAR"] = mode.split(",")[0]
+        if "segments" in mode:  # the chunked kernels split T (the key shift in their sums)
+            os.environ["FEATATTN_SEGMENT"] = "256"
         lv = [t.to(DT).requires_grad_() for t in (q, k, v)]
         o = featattn.linear_attention(*lv, feature_map="elu", window=W)
         g = torch.autograd.grad(o.float().square().sum(), lv)
@@ -51,6 +53,7 @@ def check(W, dev):
         ok = max(errs) < 2e-2
         print(f"check {mode}: o {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} "
               f"dv {errs[3]:.1e} {'OK' if ok else 'FAILED'}", flush=True)
+        os.environ.pop("FEATATTN_SEGMENT", None)
         if not ok:
             raise SystemExit(f"FEATATTN_HYBRID_LINEAR={mode} disagrees with the oracle")
 
@@ -66,6 +69,9 @@ def main():
                     help="FEATATTN_HYBRID_LINEAR settings to time")
     ap.add_argument("--profile", action="store_true",
                     help="also list the GPU kernels of the Triton form's fwd+bwd at the last T")
+    ap.add_argument("--configs", action="store_true",
+                    help="also list the autotuner's time for every tile config of the window "
+                         "kernels (the last shape tuned)")
     args = ap.parse_args()
     dev = "cuda"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -90,6 +96,14 @@ def main():
     print_table(rows)
     if args.profile:
         profile(q, k, v, do, args.window)
+    if args.configs:
+        from featattn.kernels import window as W
+
+        for name, tuner in (("forward", W._FWD), ("dq", W._DQ), ("dk/dv", W._DKDV)):
+            timings = getattr(tuner, "configs_timings", None) or {}
+            print(f"\n{name} kernel, ms per config (best: {tuner.best_config}):")
+            for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0]):
+                print(f"  {cfg}: {ms[0]:.3f}")
 
 
 def profile(q, k, v, do, window, n=3):
