@@ -99,7 +99,8 @@ def main():
     if args.configs:
         from featattn.kernels import window as W
 
-        for name, tuner in (("forward", W._FWD), ("dq", W._DQ), ("dk/dv", W._DKDV)):
+        for name, launch in (("forward", W._FWD), ("dq", W._DQ), ("dk/dv", W._DKDV)):
+            tuner = launch.tuner
             timings = getattr(tuner, "configs_timings", None) or {}
             print(f"\n{name} kernel, ms per config (best: {tuner.best_config}):")
             for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0]):

@@ -52,6 +52,12 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def size_bucket(B: int, H: int, T: int) -> int:
+    """An autotuning bucket of a problem's size: log2 of the next powers of two of T and of
+    B*H (tiles tuned on one small call are not kept for every later size)."""
+    return (next_pow2(T).bit_length() << 8) | next_pow2(B * H).bit_length()
+
+
 def dtype_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     """(LOWP, FP32): bf16 inputs round fp32 intermediates to bf16 for the tensor cores; fp32
     inputs ask for fp32-accurate products (see each kernel's Numerics notes)."""

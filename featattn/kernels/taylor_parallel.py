@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import _switches
 from . import _common
-from ._common import cdiv, next_pow2
+from ._common import cdiv, next_pow2, size_bucket
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
@@ -334,8 +334,8 @@ _FWD, _BWD = TunedLaunch(_fwd), TunedLaunch(_bwd)
 
 # --------------------------------------------------------------------------- wrappers
 def _size_key(B: int, H: int, T: int) -> int:
-    """Autotuning bucket of a problem: log2 of the next powers of two of T and of B*H."""
-    return (next_pow2(T).bit_length() << 8) | next_pow2(B * H).bit_length()
+    """Autotuning bucket of a problem (_common.size_bucket)."""
+    return size_bucket(B, H, T)
 
 
 def _dims(q, k, v):

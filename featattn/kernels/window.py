@@ -50,7 +50,8 @@ import triton.language as tl
 from .. import _switches
 from . import chunked as _chunked
 from . import maps as _maps
-from ._common import INTERPRET, alloc, cdiv, empty_like_layout, next_pow2, row_dot, unit_last
+from ._common import INTERPRET, TunedLaunch, alloc, cdiv, empty_like_layout, next_pow2, row_dot
+from ._common import size_bucket, unit_last
 from .chunked import _dot_in, _mm  # a @ b with the fp32 precision named (TF32X3)
 
 __all__ = ["hybrid_attention", "window_unsupported_reason", "MAX_D"]
@@ -151,7 +152,7 @@ def _grad_rows(do_base, sdt, u, Dn, m, ties, fw, r, mr, row, DV, BV: tl.constexp
 def _fwd_kernel(
     q, k, v, L, lden, f, o, Dn, m, ties, arg,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
-    T, N, H, G, D, DV, W, scale, eps,
+    T, N, H, G, D, DV, W, scale, eps, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
@@ -208,7 +209,7 @@ def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
 def _dq_kernel(
     q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
-    T, N, H, G, D, DV, W, scale, xscale,
+    T, N, H, G, D, DV, W, scale, xscale, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
     DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -265,7 +266,7 @@ def _dkdv_kernel(
     q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     slkb, slkh, slkt, slvb, slvh, slvt,
-    T, N, NL, H, G, D, DV, W, scale, xscale,
+    T, N, NL, H, G, D, DV, W, scale, xscale, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
     DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -337,9 +338,12 @@ def _configs():
             for bt, bk, nw in space]
 
 
-_FWD = triton.autotune(configs=_configs(), key=["D", "DV", "W", "FP32"])(_fwd_kernel)
-_DQ = triton.autotune(configs=_configs(), key=["D", "DV", "W", "LIN_GRAD", "FP32"])(_dq_kernel)
-_DKDV = triton.autotune(configs=_configs(), key=["D", "DV", "W", "LIN_GRAD", "FP32"])(_dkdv_kernel)
+# tuned per head dims, window, problem size (SIZE: _common.size_bucket) and dtype; the
+# launches go through TunedLaunch (the autotuner's key is built once per key, not per call)
+_KEY = ["D", "DV", "W", "SIZE", "FP32"]
+_FWD = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY)(_fwd_kernel))
+_DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_dq_kernel))
+_DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_dkdv_kernel))
 
 
 def _dims(D: int, DV: int):
@@ -382,7 +386,7 @@ class _Hybrid(torch.autograd.Function):
         _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
             q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k), *_strides(v),
             *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
-            BD=BD, BV=BV, FP32=q.dtype == torch.float32)
+            size_bucket(B, H, T), BD=BD, BV=BV, FP32=q.dtype == torch.float32)
         ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg)
         ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks)
         return o, kvT, zT
@@ -414,12 +418,13 @@ class _Hybrid(torch.autograd.Function):
         _DQ[lambda c: (B * H, cdiv(T, c["BT"]))](
             q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
             *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-            T, N, H, H // Hkv, D, DV, W, wscale, scale, **meta)
+            T, N, H, H // Hkv, D, DV, W, wscale, scale, size_bucket(B, H, T), **meta)
         nl = T - ks  # keys with a linear part: positions < N - W
         _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
             q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
-            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale, **meta)
+            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
+            size_bucket(B, H, T), **meta)
         dfq = dfk = None
         if mode == "features":  # the features' gradients (their map's backward is autograd's)
             dfq = dql
