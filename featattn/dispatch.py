@@ -498,6 +498,10 @@ def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
     why not."""
     if hybrid_triton_mode() != "triton":
         return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"
+    if torch.compiler.is_compiling():
+        # its Triton launches sit in an autograd.Function with no custom op around them,
+        # which dynamo cannot trace; the PyTorch path compiles
+        return "runs in the chunked PyTorch path under torch.compile"
     if impl.name != "chunked":
         return "runs in the chunked kernel (linear part) and kernels/window.py"
     if call.T <= HYBRID_DIRECT_MAX_T:

@@ -405,3 +405,14 @@ def test_hybrid_in_triton_splits_the_max_gradient_between_tied_keys(monkeypatch)
     for name, a, b in zip(["o", "dq", "dk", "dv"], *runs):
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < 2e-5, (name, err)
+
+
+def test_the_triton_hybrid_stays_out_of_torch_compile(monkeypatch):
+    """Under torch.compile a hybrid call takes the PyTorch path (the Triton form is an
+    autograd.Function around raw launches, which dynamo cannot trace), and select_kernel
+    says so."""
+    q, k, v = _inputs(1, 2, 2, 80, 4, 4, dtype=torch.float32)
+    assert featattn.select_kernel(q, k, v, "elu", backend="triton", window=8).name == "chunked"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(KernelUnavailable, match="window=8.*PyTorch path under torch.compile"):
+        featattn.select_kernel(q, k, v, "elu", backend="triton", window=8)
