@@ -416,3 +416,66 @@ def test_the_triton_hybrid_stays_out_of_torch_compile(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(KernelUnavailable, match="window=8.*PyTorch path under torch.compile"):
         featattn.select_kernel(q, k, v, "elu", backend="triton", window=8)
+
+
+@pytest.mark.parametrize("fm,dtype,T,W,f", [
+    ("hedgehog", torch.float32, 90, 8, 0.3),   # features, no state: N == T
+    ("elu", torch.float32, 70, 128, 0.5),      # the window holds every key
+    ("elu", torch.float32, 70, 8, 0.0),        # only the linear part
+    ("elu", torch.float32, 70, 8, 1.0),        # only the window
+    (None, torch.float16, 80, 8, 0.5),         # signed features, l = 0 on some rows
+])
+def test_hybrid_in_triton_edge_cases(fm, dtype, T, W, f, monkeypatch):
+    """The Triton hybrid without a state (and the feature gradients' N == T branch), with a
+    window covering every key, with f exactly 0 or 1 (a tensor weight may saturate there),
+    and in fp16 with features whose linear denominator is 0 on some rows (the linear part's
+    normalised output must not overflow): output and gradients against float64, under the
+    NaN-poisoned outputs of the tests' switch."""
+    from featattn.kernels._common import poisoned_outputs
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    q, k, v = _inputs(1, 4, 2, T, 8, 6, seed=T)
+    if fm is None:  # keys in +/- pairs: the linear denominator sums to 0 after every pair
+        q = torch.full_like(q, 0.5)
+        k = k.clone()
+        k[:, :, 1::2] = -k[:, :, 0::2]
+    m = _map(fm, 8, 4, 2)
+    runs = []
+    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
+        mm = m if not isinstance(m, torch.nn.Module) else m.to(
+            torch.float32 if backend == "triton" else torch.float64)
+        # the oracle reads the same rounded inputs: the signed case cancels, which would
+        # otherwise magnify fp16's input rounding
+        leaves = [t.to(dtype).to(dt).clone().requires_grad_() for t in (q, k, v)]
+        weight = torch.full((4,), f, dtype=torch.float64)
+        with poisoned_outputs():
+            o = featattn.linear_attention(*leaves, feature_map=mm, window=W, window_weight=weight,
+                                          backend=backend)
+            runs.append([o, *torch.autograd.grad((o.double() ** 2).sum(), leaves)])
+    tol = 2e-5 if dtype == torch.float32 else 5e-3
+    # the signed fp16 case's gradients (through l = 0) pass fp16's range: its output only
+    names = ["o"] if dtype == torch.float16 else ["o", "dq", "dk", "dv"]
+    for name, a, b in zip(names, *runs):
+        assert torch.isfinite(a).all(), name
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < tol, (name, err)
+
+
+def test_hybrid_attention_checks_its_inputs():
+    """featattn.kernels.hybrid_attention (public, below linear_attention's checks) refuses a
+    window that leaves keys before the first query's window, and a weight that is not an fp32
+    [H] tensor, with errors that say what to pass."""
+    from featattn.kernels import hybrid_attention
+
+    q, k, v = (t.float() for t in _inputs(1, 2, 2, 40, 4, 4))
+    k60, v60 = torch.cat([k, k[:, :, :20]], 2), torch.cat([v, v[:, :, :20]], 2)
+    f = torch.full((2,), 0.5)
+    kw = dict(window_scale=0.5, eps=1e-6)
+    with pytest.raises(ValueError, match="N - T.*window=8 with N = 60 keys and T = 40"):
+        hybrid_attention(q, k60, v60, weight=f, window=8, **kw)
+    with pytest.raises(ValueError, match=r"fp32 \[H\] = \[2\].*got \(\(\), torch.float32"):
+        hybrid_attention(q, k, v, weight=torch.tensor(0.5), window=8, **kw)
+    with pytest.raises(ValueError, match="got float"):
+        hybrid_attention(q, k, v, weight=0.5, window=8, **kw)
+    o, _, _ = hybrid_attention(q, k60, v60, weight=f, window=20, **kw)
+    assert o.shape == (1, 2, 40, 4)

@@ -630,10 +630,11 @@ def _map_form(fmap: str):
 
 
 def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, cu_seqlens=None,
-             kshift=0):
+             kshift=0, o_dtype=None):
     """(o, den, kvT, zT) of the forward kernel (den fp32 with eps, normalised only).
     ``kshift``: query t reads the keys and values up to row t - kshift (_fwd_kernel's KS);
-    k and v need only T - kshift rows (rows of k beyond are not read)."""
+    k and v need only T - kshift rows (rows of k beyond are not read).  ``o_dtype``: o's
+    dtype when not q's."""
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
     NB = B
@@ -651,7 +652,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         den_buf = _alloc((NK, NB, H, T), torch.float32, dev) if normalize else o_buf
         o = o_buf
     else:
-        o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
+        o = _empty_like_layout(q, NB, H, T, Dv, o_dtype or q.dtype)
         den_buf = _alloc((NB, H, T), torch.float32, dev) if normalize else o
     kvT = _alloc((B, H, Dk, Dv), torch.float32, dev) if store_final else o
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
@@ -681,7 +682,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         if normalize:
             den = den_buf.sum(0).add_(eps)
             num.div_(den[..., None])
-        o = _empty_like_layout(q, NB, H, T, Dv, q.dtype)
+        o = _empty_like_layout(q, NB, H, T, Dv, o_dtype or q.dtype)
         o.copy_(num)
     return o, den, (kvT if store_final else None), (zT if store_final and normalize else None)
 

@@ -149,6 +149,17 @@ def _grad_rows(do_base, sdt, u, Dn, m, ties, fw, r, mr, row, DV, BV: tl.constexp
 
 
 @triton.jit
+def _top(s, ok, m_i, c_i, cols, a_i):
+    """1.0 at each row's maximal keys: the forward's stored argmax ``a_i`` when the row has
+    one maximum (so a score recomputed with other tiles cannot miss it by a rounding), else
+    every key whose score equals the maximum (ties: duplicated keys, whose recomputed scores
+    are equal to each other)."""
+    one = cols[None, :] == a_i[:, None]
+    tied = ok & (s == m_i[:, None])
+    return tl.where(tl.where(c_i[:, None] > 1.0, tied, one), 1.0, 0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     q, k, v, L, lden, f, o, Dn, m, ties, arg,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
@@ -228,6 +239,7 @@ def _dq_kernel(
     fw = tl.load(f + i_h)
     b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
                                                       ties, fw, r, mr, row, DV, BV)
+    a_i = tl.load(arg + row, mask=mr, other=-1)
     doA = tl.zeros([BT], tl.float32)
     a = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BD], tl.float32)
@@ -246,9 +258,9 @@ def _dq_kernel(
         for j0 in range(lo, hi, BK):
             b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W,
                                         N, D, DV, BK, BD, BV, FP32)
-            ktop += _mm(tl.where(ok & (s == m_i[:, None]), 1.0, 0.0), b_k, LOWP, FP32)
+            ktop += _mm(_top(s, ok, m_i, c_i, j0 + tl.arange(0, BK), a_i), b_k, LOWP, FP32)
     else:
-        ktop = _rows(k_base, tl.load(arg + row, mask=mr, other=0), mr, skt, D, BD).to(tl.float32)
+        ktop = _rows(k_base, a_i, mr, skt, D, BD).to(tl.float32)
     b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
     g_i = fw * (doA - b_u * a) / b_D
     df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
@@ -263,7 +275,7 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
+    q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     slkb, slkh, slkt, slvb, slvh, slvt,
     T, N, NL, H, G, D, DV, W, scale, xscale, SIZE,
@@ -302,10 +314,11 @@ def _dkdv_kernel(
             _, b_dA, b_da, _, _, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
                                                        ties, fw, r, mr, row, DV, BV)
             g_i = tl.load(g + row, mask=mr, other=0.0)
+            a_i = tl.load(arg + row, mask=mr, other=-1)
             s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
             p = tl.exp(s - m_i[:, None])
             dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
-            dS = p * dp - tl.where(ok & (s == m_i[:, None]), 1.0, 0.0) * (g_i / c_i)[:, None]
+            dS = p * dp - _top(s, ok, m_i, c_i, cols, a_i) * (g_i / c_i)[:, None]
             acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
             acc_k += _mm(tl.trans(dS), b_q, LOWP, FP32)
     acc_k = acc_k * scale
@@ -346,8 +359,11 @@ _DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_
 _DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_dkdv_kernel))
 
 
-def _dims(D: int, DV: int):
-    return max(16, next_pow2(D)), max(16, next_pow2(DV))
+def _dims(D: int, DV: int, dtype: torch.dtype):
+    """Tile widths of the head dims: powers of two >= 16, >= 32 for fp32 on the GPU (as
+    chunked._tiles: 16-wide tf32x3 products faulted on the H200)."""
+    low = 32 if dtype == torch.float32 and not INTERPRET else 16
+    return max(low, next_pow2(D)), max(low, next_pow2(DV))
 
 
 def _strides(x):
@@ -376,13 +392,16 @@ class _Hybrid(torch.autograd.Function):
         if mode == "pass":
             fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
-        L, lden, kvT, zT = _chunked._forward(lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
-                                             fmap if mode == "kernel" else "",
-                                             scale if mode == "kernel" else 1.0, kshift=ks)
-        BD, BV = _dims(D, DV)
+        # L / l is bounded by the values, but not when the features can be negative and l
+        # nears 0 (no map, say): fp16 would overflow, so its L is fp32 (bf16 has the range)
+        L, lden, kvT, zT = _chunked._forward(
+            lq, lk, v, True, _LIN_EPS, kv0, z0, store_final, fmap if mode == "kernel" else "",
+            scale if mode == "kernel" else 1.0, kshift=ks,
+            o_dtype=torch.float32 if q.dtype == torch.float16 else None)
+        BD, BV = _dims(D, DV, q.dtype)
         o = empty_like_layout(q, B, H, T, DV, q.dtype)
         Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
-        arg = alloc((B, H, T), torch.int32, q.device)
+        arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)  # (alloc poisons: NaN)
         _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
             q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k), *_strides(v),
             *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
@@ -409,7 +428,7 @@ class _Hybrid(torch.autograd.Function):
             delta=u)
         lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
         form = _maps.lookup(fmap)[1] if mode == "pass" else None
-        BD, BV = _dims(D, DV)
+        BD, BV = _dims(D, DV, q.dtype)
         meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
                     DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
                     FP32=q.dtype == torch.float32)
@@ -421,7 +440,7 @@ class _Hybrid(torch.autograd.Function):
             T, N, H, H // Hkv, D, DV, W, wscale, scale, size_bucket(B, H, T), **meta)
         nl = T - ks  # keys with a linear part: positions < N - W
         _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
-            q, k, v, do, f, u, Dn, m, ties, g, dkl, dvl, dk, dv,
+            q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
             *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
             size_bucket(B, H, T), **meta)
@@ -466,6 +485,21 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
     Returns:
         ``(o, kv, z)``, kv / z None unless ``return_state``.
     """
+    B, H, T, _ = q.shape
+    N = k.shape[2]
+    if isinstance(window, bool) or not isinstance(window, int) or not N - T <= window <= N \
+            or window < 1:
+        raise ValueError(f"window must be an int with max(1, N - T) <= window <= N (the keys "
+                         f"before the queries all in the first query's window), got window="
+                         f"{window!r} with N = {N} keys and T = {T} queries; featattn."
+                         f"linear_attention clamps and checks this for you")
+    if not isinstance(weight, torch.Tensor) or weight.shape != (H,) \
+            or weight.dtype != torch.float32 or weight.device != q.device:
+        got = (tuple(weight.shape), weight.dtype, str(weight.device)) \
+            if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be an fp32 [H] = [{H}] tensor on {q.device} (the mixing "
+                         f"weight of each head), got {got}; e.g. torch.full(({H},), 0.5, "
+                         f"device=q.device)")
     fq, fk = (None, None) if features is None else features
     if features is not None:
         mode = "features"
@@ -473,7 +507,6 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
         mode = "pass" if map_pass else "kernel"
     else:
         mode = "plain"
-    B, H = q.shape[:2]
     Dk = q.shape[-1] if fq is None else fq.shape[-1]
     kv0, z0 = _chunked.fill_state_half(True, initial_kv, initial_z, B, H, Dk, v.shape[-1],
                                        q.device)
