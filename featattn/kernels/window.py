@@ -160,7 +160,7 @@ def _top(s, ok, m_i, c_i, cols, a_i):
 
 
 @triton.jit
-def _fwd_kernel(
+def _window_fwd_kernel(
     q, k, v, L, lden, f, o, Dn, m, ties, arg,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
     T, N, H, G, D, DV, W, scale, eps, SIZE,
@@ -217,7 +217,7 @@ def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
 
 
 @triton.jit
-def _dq_kernel(
+def _window_dq_kernel(
     q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
     T, N, H, G, D, DV, W, scale, xscale, SIZE,
@@ -274,7 +274,7 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dkdv_kernel(
+def _window_dkdv_kernel(
     q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     slkb, slkh, slkt, slvb, slvh, slvt,
@@ -354,9 +354,9 @@ def _configs():
 # tuned per head dims, window, problem size (SIZE: _common.size_bucket) and dtype; the
 # launches go through TunedLaunch (the autotuner's key is built once per key, not per call)
 _KEY = ["D", "DV", "W", "SIZE", "FP32"]
-_FWD = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY)(_fwd_kernel))
-_DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_dq_kernel))
-_DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_dkdv_kernel))
+_FWD = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY)(_window_fwd_kernel))
+_DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dq_kernel))
+_DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dkdv_kernel))
 
 
 def _dims(D: int, DV: int, dtype: torch.dtype):
