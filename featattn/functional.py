@@ -462,11 +462,10 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
     wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
     weight = 0.5 if weight is None else weight
-    res = None
     if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
         res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
                              return_state)
-    if res is None:
+    else:
         if fm is not None:
             fq, fk = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
         else:
@@ -495,13 +494,14 @@ def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map
     else:
         f = torch.full((H,), float(weight), dtype=torch.float32, device=q.device)
     fmap, features = "", None
+    proj = fm.triton_projection() if fm is not None else None
     if fm is None:
         if scale != 1.0:
             features = (q * scale, k)
-    elif map_path in ("kernel", "triton_pass") and fm.triton_projection() is not None:
+    elif map_path in ("kernel", "triton_pass") and proj is not None:
         from .kernels.projected import projection_features  # the projection's Triton pass
 
-        features = projection_features(q, k, fm.triton_projection(), scale)
+        features = projection_features(q, k, proj, scale)
     elif map_path in ("kernel", "triton_pass"):  # the hybrid's own pass: no map backward
         from .kernels.maps import fused_key
 
