@@ -8,7 +8,6 @@ SDPA.
     python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
     python benchmarks/gpu_hybrid.py --profile       # the kernels of one Triton fwd+bwd, by time
     python benchmarks/gpu_hybrid.py --configs       # every window-kernel tile config's time
-    python benchmarks/gpu_hybrid.py --two-kernel-backward   # also the backward before the sweep
 
 Before timing, both settings are checked in bf16 at T = 1000 (grouped heads, a state in and
 out) against the float64 oracle: output and the gradients of q, k, v.  ms fwd / fwd+bwd
@@ -73,9 +72,6 @@ def main():
     ap.add_argument("--configs", action="store_true",
                     help="also list the autotuner's time for every tile config of the window "
                          "kernels (the last shape tuned)")
-    ap.add_argument("--two-kernel-backward", action="store_true",
-                    help="also time the Triton form with the window's dq and dk/dv kernels "
-                         "in place of its one-sweep backward")
     args = ap.parse_args()
     dev = "cuda"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -92,15 +88,6 @@ def main():
             timed_case(rows, f"T={T} hybrid W={args.window} elu, FEATATTN_HYBRID_LINEAR={mode}",
                        lambda: featattn.linear_attention(q, k, v, feature_map="elu",
                                                          window=args.window), [q, k, v], do)
-        if args.two_kernel_backward:  # the window's dq and dk/dv kernels instead of the sweep
-            from featattn.kernels import window as Wk
-
-            os.environ["FEATATTN_HYBRID_LINEAR"] = "triton"
-            keep, Wk.SWEEP_MAX_W = Wk.SWEEP_MAX_W, 0
-            timed_case(rows, f"T={T} hybrid W={args.window} elu, triton, dq + dk/dv kernels",
-                       lambda: featattn.linear_attention(q, k, v, feature_map="elu",
-                                                         window=args.window), [q, k, v], do)
-            Wk.SWEEP_MAX_W = keep
         timed_case(rows, f"T={T} pure linear elu (no window)",
                    lambda: featattn.linear_attention(q, k, v, feature_map="elu"), [q, k, v], do)
         timed_case(rows, f"T={T} causal SDPA",
@@ -112,12 +99,9 @@ def main():
     if args.configs:
         from featattn.kernels import window as W
 
-        for name, launch in (("forward", W._FWD), ("backward sweep", W._BWD), ("dq", W._DQ),
-                             ("dk/dv", W._DKDV)):
+        for name, launch in (("forward", W._FWD), ("dq", W._DQ), ("dk/dv", W._DKDV)):
             tuner = launch.tuner
             timings = getattr(tuner, "configs_timings", None) or {}
-            if not timings:
-                continue
             print(f"\n{name} kernel, ms per config (best: {tuner.best_config}):")
             for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0]):
                 print(f"  {cfg}: {ms[0]:.3f}")

@@ -24,18 +24,11 @@ part's backward is the chunked kernel's normalised one given ``den = D / (1 - f)
 ``delta = u`` (so d num = (1 - f) do / D, d den = -(1 - f) u / D); and
 ``df_p = (do . (A - L) - u (a - l)) / D`` summed over batch and tokens per head.
 
-Kernels.  W <= 64 (LoLCATs' 64 included) and one program per head enough to fill the GPU
-(the chunked kernel would not split T): the whole forward, both parts, is one sweep per head
-(:func:`_window_fused_fwd_kernel`, tiles at least W long so a query tile's window lies in
-its own key tile and the one before).  Otherwise the linear part runs in the chunked kernel
-and the window forward is one program per (batch * head, query tile), flash-attention style (an
+Kernels: forward, one program per (batch * head, query tile), flash-attention style (an
 online max over the window's key tiles, then the sums rescaled to the final max, which is
 m_p, and the count of maximal scores), reading the linear part's rows and writing o, D, m
-and the ties.  Backward, W <= 64 (LoLCATs' 64 included): one sweep per (batch * kv head,
-run of query tiles) with tiles at least W long, so a query tile sees only its own key tile
-and the one before; the open key tile's dk/dv are carried across the query tiles and heads
-of the group (:func:`_window_bwd_kernel`).  Longer windows: two kernels.  dq: one program
-per (batch * head, query tile) in one pass over the key tiles (A, a, the sum of the maximal keys and the dq sum together; the tie term is applied
+and the ties.  dq: one program per (batch * head, query tile) in one pass over the key
+tiles (A, a, the sum of the maximal keys and the dq sum together; the tie term is applied
 at the end), writing dq (plus the linear part's dq when the map is fused), g and df's rows.
 dk/dv: one program per (batch * kv head, key tile), looping over the query heads of the
 group (no atomics), adding the linear part's dk/dv of the same keys.  Scores and sums in
@@ -210,129 +203,6 @@ def _window_fwd_kernel(
 
 
 @triton.jit
-def _feature_rows(x_tile, fx, pos, mask, sft, DK, xscale, BF: tl.constexpr,
-                  FEAT: tl.constexpr, PHI: tl.constexpr):
-    """The linear part's features of rows ``pos``: the raw tile itself (FEAT 0), loaded from
-    fx (FEAT 1, rows sft apart, DK wide), or PHI(xscale * x) of the raw tile (FEAT 2)."""
-    if FEAT == 0:
-        r = x_tile
-    elif FEAT == 1:
-        r = _rows(fx, pos, mask, sft, DK, BF)
-    else:
-        cols = tl.arange(0, BF)
-        r = _chunked._features(x_tile, xscale, mask[:, None] & (cols[None, :] < DK), PHI)
-    return r
-
-
-@triton.jit
-def _window_fused_fwd_kernel(
-    q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, kvT, zT,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sfqb, sfqh, sfqt, sfkb, sfkh, sfkt,
-    sob, soh, sot, sLb, sLh, sLt,
-    T, N, H, G, D, DK, DV, W, wscale, scale, eps, lin_eps, SIZE,
-    BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    FEAT: tl.constexpr, PHI: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    LIN_CUR: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
-):
-    """The whole hybrid forward in one sweep for W <= BT: grid (B * H,), one program per head
-    walking its query tiles in order (tiles as :func:`_window_bwd_kernel`'s: query tile i
-    sees key tiles i - 1 and i).  The linear state S, z holds the key tiles <= i - 2 (every
-    key of them is linear for every row of tile i); the keys of tile i - 1 (and, when W <
-    BT, LIN_CUR, of tile i) at or before p - W are added as a masked quadratic term, the
-    rest are the window.  Writes what :func:`_window_fwd_kernel` and the chunked forward do
-    together: o, the linear part's normalised output L (L's dtype) and denominator lden,
-    D, m, ties, arg, and (STORE_FINAL) the state over the keys < N - W.  Features: see
-    :func:`_feature_rows` (FEAT 2: PHI(scale q), PHI(k)); kv0 / z0 / kvT / zT fp32
-    [B, H, DK, DV] / [B, H, DK]."""
-    i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    P0 = N - T
-    offs = tl.arange(0, BT)
-    offs_f = tl.arange(0, BF)
-    offs_v = tl.arange(0, BV)
-    mf = offs_f < DK
-    mv = offs_v < DV
-    q_base = q + i_b * sqb + i_h * sqh
-    fq_base = fq + i_b * sfqb + i_h * sfqh
-    k_base = k + i_b * skb + i_hk * skh
-    fk_base = fk + i_b * sfkb + i_hk * sfkh
-    v_base = v + i_b * svb + i_hk * svh
-    st_off = i_bh.to(tl.int64) * DK * DV
-    S = tl.zeros([BF, BV], dtype=tl.float32)
-    z = tl.zeros([BF], dtype=tl.float32)
-    if HAS_INIT:
-        S = tl.load(kv0 + st_off + offs_f[:, None] * DV + offs_v[None, :],
-                    mask=mf[:, None] & mv[None, :], other=0.0)
-        z = tl.load(z0 + i_bh.to(tl.int64) * DK + offs_f, mask=mf, other=0.0)
-    fw = tl.load(f + i_h)
-    last_lin = N - 1 - W  # the last key with a linear part (the state's last key)
-    cols_p = P0 - BT + offs
-    mp = cols_p >= 0
-    k_p = _rows(k_base, cols_p, mp, skt, D, BD)
-    v_p = _rows(v_base, cols_p, mp, svt, DV, BV)
-    f_p = _feature_rows(k_p, fk_base, cols_p, mp, sfkt, DK, 1.0, BF, FEAT, PHI)
-    for i in range(0, tl.cdiv(T, BT)):
-        r = i * BT + offs
-        mr = r < T
-        rows = tl.where(mr, P0 + r, N)
-        cols_c = P0 + i * BT + offs
-        mc = cols_c < N
-        b_q = _rows(q_base, r, mr, sqt, D, BD)
-        f_q = _feature_rows(b_q, fq_base, r, mr, sfqt, DK, scale, BF, FEAT, PHI)
-        k_c = _rows(k_base, cols_c, mc, skt, D, BD)
-        v_c = _rows(v_base, cols_c, mc, svt, DV, BV)
-        f_c = _feature_rows(k_c, fk_base, cols_c, mc, sfkt, DK, 1.0, BF, FEAT, PHI)
-        # the window: both tiles' scores, one max
-        s_p, ok_p = _scores(b_q, k_p, wscale, rows, cols_p, W, N, FP32)
-        s_c, ok_c = _scores(b_q, k_c, wscale, rows, cols_c, W, N, FP32)
-        mx_p, ag_p = tl.max(s_p, 1, return_indices=True)
-        mx_c, ag_c = tl.max(s_c, 1, return_indices=True)
-        m_i = tl.maximum(tl.maximum(mx_p, mx_c), -1e30)  # -1e30: rows past T have no keys
-        a_i = tl.where(mx_c > mx_p, P0 + i * BT + ag_c, P0 + (i - 1) * BT + ag_p)
-        p_p = tl.exp(s_p - m_i[:, None])
-        p_c = tl.exp(s_c - m_i[:, None])
-        a = tl.sum(p_p, 1) + tl.sum(p_c, 1)
-        c_i = tl.sum(tl.where(ok_p & (s_p == m_i[:, None]), 1.0, 0.0), 1) \
-            + tl.sum(tl.where(ok_c & (s_c == m_i[:, None]), 1.0, 0.0), 1)
-        acc = _dot_in(p_p.to(v_p.dtype), v_p, FP32) + _dot_in(p_c.to(v_c.dtype), v_c, FP32)
-        # the linear part: the state, and the keys of tile i - 1 (and i) at or before p - W
-        lin_p = (cols_p[None, :] <= rows[:, None] - W) & (cols_p[None, :] >= 0)
-        A_p = tl.where(lin_p, _dot_in(f_q, tl.trans(f_p), FP32), 0.0)
-        num = _mm(A_p, v_p, LOWP, FP32) + _mm(f_q, S, LOWP, FP32)
-        l_i = tl.sum(A_p, 1) + tl.sum(f_q.to(tl.float32) * z[None, :], 1)
-        if LIN_CUR:
-            lin_c = cols_c[None, :] <= rows[:, None] - W
-            A_c = tl.where(lin_c, _dot_in(f_q, tl.trans(f_c), FP32), 0.0)
-            num += _mm(A_c, v_c, LOWP, FP32)
-            l_i += tl.sum(A_c, 1)
-        # the state takes tile i - 1 (its keys up to the last linear one)
-        f_s = tl.where((cols_p <= last_lin)[:, None], f_p, 0.0).to(f_p.dtype)
-        S += _dot_in(tl.trans(f_s), v_p, FP32)
-        z += tl.sum(f_s.to(tl.float32), 0)
-        l_i = l_i + lin_eps
-        row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-        den = fw * a + (1.0 - fw) * l_i + eps
-        _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * num) / den[:, None],
-             BV)
-        _put(L + i_b * sLb + i_h * sLh, r, mr, sLt, DV, num / l_i[:, None], BV)
-        tl.store(lden + row, l_i, mask=mr)
-        tl.store(Dn + row, den, mask=mr)
-        tl.store(m + row, m_i, mask=mr)
-        tl.store(ties + row, c_i, mask=mr)
-        tl.store(arg + row, a_i, mask=mr)
-        k_p, v_p, f_p, cols_p = k_c, v_c, f_c, cols_c
-    if STORE_FINAL:  # the last tile's keys up to the last linear one
-        f_s = tl.where((cols_p <= last_lin)[:, None], f_p, 0.0).to(f_p.dtype)
-        S += _dot_in(tl.trans(f_s), v_p, FP32)
-        z += tl.sum(f_s.to(tl.float32), 0)
-        tl.store(kvT + st_off + offs_f[:, None] * DV + offs_v[None, :], S,
-                 mask=mf[:, None] & mv[None, :])
-        tl.store(zT + i_bh.to(tl.int64) * DK + offs_f, z, mask=mf)
-
-
-@triton.jit
 def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
               DPHI: tl.constexpr):
     """acc plus the linear part's gradient dl of the same rows: dl itself (LIN_GRAD = 1), or
@@ -461,126 +331,6 @@ def _window_dkdv_kernel(
     _put(dv + i_b * svb + i_hk * svh, cols, mc, svt, DV, acc_v, BV)
 
 
-@triton.jit
-def _pair(b_q, b_do, b_dA, b_da, b_r, m_i, c_i, a_i, gc, b_k, b_v, cols, rows, acc_k, acc_v,
-          W, N, scale, LOWP: tl.constexpr, FP32: tl.constexpr):
-    """One (query tile, key tile) pair of the window's backward (:func:`_window_bwd_kernel`):
-    the pair's part of dq / scale (dS k), of each row's window sum a (sum p) and of do . A
-    (sum p dov), and acc_k += dS^T q (dk / scale), acc_v += p^T dA.  b_r = f / D per row,
-    gc = g / ties."""
-    s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
-    p = tl.exp(s - m_i[:, None])
-    dov = _mm(b_do, tl.trans(b_v), LOWP, FP32)
-    dS = p * (dov * b_r[:, None] + b_da[:, None]) - _top(s, ok, m_i, c_i, cols, a_i) * gc[:, None]
-    acc_k += _mm(tl.trans(dS), b_q, LOWP, FP32)
-    acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
-    return _mm(dS, b_k, LOWP, FP32), tl.sum(p, 1), tl.sum(p * dov, 1), acc_k, acc_v
-
-
-@triton.jit
-def _close_keys(dk, dv, dkl, dvl, b_k, acc_k, acc_v, cols, own, NL, i_b, i_hk,
-                skb, skh, skt, svb, svh, svt, slkb, slkh, slkt, slvb, slvh, slvt, D, DV, scale,
-                BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
-                DPHI: tl.constexpr):
-    """Store dk, dv of the key rows ``cols`` where ``own``: the window's sums plus the
-    linear part's dvl / dkl of keys below NL (dk as :func:`_lin_grad` says, xscale 1)."""
-    ml = own & (cols < NL)
-    acc_k = acc_k * scale
-    acc_v += _rows(dvl + i_b * slvb + i_hk * slvh, cols, ml, slvt, DV, BV).to(tl.float32)
-    if LIN_GRAD > 0:
-        acc_k = _lin_grad(acc_k, b_k, _rows(dkl + i_b * slkb + i_hk * slkh, cols, ml, slkt, D,
-                                            BD).to(tl.float32), 1.0, LIN_GRAD, PHI, DPHI)
-    _put(dk + i_b * skb + i_hk * skh, cols, own, skt, D, acc_k, BD)
-    _put(dv + i_b * svb + i_hk * svh, cols, own, svt, DV, acc_v, BV)
-
-
-@triton.jit
-def _window_bwd_kernel(
-    q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dkl, dvl, dq, dk, dv, dfr,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
-    slkb, slkh, slkt, slvb, slvh, slvt,
-    T, N, NL, H, G, D, DV, W, scale, xscale, eps, SIZE,
-    BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
-    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr, BT: tl.constexpr,
-    SPT: tl.constexpr,
-):
-    """The whole window backward in one sweep, for W <= BT.  Grid (B * Hkv, segments of SPT
-    query tiles).  Query tile i (rows i*BT.., positions P0 + i*BT..) sees key tiles i - 1
-    and i, key tile j being positions P0 + j*BT.. (tile -1 holds the keys before the
-    queries, as P0 = N - T <= W <= BT), so key tile j is seen by query tiles j and j + 1
-    only.  The program of query tiles [i0, i1) sweeps them in order with the key tile i - 1
-    open in registers (k, v and its dk/dv sums over every query head of the group), and
-    closes it after query tile i: q, do, k and v are read once (plus one tile each at the
-    segment's ends), and no atomics.  It owns dq of its query tiles and dk/dv of key tiles
-    [i0, i1) (and -1 when i0 = 0): the step i = i1 only adds query tile i1's part to key tile
-    i1 - 1, and key tile i0 - 1's sums are dropped.
-
-    Each row's tie gradient g = f (do . A - u a) / D is needed before dS, so it is taken from
-    the rows instead of the window's sums: with num = f A + (1 - f) L and u = do . num / D,
-    ``g = ((1 - f) (u l - do . L) + eps u) / D``; df's row uses the exact sums of the sweep.
-    dq (strided like q), dk / dv (like k / v), fp32 df rows [B*H, T]; dql / dkl / dvl as in
-    :func:`_window_dq_kernel` and :func:`_window_dkdv_kernel`."""
-    i_bhk = tl.program_id(0)
-    Hkv = H // G
-    i_b = (i_bhk // Hkv).to(tl.int64)
-    i_hk = (i_bhk % Hkv).to(tl.int64)
-    P0 = N - T
-    i0 = tl.program_id(1) * SPT
-    i1 = tl.minimum(i0 + SPT, tl.cdiv(T, BT))
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    offs = tl.arange(0, BT)
-    cols_p = P0 + (i0 - 1) * BT + offs
-    mp = (cols_p >= 0) & (cols_p < N)
-    k_p = _rows(k_base, cols_p, mp, skt, D, BD)
-    v_p = _rows(v_base, cols_p, mp, svt, DV, BV)
-    dk_p = tl.zeros([BT, BD], tl.float32)
-    dv_p = tl.zeros([BT, BV], tl.float32)
-    for i in range(i0, i1 + 1):
-        live = (offs * 0 + i) < i1  # query tile i is this program's (vectors: interpreter)
-        cols_c = P0 + i * BT + offs
-        mc = (cols_c < N) & live
-        k_c = _rows(k_base, cols_c, mc, skt, D, BD)
-        v_c = _rows(v_base, cols_c, mc, svt, DV, BV)
-        dk_c = tl.zeros([BT, BD], tl.float32)
-        dv_c = tl.zeros([BT, BV], tl.float32)
-        r = i * BT + offs
-        mr = r < T
-        mo = mr & live
-        rows = tl.where(mr, P0 + r, N)  # a row past the last query has no keys
-        for gi in range(0, G):
-            i_h = i_hk * G + gi
-            i_bh = i_b * H + i_h
-            row = i_bh * T + r.to(tl.int64)
-            fw = tl.load(f + i_h)
-            b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
-            b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u,
-                                                              Dn, m, ties, fw, r, mr, row, DV, BV)
-            a_i = tl.load(arg + row, mask=mr, other=-1)
-            b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
-            dL = tl.sum(b_do * b_L, 1)
-            gc = ((1.0 - fw) * (b_u * b_l - dL) + eps * b_u) / b_D / c_i
-            b_r = fw / b_D
-            dq1, a1, doA1, dk_p, dv_p = _pair(b_q, b_do, b_dA, b_da, b_r, m_i, c_i, a_i, gc, k_p,
-                                              v_p, cols_p, rows, dk_p, dv_p, W, N, scale, LOWP,
-                                              FP32)
-            dq2, a2, doA2, dk_c, dv_c = _pair(b_q, b_do, b_dA, b_da, b_r, m_i, c_i, a_i, gc, k_c,
-                                              v_c, cols_c, rows, dk_c, dv_c, W, N, scale, LOWP,
-                                              FP32)
-            b_dq = (dq1 + dq2) * scale
-            if LIN_GRAD > 0:
-                b_dq = _lin_grad(b_dq, b_q, _rows(dql + i_bh * T * D, r, mo, D, D,
-                                                  BD).to(tl.float32), xscale, LIN_GRAD, PHI, DPHI)
-            _put(dq + i_b * sqb + i_h * sqh, r, mo, sqt, D, b_dq, BD)
-            tl.store(dfr + row, (doA1 + doA2 - dL - b_u * (a1 + a2 - b_l)) / b_D, mask=mo)
-        # key tile i - 1 is complete: this program's unless it is the tile before i0 > 0
-        own = mp & (((offs * 0 + i) > i0) | ((offs * 0 + i0) == 0))
-        _close_keys(dk, dv, dkl, dvl, k_p, dk_p, dv_p, cols_p, own, NL, i_b, i_hk,
-                    skb, skh, skt, svb, svh, svt, slkb, slkh, slkt, slvb, slvh, slvt, D, DV,
-                    scale, BD, BV, LIN_GRAD, PHI, DPHI)
-        k_p, v_p, dk_p, dv_p, cols_p, mp = k_c, v_c, dk_c, dv_c, cols_c, cols_c < N
-
-
 def _laid_out(x: torch.Tensor) -> torch.Tensor:
     """x itself when it is [B, H, T, D] or a transposed [B, T, H, D] (both dense, so
     ``empty_like`` gives its gradient the same strides, which the kernels write with), else a
@@ -606,41 +356,12 @@ def _configs():
             for bt, bk, nw, ns in space]
 
 
-#: the longest window the one-sweep backward (:func:`_window_bwd_kernel`) takes: its tiles are
-#: at least W long, and longer ones would not fit in registers; longer windows take the dq and
-#: dk/dv kernels
-SWEEP_MAX_W = 64
-
-
-def _sweep_tile(W: int) -> int:
-    """The sweep's tile length for window W: a power of two >= W (>= 32 on the GPU)."""
-    return max(16 if INTERPRET else 32, next_pow2(W))
-
-
-def _sweep_configs():
-    """Query tiles per program (SPT), warps, stages.  Two tiles a program in the interpreter,
-    so the tests cross segment ends."""
-    if INTERPRET:
-        return [triton.Config({"SPT": 2}, num_warps=4, num_stages=1)]
-    if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
-        return [triton.Config({"SPT": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"SPT": spt}, num_warps=nw, num_stages=ns)
-            for spt in (8, 32) for nw in (4, 8) for ns in (1, 2)]
-
-
 # tuned per head dims, window, problem size (SIZE: _common.size_bucket) and dtype; the
 # launches go through TunedLaunch (the autotuner's key is built once per key, not per call)
 _KEY = ["D", "DV", "W", "SIZE", "FP32"]
 _FWD = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY)(_window_fwd_kernel))
 _DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dq_kernel))
 _DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dkdv_kernel))
-_FUSED_FWD = TunedLaunch(triton.autotune(
-    configs=[triton.Config({}, num_warps=4, num_stages=1)]
-    if INTERPRET or _switches.enabled("FEATATTN_NO_AUTOTUNE") else
-    [triton.Config({}, num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (1, 2)],
-    key=["D", "DK", "DV", "SIZE", "FP32", "FEAT", "BT"])(_window_fused_fwd_kernel))
-_BWD = TunedLaunch(triton.autotune(configs=_sweep_configs(),
-                                   key=_KEY + ["LIN_GRAD", "BT"])(_window_bwd_kernel))
 
 
 def _dims(D: int, DV: int, dtype: torch.dtype):
@@ -676,51 +397,29 @@ class _Hybrid(torch.autograd.Function):
         if mode == "pass":
             fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
-        Dk, dev = lq.shape[-1], q.device
         # L / l is bounded by the values, but not when the features can be negative and l
         # nears 0 (no map, say): fp16 would overflow, so its L is fp32 (bf16 has the range)
-        l_dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+        L, lden, kvT, zT = _chunked._forward(
+            lq, lk, v, True, _LIN_EPS, kv0, z0, store_final, fmap if mode == "kernel" else "",
+            scale if mode == "kernel" else 1.0, kshift=ks,
+            o_dtype=torch.float32 if q.dtype == torch.float16 else None)
         BD, BV = _dims(D, DV, q.dtype)
         o = empty_like_layout(q, B, H, T, DV, q.dtype)
-        Dn, m, ties = (alloc((B, H, T), torch.float32, dev) for _ in range(3))
-        arg = torch.empty((B, H, T), dtype=torch.int32, device=dev)  # (alloc poisons: NaN)
-        if W <= SWEEP_MAX_W and Dk <= MAX_D and _chunked.segments(B * H, T, dev)[0] == 1:
-            # one sweep per head does both parts (the chunked kernel would not split T either)
-            feat = 2 if mode == "kernel" else (0 if fq is None else 1)
-            L = alloc((B, H, T, DV), l_dtype, dev)
-            lden = alloc((B, H, T), torch.float32, dev)
-            kvT = alloc((B, H, Dk, DV), torch.float32, dev) if store_final else None
-            zT = alloc((B, H, Dk), torch.float32, dev) if store_final else None
-            bt = _sweep_tile(W)
-            _FUSED_FWD[(B * H,)](
-                q, k, v, lq, lk, f, o if kv0 is None else kv0, o if z0 is None else z0, o, L,
-                lden, Dn, m, ties, arg, o if kvT is None else kvT, o if zT is None else zT,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(lq), *_strides(lk),
-                *_strides(o), *_strides(L), T, N, H, H // Hkv, D, Dk, DV, W, float(wscale),
-                float(scale), float(eps), _LIN_EPS, size_bucket(B, H, T), BD=BD,
-                BF=BD if feat != 1 else _dims(Dk, DV, q.dtype)[0], BV=BV, BT=bt, FEAT=feat,
-                PHI=_chunked._map_form(fmap)[1] if feat == 2 else None,
-                HAS_INIT=kv0 is not None, STORE_FINAL=bool(store_final), LIN_CUR=W < bt,
-                LOWP=q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32)
-        else:
-            L, lden, kvT, zT = _chunked._forward(
-                lq, lk, v, True, _LIN_EPS, kv0, z0, store_final,
-                fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
-                o_dtype=l_dtype)
-            _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
-                q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k),
-                *_strides(v), *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W,
-                float(wscale), float(eps), size_bucket(B, H, T), BD=BD, BV=BV,
-                FP32=q.dtype == torch.float32)
+        Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
+        arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)  # (alloc poisons: NaN)
+        _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
+            q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
+            size_bucket(B, H, T), BD=BD, BV=BV, FP32=q.dtype == torch.float32)
         ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg)
-        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks, float(eps))
+        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks)
         return o, kvT, zT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dkvT, dzT):
         q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg = ctx.saved_tensors
-        mode, fmap, scale, wscale, W, ks, eps = ctx.meta
+        mode, fmap, scale, wscale, W, ks = ctx.meta
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         do = unit_last(do)
@@ -739,26 +438,17 @@ class _Hybrid(torch.autograd.Function):
                     DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
                     FP32=q.dtype == torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dfr = alloc((B, H, T), torch.float32, q.device)
+        g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
+        _DQ[lambda c: (B * H, cdiv(T, c["BT"]))](
+            q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
+            T, N, H, H // Hkv, D, DV, W, wscale, scale, size_bucket(B, H, T), **meta)
         nl = T - ks  # keys with a linear part: positions < N - W
-        if W <= SWEEP_MAX_W:
-            bt = _sweep_tile(W)
-            _BWD[lambda c: (B * Hkv, cdiv(cdiv(T, bt), c["SPT"]))](
-                q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dkl, dvl, dq, dk, dv, dfr,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-                *_strides(dkl), *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
-                eps, size_bucket(B, H, T), BT=bt, **meta)
-        else:
-            g = alloc((B, H, T), torch.float32, q.device)
-            _DQ[lambda c: (B * H, cdiv(T, c["BT"]))](
-                q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-                T, N, H, H // Hkv, D, DV, W, wscale, scale, size_bucket(B, H, T), **meta)
-            _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
-                q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
-                *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
-                size_bucket(B, H, T), **meta)
+        _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
+            q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
+            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
+            size_bucket(B, H, T), **meta)
         dfq = dfk = None
         if mode == "features":  # the features' gradients (their map's backward is autograd's)
             dfq = dql
