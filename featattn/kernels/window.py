@@ -346,9 +346,9 @@ def _configs():
         return [triton.Config({"BT": 32, "BK": 32}, num_warps=4, num_stages=1)]
     if _switches.enabled("FEATATTN_NO_AUTOTUNE"):
         return [triton.Config({"BT": 64, "BK": 64}, num_warps=4, num_stages=2)]
-    # H200, B8 H16 D64 W64 (docs/benchmarks.md): 64/32/4 forward, 64/64/4 dq and 32/32/4
-    # dk/dv won among the first six; the fatter tiles and other pipeline depths after them
-    # are not yet measured (a program loops over only 2-3 tiles, so it is mostly latency)
+    # H200, B8 H16 D64 W64, T = 16384 (docs/benchmarks.md, session 6): forward 64/32/4
+    # warps/2 stages, dq 64/64/4/3, dk/dv 64/64/4/1; 128-row tiles, 8 and 2 warps were slower
+    # for all three (a program loops over only 2-3 tiles, so it is mostly latency)
     space = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2),
              (128, 32, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 1), (64, 64, 4, 3),
              (32, 32, 4, 1), (64, 64, 2, 2)]
