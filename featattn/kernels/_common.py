@@ -1,6 +1,8 @@
 """Pieces both Triton kernel families share: buffer allocation (with NaN poisoning for tests),
-layout helpers, the ``delta = do . o`` row-sum kernel, and the torch.library registration that
-makes a kernel pair (forward, backward) an autograd-aware custom op torch.compile can trace."""
+layout helpers, the kernels' batch/head preamble (:func:`batch_head`, :func:`sequence_heads`,
+:func:`head_start`, :func:`head_base`), the ``delta = do . o`` row-sum kernel, and the
+torch.library registration that makes a kernel pair (forward, backward) an autograd-aware
+custom op torch.compile can trace."""
 
 from __future__ import annotations
 
@@ -83,29 +85,6 @@ def empty_like_layout(ref: torch.Tensor, B, H, T, D, dtype, *, poison: bool = Tr
     return make((B, H, T, D), dtype, ref.device)
 
 
-@triton.jit(do_not_specialize=["T"])
-def delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
-                 BT: tl.constexpr, BV: tl.constexpr):
-    """delta[b,h,t] = sum_j do[b,h,t,j] * o[b,h,t,j]  (fp32 [B,H,T]).  Grid (B*H, cdiv(T,BT))."""
-    i_bh = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    offs_t = tl.arange(0, BT)
-    t0 = tl.cast(i_t * BT, tl.int64)
-    mt = (i_t * BT + offs_t) < T
-    acc = tl.zeros([BT], dtype=tl.float32)
-    for j in range(0, tl.cdiv(DV, BV)):
-        offs_v = j * BV + tl.arange(0, BV)
-        m = mt[:, None] & (offs_v < DV)[None, :]
-        b_o = tl.load(o + i_b * sob + i_h * soh + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
-                      mask=m, other=0.0).to(tl.float32)
-        b_do = tl.load(do + i_b * sdb + i_h * sdh + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
-                       mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(b_o * b_do, axis=1)
-    tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
-
-
 @triton.jit
 def sequence_rows(i_bh, H, T, cu, VARLEN: tl.constexpr):
     """(batch index, head, first token, length) of program row ``i_bh``: row b*H + h of a
@@ -118,6 +97,67 @@ def sequence_rows(i_bh, H, T, cu, VARLEN: tl.constexpr):
         eos = tl.load(cu + i_n + 1).to(tl.int64)
         return i_h * 0, i_h, bos, (eos - bos).to(tl.int32)
     return (i_bh // H).to(tl.int64), i_h, i_h * 0, T
+
+
+# The kernels' batch/head preamble, written once.  Pure inlined helpers: a kernel calling them
+# compiles to the code it had with the lines written out (the same int64 arithmetic, in the
+# same order).  Batch and head indices are int64 so that base offsets can pass 2**31.
+
+
+@triton.jit
+def batch_head(i_bh, H, G):
+    """(i_b, i_h, i_hk), int64: batch index, head and key/value head (``i_h // G``, the group
+    of G query heads sharing one k/v head) of program row ``i_bh = b*H + h``."""
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    return i_b, i_h, i_h // G
+
+
+@triton.jit
+def sequence_heads(i_bh, H, G, T, cu, VARLEN: tl.constexpr):
+    """(i_b, i_h, i_hk, bos, TS, row) of program row ``i_bh``: :func:`sequence_rows`'s batch
+    index, head, first token and length, the key/value head ``i_h // G``, and the row
+    ``i_b * H + i_h`` of the [B*H, T] fp32 buffers (den, delta) -- with VARLEN a row of the one
+    packed batch, whose tokens start at ``bos``."""
+    i_b, i_h, bos, TS = sequence_rows(i_bh, H, T, cu, VARLEN)
+    row = i_b * H + i_h
+    return i_b, i_h, i_h // G, bos, TS, row
+
+
+@triton.jit
+def head_start(ptr, i_b, i_h, sb, sh):
+    """``ptr + i_b*sb + i_h*sh``: head i_h of batch i_b (token 0) in a strided [B, H, T, ...]
+    tensor."""
+    return ptr + i_b * sb + i_h * sh
+
+
+@triton.jit
+def head_base(ptr, i_b, i_h, bos, sb, sh, st):
+    """``ptr + i_b*sb + i_h*sh + bos*st``: token ``bos`` of head i_h of batch i_b in a strided
+    [B, H, T, ...] tensor (the first token of a packed sequence, or 0)."""
+    return head_start(ptr, i_b, i_h, sb, sh) + bos * st
+
+
+@triton.jit(do_not_specialize=["T"])
+def delta_kernel(o, do, delta, sob, soh, sot, sdb, sdh, sdt, T, H, DV,
+                 BT: tl.constexpr, BV: tl.constexpr):
+    """delta[b,h,t] = sum_j do[b,h,t,j] * o[b,h,t,j]  (fp32 [B,H,T]).  Grid (B*H, cdiv(T,BT))."""
+    i_bh = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_b, i_h, _ = batch_head(i_bh, H, 1)
+    offs_t = tl.arange(0, BT)
+    t0 = tl.cast(i_t * BT, tl.int64)
+    mt = (i_t * BT + offs_t) < T
+    acc = tl.zeros([BT], dtype=tl.float32)
+    for j in range(0, tl.cdiv(DV, BV)):
+        offs_v = j * BV + tl.arange(0, BV)
+        m = mt[:, None] & (offs_v < DV)[None, :]
+        b_o = tl.load(head_base(o, i_b, i_h, t0, sob, soh, sot) + offs_t[:, None] * sot
+                      + offs_v[None, :], mask=m, other=0.0).to(tl.float32)
+        b_do = tl.load(head_base(do, i_b, i_h, t0, sdb, sdh, sdt) + offs_t[:, None] * sdt
+                       + offs_v[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(b_o * b_do, axis=1)
+    tl.store(delta + i_bh.to(tl.int64) * T + t0 + offs_t, acc, mask=mt)
 
 
 class TunedLaunch:

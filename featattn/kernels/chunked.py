@@ -106,7 +106,7 @@ from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_
 from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
-from ._common import sequence_rows as _sequence
+from ._common import batch_head, head_base, head_start, sequence_heads
 
 __all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_time"]
 
@@ -205,10 +205,9 @@ def _seg_kernel(
     j = J0 + tl.program_id(2)
     i_k = i_kv // NV
     i_v = i_kv % NV
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    a_base = a + i_b * sab + i_h * sah
-    b_base = b + i_b * sbb + i_h * sbh
+    i_b, i_h, _ = batch_head(i_bh, H, 1)
+    a_base = head_start(a, i_b, i_h, sab, sah)
+    b_base = head_start(b, i_b, i_h, sbb, sbh)
     row_base = i_bh.to(tl.int64) * T
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -269,7 +268,7 @@ def _fwd_kernel(
     with SPLIT_K, fp32 partials [NK,B,H,T].  kv0/kvT: fp32 [B,H,Dk,Dv]; z0/zT: fp32
     [B,H,Dk].  FUSED: q, k are raw and the features are PHI(scale * q), PHI(k), made here.
     VARLEN: NB = 1 and program row i_bh is (sequence i_bh // H, head i_bh % H) of the packed
-    batch, tokens [cu[n], cu[n+1]) (``_common.sequence_rows``); its states are kv0/kvT [N, H, ...].
+    batch, tokens [cu[n], cu[n+1]) (``_common.sequence_heads``); its states are kv0/kvT [N, H, ...].
     KS (key shift, the hybrid layer's linear part): key/value row t is row t - KS of k and v,
     and rows t < KS have none (zero features), so query t sums the keys s <= t - KS; k and v
     need only T - KS rows."""
@@ -279,19 +278,17 @@ def _fwd_kernel(
     i_k = i_kv // NV
     i_v = i_kv % NV
     n_rows = NB * H
-    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
+    i_b, i_h, i_hk, bos, TS, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
 
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
     if SPLIT_K:
         o_base = o + ((i_k.to(tl.int64) * n_rows + row) * T + bos) * DV
         d_base = den + (i_k.to(tl.int64) * n_rows + row) * T + bos
         sot_ = DV
     else:
-        o_base = o + i_b * sob + i_h * soh + bos * sot
+        o_base = head_base(o, i_b, i_h, bos, sob, soh, sot)
         d_base = den + row * T + bos
         sot_ = sot
 
@@ -398,14 +395,12 @@ def _bwd_kernel(
     i_k = i_kv // NV
     i_v = i_kv % NV
     n_rows = NB * H
-    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
+    i_b, i_h, i_hk, bos, TS, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
 
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
-    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
+    do_base = head_base(do, i_b, i_h, bos, sdb, sdh, sdt)
     row_base = row * T + bos  # den / delta rows
 
     offs_t = tl.arange(0, BT)

@@ -34,7 +34,7 @@ import triton.language as tl
 from . import maps as _maps
 from ._common import alloc as _alloc
 from ._common import empty_like_layout as _empty_like_layout
-from ._common import next_pow2
+from ._common import batch_head, head_start, next_pow2
 
 __all__ = ["recurrent_step", "recurrent_step_inplace", "MAX_T", "step_unsupported_reason"]
 
@@ -76,13 +76,11 @@ def _step_kernel(
     (Dk = D); 2: Taylor on raw q/k (Dk = 1 + D + D*D, rows 0 | 1..D | 1+D+i*D+j).
     kv/kv_out fp32 [B*H, Dk, Dv] contiguous, z/z_out fp32 [B*H, Dk] (may alias)."""
     i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    o_base = o + i_b * sob + i_h * soh
+    i_b, i_h, i_hk = batch_head(i_bh, H, G)
+    q_base = head_start(q, i_b, i_h, sqb, sqh)
+    k_base = head_start(k, i_b, i_hk, skb, skh)
+    v_base = head_start(v, i_b, i_hk, svb, svh)
+    o_base = head_start(o, i_b, i_h, sob, soh)
     st = i_bh.to(tl.int64) * DK * DV
     zt = i_bh.to(tl.int64) * DK
 

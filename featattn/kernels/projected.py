@@ -47,7 +47,7 @@ from ._common import row_dot
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
-from ._common import sequence_rows as _sequence
+from ._common import batch_head, head_base, head_start, sequence_heads
 from .chunked import _dot_in, _mm
 
 __all__ = ["projected_attention", "projection_features", "projection_unsupported_reason",
@@ -164,14 +164,12 @@ def _fwd_kernel(
     DK = 2F (PAIR) or F."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
-    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
+    i_b, i_h, i_hk, bos, TS, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
     i_wq = i_hk if QW_KV else i_h
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
-    o_base = o + i_b * sob + i_h * soh + bos * sot
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
+    o_base = head_base(o, i_b, i_h, bos, sob, soh, sot)
     d_base = den + row * T + bos
     wq_base = wq + i_wq * D * F
     wk_base = wk + i_hk * D * F
@@ -279,14 +277,12 @@ def _bwd_kernel(
     i_v = tl.program_id(1)
     phase = tl.program_id(2)
     n_rows = NB * H
-    i_b, i_h, bos, TS = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
+    i_b, i_h, i_hk, bos, TS, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
     i_wq = i_hk if QW_KV else i_h
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
-    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
+    do_base = head_base(do, i_b, i_h, bos, sdb, sdh, sdt)
     row_base = row * T + bos
     wq_base = wq + i_wq * D * F
     wk_base = wk + i_hk * D * F
@@ -705,9 +701,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
     dw [B*H, NR, D, F] (scale included) and db [B*H, NR, F]."""
     i_bh = tl.program_id(0)
     i_r = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_w = i_h // WDIV
+    i_b, i_h, i_w = batch_head(i_bh, H, WDIV)  # WDIV heads share a weight row
     DK = F * (1 + PAIR)
     offs_t = tl.arange(0, BT)
     offs_d = tl.arange(0, BD)
@@ -715,7 +709,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
     md = offs_d < D
     mf = offs_f < F
     wt = _load_w(w + i_w * D * F, offs_d, offs_f, md, mf, F)
-    x_base = x + i_b * sxb + i_h * sxh
+    x_base = head_start(x, i_b, i_h, sxb, sxh)
     row0 = i_bh.to(tl.int64) * T
     dW = tl.zeros([BD, BF], dtype=tl.float32)
     dB = tl.zeros([BF], dtype=tl.float32)

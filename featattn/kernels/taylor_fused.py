@@ -116,7 +116,7 @@ from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_
 from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
-from ._common import sequence_rows as _sequence
+from ._common import head_base, sequence_heads
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
 
@@ -384,20 +384,18 @@ def _fwd_kernel(
     """Grid (B*H, cdiv(Dv, BV)).  q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,Dv] (unit last
     stride); o [B,H,T,Dv] strided; den fp32 [B,H,T] (eps included); kv0/kvT fp32
     [B,H,Dk,Dv]; z0/zT fp32 [B,H,Dk].  VARLEN: B = 1 holds N packed sequences, program row
-    i_bh is (sequence i_bh // H, head i_bh % H), tokens [cu[n], cu[n+1]) (_common.sequence_rows),
+    i_bh is (sequence i_bh // H, head i_bh % H), tokens [cu[n], cu[n+1]) (_common.sequence_heads),
     and the states are [N, H, ...].
 
     The quadratic part of z is held as a [d, d] matrix Z2 (den gets q^T Z2 q, an exact fp32
     product), the quadratic part of kv as S2 [Q, BV]."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
-    i_b, i_h, bos, T_s = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
-    o_base = o + i_b * sob + i_h * soh + bos * sot
+    i_b, i_h, i_hk, bos, T_s, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
+    o_base = head_base(o, i_b, i_h, bos, sob, soh, sot)
     d_base = den + row * T + bos
 
     offs_t = tl.arange(0, BT)
@@ -521,13 +519,11 @@ def _bwd_kernel(
     i_v = tl.program_id(1)
     phase = tl.program_id(2)
     n_rows = NB * H
-    i_b, i_h, bos, T_s = _sequence(i_bh, H, T, cu, VARLEN)
-    row = i_b * H + i_h
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh + bos * sqt
-    k_base = k + i_b * skb + i_hk * skh + bos * skt
-    v_base = v + i_b * svb + i_hk * svh + bos * svt
-    do_base = do + i_b * sdb + i_h * sdh + bos * sdt
+    i_b, i_h, i_hk, bos, T_s, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
+    q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
+    k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
+    v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
+    do_base = head_base(do, i_b, i_h, bos, sdb, sdh, sdt)
     row_base = row * T + bos
 
     offs_t = tl.arange(0, BT)

@@ -50,6 +50,7 @@ from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, register_attention_ops, torch_forward
+from ._common import batch_head, head_start
 from .taylor_fused import _dot_in, _mm
 
 _INTERPRET = _common.INTERPRET
@@ -101,13 +102,11 @@ def _fwd_kernel(
     i_bh = tl.program_id(0)
     i_m = tl.num_programs(1) - 1 - tl.program_id(1)
     i_v = tl.program_id(2)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    o_base = o + i_b * sob + i_h * soh
+    i_b, i_h, i_hk = batch_head(i_bh, H, G)
+    q_base = head_start(q, i_b, i_h, sqb, sqh)
+    k_base = head_start(k, i_b, i_hk, skb, skh)
+    v_base = head_start(v, i_b, i_hk, svb, svh)
+    o_base = head_start(o, i_b, i_h, sob, soh)
 
     offs_m = i_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -300,14 +299,12 @@ def _bwd_kernel(
     dv [B, H, T, Dv] are per q head (contiguous); BV covers all of Dv."""
     i_bh = tl.program_id(0)
     pid = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // G
-    q_base = q + i_b * sqb + i_h * sqh
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
-    o_base = o + i_b * sob + i_h * soh
-    do_base = do + i_b * sdb + i_h * sdh
+    i_b, i_h, i_hk = batch_head(i_bh, H, G)
+    q_base = head_start(q, i_b, i_h, sqb, sqh)
+    k_base = head_start(k, i_b, i_hk, skb, skh)
+    v_base = head_start(v, i_b, i_hk, svb, svh)
+    o_base = head_start(o, i_b, i_h, sob, soh)
+    do_base = head_start(do, i_b, i_h, sdb, sdh)
     row = i_bh.to(tl.int64) * T
     offs_d = tl.arange(0, DP)
     offs_v = tl.arange(0, BV)
