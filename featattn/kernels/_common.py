@@ -1,6 +1,8 @@
 """Pieces both Triton kernel families share: buffer allocation (with NaN poisoning for tests),
-layout helpers, the kernels' batch/head preamble (:func:`batch_head`, :func:`sequence_heads`,
-:func:`head_start`, :func:`head_base`), the ``delta = do . o`` row-sum kernel, and the
+layout helpers, the ``a @ b`` helpers of the two precision families (:func:`mm_tf32x3`,
+:func:`mm_ieee`, ...), the kernels' batch/head preamble (:func:`batch_head`,
+:func:`sequence_heads`, :func:`head_start`, :func:`head_base`), the ``delta = do . o``
+row-sum kernel, and the
 torch.library registration that makes a kernel pair (forward, backward) an autograd-aware
 custom op torch.compile can trace."""
 
@@ -97,6 +99,58 @@ def sequence_rows(i_bh, H, T, cu, VARLEN: tl.constexpr):
         eos = tl.load(cu + i_n + 1).to(tl.int64)
         return i_h * 0, i_h, bos, (eos - bos).to(tl.int32)
     return (i_bh // H).to(tl.int64), i_h, i_h * 0, T
+
+
+# a @ b in the kernels, with the precision of fp32 operands always named.  Two families:
+# the chunked kernels (chunked, projected, window) use tf32x3 for fp32 inputs, the Taylor
+# kernels (taylor_fused, taylor_parallel) ieee; fp16 inputs use tf32 on an fp32
+# intermediate in both, bf16 inputs round it to bf16 (LOWP).  See each module's Numerics.
+
+
+@triton.jit
+def mm_tf32x3(a, b, LOWP: tl.constexpr, TF32X3: tl.constexpr):
+    """a @ b where an operand is an fp32 intermediate: rounded to bf16 (LOWP, bf16 inputs),
+    tf32x3 (TF32X3, fp32 inputs), else tf32 (fp16 inputs)."""
+    if LOWP:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif TF32X3:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return r
+
+
+@triton.jit
+def dot_in_tf32x3(a, b, TF32X3: tl.constexpr):
+    """a @ b for two tiles in the input dtype, fp32 accumulation (tf32x3 for fp32 inputs;
+    fp16 / bf16 operands take no precision)."""
+    if TF32X3:
+        r = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def mm_ieee(a, b, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """:func:`mm_tf32x3` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
+    if LOWP:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif FP32_IEEE:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return r
+
+
+@triton.jit
+def dot_in_ieee(a, b, FP32_IEEE: tl.constexpr):
+    """:func:`dot_in_tf32x3` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
+    if FP32_IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
 
 
 # The kernels' batch/head preamble, written once.  Pure inlined helpers: a kernel calling them

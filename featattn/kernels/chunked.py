@@ -107,6 +107,9 @@ from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import batch_head, head_base, head_start, sequence_heads
+# a @ b with the fp32 precision named (Numerics above); window.py imports them from here
+from ._common import dot_in_tf32x3 as _dot_in
+from ._common import mm_tf32x3 as _mm
 
 __all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_time"]
 
@@ -149,28 +152,6 @@ def _configs():
 
 
 # --------------------------------------------------------------------------- helpers
-@triton.jit
-def _mm(a, b, LOWP: tl.constexpr, TF32X3: tl.constexpr):
-    """a @ b where an operand is an fp32 intermediate (see module docstring)."""
-    if LOWP:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif TF32X3:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return r
-
-
-@triton.jit
-def _dot_in(a, b, TF32X3: tl.constexpr):
-    """a @ b for two tiles in the input dtype, fp32 accumulation."""
-    if TF32X3:
-        r = tl.dot(a, b, input_precision="tf32x3")
-    else:
-        r = tl.dot(a, b)
-    return r
-
-
 @triton.jit
 def _features(x, scale, mask, PHI: tl.constexpr):
     """PHI(scale * x) in fp32, rounded once to x's dtype (as the PyTorch maps do), and 0

@@ -10,7 +10,7 @@ The maps (:class:`~featattn.feature_maps.base.ProjectionTritonForm`)::
     relu (T2R):              phi = relu(l)                         (F features)
 
 The kernels read raw q / k tiles, compute the logits (tensor cores, fp32 operands: tf32, or
-tf32x3 for fp32 inputs: chunked._mm with LOWP off) and the activation in fp32 registers,
+tf32x3 for fp32 inputs: _common.mm_tf32x3 with LOWP off) and the activation in fp32 registers,
 round the features once to the input dtype (as the PyTorch maps do) and run the chunked algorithm of
 :mod:`featattn.kernels.chunked` on them; the features never reach memory.  A softmax pair is
 kept as two halves (``a = softmax(l)``, ``b = softmax(-l)``), each with its own state tile,
@@ -48,7 +48,8 @@ from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
 from ._common import batch_head, head_base, head_start, sequence_heads
-from .chunked import _dot_in, _mm
+from ._common import dot_in_tf32x3 as _dot_in  # the chunked kernels' numerics
+from ._common import mm_tf32x3 as _mm
 
 __all__ = ["projected_attention", "projection_features", "projection_unsupported_reason",
            "ACTIVATIONS", "MAX_DIM"]

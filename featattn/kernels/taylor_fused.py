@@ -117,6 +117,8 @@ from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import head_base, sequence_heads
+from ._common import dot_in_ieee as _dot_in  # a @ b, ieee for fp32 inputs (Numerics)
+from ._common import mm_ieee as _mm
 
 __all__ = ["taylor_attention", "taylor_unsupported_reason", "TAYLOR_LIMITS"]
 
@@ -193,28 +195,6 @@ def _bwd_block_v(d: int, dv: int) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-@triton.jit
-def _mm(a, b, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """a @ b where an operand is an fp32 intermediate (see module docstring, Numerics)."""
-    if LOWP:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif FP32_IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return r
-
-
-@triton.jit
-def _dot_in(a, b, FP32_IEEE: tl.constexpr):
-    """a @ b for two tiles in the input dtype, fp32 accumulation."""
-    if FP32_IEEE:
-        r = tl.dot(a, b, input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
-
-
 @triton.jit
 def _dot32(a, b):
     """Full-fp32 a @ b for the small [*, d] x [d, d] products of the denominator path."""

@@ -51,7 +51,8 @@ from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, register_attention_ops, torch_forward
 from ._common import batch_head, head_start
-from .taylor_fused import _dot_in, _mm
+from ._common import dot_in_ieee as _dot_in  # taylor_fused's numerics
+from ._common import mm_ieee as _mm
 
 _INTERPRET = _common.INTERPRET
 
