@@ -34,7 +34,7 @@ dk/dv: one program per (batch * kv head, key tile), looping over the query heads
 group (no atomics), adding the linear part's dk/dv of the same keys.  Scores and sums in
 fp32; products take the input dtype on the tensor cores (fp32 inputs: tf32x3), the
 backward's fp32 intermediates a dtype with fp32's range (bf16 for bf16 inputs, else fp32 on
-tf32 cores): chunked.py's ``_dot_in`` and ``_mm``.  No feature, score or window sum reaches
+tf32 cores): _common's ``dot_in_tf32x3`` and ``mm_tf32x3``.  No feature, score or window sum reaches
 HBM; the saved tensors are o, the linear part's output, and fp32 rows.
 """
 
@@ -51,8 +51,9 @@ from .. import _switches
 from . import chunked as _chunked
 from . import maps as _maps
 from ._common import INTERPRET, TunedLaunch, alloc, cdiv, empty_like_layout, next_pow2, row_dot
-from ._common import size_bucket, unit_last
-from .chunked import _dot_in, _mm  # a @ b with the fp32 precision named (TF32X3)
+from ._common import batch_head, size_bucket, unit_last
+from ._common import dot_in_tf32x3 as _dot_in  # a @ b, fp32 inputs in tf32x3
+from ._common import mm_tf32x3 as _mm
 
 __all__ = ["hybrid_attention", "window_unsupported_reason", "MAX_D"]
 
@@ -113,9 +114,8 @@ def _query_tile(i_t, T, N, W, BT: tl.constexpr):
 def _program(H, G):
     """(batch * head, query tile, batch, head, kv head) of this program, int64 indices."""
     i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    return i_bh, tl.program_id(1), i_b, i_h, i_h // G
+    i_b, i_h, i_hk = batch_head(i_bh, H, G)
+    return i_bh, tl.program_id(1), i_b, i_h, i_hk
 
 
 @triton.jit
