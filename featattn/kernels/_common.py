@@ -108,49 +108,51 @@ def sequence_rows(i_bh, H, T, cu, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def mm_tf32x3(a, b, LOWP: tl.constexpr, TF32X3: tl.constexpr):
+def _mm_as(a, b, LOWP: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr):
     """a @ b where an operand is an fp32 intermediate: rounded to bf16 (LOWP, bf16 inputs),
-    tf32x3 (TF32X3, fp32 inputs), else tf32 (fp16 inputs)."""
+    in precision PREC (FP32, fp32 inputs), else tf32 (fp16 inputs)."""
     if LOWP:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif TF32X3:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    elif FP32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     return r
+
+
+@triton.jit
+def _dot_as(a, b, FP32: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for two tiles in the input dtype, fp32 accumulation (precision PREC for fp32
+    inputs; fp16 / bf16 operands take no precision)."""
+    if FP32:
+        r = tl.dot(a, b, input_precision=PREC)
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def mm_tf32x3(a, b, LOWP: tl.constexpr, TF32X3: tl.constexpr):
+    """:func:`_mm_as` with tf32x3 for fp32 inputs (TF32X3)."""
+    return _mm_as(a, b, LOWP, TF32X3, "tf32x3")
 
 
 @triton.jit
 def dot_in_tf32x3(a, b, TF32X3: tl.constexpr):
-    """a @ b for two tiles in the input dtype, fp32 accumulation (tf32x3 for fp32 inputs;
-    fp16 / bf16 operands take no precision)."""
-    if TF32X3:
-        r = tl.dot(a, b, input_precision="tf32x3")
-    else:
-        r = tl.dot(a, b)
-    return r
+    """:func:`_dot_as` with tf32x3 for fp32 inputs (TF32X3)."""
+    return _dot_as(a, b, TF32X3, "tf32x3")
 
 
 @triton.jit
 def mm_ieee(a, b, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """:func:`mm_tf32x3` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
-    if LOWP:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif FP32_IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return r
+    """:func:`_mm_as` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
+    return _mm_as(a, b, LOWP, FP32_IEEE, "ieee")
 
 
 @triton.jit
 def dot_in_ieee(a, b, FP32_IEEE: tl.constexpr):
-    """:func:`dot_in_tf32x3` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
-    if FP32_IEEE:
-        r = tl.dot(a, b, input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
+    """:func:`_dot_as` with ieee fp32 for fp32 inputs (FP32_IEEE)."""
+    return _dot_as(a, b, FP32_IEEE, "ieee")
 
 
 # The kernels' batch/head preamble, written once.  Pure inlined helpers: a kernel calling them
