@@ -107,7 +107,7 @@ from ._common import register_attention_ops, row_dot
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import batch_head, head_base, head_start, sequence_heads
-# a @ b with the fp32 precision named (Numerics above); window.py imports them from here
+# a @ b with the fp32 precision named (Numerics above), shared with projected.py and window.py
 from ._common import dot_in_tf32x3 as _dot_in
 from ._common import mm_tf32x3 as _mm
 
