@@ -866,13 +866,14 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
         form = "chunked"
     if form == "auto":
         form = "parallel" if _par.use_parallel(q.shape[2], stateful) else "chunked"
-    if form not in ("parallel", "chunked"):
-        raise ValueError(f"form must be 'auto', 'parallel' or 'chunked', got {form!r}")
-    if form == "parallel":
+    if form not in ("parallel", "blocked", "chunked"):
+        raise ValueError(f"form must be 'auto', 'parallel', 'blocked' or 'chunked', got {form!r}")
+    if form in ("parallel", "blocked"):
         if stateful:
-            raise ValueError("the Taylor parallel form keeps no state: pass no initial state "
+            raise ValueError(f"the Taylor {form} form keeps no state: pass no initial state "
                              "and return_state=False, or use form='chunked'")
-        o, _den, _, _ = _par.parallel_op(q, k, v, None, None, bool(normalize), float(eps), False)
+        op = _par.parallel_op if form == "parallel" else _par.blocked_op
+        o, _den, _, _ = op(q, k, v, None, None, bool(normalize), float(eps), False)
         return o, None, None
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()
