@@ -113,13 +113,13 @@ def _block_ptr(hz, n, blk, NB, Q: tl.constexpr, DP: tl.constexpr, DV: tl.constex
 @triton.jit
 def _load_rows(hp, row0, offs_r, offs_v, mv, DV: tl.constexpr, TRANS: tl.constexpr):
     """Rows row0 + offs_r of a record's [R, Dv] part: [len(offs_r), BV] or, TRANS, its
-    transpose (loaded through transposed addresses)."""
+    transpose.  The transpose is taken of the loaded tile: a tile loaded through transposed
+    addresses and fed straight to a bf16 tl.dot gave wrong dq / dk on the H200 (Triton 3.6),
+    while tl.trans of a loaded tile is the pattern the chunked kernels use throughout."""
+    x = tl.load(hp + (row0 + offs_r)[:, None] * DV + offs_v[None, :], mask=mv[None, :],
+                other=0.0)
     if TRANS:
-        x = tl.load(hp + (row0 + offs_r)[None, :] * DV + offs_v[:, None], mask=mv[:, None],
-                    other=0.0)
-    else:
-        x = tl.load(hp + (row0 + offs_r)[:, None] * DV + offs_v[None, :], mask=mv[None, :],
-                    other=0.0)
+        x = tl.trans(x)
     return x
 
 
