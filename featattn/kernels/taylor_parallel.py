@@ -164,10 +164,18 @@ def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.cons
     return num, dn
 
 
+#: LOWP flag of the state terms' products in the backward: always False, i.e. tf32 on fp32
+#: operands (fp32 inputs: FP32_IEEE) even for bf16 inputs.  They run once per program, so the
+#: precision costs nothing measurable; with bf16 operands dq and dk came out wrong on the H200
+#: (Triton 3.6; rel. error 0.2-0.35 against float64, while emulating the bf16 rounding in the
+#: interpreter gave 1e-2, the chunked kernel's figure).
+TF32: tl.constexpr = tl.constexpr(False)
+
+
 @triton.jit
 def _state_dq(hp, b_q, b_do, r, dl, offs_d, offs_v, mv, c1, c2, D: tl.constexpr,
               DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr,
-              NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
+              NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
     """dq [BM, DP] of the prefix-state term: r (c1 do S1^T + c2 (fold(do S2^T) + 2 q (do Sd^T)))
     - (delta r) (c1 z1 + c2 q (Z2 + Z2^T))."""
     Ri, Rj, RiT, RjT = _sel(D, DP, Q, b_q.dtype)
@@ -175,10 +183,10 @@ def _state_dq(hp, b_q, b_do, r, dl, offs_d, offs_v, mv, c1, c2, D: tl.constexpr,
     S2T = _load_rows(hp, 0, offs_q, offs_v, mv, DV, True)
     S1T = _load_rows(hp, Q, offs_d, offs_v, mv, DV, True)
     SdT = _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, True)
-    g2 = _mm(b_do, S2T, LOWP, FP32_IEEE)  # [BM, Q]
-    gq = _fold(g2, b_q, Ri, Rj, RiT, RjT, BM, DP, False, LOWP, FP32_IEEE)
-    gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, LOWP, FP32_IEEE)
-    g = c1 * _mm(b_do, S1T, LOWP, FP32_IEEE) + c2 * gq
+    g2 = _mm(b_do, S2T, TF32, FP32_IEEE)  # [BM, Q]
+    gq = _fold(g2, b_q, Ri, Rj, RiT, RjT, BM, DP, False, TF32, FP32_IEEE)
+    gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, TF32, FP32_IEEE)
+    g = c1 * _mm(b_do, S1T, TF32, FP32_IEEE) + c2 * gq
     if NORMALIZE:
         _zc, z1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
         g = g * r[:, None] - dl[:, None] * (c1 * z1[None, :] + c2 * _dot32(b_q, W2))
@@ -188,26 +196,26 @@ def _state_dq(hp, b_q, b_do, r, dl, offs_d, offs_v, mv, c1, c2, D: tl.constexpr,
 @triton.jit
 def _state_dkdv(hp, b_k, b_v, offs_d, offs_v, mv, c1, c2, c2o, D: tl.constexpr,
                 DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, BN: tl.constexpr,
-                NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
+                NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
     """(dk [BN, DP], dv [BN, BV]) of the suffix-state term (dS: sums over later queries of
     phi(q)^T do / den, dz: of phi(q) * -(do . o) / den)."""
     Ri, Rj, RiT, RjT = _sel(D, DP, Q, b_k.dtype)
     offs_q = tl.arange(0, Q)
     b_kf = b_k.to(tl.float32)
-    gd2 = _mm(b_v, _load_rows(hp, 0, offs_q, offs_v, mv, DV, True), LOWP, FP32_IEEE)
-    dk = c2o * _fold(gd2, b_k, Ri, Rj, RiT, RjT, BN, DP, False, LOWP, FP32_IEEE)
-    dk += c1 * _mm(b_v, _load_rows(hp, Q, offs_d, offs_v, mv, DV, True), LOWP, FP32_IEEE)
+    gd2 = _mm(b_v, _load_rows(hp, 0, offs_q, offs_v, mv, DV, True), TF32, FP32_IEEE)
+    dk = c2o * _fold(gd2, b_k, Ri, Rj, RiT, RjT, BN, DP, False, TF32, FP32_IEEE)
+    dk += c1 * _mm(b_v, _load_rows(hp, Q, offs_d, offs_v, mv, DV, True), TF32, FP32_IEEE)
     dk += (2.0 * c2) * b_kf * _mm(b_v, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, True),
-                                  LOWP, FP32_IEEE)
+                                  TF32, FP32_IEEE)
     if NORMALIZE:
         _zc, dz1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
         dk += c1 * dz1[None, :] + c2 * _dot32(b_k, W2)
-    f2k = _feat(b_k, Ri, Rj, BN, Q, False, LOWP, FP32_IEEE)
+    f2k = _feat(b_k, Ri, Rj, BN, Q, False, TF32, FP32_IEEE)
     dv = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)[None, :] \
-        + c1 * _mm(b_k, _load_rows(hp, Q, offs_d, offs_v, mv, DV, False), LOWP, FP32_IEEE)
-    dv += c2o * _mm(f2k, _load_rows(hp, 0, offs_q, offs_v, mv, DV, False), LOWP, FP32_IEEE)
+        + c1 * _mm(b_k, _load_rows(hp, Q, offs_d, offs_v, mv, DV, False), TF32, FP32_IEEE)
+    dv += c2o * _mm(f2k, _load_rows(hp, 0, offs_q, offs_v, mv, DV, False), TF32, FP32_IEEE)
     dv += c2 * _mm(b_kf * b_kf, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False),
-                   LOWP, FP32_IEEE)
+                   TF32, FP32_IEEE)
     return dk, dv
 
 
@@ -479,7 +487,7 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
     blk = (pid * BNK) // L
     if STATE:
         dk_st, b_dv = _state_dkdv(_block_ptr(hzb, i_bh, blk, NB, Q, DP, DV), b_k, b_v, offs_d,
-                                  offs_v, mv, c1, c2, c2o, D, DP, DV, Q, BNK, NORMALIZE, LOWP,
+                                  offs_v, mv, c1, c2, c2o, D, DP, DV, Q, BNK, NORMALIZE,
                                   FP32_IEEE)
     else:
         dk_st = tl.zeros([BNK, DP], dtype=tl.float32)
@@ -531,7 +539,7 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
     blk = (i_m * BMQ) // L
     if STATE:
         dq_st = _state_dq(_block_ptr(hzf, n_kv, blk, NB, Q, DP, DV), b_q, b_do, r, dl, offs_d,
-                          offs_v, mv, c1, c2, D, DP, DV, Q, BMQ, NORMALIZE, LOWP, FP32_IEEE)
+                          offs_v, mv, c1, c2, D, DP, DV, Q, BMQ, NORMALIZE, FP32_IEEE)
     else:
         dq_st = tl.zeros([BMQ, DP], dtype=tl.float32)
     # key blocks wholly before this query block need no mask; then the diagonal one(s)
