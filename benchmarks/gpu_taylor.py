@@ -310,14 +310,14 @@ def blk_check_one(B, H, Hkv, T, d, Dv, dtype, normalize, layout):
     return errs, failures
 
 
-def run_blk_checks():
+def run_blk_checks(ids=None):
     from featattn.kernels import tuning
 
     print(f"\n## blocked form vs float64, L={BLK_CHECK_L} (rel. error; outputs NaN-poisoned)")
     print("| shape | dtype | norm | layout | o | dq | dk | dv | ok |")
     print("|---" * 9 + "|")
     ok_all = True
-    for c in BLK_CHECKS:
+    for c in [BLK_CHECKS[i] for i in ids] if ids else BLK_CHECKS:
         B, H, Hkv, T, d, Dv, dtype, normalize, layout = c
         try:
             with tuning.override("taylor_blocked", L=BLK_CHECK_L):
@@ -606,7 +606,7 @@ def main():
     ap.add_argument("--L", type=int, nargs="*", default=[256, 512, 1024],
                     help="time blocks of --blocked")
     ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
-    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
+    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS (BLK_CHECKS with --blocked), in the order given")
     args = ap.parse_args()
     import triton
 
@@ -617,7 +617,7 @@ def main():
         print("\nPARALLEL CORRECTNESS:", "skipped" if args.no_checks else ("ALL OK" if ok else "FAILURES"))
         return 0 if ok else 1
     if args.blocked:
-        ok = True if args.no_checks else run_blk_checks()
+        ok = True if args.no_checks else run_blk_checks(args.checks)
         if not args.quick:
             blocked_timing(args.T, tuple(args.L), with_fla=args.fla)
         print("\nBLOCKED CORRECTNESS:", "skipped" if args.no_checks else ("ALL OK" if ok else "FAILURES"))

@@ -141,10 +141,18 @@ def _sel(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr, dtype):
     return Ri.to(dtype), Rj.to(dtype), RiT, RjT
 
 
+#: LOWP flag of the state terms' products: always False, i.e. tf32 on fp32
+#: operands (fp32 inputs: FP32_IEEE) even for bf16 inputs: they run once per program, not per
+#: step of a walk.  With bf16 operands dq and dk came out wrong on the H200
+#: (Triton 3.6; rel. error 0.2-0.35 against float64, while emulating the bf16 rounding in the
+#: interpreter gave 1e-2, the chunked kernel's figure).
+TF32: tl.constexpr = tl.constexpr(False)
+
+
 @triton.jit
 def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.constexpr,
                DV: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr, NORMALIZE: tl.constexpr,
-               LOWP: tl.constexpr, FP32_IEEE: tl.constexpr):
+               FP32_IEEE: tl.constexpr):
     """(num [BM, BV], den [BM]) of the prefix state at hp for the query rows b_q."""
     Ri, Rj, _RiT, _RjT = _sel(D, DP, Q, b_q.dtype)
     offs_q = tl.arange(0, Q)
@@ -153,9 +161,9 @@ def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.cons
     Sd = _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False)
     S0 = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)
     b_qf = b_q.to(tl.float32)
-    f2q = _feat(b_q, Ri, Rj, BM, Q, False, LOWP, FP32_IEEE)
-    num = S0[None, :] + c1 * _mm(b_q, S1, LOWP, FP32_IEEE)
-    num += c2 * (_mm(f2q, S2, LOWP, FP32_IEEE) + _mm(b_qf * b_qf, Sd, LOWP, FP32_IEEE))
+    f2q = _feat(b_q, Ri, Rj, BM, Q, False, TF32, FP32_IEEE)
+    num = S0[None, :] + c1 * _mm(b_q, S1, TF32, FP32_IEEE)
+    num += c2 * (_mm(f2q, S2, TF32, FP32_IEEE) + _mm(b_qf * b_qf, Sd, TF32, FP32_IEEE))
     dn = tl.zeros([BM], dtype=tl.float32)
     if NORMALIZE:
         zc, z1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
@@ -164,12 +172,6 @@ def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.cons
     return num, dn
 
 
-#: LOWP flag of the state terms' products in the backward: always False, i.e. tf32 on fp32
-#: operands (fp32 inputs: FP32_IEEE) even for bf16 inputs.  They run once per program, so the
-#: precision costs nothing measurable; with bf16 operands dq and dk came out wrong on the H200
-#: (Triton 3.6; rel. error 0.2-0.35 against float64, while emulating the bf16 rounding in the
-#: interpreter gave 1e-2, the chunked kernel's figure).
-TF32: tl.constexpr = tl.constexpr(False)
 
 
 @triton.jit
@@ -371,7 +373,7 @@ def _fwd_kernel(
     if STATE:
         acc, l = _state_out(_block_ptr(hz, i_b * (H // G) + i_hk, blk, NB, Q, DP, DV), b_q,
                             offs_d, offs_v, mv, c1, c2, D, DP, DV, Q, BM,
-                            NORMALIZE, LOWP, FP32_IEEE)
+                            NORMALIZE, FP32_IEEE)
     # key blocks wholly before this query block (and in its time block): no mask
     for n0 in range(blk * L, i_m * BM, BN):
         nn = (n0 + offs_n).to(tl.int64)
