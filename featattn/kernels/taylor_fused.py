@@ -279,11 +279,17 @@ def _slots(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constex
         pj = offs_q % DP
         valid = (pi < D) & (pj < D)
     else:
-        pi = offs_q % D
-        r = offs_q // D + 1
-        pj = (pi + r) % D
-        valid = (offs_q < D * (D // 2)) & ((2 * r != D) | (pi < D // 2))
+        pi, pj, valid = pair_slots(offs_q, D)
     return pi, pj, valid, 1 + D + pi * D + pj, 1 + D + pj * D + pi
+
+
+@triton.jit
+def pair_slots(p, D: tl.constexpr):
+    """(i, j, valid) of the symmetric form's slots p (any vector of slot indices; see _slots)."""
+    pi = p % D
+    r = p // D + 1
+    valid = (p < D * (D // 2)) & ((2 * r != D) | (pi < D // 2))
+    return pi, (pi + r) % D, valid
 
 
 @triton.jit

@@ -54,7 +54,7 @@ from ._common import TunedLaunch, register_attention_ops, torch_forward
 from ._common import batch_head, head_start
 from ._common import dot_in_ieee as _dot_in  # taylor_fused's numerics
 from ._common import mm_ieee as _mm
-from .taylor_fused import _dot32, _feat, _featT, _fold, _pads, _selectors, _slots
+from .taylor_fused import _dot32, _feat, _featT, _fold, _pads, _selectors, pair_slots
 
 _INTERPRET = _common.INTERPRET
 
@@ -133,14 +133,6 @@ def _z_parts(hp, offs_d, Q: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr):
     return tl.load(zp), z1, Z2
 
 
-@triton.jit
-def _sel(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr, dtype):
-    """Selection matrices of the symmetric slots: Ri, Rj in dtype, RiT, RjT in fp32."""
-    pi, pj, mq, _row, _rowm = _slots(D, DP, Q, False)
-    Ri, Rj, RiT, RjT = _selectors(pi, pj, mq, DP)
-    return Ri.to(dtype), Rj.to(dtype), RiT, RjT
-
-
 #: LOWP flag of the state terms' products: always False, i.e. tf32 on fp32
 #: operands (fp32 inputs: FP32_IEEE) even for bf16 inputs: they run once per program, not per
 #: step of a walk.  With bf16 operands dq and dk came out wrong on the H200
@@ -150,20 +142,31 @@ TF32: tl.constexpr = tl.constexpr(False)
 
 
 @triton.jit
+def _sub_sel(p0, D: tl.constexpr, DP: tl.constexpr, KQ: tl.constexpr, dtype):
+    """Selection matrices of the KQ slots p0.. (Ri, Rj [DP, KQ] in dtype, RiT, RjT [KQ, DP]
+    fp32): the state terms walk the Q slots KQ at a time, so no [rows, Q] feature tile is
+    ever live (it spilled)."""
+    pi, pj, valid = pair_slots(p0 + tl.arange(0, KQ), D)
+    Ri, Rj, RiT, RjT = _selectors(pi, pj, valid, DP)
+    return Ri.to(dtype), Rj.to(dtype), RiT, RjT
+
+
+@triton.jit
 def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.constexpr,
-               DV: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr, NORMALIZE: tl.constexpr,
-               FP32_IEEE: tl.constexpr):
+               DV: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr, BM: tl.constexpr,
+               NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
     """(num [BM, BV], den [BM]) of the prefix state at hp for the query rows b_q."""
-    Ri, Rj, _RiT, _RjT = _sel(D, DP, Q, b_q.dtype)
-    offs_q = tl.arange(0, Q)
-    S2 = _load_rows(hp, 0, offs_q, offs_v, mv, DV, False)
-    S1 = _load_rows(hp, Q, offs_d, offs_v, mv, DV, False)
-    Sd = _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False)
-    S0 = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)
     b_qf = b_q.to(tl.float32)
-    f2q = _feat(b_q, Ri, Rj, BM, Q, False, TF32, FP32_IEEE)
-    num = S0[None, :] + c1 * _mm(b_q, S1, TF32, FP32_IEEE)
-    num += c2 * (_mm(f2q, S2, TF32, FP32_IEEE) + _mm(b_qf * b_qf, Sd, TF32, FP32_IEEE))
+    num = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)[None, :] \
+        + c1 * _mm(b_q, _load_rows(hp, Q, offs_d, offs_v, mv, DV, False), TF32, FP32_IEEE)
+    num += c2 * _mm(b_qf * b_qf, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False),
+                    TF32, FP32_IEEE)
+    offs_p = tl.arange(0, KQ)
+    for p0 in tl.static_range(0, Q, KQ):
+        Ri, Rj, _RiT, _RjT = _sub_sel(p0, D, DP, KQ, b_q.dtype)
+        f2q = _feat(b_q, Ri, Rj, BM, KQ, False, TF32, FP32_IEEE)
+        num += c2 * _mm(f2q, _load_rows(hp, p0, offs_p, offs_v, mv, DV, False), TF32,
+                        FP32_IEEE)
     dn = tl.zeros([BM], dtype=tl.float32)
     if NORMALIZE:
         zc, z1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
@@ -172,23 +175,20 @@ def _state_out(hp, b_q, offs_d, offs_v, mv, c1, c2, D: tl.constexpr, DP: tl.cons
     return num, dn
 
 
-
-
 @triton.jit
 def _state_dq(hp, b_q, b_do, r, dl, offs_d, offs_v, mv, c1, c2, D: tl.constexpr,
-              DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr,
-              NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
+              DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr,
+              BM: tl.constexpr, NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
     """dq [BM, DP] of the prefix-state term: r (c1 do S1^T + c2 (fold(do S2^T) + 2 q (do Sd^T)))
     - (delta r) (c1 z1 + c2 q (Z2 + Z2^T))."""
-    Ri, Rj, RiT, RjT = _sel(D, DP, Q, b_q.dtype)
-    offs_q = tl.arange(0, Q)
-    S2T = _load_rows(hp, 0, offs_q, offs_v, mv, DV, True)
-    S1T = _load_rows(hp, Q, offs_d, offs_v, mv, DV, True)
-    SdT = _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, True)
-    g2 = _mm(b_do, S2T, TF32, FP32_IEEE)  # [BM, Q]
-    gq = _fold(g2, b_q, Ri, Rj, RiT, RjT, BM, DP, False, TF32, FP32_IEEE)
-    gq += 2.0 * b_q.to(tl.float32) * _mm(b_do, SdT, TF32, FP32_IEEE)
-    g = c1 * _mm(b_do, S1T, TF32, FP32_IEEE) + c2 * gq
+    g = c1 * _mm(b_do, _load_rows(hp, Q, offs_d, offs_v, mv, DV, True), TF32, FP32_IEEE)
+    g += (2.0 * c2) * b_q.to(tl.float32) * _mm(
+        b_do, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, True), TF32, FP32_IEEE)
+    offs_p = tl.arange(0, KQ)
+    for p0 in tl.static_range(0, Q, KQ):
+        Ri, Rj, RiT, RjT = _sub_sel(p0, D, DP, KQ, b_q.dtype)
+        g2 = _mm(b_do, _load_rows(hp, p0, offs_p, offs_v, mv, DV, True), TF32, FP32_IEEE)
+        g += c2 * _fold(g2, b_q, Ri, Rj, RiT, RjT, BM, DP, False, TF32, FP32_IEEE)
     if NORMALIZE:
         _zc, z1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
         g = g * r[:, None] - dl[:, None] * (c1 * z1[None, :] + c2 * _dot32(b_q, W2))
@@ -197,27 +197,29 @@ def _state_dq(hp, b_q, b_do, r, dl, offs_d, offs_v, mv, c1, c2, D: tl.constexpr,
 
 @triton.jit
 def _state_dkdv(hp, b_k, b_v, offs_d, offs_v, mv, c1, c2, c2o, D: tl.constexpr,
-                DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, BN: tl.constexpr,
-                NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
+                DP: tl.constexpr, DV: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr,
+                BN: tl.constexpr, NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr):
     """(dk [BN, DP], dv [BN, BV]) of the suffix-state term (dS: sums over later queries of
     phi(q)^T do / den, dz: of phi(q) * -(do . o) / den)."""
-    Ri, Rj, RiT, RjT = _sel(D, DP, Q, b_k.dtype)
-    offs_q = tl.arange(0, Q)
     b_kf = b_k.to(tl.float32)
-    gd2 = _mm(b_v, _load_rows(hp, 0, offs_q, offs_v, mv, DV, True), TF32, FP32_IEEE)
-    dk = c2o * _fold(gd2, b_k, Ri, Rj, RiT, RjT, BN, DP, False, TF32, FP32_IEEE)
-    dk += c1 * _mm(b_v, _load_rows(hp, Q, offs_d, offs_v, mv, DV, True), TF32, FP32_IEEE)
+    dk = c1 * _mm(b_v, _load_rows(hp, Q, offs_d, offs_v, mv, DV, True), TF32, FP32_IEEE)
     dk += (2.0 * c2) * b_kf * _mm(b_v, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, True),
                                   TF32, FP32_IEEE)
+    dv = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)[None, :] \
+        + c1 * _mm(b_k, _load_rows(hp, Q, offs_d, offs_v, mv, DV, False), TF32, FP32_IEEE)
+    dv += c2 * _mm(b_kf * b_kf, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False),
+                   TF32, FP32_IEEE)
+    offs_p = tl.arange(0, KQ)
+    for p0 in tl.static_range(0, Q, KQ):
+        Ri, Rj, RiT, RjT = _sub_sel(p0, D, DP, KQ, b_k.dtype)
+        gd2 = _mm(b_v, _load_rows(hp, p0, offs_p, offs_v, mv, DV, True), TF32, FP32_IEEE)
+        dk += c2o * _fold(gd2, b_k, Ri, Rj, RiT, RjT, BN, DP, False, TF32, FP32_IEEE)
+        f2k = _feat(b_k, Ri, Rj, BN, KQ, False, TF32, FP32_IEEE)
+        dv += c2o * _mm(f2k, _load_rows(hp, p0, offs_p, offs_v, mv, DV, False), TF32,
+                        FP32_IEEE)
     if NORMALIZE:
         _zc, dz1, W2 = _z_parts(hp, offs_d, Q, DP, DV)
         dk += c1 * dz1[None, :] + c2 * _dot32(b_k, W2)
-    f2k = _feat(b_k, Ri, Rj, BN, Q, False, TF32, FP32_IEEE)
-    dv = tl.load(hp + (Q + 2 * DP) * DV + offs_v, mask=mv, other=0.0)[None, :] \
-        + c1 * _mm(b_k, _load_rows(hp, Q, offs_d, offs_v, mv, DV, False), TF32, FP32_IEEE)
-    dv += c2o * _mm(f2k, _load_rows(hp, 0, offs_q, offs_v, mv, DV, False), TF32, FP32_IEEE)
-    dv += c2 * _mm(b_kf * b_kf, _load_rows(hp, Q + DP, offs_d, offs_v, mv, DV, False),
-                   TF32, FP32_IEEE)
     return dk, dv
 
 
@@ -250,7 +252,7 @@ def _sums_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     md = offs_d < D
     mv = offs_v < DV
-    _Ri, _Rj, RiT, RjT = _sel(D, DP, Q, a.dtype.element_ty)
+    _Ri, _Rj, RiT, RjT = _sub_sel(0, D, DP, Q, a.dtype.element_ty)
     RiT = RiT.to(a.dtype.element_ty)
     RjT = RjT.to(a.dtype.element_ty)
     S2 = tl.zeros([Q, BV], dtype=tl.float32)
@@ -340,7 +342,7 @@ def _fwd_kernel(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr,
-    STATE: tl.constexpr, Q: tl.constexpr,
+    STATE: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr,
 ):
     """Grid (B*H, cdiv(T, BM), cdiv(Dv, BV)).  den fp32 [B, H, T] (eps included), written by
     Dv tile 0.  Query blocks run last-first (the last has the most keys to walk), so the
@@ -372,7 +374,7 @@ def _fwd_kernel(
     blk = (i_m * BM) // L
     if STATE:
         acc, l = _state_out(_block_ptr(hz, i_b * (H // G) + i_hk, blk, NB, Q, DP, DV), b_q,
-                            offs_d, offs_v, mv, c1, c2, D, DP, DV, Q, BM,
+                            offs_d, offs_v, mv, c1, c2, D, DP, DV, Q, KQ, BM,
                             NORMALIZE, FP32_IEEE)
     # key blocks wholly before this query block (and in its time block): no mask
     for n0 in range(blk * L, i_m * BM, BN):
@@ -475,7 +477,7 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
              hzb, i_bh, L, NB, c1, c2, c2o,
              BMK: tl.constexpr, BNK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
              DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
-             FP32_IEEE: tl.constexpr, STATE: tl.constexpr, Q: tl.constexpr):
+             FP32_IEEE: tl.constexpr, STATE: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr):
     """A dk/dv program: keys pid*BNK.. , walking the query blocks (BMK) from its own to the
     end of its time block (blocked form: the later blocks through the suffix state hzb)."""
     offs_n = pid * BNK + tl.arange(0, BNK)
@@ -489,7 +491,7 @@ def _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
     blk = (pid * BNK) // L
     if STATE:
         dk_st, b_dv = _state_dkdv(_block_ptr(hzb, i_bh, blk, NB, Q, DP, DV), b_k, b_v, offs_d,
-                                  offs_v, mv, c1, c2, c2o, D, DP, DV, Q, BNK, NORMALIZE,
+                                  offs_v, mv, c1, c2, c2o, D, DP, DV, Q, KQ, BNK, NORMALIZE,
                                   FP32_IEEE)
     else:
         dk_st = tl.zeros([BNK, DP], dtype=tl.float32)
@@ -519,7 +521,7 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
             hzf, n_kv, L, NB, c1, c2,
             BMQ: tl.constexpr, BNQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
             DP: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, LOWP: tl.constexpr,
-            FP32_IEEE: tl.constexpr, STATE: tl.constexpr, Q: tl.constexpr):
+            FP32_IEEE: tl.constexpr, STATE: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr):
     """A dq program: queries i_m*BMQ.., walking the key blocks (BNQ) from the start of its
     time block up to its own (blocked form: the earlier blocks through the prefix state hzf
     of k/v head row n_kv)."""
@@ -541,7 +543,7 @@ def _q_part(i_m, q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
     blk = (i_m * BMQ) // L
     if STATE:
         dq_st = _state_dq(_block_ptr(hzf, n_kv, blk, NB, Q, DP, DV), b_q, b_do, r, dl, offs_d,
-                          offs_v, mv, c1, c2, D, DP, DV, Q, BMQ, NORMALIZE, FP32_IEEE)
+                          offs_v, mv, c1, c2, D, DP, DV, Q, KQ, BMQ, NORMALIZE, FP32_IEEE)
     else:
         dq_st = tl.zeros([BMQ, DP], dtype=tl.float32)
     # key blocks wholly before this query block need no mask; then the diagonal one(s)
@@ -564,7 +566,7 @@ def _bwd_kernel(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     BMK: tl.constexpr, BNK: tl.constexpr, BMQ: tl.constexpr, BNQ: tl.constexpr,
     NORMALIZE: tl.constexpr, LOWP: tl.constexpr, FP32_IEEE: tl.constexpr,
-    STATE: tl.constexpr, Q: tl.constexpr,
+    STATE: tl.constexpr, Q: tl.constexpr, KQ: tl.constexpr,
 ):
     """Grid (B*H, cdiv(T, BNK) + cdiv(T, BMQ)).  The first cdiv(T, BNK) programs each own a
     block of BNK keys and walk the query blocks (BMK) after it for dk, dv; the others each
@@ -592,12 +594,12 @@ def _bwd_kernel(
         _kv_part(pid, q_base, k_base, v_base, o_base, do_base, den, dk, dv, row, T,
                  sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
                  hzb, i_bh, L, NB, c1, c2, c2o,
-                 BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE, STATE, Q)
+                 BMK, BNK, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE, STATE, Q, KQ)
     else:
         _q_part(tl.cdiv(T, BMQ) - 1 - (pid - n_kv), q_base, k_base, v_base, o_base, do_base, den, dq, row, T,
                 sqt, skt, svt, sot, sdt, inv, offs_d, offs_v, md, mv,
                 hzf, i_b * (H // G) + i_hk, L, NB, c1, c2,
-                BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE, STATE, Q)
+                BMQ, BNQ, D, DV, DP, BV, NORMALIZE, LOWP, FP32_IEEE, STATE, Q, KQ)
 
 
 #: size_key (see _size_key) is in the key: tiles tuned on a small problem (few programs)
@@ -623,6 +625,7 @@ def _dims(q, k, v):
 #: every tile).  ``tuning.override("taylor_blocked", L=...)`` fixes another for benchmarking.
 BLOCK_LEN = 32 if _INTERPRET else 512
 _NO_BLOCK = 1 << 30  # "L" of the plain parallel form: one block holds every T
+_KQ = 32  # slots per step of the state terms' walk over the Q pair slots
 
 
 def block_len() -> int:
@@ -712,7 +715,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, block=None):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         T, H, H // Hkv, eps, 1.0 / math.sqrt(d), _size_key(B, H, T), L, NB, c1, c2,
         D=d, DP=DP, DV=Dv, BV=BV, NORMALIZE=normalize, LOWP=lowp, FP32_IEEE=fp32_ieee,
-        STATE=state, Q=Q,
+        STATE=state, Q=Q, KQ=min(Q, _KQ),
     )
     return o, (den if normalize else None), None, None
 
@@ -749,7 +752,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, block=None):
         do.stride(0), do.stride(1), do.stride(2),
         T, H, G, 1.0 / math.sqrt(d), _size_key(B, H, T), L, NB, c1, c2, c2o,
         D=d, DP=DP, DV=Dv, BV=max(16, next_pow2(Dv)), NORMALIZE=normalize,
-        LOWP=lowp, FP32_IEEE=fp32_ieee, STATE=state, Q=Q,
+        LOWP=lowp, FP32_IEEE=fp32_ieee, STATE=state, Q=Q, KQ=min(Q, _KQ),
     )
     if G > 1:
         dk = dk.view(B, Hkv, G, T, d).sum(2).to(k.dtype)
