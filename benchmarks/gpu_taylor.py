@@ -13,8 +13,6 @@
     python benchmarks/gpu_taylor.py                 # everything
     python benchmarks/gpu_taylor.py --quick         # correctness only
     python benchmarks/gpu_taylor.py --sweep-bv      # also time the backward Dv tile 16/32/64
-    python benchmarks/gpu_taylor.py --blocked       # the blocked form: checks, then timing
-                                                    # per time block L beside the other forms
 """
 
 from __future__ import annotations
@@ -219,16 +217,16 @@ def run_checks(ids=None):
 # --------------------------------------------------------------------------- timing
 
 
-def time_ours(B, H, T, d, Dv, form="auto"):
+def time_ours(B, H, T, d, Dv):
     q, k, v = inputs(B, H, H, T, d, Dv, torch.bfloat16, grad=True)
     do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.bfloat16)
 
     def fwd():
         with torch.no_grad():
-            return TF.taylor_attention(q, k, v, normalize=True, eps=1e-6, form=form)
+            return TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)
 
     def fwdbwd():
-        o, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=1e-6, form=form)
+        o, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=1e-6)
         o.backward(do)
 
     fwdbwd()
@@ -277,92 +275,6 @@ def time_fla(B, H, T, d, Dv):
         return (bench(fwd), bench(fwdbwd, [q, k, v]), peak_mib(fwdbwd)), None
     except Exception as e:  # noqa: BLE001
         return None, f"fla failed: {type(e).__name__}: {str(e)[:200]}"
-
-
-#: cases of the blocked form (no state in or out), checked with time blocks of BLK_CHECK_L
-BLK_CHECKS = [
-    # B, H, Hkv, T, d, Dv, dtype, normalize, layout
-    (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, "bthd"),
-    (1, 4, 4, 4099, 16, 64, torch.bfloat16, True, "bhtd"),
-    (1, 2, 2, 16384, 16, 64, torch.bfloat16, True, "bthd"),
-    (1, 2, 2, 16384, 16, 64, torch.float16, True, "bhtd"),
-    (1, 2, 1, 2047, 16, 128, torch.bfloat16, False, "bhtd"),
-    (1, 2, 2, 300, 5, 40, torch.bfloat16, True, "bhtd"),
-    (1, 2, 2, 633, 16, 256, torch.bfloat16, True, "bhtd"),
-    (1, 2, 2, 1515, 16, 64, torch.float32, True, "bhtd"),
-    (1, 2, 1, 1000, 16, 64, torch.float16, False, "bthd"),
-    (1, 2, 2, 1, 16, 64, torch.bfloat16, True, "bhtd"),
-]
-BLK_CHECK_L = 256
-
-
-def blk_check_one(B, H, Hkv, T, d, Dv, dtype, normalize, layout):
-    """check_one for the blocked form (o, dq, dk, dv against float64)."""
-    from functools import partial
-
-    q, k, v = inputs(B, H, Hkv, T, d, Dv, dtype, layout, generator=T + d + 7)
-    got, want = kernel_vs_reference(partial(TF.taylor_attention, form="blocked"), q, k, v,
-                                    normalize=normalize, eps=1e-6, feature_map="taylor")
-    names = ("o", "dv") if T == 1 else ("o", "dq", "dk", "dv")
-    errs, failures = compare_runs(got, want, tolerance(dtype, "taylor"), names)
-    if T == 1:
-        failures += compare_runs(got, want, math.inf, ("dq", "dk"))[1]
-    return errs, failures
-
-
-def run_blk_checks(ids=None):
-    from featattn.kernels import tuning
-
-    print(f"\n## blocked form vs float64, L={BLK_CHECK_L} (rel. error; outputs NaN-poisoned)")
-    print("| shape | dtype | norm | layout | o | dq | dk | dv | ok |")
-    print("|---" * 9 + "|")
-    ok_all = True
-    for c in [BLK_CHECKS[i] for i in ids] if ids else BLK_CHECKS:
-        B, H, Hkv, T, d, Dv, dtype, normalize, layout = c
-        try:
-            with tuning.override("taylor_blocked", L=BLK_CHECK_L):
-                errs, failures = blk_check_one(*c)
-        except Exception as e:  # noqa: BLE001
-            errs, failures = {}, [f"ERROR {type(e).__name__}: {str(e)[:300]}"]
-        ok = not failures
-        ok_all &= ok
-        cols = " | ".join(f"{errs[n]:.1e}" if n in errs else "-" for n in ("o", "dq", "dk", "dv"))
-        print(f"| B{B} H{H}/{Hkv} T{T} d{d} Dv{Dv} | {str(dtype)[6:]} | {normalize} | {layout} | "
-              f"{cols} | {'OK' if ok else 'FAIL'} |", flush=True)
-        for why in failures:
-            print(f"|   {why} |", flush=True)
-    return ok_all
-
-
-def blocked_timing(Ts, Ls=(256, 512, 1024), B=8, H=16, d=16, Dv=64, with_fla=False):
-    """The blocked form per time block L beside the chunked and parallel forms and SDPA
-    (bf16 normalised, API calls, median ms, peak MiB of fwd+bwd)."""
-    from featattn.kernels import tuning
-
-    print(f"\n## blocked form, B={B} H={H} d={d} Dv={Dv} bf16 normalised (ms fwd / fwd+bwd [MiB])")
-    print("| T | form | fwd | fwd+bwd | MiB |")
-    print("|---|---|---|---|---|")
-
-    def row(T, name, r):
-        print(f"| {T} | {name} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.0f} |", flush=True)
-        torch.cuda.empty_cache()
-
-    for T in Ts:
-        for L in Ls:
-            if L < T:
-                with tuning.override("taylor_blocked", L=L):
-                    row(T, f"blocked L={L}", time_ours(B, H, T, d, Dv, form="blocked"))
-        if T <= 4096:
-            row(T, "parallel", time_ours(B, H, T, d, Dv, form="parallel"))
-        row(T, "chunked", time_ours(B, H, T, d, Dv, form="chunked"))
-        row(T, "SDPA (hd 64)", time_sdpa(B, H, T))
-        if with_fla:
-            r, err = time_fla(B, H, T, d, Dv)
-            if r is None:
-                print(err)
-            else:
-                row(T, "fla fused_chunk_based", r)
-
 
 
 def kernel_resources():
@@ -601,12 +513,8 @@ def main():
     ap.add_argument("--overhead-detail", action="store_true",
                     help="where the host time of one call goes (threads, cProfile), then exit")
     ap.add_argument("--overhead", action="store_true", help="host cost per call, then exit")
-    ap.add_argument("--blocked", action="store_true",
-                    help="blocked-form checks, then its timing per --L beside the other forms")
-    ap.add_argument("--L", type=int, nargs="*", default=[256, 512, 1024],
-                    help="time blocks of --blocked")
     ap.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384])
-    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS (BLK_CHECKS with --blocked), in the order given")
+    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices into CHECKS")
     args = ap.parse_args()
     import triton
 
@@ -615,12 +523,6 @@ def main():
         ok = True if args.no_checks else run_par_checks()
         crossover()
         print("\nPARALLEL CORRECTNESS:", "skipped" if args.no_checks else ("ALL OK" if ok else "FAILURES"))
-        return 0 if ok else 1
-    if args.blocked:
-        ok = True if args.no_checks else run_blk_checks(args.checks)
-        if not args.quick:
-            blocked_timing(args.T, tuple(args.L), with_fla=args.fla)
-        print("\nBLOCKED CORRECTNESS:", "skipped" if args.no_checks else ("ALL OK" if ok else "FAILURES"))
         return 0 if ok else 1
     if args.par_sweep:
         par_sweep()

@@ -279,17 +279,11 @@ def _slots(D: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr, FOLD3: tl.constex
         pj = offs_q % DP
         valid = (pi < D) & (pj < D)
     else:
-        pi, pj, valid = pair_slots(offs_q, D)
+        pi = offs_q % D
+        r = offs_q // D + 1
+        pj = (pi + r) % D
+        valid = (offs_q < D * (D // 2)) & ((2 * r != D) | (pi < D // 2))
     return pi, pj, valid, 1 + D + pi * D + pj, 1 + D + pj * D + pi
-
-
-@triton.jit
-def pair_slots(p, D: tl.constexpr):
-    """(i, j, valid) of the symmetric form's slots p (any vector of slot indices; see _slots)."""
-    pi = p % D
-    r = p // D + 1
-    valid = (p < D * (D // 2)) & ((2 * r != D) | (pi < D // 2))
-    return pi, (pi + r) % D, valid
 
 
 @triton.jit
@@ -872,14 +866,13 @@ def taylor_attention(q, k, v, *, normalize: bool, eps: float,
         form = "chunked"
     if form == "auto":
         form = "parallel" if _par.use_parallel(q.shape[2], stateful) else "chunked"
-    if form not in ("parallel", "blocked", "chunked"):
-        raise ValueError(f"form must be 'auto', 'parallel', 'blocked' or 'chunked', got {form!r}")
-    if form in ("parallel", "blocked"):
+    if form not in ("parallel", "chunked"):
+        raise ValueError(f"form must be 'auto', 'parallel' or 'chunked', got {form!r}")
+    if form == "parallel":
         if stateful:
-            raise ValueError(f"the Taylor {form} form keeps no state: pass no initial state "
+            raise ValueError("the Taylor parallel form keeps no state: pass no initial state "
                              "and return_state=False, or use form='chunked'")
-        op = _par.parallel_op if form == "parallel" else _par.blocked_op
-        o, _den, _, _ = op(q, k, v, None, None, bool(normalize), float(eps), False)
+        o, _den, _, _ = _par.parallel_op(q, k, v, None, None, bool(normalize), float(eps), False)
         return o, None, None
     if initial_kv is not None:
         initial_kv = initial_kv.float().contiguous()

@@ -23,7 +23,6 @@ __all__ = ["KNOBS", "override", "forced"]
 KNOBS = {
     "taylor_fwd": ("BT", "BV", "num_warps", "num_stages", "maxnreg"),
     "taylor_bwd": ("BT", "BV", "num_warps", "num_stages", "maxnreg"),
-    "taylor_blocked": ("L",),  # the time block of the blocked parallel form (taylor_parallel)
 }
 
 _FORCED: dict = {}

@@ -289,56 +289,6 @@ def test_parallel_form_rejects_state():
         TP._forward(q, k, v, True, EPS, torch.zeros(1, 1, 21, 16), None, False)
 
 
-# --------------------------------------------------------------------------- the blocked form
-# Stateless long calls: the parallel kernels walk only their time block of L tokens and
-# scanned per-block Taylor states bring in the earlier (forward, dq) and later (dk, dv) blocks.
-from featattn.kernels import tuning  # noqa: E402
-
-# (B, H, Hkv, T, d, Dv, dtype, normalize, layout, L)
-BLK_CASES = [
-    (1, 2, 1, 100, 16, 24, torch.float32, True, "bthd", 32),   # grouped, strided, 4 blocks
-    (1, 1, 1, 64, 16, 40, torch.float32, False, "bhtd", 32),   # T a multiple of L, plain
-    (2, 2, 2, 33, 5, 20, torch.float32, True, "bhtd", 32),     # one token into block 2
-    (1, 2, 2, 97, 16, 200, torch.float32, True, "bhtd", 64),   # Dv 200: many value tiles
-    (1, 4, 2, 70, 7, 16, torch.float16, True, "bthd", 32),     # fp16, odd d
-    (1, 1, 1, 50, 1, 16, torch.float32, True, "bhtd", 32),     # d = 1: no pair slots
-]
-
-
-def _blk_id(c):
-    return _par_id(c[:9]) + f"-L{c[9]}"
-
-
-@pytest.mark.parametrize("case", BLK_CASES, ids=[_blk_id(c) for c in BLK_CASES])
-def test_blocked_form_matches_float64(case):
-    B, H, Hkv, T, d, Dv, dtype, normalize, layout, L = case
-    q, k, v = make_inputs(B, H, Hkv, T, d, Dv, dtype, layout, seed=T + 3 * d + Dv)
-    tol = tolerance(dtype, "small")
-    with tuning.override("taylor_blocked", L=L):
-        got, want = kernel_vs_reference(
-            lambda *a, **kw: TF.taylor_attention(*a, form="blocked", **kw), q, k, v,
-            normalize=normalize, eps=EPS, feature_map="taylor")
-    check_run(got, want, tol)
-
-
-def test_blocked_form_is_the_parallel_form_within_one_block():
-    """T <= L: no block boundary, the plain parallel kernels (bit for bit)."""
-    q, k, v = make_inputs(1, 2, 2, 40, 16, 24, torch.float32, seed=9)
-    with tuning.override("taylor_blocked", L=64):
-        ob, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="blocked")
-    op, _, _ = TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="parallel")
-    assert torch.equal(ob, op)
-
-
-def test_blocked_form_rejects_state_and_large_d():
-    q, k, v = make_inputs(1, 1, 1, 80, 20, 16, torch.float32)
-    with tuning.override("taylor_blocked", L=32), pytest.raises(ValueError, match="d <= 16"):
-        TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="blocked")
-    q, k, v = make_inputs(1, 1, 1, 80, 16, 16, torch.float32)
-    with pytest.raises(ValueError, match="keeps no state"):
-        TF.taylor_attention(q, k, v, normalize=True, eps=EPS, form="blocked", return_state=True)
-
-
 GPU_PAR_CASES = [
     (2, 4, 2, 1000, 16, 64, torch.bfloat16, True, "bthd"),
     (1, 4, 4, 2048, 16, 64, torch.bfloat16, True, "bhtd"),
