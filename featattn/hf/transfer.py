@@ -144,21 +144,30 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     Materialises ``[B, H, T, T]`` weights: meant for the short sequences of transfer."""
     dt = _acc_dtype(q)
     B, H, T, _ = q.shape
-    g = attn.heads // attn.kv_heads
+    Hkv = attn.kv_heads
+    g = H // Hkv
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
     if key_mask is not None:
         km = key_mask.to(device=q.device, dtype=torch.bool)
         eye = torch.eye(T, dtype=torch.bool, device=q.device)[None, None]
         # a padded query row keeps its diagonal so that every row is finite (it is not counted)
         allowed = (allowed & km[:, None, None, :]) | (eye & ~km[:, None, :, None])
+
+    def scores(x, y):
+        """[B, H, T, T] products of x [B, H, T, .] with y [B, Hkv, T, .] (each q head against
+        its k/v group's head, no repeated copy of y)."""
+        x = x.reshape(B, Hkv, g * T, x.shape[-1])
+        return (x @ y.transpose(-1, -2)).view(B, H, T, T)
+
     with torch.no_grad():
-        logits = (q.to(dt) @ k.to(dt).repeat_interleave(g, dim=1).transpose(-1, -2)) * attn.scaling
+        logits = scores(q.to(dt), k.to(dt)) * attn.scaling
         log_a = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         a = log_a.exp()
+        # sum_s a log a (0 where a = 0): the KL's constant part, kept so the loss reads 0 at a fit
+        negent = torch.special.xlogy(a, a).sum(-1)
     fm = attn.feature_map
     fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
-    fk = fm.forward_key(k).to(dt).repeat_interleave(g, dim=1)
-    s = (fq @ fk.transpose(-1, -2)).masked_fill(~allowed, 0.0)
+    s = scores(fq, fm.forward_key(k).to(dt)).masked_fill(~allowed, 0.0)
     if attn.window:  # the hybrid's weights: f exp(a - m) in the window, (1 - f) phi.phi before
         t = torch.arange(T, device=q.device)
         in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - attn.window)
@@ -167,8 +176,10 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
         s = f * e + (1 - f) * s.masked_fill(in_window, 0.0)
     tiny = torch.finfo(dt).tiny
-    log_lin = s.clamp_min(tiny).log() - s.sum(-1, keepdim=True).clamp_min(tiny).log()
-    kl = (a * (log_a - log_lin)).masked_fill(~allowed, 0.0).sum(-1)  # [B, H, T]
+    # KL_t = sum_s a log a - sum_s a log s + log sum_s s  (sum_s a = 1; a = 0 off `allowed`,
+    # where xlogy gives 0 and no gradient)
+    kl = negent - torch.special.xlogy(a, s.clamp_min(tiny)).sum(-1) \
+        + s.sum(-1).clamp_min(tiny).log()  # [B, H, T]
     return _masked_mean(kl, key_mask)
 
 
