@@ -163,8 +163,9 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         logits = scores(q.to(dt), k.to(dt)) * attn.scaling
         log_a = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         a = log_a.exp()
-        # sum_s a log a (0 where a = 0): the KL's constant part, kept so the loss reads 0 at a fit
-        negent = torch.special.xlogy(a, a).sum(-1)
+        # sum_s a log a over the allowed keys: the KL's constant part, kept so the loss reads 0
+        # at a fit (torch.special.xlogy, which would skip a = 0 itself, is 4x slower on CPU)
+        negent = torch.where(allowed, a * log_a, 0.0).sum(-1)
     fm = attn.feature_map
     fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
     s = scores(fq, fm.forward_key(k).to(dt)).masked_fill(~allowed, 0.0)
@@ -174,12 +175,11 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         win = logits.masked_fill(~(allowed & in_window), float("-inf"))
         e = torch.exp(win - win.amax(-1, keepdim=True))
         f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
-        s = f * e + (1 - f) * s.masked_fill(in_window, 0.0)
+        s = torch.lerp(s.masked_fill(in_window, 0.0), e, f)  # (1 - f) phi.phi + f e
     tiny = torch.finfo(dt).tiny
     # KL_t = sum_s a log a - sum_s a log s + log sum_s s  (sum_s a = 1; a = 0 off `allowed`,
-    # where xlogy gives 0 and no gradient)
-    kl = negent - torch.special.xlogy(a, s.clamp_min(tiny)).sum(-1) \
-        + s.sum(-1).clamp_min(tiny).log()  # [B, H, T]
+    # where the clamped log is finite: those terms are 0, with no gradient)
+    kl = negent - (a * s.clamp_min(tiny).log()).sum(-1) + s.sum(-1).clamp_min(tiny).log()  # [B, H, T]
     return _masked_mean(kl, key_mask)
 
 
