@@ -3,6 +3,7 @@ the GPU work, which is all that counts at small shapes.
 
     python benchmarks/gpu_host.py                    # B=4 H=16 T=1024 D=64, bf16
     python benchmarks/gpu_host.py --B 1 --H 1 --T 64
+    python benchmarks/gpu_host.py --profile          # also where the layer's host time goes
 
 Each row: microseconds of host time per call (the wall time of back-to-back calls without a
 synchronisation, divided by their number; the launch queue never fills at these sizes) for
@@ -57,12 +58,33 @@ def launch_rows():
     ]
 
 
+def profile_calls(fn, n=50, rows=30):
+    """torch.profiler table of ``n`` calls of ``fn`` (after 10 warm-up calls), sorted by self
+    CPU time: which aten ops, autograd nodes and CUDA runtime/driver calls (kernel launches
+    among them) the host time of a call goes to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(10):
+        fn()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        sync()
+    print(f"\nprofile of {n} calls (self CPU time; divide by {n} for one call)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the layer's forward+backward (torch.profiler)")
     a = ap.parse_args()
     dt = torch.bfloat16
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -95,6 +117,9 @@ def main():
     print("| call | host us |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
+    if a.profile:
+        with torch.enable_grad():
+            profile_calls(lambda: layer(x).backward(dy))
 
 
 if __name__ == "__main__":
