@@ -4,6 +4,7 @@ the GPU work, which is all that counts at small shapes.
     python benchmarks/gpu_host.py                    # B=4 H=16 T=1024 D=64, bf16
     python benchmarks/gpu_host.py --B 1 --H 1 --T 64
     python benchmarks/gpu_host.py --profile          # also where the layer's host time goes
+    python benchmarks/gpu_host.py --cprofile         # and which Python functions it is
 
 Each row: microseconds of host time per call (the wall time of back-to-back calls without a
 synchronisation, divided by their number; the launch queue never fills at these sizes) for
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton.language as tl  # the jit functions' annotations are resolved from the globals
 
 import featattn
 
@@ -35,7 +37,6 @@ def host_us(fn, n=200, grad=False) -> float:
 
 def launch_rows():
     import triton
-    import triton.language as tl
 
     @triton.jit
     def one(x):
@@ -77,6 +78,23 @@ def profile_calls(fn, n=50, rows=30):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def cprofile_calls(fn, n=200, rows=40):
+    """cProfile of ``n`` calls of ``fn`` (after 10 warm-up calls), sorted by own time: which
+    Python functions (featattn's, Triton's launcher, autograd's) the host time goes to."""
+    import cProfile
+    import pstats
+
+    for _ in range(10):
+        fn()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    print(f"\ncProfile of {n} calls (tottime: own time; divide by {n} for one call)")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=4)
@@ -85,6 +103,8 @@ def main():
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--profile", action="store_true",
                     help="also profile the layer's forward+backward (torch.profiler)")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also profile the Python of the op's and the layer's forward+backward")
     a = ap.parse_args()
     dt = torch.bfloat16
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -119,7 +139,16 @@ def main():
         print(f"| {name} | {us:.1f} |")
     if a.profile:
         with torch.enable_grad():
+            print("\n## the op on features, forward+backward")
+            profile_calls(lambda: featattn.linear_attention(qg, kg, vg).backward(v))
+            print("\n## FeatureAttention elu, forward+backward")
             profile_calls(lambda: layer(x).backward(dy))
+    if a.cprofile:
+        with torch.enable_grad():
+            print("\n## the op on features, forward+backward")
+            cprofile_calls(lambda: featattn.linear_attention(qg, kg, vg).backward(v))
+            print("\n## FeatureAttention elu, forward+backward")
+            cprofile_calls(lambda: layer(x).backward(dy))
 
 
 if __name__ == "__main__":

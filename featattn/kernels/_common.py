@@ -381,6 +381,12 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         return (o, den if den is not None else e, kvT if kvT is not None else e.clone(),
                 zT if zT is not None else e.clone())
 
+    def run_forward_eager(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0,
+                          cu=None):
+        # an autograd.Function may return None for the unused outputs (a custom op may not):
+        # three fewer allocations a call, ~15 us each of host time on the H200 machine
+        return forward(q, k, v, normalize, eps, kv0, z0, store_final, **map_kw(fmap, scale, cu))
+
     def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
                      cu=None):
         if do is None:  # only the returned state is used
@@ -390,6 +396,14 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
                                          normalize, **map_kw(fmap, scale, cu))
         e = q.new_empty(0, dtype=torch.float32)
         return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
+
+    def run_backward_eager(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="",
+                           scale=1.0, cu=None):
+        if do is None:
+            return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap,
+                                scale, cu)
+        return backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT, normalize,
+                        **map_kw(fmap, scale, cu))
 
     @torch.library.custom_op(f"featattn::{name}_fwd", mutates_args=())
     def fwd_op(
@@ -497,13 +511,13 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
 
         @staticmethod
         def forward(ctx, *inputs):
-            output = run_forward(*inputs)
+            output = run_forward_eager(*inputs)
             setup_context(ctx, inputs, output)
             return output
 
         @staticmethod
         def backward(ctx, do, _dden, dkvT, dzT):
-            return grads(ctx, do, dkvT, dzT, run_backward)
+            return grads(ctx, do, dkvT, dzT, run_backward_eager)
 
     def op(q, k, v, kv0, z0, normalize, eps, store_final, fmap="", scale=1.0, cu_seqlens=None):
         if EAGER_CUSTOM_OP or torch.compiler.is_compiling():

@@ -344,15 +344,17 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["T", "SEG", "NS", "KS"])
 def _bwd_kernel(
-    q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
+    q, k, v, do, o, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sob, soh, sot,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
     T, NB, H, G, DK, DV, SEG, NS, KS, scale,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
+    DELTA_O: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -361,8 +363,11 @@ def _bwd_kernel(
     [B*H, NS, Dk, Dv], segdz [B*H, NS, Dk], _seg_kernel with BWD).
 
     q/k/v as in the forward; do: [B,H,T,Dv] strided; den, delta: fp32 [B,H,T].
-    Outputs (contiguous, written per q head): dq [NV,B,H,T,Dk], dk [NV,B,H,T,Dk],
-    dv [NK,B,H,T,Dv] (partials, summed by the wrapper when NV/NK/G > 1);
+    DELTA_O (NV == 1 only): delta is not read; each program computes delta_t = do_t . o_t
+    from the forward output o ([B,H,T,Dv] strided), which saves the delta kernel's launch.
+    Outputs (written per q head): dq [NV,B,H,T,Dk], dk [NV,B,H,T,Dk], dv [NK,B,H,T,Dv]
+    with the (batch, head, token) strides sgq*, sgk*, sgv* (partials, contiguous and
+    summed by the wrapper when NV/NK/G > 1; partial i lies i * NB * sg*b further on);
     dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (written when HAS_INIT).
     FUSED: q, k are raw; the features are recomputed as in the forward, and dq, dk are
     the raw inputs' gradients (the feature gradients times scale * PHI', DPHI').
@@ -375,13 +380,13 @@ def _bwd_kernel(
     i_s = tl.program_id(2) % NS
     i_k = i_kv // NV
     i_v = i_kv % NV
-    n_rows = NB * H
     i_b, i_h, i_hk, bos, TS, row = sequence_heads(i_bh, H, G, T, cu, VARLEN)
 
     q_base = head_base(q, i_b, i_h, bos, sqb, sqh, sqt)
     k_base = head_base(k, i_b, i_hk, bos, skb, skh, skt)
     v_base = head_base(v, i_b, i_hk, bos, svb, svh, svt)
     do_base = head_base(do, i_b, i_h, bos, sdb, sdh, sdt)
+    o_base = head_base(o, i_b, i_h, bos, sob, soh, sot)
     row_base = row * T + bos  # den / delta rows
 
     offs_t = tl.arange(0, BT)
@@ -414,7 +419,7 @@ def _bwd_kernel(
                           mask=mk[None, :] & mv[:, None], other=0.0)
             if NORMALIZE:
                 z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
-        dq_base = dq + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * DK
+        dq_base = head_base(dq, i_b, i_h, bos, sgqb, sgqh, sgqt) + i_v.to(tl.int64) * NB * sgqb
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
             mt = (i * BT + offs_t) < TS
@@ -429,7 +434,12 @@ def _bwd_kernel(
                 b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             dA = _dot_in(b_do, tl.trans(b_v), TF32X3)  # [BT, BT]
             if NORMALIZE:
-                b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
+                if DELTA_O:
+                    b_o = tl.load(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
+                                  mask=mt[:, None] & mv[None, :], other=0.0)
+                    b_dl = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+                else:
+                    b_dl = tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0)
                 dA = dA - b_dl[:, None]
             dA = tl.where(causal, dA, 0.0)
             b_dq = _mm(dA, b_k, LOWP, TF32X3) + _mm(b_do, ST, LOWP, TF32X3)  # [BT, BK]
@@ -443,7 +453,7 @@ def _bwd_kernel(
                 b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32) * scale
                 b_dq = b_dq * (DPHI(b_xq, PHI(b_xq)) * scale)
-            tl.store(dq_base + t0 * DK + offs_t[:, None] * DK + offs_k[None, :],
+            tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_k[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
     else:
         # ---- reverse sweep, with dn_t = r_t do_t, dd_t = -r_t delta_t:
@@ -464,8 +474,8 @@ def _bwd_kernel(
                           mask=mk[:, None] & mv[None, :], other=0.0)
             if NORMALIZE:
                 dz += tl.load(segdz + sd * DK + offs_k, mask=mk & own_k, other=0.0)
-        dk_base = dk + ((i_v.to(tl.int64) * n_rows + row) * T + bos) * DK
-        dv_base = dv + ((i_k.to(tl.int64) * n_rows + row) * T + bos) * DV
+        dk_base = head_base(dk, i_b, i_h, bos, sgkb, sgkh, sgkt) + i_v.to(tl.int64) * NB * sgkb
+        dv_base = head_base(dv, i_b, i_h, bos, sgvb, sgvh, sgvt) + i_k.to(tl.int64) * NB * sgvb
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
@@ -488,7 +498,13 @@ def _bwd_kernel(
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dn = b_do.to(tl.float32) * b_r[:, None]
-                b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t, other=0.0) * b_r
+                if DELTA_O:
+                    b_o = tl.load(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
+                                  mask=mt[:, None] & mv[None, :], other=0.0)
+                    b_dd = -tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1) * b_r
+                else:
+                    b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t,
+                                    other=0.0) * b_r
                 dAT = dAT * b_r[None, :] + b_dd[None, :]
             else:
                 b_dn = b_do
@@ -501,9 +517,9 @@ def _bwd_kernel(
             dS += _mm(tl.trans(b_q), b_dn, LOWP, TF32X3)
             if FUSED:
                 b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
-            tl.store(dk_base + (t0 - KS) * DK + offs_t[:, None] * DK + offs_k[None, :],
+            tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_k[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
-            tl.store(dv_base + (t0 - KS) * DV + offs_t[:, None] * DV + offs_v[None, :],
+            tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
         if HAS_INIT:
             first = (offs_k * 0 + i_s) == 0  # segment 0's program ends with d(initial state)
@@ -522,6 +538,9 @@ _FWD, _BWD, _SEG = TunedLaunch(_fwd), TunedLaunch(_bwd), TunedLaunch(_seg)
 # --------------------------------------------------------------------------- wrappers
 #: Segments are whole multiples of this many tokens (every autotuned chunk length divides it).
 SEG_ALIGN = 64
+#: Largest B * H * T whose normalised backward computes delta = do . o inside the kernel
+#: (see _backward); larger calls keep the separate delta kernel.
+DELTA_IN_KERNEL_MAX_ROWS = 1 << 62
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -664,7 +683,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
 
 
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
-              cu_seqlens=None, kshift=0, delta=None):
+              cu_seqlens=None, kshift=0, delta=None, like_inputs=True):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
@@ -673,6 +692,10 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     ``den`` it sets d num_t = do_t / den_t and d den_t = -delta_t / den_t, which is how the
     hybrid layer backpropagates through its shared denominator.  ``kshift`` as in
     :func:`_forward`: dk, dv are [B, Hkv, T, .] with rows >= T - kshift undefined.
+    ``like_inputs``: where one program writes each gradient element (a single Dk and Dv
+    tile, no grouped heads), dq, dk, dv are laid out as q, k, v are (``[B, T, H, D]``
+    transposed when the inputs are such views: a layer's transposes back are then free);
+    otherwise, and with False, they are contiguous ``[B, H, T, D]``.
     """
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
@@ -692,40 +715,61 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         if normalize:
             dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
                 else dzT.float().contiguous()
-    if normalize:
-        delta = row_dot(o, do) if delta is None else delta
-    else:
+    ns, seg = segments(2 * B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
+    # delta = do . o inside the kernel (no delta launch) where one Dv tile holds a whole
+    # row and no segment sums need delta beforehand
+    delta_o = (normalize and delta is None and NV == 1 and ns == 1
+               and NB * H * T <= DELTA_IN_KERNEL_MAX_ROWS)
+    if not normalize:
         delta = den = do  # unused placeholders
+    elif delta_o:
+        delta = den  # unused placeholder
+    elif delta is None:
+        delta = row_dot(o, do)
     # Buffers reduced across programs are fp32; a buffer with a single writer per
     # element is written in the input dtype directly.
     reduce_dk = NV > 1 or G > 1
     reduce_dv = NK > 1 or G > 1
-    dq = _alloc((NV, NB, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
-    dk = _alloc((NV, NB, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
-    dv = _alloc((NK, NB, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
+    if like_inputs and not (NV > 1 or reduce_dk or reduce_dv):
+        dq = _empty_like_layout(q, NB, H, T, Dk, q.dtype)
+        dk = _empty_like_layout(k, NB, H, T, Dk, q.dtype)
+        dv = _empty_like_layout(v, NB, H, T, Dv, q.dtype)
+        single = True
+    else:
+        dq = _alloc((NV, NB, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
+        dk = _alloc((NV, NB, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
+        dv = _alloc((NK, NB, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
+        single = False
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
     dz0 = _alloc((B, H, Dk), torch.float32, dev) if (has_init and normalize) else dq
     lowp, tf32x3 = _flags(q.dtype)
     fused, phi, dphi = _map_form(fmap)
-    ns, seg = segments(2 * B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = segdS = segdz = dq
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
                                    has_z=normalize, kshift=kshift)
         segdS, segdz = _segment_sums(q, do, ns, seg, fused=fused, phi=phi, scale=scale,
                                      has_z=normalize, den=den, delta=delta, j0=1)
+    ob = o if delta_o else do
+    gq, gk, gv = (g if single else g[0] for g in (dq, dk, dv))  # [B, H, T, D] strides
     _BWD[(B * H, NK * NV, 2 * ns)](
-        q, k, v, do, den, delta,
+        q, k, v, do, ob, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
         dkvT if has_dfinal else dq, dzT if (has_dfinal and normalize) else dq,
         dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu_seqlens if varlen else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        ob.stride(0), ob.stride(1), ob.stride(2),
+        gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
+        gv.stride(0), gv.stride(1), gv.stride(2),
         T, NB, H, G, Dk, Dv, seg, ns, kshift, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
-        VARLEN=varlen,
+        VARLEN=varlen, DELTA_O=delta_o,
     )
+    if single:
+        return dq, dk, dv, (dkv0 if has_init else None), \
+            (dz0 if (has_init and normalize) else None)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dk = dk.view(NV, NB, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
     dv = dv.view(NK, NB, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]

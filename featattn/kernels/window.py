@@ -430,7 +430,7 @@ class _Hybrid(torch.autograd.Function):
         dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
             lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
             fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
-            delta=u)
+            delta=u, like_inputs=False)
         lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
         form = _maps.lookup(fmap)[1] if mode == "pass" else None
         BD, BV = _dims(D, DV, q.dtype)

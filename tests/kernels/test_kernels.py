@@ -146,6 +146,44 @@ def test_output_layout_follows_input_and_no_copy_of_strided_inputs():
     check_close("o", o, ro, 1e-5)
 
 
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_gradients_follow_input_layout(layout):
+    """With one writer per gradient element (single Dk / Dv tiles, no grouped heads) dq, dk,
+    dv come back laid out as q, k, v: a [B,T,H,D] caller's transposes back are free (a
+    layer's backward then copies none of them)."""
+    q, k, v = make_inputs(2, 2, 2, 37, 16, 24, torch.float32, True, layout=layout, seed=11)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, _, _ = K.chunked_attention(*leaves, normalize=True, eps=EPS)
+    do = torch.randn_like(o)
+    o.backward(do)
+    rl = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, _, _ = reference(*rl, normalize=True, eps=EPS)
+    ro.backward(do.double())
+    for name, x, r in zip(("dq", "dk", "dv"), leaves, rl):
+        assert x.grad.stride() == x.stride(), (name, x.grad.stride(), x.stride())
+        check_close(name, x.grad, r.grad, 1e-4)
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["delta-in-kernel", "delta-kernel"])
+@pytest.mark.parametrize("case", [
+    (1, 2, 2, 63, 24, 40, torch.float32, True, True, True, "bthd"),
+    (2, 2, 2, 100, 16, 16, torch.float16, True, False, False, "bhtd"),
+    (1, 4, 2, 70, 20, 24, torch.float32, True, True, True, "bhtd"),    # grouped: fp32 partials
+], ids=_case_id)
+def test_delta_in_kernel_or_not_match_float64(case, in_kernel, monkeypatch):
+    """The normalised backward's delta = do . o, computed inside the backward kernel (small
+    calls, one Dv tile) or by the delta kernel beforehand: both as the float64 reference."""
+    monkeypatch.setattr(C, "DELTA_IN_KERNEL_MAX_ROWS", 1 << 62 if in_kernel else 0)
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    calls = []
+    real = _common.row_dot
+    monkeypatch.setattr(C, "row_dot", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=5, device=DEV) if init else (None, None)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    assert bool(calls) != in_kernel
+
+
 def test_input_errors_are_explained():
     q, k, v = make_inputs(1, 4, 4, 8, 16, 16, torch.float32, True)
     with pytest.raises(ValueError, match="divide"):
