@@ -5,6 +5,7 @@ the GPU work, which is all that counts at small shapes.
     python benchmarks/gpu_host.py --B 1 --H 1 --T 64
     python benchmarks/gpu_host.py --profile          # also where the layer's host time goes
     python benchmarks/gpu_host.py --cprofile         # and which Python functions it is
+    python benchmarks/gpu_host.py --repeat 5         # each row the least of 5 measurements
 
 Each row: microseconds of host time per call (the wall time of back-to-back calls without a
 synchronisation, divided by their number; the launch queue never fills at these sizes) for
@@ -29,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
 
+REPEAT = 1  # --repeat
+
+
 def host_us(fn, n=200, grad=False) -> float:
-    """:func:`_timing.host_us` under no_grad (forward rows) or enable_grad (fwd+bwd rows)."""
+    """:func:`_timing.host_us` under no_grad (forward rows) or enable_grad (fwd+bwd rows);
+    the least of ``--repeat`` measurements (the host's own noise only ever adds time)."""
     with torch.enable_grad() if grad else torch.no_grad():
-        return _timing.host_us(fn, n)
+        return min(_timing.host_us(fn, n) for _ in range(REPEAT))
 
 
 def launch_rows():
@@ -105,9 +110,14 @@ def main():
                     help="also profile the layer's forward+backward (torch.profiler)")
     ap.add_argument("--cprofile", action="store_true",
                     help="also profile the Python of the op's and the layer's forward+backward")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each row this many times and print the least")
     a = ap.parse_args()
+    global REPEAT
+    REPEAT = a.repeat
     dt = torch.bfloat16
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "featattn from",
+          Path(featattn.__file__).parent, flush=True)
     rows = launch_rows()
     q, k, v = (torch.randn(a.B, a.H, a.T, a.D, device="cuda", dtype=dt) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
