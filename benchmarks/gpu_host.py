@@ -147,19 +147,13 @@ def main():
     print("| call | host us |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
-    if a.profile:
+    profilers = [f for f, on in ((profile_calls, a.profile), (cprofile_calls, a.cprofile)) if on]
+    for prof in profilers:
         with torch.enable_grad():
             print("\n## the op on features, forward+backward")
-            profile_calls(lambda: featattn.linear_attention(qg, kg, vg).backward(v))
+            prof(lambda: featattn.linear_attention(qg, kg, vg).backward(v))
             print("\n## FeatureAttention elu, forward+backward")
-            profile_calls(lambda: layer(x).backward(dy))
-    if a.cprofile:
-        with torch.enable_grad():
-            print("\n## the op on features, forward+backward")
-            cprofile_calls(lambda: featattn.linear_attention(qg, kg, vg).backward(v))
-            print("\n## FeatureAttention elu, forward+backward")
-            cprofile_calls(lambda: layer(x).backward(dy))
-
+            prof(lambda: layer(x).backward(dy))
 
 if __name__ == "__main__":
     main()
