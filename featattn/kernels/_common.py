@@ -387,23 +387,20 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
         # three fewer allocations a call, ~15 us each of host time on the H200 machine
         return forward(q, k, v, normalize, eps, kv0, z0, store_final, **map_kw(fmap, scale, cu))
 
-    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
-                     cu=None):
+    def run_backward_eager(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="",
+                           scale=1.0, cu=None):
         if do is None:  # only the returned state is used
             B, H, T, _ = q.shape
             do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dkv0, dz0 = backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT,
-                                         normalize, **map_kw(fmap, scale, cu))
-        e = q.new_empty(0, dtype=torch.float32)
-        return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
-
-    def run_backward_eager(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="",
-                           scale=1.0, cu=None):
-        if do is None:
-            return run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap,
-                                scale, cu)
         return backward(q, k, v, o, den, kv0, z0, unit_last(do), dkvT, dzT, normalize,
                         **map_kw(fmap, scale, cu))
+
+    def run_backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
+                     cu=None):
+        dq, dk, dv, dkv0, dz0 = run_backward_eager(q, k, v, o, den, kv0, z0, do, dkvT, dzT,
+                                                   normalize, fmap, scale, cu)
+        e = q.new_empty(0, dtype=torch.float32)
+        return dq, dk, dv, dkv0 if dkv0 is not None else e, dz0 if dz0 is not None else e.clone()
 
     @torch.library.custom_op(f"featattn::{name}_fwd", mutates_args=())
     def fwd_op(

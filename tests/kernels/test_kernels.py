@@ -171,9 +171,9 @@ def test_gradients_follow_input_layout(layout):
     (1, 4, 2, 70, 20, 24, torch.float32, True, True, True, "bhtd"),    # grouped: fp32 partials
 ], ids=_case_id)
 def test_delta_in_kernel_or_not_match_float64(case, in_kernel, monkeypatch):
-    """The normalised backward's delta = do . o, computed inside the backward kernel (small
-    calls, one Dv tile) or by the delta kernel beforehand: both as the float64 reference."""
-    monkeypatch.setattr(C, "DELTA_IN_KERNEL_MAX_ROWS", 1 << 62 if in_kernel else 0)
+    """The normalised backward's delta = do . o, computed inside the backward kernel (one Dv
+    tile, no segments) or by the delta kernel beforehand: both as the float64 reference."""
+    monkeypatch.setattr(C, "DELTA_IN_KERNEL", in_kernel)
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
     calls = []
     real = _common.row_dot
