@@ -298,6 +298,17 @@ def _fwd_kernel(
                      mask=mk[:, None] & mv[None, :], other=0.0)
         if NORMALIZE:
             z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
+    KSUM_DOT: tl.constexpr = NORMALIZE and not TF32X3 and not FUSED
+    if KSUM_DOT:
+        # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
+        # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
+        # instead of a reduction of k's rows across warps in every chunk (through shared
+        # memory, with a barrier, on the chunk loop's critical path).  H200, B8 H16 T16384
+        # D64 normalised forward: 0.572 -> 0.545 ms.  fp32 inputs would get tf32 products
+        # here, so they keep tl.sum; with the map in the kernel (FUSED) the same change
+        # measured slower (1.09 -> 1.36 ms, with other edits: docs/benchmarks.md).
+        Z = z[:, None] + tl.zeros([BK, 32], dtype=tl.float32)
+        ones = tl.full([BT, 32], 1.0, dtype=k.dtype.element_ty)
 
     c0 = i_s * (SEG // BT)
     for i in range(c0, tl.minimum(c0 + SEG // BT, tl.cdiv(TS, BT))):
@@ -317,8 +328,13 @@ def _fwd_kernel(
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if NORMALIZE:
+            if KSUM_DOT:
+                z = tl.max(Z, axis=1)  # its columns are equal
             d = tl.sum(A, axis=1) + tl.sum(b_q.to(tl.float32) * z[None, :], axis=1)
-            z += tl.sum(b_k.to(tl.float32), axis=0)
+            if KSUM_DOT:
+                Z += tl.dot(tl.trans(b_k), ones)
+            else:
+                z += tl.sum(b_k.to(tl.float32), axis=0)
         S += _dot_in(tl.trans(b_k), b_v, TF32X3)
 
         o_ptr = o_base + t0 * sot_ + offs_t[:, None] * sot_ + offs_v[None, :]
@@ -333,6 +349,8 @@ def _fwd_kernel(
                 tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
             tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
+    if KSUM_DOT:
+        z = tl.max(Z, axis=1)
     if STORE_FINAL:
         last = (offs_k * 0 + i_s) == NS - 1  # the last segment's program ends with the state
         tl.store(kvT + st_off + offs_k[:, None] * DV + offs_v[None, :], S,
