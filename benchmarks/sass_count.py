@@ -1,14 +1,19 @@
-"""Registers, spills and instructions per chunk of the chunked kernels, without a GPU.
+"""Registers, spills and instructions per loop iteration of featattn's Triton kernels, on a
+machine without a GPU.
 
-The chunked forward on the H200 runs one warp per scheduler and issues one dependent
-instruction after another (docs/benchmarks.md, "an ncu profile"), so what a kernel edit does
-to its main loop's instruction count, registers and spills is the first thing to know, and
-it can be known on any machine: Triton compiles the kernel for sm_90a here (its wheel
-carries ptxas and nvdisasm), and this counts the SASS of the longest loop.
+The chunked forward on the H200 runs one warp per scheduler and waits on one dependent
+instruction after another (docs/benchmarks.md, "an ncu profile"), so what an edit does to a
+kernel's main loop (its instruction count, registers, spills) is the first thing to know, and
+it can be known anywhere: this runs a kernel entry point on CPU tensors with the launches
+caught instead of run, compiles each caught launch for sm_90a exactly as the launcher would
+have specialised it (Triton's wheel carries ptxas and nvdisasm), and counts the SASS of its
+loops.  The outputs are garbage; only the compiled code is looked at.
 
-    python benchmarks/sass_count.py                           # forward, bf16, normalised
-    python benchmarks/sass_count.py --kernel bwd --map elu    # backward with elu fused
-    python benchmarks/sass_count.py --plain --bt 64 --warps 8 --stages 3 --top 30
+    python benchmarks/sass_count.py                           # chunked, bf16, normalised
+    python benchmarks/sass_count.py --map elu                 # the map inside the kernels
+    python benchmarks/sass_count.py --op hybrid --config 2    # the window kernels, 3rd config
+    python benchmarks/sass_count.py --op taylor --T 4096      # the chunked Taylor form
+    python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
@@ -26,78 +31,148 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
-from featattn.kernels import chunked
-from featattn.kernels import maps
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("sass_count.py compiles real kernels: unset TRITON_INTERPRET")
 
-KERNELS = {"fwd": chunked._fwd_kernel, "bwd": chunked._bwd_kernel, "seg": chunked._seg_kernel}
-# float pointers of the chunked kernels (the rest are the input dtype, cu int32)
-FP32_PTRS = {"den", "delta", "kv0", "z0", "kvT", "zT", "segS", "segz", "segdS", "segdz",
-             "dkvT", "dzT", "dkv0", "dz0", "outS", "outz"}
-PTRS = FP32_PTRS | {"q", "k", "v", "o", "do", "dq", "dk", "dv", "cu", "a", "b"}
-FLOATS = {"eps", "scale"}
+import featattn  # noqa: E402
+from featattn import kernels  # noqa: E402
+from featattn.kernels import maps  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_sass(kernel: str, dtype: str, normalize: bool, fmap: str | None, bt: int,
-                 warps: int, stages: int, dk: int, dv: int):
-    """(n_regs line, SASS text) of one chunked kernel compiled for sm_90a."""
-    fn = KERNELS[kernel]
-    form = maps.lookup(maps.fused_key(_map(fmap)))[1] if fmap else None
-    bk, bv = chunked._tiles(dk, dv, getattr(torch, dtype))
-    consts = dict(NV=1, BT=bt, BK=bk, BV=bv, NORMALIZE=normalize, HAS_INIT=False,
-                  STORE_FINAL=False, SPLIT_K=False, HAS_DFINAL=False, DELTA_O=normalize,
-                  LOWP=dtype == "bfloat16", TF32X3=dtype == "float32", FUSED=fmap is not None,
-                  PHI=form.phi if form else None, DPHI=form.dphi if form else None,
-                  VARLEN=False, BWD=False, HAS_Z=normalize)
-    elem = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-    sig, cx, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name], cx[name] = "constexpr", consts[name]
+# --------------------------------------------------------------------------- the calls
+def _inputs(a, d=64, dv=64, H=16):
+    dt = getattr(torch, a.dtype)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(a.B, H, a.T, n, generator=g).to(dt).requires_grad_()
+               for n in (d, d, dv))
+    return q, k, v
+
+
+def _map_key(name):
+    return maps.fused_key(featattn.get_feature_map(name)) if name else None
+
+
+def call_chunked(a):
+    q, k, v = _inputs(a, a.dk, a.dv)
+    fm = featattn.get_feature_map(a.map) if a.map else None
+    o = kernels.chunked_attention(q, k, v, normalize=not a.plain, eps=1e-6, feature_map=fm)[0]
+    o.backward(torch.ones_like(o))
+
+
+def call_hybrid(a):
+    q, k, v = _inputs(a)
+    o = kernels.hybrid_attention(q, k, v, weight=torch.full((16,), 0.5), window=64,
+                                 window_scale=0.125, eps=1e-6,
+                                 feature_map=_map_key(a.map or "elu"))[0]
+    o.backward(torch.ones_like(o))
+
+
+def call_taylor(a):
+    q, k, v = _inputs(a, 16, 64)
+    o = kernels.taylor_attention(q, k, v, normalize=not a.plain, eps=1e-6)[0]
+    o.backward(torch.ones_like(o))
+
+
+def call_hedgehog(a):
+    q, k, v = _inputs(a)
+    fm = featattn.get_feature_map("hedgehog", head_dim=64, feature_dim=64, heads=16)
+    o = kernels.projected_attention(q, k, v, fm.triton_projection(),
+                                    normalize=not a.plain, eps=1e-6)[0]
+    o.backward(torch.ones_like(o))
+
+
+CALLS = {"chunked": call_chunked, "hybrid": call_hybrid, "taylor": call_taylor,
+         "hedgehog": call_hedgehog}
+
+
+# --------------------------------------------------------------------------- catching
+def catch(call, a, config: int, overrides=None):
+    """[(JITFunction, bound arguments, options, configs)] of every launch ``call`` makes;
+    autotuned launches use config number ``config`` of their space, with ``overrides``
+    (``{"BT": 32, "num_warps": 8}``: a config outside the space) applied to it."""
+    caught = []
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        caught.append((self, args, kwargs, None))
+
+    def tuner_run(self, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        cfg = self.configs[min(config, len(self.configs) - 1)]
+        self.best_config = cfg
+        chosen = {**cfg.all_kwargs(), **(overrides or {})}
+        caught.append((self.fn, args, {**kwargs, **chosen}, self.configs))
+
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = jit_run, tuner_run
+    try:
+        call(a)
+    finally:
+        JITFunction.run, Autotuner.run = saved
+    return caught
+
+
+def compile_launch(fn, args, kwargs):
+    """The launch compiled for sm_90a with the launcher's specialisation."""
+    bound = dict(zip(fn.arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        val = bound.get(p.name, p.default)
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", val
             continue
-        if name in PTRS:
-            sig[name] = "*fp32" if name in FP32_PTRS else ("*i32" if name == "cu" else f"*{elem}")
-        else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
-        # what the launcher specialises at a real call: 16-byte aligned pointers, strides and
-        # head dims divisible by 16 (T, SEG, NS, KS are not specialised: do_not_specialize)
-        if name in PTRS or (sig[name] == "i32" and re.fullmatch(r"s\w*[bht]|DK|DV", name)):
+        ty, key = native_specialize_impl(BaseBackend, val, False, not p.do_not_specialize,
+                                         not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            sig[p.name], consts[p.name] = "constexpr", val
+            continue
+        sig[p.name] = ty
+        if key == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    bindir = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
-    ptxas = next(os.path.join(bindir, p) for p in ("ptxas-blackwell", "ptxas")
-                 if os.path.exists(os.path.join(bindir, p)))
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=TARGET, options=opts), consts, opts
+
+
+def _tool(name):
+    d = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+    for n in (f"{name}-blackwell", name):  # a newer ptxas reads the PTX Triton 3.9 writes
+        if os.path.exists(os.path.join(d, n)):
+            return os.path.join(d, n)
+    raise FileNotFoundError(f"{name} is not in {d}")
+
+
+def resources(compiled):
+    """(ptxas's register/spill line and perf warnings, SASS text)."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
-            f.write(k.asm["ptx"])
+            f.write(compiled.asm["ptx"])
         with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+            f.write(compiled.asm["cubin"])
+        info = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
                               capture_output=True, text=True).stderr
-        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin],
-                              capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True,
+                              text=True).stdout
     usage = " ".join(line.split("info    : ")[-1].strip() for line in info.splitlines()
                      if "registers" in line or "spill" in line)
-    # ptxas's performance warnings (e.g. C7515: wgmma serialized) name what stalls the MMAs
-    usage += "".join(f"\n  ptxas: {line.split('warning : ')[-1].strip()}"
+    usage += "".join(f"\n    ptxas: {line.split('warning : ')[-1].strip()}"
                      for line in info.splitlines() if "warning" in line)
     return usage, sass
 
 
-def _map(name):
-    from featattn.feature_maps import get_feature_map
-
-    return get_feature_map(name)
-
-
 def loops(sass: str) -> list:
     """The bodies (instruction lists) of the loops, longest first: every backward branch's
-    span of instructions (the chunk loops; the backward kernel has two, dq and dk/dv)."""
+    span of instructions."""
     ins, at, pending = [], {}, []
     for line in sass.splitlines():
         lab = re.match(r"\s*\.(L_x_\d+):", line)
@@ -119,31 +194,49 @@ def loops(sass: str) -> list:
     return sorted(out, key=len, reverse=True)
 
 
+def _opcode(text):
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=sorted(KERNELS), default="fwd")
+    ap.add_argument("--op", choices=sorted(CALLS), default="chunked")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--plain", action="store_true", help="normalize=False")
-    ap.add_argument("--map", default=None, help="an elementwise map fused in the kernel (elu, relu, ...)")
-    ap.add_argument("--bt", type=int, default=64)
-    ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--dk", type=int, default=64)
-    ap.add_argument("--dv", type=int, default=64)
-    ap.add_argument("--top", type=int, default=12, help="opcodes to list")
+    ap.add_argument("--map", default=None, help="an elementwise map inside the kernels (elu, ...)")
+    ap.add_argument("--B", type=int, default=2, help="2: B = 1 would specialise as a constant")
+    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--dk", type=int, default=64, help="chunked only")
+    ap.add_argument("--dv", type=int, default=64, help="chunked only")
+    ap.add_argument("--config", type=int, default=0, help="which autotune config (index)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                    help="override the autotuned configs' values, e.g. BT=32 num_warps=8")
+    ap.add_argument("--list", action="store_true", help="also list each launch's configs")
+    ap.add_argument("--loops", type=int, default=2, help="loops to show per kernel")
+    ap.add_argument("--top", type=int, default=10, help="opcodes to list per loop")
     a = ap.parse_args(argv)
-    usage, sass = compile_sass(a.kernel, a.dtype, not a.plain, a.map, a.bt, a.warps, a.stages,
-                               a.dk, a.dv)
-    total = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line))
-    print(f"{a.kernel} {a.dtype} {'plain' if a.plain else 'normalised'} map={a.map} "
-          f"BT={a.bt} warps={a.warps} stages={a.stages} Dk={a.dk} Dv={a.dv} "
-          f"(triton {triton.__version__}, sm_90a)")
-    print(f"  {usage}; {total} instructions in all")
-    for body in loops(sass)[:2 if a.kernel == "bwd" else 1]:
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                                  for t in body)
-        print(f"  a chunk loop: {len(body)} instructions; "
-              + ", ".join(f"{op} {n}" for op, n in ops.most_common(a.top)))
+    seen = set()
+    print(f"{a.op} {a.dtype} {'plain' if a.plain else 'normalised'} map={a.map} B={a.B} "
+          f"T={a.T} config #{a.config} (triton {triton.__version__}, sm_90a)")
+    overrides = {k: int(v) for k, v in (kv.split("=") for kv in a.set)}
+    for fn, args, kwargs, configs in catch(CALLS[a.op], a, a.config, overrides):
+        compiled, consts, opts = compile_launch(fn, args, kwargs)
+        tiles = {k: v for k, v in consts.items()
+                 if isinstance(v, (bool, int)) and not isinstance(v, type(None))}
+        key = (fn.__name__, tuple(sorted(tiles.items())), tuple(sorted(opts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        usage, sass = resources(compiled)
+        total = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line))
+        print(f"\n{fn.__name__} {opts} " + " ".join(f"{k}={v}" for k, v in tiles.items()))
+        print(f"  {usage}; {total} instructions in all")
+        if a.list and configs:
+            print("  configs: " + "; ".join(str(c) for c in configs))
+        for body in loops(sass)[:a.loops]:
+            ops = collections.Counter(_opcode(t) for t in body)
+            print(f"  a loop: {len(body)} instructions; "
+                  + ", ".join(f"{op} {n}" for op, n in ops.most_common(a.top)))
     return 0
 
 
