@@ -221,8 +221,7 @@ def main(argv=None):
     overrides = {k: int(v) for k, v in (kv.split("=") for kv in a.set)}
     for fn, args, kwargs, configs in catch(CALLS[a.op], a, a.config, overrides):
         compiled, consts, opts = compile_launch(fn, args, kwargs)
-        tiles = {k: v for k, v in consts.items()
-                 if isinstance(v, (bool, int)) and not isinstance(v, type(None))}
+        tiles = {k: v for k, v in consts.items() if isinstance(v, int)}  # bools are ints
         key = (fn.__name__, tuple(sorted(tiles.items())), tuple(sorted(opts.items())))
         if key in seen:
             continue
