@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _switches
+from . import tuning as _tuning
 
 #: True when Triton runs in its interpreter (CPU tensors, CI)
 INTERPRET = _switches.enabled("TRITON_INTERPRET")
@@ -228,12 +229,17 @@ class TunedLaunch:
     (found by name whether they are passed by position or by keyword) and the dtypes of the
     tensor arguments.  (An earlier version keyed on the keyword arguments alone, so head dims
     passed by position shared whichever config was tuned first, and a config tuned for one
-    Dk could be launched, out of shared memory, for another.)"""
+    Dk could be launched, out of shared memory, for another.)
 
-    __slots__ = ("tuner", "best", "_key_at")
+    ``name`` (a key of :data:`featattn.kernels.tuning.KNOBS`) lets
+    ``tuning.override(name, BT=..., num_warps=..., num_stages=...)`` fix the config for
+    benchmarks; meta-parameters it leaves out come from the first config of the space."""
 
-    def __init__(self, tuner):
+    __slots__ = ("tuner", "best", "_key_at", "name")
+
+    def __init__(self, tuner, name: Optional[str] = None):
         self.tuner = tuner
+        self.name = name
         self.best = {}
         names = list(tuner.arg_names)
         #: (name, position) of every autotune key argument
@@ -249,6 +255,10 @@ class TunedLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if self.name is not None:
+                meta = _tuning.forced(self.name)
+                if meta:
+                    return self.tuner.fn[grid](*args, **kwargs, **self._config(meta))
             key = self.cache_key(args, kwargs)
             cfg = self.best.get(key)
             if cfg is None:
@@ -258,6 +268,13 @@ class TunedLaunch:
             return self.tuner.fn[grid](*args, **kwargs, **cfg.all_kwargs())
 
         return launch
+
+    def _config(self, meta: dict) -> dict:
+        """A forced config's launch meta-parameters: ``meta`` over the space's first config
+        (keys the wrapper consumes itself, such as a Dv tile, are not the kernel's)."""
+        cfg = dict(self.tuner.configs[0].all_kwargs())
+        cfg.update({k: v for k, v in meta.items() if k in _tuning.LAUNCH_KNOBS})
+        return cfg
 
 
 def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:

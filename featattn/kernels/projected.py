@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _switches
 from . import _common
+from . import tuning as _tuning
 from ._common import alloc as _alloc
 from ._common import cdiv, check_inputs, check_packed_states, fill_state_half, next_pow2
 from ._common import row_dot
@@ -239,7 +240,7 @@ def _fwd_kernel(
                 d += tl.sum(qb.to(tl.float32) * zb[None, :], axis=1)
                 zb += tl.sum(kb.to(tl.float32), axis=0)
             d = d + eps
-            num = num / d[:, None]
+            num = num * (1.0 / d)[:, None]  # a reciprocal per row (see chunked.py)
             tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
         Sa += _dot_in(tl.trans(ka), b_v, TF32X3)
         if PAIR:
@@ -471,7 +472,8 @@ def _bwd_kernel(
 
 _fwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_bwd_kernel)
-_FWD, _BWD = _common.TunedLaunch(_fwd), _common.TunedLaunch(_bwd)
+_FWD = _common.TunedLaunch(_fwd, "projected_fwd")
+_BWD = _common.TunedLaunch(_bwd, "projected_bwd")
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -497,6 +499,7 @@ def _launch_args(q, k, v, wq, wk, act):
 
 def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store_final, cu):
     B, H, T, D, Hkv, Dv, F, code, pair, BD, BF, BV = _launch_args(q, k, v, wq, wk, act)
+    BV = (_tuning.forced("projected_fwd") or {}).get("BV", BV)
     NB = B
     if cu is not None:
         B = cu.shape[0] - 1
@@ -528,6 +531,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
 def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, do, dkvT, dzT,
               cu):
     B, H, T, D, Hkv, Dv, F, code, pair, BD, BF, BV = _launch_args(q, k, v, wq, wk, act)
+    BV = (_tuning.forced("projected_bwd") or {}).get("BV", BV)
     NB = B
     if cu is not None:
         B = cu.shape[0] - 1

@@ -442,7 +442,7 @@ def _fwd_kernel(
             dn = tl.sum(A, axis=1) + zc + c1 * tl.sum(b_qf * z1[None, :], axis=1)
             dn += c2 * tl.sum(_dot32(b_qf, Z2) * b_qf, axis=1)
             dn = dn + eps
-            num = num / dn[:, None]
+            num = num * (1.0 / dn)[:, None]  # a reciprocal per row (see chunked.py)
             tl.store(d_base + t0 + offs_t, dn, mask=mt & own_t)
             zc += tl.sum(tl.where(mt, 1.0, 0.0), axis=0)
             z1 += c1 * tl.sum(b_k.to(tl.float32), axis=0)
@@ -575,7 +575,7 @@ def _bwd_kernel(
             b_dq += c2 * gq
             if NORMALIZE:
                 b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
-                b_dq = b_dq / b_den[:, None]
+                b_dq = b_dq * (1.0 / b_den)[:, None]
                 z1 += c1 * tl.sum(b_k.to(tl.float32), axis=0)
                 W += (2.0 * c2) * _dot_in(b_kT, b_k, FP32_IEEE)
             tl.store(dq_base + (t0 + offs_t)[:, None] * D + offs_d[None, :],

@@ -143,7 +143,7 @@ def _fwd_kernel(
         l += tl.sum(a, axis=1)
     if NORMALIZE:
         dn = l + eps
-        acc = acc / dn[:, None]
+        acc = acc * (1.0 / dn)[:, None]
         own = (offs_m * 0 + i_v) == 0
         tl.store(den + i_bh.to(tl.int64) * T + offs_m, dn, mask=mm & own)
     tl.store(o_base + offs_m[:, None].to(tl.int64) * sot + offs_v[None, :],

@@ -6,6 +6,8 @@
         o = featattn.linear_attention(q, k, v, feature_map="taylor")   # that config, no autotune
     with tuning.override("taylor_bwd", BV=32):                          # only the Dv tile
         ...
+    with tuning.override("chunked_fwd", BT=32, num_warps=8):           # num_stages: the
+        ...                                                             # space's first config's
 
 Inside the block every launch of the named kernel uses the given meta-parameters instead of
 the autotuned (or, for the Taylor backward's Dv tile, the computed) ones; outside it nothing
@@ -19,10 +21,20 @@ from typing import Iterator, Optional
 
 __all__ = ["KNOBS", "override", "forced"]
 
+#: the meta-parameters of a launch (as opposed to tiles a wrapper picks, such as a Dv tile)
+LAUNCH_KNOBS = ("BT", "num_warps", "num_stages", "maxnreg")
+
 #: kernel -> the meta-parameters :func:`override` may fix
 KNOBS = {
     "taylor_fwd": ("BT", "BV", "num_warps", "num_stages", "maxnreg"),
     "taylor_bwd": ("BT", "BV", "num_warps", "num_stages", "maxnreg"),
+    # chunked.py: the forward, the backward, the segment sums of a T split
+    "chunked_fwd": LAUNCH_KNOBS,
+    "chunked_bwd": LAUNCH_KNOBS,
+    "chunked_seg": LAUNCH_KNOBS,
+    # projected.py (Hedgehog / T2R maps in the kernel); BV: the Dv tile (programs per head)
+    "projected_fwd": LAUNCH_KNOBS + ("BV",),
+    "projected_bwd": LAUNCH_KNOBS + ("BV",),
 }
 
 _FORCED: dict = {}

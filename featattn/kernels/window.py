@@ -195,7 +195,7 @@ def _window_fwd_kernel(
     b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
     fw = tl.load(f + i_h)
     den = fw * l_i + (1.0 - fw) * b_l + eps
-    _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * b_L) / den[:, None], BV)
+    _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * b_L) * (1.0 / den)[:, None], BV)
     tl.store(Dn + row, den, mask=mr)
     tl.store(m + row, m_i, mask=mr)
     tl.store(ties + row, c_i, mask=mr)

@@ -378,7 +378,7 @@ def test_tuning_override_fixes_the_config_and_keeps_results():
     assert {"BT": 16, "BV": 16} in launched
     assert tuning.forced("taylor_fwd") is None and tuning.forced("taylor_bwd") is None
     with pytest.raises(ValueError, match="tunable kernels: taylor_fwd"):
-        with tuning.override("chunked_fwd", BT=16):
+        with tuning.override("taylor", BT=16):
             pass
     with pytest.raises(ValueError, match="taylor_fwd has no meta-parameter BK"):
         with tuning.override("taylor_fwd", BK=16):
