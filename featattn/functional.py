@@ -260,11 +260,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
 
             q, k = projection_features(q, k, proj, scale)
             proj = None
-        elif choice.map_path == "triton_pass":
-            from .kernels.maps import apply_map, fused_key
-
-            key = fused_key(fm)
-            q, k = apply_map(q, key, scale), apply_map(k, key)
+        elif choice.map_path == "triton_pass":  # a Triton pass makes the features
+            in_kernel = dict(feature_map=fm, scale=scale, map_pass=True)
         elif choice.map_path == "kernel":
             in_kernel = dict(feature_map=fm, scale=scale)
         elif fm is not None:  # the map's PyTorch form

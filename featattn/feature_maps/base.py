@@ -24,10 +24,18 @@ class ElementwiseTritonForm(NamedTuple):
     phi(x); ``dphi`` returns phi'(x), given x and ``y = phi(x)`` (use whichever is cheaper).
     Both must agree with the map's PyTorch ``forward`` (the tests check the built-ins; check
     yours with ``featattn.testing``), and phi must be finite for every finite x.
+
+    ``dphi_from_y(y)`` (optional): phi'(x) from the feature ``y = phi(x)`` alone, for maps
+    where the feature determines the slope (elu + 1: ``min(y, 1)``; relu: ``y > 0``;
+    softplus: ``1 - exp(-y)``).  With it, when the map runs as a Triton pass before the
+    chunked kernels, the backward kernel turns the feature gradients into the inputs' as it
+    stores them (from the features it loads anyway) and the map's own backward pass is gone.
+    y arrives rounded to the input dtype, so the slope may be off by that rounding.
     """
 
     phi: Callable
     dphi: Callable
+    dphi_from_y: Optional[Callable] = None
 
 
 class ProjectionTritonForm(NamedTuple):

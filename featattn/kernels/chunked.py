@@ -374,7 +374,7 @@ def _bwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
-    DELTA_O: tl.constexpr,
+    DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -391,6 +391,10 @@ def _bwd_kernel(
     dkv0 fp32 [B,H,Dk,Dv], dz0 fp32 [B,H,Dk] (written when HAS_INIT).
     FUSED: q, k are raw; the features are recomputed as in the forward, and dq, dk are
     the raw inputs' gradients (the feature gradients times scale * PHI', DPHI').
+    EPI_DPHI (not FUSED): q, k are features y = PHI(x) made by a pass before the forward,
+    and dq, dk are stored as the pass's inputs' gradients, the feature gradients times
+    scale * DPHI_Y(y) and DPHI_Y(y) (ElementwiseTritonForm.dphi_from_y): the map's backward
+    pass folded into the stores (the dq sweep reads q's features for it).
     KS: the forward's key shift; dk, dv of key row t go to row t - KS (rows >= T - KS of
     the buffers are not written).
     """
@@ -473,6 +477,10 @@ def _bwd_kernel(
                 b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32) * scale
                 b_dq = b_dq * (DPHI(b_xq, PHI(b_xq)) * scale)
+            if EPI_DPHI:
+                b_yq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
+                               mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                b_dq = b_dq * (DPHI_Y(b_yq) * scale)
             tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_k[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
     else:
@@ -537,6 +545,8 @@ def _bwd_kernel(
             dS += _mm(tl.trans(b_q), b_dn, LOWP, TF32X3)
             if FUSED:
                 b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
+            if EPI_DPHI:
+                b_dk = b_dk * DPHI_Y(b_k.to(tl.float32))
             tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_k[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
             tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
@@ -550,7 +560,8 @@ def _bwd_kernel(
 
 
 _fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED"])(_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED"])(_bwd_kernel)
+_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
+    _bwd_kernel)
 _seg = triton.autotune(configs=_configs(), key=["DK", "DV", "BWD", "HAS_Z", "FUSED"])(_seg_kernel)
 _FWD = TunedLaunch(_fwd, "chunked_fwd")
 _BWD = TunedLaunch(_bwd, "chunked_bwd")
@@ -706,7 +717,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
 
 
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
-              cu_seqlens=None, kshift=0, delta=None, like_inputs=True):
+              cu_seqlens=None, kshift=0, delta=None, like_inputs=True, dphi_y=None):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
@@ -719,6 +730,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     tile, no grouped heads), dq, dk, dv are laid out as q, k, v are (``[B, T, H, D]``
     transposed when the inputs are such views: a layer's transposes back are then free);
     otherwise, and with False, they are contiguous ``[B, H, T, D]``.
+    ``dphi_y`` (no ``fmap``): q, k are a map pass's features ``phi(scale * x)``, ``phi(x)``
+    and dq, dk come back as the gradients of its inputs x, through ``dphi_y`` (the form's
+    ``dphi_from_y``) in the kernel (_bwd_kernel's EPI_DPHI).
     """
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
@@ -787,7 +801,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         T, NB, H, G, Dk, Dv, seg, ns, kshift, scale,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
-        VARLEN=varlen, DELTA_O=delta_o,
+        VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \
@@ -797,6 +811,62 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     dv = dv.view(NK, NB, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]
     return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
 
+
+class _MapPassAttention(torch.autograd.Function):
+    """An elementwise map as one Triton pass, then the kernels on its features, as one
+    autograd node whose backward is the backward kernel alone: the map's slope comes from
+    the features the kernel loads (the form's ``dphi_from_y``) and multiplies dq, dk as
+    they are stored, so neither the map's backward pass (read x and the feature gradients,
+    write dx: ~0.37 ms for q and k at B8 H16 T16384 D64 bf16 on the H200) nor a second
+    autograd node runs.  Eager calls only (torch.compile sees the map pass and the custom
+    op: see chunked_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv0, z0, normalize, eps, store_final, fmap, scale, cu):
+        fq = _maps.map_features(q, fmap, scale)
+        fk = _maps.map_features(k, fmap)
+        o, den, kvT, zT = _forward(fq, fk, v, normalize, eps, kv0, z0, store_final,
+                                   cu_seqlens=cu)
+        # raw q, k only for a differentiable backward (create_graph=True); the map pass
+        # this replaces kept them too
+        ctx.save_for_backward(q, k, fq, fk, v, o if normalize else None, den, kv0, z0, cu)
+        ctx.normalize, ctx.eps, ctx.fmap, ctx.scale = normalize, eps, fmap, scale
+        ctx.set_materialize_grads(False)
+        return o, kvT, zT
+
+    @staticmethod
+    def backward(ctx, do, dkvT, dzT):
+        q, k, fq, fk, v, o, den, kv0, z0, cu = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the backward: differentiate the torch path
+            return _graph_grads(ctx, (q, k, v, kv0, z0), do, dkvT, dzT, cu)
+        if do is None:  # only the returned state is used
+            B, H, T, _ = q.shape
+            do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        form = _maps.lookup(ctx.fmap)[1]
+        dq, dk, dv, dkv0, dz0 = _backward(
+            fq, fk, v, o, den, kv0, z0, _unit_last(do), dkvT, dzT, ctx.normalize,
+            scale=ctx.scale, cu_seqlens=cu, dphi_y=form.dphi_from_y)
+        return dq, dk, dv, dkv0, dz0, None, None, None, None, None, None
+
+
+def _graph_grads(ctx, inputs, do, dkvT, dzT, cu):
+    """_MapPassAttention's backward as differentiable torch operations (create_graph)."""
+    result = [None] * 11
+    wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    o2, kv2, z2 = torch_forward()(*inputs, ctx.normalize, ctx.eps, fmap=ctx.fmap,
+                                  scale=ctx.scale, cu_seqlens=cu)
+    outs, gouts = [], []
+    for out, g in ((o2, do), (kv2, dkvT), (z2, dzT)):
+        if out is not None and g is not None:
+            outs.append(out)
+            gouts.append(g.to(out.dtype))
+    if not (wrt and outs):
+        return tuple(result)
+    got = torch.autograd.grad(outs, [inputs[i] for i in wrt], gouts, create_graph=True,
+                              allow_unused=True)
+    for i, g in zip(wrt, got):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
+    return tuple(result)
 
 
 def _shape_reason(Dk: int, Dv: int):
@@ -808,7 +878,7 @@ def _shape_reason(Dk: int, Dv: int):
 def chunked_attention(q, k, v, *, normalize: bool, eps: float,
                       initial_kv=None, initial_z=None, return_state: bool = False,
                       feature_map=None, scale: float = 1.0, check: bool = True,
-                      cu_seqlens=None):
+                      cu_seqlens=None, map_pass: bool = False):
     """Causal linear attention with Triton kernels (q, k already feature-mapped).
 
     Args:
@@ -824,6 +894,10 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
             form (``feature_map.triton_elementwise()``): q, k are then raw and the kernels
             compute ``phi(scale * q)``, ``phi(k)`` in registers, forward and backward.
         scale: multiplies q inside the kernel (fused maps only; 1 otherwise).
+        map_pass: with a fused ``feature_map``, make the features in one Triton pass before
+            the kernels instead of inside them (faster where the kernels are latency-bound:
+            the dispatcher's ``map_path="triton_pass"``); where the map's form has
+            ``dphi_from_y`` the backward kernel applies the map's slope itself.
         check: validate the inputs (featattn.linear_attention has, and passes False).
         cu_seqlens: None, or int32/int64 [N + 1] on q's device: q, k, v are [1, H, T, D] with
             N sequences back to back (tokens cu[n]..cu[n+1]), each attended alone; the states
@@ -867,6 +941,16 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
         B = cu_seqlens.shape[0] - 1
     initial_kv, initial_z = fill_state_half(normalize, initial_kv, initial_z, B, H, Dk,
                                             v.shape[-1], q.device)
+    if map_pass and fmap:
+        if (_maps.lookup(fmap)[1].dphi_from_y is not None and not _common.EAGER_CUSTOM_OP
+                and not torch.compiler.is_compiling()):
+            o, kv, z = _MapPassAttention.apply(q, k, v, initial_kv, initial_z, bool(normalize),
+                                               float(eps), bool(return_state), fmap,
+                                               float(scale), cu_seqlens)
+            return o, kv, (z if (return_state and normalize) else None)
+        # the pass as its own autograd node (and custom op under torch.compile)
+        q, k = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
+        fmap, scale = "", 1.0
     o, _den, kv, z = _fwd_op(q, k, v, initial_kv, initial_z, bool(normalize), float(eps),
                              bool(return_state), fmap, float(scale), cu_seqlens)
     if not return_state:

@@ -34,7 +34,8 @@ import triton.language as tl
 from ..feature_maps.base import ElementwiseTritonForm, FeatureMap
 from ._common import cdiv, next_pow2
 
-__all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "apply_map"]
+__all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "apply_map",
+           "map_features"]
 
 
 @triton.jit
@@ -80,10 +81,32 @@ def squared_relu_dphi(x, y):
     return 2.0 * tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
-ELU = ElementwiseTritonForm(elu_phi, elu_dphi)
-RELU = ElementwiseTritonForm(relu_phi, relu_dphi)
-IDENTITY = ElementwiseTritonForm(identity_phi, identity_dphi)
-SQUARED_RELU = ElementwiseTritonForm(squared_relu_phi, squared_relu_dphi)
+# phi' from the feature y = phi(x) alone (ElementwiseTritonForm.dphi_from_y)
+@triton.jit
+def elu_dphi_y(y):
+    # y >= 1 exactly where x >= 0 (slope 1); below, the slope exp(x) is y itself
+    return tl.minimum(y, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_dphi_y(y):
+    return tl.where(y > 0, 1.0, 0.0)
+
+
+@triton.jit
+def identity_dphi_y(y):
+    return y * 0.0 + 1.0
+
+
+@triton.jit
+def squared_relu_dphi_y(y):
+    return 2.0 * tl.sqrt(y)
+
+
+ELU = ElementwiseTritonForm(elu_phi, elu_dphi, elu_dphi_y)
+RELU = ElementwiseTritonForm(relu_phi, relu_dphi, relu_dphi_y)
+IDENTITY = ElementwiseTritonForm(identity_phi, identity_dphi, identity_dphi_y)
+SQUARED_RELU = ElementwiseTritonForm(squared_relu_phi, squared_relu_dphi, squared_relu_dphi_y)
 
 _FUSED: dict[str, tuple[FeatureMap, ElementwiseTritonForm]] = {}
 
@@ -237,23 +260,29 @@ def _like(x):
     return out
 
 
+def map_features(x_in, key: str, scale: float = 1.0):
+    """``phi(scale * x)`` in one Triton pass, outside autograd: a tensor laid out as x is
+    (dense x), or a dense [B, H, T, D] one (a 4-D view that is not dense, read in place)."""
+    form = lookup(key)[1]
+    if _rows_ok(x_in):
+        return _rows_pass(x_in, None, form, scale)
+    x = _dense(x_in)
+    y = _like(x)
+    n = x.numel()
+    _map_fwd_kernel[(cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
+    return y
+
+
 class _MapPass(torch.autograd.Function):
     """phi(scale * x) with the map's Triton form, one pass each way; a differentiable
     backward (create_graph=True) uses the map's PyTorch form instead."""
 
     @staticmethod
     def forward(ctx, x_in, key, scale):
-        form = lookup(key)[1]
         # the input itself (not a dense copy): a differentiable backward differentiates it
         ctx.save_for_backward(x_in)
         ctx.key, ctx.scale = key, scale
-        if _rows_ok(x_in):
-            return _rows_pass(x_in, None, form, scale)
-        x = _dense(x_in)
-        y = _like(x)
-        n = x.numel()
-        _map_fwd_kernel[(cdiv(n, _BLOCK),)](x, y, n, scale, PHI=form.phi, BLOCK=_BLOCK)
-        return y
+        return map_features(x_in, key, scale)
 
     @staticmethod
     def backward(ctx, g):

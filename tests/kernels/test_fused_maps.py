@@ -37,17 +37,31 @@ def _softplus_dphi(x, y):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
+@triton.jit
+def _softplus_dphi_y(y):
+    # sigmoid(x) = 1 - exp(-softplus(x))
+    return 1.0 - tl.exp(-y)
+
+
 class Softplus(featattn.FeatureMap):
-    """A user's map: softplus, with a Triton form (registered in the module fixture below)."""
+    """A user's map: softplus, with a Triton form (registered in the module fixture below)
+    whose slope also comes from the feature alone (dphi_from_y)."""
 
     def output_dim(self, d):
         return d
 
     def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi)
+        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi, _softplus_dphi_y)
 
     def forward(self, x):
         return torch.nn.functional.softplus(x.float()).to(x.dtype)
+
+
+class SoftplusXSlope(Softplus):
+    """The same map without dphi_from_y: its pass keeps a backward pass of its own."""
+
+    def triton_elementwise(self):
+        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi)
 
 
 @triton.jit
@@ -55,17 +69,31 @@ def _wrong_dphi(x, y):
     return tl.where(x > 15.0, 1.0, 0.5)
 
 
+@triton.jit
+def _wrong_dphi_y(y):
+    return y * 0.0 + 0.5
+
+
 class WrongSoftplus(Softplus):
     """The same map with a wrong derivative in its Triton form: the checks must catch it."""
 
     def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _wrong_dphi)
+        return featattn.ElementwiseTritonForm(_softplus_phi, _wrong_dphi, _softplus_dphi_y)
+
+
+class WrongSoftplusY(Softplus):
+    """A right dphi(x, y) and a wrong dphi_from_y (what the pass's backward kernel uses)."""
+
+    def triton_elementwise(self):
+        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi, _wrong_dphi_y)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
     featattn.register_feature_map("test_softplus", override=True)(Softplus)
+    featattn.register_feature_map("test_softplus_x_slope", override=True)(SoftplusXSlope)
     featattn.register_feature_map("test_wrong_softplus", override=True)(WrongSoftplus)
+    featattn.register_feature_map("test_wrong_softplus_y", override=True)(WrongSoftplusY)
     yield
 
 
@@ -75,7 +103,7 @@ def _fused(q, k, v, *, fm, scale, **kw):
 
 
 def _via_op(q, k, v, *, fm, scale, initial_kv, initial_z, return_state, **kw):
-    """featattn.linear_attention with the map's name: the default path, one Triton pass."""
+    """featattn.linear_attention with the map's name (the caller picks the map's path)."""
     state = None if initial_kv is None else featattn.LinearAttentionState(initial_kv, initial_z)
     o, st = featattn.linear_attention(q, k, v, feature_map=fm, scale=scale, backend="triton",
                                       initial_state=state, return_state=True, **kw)
@@ -114,9 +142,11 @@ def _case_id(c):
 @pytest.mark.parametrize("path", ["kernel", "pass"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
-def test_fused_map_matches_float64(fm, case, path):
-    """In the kernel (chunked_attention(feature_map=...)) and as a pass before it (the
-    default of linear_attention): forward, state and every gradient."""
+def test_fused_map_matches_float64(fm, case, path, monkeypatch):
+    """In the kernel (chunked_attention(feature_map=...)) and as a pass before it
+    (linear_attention with FEATATTN_FUSE_MAPS=pass, the default for large calls; the slope
+    then applied by the backward kernel from the features): forward, state, every gradient."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
     got, want = _check(fm, *case, fn=_fused if path == "kernel" else _via_op)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
@@ -160,9 +190,13 @@ def test_map_runs_in_the_kernel_on_small_calls_or_split_t(monkeypatch):
     assert path() == "kernel"
 
 
-def test_fused_map_with_wrong_triton_form_is_caught():
-    """A Triton form whose derivative disagrees with the PyTorch map fails the same check."""
-    got, want = _check("test_wrong_softplus", *CASES[0])
+@pytest.mark.parametrize("fm,path", [("test_wrong_softplus", "kernel"),
+                                     ("test_wrong_softplus_y", "pass")])
+def test_fused_map_with_wrong_triton_form_is_caught(fm, path, monkeypatch):
+    """A Triton form whose derivative disagrees with the PyTorch map fails the same check:
+    dphi in the kernel, dphi_from_y after the pass."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
+    got, want = _check(fm, *CASES[0], fn=_fused if path == "kernel" else _via_op)
     errs, failures = compare_runs(got, want, tolerance(torch.float32, "small") * 3)
     assert any(f.startswith("dq") for f in failures), errs
     assert any(f.startswith("dk") for f in failures), errs
@@ -170,7 +204,7 @@ def test_fused_map_with_wrong_triton_form_is_caught():
 
 
 @pytest.mark.parametrize("mode,path", [(None, "kernel"), ("pass", "triton_pass")])
-@pytest.mark.parametrize("fm", BUILTIN + ("test_softplus",))
+@pytest.mark.parametrize("fm", BUILTIN + ("test_softplus", "test_softplus_x_slope"))
 def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
     """Through featattn.linear_attention, both Triton paths (inside the kernel, the default at
     this size; one elementwise pass before the kernel with FEATATTN_FUSE_MAPS=pass): the map's PyTorch
