@@ -16,6 +16,8 @@ normalised, median of triton.testing.do_bench):
 
 * ``projected``: ``linear_attention(q, k, v, feature_map=<Hedgehog 64 -> 128>)`` with the map
   in the kernels (``FEATATTN_FUSE_MAPS=kernel``);
+* ``projection_pass``: the same call with the map as a Triton pass before the chunked kernel
+  (``FEATATTN_FUSE_MAPS=pass``), the pass's config forced (forward and backward);
 * ``chunked``: ``linear_attention`` on elu features computed beforehand, and
   ``feature_map="elu"`` with the map in the kernel (``FEATATTN_FUSE_MAPS=kernel``).
 
@@ -25,6 +27,7 @@ Prints one markdown row per config: max relative error, fwd / fwd+bwd ms per T.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -36,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULTS = {
+    "projection_pass": ["64/4/2", "32/4/2", "128/8/2", "64/8/2", "32/8/2", "64/4/3", "32/4/3"],
     "projected": ["64/4/2/64", "32/8/2/64", "16/8/2/64", "32/8/1/64", "16/4/2/64",
                   "64/8/2/64", "64/4/2/32", "32/4/2/32", "32/8/2/32", "64/8/2/32"],
     "chunked": ["64/4/2", "64/4/3", "64/4/4", "64/8/2", "32/4/2", "128/8/2", "32/4/3",
@@ -69,8 +73,8 @@ def _check(family, fm):
     B, H, Hkv, T, D = 2, 4, 2, 1000, 64
     q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    fmap = fm(H, Hkv) if family == "projected" else "elu"
-    params = list(fmap.parameters()) if family == "projected" else []
+    fmap = "elu" if family == "chunked" else fm(H, Hkv)
+    params = [] if family == "chunked" else list(fmap.parameters())
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     o = featattn.linear_attention(*leaves, feature_map=fmap, backend="triton", scale=0.125)
     do = torch.randn_like(o)
@@ -96,7 +100,8 @@ def worker(family, cfg, Ts, lock_path):
     from featattn.kernels import tuning
     from _timing import bench
 
-    os.environ["FEATATTN_FUSE_MAPS"] = "kernel"
+    os.environ["FEATATTN_FUSE_MAPS"] = "pass" if family == "projection_pass" else "kernel"
+    hedgehog = family != "chunked"
 
     def fm(H, Hkv=None):
         m = HedgehogFeatureMap(64, heads=H, kv_heads=Hkv).cuda()
@@ -107,7 +112,10 @@ def worker(family, cfg, Ts, lock_path):
 
     meta = _parse(family, cfg)
     out = {"config": cfg}
-    with tuning.override(f"{family}_fwd", **meta), tuning.override(f"{family}_bwd", **meta):
+    names = [family] if family == "projection_pass" else [f"{family}_fwd", f"{family}_bwd"]
+    with contextlib.ExitStack() as forced:
+        for name in names:
+            forced.enter_context(tuning.override(name, **meta))
         out["err"] = _check(family, fm)
         B, H, D = 8, 16, 64
         calls = []
@@ -116,7 +124,7 @@ def worker(family, cfg, Ts, lock_path):
                                      dtype=torch.bfloat16).requires_grad_()
             q, k, v = mk(), mk(), mk()
             do = torch.randn_like(v)
-            if family == "projected":
+            if hedgehog:
                 m = fm(H)
                 calls.append((f"T={T} hedgehog", lambda q=q, k=k, v=v, m=m:
                               featattn.linear_attention(q, k, v, feature_map=m),

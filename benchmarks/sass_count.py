@@ -14,6 +14,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op hybrid --config 2    # the window kernels, 3rd config
     python benchmarks/sass_count.py --op taylor --T 4096      # the chunked Taylor form
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
+    python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
@@ -89,8 +90,18 @@ def call_hedgehog(a):
     o.backward(torch.ones_like(o))
 
 
+def call_hedgehog_pass(a):
+    """The projection pass (map_path "triton_pass"): features forward, dx / dW backward."""
+    from featattn.kernels.projected import projection_features
+
+    q, k, _ = _inputs(a)
+    fm = featattn.get_feature_map("hedgehog", head_dim=64, feature_dim=64, heads=16)
+    fq, _ = projection_features(q, k, fm.triton_projection())
+    fq.backward(torch.ones_like(fq))
+
+
 CALLS = {"chunked": call_chunked, "hybrid": call_hybrid, "taylor": call_taylor,
-         "hedgehog": call_hedgehog}
+         "hedgehog": call_hedgehog, "hedgehog_pass": call_hedgehog_pass}
 
 
 # --------------------------------------------------------------------------- catching

@@ -35,6 +35,7 @@ KNOBS = {
     # projected.py (Hedgehog / T2R maps in the kernel); BV: the Dv tile (programs per head)
     "projected_fwd": LAUNCH_KNOBS + ("BV",),
     "projected_bwd": LAUNCH_KNOBS + ("BV",),
+    "projection_pass": LAUNCH_KNOBS,  # the projection maps' feature pass, both directions
 }
 
 _FORCED: dict = {}
