@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_tune.py projected                       # the default config list
     python3 benchmarks/gpu_tune.py projected --configs 64/4/2/64 32/8/2/32 --T 4096 16384
     python3 benchmarks/gpu_tune.py chunked --configs 64/4/2 128/8/2
+    python3 benchmarks/gpu_tune.py chunked --dk 128 --set chunked.BWD_MAX_BK=64   # 2 Dk tiles
 
 A config is ``BT/num_warps/num_stages[/BV]`` (BV: the Dv tile, projected only), forced on the
 family's forward and backward kernels with :func:`featattn.kernels.tuning.override`.  Each
@@ -63,16 +64,19 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check(family, fm):
-    """Max relative error of output and gradients against float64 (bf16, T = 1000)."""
+def _check(family, fm, dk=64):
+    """Max relative error of output and gradients against float64 (bf16, T = 1000; chunked:
+    q/k head dim ``dk``)."""
     import torch
 
     import featattn
 
     torch.manual_seed(0)
     B, H, Hkv, T, D = 2, 4, 2, 1000, 64
-    q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    Dqk = dk if family == "chunked" else D
+    q = torch.randn(B, H, T, Dqk, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, T, Dqk, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     fmap = "elu" if family == "chunked" else fm(H, Hkv)
     params = [] if family == "chunked" else list(fmap.parameters())
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -89,7 +93,20 @@ def _check(family, fm):
     return max(_rel(a, b) for a, b in zip(got, want))
 
 
-def worker(family, cfg, Ts, lock_path):
+def _apply_sets(sets):
+    """``module.NAME=int`` settings of featattn.kernels modules (e.g. chunked.BWD_MAX_BK=64)."""
+    import importlib
+
+    for item in sets:
+        target, value = item.split("=")
+        mod, attr = target.rsplit(".", 1)
+        module = importlib.import_module(f"featattn.kernels.{mod}")
+        if not hasattr(module, attr):
+            raise ValueError(f"--set {item}: featattn.kernels.{mod} has no {attr}")
+        setattr(module, attr, int(value))
+
+
+def worker(family, cfg, Ts, lock_path, dk=64, sets=()):
     import torch
     import torch.nn.functional as F
 
@@ -99,6 +116,8 @@ def worker(family, cfg, Ts, lock_path):
     from featattn.feature_maps import HedgehogFeatureMap
     from featattn.kernels import tuning
     from _timing import bench
+
+    _apply_sets(sets)
 
     os.environ["FEATATTN_FUSE_MAPS"] = "pass" if family == "projection_pass" else "kernel"
     hedgehog = family != "chunked"
@@ -116,7 +135,7 @@ def worker(family, cfg, Ts, lock_path):
     with contextlib.ExitStack() as forced:
         for name in names:
             forced.enter_context(tuning.override(name, **meta))
-        out["err"] = _check(family, fm)
+        out["err"] = _check(family, fm, dk)
         B, H, D = 8, 16, 64
         calls = []
         for T in Ts:
@@ -130,8 +149,11 @@ def worker(family, cfg, Ts, lock_path):
                               featattn.linear_attention(q, k, v, feature_map=m),
                               [q, k, v, *m.parameters()], do))
             else:
-                fq = (F.elu(q.detach().float()) + 1).bfloat16().requires_grad_()
-                fk = (F.elu(k.detach().float()) + 1).bfloat16().requires_grad_()
+                qf, kf = q.detach(), k.detach()
+                if dk != D:  # features of another width (Hedgehog's 2f, say)
+                    qf, kf = (torch.randn(B, H, T, dk, device="cuda") for _ in range(2))
+                fq = (F.elu(qf.float()) + 1).bfloat16().requires_grad_()
+                fk = (F.elu(kf.float()) + 1).bfloat16().requires_grad_()
                 calls.append((f"T={T} features", lambda fq=fq, fk=fk, v=v:
                               featattn.linear_attention(fq, fk, v), [fq, fk, v], do))
                 calls.append((f"T={T} features plain", lambda fq=fq, fk=fk, v=v:
@@ -156,8 +178,9 @@ def worker(family, cfg, Ts, lock_path):
 
 
 # --------------------------------------------------------------------------- driver
-def _run_one(family, cfg, Ts, lock_path):
+def _run_one(family, cfg, Ts, lock_path, dk, sets):
     cmd = [sys.executable, __file__, family, "--worker", cfg, "--T", *map(str, Ts),
+           "--dk", str(dk), *(["--set", *sets] if sets else []),
            "--lock", lock_path]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -176,18 +199,23 @@ def main():
     ap.add_argument("--configs", nargs="+")
     ap.add_argument("--T", nargs="+", type=int, default=[4096, 16384])
     ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--dk", type=int, default=64,
+                    help="chunked: the width of the precomputed features (q/k head dim)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="MODULE.NAME=INT",
+                    help="set a featattn.kernels constant in every worker, e.g. "
+                         "chunked.BWD_MAX_BK=64")
     ap.add_argument("--worker")
     ap.add_argument("--lock")
     a = ap.parse_args()
     if a.worker:
-        worker(a.family, a.worker, a.T, a.lock)
+        worker(a.family, a.worker, a.T, a.lock, a.dk, a.set)
         return
     configs = a.configs or DEFAULTS[a.family]
     for c in configs:
         _parse(a.family, c)  # bad syntax fails here, not in a worker
     lock_path = os.path.join(tempfile.mkdtemp(), "gpu.lock")
     with ThreadPoolExecutor(a.jobs) as ex:
-        results = list(ex.map(lambda c: _run_one(a.family, c, a.T, lock_path), configs))
+        results = list(ex.map(lambda c: _run_one(a.family, c, a.T, lock_path, a.dk, a.set), configs))
     names = [k for r in results for k in r if k.startswith("T=")]
     names = list(dict.fromkeys(names))
     print(f"\n| config (BT/warps/stages{'/BV' if a.family == 'projected' else ''}) | max rel err "

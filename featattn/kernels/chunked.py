@@ -118,6 +118,11 @@ _INTERPRET = _common.INTERPRET
 # Largest tile on each of Dk / Dv; larger dims are split into several tiles.
 _MAX_BK = 128
 _MAX_BV = 128
+#: The backward's largest Dk tile, which may differ from the forward's: each Dk tile is a
+#: program of its own with its own [BK, BV] state (dv then comes back as fp32 partials summed
+#: by torch).  Offline (sm_90a, bf16, Dk = 128, Dv = 64, BT 64 / 4 warps): one 128-wide tile
+#: spills 1148 bytes a thread in the backward, two 64-wide ones 276; untimed on the GPU yet.
+BWD_MAX_BK = _MAX_BK
 
 #: What the kernels accept, for the dispatcher to explain its choice.
 KERNEL_LIMITS = {
@@ -126,15 +131,16 @@ KERNEL_LIMITS = {
     "dtypes": (torch.float32, torch.float16, torch.bfloat16),
 }
 
-def _tiles(Dk: int, Dv: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BK, BV): one tile per dim up to 128, padded to a power of two >= 16 (>= 32 for fp32).
+def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple[int, int]:
+    """(BK, BV): one tile per dim up to 128 (Dk: ``max_bk``), padded to a power of two >= 16
+    (>= 32 for fp32).
 
     fp32 tiles of 16 are never used: on the H200 (triton 3.6) every autotune config of both
     kernels hit an illegal memory access with fp32 inputs at Dk = Dv = 16 (the tf32x3
     products on 16-wide tiles; benchmarks/gpu_configs.py), while 32-wide tiles, masked,
     pass.  The padding costs nothing that matters at such small dims."""
     low = 32 if dtype == torch.float32 and not _INTERPRET else 16
-    bk = min(max(low, next_pow2(Dk)), _MAX_BK)
+    bk = min(max(low, next_pow2(Dk)), max(max_bk, low))
     bv = min(max(low, next_pow2(Dv)), _MAX_BV)
     return bk, bv
 
@@ -742,7 +748,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     dev = q.device
-    BK, BV = _tiles(Dk, Dv, q.dtype)
+    BK, BV = _tiles(Dk, Dv, q.dtype, BWD_MAX_BK)
     NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     has_init = kv0 is not None
     has_dfinal = dkvT is not None or dzT is not None

@@ -99,6 +99,37 @@ def test_segments_match_float64(case, monkeypatch):
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
+# The backward with narrower Dk tiles than the forward (chunked.BWD_MAX_BK): each Dk tile a
+# program of its own, dv summed from fp32 partials.
+BWD_TILE_CASES = [
+    (2, 4, 2, 63, 40, 24, torch.float32, True, True, True, "bhtd"),     # grouped, 3 Dk tiles
+    (1, 2, 2, 100, 48, 40, torch.float16, False, True, True, "bthd"),    # fp16 plain, strided
+]
+
+
+@pytest.mark.parametrize("segments", ["off", "64"])
+@pytest.mark.parametrize("case", BWD_TILE_CASES, ids=[_case_id(c) for c in BWD_TILE_CASES])
+def test_backward_with_narrower_dk_tiles_matches_float64(case, segments, monkeypatch):
+    monkeypatch.setattr(C, "BWD_MAX_BK", 32 if DEV == "cuda" else 16)
+    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    if DEV == "cuda":
+        dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=7, device=DEV) if init else (None, None)
+    tiles = {}
+    for name in ("_fwd_kernel", "_bwd_kernel"):
+        real = getattr(C, name).run
+
+        def spy(*a, _real=real, _name=name, **kw):
+            tiles[_name] = kw["BK"]
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(getattr(C, name), "run", spy, raising=False)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    assert tiles["_bwd_kernel"] == C.BWD_MAX_BK < tiles["_fwd_kernel"], tiles
+
+
 def test_segment_policy(monkeypatch):
     """Automatic: no split on CPU or when the grid fills the GPU; a bad switch value is
     explained."""
