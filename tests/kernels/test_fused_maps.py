@@ -233,6 +233,39 @@ def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("fm,own_backward", [("elu", False), ("squared_relu", False),
+                                              ("test_softplus", False),
+                                              ("test_softplus_x_slope", True)])
+def test_map_pass_backward_runs_only_without_dphi_from_y(fm, own_backward, monkeypatch):
+    """On the pass path the map's backward pass (maps._map_bwd_kernel / the strided rows
+    pass) runs only for maps without dphi_from_y: the others' slope is applied by the
+    chunked backward kernel, with the same gradients."""
+    from featattn.kernels import _common
+
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+    monkeypatch.setattr(_common, "EAGER_CUSTOM_OP", False)  # (that switch keeps the pass apart)
+    launches = []
+    for kernel in (M._map_bwd_kernel, M._map_rows_kernel):
+        real = kernel.run
+
+        def spy(*a, _real=real, **kw):
+            if kw.get("BWD", True):  # the rows kernel runs both ways; BWD marks the backward
+                launches.append(kw)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(kernel, "run", spy, raising=False)
+    q, k, v = rand_qkv(1, 2, 2, 45, 16, 16, torch.float32, DEV, generator=5)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton", scale=0.7)
+    assert not launches  # the forward's pass is not a backward
+    o.sum().backward()
+    assert bool(launches) == own_backward, launches
+    r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    featattn.linear_attention(*r, feature_map=fm, backend="reference", scale=0.7).sum().backward()
+    for a, b in ((q.grad, r[0].grad), (k.grad, r[1].grad), (v.grad, r[2].grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+
+
 def test_select_kernel_says_why_a_map_is_not_fused():
     q = k = v = torch.randn(1, 2, 8, 16)
     dpfp = featattn.select_kernel(q, k, v, feature_map="dpfp", backend="triton")
