@@ -95,6 +95,7 @@ def test_unknown_kernels_and_knobs_are_explained():
     with pytest.raises(ValueError, match="tunable kernels: taylor_fwd"):
         with tuning.override("nope_fwd", BT=16):
             pass
-    with pytest.raises(ValueError, match="chunked_fwd has no meta-parameter BV"):
-        with tuning.override("chunked_fwd", BV=16):
-            pass
+    for kernel, knob in (("chunked_fwd", "BV"), ("taylor_fwd", "BK")):
+        with pytest.raises(ValueError, match=f"{kernel} has no meta-parameter {knob}"):
+            with tuning.override(kernel, **{knob: 16}):
+                pass
