@@ -694,6 +694,11 @@ def projected_attention(q, k, v, form, *, normalize: bool, eps: float, scale: fl
 # gradients (per-program fp32 partials, summed by torch).
 
 _PASS_ROWS = 1024  # tokens per program: weight partials are [B, H, cdiv(T, 1024), D, F]
+#: The pass's backward reads the features the forward wrote (kept by the attention kernels'
+#: autograd node anyway, so no extra memory) instead of recomputing the logits and the
+#: activation from x: more HBM traffic (2f more columns a row), far fewer instructions.
+#: Off until timed on the GPU (offline, sm_90a, bf16, BT 64: see docs/benchmarks.md).
+PASS_BWD_FROM_FEATURES = False
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -701,11 +706,12 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
                  sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 TF32X3: tl.constexpr, BWD: tl.constexpr):
+                 TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr):
     """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
     Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
     g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
-    dw [B*H, NR, D, F] (scale included) and db [B*H, NR, F]."""
+    dw [B*H, NR, D, F] (scale included) and db [B*H, NR, F]; with FROM_Y the activation's
+    outputs are read from y (the forward's features) instead of recomputed from x."""
     i_bh = tl.program_id(0)
     i_r = tl.program_id(1)
     i_b, i_h, i_w = batch_head(i_bh, H, WDIV)  # WDIV heads share a weight row
@@ -726,9 +732,16 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
         keep = mt[:, None] & mf[None, :]
         xt = tl.load(x_base + t.to(tl.int64)[:, None] * sxt + offs_d[None, :],
                      mask=mt[:, None] & md[None, :], other=0.0)
-        lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
-        a, b = _act(lg, keep, mf, ACT)
         rows = (row0 + t)[:, None] * DK
+        if FROM_Y:
+            a = tl.load(y + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
+            b = a
+            if PAIR:
+                b = tl.load(y + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
+            lg = a  # relu's slope: l > 0 exactly where relu(l) > 0
+        else:
+            lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
+            a, b = _act(lg, keep, mf, ACT)
         if BWD:
             ga = tl.load(g + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             gb = ga
@@ -752,9 +765,10 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             tl.store(db + part * F + offs_f, dB, mask=mf)
 
 
-def _pass(x, w, bias, act, scale, g=None):
+def _pass(x, w, bias, act, scale, g=None, feats=None):
     """Forward: the features of x [B, Hx, T, D] under weights w [Hx // wdiv, D, F]. Backward
-    (g given): (dx, dw, db) with dw / db summed to w's / bias's shape (fp32)."""
+    (g given): (dx, dw, db) with dw / db summed to w's / bias's shape (fp32); ``feats``, the
+    forward's output, is read instead of recomputed when given."""
     B, Hx, T, D = x.shape
     F = w.shape[-1]
     code, halves = ACTIVATIONS[act]
@@ -765,7 +779,7 @@ def _pass(x, w, bias, act, scale, g=None):
     dev = x.device
     bwd = g is not None
     if bwd:
-        y = g
+        y = feats if feats is not None else g
         dx = _alloc((B, Hx, T, D), x.dtype, dev)
         dw = _alloc((B * Hx, NR, D, F), torch.float32, dev)
         db = _alloc((B * Hx, NR, F), torch.float32, dev) if bias is not None else dw
@@ -776,7 +790,7 @@ def _pass(x, w, bias, act, scale, g=None):
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
-        TF32X3=x.dtype == torch.float32, BWD=bwd)
+        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None)
     if not bwd:
         return y
     hw = w.shape[0]
@@ -794,7 +808,7 @@ def _pass_configs():
 
 
 _PASS = _common.TunedLaunch(triton.autotune(
-    configs=_pass_configs(), key=["D", "F", "ACT", "BWD"])(_pass_kernel), "projection_pass")
+    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y"])(_pass_kernel), "projection_pass")
 
 
 class _ProjectionPass(torch.autograd.Function):
@@ -802,16 +816,19 @@ class _ProjectionPass(torch.autograd.Function):
     def forward(ctx, x, w, bias, act, scale):
         w_c = w.contiguous()
         b_c = bias.contiguous() if bias is not None else None
-        ctx.save_for_backward(x, w_c, b_c)
         ctx.act, ctx.scale = act, scale
         ctx.dtypes = (w.dtype, None if bias is None else bias.dtype)
-        return _pass(_unit_last(x), w_c, b_c, act, scale)
+        y = _pass(_unit_last(x), w_c, b_c, act, scale)
+        # the features: the attention kernels' node keeps them too, so this costs no memory
+        ctx.save_for_backward(x, w_c, b_c, y if PASS_BWD_FROM_FEATURES else None)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, w, bias = ctx.saved_tensors
-        dx, dw, db = _pass(_unit_last(x), w, bias, ctx.act, ctx.scale, g=g.contiguous())
+        x, w, bias, y = ctx.saved_tensors
+        dx, dw, db = _pass(_unit_last(x), w, bias, ctx.act, ctx.scale, g=g.contiguous(),
+                           feats=y)
         return dx, dw.to(ctx.dtypes[0]), (None if db is None else db.to(ctx.dtypes[1])), None, None
 
 

@@ -111,11 +111,19 @@ PASS_CASES = [CASES[1], CASES[3], CASES[5]]
 
 @pytest.mark.parametrize("mode,case,dtype",
                          [("kernel", c, dt) for c in CASES for dt in (torch.float32, torch.float16)]
-                         + [("pass", c, dt) for c in PASS_CASES for dt in (torch.float32, torch.float16)],
+                         + [(m, c, dt) for m in ("pass", "pass_from_y") for c in PASS_CASES
+                            for dt in (torch.float32, torch.float16)],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
     """mode "kernel": the features made inside the attention kernels; "pass": one Triton pass
-    writes them and the chunked kernel runs on them (large calls)."""
+    writes them and the chunked kernel runs on them (large calls); "pass_from_y": the same,
+    its backward reading the features instead of recomputing them
+    (projected.PASS_BWD_FROM_FEATURES)."""
+    from featattn.kernels import projected
+
+    if mode == "pass_from_y":
+        monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", True)
+        mode = "pass"
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
         dtype = torch.bfloat16 if dtype == torch.float16 else dtype
