@@ -86,43 +86,20 @@ def test_packed_equals_each_sequence_alone(fm, backend, dtype, lens):
 
 
 try:  # a user's elementwise map whose Triton form has no dphi_from_y
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _softplus_phi(x):
-        return tl.where(x > 15.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 15.0))))
-
-    @triton.jit
-    def _softplus_dphi(x, y):
-        return 1.0 / (1.0 + tl.exp(-x))
-except ImportError:  # pragma: no cover (the Triton tests skip)
-    triton = None
-
-
-def _register_softplus_without_dphi_from_y(name):
-    class SoftplusNoY(featattn.FeatureMap):
-        def output_dim(self, d):
-            return d
-
-        def forward(self, x):
-            return torch.nn.functional.softplus(x.float()).to(x.dtype)
-
-        def triton_elementwise(self):
-            return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi)
-
-    featattn.register_feature_map(name, override=True)(SoftplusNoY)
+    from user_maps import SoftplusXSlope
+except ImportError:  # pragma: no cover (no Triton: the test skips)
+    SoftplusXSlope = None
 
 
 @pytest.mark.parametrize("fm", ["elu", "test_softplus_no_y"])
 def test_packed_with_the_map_pass_equals_each_sequence_alone(fm, monkeypatch):
     """The map as a Triton pass (large calls' path): with dphi_from_y the slope applied by
     the backward kernel, without it the pass's own backward; states per sequence."""
-    if triton is None:
+    if SoftplusXSlope is None:
         pytest.skip("needs triton")
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
     if fm == "test_softplus_no_y":
-        _register_softplus_without_dphi_from_y(fm)
+        featattn.register_feature_map(fm, override=True)(SoftplusXSlope)
     _check([1, 63, 70, 5], fm, "triton", torch.float32)
 
 

@@ -21,47 +21,11 @@ from featattn.kernels import maps as M  # noqa: E402
 from helpers import (  # noqa: E402
     check_run, rand_qkv, rand_state, reference, run_and_grads, tolerance, compare_runs,
 )
+from user_maps import Softplus, SoftplusXSlope, softplus_dphi, softplus_dphi_y, softplus_phi  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 BUILTIN = ("elu", "relu", "identity", "squared_relu")
-
-
-@triton.jit
-def _softplus_phi(x):
-    return tl.where(x > 15.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 15.0))))
-
-
-@triton.jit
-def _softplus_dphi(x, y):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _softplus_dphi_y(y):
-    # sigmoid(x) = 1 - exp(-softplus(x))
-    return 1.0 - tl.exp(-y)
-
-
-class Softplus(featattn.FeatureMap):
-    """A user's map: softplus, with a Triton form (registered in the module fixture below)
-    whose slope also comes from the feature alone (dphi_from_y)."""
-
-    def output_dim(self, d):
-        return d
-
-    def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi, _softplus_dphi_y)
-
-    def forward(self, x):
-        return torch.nn.functional.softplus(x.float()).to(x.dtype)
-
-
-class SoftplusXSlope(Softplus):
-    """The same map without dphi_from_y: its pass keeps a backward pass of its own."""
-
-    def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi)
 
 
 @triton.jit
@@ -78,14 +42,14 @@ class WrongSoftplus(Softplus):
     """The same map with a wrong derivative in its Triton form: the checks must catch it."""
 
     def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _wrong_dphi, _softplus_dphi_y)
+        return featattn.ElementwiseTritonForm(softplus_phi, _wrong_dphi, softplus_dphi_y)
 
 
 class WrongSoftplusY(Softplus):
     """A right dphi(x, y) and a wrong dphi_from_y (what the pass's backward kernel uses)."""
 
     def triton_elementwise(self):
-        return featattn.ElementwiseTritonForm(_softplus_phi, _softplus_dphi, _wrong_dphi_y)
+        return featattn.ElementwiseTritonForm(softplus_phi, softplus_dphi, _wrong_dphi_y)
 
 
 @pytest.fixture(scope="module", autouse=True)
