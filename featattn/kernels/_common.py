@@ -480,25 +480,11 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
     def grads_with_graph(ctx, do, dkvT, dzT):
         """The backward as differentiable operations (see ``differentiable`` above)."""
         q, k, v, _o, _den, kv0, z0, cu = ctx.saved_tensors
-        inputs = (q, k, v, kv0, z0)
-        wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-        result = [None] * 11
-        if not wrt:
-            return tuple(result)
-        o2, kv2, z2 = differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps,
-                                     **map_kw(ctx.fmap, ctx.scale, cu))
-        outs, gouts = [], []
-        for out, g in ((o2, do), (kv2, _none_if_empty(dkvT)), (z2, _none_if_empty(dzT))):
-            if out is not None and g is not None:
-                outs.append(out)
-                gouts.append(g.to(out.dtype))
-        if not outs:
-            return tuple(result)
-        got = torch.autograd.grad(outs, [inputs[i] for i in wrt], gouts, create_graph=True,
-                                  allow_unused=True)
-        for i, g in zip(wrt, got):
-            result[i] = torch.zeros_like(inputs[i]) if g is None else g
-        return tuple(result)
+        return graph_backward(
+            ctx.needs_input_grad, (q, k, v, kv0, z0),
+            lambda: differentiable(q, k, v, kv0, z0, ctx.normalize, ctx.eps,
+                                   **map_kw(ctx.fmap, ctx.scale, cu)),
+            (do, _none_if_empty(dkvT), _none_if_empty(dzT)), 11)
 
     def grads(ctx, do, dkvT, dzT, bwd):
         if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
@@ -540,6 +526,31 @@ def register_attention_ops(name: str, forward: Callable, backward: Callable,
 
     op.custom_op = fwd_op
     return op
+
+
+def graph_backward(needs_input_grad, inputs, forward: Callable, cotangents, n_results: int):
+    """A custom autograd Function's backward as differentiable operations, for
+    ``create_graph=True`` (a gradient penalty, a Hessian-vector product): ``forward()``
+    recomputes the Function's outputs from ``inputs`` (its first inputs, tensors or None) with
+    differentiable torch operations, and their gradients against ``cotangents`` (one per
+    output; None for an unused one) come back as a graph.  Returns ``n_results`` gradients
+    (None past ``inputs`` and for inputs that need none; zeros where an input is unused)."""
+    result = [None] * n_results
+    wrt = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    if not wrt:
+        return tuple(result)
+    outs, gouts = [], []
+    for out, g in zip(forward(), cotangents):
+        if out is not None and g is not None:
+            outs.append(out)
+            gouts.append(g.to(out.dtype))
+    if not outs:
+        return tuple(result)
+    got = torch.autograd.grad(outs, [inputs[i] for i in wrt], gouts, create_graph=True,
+                              allow_unused=True)
+    for i, g in zip(wrt, got):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return tuple(result)
 
 
 def fill_state_half(normalize, kv0, z0, B, H, Dk, Dv, device):

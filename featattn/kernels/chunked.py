@@ -104,7 +104,7 @@ from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_half
 from ._common import register_attention_ops, row_dot
-from ._common import torch_forward
+from ._common import graph_backward, torch_forward
 from ._common import unit_last as _unit_last
 from ._common import batch_head, head_base, head_start, sequence_heads
 # a @ b with the fp32 precision named (Numerics above), shared with projected.py and window.py
@@ -844,7 +844,11 @@ class _MapPassAttention(torch.autograd.Function):
     def backward(ctx, do, dkvT, dzT):
         q, k, fq, fk, v, o, den, kv0, z0, cu = ctx.saved_tensors
         if torch.is_grad_enabled():  # a graph of the backward: differentiate the torch path
-            return _graph_grads(ctx, (q, k, v, kv0, z0), do, dkvT, dzT, cu)
+            return graph_backward(
+                ctx.needs_input_grad, (q, k, v, kv0, z0),
+                lambda: torch_forward()(q, k, v, kv0, z0, ctx.normalize, ctx.eps,
+                                        fmap=ctx.fmap, scale=ctx.scale, cu_seqlens=cu),
+                (do, dkvT, dzT), 11)
         if do is None:  # only the returned state is used
             B, H, T, _ = q.shape
             do = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -853,26 +857,6 @@ class _MapPassAttention(torch.autograd.Function):
             fq, fk, v, o, den, kv0, z0, _unit_last(do), dkvT, dzT, ctx.normalize,
             scale=ctx.scale, cu_seqlens=cu, dphi_y=form.dphi_from_y)
         return dq, dk, dv, dkv0, dz0, None, None, None, None, None, None
-
-
-def _graph_grads(ctx, inputs, do, dkvT, dzT, cu):
-    """_MapPassAttention's backward as differentiable torch operations (create_graph)."""
-    result = [None] * 11
-    wrt = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    o2, kv2, z2 = torch_forward()(*inputs, ctx.normalize, ctx.eps, fmap=ctx.fmap,
-                                  scale=ctx.scale, cu_seqlens=cu)
-    outs, gouts = [], []
-    for out, g in ((o2, do), (kv2, dkvT), (z2, dzT)):
-        if out is not None and g is not None:
-            outs.append(out)
-            gouts.append(g.to(out.dtype))
-    if not (wrt and outs):
-        return tuple(result)
-    got = torch.autograd.grad(outs, [inputs[i] for i in wrt], gouts, create_graph=True,
-                              allow_unused=True)
-    for i, g in zip(wrt, got):
-        result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
-    return tuple(result)
 
 
 def _shape_reason(Dk: int, Dv: int):
