@@ -132,14 +132,17 @@ KERNEL_LIMITS = {
 }
 
 def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple[int, int]:
-    """(BK, BV): one tile per dim up to 128 (Dk: ``max_bk``), padded to a power of two >= 16
-    (>= 32 for fp32).
+    """(BK, BV): one tile per dim up to 128 (Dk: ``max_bk``), padded to a power of two >= 32
+    on the GPU (>= 16 under the interpreter, to keep its tests small).
 
-    fp32 tiles of 16 are never used: on the H200 (triton 3.6) every autotune config of both
-    kernels hit an illegal memory access with fp32 inputs at Dk = Dv = 16 (the tf32x3
-    products on 16-wide tiles; benchmarks/gpu_configs.py), while 32-wide tiles, masked,
-    pass.  The padding costs nothing that matters at such small dims."""
-    low = 32 if dtype == torch.float32 and not _INTERPRET else 16
+    Tiles of 16 are never used on the GPU: on the H200 (triton 3.6) every autotune config of
+    both kernels hit an illegal memory access with fp32 inputs at Dk = Dv = 16 (the tf32x3
+    products on 16-wide tiles; benchmarks/gpu_configs.py), the projected kernels' backward
+    faulted on every launch with a 16-wide bf16 tile at BT 64 / 8 warps (a config this space
+    has too; benchmarks/gpu_faults.py), and a bf16 call at Dv = 16 with the map in the kernel
+    faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding costs nothing that
+    matters at such small dims."""
+    low = 16 if _INTERPRET else 32
     bk = min(max(low, next_pow2(Dk)), max(max_bk, low))
     bv = min(max(low, next_pow2(Dv)), _MAX_BV)
     return bk, bv
