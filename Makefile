@@ -28,14 +28,15 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # make gpu-test : on a machine with a CUDA GPU, after every kernel change.  The cuda-marked
-# tests with autotuning on, as users get it (FEATATTN_NO_AUTOTUNE would hide a bad config),
+# tests and the kernel test modules that move to the GPU when there is one (marked on_device
+# by tests/conftest.py: they run in bf16 there) with autotuning on, as users get it (FEATATTN_NO_AUTOTUNE would hide a bad config),
 # in parallel when pytest-xdist is installed, then the quick demo.  Uses .venv when it exists,
 # else the machine's python3 (a GPU box with torch and triton already installed).
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
 GPU_JOBS ?= 4
 gpu-test:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-test needs a CUDA GPU')"
-	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -rf -m cuda $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -rf -m "cuda or on_device" $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
 	PYTHONPATH=$(CURDIR) $(GPU_PY) -m featattn demo --quick
 
 bench: $(VENV)/.installed

@@ -46,9 +46,33 @@ def poison_kernel_outputs():
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # modules whose tests move to the GPU when there is one
+        if getattr(item.module, "DEV", None) in ("cuda", "cpu"):
+            item.add_marker(pytest.mark.on_device)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+_CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misaligned address",
+                 "illegal instruction")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A GPU fault (illegal memory access and the like) leaves the process's CUDA context
+    unusable, so every later test in it would fail too and hide which test faulted.  Name the
+    test and end the process: under pytest-xdist the controller reports that test as crashed
+    and starts a fresh worker for the rest."""
+    outcome = yield
+    if call.excinfo is None or not torch.cuda.is_available():
+        return
+    text = str(call.excinfo.value)
+    if any(s in text for s in _CONTEXT_LOST):
+        sys.stderr.write(f"\nCUDA context lost in {item.nodeid}: {text.splitlines()[0]}\n")
+        sys.stderr.flush()
+        os._exit(3)
+    del outcome

@@ -135,7 +135,7 @@ def test_map_runs_in_the_kernel_on_small_calls_or_split_t(monkeypatch):
     chunked kernel splits T into segments, else the pass; the switch forces either."""
     from featattn import dispatch
 
-    q = torch.randn(1, 2, 200, 16)
+    q = torch.randn(1, 2, 200, 16, device=DEV)
     path = lambda: featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path  # noqa: E731
     monkeypatch.setenv("FEATATTN_SEGMENT", "off")
     assert path() == "kernel"  # 400 rows
@@ -231,7 +231,7 @@ def test_map_pass_backward_runs_only_without_dphi_from_y(fm, own_backward, monke
 
 
 def test_select_kernel_says_why_a_map_is_not_fused():
-    q = k = v = torch.randn(1, 2, 8, 16)
+    q = k = v = torch.randn(1, 2, 8, 16, device=DEV)
     dpfp = featattn.select_kernel(q, k, v, feature_map="dpfp", backend="triton")
     assert not dpfp.map_fused and any("no elementwise Triton form" in r for r in dpfp.reasons)
     assert not featattn.select_kernel(q, k, v, backend="triton").map_fused  # no map at all
@@ -297,7 +297,7 @@ def test_map_pass_is_one_triton_pass_each_way():
 
 def test_fuse_maps_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", "yes")
-    q = k = v = torch.randn(1, 1, 4, 16)
+    q = k = v = torch.randn(1, 1, 4, 16, device=DEV)
     with pytest.raises(ValueError, match="FEATATTN_FUSE_MAPS must be"):
         featattn.select_kernel(q, k, v, feature_map="elu", backend="triton")
 

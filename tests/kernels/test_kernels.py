@@ -220,9 +220,9 @@ def test_input_errors_are_explained():
     with pytest.raises(ValueError, match="divide"):
         K.chunked_attention(q, k[:, :3], v[:, :3], normalize=True, eps=EPS)
     with pytest.raises(ValueError, match="initial_z"):
-        K.chunked_attention(q, k, v, normalize=False, eps=EPS, initial_z=torch.zeros(1, 4, 16))
+        K.chunked_attention(q, k, v, normalize=False, eps=EPS, initial_z=torch.zeros(1, 4, 16, device=DEV))
     with pytest.raises(ValueError, match="initial_kv"):
-        K.chunked_attention(q, k, v, normalize=True, eps=EPS, initial_kv=torch.zeros(1, 4, 16, 8))
+        K.chunked_attention(q, k, v, normalize=True, eps=EPS, initial_kv=torch.zeros(1, 4, 16, 8, device=DEV))
     with pytest.raises(TypeError, match="dtype"):
         K.chunked_attention(q, k.half(), v, normalize=True, eps=EPS)
     with pytest.raises(ValueError, match="4-D"):
@@ -376,7 +376,7 @@ def test_tolerance_table_covers_every_dtype():
 def test_reference_chunks_exactly():
     """The reference's chunked form (long T) equals its quadratic form."""
     q, k, v = make_inputs(1, 2, 1, 50, 8, 6, torch.float64, True, seed=4)
-    kv0, z0 = rand_state(1, 2, 8, 6, True, generator=5)
+    kv0, z0 = rand_state(1, 2, 8, 6, True, generator=5, device=DEV)
     whole = reference(q, k, v, initial_kv=kv0, initial_z=z0)
     parts = reference(q, k, v, initial_kv=kv0, initial_z=z0, chunk=16)
     for name, a, b in zip(("o", "kv", "z"), parts, whole):

@@ -185,9 +185,9 @@ def test_unsupported_reason_and_errors():
     assert "Dv=300" in TF.taylor_unsupported_reason(16, 300)
     q, k, v = make_inputs(1, 2, 2, 8, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="initial_kv"):
-        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_kv=torch.zeros(1, 2, 16, 16))
+        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_kv=torch.zeros(1, 2, 16, 16, device=DEV))
     with pytest.raises(ValueError, match="initial_z"):
-        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_z=torch.zeros(1, 2, 21))
+        TF.taylor_attention(q, k, v, normalize=False, eps=EPS, initial_z=torch.zeros(1, 2, 21, device=DEV))
     with pytest.raises(TypeError, match="dtype"):
         TF.taylor_attention(q, k.half(), v, normalize=False, eps=EPS)
     with pytest.raises(ValueError, match="divide"):
@@ -286,7 +286,7 @@ def test_chunked_form_without_state_matches_float64(monkeypatch):
 def test_parallel_form_rejects_state():
     q, k, v = make_inputs(1, 1, 1, 8, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="no initial state"):
-        TP._forward(q, k, v, True, EPS, torch.zeros(1, 1, 21, 16), None, False)
+        TP._forward(q, k, v, True, EPS, torch.zeros(1, 1, 21, 16, device=DEV), None, False)
 
 
 GPU_PAR_CASES = [
