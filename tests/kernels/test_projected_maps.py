@@ -111,18 +111,18 @@ PASS_CASES = [CASES[1], CASES[3], CASES[5]]
 
 @pytest.mark.parametrize("mode,case,dtype",
                          [("kernel", c, dt) for c in CASES for dt in (torch.float32, torch.float16)]
-                         + [(m, c, dt) for m in ("pass", "pass_from_y") for c in PASS_CASES
+                         + [(m, c, dt) for m in ("pass", "pass_recompute") for c in PASS_CASES
                             for dt in (torch.float32, torch.float16)],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
     """mode "kernel": the features made inside the attention kernels; "pass": one Triton pass
-    writes them and the chunked kernel runs on them (large calls); "pass_from_y": the same,
-    its backward reading the features instead of recomputing them
-    (projected.PASS_BWD_FROM_FEATURES)."""
+    writes them and the chunked kernel runs on them (large calls), its backward reading the
+    features (projected.PASS_BWD_FROM_FEATURES, the default); "pass_recompute": the same,
+    its backward recomputing them from x."""
     from featattn.kernels import projected
 
-    if mode == "pass_from_y":
-        monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", True)
+    monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", mode != "pass_recompute")
+    if mode == "pass_recompute":
         mode = "pass"
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
