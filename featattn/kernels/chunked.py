@@ -531,10 +531,17 @@ def _bwd_kernel(
                 b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
                 b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), TF32X3), 0.0)  # [s, t]
-            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dn = b_do.to(tl.float32) * b_r[:, None]
+            else:
+                b_dn = b_do
+            # dv first and stored at once: AT and dv are dead before dAT and dk are made
+            b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(b_k, dS, LOWP, TF32X3)
+            tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
+                     b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
+            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
+            if NORMALIZE:
                 if DELTA_O:
                     b_o = tl.load(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
                                   mask=mt[:, None] & mv[None, :], other=0.0)
@@ -543,10 +550,7 @@ def _bwd_kernel(
                     b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t,
                                     other=0.0) * b_r
                 dAT = dAT * b_r[None, :] + b_dd[None, :]
-            else:
-                b_dn = b_do
             dAT = tl.where(anti, dAT, 0.0)
-            b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(b_k, dS, LOWP, TF32X3)
             b_dk = _mm(dAT, b_q, LOWP, TF32X3) + _mm(b_v, tl.trans(dS), LOWP, TF32X3)
             if NORMALIZE:
                 b_dk += dz[None, :]
@@ -558,8 +562,6 @@ def _bwd_kernel(
                 b_dk = b_dk * DPHI_Y(b_k.to(tl.float32))
             tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_k[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
-            tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
-                     b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
         if HAS_INIT:
             first = (offs_k * 0 + i_s) == 0  # segment 0's program ends with d(initial state)
             tl.store(dkv0 + st_off + offs_k[:, None] * DV + offs_v[None, :], dS,
