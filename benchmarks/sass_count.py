@@ -15,6 +15,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op taylor --T 4096      # the chunked Taylor form
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
     python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
+    python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=1  # a module switch flipped
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
@@ -222,10 +223,19 @@ def main(argv=None):
     ap.add_argument("--config", type=int, default=0, help="which autotune config (index)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                     help="override the autotuned configs' values, e.g. BT=32 num_warps=8")
+    ap.add_argument("--const", nargs="*", default=[], metavar="MODULE.NAME=INT",
+                    help="set a featattn.kernels constant first, e.g. chunked.DEN_IN_MMA=1")
     ap.add_argument("--list", action="store_true", help="also list each launch's configs")
     ap.add_argument("--loops", type=int, default=2, help="loops to show per kernel")
     ap.add_argument("--top", type=int, default=10, help="opcodes to list per loop")
     a = ap.parse_args(argv)
+    for item in a.const:
+        target, value = item.split("=")
+        mod, attr = target.rsplit(".", 1)
+        module = __import__(f"featattn.kernels.{mod}", fromlist=[attr])
+        if not hasattr(module, attr):
+            raise SystemExit(f"--const {item}: featattn.kernels.{mod} has no {attr}")
+        setattr(module, attr, int(value))
     seen = set()
     print(f"{a.op} {a.dtype} {'plain' if a.plain else 'normalised'} map={a.map} B={a.B} "
           f"T={a.T} config #{a.config} (triton {triton.__version__}, sm_90a)")

@@ -248,7 +248,8 @@ def _fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
-    FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
+    DEN_LO: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -307,7 +308,19 @@ def _fwd_kernel(
                      mask=mk[:, None] & mv[None, :], other=0.0)
         if NORMALIZE:
             z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
-    KSUM_DOT: tl.constexpr = NORMALIZE and not TF32X3 and not FUSED
+    KSUM_DOT: tl.constexpr = NORMALIZE and not TF32X3 and not FUSED and not DEN_DOT
+    if DEN_DOT:
+        # (NORMALIZE, bf16 / fp16 features) the denominators as a [BT, BV] tile whose columns
+        # are all den_t, made on the tensor cores: A @ ones + q @ Zt, Zt [BK, BV] holding z
+        # in every column (accumulated as k^T @ ones: exact products, fp32 sums).  No row
+        # sum of A and no broadcast of z through shared memory in the chunk loop; den comes
+        # out in num's own layout (a max within each quad of lanes).  A enters as the same
+        # rounded operand as in num = A v.  With DEN_LO (bf16), Zt enters as two bf16 terms
+        # (hi + lo: ~16 significant bits), since z grows with T.  An elementwise 1 / den on
+        # the tile instead of the quad max measured 1182 instructions a chunk offline.
+        Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
+        ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
+        col0 = (tl.arange(0, BV) == 0)[None, :]
     if KSUM_DOT:
         # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
         # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
@@ -336,7 +349,12 @@ def _fwd_kernel(
         A = _dot_in(b_q, tl.trans(b_k), TF32X3)  # [BT, BT] fp32
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
-        if NORMALIZE:
+        if DEN_DOT:
+            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
+            if DEN_LO:
+                dt += tl.dot(b_q, (Zt - Zt.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16))
+            Zt += tl.dot(tl.trans(b_k), ones_v)
+        elif NORMALIZE:
             if KSUM_DOT:
                 z = tl.max(Z, axis=1)  # its columns are equal
             d = tl.sum(A, axis=1) + tl.sum(b_q.to(tl.float32) * z[None, :], axis=1)
@@ -347,7 +365,17 @@ def _fwd_kernel(
         S += _dot_in(tl.trans(b_k), b_v, TF32X3)
 
         o_ptr = o_base + t0 * sot_ + offs_t[:, None] * sot_ + offs_v[None, :]
-        if SPLIT_K:
+        if DEN_DOT:  # each row's den from the thread holding its column 0
+            d_ptr = d_base + t0 + offs_t[:, None] + 0 * offs_v[None, :]
+            if SPLIT_K:
+                tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+                tl.store(d_ptr, dt, mask=(mt & own_t)[:, None] & col0)
+            else:
+                d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
+                num = num * (1.0 / d)[:, None]
+                tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
+                tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+        elif SPLIT_K:
             tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
             if NORMALIZE:
                 tl.store(d_base + t0 + offs_t, d, mask=mt & own_t)
@@ -362,6 +390,8 @@ def _fwd_kernel(
 
     if KSUM_DOT:
         z = tl.max(Z, axis=1)
+    if DEN_DOT:
+        z = tl.max(Zt, axis=1)
     if STORE_FINAL:
         last = (offs_k * 0 + i_s) == NS - 1  # the last segment's program ends with the state
         tl.store(kvT + st_off + offs_k[:, None] * DV + offs_v[None, :], S,
@@ -570,7 +600,8 @@ def _bwd_kernel(
                 tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k & first)
 
 
-_fwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED"])(_fwd_kernel)
+_fwd = triton.autotune(configs=_configs(),
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(_fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
     _bwd_kernel)
 _seg = triton.autotune(configs=_configs(), key=["DK", "DV", "BWD", "HAS_Z", "FUSED"])(_seg_kernel)
@@ -586,6 +617,15 @@ SEG_ALIGN = 64
 #: _backward); faster than the delta kernel at every size measured (H200, B8 H16 D64 fwd+bwd:
 #: T = 1024 0.875 vs 0.925 ms, 16384 2.141 vs 2.172).  False (tests) keeps the delta kernel.
 DELTA_IN_KERNEL = True
+#: The normalised forward (bf16 / fp16 features, map not in the kernel) makes its denominators
+#: on the tensor cores as a tile in the output's layout (_fwd_kernel's DEN_DOT) instead of
+#: row reductions of A and q * z with z broadcast through shared memory (the normalised
+#: forward is latency-bound at ~1.9x the plain one).  Off until timed on the GPU (offline
+#: counts in docs/benchmarks.md, session 11: gpu_tune.py chunked --set chunked.DEN_IN_MMA=1).
+DEN_IN_MMA = False
+#: With DEN_IN_MMA and bf16: z enters q @ z as two bf16 terms (hi + lo, ~16 significant
+#: bits: z grows with T) instead of one; one more product, and the split, a chunk.
+DEN_IN_MMA_LO = True
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -715,6 +755,8 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
+        DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and not fused,
+        DEN_LO=DEN_IN_MMA and DEN_IN_MMA_LO and normalize and lowp and not fused,
     )
     den = den_buf if normalize else None
     if split_k:

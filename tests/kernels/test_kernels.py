@@ -99,6 +99,42 @@ def test_segments_match_float64(case, monkeypatch):
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
+# The normalised forward's denominators as a tensor-core tile (chunked.DEN_IN_MMA): fp16
+# here (bf16 on the GPU; fp32 keeps the reductions): one Dk tile, Dk tiled (partial
+# denominators), Dv tiled, grouped heads, states in and out, segments; z as one bf16 term or
+# two (hi + lo, DEN_IN_MMA_LO: bf16 only, so the GPU run).
+DEN_CASES = [
+    (1, 2, 2, 100, 32, 32, torch.float16, True, True, True, "bthd"),
+    (1, 3, 1, 64, 8, 20, torch.float16, True, False, True, "bthd"),
+    (1, 2, 1, 70, 130, 24, torch.float16, True, True, True, "bhtd"),     # Dk tiled
+    (1, 2, 2, 50, 20, 136, torch.float16, True, True, True, "bhtd"),     # Dv tiled
+]
+
+
+@pytest.mark.parametrize("lo", [True, False])
+@pytest.mark.parametrize("segments", ["off", "64"])
+@pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
+def test_denominators_on_the_tensor_cores_match_float64(case, segments, lo, monkeypatch):
+    monkeypatch.setattr(C, "DEN_IN_MMA", True)
+    monkeypatch.setattr(C, "DEN_IN_MMA_LO", lo)
+    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    if DEV == "cuda":
+        dtype = torch.bfloat16
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=7, device=DEV) if init else (None, None)
+    seen = []
+    real = C._fwd_kernel.run
+
+    def spy(*a, **kw):
+        seen.append(kw["DEN_DOT"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    assert seen and all(seen), seen
+
+
 # The backward with narrower Dk tiles than the forward (chunked.BWD_MAX_BK): each Dk tile a
 # program of its own, dv summed from fp32 partials.
 BWD_TILE_CASES = [
