@@ -365,11 +365,11 @@ def _fwd_kernel(
         S += _dot_in(tl.trans(b_k), b_v, TF32X3)
 
         o_ptr = o_base + t0 * sot_ + offs_t[:, None] * sot_ + offs_v[None, :]
-        if DEN_DOT:  # each row's den from the thread holding its column 0
-            d_ptr = d_base + t0 + offs_t[:, None] + 0 * offs_v[None, :]
-            if SPLIT_K:
+        if DEN_DOT:
+            if SPLIT_K:  # each row's partial den from the thread holding its column 0
                 tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-                tl.store(d_ptr, dt, mask=(mt & own_t)[:, None] & col0)
+                tl.store(d_base + t0 + offs_t[:, None] + 0 * offs_v[None, :], dt,
+                         mask=(mt & own_t)[:, None] & col0)
             else:
                 d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
                 num = num * (1.0 / d)[:, None]
