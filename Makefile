@@ -29,8 +29,9 @@ test: $(VENV)/.installed
 
 # make gpu-test : on a machine with a CUDA GPU, after every kernel change.  The cuda-marked
 # tests and the kernel test modules that move to the GPU when there is one (marked on_device
-# by tests/conftest.py: they run in bf16 there) with autotuning on, as users get it (FEATATTN_NO_AUTOTUNE would hide a bad config),
-# in parallel when pytest-xdist is installed, then the quick demo.  Uses .venv when it exists,
+# by tests/conftest.py: they run in bf16 there), with autotuning on, as users get it
+# (FEATATTN_NO_AUTOTUNE would hide a bad config), in parallel when pytest-xdist is
+# installed, then the quick demo.  Uses .venv when it exists,
 # else the machine's python3 (a GPU box with torch and triton already installed).
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
 GPU_JOBS ?= 4

@@ -47,7 +47,7 @@ def poison_kernel_outputs():
 
 def pytest_collection_modifyitems(config, items):
     for item in items:  # modules whose tests move to the GPU when there is one
-        if getattr(item.module, "DEV", None) in ("cuda", "cpu"):
+        if getattr(getattr(item, "module", None), "DEV", None) in ("cuda", "cpu"):
             item.add_marker(pytest.mark.on_device)
     if torch.cuda.is_available():
         return
@@ -67,12 +67,12 @@ def pytest_runtest_makereport(item, call):
     unusable, so every later test in it would fail too and hide which test faulted.  Name the
     test and end the process: under pytest-xdist the controller reports that test as crashed
     and starts a fresh worker for the rest."""
-    outcome = yield
+    yield
     if call.excinfo is None or not torch.cuda.is_available():
         return
     text = str(call.excinfo.value)
     if any(s in text for s in _CONTEXT_LOST):
-        sys.stderr.write(f"\nCUDA context lost in {item.nodeid}: {text.splitlines()[0]}\n")
+        first = (text.splitlines() or [""])[0]
+        sys.stderr.write(f"\nCUDA context lost in {item.nodeid}: {first}\n")
         sys.stderr.flush()
         os._exit(3)
-    del outcome
