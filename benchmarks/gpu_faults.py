@@ -7,7 +7,8 @@ with CUDA_LAUNCH_BLOCKING=1 runs ``linear_attention(..., feature_map=<Hedgehog>,
 return_state=True)`` with the map inside the kernels (bf16), then REPS backward launches (a
 fault can take more than one launch to show: the autotuner's timing launches found it).
 Prints one line per run: ok, or FAIL with the last marker reached (start / fwd-ok) and the
-error.  ``low`` pads every head-dim tile to at least that width (``projected._tiles``).
+error.  ``low``: the narrowest head-dim tile (``projected._tiles`` with its floor replaced:
+the package itself now never goes below 32 on the GPU).
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def worker(cfg, low, case, dtype):
     from featattn.feature_maps import HedgehogFeatureMap
     from featattn.kernels import projected, tuning
 
-    orig = projected._tiles
+    def tiles(D, F, Dv, pair, dt):  # projected._tiles with the narrowest tile ``low``
+        from featattn.kernels._common import next_pow2
 
-    def tiles(D, F, Dv, pair, dt):
-        bd, bf, bv = orig(D, F, Dv, pair, dt)
-        return max(bd, low), max(bf, low), max(bv, low)
+        bd, bf = max(low, next_pow2(D)), max(low, next_pow2(F))
+        cap = max(low, 8192 // (bf * (2 if pair else 1)))
+        return bd, bf, max(low, min(next_pow2(Dv), 128, cap))
 
     projected._tiles = tiles
     os.environ["FEATATTN_FUSE_MAPS"] = "kernel"

@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misaligned address",
-                 "illegal instruction")
+                 "illegal instruction", "device-side assert")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -66,7 +66,8 @@ def pytest_runtest_makereport(item, call):
     """A GPU fault (illegal memory access and the like) leaves the process's CUDA context
     unusable, so every later test in it would fail too and hide which test faulted.  Name the
     test and end the process: under pytest-xdist the controller reports that test as crashed
-    and starts a fresh worker for the rest."""
+    and starts a fresh worker for the rest (without xdist the run ends there, the test named
+    on stderr).  On a machine without CUDA it does nothing."""
     yield
     if call.excinfo is None or not torch.cuda.is_available():
         return

@@ -81,7 +81,7 @@ and 6.2 ms with rows padded to 288 elements (what taylor_features produces).  Th
 Dk=273 cost is the Dk split: three 128-wide tiles write fp32 partials that torch sums.
 
 Tiles: BK = min(128, next_pow2(Dk)) and BV = min(128, next_pow2(Dv)) (>= 16, as tl.dot
-needs; >= 32 for fp32, see `_tiles`), chosen by `_tiles` because they decide the buffers
+needs; >= 32 on the GPU, see `_tiles`), chosen by `_tiles` because they decide the buffers
 the wrapper allocates; the chunk length BT, num_warps and num_stages come from
 `triton.autotune`, keyed on (Dk, Dv) and the dtypes.  T is not specialised, so a new length does not recompile.
 Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
@@ -316,7 +316,8 @@ def _fwd_kernel(
         # sum of A and no broadcast of z through shared memory in the chunk loop; den comes
         # out in num's own layout (a max within each quad of lanes).  A enters as the same
         # rounded operand as in num = A v.  With DEN_LO (bf16), Zt enters as two bf16 terms
-        # (hi + lo: ~16 significant bits), since z grows with T.  An elementwise 1 / den on
+        # (hi + lo: ~16 significant bits), since z grows with T; fp16 inputs take the tf32
+        # product (~11 bits), as their q @ S does.  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
         Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
         ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
@@ -601,7 +602,8 @@ def _bwd_kernel(
 
 
 _fwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(_fwd_kernel)
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "DEN_LO"])(
+    _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
     _bwd_kernel)
 _seg = triton.autotune(configs=_configs(), key=["DK", "DV", "BWD", "HAS_Z", "FUSED"])(_seg_kernel)
