@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._common import PADDING_KWARG, _require_transformers
 from .attention import HFFeatureAttention
@@ -134,6 +135,34 @@ def _transfer_loss(attn, q, k, v, key_mask, target, kind: str) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else sum(parts)
 
 
+class _LinearWeightsXent(torch.autograd.Function):
+    """``-sum_s a_ts log s_ts + log sum_s s_ts`` per row [B, H, T] of weights ``s`` [B, H, T, T]
+    (differentiable) restricted to ``allowed``, under target weights ``a`` (0 off
+    ``allowed``, given as ``keep``, 1 there and 0 elsewhere): the cross-entropy part of the
+    transfer KL, with its gradient ``1 / sum_s s - a / s`` (0 off ``allowed``) written in one
+    buffer instead of autograd's
+    chain of masks, clamps, logs and sums over [B, H, T, T] tensors (CPU transfer, the
+    example's sizes: see docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, s, a, keep):
+        s = s * keep  # keep: 1 on `allowed`, else 0
+        tiny = torch.finfo(s.dtype).tiny
+        total = s.sum(-1).clamp_min_(tiny)
+        # a = 0 off `allowed`, where the clamped log is finite: those terms are 0
+        out = total.log() - torch.linalg.vecdot(a, s.clamp_min(tiny).log_())
+        ctx.save_for_backward(s, a, keep, total)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, a, keep, total = ctx.saved_tensors
+        g = s.clamp_min(torch.finfo(s.dtype).tiny)
+        torch.div(a, g, out=g).neg_().add_(total.reciprocal()[..., None]).mul_(grad[..., None])
+        return g.mul_(keep), None, None
+
+
 def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     """Hedgehog's attention-weight loss: cross-entropy between the softmax weights (target, no
     grad) and the normalised linear weights ``phi(q_t).phi(k_s) / sum_s' phi(q_t).phi(k_s')``,
@@ -159,27 +188,37 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         x = x.reshape(B, Hkv, g * T, x.shape[-1])
         return (x @ y.transpose(-1, -2)).view(B, H, T, T)
 
+    # Masks as multiplicative (0 / 1) and additive (0 / -inf) tensors: a broadcast multiply or
+    # add is ~8x cheaper than masked_fill on the CPU, and nothing here takes exp of finite
+    # numbers so negative they underflow (30x slower there than exp of -inf).
+    keep = allowed.to(dt)
+    block = torch.zeros_like(keep).masked_fill_(~allowed, float("-inf"))
     with torch.no_grad():
         logits = scores(q.to(dt), k.to(dt)) * attn.scaling
-        log_a = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-        a = log_a.exp()
-        # sum_s a log a over the allowed keys: the KL's constant part, kept so the loss reads 0
-        # at a fit (torch.special.xlogy, which would skip a = 0 itself, is 4x slower on CPU)
-        negent = torch.where(allowed, a * log_a, 0.0).sum(-1)
+        masked = logits + block
+        log_a = masked.log_softmax(-1)
+        a = masked.softmax(-1)  # 0 off `allowed` (cheaper than exp(log_a) over the -inf)
+        # sum_s a log a = sum_s a logits - lse (sum_s a = 1; a = 0 off `allowed`), with
+        # lse_t = logits_tt - log_a_tt from the diagonal, always allowed and finite in log space
+        diag = torch.diagonal(logits, dim1=-2, dim2=-1) - torch.diagonal(log_a, dim1=-2, dim2=-1)
+        negent = torch.linalg.vecdot(a, logits) - diag  # the KL's constant part: 0 at a fit
     fm = attn.feature_map
     fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
-    s = scores(fq, fm.forward_key(k).to(dt)).masked_fill(~allowed, 0.0)
+    s = scores(fq, fm.forward_key(k).to(dt))
     if attn.window:  # the hybrid's weights: f exp(a - m) in the window, (1 - f) phi.phi before
         t = torch.arange(T, device=q.device)
         in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - attn.window)
-        win = logits.masked_fill(~(allowed & in_window), float("-inf"))
-        e = torch.exp(win - win.amax(-1, keepdim=True))
+        with torch.no_grad():
+            # e = exp(win - m), written as softmax(win) exp(lse - m): most of win is -inf,
+            # where exp is slow and softmax is not (lse from the diagonal, as above)
+            win = masked.masked_fill(~in_window, float("-inf"))
+            lse_w = (torch.diagonal(win, dim1=-2, dim2=-1)
+                     - torch.diagonal(win.log_softmax(-1), dim1=-2, dim2=-1))
+            e = win.softmax(-1).mul_(torch.exp(lse_w - win.amax(-1))[..., None])
         f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
-        s = torch.lerp(s.masked_fill(in_window, 0.0), e, f)  # (1 - f) phi.phi + f e
-    tiny = torch.finfo(dt).tiny
-    # KL_t = sum_s a log a - sum_s a log s + log sum_s s  (sum_s a = 1; a = 0 off `allowed`,
-    # where the clamped log is finite: those terms are 0, with no gradient)
-    kl = negent - (a * s.clamp_min(tiny).log()).sum(-1) + s.sum(-1).clamp_min(tiny).log()  # [B, H, T]
+        s = torch.lerp(s * (~in_window).to(dt), e, f)  # (1 - f) phi.phi + f e
+    # KL_t = sum_s a log a - sum_s a log s + log sum_s s, s the weights on `allowed` only
+    kl = negent + _LinearWeightsXent.apply(s, a, keep)  # [B, H, T]
     return _masked_mean(kl, key_mask)
 
 

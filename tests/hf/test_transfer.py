@@ -132,6 +132,66 @@ def test_xent_is_the_kl_of_the_attention_weights():
     assert got.item() > 0
 
 
+def _kl_by_autograd(attn, q, k, key_mask):
+    """The transfer KL written directly (weights normalised, logs taken, masked with where),
+    differentiated by autograd: what _attention_kl's hand-written pieces must equal."""
+    B, H, T, _ = q.shape
+    g = H // k.shape[1]
+    kk = k.repeat_interleave(g, 1)
+    t = torch.arange(T)
+    allowed = (t[None, :] <= t[:, None])[None, None].expand(B, H, T, T)
+    real = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask.bool()
+    allowed = (allowed & real[:, None, None, :]) | (torch.eye(T, dtype=torch.bool) & ~real[:, None, :, None])
+    logits = (q @ kk.transpose(-1, -2)) * attn.scaling
+    a = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    fm = attn.feature_map
+    fk = fm.forward_key(k).repeat_interleave(g, 1)
+    s = fm.forward_query(q * attn.q_scale) @ fk.transpose(-1, -2)
+    if attn.window:
+        inw = allowed & (t[None, :] > t[:, None] - attn.window)
+        win = logits.masked_fill(~inw, float("-inf")).detach()
+        e = torch.exp(win - win.amax(-1, keepdim=True))
+        f = torch.sigmoid(attn.window_logit).view(1, H, 1, 1)
+        s = torch.where(inw, f * e, (1 - f) * s)
+    s = torch.where(allowed, s, 0.0)
+    p = s / s.sum(-1, keepdim=True)
+    kl = torch.where(allowed, a * (a.clamp_min(1e-300).log() - p.clamp_min(1e-300).log()), 0.0)
+    kl = kl.sum(-1)
+    w = real[:, None, :].to(kl.dtype).expand_as(kl)
+    return (kl * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_xent_value_and_gradients_match_autograd(window, padded):
+    """_attention_kl's value and the gradients of the map's parameters (and of the mixing
+    weight) against the KL written directly, float64, grouped heads, padding, a window."""
+    model = make_model(layers=1, dtype=torch.float64)
+    patch_hf_model(model, "hedgehog", feature_map_kwargs={"feature_dim": 4}, window=window)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[0, :3] = 0
+        mask[1, 7:] = 0
+    params = [p for n, p in attn.named_parameters()
+              if n.startswith("feature_map") or n == "window_logit"]
+    assert params
+    got = hf._attention_kl(attn, q, k, mask)
+    g_got = torch.autograd.grad(got, params)
+    want = _kl_by_autograd(attn, q, k, mask)
+    g_want = torch.autograd.grad(want, params)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
 def test_padding_is_left_out_of_the_loss():
     ids = batches(n=1, B=3, T=12)[0]
     mask = torch.ones_like(ids)
