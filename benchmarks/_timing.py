@@ -1,5 +1,5 @@
-"""Timing helpers shared by the GPU benchmark scripts (the methodology docs/benchmarks.md
-records: triton.testing.do_bench median, 50 ms warm-up, 300 ms of repetitions)."""
+"""Helpers shared by the benchmark scripts: timing (the methodology docs/benchmarks.md records:
+triton.testing.do_bench median, 50 ms warm-up, 300 ms of repetitions) and switch setting."""
 
 import torch
 
@@ -49,3 +49,17 @@ def peak_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def set_constants(items) -> None:
+    """Apply ``MODULE.NAME=INT`` settings to featattn.kernels modules (``chunked.DEN_IN_MMA=1``):
+    the switches the benchmark scripts' ``--set`` / ``--const`` options flip before a run."""
+    import importlib
+
+    for item in items:
+        target, value = item.split("=")
+        mod, attr = target.rsplit(".", 1)
+        module = importlib.import_module(f"featattn.kernels.{mod}")
+        if not hasattr(module, attr):
+            raise ValueError(f"{item}: featattn.kernels.{mod} has no {attr}")
+        setattr(module, attr, int(value))

@@ -110,23 +110,15 @@ def _check(name):
 
 
 def worker(tree, sets, names):
-    import importlib
-
     sys.path[:0] = [os.path.abspath(tree), str(HERE)]
     import torch
 
     import featattn
-    from _timing import bench
+    from _timing import bench, set_constants
 
     if not featattn.__file__.startswith(os.path.abspath(tree)):
         raise SystemExit(f"imported featattn from {featattn.__file__}, not from {tree}")
-    for item in sets:
-        target, value = item.split("=")
-        mod, attr = target.rsplit(".", 1)
-        module = importlib.import_module(f"featattn.kernels.{mod}")
-        if not hasattr(module, attr):
-            raise SystemExit(f"{item}: featattn.kernels.{mod} has no {attr}")
-        setattr(module, attr, int(value))
+    set_constants(sets)
     out = {}
     for name in names:
         err = _check(name)

@@ -93,19 +93,6 @@ def _check(family, fm, dk=64):
     return max(_rel(a, b) for a, b in zip(got, want))
 
 
-def _apply_sets(sets):
-    """``module.NAME=int`` settings of featattn.kernels modules (e.g. chunked.BWD_MAX_BK=64)."""
-    import importlib
-
-    for item in sets:
-        target, value = item.split("=")
-        mod, attr = target.rsplit(".", 1)
-        module = importlib.import_module(f"featattn.kernels.{mod}")
-        if not hasattr(module, attr):
-            raise ValueError(f"--set {item}: featattn.kernels.{mod} has no {attr}")
-        setattr(module, attr, int(value))
-
-
 def worker(family, cfg, Ts, lock_path, dk=64, sets=()):
     import torch
     import torch.nn.functional as F
@@ -115,9 +102,9 @@ def worker(family, cfg, Ts, lock_path, dk=64, sets=()):
     import featattn
     from featattn.feature_maps import HedgehogFeatureMap
     from featattn.kernels import tuning
-    from _timing import bench
+    from _timing import bench, set_constants
 
-    _apply_sets(sets)
+    set_constants(sets)
 
     os.environ["FEATATTN_FUSE_MAPS"] = "pass" if family == "projection_pass" else "kernel"
     hedgehog = family != "chunked"

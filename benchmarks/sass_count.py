@@ -229,13 +229,9 @@ def main(argv=None):
     ap.add_argument("--loops", type=int, default=2, help="loops to show per kernel")
     ap.add_argument("--top", type=int, default=10, help="opcodes to list per loop")
     a = ap.parse_args(argv)
-    for item in a.const:
-        target, value = item.split("=")
-        mod, attr = target.rsplit(".", 1)
-        module = __import__(f"featattn.kernels.{mod}", fromlist=[attr])
-        if not hasattr(module, attr):
-            raise SystemExit(f"--const {item}: featattn.kernels.{mod} has no {attr}")
-        setattr(module, attr, int(value))
+    from _timing import set_constants
+
+    set_constants(a.const)
     seen = set()
     print(f"{a.op} {a.dtype} {'plain' if a.plain else 'normalised'} map={a.map} B={a.B} "
           f"T={a.T} config #{a.config} (triton {triton.__version__}, sm_90a)")
