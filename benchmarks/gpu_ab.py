@@ -52,8 +52,8 @@ def _make(name, B, H, T, D, device="cuda"):
     import featattn
     from featattn.feature_maps import HedgehogFeatureMap
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: fast
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
     if name in ("features", "plain", "wide"):
         w = 2 * D if name == "wide" else D
@@ -68,7 +68,7 @@ def _make(name, B, H, T, D, device="cuda"):
     fm = HedgehogFeatureMap(D, heads=H).to(device)
     with torch.no_grad():
         for p in fm.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g).to(device))
+            p.add_(0.2 * rnd(*p.shape))
     return (lambda a, b, c, fm=fm: featattn.linear_attention(a, b, c, feature_map=fm)), \
         [q, k, v], fm
 
