@@ -138,9 +138,9 @@ def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple
     Tiles of 16 are never used on the GPU: on the H200 (triton 3.6) every autotune config of
     both kernels hit an illegal memory access with fp32 inputs at Dk = Dv = 16 (the tf32x3
     products on 16-wide tiles; benchmarks/gpu_configs.py), the projected kernels' backward
-    faulted on every launch with a 16-wide bf16 tile at BT 64 / 8 warps (a config this space
-    has too; benchmarks/gpu_faults.py), and a bf16 call at Dv = 16 with the map in the kernel
-    faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding costs nothing that
+    faulted within repeated launches with a 16-wide bf16 tile at BT 64 / 8 warps (a config
+    this space has too; benchmarks/gpu_faults.py), and a bf16 call at Dv = 16 with the map
+    in the kernel faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding costs nothing that
     matters at such small dims."""
     low = 16 if _INTERPRET else 32
     bk = min(max(low, next_pow2(Dk)), max(max_bk, low))

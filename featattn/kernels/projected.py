@@ -488,8 +488,8 @@ _BWD = _common.TunedLaunch(_bwd, "projected_bwd")
 # --------------------------------------------------------------------------- wrappers
 def _tiles(D: int, F: int, Dv: int, pair: bool, dtype) -> tuple[int, int, int]:
     # Tiles narrower than 32 only under the interpreter.  On the H200 (triton 3.6) the
-    # backward kernel with a 16-wide D tile at BT 64 / 8 warps faults (illegal memory access,
-    # every launch, bf16; fp32 likewise faulted at 16-wide tiles); with 32-wide tiles every
+    # backward kernel with a 16-wide D tile at BT 64 / 8 warps faults (illegal memory access
+    # within 300 launches, bf16; fp32 faulted at 16-wide tiles too); with 32-wide tiles every
     # config of the space runs (benchmarks/gpu_faults.py, docs/benchmarks.md).
     low = 16 if _INTERPRET else 32
     bd = max(low, next_pow2(D))
