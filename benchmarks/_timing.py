@@ -52,7 +52,7 @@ def peak_mib(fn) -> float:
 
 
 def set_constants(items) -> None:
-    """Apply ``MODULE.NAME=INT`` settings to featattn.kernels modules (``chunked.DEN_IN_MMA=1``):
+    """Apply ``MODULE.NAME=INT`` settings to featattn.kernels modules (``chunked.DEN_IN_MMA=0``):
     the switches the benchmark scripts' ``--set`` / ``--const`` options flip before a run."""
     import importlib
 

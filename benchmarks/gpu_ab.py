@@ -3,7 +3,7 @@
     mkdir ab_old && git archive <ref> featattn | tar -x -C ab_old   # an old tree (git-ignored:
                                                                     # name it in the device's carry)
     python3 benchmarks/gpu_ab.py ab_old .                 # old tree vs the working tree
-    python3 benchmarks/gpu_ab.py . .:chunked.DEN_IN_MMA=1 .:chunked.DEN_IN_MMA=1,chunked.DEN_IN_MMA_LO=0
+    python3 benchmarks/gpu_ab.py . .:chunked.DEN_IN_MMA=0 .:chunked.DEN_IN_MMA_MAX_BK=128
     python3 benchmarks/gpu_ab.py ab_old . --rounds 3 --only elu features
 
 Each variant is ``TREE[:MODULE.NAME=INT,...]``: a directory holding ``featattn/`` (``.`` the

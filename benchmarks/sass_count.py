@@ -15,7 +15,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op taylor --T 4096      # the chunked Taylor form
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
     python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
-    python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=1  # a module switch flipped
+    python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=0  # a module switch flipped
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
@@ -224,7 +224,7 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                     help="override the autotuned configs' values, e.g. BT=32 num_warps=8")
     ap.add_argument("--const", nargs="*", default=[], metavar="MODULE.NAME=INT",
-                    help="set a featattn.kernels constant first, e.g. chunked.DEN_IN_MMA=1")
+                    help="set a featattn.kernels constant first, e.g. chunked.DEN_IN_MMA=0")
     ap.add_argument("--list", action="store_true", help="also list each launch's configs")
     ap.add_argument("--loops", type=int, default=2, help="loops to show per kernel")
     ap.add_argument("--top", type=int, default=10, help="opcodes to list per loop")

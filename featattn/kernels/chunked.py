@@ -249,7 +249,6 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
-    DEN_LO: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -315,9 +314,9 @@ def _fwd_kernel(
         # in every column (accumulated as k^T @ ones: exact products, fp32 sums).  No row
         # sum of A and no broadcast of z through shared memory in the chunk loop; den comes
         # out in num's own layout (a max within each quad of lanes).  A enters as the same
-        # rounded operand as in num = A v.  With DEN_LO (bf16), Zt enters as two bf16 terms
-        # (hi + lo: ~16 significant bits), since z grows with T; fp16 inputs take the tf32
-        # product (~11 bits), as their q @ S does.  An elementwise 1 / den on
+        # rounded operand as in num = A v, and Zt as q @ S takes S (one bf16 / tf32 operand:
+        # the bf16 error at T = 65536 stays 1.98e-3, as with the row sums; z as two bf16
+        # terms, hi + lo, measured slower and no more accurate).  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
         Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
         ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
@@ -352,8 +351,6 @@ def _fwd_kernel(
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if DEN_DOT:
             dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
-            if DEN_LO:
-                dt += tl.dot(b_q, (Zt - Zt.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16))
             Zt += tl.dot(tl.trans(b_k), ones_v)
         elif NORMALIZE:
             if KSUM_DOT:
@@ -602,7 +599,7 @@ def _bwd_kernel(
 
 
 _fwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "DEN_LO"])(
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(
     _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
     _bwd_kernel)
@@ -619,15 +616,14 @@ SEG_ALIGN = 64
 #: _backward); faster than the delta kernel at every size measured (H200, B8 H16 D64 fwd+bwd:
 #: T = 1024 0.875 vs 0.925 ms, 16384 2.141 vs 2.172).  False (tests) keeps the delta kernel.
 DELTA_IN_KERNEL = True
-#: The normalised forward (bf16 / fp16 features, map not in the kernel) makes its denominators
-#: on the tensor cores as a tile in the output's layout (_fwd_kernel's DEN_DOT) instead of
-#: row reductions of A and q * z with z broadcast through shared memory (the normalised
-#: forward is latency-bound at ~1.9x the plain one).  Off until timed on the GPU (offline
-#: counts in docs/benchmarks.md, session 11: gpu_tune.py chunked --set chunked.DEN_IN_MMA=1).
-DEN_IN_MMA = False
-#: With DEN_IN_MMA and bf16: z enters q @ z as two bf16 terms (hi + lo, ~16 significant
-#: bits: z grows with T) instead of one; one more product, and the split, a chunk.
-DEN_IN_MMA_LO = True
+#: The normalised forward (bf16 / fp16 features, map not in the kernel, key tile at most
+#: DEN_IN_MMA_MAX_BK wide) makes its denominators on the tensor cores as a tile in the
+#: output's layout (_fwd_kernel's DEN_DOT) instead of row reductions of A and q * z with z
+#: broadcast through shared memory.  H200, B8 H16 T16384 bf16, forward (gpu_ab.py, two
+#: alternated rounds): D64 features 0.531 -> 0.493 ms, elu op 0.788 -> 0.747; but 128-wide
+#: features 0.871 -> 1.018, hence the width limit (docs/benchmarks.md, session 12).
+DEN_IN_MMA = True
+DEN_IN_MMA_MAX_BK = 64
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -757,8 +753,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
-        DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and not fused,
-        DEN_LO=DEN_IN_MMA and DEN_IN_MMA_LO and normalize and lowp and not fused,
+        DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and not fused and BK <= DEN_IN_MMA_MAX_BK,
     )
     den = den_buf if normalize else None
     if split_k:

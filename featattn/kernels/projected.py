@@ -121,24 +121,17 @@ def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, TF32X3: tl.co
 
 
 @triton.jit
-def _act(lg, keep, mf, ACT: tl.constexpr, BASE2: tl.constexpr = False):
+def _act(lg, keep, mf, ACT: tl.constexpr):
     """The features (fp32) of logits l [BT, BF]: (a, b), b unused for one-half maps; 0 where
-    ``keep`` ([BT, BF]: real row and column) is off.  BASE2: ``lg`` is l log2(e) (the
-    softmaxes take exp2 of it; relu ignores it)."""
+    ``keep`` ([BT, BF]: real row and column) is off."""
     if ACT == 0:
         lp = tl.where(mf[None, :], lg, float("-inf"))
         # a reciprocal per row, then products, not a tile of IEEE divisions (offline, sm_90a:
         # the pass's forward loop 1343 -> 1225 instructions a 64-row tile)
-        if BASE2:
-            ep = tl.exp2(lp - tl.max(lp, axis=1)[:, None])
-        else:
-            ep = tl.exp(lp - tl.max(lp, axis=1)[:, None])
+        ep = tl.exp(lp - tl.max(lp, axis=1)[:, None])
         a = ep * (1.0 / tl.sum(ep, axis=1))[:, None]
         ln = tl.where(mf[None, :], -lg, float("-inf"))
-        if BASE2:
-            en = tl.exp2(ln - tl.max(ln, axis=1)[:, None])
-        else:
-            en = tl.exp(ln - tl.max(ln, axis=1)[:, None])
+        en = tl.exp(ln - tl.max(ln, axis=1)[:, None])
         b = en * (1.0 / tl.sum(en, axis=1))[:, None]
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
@@ -711,10 +704,6 @@ _PASS_ROWS = 1024  # tokens per program: weight partials are [B, H, cdiv(T, 1024
 #: (offline, sm_90a, bf16, BT 64: 2105 -> 1148 a tile).  On the H200 the Hedgehog op's
 #: fwd+bwd at B8 H16 T16384 went 6.94 -> 6.68 ms (docs/benchmarks.md, session 11).
 PASS_BWD_FROM_FEATURES = True
-#: The pass's logits for bf16 / fp16 x as two products in x's dtype (the fp32 weight split
-#: into hi + lo: more exact than the tf32 product) with the scale and, for the softmax pair,
-#: log2(e) folded into the weight (_pass_kernel's SPLIT_W).  Off until timed on the GPU.
-PASS_FAST_LOGITS = False
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -722,8 +711,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
                  sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr,
-                 FAST_LOGITS: tl.constexpr):
+                 TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr):
     """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
     Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
     g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
@@ -741,21 +729,6 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
     wt = _load_w(w + i_w * D * F, offs_d, offs_f, md, mf, F)
     x_base = head_start(x, i_b, i_h, sxb, sxh)
     row0 = i_bh.to(tl.int64) * T
-    SPLIT_W: tl.constexpr = FAST_LOGITS and not TF32X3 and not FROM_Y
-    if SPLIT_W:
-        # bf16 / fp16 x: the logits as x @ w_hi + x @ w_lo, both halves in x's dtype (~16
-        # significant bits of the fp32 weight, where a tf32 product keeps 11), scale folded
-        # into the weight and, for the softmax pair, log2(e) into weight and bias so the
-        # activation takes exp2 directly: no fp32 copy of x, no per-element scaling.
-        c = scale * 1.4426950408889634 if ACT == 0 else scale
-        ws = wt * c
-        w_hi = ws.to(x.dtype.element_ty)
-        w_lo = (ws - w_hi.to(tl.float32)).to(x.dtype.element_ty)
-        bs = tl.zeros([BF], dtype=tl.float32)
-        if HAS_BIAS:
-            bs = tl.load(bias + i_w * F + offs_f, mask=mf, other=0.0).to(tl.float32)
-            if ACT == 0:
-                bs = bs * 1.4426950408889634
     dW = tl.zeros([BD, BF], dtype=tl.float32)
     dB = tl.zeros([BF], dtype=tl.float32)
     for r in range(i_r * ROWS, tl.minimum(T, (i_r + 1) * ROWS), BT):
@@ -771,9 +744,6 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             if PAIR:
                 b = tl.load(y + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             lg = a  # relu's slope: l > 0 exactly where relu(l) > 0
-        elif SPLIT_W:
-            lg = tl.dot(xt, w_hi) + tl.dot(xt, w_lo) + bs[None, :]  # (log2 e) l for the pair
-            a, b = _act(lg, keep, mf, ACT, BASE2=True)
         else:
             lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
             a, b = _act(lg, keep, mf, ACT)
@@ -825,8 +795,7 @@ def _pass(x, w, bias, act, scale, g=None, feats=None):
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
-        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None,
-        FAST_LOGITS=PASS_FAST_LOGITS)
+        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None)
     if not bwd:
         return y
     hw = w.shape[0]
@@ -844,7 +813,7 @@ def _pass_configs():
 
 
 _PASS = _common.TunedLaunch(triton.autotune(
-    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y", "FAST_LOGITS"])(_pass_kernel),
+    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y"])(_pass_kernel),
     "projection_pass")
 
 

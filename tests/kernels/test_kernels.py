@@ -99,10 +99,10 @@ def test_segments_match_float64(case, monkeypatch):
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
 
 
-# The normalised forward's denominators as a tensor-core tile (chunked.DEN_IN_MMA): fp16
-# here (bf16 on the GPU; fp32 keeps the reductions): one Dk tile, Dk tiled (partial
-# denominators), Dv tiled, grouped heads, states in and out, segments; z as one bf16 term or
-# two (hi + lo, DEN_IN_MMA_LO: bf16 only, so the GPU run).
+# The normalised forward's denominators as a tensor-core tile (chunked.DEN_IN_MMA, the
+# default for key tiles <= 64 wide; the width limit lifted here) or as row reductions:
+# fp16 here (bf16 on the GPU; fp32 keeps the reductions): one Dk tile, Dk tiled (partial
+# denominators), Dv tiled, grouped heads, states in and out, segments.
 DEN_CASES = [
     (1, 2, 2, 100, 32, 32, torch.float16, True, True, True, "bthd"),
     (1, 3, 1, 64, 8, 20, torch.float16, True, False, True, "bthd"),
@@ -111,12 +111,12 @@ DEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("lo", [True, False])
+@pytest.mark.parametrize("in_mma", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_denominators_on_the_tensor_cores_match_float64(case, segments, lo, monkeypatch):
-    monkeypatch.setattr(C, "DEN_IN_MMA", True)
-    monkeypatch.setattr(C, "DEN_IN_MMA_LO", lo)
+def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, monkeypatch):
+    monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
+    monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
     if DEV == "cuda":
@@ -132,7 +132,25 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, lo, monk
 
     monkeypatch.setattr(C._fwd_kernel, "run", spy)
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
-    assert seen and all(seen), seen
+    assert seen and all(x == in_mma for x in seen), seen
+
+
+def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch):
+    # 128-wide key tiles keep the row reductions (measured slower with the tile)
+    seen = []
+    real = C._fwd_kernel.run
+
+    def spy(*a, **kw):
+        seen.append((kw["BK"], kw["DEN_DOT"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    for Dk in (32, 128):
+        q, k, v = make_inputs(1, 1, 1, 40, Dk, 16, dtype, True, "bhtd", seed=Dk)
+        C.chunked_attention(q, k, v, normalize=True, eps=1e-6)
+    assert [(bk <= C.DEN_IN_MMA_MAX_BK) == dot for bk, dot in seen] == [True, True], seen
+    assert [dot for _, dot in seen] == [True, False], seen
 
 
 # The backward with narrower Dk tiles than the forward (chunked.BWD_MAX_BK): each Dk tile a

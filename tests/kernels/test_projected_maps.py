@@ -111,7 +111,7 @@ PASS_CASES = [CASES[1], CASES[3], CASES[5]]
 
 @pytest.mark.parametrize("mode,case,dtype",
                          [("kernel", c, dt) for c in CASES for dt in (torch.float32, torch.float16)]
-                         + [(m, c, dt) for m in ("pass", "pass_recompute", "pass_fast")
+                         + [(m, c, dt) for m in ("pass", "pass_recompute")
                             for c in PASS_CASES
                             for dt in (torch.float32, torch.float16)],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
@@ -119,14 +119,11 @@ def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
     """mode "kernel": the features made inside the attention kernels; "pass": one Triton pass
     writes them and the chunked kernel runs on them (large calls), its backward reading the
     features (projected.PASS_BWD_FROM_FEATURES, the default); "pass_recompute": the same,
-    its backward recomputing them from x; "pass_fast": that, with the logits as two products
-    in the input dtype (projected.PASS_FAST_LOGITS; fp32 inputs keep tf32x3), forward and
-    backward."""
+    its backward recomputing them from x."""
     from featattn.kernels import projected
 
     monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", mode == "pass")
-    monkeypatch.setattr(projected, "PASS_FAST_LOGITS", mode == "pass_fast")
-    if mode in ("pass_recompute", "pass_fast"):
+    if mode == "pass_recompute":
         mode = "pass"
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
