@@ -249,6 +249,7 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
+    DEN_W: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -318,9 +319,9 @@ def _fwd_kernel(
         # the bf16 error at T = 65536 stays 1.98e-3, as with the row sums; z as two bf16
         # terms, hi + lo, measured slower and no more accurate).  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
-        Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
-        ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
-        col0 = (tl.arange(0, BV) == 0)[None, :]
+        Zt = z[:, None] + tl.zeros([BK, DEN_W], dtype=tl.float32)
+        ones_v = tl.full([BT, DEN_W], 1.0, dtype=k.dtype.element_ty)
+        col0 = (tl.arange(0, DEN_W) == 0)[None, :]
     if KSUM_DOT:
         # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
         # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
@@ -350,7 +351,7 @@ def _fwd_kernel(
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if DEN_DOT:
-            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
+            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, DEN_W]
             Zt += tl.dot(tl.trans(b_k), ones_v)
         elif NORMALIZE:
             if KSUM_DOT:
@@ -366,7 +367,7 @@ def _fwd_kernel(
         if DEN_DOT:
             if SPLIT_K:  # each row's partial den from the thread holding its column 0
                 tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-                tl.store(d_base + t0 + offs_t[:, None] + 0 * offs_v[None, :], dt,
+                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, DEN_W)[None, :], dt,
                          mask=(mt & own_t)[:, None] & col0)
             else:
                 d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
@@ -599,7 +600,7 @@ def _bwd_kernel(
 
 
 _fwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "DEN_W"])(
     _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
     _bwd_kernel)
@@ -624,6 +625,12 @@ DELTA_IN_KERNEL = True
 #: features 0.871 -> 1.018, hence the width limit (docs/benchmarks.md, session 12).
 DEN_IN_MMA = True
 DEN_IN_MMA_MAX_BK = 64
+#: The denominator tile's width (its columns all equal; 0: BV, num's width).  Offline
+#: (sm_90a, bf16, D64, BT 64 / 4 warps; sass_count.py --const chunked.DEN_IN_MMA_WIDTH=W):
+#: 64 wide 646 loop instructions, 255 registers, 4 bytes spilled; 32 wide 613 / 252 / 0; 16
+#: wide 602 / 240 / 0, and no shared-memory traffic added (den's rows sit in the same
+#: threads in a 16- and a 64-wide accumulator).  0 until timed on the GPU.
+DEN_IN_MMA_WIDTH = 0
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -754,6 +761,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
         DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and not fused and BK <= DEN_IN_MMA_MAX_BK,
+        DEN_W=min(DEN_IN_MMA_WIDTH, BV) if DEN_IN_MMA_WIDTH else BV,
     )
     den = den_buf if normalize else None
     if split_k:

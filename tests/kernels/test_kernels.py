@@ -100,7 +100,8 @@ def test_segments_match_float64(case, monkeypatch):
 
 
 # The normalised forward's denominators as a tensor-core tile (chunked.DEN_IN_MMA, the
-# default for key tiles <= 64 wide; the width limit lifted here) or as row reductions:
+# default for key tiles <= 64 wide; the width limit lifted here), num's width or 16 wide
+# (DEN_IN_MMA_WIDTH), or as row reductions:
 # fp16 here (bf16 on the GPU; fp32 keeps the reductions): one Dk tile, Dk tiled (partial
 # denominators), Dv tiled, grouped heads, states in and out, segments.
 DEN_CASES = [
@@ -111,12 +112,14 @@ DEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("in_mma", [True, False])
+@pytest.mark.parametrize("in_mma,width", [(True, 0), (True, 16), (False, 0)])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, monkeypatch):
+def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, width,
+                                                        monkeypatch):
     monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
+    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)  # 0: num's width; 16: narrower
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
     if DEV == "cuda":
