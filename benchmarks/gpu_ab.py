@@ -15,11 +15,15 @@ in bf16 at T = 1000 against float64 on the same bf16 inputs (output and gradient
 path the timed call takes (FEATATTN_FUSE_MAPS=pass: at T = 1000 the dispatcher would put the
 maps in the kernels), and a variant whose error passes ERR_LIMIT fails instead of being timed.
 
-Calls (B = 8, H = 16, T = 16384, D = 64, bf16, normalised unless said), fwd / fwd+bwd ms:
+Calls (B = 8, H = 16, T = 16384 or ``--T``, D = 64, bf16, normalised unless said), fwd /
+fwd+bwd ms:
 
 * ``features``: ``linear_attention(fq, fk, v)`` on elu features computed beforehand;
 * ``plain``: the same, ``normalize=False``;
-* ``elu``: ``linear_attention(q, k, v, feature_map="elu")`` (the dispatcher's path);
+* ``elu``: ``linear_attention(q, k, v, feature_map="elu")`` with the map as one Triton pass
+  before the kernels (``FEATATTN_FUSE_MAPS=pass``: the dispatcher's choice at T = 16384);
+* ``elu_kernel``: the same with the map inside the chunked kernels
+  (``FEATATTN_FUSE_MAPS=kernel``: its choice for calls of <= 2^20 rows, e.g. ``--T 4096``);
 * ``wide``: features of width 128 (a Hedgehog map's 64 -> 2 x 64);
 * ``hedgehog``: ``linear_attention(q, k, v, feature_map=<Hedgehog 64 -> 128>)``.
 """
@@ -34,7 +38,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-CALLS = ("features", "plain", "elu", "wide", "hedgehog")
+CALLS = ("features", "plain", "elu", "elu_kernel", "wide", "hedgehog")
+#: FEATATTN_FUSE_MAPS for each call's check and timing (set, since at the check's T = 1000
+#: the dispatcher would choose "kernel" for every map)
+MAP_PATH = {"elu_kernel": "kernel"}
 ERR_LIMIT = 2e-2  # bf16 output and gradients against float64 (the tests' bf16 tolerances)
 HERE = Path(__file__).resolve().parent
 
@@ -62,7 +69,7 @@ def _make(name, B, H, T, D, device="cuda"):
         fq, fk = F.elu(q) + 1, F.elu(k) + 1
         return (lambda a, b, c, fm=None: featattn.linear_attention(
             a, b, c, normalize=name != "plain")), [fq, fk, v], None
-    if name == "elu":
+    if name in ("elu", "elu_kernel"):
         return (lambda a, b, c, fm=None: featattn.linear_attention(
             a, b, c, feature_map="elu")), [q, k, v], None
     fm = HedgehogFeatureMap(D, heads=H).to(device)
@@ -80,15 +87,7 @@ def _check(name):
     call, leaves, fm = _make(name, 2, 4, 1000, 64)
     x = [t.bfloat16().requires_grad_() for t in leaves]
     params = list(fm.parameters()) if fm is not None else []
-    before = os.environ.get("FEATATTN_FUSE_MAPS")
-    os.environ["FEATATTN_FUSE_MAPS"] = "pass"  # the timed calls' path (they are large)
-    try:
-        o = call(*x)
-    finally:
-        if before is None:
-            del os.environ["FEATATTN_FUSE_MAPS"]
-        else:
-            os.environ["FEATATTN_FUSE_MAPS"] = before
+    o = call(*x)  # on the timed call's path (the worker set FEATATTN_FUSE_MAPS)
     do = torch.randn_like(o)
     got = [o, *torch.autograd.grad(o, x + params, do)]
     fm64 = copy.deepcopy(fm).double() if fm is not None else None
@@ -109,7 +108,7 @@ def _check(name):
                for a, b in zip(got, want))
 
 
-def worker(tree, sets, names):
+def worker(tree, sets, names, T):
     sys.path[:0] = [os.path.abspath(tree), str(HERE)]
     import torch
 
@@ -121,11 +120,12 @@ def worker(tree, sets, names):
     set_constants(sets)
     out = {}
     for name in names:
+        os.environ["FEATATTN_FUSE_MAPS"] = MAP_PATH.get(name, "pass")
         err = _check(name)
         if not err < ERR_LIMIT:
             raise SystemExit(f"{name}: relative error {err:.2e} against float64 "
                              f"(limit {ERR_LIMIT:.0e}): not timed")
-        call, leaves, fm = _make(name, 8, 16, 16384, 64)
+        call, leaves, fm = _make(name, 8, 16, T, 64)
         x = [t.bfloat16().requires_grad_() for t in leaves]
         do = torch.randn_like(x[2])
         params = list(fm.parameters()) if fm is not None else []
@@ -144,11 +144,12 @@ def main():
     ap.add_argument("variants", nargs="+", help="TREE[:MODULE.NAME=INT,...]")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=CALLS, default=list(CALLS))
+    ap.add_argument("--T", type=int, default=16384, help="the timed calls' sequence length")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         tree, sets = _parse(a.variants[0])
-        worker(tree, sets, a.only)
+        worker(tree, sets, a.only, a.T)
         return
     for v in a.variants:
         tree, _ = _parse(v)
@@ -158,7 +159,8 @@ def main():
     for rnd in range(a.rounds):
         order = a.variants if rnd % 2 == 0 else a.variants[::-1]
         for v in order:
-            p = subprocess.run([sys.executable, __file__, v, "--worker", "--only", *a.only],
+            p = subprocess.run([sys.executable, __file__, v, "--worker", "--T", str(a.T),
+                                "--only", *a.only],
                                capture_output=True, text=True, timeout=900)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:

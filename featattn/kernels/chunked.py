@@ -162,10 +162,14 @@ def _configs():
 
 # --------------------------------------------------------------------------- helpers
 @triton.jit
-def _features(x, scale, mask, PHI: tl.constexpr):
+def _features(x, scale, mask, PHI: tl.constexpr, MASK: tl.constexpr = True):
     """PHI(scale * x) in fp32, rounded once to x's dtype (as the PyTorch maps do), and 0
-    where ``mask`` is off: padded rows and columns must stay 0, and PHI(0) need not be."""
-    return tl.where(mask, PHI(x.to(tl.float32) * scale), 0.0).to(x.dtype)
+    where ``mask`` is off: padded rows and columns must stay 0, and PHI(0) need not be.
+    MASK=False: no padding that matters (``mask`` unused)."""
+    y = PHI(x.to(tl.float32) * scale)
+    if MASK:
+        y = tl.where(mask, y, 0.0)
+    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- segment sums
@@ -249,7 +253,7 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
-    DEN_W: tl.constexpr,
+    DEN_W: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -345,8 +349,13 @@ def _fwd_kernel(
         b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
                       mask=ms[:, None] & mv[None, :], other=0.0)
         if FUSED:
-            b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
-            b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
+            # q's padded rows need no zeros (their outputs are not stored), nor its columns
+            # when the Dk tiles are full (EVEN_K); k's padded rows do (they enter S and z)
+            b_q = _features(b_q, scale, mk[None, :], PHI, not EVEN_K)
+            if EVEN_K:
+                b_k = _features(b_k, 1.0, ms[:, None], PHI)
+            else:
+                b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
         A = _dot_in(b_q, tl.trans(b_k), TF32X3)  # [BT, BT] fp32
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
@@ -412,7 +421,7 @@ def _bwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
-    DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr,
+    DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -493,7 +502,10 @@ def _bwd_kernel(
             b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
                           mask=ms[:, None] & mk[None, :], other=0.0)
             if FUSED:
-                b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
+                if EVEN_K:  # full Dk tiles: only the rows need the padding's zeros
+                    b_k = _features(b_k, 1.0, ms[:, None], PHI)
+                else:
+                    b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             dA = _dot_in(b_do, tl.trans(b_v), TF32X3)  # [BT, BT]
             if NORMALIZE:
                 if DELTA_O:
@@ -557,8 +569,12 @@ def _bwd_kernel(
                            mask=mt[:, None] & mv[None, :], other=0.0)
             if FUSED:
                 b_xk = b_k.to(tl.float32)
-                b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
-                b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
+                if EVEN_K:
+                    b_q = _features(b_q, scale, mt[:, None], PHI)
+                    b_k = _features(b_k, 1.0, ms[:, None], PHI)
+                else:
+                    b_q = _features(b_q, scale, mt[:, None] & mk[None, :], PHI)
+                    b_k = _features(b_k, 1.0, ms[:, None] & mk[None, :], PHI)
             AT = tl.where(anti, _dot_in(b_k, tl.trans(b_q), TF32X3), 0.0)  # [s, t]
             if NORMALIZE:
                 b_r = 1.0 / tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
@@ -631,6 +647,11 @@ DEN_IN_MMA_MAX_BK = 64
 #: wide 602 / 240 / 0, and no shared-memory traffic added (den's rows sit in the same
 #: threads in a 16- and a 64-wide accumulator).  0 until timed on the GPU.
 DEN_IN_MMA_WIDTH = 0
+#: DEN_IN_MMA with the map inside the kernel too (FUSED; excluded so far as the ones-dot for z
+#: was slower there).  Offline (sm_90a, bf16, D64, BT 64 / 4 warps, elu): the forward loop
+#: 1303 -> 1088 instructions with DEN_IN_MMA_WIDTH=16, spills 20 -> 0 bytes; identity map
+#: 992 -> 752 (the kernel without a map: 602).  0 until timed on the GPU.
+DEN_IN_MMA_FUSED = 0
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -760,8 +781,9 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
-        DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and not fused and BK <= DEN_IN_MMA_MAX_BK,
-        DEN_W=min(DEN_IN_MMA_WIDTH, BV) if DEN_IN_MMA_WIDTH else BV,
+        DEN_DOT=(DEN_IN_MMA and normalize and not tf32x3 and (DEN_IN_MMA_FUSED or not fused)
+                 and BK <= DEN_IN_MMA_MAX_BK),
+        DEN_W=min(DEN_IN_MMA_WIDTH, BV) if DEN_IN_MMA_WIDTH else BV, EVEN_K=Dk % BK == 0,
     )
     den = den_buf if normalize else None
     if split_k:
@@ -860,6 +882,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
+        EVEN_K=Dk % BK == 0,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

@@ -115,6 +115,44 @@ def test_fused_map_matches_float64(fm, case, path, monkeypatch):
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
+# The map in the kernel with the denominators on the tensor cores (chunked.DEN_IN_MMA_FUSED;
+# fp16 here, bf16 on the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
+# split in two tiles (partial denominators), grouped heads, a state, 64-token segments.
+DEN_FUSED_CASES = [
+    (2, 4, 2, 63, 16, 24, torch.float16, True, True, "bhtd", 0.5),     # full Dk tile
+    (1, 2, 2, 100, 24, 16, torch.float16, True, False, "bthd", 1.0),   # padded Dk tile
+    (1, 2, 1, 130, 136, 24, torch.float16, True, True, "bhtd", 1.0),   # Dk split, grouped
+]
+
+
+@pytest.mark.parametrize("segments", ["off", "64"])
+@pytest.mark.parametrize("width", [0, 16])
+@pytest.mark.parametrize("case", DEN_FUSED_CASES, ids=_case_id)
+@pytest.mark.parametrize("fm", ("elu", "test_softplus"))
+def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, segments,
+                                                         monkeypatch):
+    from featattn.kernels import chunked as C
+
+    monkeypatch.setattr(C, "DEN_IN_MMA_FUSED", 1)
+    monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
+    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)
+    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
+    if DEV == "cuda":
+        case = case[:6] + (torch.bfloat16,) + case[7:]
+    seen = []
+    real = C._fwd_kernel.run
+
+    def spy(*a, **kw):
+        seen.append((kw["FUSED"], kw["DEN_DOT"], kw["EVEN_K"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    got, want = _check(fm, *case, fn=_fused)
+    check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
+    even = case[4] % C._tiles(case[4], case[5], case[6])[0] == 0
+    assert seen and all(f and d and e == even for f, d, e in seen), seen
+
+
 SEG_CASES = [
     (1, 2, 1, 150, 16, 24, torch.float32, True, True, "bhtd", 0.5),    # 3 segments, grouped
     CASES[1],                                                          # fp16, strided, 2 segments
@@ -351,3 +389,26 @@ def test_a_nan_input_gives_a_nan_output(fm, mode, monkeypatch):
     _, s = featattn.linear_attention(q.nan_to_num(), k, v, feature_map=fm, backend="triton",
                                      return_state=True)
     assert s.kv.isnan().any()
+
+
+@pytest.mark.parametrize("mode", ["pass", "kernel"])
+@pytest.mark.parametrize("fm", BUILTIN)
+def test_extreme_inputs_match_the_pytorch_map(fm, mode, monkeypatch):
+    """Inputs far out on both sides (exp overflows in the branch elu does not take, and
+    underflows below the smallest normal number in the one it takes): the same output and
+    gradients as the PyTorch map, nothing inf or NaN."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).to(DEV) for _ in range(3))
+    q[0, 0, :, 0] = torch.tensor([100.0, -100.0, 90.0, -95.0] * 10)
+    k[0, 1, :, 3] = torch.tensor([-100.0, 100.0, -1e4, 80.0, 0.0] * 8)
+    outs = []
+    for backend in ("triton", "torch"):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        o = featattn.linear_attention(qq, kk, vv, feature_map=fm, backend=backend,
+                                      normalize=False)
+        o.sum().backward()
+        outs.append([o, qq.grad, kk.grad, vv.grad])
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
