@@ -156,6 +156,26 @@ def dot_in_ieee(a, b, FP32_IEEE: tl.constexpr):
     return _dot_as(a, b, FP32_IEEE, "ieee")
 
 
+# --------------------------------------------------------------------------- exp
+if INTERPRET:
+    @triton.jit
+    def exp_nonpos(x):
+        """exp(x) where it matters, x <= 0: the interpreter's (no inline PTX there; clamped,
+        as numpy warns of an overflow in the branch not taken)."""
+        return tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
+else:
+    @triton.jit
+    def exp_nonpos(x):
+        """exp(x) where it matters, x <= 0 (elu's negative side, softmax's exp(l - max l)),
+        as one ``ex2.approx.ftz``: tl.exp's ``ex2.approx.f32`` keeps subnormal results, for
+        which ptxas adds a range test and two multiplies an element (offline, sm_90a: the
+        fused elu forward's loop 1399 -> 1310 instructions); here results below 2^-126
+        (x < -87.3) flush to 0, far below anything a sum or dot product next to them keeps."""
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
+                                         [x * 1.4426950408889634], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 # The kernels' batch/head preamble, written once.  Pure inlined helpers: a kernel calling them
 # compiles to the code it had with the lines written out (the same int64 arithmetic, in the
 # same order).  Batch and head indices are int64 so that base offsets can pass 2**31.

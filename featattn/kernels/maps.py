@@ -39,29 +39,11 @@ __all__ = ["ELU", "RELU", "IDENTITY", "SQUARED_RELU", "fused_key", "lookup", "ap
            "map_features"]
 
 
-if _common.INTERPRET:
-    @triton.jit
-    def _exp_nonpos(x):
-        """exp(x) where it matters, x <= 0: the interpreter's (no inline PTX there; clamped,
-        as numpy warns of an overflow in the branch not taken)."""
-        return tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
-else:
-    @triton.jit
-    def _exp_nonpos(x):
-        """exp(x) where it matters, x <= 0, as one ``ex2.approx.ftz``: tl.exp's ``ex2.approx.f32``
-        keeps subnormal results, for which ptxas adds a range test and two multiplies an
-        element; here results below 2^-126 (x < -87.3) flush to 0, far below what any
-        feature next to them in a bf16 / fp16 / fp32 dot product can notice."""
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
-                                         [x * 1.4426950408889634], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-
-
 @triton.jit
 def elu_phi(x):
     # exp(x) of large x overflows to inf in the branch not taken, which tl.where drops (the
     # PyTorch map clamps first because autograd would multiply that inf by 0); NaN gives NaN
-    return tl.where(x >= 0, x + 1.0, _exp_nonpos(x))
+    return tl.where(x >= 0, x + 1.0, _common.exp_nonpos(x))
 
 
 @triton.jit

@@ -128,10 +128,10 @@ def _act(lg, keep, mf, ACT: tl.constexpr):
         lp = tl.where(mf[None, :], lg, float("-inf"))
         # a reciprocal per row, then products, not a tile of IEEE divisions (offline, sm_90a:
         # the pass's forward loop 1343 -> 1225 instructions a 64-row tile)
-        ep = tl.exp(lp - tl.max(lp, axis=1)[:, None])
+        ep = _common.exp_nonpos(lp - tl.max(lp, axis=1)[:, None])
         a = ep * (1.0 / tl.sum(ep, axis=1))[:, None]
         ln = tl.where(mf[None, :], -lg, float("-inf"))
-        en = tl.exp(ln - tl.max(ln, axis=1)[:, None])
+        en = _common.exp_nonpos(ln - tl.max(ln, axis=1)[:, None])
         b = en * (1.0 / tl.sum(en, axis=1))[:, None]
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)

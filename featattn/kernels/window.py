@@ -51,7 +51,7 @@ from .. import _switches
 from . import chunked as _chunked
 from . import maps as _maps
 from ._common import INTERPRET, TunedLaunch, alloc, cdiv, empty_like_layout, next_pow2, row_dot
-from ._common import batch_head, size_bucket, unit_last
+from ._common import batch_head, exp_nonpos, size_bucket, unit_last
 from ._common import dot_in_tf32x3 as _dot_in  # a @ b, fp32 inputs in tf32x3
 from ._common import mm_tf32x3 as _mm
 
@@ -185,8 +185,8 @@ def _window_fwd_kernel(
         tmax, targ = tl.max(s, 1, return_indices=True)
         a_i = tl.where(tmax > m_i, j0 + targ, a_i)
         m_new = tl.maximum(m_i, tmax)
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = exp_nonpos(m_i - m_new)
+        p = exp_nonpos(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         c_i = tl.where(tmax > m_i, 0.0, c_i) + tl.sum(tl.where(ok & (s == m_new[:, None]), 1.0, 0.0), 1)
         acc = acc * alpha[:, None] + _dot_in(p.to(b_v.dtype), b_v, FP32)
@@ -248,7 +248,7 @@ def _window_dq_kernel(
     for j0 in range(lo, hi, BK):
         b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
                                     D, DV, BK, BD, BV, FP32)
-        p = tl.exp(s - m_i[:, None])
+        p = exp_nonpos(s - m_i[:, None])
         dov = _mm(b_do, tl.trans(b_v), LOWP, FP32)
         a += tl.sum(p, 1)
         doA += tl.sum(p * dov, 1)
@@ -316,7 +316,7 @@ def _window_dkdv_kernel(
             g_i = tl.load(g + row, mask=mr, other=0.0)
             a_i = tl.load(arg + row, mask=mr, other=-1)
             s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
-            p = tl.exp(s - m_i[:, None])
+            p = exp_nonpos(s - m_i[:, None])
             dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
             dS = p * dp - _top(s, ok, m_i, c_i, cols, a_i) * (g_i / c_i)[:, None]
             acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
