@@ -357,10 +357,16 @@ def test_example_runs_under_torchrun():
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), str(root / "examples" / "context_parallel.py"),
-         "--tokens", "300"], capture_output=True, text=True, env=env, timeout=180)
+    for attempt in range(3):
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(_free_port()), str(root / "examples" / "context_parallel.py"),
+             "--tokens", "300"], capture_output=True, text=True, env=env, timeout=180)
+        # A rank aborting in PyTorch's gloo teardown (its worker threads at interpreter exit,
+        # after barrier and destroy_process_group; seen once in a dozen runs on the 2-core
+        # machine) is not featattn's: run again; anything else fails at once.
+        if out.returncode == 0 or "terminate called without an active exception" not in out.stderr:
+            break
     assert out.returncode == 0, out.stderr[-3000:]
     errs = [float(e) for e in re.findall(r"error (\S+?)[,\s]", out.stdout + "\n")]
     assert len(errs) == 3 and max(errs) < 1e-5, out.stdout
