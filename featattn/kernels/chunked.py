@@ -422,6 +422,7 @@ def _bwd_kernel(
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
     DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
+    KSUM_DOT: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -491,6 +492,9 @@ def _bwd_kernel(
             if NORMALIZE:
                 z += tl.load(segz + (seg0 + j) * DK + offs_k, mask=mk, other=0.0)
         dq_base = head_base(dq, i_b, i_h, bos, sgqb, sgqh, sgqt) + i_v.to(tl.int64) * NB * sgqb
+        if KSUM_DOT:  # z as k^T @ ones on the tensor cores, as in the forward (exact, fp32 sums)
+            Z = z[:, None] + tl.zeros([BK, 16], dtype=tl.float32)
+            ones = tl.full([BT, 16], 1.0, dtype=k.dtype.element_ty)
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
             mt = (i * BT + offs_t) < TS
@@ -518,10 +522,15 @@ def _bwd_kernel(
             dA = tl.where(causal, dA, 0.0)
             b_dq = _mm(dA, b_k, LOWP, TF32X3) + _mm(b_do, ST, LOWP, TF32X3)  # [BT, BK]
             if NORMALIZE:
+                if KSUM_DOT:
+                    z = tl.max(Z, axis=1)  # its columns are equal
                 b_dq -= b_dl[:, None] * z[None, :]
                 b_den = tl.load(den + row_base + t0 + offs_t, mask=mt, other=1.0)
                 b_dq = b_dq * (1.0 / b_den)[:, None]
-                z += tl.sum(b_k.to(tl.float32), axis=0)
+                if KSUM_DOT:
+                    Z += tl.dot(tl.trans(b_k), ones)
+                else:
+                    z += tl.sum(b_k.to(tl.float32), axis=0)
             ST += _dot_in(tl.trans(b_v), b_k, TF32X3)
             if FUSED:
                 b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
@@ -652,6 +661,14 @@ DEN_IN_MMA_WIDTH = 0
 #: 1303 -> 1088 instructions with DEN_IN_MMA_WIDTH=16, spills 20 -> 0 bytes; identity map
 #: 992 -> 752 (the kernel without a map: 602).  0 until timed on the GPU.
 DEN_IN_MMA_FUSED = 0
+#: The normalised backward's dq sweep sums z on the tensor cores (k^T @ ones, exact products,
+#: fp32 sums) instead of reducing k's rows across warps each chunk, as the forward does
+#: (bf16 / fp16, map not in the kernel).  Offline (sm_90a, bf16, Dk = Dv = 64), the dq
+#: sweep's loop: 979 -> 775 instructions at BT 64 / 4 warps, 774 -> 693 at 8 warps, 536 ->
+#: 502 at BT 32; Dk 128 / 8 warps 1094 -> 799; the dk/dv sweep unchanged.  (dz by the same
+#: trick, dd as hi + lo bf16 terms, was not shorter: 1602 -> 1568 at 4 warps, 1673 -> 1723
+#: and more spills at 4 warps / 4 stages; not kept.)  Off until timed on the GPU.
+BWD_KSUM_DOT = False
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -882,7 +899,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
-        EVEN_K=Dk % BK == 0,
+        EVEN_K=Dk % BK == 0, KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and not fused,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

@@ -138,6 +138,33 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, 
     assert seen and all(x == in_mma for x in seen), seen
 
 
+@pytest.mark.parametrize("delta_in_kernel", [True, False])
+@pytest.mark.parametrize("segments", ["off", "64"])
+@pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
+def test_backward_z_on_the_tensor_cores_matches_float64(case, segments, delta_in_kernel,
+                                                        monkeypatch):
+    """chunked.BWD_KSUM_DOT: the normalised backward's dq sweep sums z as k^T @ ones (initial
+    state and earlier segments' sums included); the same cases as the forward's."""
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", True)
+    monkeypatch.setattr(C, "DELTA_IN_KERNEL", delta_in_kernel)
+    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    if DEV == "cuda":
+        dtype = torch.bfloat16
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dv)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=8, device=DEV) if init else (None, None)
+    seen = []
+    real = C._bwd_kernel.run
+
+    def spy(*a, **kw):
+        seen.append(kw["KSUM_DOT"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C._bwd_kernel, "run", spy)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    assert seen and all(seen), seen
+
+
 def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch):
     # 128-wide key tiles keep the row reductions (measured slower with the tile)
     seen = []
