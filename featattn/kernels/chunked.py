@@ -422,7 +422,7 @@ def _bwd_kernel(
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
     DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
-    KSUM_DOT: tl.constexpr,
+    KSUM_DOT: tl.constexpr, DN_DOT: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -594,7 +594,10 @@ def _bwd_kernel(
             b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(b_k, dS, LOWP, TF32X3)
             tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
-            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
+            if DN_DOT:  # (NORMALIZE) v_s . do_t r_t from the rounded dn the other products take
+                dAT = _mm(b_v, tl.trans(b_dn), LOWP, TF32X3)  # [s, t]
+            else:
+                dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
             if NORMALIZE:
                 if DELTA_O:
                     b_o = tl.load(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
@@ -603,7 +606,10 @@ def _bwd_kernel(
                 else:
                     b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t,
                                     other=0.0) * b_r
-                dAT = dAT * b_r[None, :] + b_dd[None, :]
+                if DN_DOT:
+                    dAT = dAT + b_dd[None, :]
+                else:
+                    dAT = dAT * b_r[None, :] + b_dd[None, :]
             dAT = tl.where(anti, dAT, 0.0)
             b_dk = _mm(dAT, b_q, LOWP, TF32X3) + _mm(b_v, tl.trans(dS), LOWP, TF32X3)
             if NORMALIZE:
@@ -669,6 +675,14 @@ DEN_IN_MMA_FUSED = 0
 #: trick, dd as hi + lo bf16 terms, was not shorter: 1602 -> 1568 at 4 warps, 1673 -> 1723
 #: and more spills at 4 warps / 4 stages; not kept.)  Off until timed on the GPU.
 BWD_KSUM_DOT = False
+#: The normalised backward's dk/dv sweep makes dAT = v @ dn^T from dn = do / den as rounded
+#: for the other products (dv = AT dn, dS += q^T dn), instead of v @ do^T then a multiply by
+#: 1 / den broadcast along the columns.  Offline (sm_90a, bf16, D64) the dk/dv sweep's loop:
+#: 1393 -> 1156 instructions at BT 64 / 8 warps (registers 255 -> 238), 1602 -> 1362 at 4
+#: warps (spills 64 -> 112 bytes).  The rounding differs (dn rounded before the product,
+#: not dAT after it): check the bf16 errors at T = 65536 before turning it on.  Off until
+#: timed on the GPU.
+BWD_DN_DOT = False
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -900,6 +914,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
         EVEN_K=Dk % BK == 0, KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and not fused,
+        DN_DOT=BWD_DN_DOT and normalize,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

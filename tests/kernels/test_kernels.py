@@ -138,14 +138,17 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, 
     assert seen and all(x == in_mma for x in seen), seen
 
 
+@pytest.mark.parametrize("ksum,dn", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("delta_in_kernel", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_backward_z_on_the_tensor_cores_matches_float64(case, segments, delta_in_kernel,
-                                                        monkeypatch):
+def test_backward_switches_match_float64(case, segments, delta_in_kernel, ksum, dn,
+                                         monkeypatch):
     """chunked.BWD_KSUM_DOT: the normalised backward's dq sweep sums z as k^T @ ones (initial
-    state and earlier segments' sums included); the same cases as the forward's."""
-    monkeypatch.setattr(C, "BWD_KSUM_DOT", True)
+    state and earlier segments' sums included); chunked.BWD_DN_DOT: the dk/dv sweep's dAT
+    from the rounded do / den.  The same cases as the forward's denominators."""
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
+    monkeypatch.setattr(C, "BWD_DN_DOT", dn)
     monkeypatch.setattr(C, "DELTA_IN_KERNEL", delta_in_kernel)
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
@@ -157,12 +160,12 @@ def test_backward_z_on_the_tensor_cores_matches_float64(case, segments, delta_in
     real = C._bwd_kernel.run
 
     def spy(*a, **kw):
-        seen.append(kw["KSUM_DOT"])
+        seen.append((kw["KSUM_DOT"], kw["DN_DOT"]))
         return real(*a, **kw)
 
     monkeypatch.setattr(C._bwd_kernel, "run", spy)
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
-    assert seen and all(seen), seen
+    assert seen and all(x == (ksum, dn) for x in seen), seen
 
 
 def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch):
