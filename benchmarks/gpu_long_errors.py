@@ -1,5 +1,5 @@
-"""bf16 / fp16 relative error at T = 65536 of ``linear_attention(..., feature_map=MAP)`` (normalised)
-against a float64 run of the PyTorch path, under kernel switches given as ``MODULE.NAME=INT``
+"""bf16 / fp16 relative errors at T = 65536 of ``linear_attention(..., feature_map=MAP)`` (normalised)
+and its gradients against a float64 run of the PyTorch path, under kernel switches given as ``MODULE.NAME=INT``
 (one process per setting, as benchmarks/gpu_ab.py runs them).  The issues' numerics target:
 at most 3e-3 in bf16 and 1e-3 in fp16.
 
@@ -7,6 +7,7 @@ at most 3e-3 in bf16 and 1e-3 in fp16.
     python3 benchmarks/gpu_long_errors.py --maps elu relu chunked.DEN_IN_MMA=0
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -22,21 +23,27 @@ def main():
     ap.add_argument("switches", nargs="*", help="MODULE.NAME=INT, e.g. chunked.DEN_IN_MMA=0")
     ap.add_argument("--maps", nargs="+", default=["elu"])
     ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--paths", nargs="+", default=["pass", "kernel"],
+                    help="FEATATTN_FUSE_MAPS: the map as a pass before the kernels, or in them")
     args = ap.parse_args()
     set_constants(args.switches)
     B, H, D = 1, 4, 64
-    print("| switches | map | dtype | T | rel. error |\n|---|---|---|---|---|")
-    for name in args.maps:
-        for dt in (torch.bfloat16, torch.float16):
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v = (torch.randn(B, H, args.T, D, device="cuda", dtype=dt, generator=g)
-                       for _ in range(3))
-            o = featattn.linear_attention(q, k, v, feature_map=name)
-            ref = featattn.linear_attention(q.double(), k.double(), v.double(), feature_map=name,
-                                            backend="torch")
-            err = ((o.double() - ref).norm() / ref.norm()).item()
-            print(f"| {' '.join(args.switches) or 'defaults'} | {name} | {str(dt)[6:]} | {args.T} "
-                  f"| {err:.2e} |")
+    print("| switches | map, path | dtype | T | o | dq | dk | dv |\n|---|---|---|---|---|---|---|---|")
+    for name, path, dt in [(m, p, d) for m in args.maps for p in args.paths
+                           for d in (torch.bfloat16, torch.float16)]:
+        os.environ["FEATATTN_FUSE_MAPS"] = path
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, args.T, D, device="cuda", dtype=dt, generator=g)
+                       for _ in range(4))
+        x = [t.requires_grad_() for t in (q, k, v)]
+        o = featattn.linear_attention(*x, feature_map=name)
+        got = [o, *torch.autograd.grad(o, x, do)]
+        r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = featattn.linear_attention(*r, feature_map=name, backend="torch")
+        want = [ref, *torch.autograd.grad(ref, r, do.double())]
+        errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+        print(f"| {' '.join(args.switches) or 'defaults'} | {name}, {path} | {str(dt)[6:]} | {args.T} | "
+              + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
 
 
 if __name__ == "__main__":
