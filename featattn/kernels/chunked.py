@@ -673,8 +673,10 @@ DEN_IN_MMA_FUSED = 0
 #: sweep's loop: 979 -> 775 instructions at BT 64 / 4 warps, 774 -> 693 at 8 warps, 536 ->
 #: 502 at BT 32; Dk 128 / 8 warps 1094 -> 799; the dk/dv sweep unchanged.  (dz by the same
 #: trick, dd as hi + lo bf16 terms, was not shorter: 1602 -> 1568 at 4 warps, 1673 -> 1723
-#: and more spills at 4 warps / 4 stages; not kept.)  Off until timed on the GPU.
-BWD_KSUM_DOT = False
+#: and more spills at 4 warps / 4 stages; not kept.)  0: off (until timed on the GPU), 1: on
+#: features, 2: also with the map in the kernel (elu, 8 warps: 1064 -> 957; 4 warps: 1871 ->
+#: 1369).
+BWD_KSUM_DOT = 0
 #: The normalised backward's dk/dv sweep makes dAT = v @ dn^T from dn = do / den as rounded
 #: for the other products (dv = AT dn, dS += q^T dn), instead of v @ do^T then a multiply by
 #: 1 / den broadcast along the columns.  Offline (sm_90a, bf16, D64) the dk/dv sweep's loop:
@@ -913,7 +915,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
-        EVEN_K=Dk % BK == 0, KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and not fused,
+        EVEN_K=Dk % BK == 0, KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and (BWD_KSUM_DOT > 1 or not fused),
         DN_DOT=BWD_DN_DOT and normalize,
     )
     if single:

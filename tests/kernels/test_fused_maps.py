@@ -126,13 +126,17 @@ DEN_FUSED_CASES = [
 
 
 @pytest.mark.parametrize("segments", ["off", "64"])
-@pytest.mark.parametrize("width", [0, 16])
+@pytest.mark.parametrize("width,bwd", [(0, False), (16, False), (16, True)])
 @pytest.mark.parametrize("case", DEN_FUSED_CASES, ids=_case_id)
 @pytest.mark.parametrize("fm", ("elu", "test_softplus"))
-def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, segments,
+def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, bwd, segments,
                                                          monkeypatch):
+    """bwd: the backward switches too (z on the tensor cores with the map in the kernel,
+    BWD_KSUM_DOT=2; dAT from the rounded dn, BWD_DN_DOT)."""
     from featattn.kernels import chunked as C
 
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", 2 if bwd else 0)
+    monkeypatch.setattr(C, "BWD_DN_DOT", bwd)
     monkeypatch.setattr(C, "DEN_IN_MMA_FUSED", 1)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
     monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)
@@ -146,11 +150,20 @@ def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, segmen
         seen.append((kw["FUSED"], kw["DEN_DOT"], kw["EVEN_K"]))
         return real(*a, **kw)
 
+    seen_bwd = []
+    real_bwd = C._bwd_kernel.run
+
+    def spy_bwd(*a, **kw):
+        seen_bwd.append((kw["KSUM_DOT"], kw["DN_DOT"]))
+        return real_bwd(*a, **kw)
+
     monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    monkeypatch.setattr(C._bwd_kernel, "run", spy_bwd)
     got, want = _check(fm, *case, fn=_fused)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
     even = case[4] % C._tiles(case[4], case[5], case[6])[0] == 0
     assert seen and all(f and d and e == even for f, d, e in seen), seen
+    assert seen_bwd and all(x == (bwd, bwd) for x in seen_bwd), seen_bwd
 
 
 SEG_CASES = [
