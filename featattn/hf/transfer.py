@@ -163,6 +163,26 @@ class _LinearWeightsXent(torch.autograd.Function):
         return g.mul_(keep), None, None
 
 
+class _NegWeightedLog(torch.autograd.Function):
+    """``-sum_s a_ts log s_ts`` per row [B, H, T] of weights ``s`` [B, H, T, T]
+    (differentiable) under target weights ``a`` (no gradient; 0 off the allowed keys, where
+    ``s`` is clamped to the smallest normal number so that those terms are 0, not NaN),
+    with its gradient ``-a / s`` written in one buffer: the pure-linear transfer's
+    cross-entropy term, its ``log sum_s s`` term coming from the features (O(T) per row)."""
+
+    @staticmethod
+    def forward(ctx, s, a):
+        ctx.save_for_backward(s, a)
+        return -torch.linalg.vecdot(a, s.clamp_min(torch.finfo(s.dtype).tiny).log_())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, a = ctx.saved_tensors
+        g = s.clamp_min(torch.finfo(s.dtype).tiny)
+        return torch.div(a, g, out=g).mul_(grad.neg()[..., None]), None
+
+
 def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     """Hedgehog's attention-weight loss: cross-entropy between the softmax weights (target, no
     grad) and the normalised linear weights ``phi(q_t).phi(k_s) / sum_s' phi(q_t).phi(k_s')``,
@@ -194,7 +214,7 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
     keep = allowed.to(dt)
     block = torch.zeros_like(keep).masked_fill_(~allowed, float("-inf"))
     with torch.no_grad():
-        logits = scores(q.to(dt), k.to(dt)) * attn.scaling
+        logits = scores(q.to(dt) * attn.scaling, k.to(dt))  # the scale on q: [.., T, d], not T x T
         masked = logits + block
         log_a = masked.log_softmax(-1)
         a = masked.softmax(-1)  # 0 off `allowed` (cheaper than exp(log_a) over the -inf)
@@ -204,19 +224,32 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         negent = torch.linalg.vecdot(a, logits) - diag  # the KL's constant part: 0 at a fit
     fm = attn.feature_map
     fq = fm.forward_query(q * attn.q_scale if attn.q_scale != 1.0 else q).to(dt)
-    s = scores(fq, fm.forward_key(k).to(dt))
-    if attn.window:  # the hybrid's weights: f exp(a - m) in the window, (1 - f) phi.phi before
-        t = torch.arange(T, device=q.device)
-        in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - attn.window)
-        with torch.no_grad():
-            # e = exp(win - m), written as softmax(win) exp(lse - m): most of win is -inf,
-            # where exp is slow and softmax is not (lse from the diagonal, as above)
-            win = masked.masked_fill(~in_window, float("-inf"))
-            lse_w = (torch.diagonal(win, dim1=-2, dim2=-1)
-                     - torch.diagonal(win.log_softmax(-1), dim1=-2, dim2=-1))
-            e = win.softmax(-1).mul_(torch.exp(lse_w - win.amax(-1))[..., None])
-        f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
-        s = torch.lerp(s * (~in_window).to(dt), e, f)  # (1 - f) phi.phi + f e
+    fk = fm.forward_key(k).to(dt)
+    s = scores(fq, fk)
+    if not attn.window:
+        # KL_t = sum_s a log a - sum_s a log s + log sum_s s, the row sum over the allowed
+        # keys from the features: phi(q_t) . sum_{s <= t, real} phi(k_s) (+ s_tt on a padded
+        # query row, whose one allowed key is its own), not from the [B, H, T, T] weights
+        kk = fk if key_mask is None else fk * km[:, None, :, None].to(dt)
+        cum = kk.cumsum(2)  # [B, Hkv, T, F]
+        total = (fq.view(B, Hkv, g, T, -1) * cum[:, :, None]).sum(-1).view(B, H, T)
+        if key_mask is not None:
+            total = total + torch.diagonal(s, dim1=-2, dim2=-1) * (~km)[:, None, :].to(dt)
+        tiny = torch.finfo(dt).tiny
+        kl = negent + total.clamp_min(tiny).log() + _NegWeightedLog.apply(s, a)
+        return _masked_mean(kl, key_mask)
+    # the hybrid's weights: f exp(a - m) in the window, (1 - f) phi.phi before
+    t = torch.arange(T, device=q.device)
+    in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - attn.window)
+    with torch.no_grad():
+        # e = exp(win - m), written as softmax(win) exp(lse - m): most of win is -inf,
+        # where exp is slow and softmax is not (lse from the diagonal, as above)
+        win = masked.masked_fill(~in_window, float("-inf"))
+        lse_w = (torch.diagonal(win, dim1=-2, dim2=-1)
+                 - torch.diagonal(win.log_softmax(-1), dim1=-2, dim2=-1))
+        e = win.softmax(-1).mul_(torch.exp(lse_w - win.amax(-1))[..., None])
+    f = torch.sigmoid(attn.window_logit.to(dt)).view(1, H, 1, 1)
+    s = torch.lerp(s * (~in_window).to(dt), e, f)  # (1 - f) phi.phi + f e
     # KL_t = sum_s a log a - sum_s a log s + log sum_s s, s the weights on `allowed` only
     kl = negent + _LinearWeightsXent.apply(s, a, keep)  # [B, H, T]
     return _masked_mean(kl, key_mask)
