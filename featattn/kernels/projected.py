@@ -121,34 +121,49 @@ def _logits(x, w, bias, offs_f, mf, scale, HAS_BIAS: tl.constexpr, TF32X3: tl.co
 
 
 @triton.jit
-def _act(lg, keep, mf, ACT: tl.constexpr):
+def _act(lg, keep, mf, ACT: tl.constexpr, EVEN_F: tl.constexpr = False,
+         KEEP: tl.constexpr = True):
     """The features (fp32) of logits l [BT, BF]: (a, b), b unused for one-half maps; 0 where
-    ``keep`` ([BT, BF]: real row and column) is off."""
+    ``keep`` ([BT, BF]: real row and column) is off.  EVEN_F: F == BF (no padded columns to
+    leave out of the softmaxes); KEEP=False: padded entries may hold anything (the caller
+    masks its stores and its gradients)."""
     if ACT == 0:
-        lp = tl.where(mf[None, :], lg, float("-inf"))
+        if EVEN_F:
+            lp = lg
+        else:
+            lp = tl.where(mf[None, :], lg, float("-inf"))
         # a reciprocal per row, then products, not a tile of IEEE divisions (offline, sm_90a:
         # the pass's forward loop 1343 -> 1225 instructions a 64-row tile)
         ep = _common.exp_nonpos(lp - tl.max(lp, axis=1)[:, None])
         a = ep * (1.0 / tl.sum(ep, axis=1))[:, None]
-        ln = tl.where(mf[None, :], -lg, float("-inf"))
+        if EVEN_F:
+            ln = -lg
+        else:
+            ln = tl.where(mf[None, :], -lg, float("-inf"))
         en = _common.exp_nonpos(ln - tl.max(ln, axis=1)[:, None])
         b = en * (1.0 / tl.sum(en, axis=1))[:, None]
-        a = tl.where(keep, a, 0.0)
-        b = tl.where(keep, b, 0.0)
+        if KEEP:
+            a = tl.where(keep, a, 0.0)
+            b = tl.where(keep, b, 0.0)
     else:
-        a = tl.where(keep, tl.maximum(lg, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        a = tl.maximum(lg, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if KEEP:
+            a = tl.where(keep, a, 0.0)
         b = a
     return a, b
 
 
 @triton.jit
-def _dact(lg, a, b, da, db, keep, ACT: tl.constexpr):
-    """d(logits) from the features' gradients (da, db) and the fp32 features (a, b)."""
+def _dact(lg, a, b, da, db, keep, ACT: tl.constexpr, KEEP: tl.constexpr = True):
+    """d(logits) from the features' gradients (da, db) and the fp32 features (a, b).
+    KEEP=False: da and db are 0 off ``keep`` (loaded so), which makes dl 0 there."""
     if ACT == 0:
         dl = a * (da - tl.sum(da * a, axis=1)[:, None]) - b * (db - tl.sum(db * b, axis=1)[:, None])
     else:
         dl = tl.where(lg > 0, da, 0.0)
-    return tl.where(keep, dl, 0.0)
+    if KEEP:
+        dl = tl.where(keep, dl, 0.0)
+    return dl
 
 
 # --------------------------------------------------------------------------- forward
@@ -711,7 +726,8 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
                  sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr):
+                 TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr,
+                 EVEN_F: tl.constexpr):
     """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
     Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
     g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
@@ -746,13 +762,16 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             lg = a  # relu's slope: l > 0 exactly where relu(l) > 0
         else:
             lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
-            a, b = _act(lg, keep, mf, ACT)
+            # stores and dl are masked (_dact): padded entries need no zeros here
+            a, b = _act(lg, keep, mf, ACT, EVEN_F, False)
         if BWD:
             ga = tl.load(g + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             gb = ga
             if PAIR:
                 gb = tl.load(g + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
-            dl = _dact(lg, a, b, ga, gb, keep, ACT)
+            # ga, gb are 0 off `keep`; with F == BF so are a and b (the recomputed ones may
+            # not be on padded columns, hence the mask then)
+            dl = _dact(lg, a, b, ga, gb, keep, ACT, not EVEN_F)
             dxt = _mm(dl, tl.trans(wt), False, TF32X3) * scale
             tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
                      dxt.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
@@ -795,7 +814,7 @@ def _pass(x, w, bias, act, scale, g=None, feats=None):
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
-        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None)
+        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None, EVEN_F=F == BF)
     if not bwd:
         return y
     hw = w.shape[0]
