@@ -37,7 +37,7 @@ GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
 GPU_JOBS ?= 4
 gpu-test:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-test needs a CUDA GPU')"
-	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -rf -m "cuda or on_device" $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -rf --durations=15 -m "cuda or on_device" $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
 	PYTHONPATH=$(CURDIR) $(GPU_PY) -m featattn demo --quick
 
 bench: $(VENV)/.installed
