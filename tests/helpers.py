@@ -65,3 +65,19 @@ def load_benchmark(name, monkeypatch):
     path), so a test can run its correctness check path on CPU."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     return importlib.import_module(name)
+
+
+def spy_launches(monkeypatch, kernel, *names):
+    """Record the named keyword arguments (constexprs) of every launch of ``kernel`` (a
+    ``@triton.jit`` function) for the rest of the test: a list of tuples, or of values when
+    one name is given.  The launches still run."""
+    seen = []
+    real = kernel.run
+
+    def spy(*a, **kw):
+        vals = tuple(kw[n] for n in names)
+        seen.append(vals[0] if len(names) == 1 else vals)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    return seen

@@ -19,7 +19,8 @@ import featattn  # noqa: E402
 from featattn import kernels as K  # noqa: E402
 from featattn.kernels import maps as M  # noqa: E402
 from helpers import (  # noqa: E402
-    check_run, rand_qkv, rand_state, reference, run_and_grads, tolerance, compare_runs,
+    check_run, rand_qkv, rand_state, reference, run_and_grads, spy_launches, tolerance,
+    compare_runs,
 )
 from user_maps import Softplus, SoftplusXSlope, softplus_dphi, softplus_dphi_y, softplus_phi  # noqa: E402
 
@@ -143,22 +144,8 @@ def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, bwd, s
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     if DEV == "cuda":
         case = case[:6] + (torch.bfloat16,) + case[7:]
-    seen = []
-    real = C._fwd_kernel.run
-
-    def spy(*a, **kw):
-        seen.append((kw["FUSED"], kw["DEN_DOT"], kw["EVEN_K"]))
-        return real(*a, **kw)
-
-    seen_bwd = []
-    real_bwd = C._bwd_kernel.run
-
-    def spy_bwd(*a, **kw):
-        seen_bwd.append((kw["KSUM_DOT"], kw["DN_DOT"]))
-        return real_bwd(*a, **kw)
-
-    monkeypatch.setattr(C._fwd_kernel, "run", spy)
-    monkeypatch.setattr(C._bwd_kernel, "run", spy_bwd)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "FUSED", "DEN_DOT", "EVEN_K")
+    seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT", "DN_DOT")
     got, want = _check(fm, *case, fn=_fused)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
     even = case[4] % C._tiles(case[4], case[5], case[6])[0] == 0

@@ -18,7 +18,7 @@ from featattn.kernels import _common  # noqa: E402
 from featattn.kernels import chunked as C  # noqa: E402
 from helpers import (  # noqa: E402  (featattn.testing's harness)
     DropLastProgram, assert_state_handoff, check_close, check_run, kernel_vs_reference,
-    load_benchmark, rand_features, rand_state, reference, tolerance,
+    load_benchmark, rand_features, rand_state, reference, spy_launches, tolerance,
 )
 
 # the interpreter must be on before the kernels are decorated (tests/conftest.py sees to it)
@@ -112,6 +112,19 @@ DEN_CASES = [
 ]
 
 
+def _den_inputs(case, monkeypatch, segments, generator):
+    """(q, k, v, kv0, z0, normalize, return_state, dtype) of a DEN_CASES case (bf16 on the
+    GPU), with T split into ``segments``."""
+    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    if DEV == "cuda":
+        dtype = torch.bfloat16
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk + generator)
+    kv0, z0 = (rand_state(B, H, Dk, Dv, normalize, generator=generator, device=DEV) if init
+               else (None, None))
+    return q, k, v, kv0, z0, normalize, ret, dtype
+
+
 @pytest.mark.parametrize("in_mma,width", [(True, 0), (True, 16), (False, 0)])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
@@ -120,20 +133,8 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, 
     monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
     monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)  # 0: num's width; 16: narrower
-    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
-    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
-    if DEV == "cuda":
-        dtype = torch.bfloat16
-    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk)
-    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=7, device=DEV) if init else (None, None)
-    seen = []
-    real = C._fwd_kernel.run
-
-    def spy(*a, **kw):
-        seen.append(kw["DEN_DOT"])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 7)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
     assert seen and all(x == in_mma for x in seen), seen
 
@@ -150,34 +151,15 @@ def test_backward_switches_match_float64(case, segments, delta_in_kernel, ksum, 
     monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
     monkeypatch.setattr(C, "BWD_DN_DOT", dn)
     monkeypatch.setattr(C, "DELTA_IN_KERNEL", delta_in_kernel)
-    monkeypatch.setenv("FEATATTN_SEGMENT", segments)
-    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
-    if DEV == "cuda":
-        dtype = torch.bfloat16
-    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dv)
-    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=8, device=DEV) if init else (None, None)
-    seen = []
-    real = C._bwd_kernel.run
-
-    def spy(*a, **kw):
-        seen.append((kw["KSUM_DOT"], kw["DN_DOT"]))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(C._bwd_kernel, "run", spy)
+    q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 8)
+    seen = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT", "DN_DOT")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
     assert seen and all(x == (ksum, dn) for x in seen), seen
 
 
 def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch):
     # 128-wide key tiles keep the row reductions (measured slower with the tile)
-    seen = []
-    real = C._fwd_kernel.run
-
-    def spy(*a, **kw):
-        seen.append((kw["BK"], kw["DEN_DOT"]))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(C._fwd_kernel, "run", spy)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "BK", "DEN_DOT")
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
     for Dk in (32, 128):
         q, k, v = make_inputs(1, 1, 1, 40, Dk, 16, dtype, True, "bhtd", seed=Dk)
