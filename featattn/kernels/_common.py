@@ -170,8 +170,10 @@ else:
         as one ``ex2.approx.ftz``: tl.exp's ``ex2.approx.f32`` keeps subnormal results, for
         which ptxas adds a range test and two multiplies an element (offline, sm_90a: the
         fused elu forward's loop 1399 -> 1310 instructions); here results below 2^-126
-        (x < -87.3) flush to 0, far below anything a sum or dot product next to them keeps."""
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
+        (x < -87.3) flush to 0, far below anything a sum or dot product next to them keeps.
+        (The PTX, compiled offline for sm_90: ``mul.f32 x, 0f3FB8AA3B`` then
+        ``ex2.approx.ftz.f32``.)"""
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
                                          [x * 1.4426950408889634], dtype=tl.float32,
                                          is_pure=True, pack=1)
 
