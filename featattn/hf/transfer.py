@@ -232,7 +232,7 @@ def _attention_kl(attn, q, k, key_mask) -> torch.Tensor:
         # query row, whose one allowed key is its own), not from the [B, H, T, T] weights
         kk = fk if key_mask is None else fk * km[:, None, :, None].to(dt)
         cum = kk.cumsum(2)  # [B, Hkv, T, F]
-        total = (fq.view(B, Hkv, g, T, -1) * cum[:, :, None]).sum(-1).view(B, H, T)
+        total = (fq.reshape(B, Hkv, g, T, -1) * cum[:, :, None]).sum(-1).reshape(B, H, T)
         if key_mask is not None:
             total = total + torch.diagonal(s, dim1=-2, dim2=-1) * (~km)[:, None, :].to(dt)
         tiny = torch.finfo(dt).tiny

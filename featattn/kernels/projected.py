@@ -769,8 +769,8 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             gb = ga
             if PAIR:
                 gb = tl.load(g + rows + F + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
-            # ga, gb are 0 off `keep`; with F == BF so are a and b (the recomputed ones may
-            # not be on padded columns, hence the mask then)
+            # ga, gb are 0 off `keep`, which makes dl 0 on padded rows whatever a and b hold
+            # there; with padded columns (F < BF) dl keeps its mask
             dl = _dact(lg, a, b, ga, gb, keep, ACT, not EVEN_F)
             dxt = _mm(dl, tl.trans(wt), False, TF32X3) * scale
             tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
