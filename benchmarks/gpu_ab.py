@@ -12,8 +12,9 @@ in a process of its own, ``--rounds`` times, the variants alternated (A B A B ..
 clock or thermal drift does not pass for a difference; the table gives each variant's best
 round (a round's number is do_bench's median).  Before timing, each process checks every call
 in bf16 at T = 1000 against float64 on the same bf16 inputs (output and gradients), on the
-path the timed call takes (FEATATTN_FUSE_MAPS=pass: at T = 1000 the dispatcher would put the
-maps in the kernels), and a variant whose error passes ERR_LIMIT fails instead of being timed.
+path the timed call takes (FEATATTN_FUSE_MAPS as MAP_PATH sets it for both: at T = 1000 the
+dispatcher would put every map in the kernels), and a variant whose error passes ERR_LIMIT
+fails instead of being timed.
 
 Calls (B = 8, H = 16, T = 16384 or ``--T``, D = 64, bf16, normalised unless said), fwd /
 fwd+bwd ms:
