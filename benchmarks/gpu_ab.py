@@ -99,7 +99,8 @@ def _check(name):
 
         if name == "hedgehog":
             return featattn.linear_attention(a, b, c, feature_map=fm64, backend="reference")
-        return featattn.linear_attention(a, b, c, feature_map="elu" if name == "elu" else None,
+        return featattn.linear_attention(a, b, c,
+                                         feature_map="elu" if name.startswith("elu") else None,
                                          normalize=name != "plain", backend="reference")
 
     ro = ref(*r)
@@ -123,9 +124,10 @@ def worker(tree, sets, names, T):
     for name in names:
         os.environ["FEATATTN_FUSE_MAPS"] = MAP_PATH.get(name, "pass")
         err = _check(name)
-        if not err < ERR_LIMIT:
-            raise SystemExit(f"{name}: relative error {err:.2e} against float64 "
-                             f"(limit {ERR_LIMIT:.0e}): not timed")
+        if not err < ERR_LIMIT:  # this call fails; the variant's other calls still count
+            print(f"FAILED {name}: relative error {err:.2e} against float64 "
+                  f"(limit {ERR_LIMIT:.0e}): not timed", flush=True)
+            continue
         call, leaves, fm = _make(name, 8, 16, T, 64)
         x = [t.bfloat16().requires_grad_() for t in leaves]
         do = torch.randn_like(x[2])
@@ -163,6 +165,9 @@ def main():
             p = subprocess.run([sys.executable, __file__, v, "--worker", "--T", str(a.T),
                                 "--only", *a.only],
                                capture_output=True, text=True, timeout=900)
+            for ln in p.stdout.splitlines():
+                if ln.startswith("FAILED "):
+                    print(f"{v} round {rnd}: {ln}", flush=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 tail = (p.stderr or p.stdout).strip().splitlines()[-3:]

@@ -4,7 +4,7 @@ and its gradients against a float64 run of the PyTorch path, under kernel switch
 at most 3e-3 in bf16 and 1e-3 in fp16.
 
     python3 benchmarks/gpu_long_errors.py                                  # defaults, elu
-    python3 benchmarks/gpu_long_errors.py chunked.BWD_DN_DOT=1 --maps elu relu --paths pass
+    python3 benchmarks/gpu_long_errors.py chunked.BWD_KSUM_DOT=0 --maps elu relu --paths pass
 """
 import argparse
 import os

@@ -253,7 +253,7 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
-    DEN_W: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -323,9 +323,9 @@ def _fwd_kernel(
         # the bf16 error at T = 65536 stays 1.98e-3, as with the row sums; z as two bf16
         # terms, hi + lo, measured slower and no more accurate).  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
-        Zt = z[:, None] + tl.zeros([BK, DEN_W], dtype=tl.float32)
-        ones_v = tl.full([BT, DEN_W], 1.0, dtype=k.dtype.element_ty)
-        col0 = (tl.arange(0, DEN_W) == 0)[None, :]
+        Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
+        ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
+        col0 = (tl.arange(0, BV) == 0)[None, :]
     if KSUM_DOT:
         # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
         # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
@@ -360,7 +360,7 @@ def _fwd_kernel(
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if DEN_DOT:
-            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, DEN_W]
+            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
             Zt += tl.dot(tl.trans(b_k), ones_v)
         elif NORMALIZE:
             if KSUM_DOT:
@@ -376,7 +376,7 @@ def _fwd_kernel(
         if DEN_DOT:
             if SPLIT_K:  # each row's partial den from the thread holding its column 0
                 tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, DEN_W)[None, :], dt,
+                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, BV)[None, :], dt,
                          mask=(mt & own_t)[:, None] & col0)
             else:
                 d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
@@ -422,7 +422,7 @@ def _bwd_kernel(
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
     DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
-    KSUM_DOT: tl.constexpr, DN_DOT: tl.constexpr,
+    KSUM_DOT: tl.constexpr,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -594,10 +594,7 @@ def _bwd_kernel(
             b_dv = _mm(AT, b_dn, LOWP, TF32X3) + _mm(b_k, dS, LOWP, TF32X3)
             tl.store(dv_base + (t0 - KS) * sgvt + offs_t[:, None] * sgvt + offs_v[None, :],
                      b_dv.to(dv.dtype.element_ty), mask=ms[:, None] & mv[None, :])
-            if DN_DOT:  # (NORMALIZE) v_s . do_t r_t from the rounded dn the other products take
-                dAT = _mm(b_v, tl.trans(b_dn), LOWP, TF32X3)  # [s, t]
-            else:
-                dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
+            dAT = _dot_in(b_v, tl.trans(b_do), TF32X3)  # [s, t]
             if NORMALIZE:
                 if DELTA_O:
                     b_o = tl.load(o_base + t0 * sot + offs_t[:, None] * sot + offs_v[None, :],
@@ -606,10 +603,7 @@ def _bwd_kernel(
                 else:
                     b_dd = -tl.load(delta + row_base + t0 + offs_t, mask=mt & own_t,
                                     other=0.0) * b_r
-                if DN_DOT:
-                    dAT = dAT + b_dd[None, :]
-                else:
-                    dAT = dAT * b_r[None, :] + b_dd[None, :]
+                dAT = dAT * b_r[None, :] + b_dd[None, :]
             dAT = tl.where(anti, dAT, 0.0)
             b_dk = _mm(dAT, b_q, LOWP, TF32X3) + _mm(b_v, tl.trans(dS), LOWP, TF32X3)
             if NORMALIZE:
@@ -631,7 +625,7 @@ def _bwd_kernel(
 
 
 _fwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "DEN_W"])(
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(
     _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
     _bwd_kernel)
@@ -648,43 +642,24 @@ SEG_ALIGN = 64
 #: _backward); faster than the delta kernel at every size measured (H200, B8 H16 D64 fwd+bwd:
 #: T = 1024 0.875 vs 0.925 ms, 16384 2.141 vs 2.172).  False (tests) keeps the delta kernel.
 DELTA_IN_KERNEL = True
-#: The normalised forward (bf16 / fp16 features, map not in the kernel, key tile at most
-#: DEN_IN_MMA_MAX_BK wide) makes its denominators on the tensor cores as a tile in the
-#: output's layout (_fwd_kernel's DEN_DOT) instead of row reductions of A and q * z with z
-#: broadcast through shared memory.  H200, B8 H16 T16384 bf16, forward (gpu_ab.py, two
-#: alternated rounds): D64 features 0.531 -> 0.493 ms, elu op 0.788 -> 0.747; but 128-wide
-#: features 0.871 -> 1.018, hence the width limit (docs/benchmarks.md, session 12).
+#: The normalised forward (bf16 / fp16, key tile at most DEN_IN_MMA_MAX_BK wide) makes its
+#: denominators on the tensor cores as a tile in the output's layout (_fwd_kernel's DEN_DOT)
+#: instead of row reductions of A and q * z with z broadcast through shared memory.  H200,
+#: B8 H16 T16384 bf16, forward (gpu_ab.py, docs/benchmarks.md sessions 12-13): D64 features
+#: 0.531 -> 0.493 ms, elu op 0.788 -> 0.747; the map in the kernel (elu) 0.869 -> 0.751; but
+#: 128-wide features 0.871 -> 1.018, hence the width limit.  (A 16-wide denominator tile,
+#: shorter offline, faulted on the GPU under triton 3.6: removed.)
 DEN_IN_MMA = True
 DEN_IN_MMA_MAX_BK = 64
-#: The denominator tile's width (its columns all equal; 0: BV, num's width).  Offline
-#: (sm_90a, bf16, D64, BT 64 / 4 warps; sass_count.py --const chunked.DEN_IN_MMA_WIDTH=W):
-#: 64 wide 646 loop instructions, 255 registers, 4 bytes spilled; 32 wide 613 / 252 / 0; 16
-#: wide 602 / 240 / 0, and no shared-memory traffic added (den's rows sit in the same
-#: threads in a 16- and a 64-wide accumulator).  0 until timed on the GPU.
-DEN_IN_MMA_WIDTH = 0
-#: DEN_IN_MMA with the map inside the kernel too (FUSED; excluded so far as the ones-dot for z
-#: was slower there).  Offline (sm_90a, bf16, D64, BT 64 / 4 warps, elu): the forward loop
-#: 1303 -> 1088 instructions with DEN_IN_MMA_WIDTH=16, spills 20 -> 0 bytes; identity map
-#: 992 -> 752 (the kernel without a map: 602).  0 until timed on the GPU.
-DEN_IN_MMA_FUSED = 0
 #: The normalised backward's dq sweep sums z on the tensor cores (k^T @ ones, exact products,
 #: fp32 sums) instead of reducing k's rows across warps each chunk, as the forward does
-#: (bf16 / fp16, map not in the kernel).  Offline (sm_90a, bf16, Dk = Dv = 64), the dq
-#: sweep's loop: 979 -> 775 instructions at BT 64 / 4 warps, 774 -> 693 at 8 warps, 536 ->
-#: 502 at BT 32; Dk 128 / 8 warps 1094 -> 799; the dk/dv sweep unchanged.  (dz by the same
-#: trick, dd as hi + lo bf16 terms, was not shorter: 1602 -> 1568 at 4 warps, 1673 -> 1723
-#: and more spills at 4 warps / 4 stages; not kept.)  0: off (until timed on the GPU), 1: on
-#: features, 2: also with the map in the kernel (elu, 8 warps: 1064 -> 957; 4 warps: 1871 ->
-#: 1369).
-BWD_KSUM_DOT = 0
-#: The normalised backward's dk/dv sweep makes dAT = v @ dn^T from dn = do / den as rounded
-#: for the other products (dv = AT dn, dS += q^T dn), instead of v @ do^T then a multiply by
-#: 1 / den broadcast along the columns.  Offline (sm_90a, bf16, D64) the dk/dv sweep's loop:
-#: 1393 -> 1156 instructions at BT 64 / 8 warps (registers 255 -> 238), 1602 -> 1362 at 4
-#: warps (spills 64 -> 112 bytes).  The rounding differs (dn rounded before the product,
-#: not dAT after it): check the bf16 errors at T = 65536 before turning it on.  Off until
-#: timed on the GPU.
-BWD_DN_DOT = False
+#: (bf16 / fp16).  H200, B8 H16 T16384 D64 bf16, fwd+bwd (gpu_ab.py, session 13): Hedgehog
+#: op 6.89 -> 6.32 ms, elu in the kernel 3.80 -> 3.69, features 2.14 -> 2.12 (same); but the
+#: map-pass path, whose backward applies the slope as dq / dk are stored (EPI_DPHI), 2.30 ->
+#: 2.41 / 2.52 (two rounds), so that form keeps the reductions.  bf16 error of dq at
+#: T = 65536 unchanged.  (dAT = v @ dn^T from the rounded dn instead of v @ do^T times
+#: 1 / den measured slower, features 2.15 -> 2.40: removed.)
+BWD_KSUM_DOT = True
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 _SM_COUNT: dict = {}
@@ -814,9 +789,8 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
-        DEN_DOT=(DEN_IN_MMA and normalize and not tf32x3 and (DEN_IN_MMA_FUSED or not fused)
-                 and BK <= DEN_IN_MMA_MAX_BK),
-        DEN_W=min(DEN_IN_MMA_WIDTH, BV) if DEN_IN_MMA_WIDTH else BV, EVEN_K=Dk % BK == 0,
+        DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and BK <= DEN_IN_MMA_MAX_BK,
+        EVEN_K=Dk % BK == 0,
     )
     den = den_buf if normalize else None
     if split_k:
@@ -915,8 +889,8 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
-        EVEN_K=Dk % BK == 0, KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and (BWD_KSUM_DOT > 1 or not fused),
-        DN_DOT=BWD_DN_DOT and normalize,
+        EVEN_K=Dk % BK == 0,
+        KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and dphi_y is None,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

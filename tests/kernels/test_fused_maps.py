@@ -116,8 +116,8 @@ def test_fused_map_matches_float64(fm, case, path, monkeypatch):
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
 
 
-# The map in the kernel with the denominators on the tensor cores (chunked.DEN_IN_MMA_FUSED;
-# fp16 here, bf16 on the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
+# The map in the kernel with the denominators on the tensor cores (chunked.DEN_IN_MMA, the
+# default for these narrow tiles; fp16 here, bf16 on the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
 # split in two tiles (partial denominators), grouped heads, a state, 64-token segments.
 DEN_FUSED_CASES = [
     (2, 4, 2, 63, 16, 24, torch.float16, True, True, "bhtd", 0.5),     # full Dk tile
@@ -127,30 +127,43 @@ DEN_FUSED_CASES = [
 
 
 @pytest.mark.parametrize("segments", ["off", "64"])
-@pytest.mark.parametrize("width,bwd", [(0, False), (16, False), (16, True)])
+@pytest.mark.parametrize("ksum", [True, False])
 @pytest.mark.parametrize("case", DEN_FUSED_CASES, ids=_case_id)
 @pytest.mark.parametrize("fm", ("elu", "test_softplus"))
-def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, width, bwd, segments,
+def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, ksum, segments,
                                                          monkeypatch):
-    """bwd: the backward switches too (z on the tensor cores with the map in the kernel,
-    BWD_KSUM_DOT=2; dAT from the rounded dn, BWD_DN_DOT)."""
+    """ksum: the backward's z on the tensor cores too (chunked.BWD_KSUM_DOT, the default) or
+    by row reductions."""
     from featattn.kernels import chunked as C
 
-    monkeypatch.setattr(C, "BWD_KSUM_DOT", 2 if bwd else 0)
-    monkeypatch.setattr(C, "BWD_DN_DOT", bwd)
-    monkeypatch.setattr(C, "DEN_IN_MMA_FUSED", 1)
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
-    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     if DEV == "cuda":
         case = case[:6] + (torch.bfloat16,) + case[7:]
     seen = spy_launches(monkeypatch, C._fwd_kernel, "FUSED", "DEN_DOT", "EVEN_K")
-    seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT", "DN_DOT")
+    seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT")
     got, want = _check(fm, *case, fn=_fused)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
     even = case[4] % C._tiles(case[4], case[5], case[6])[0] == 0
     assert seen and all(f and d and e == even for f, d, e in seen), seen
-    assert seen_bwd and all(x == (bwd, bwd) for x in seen_bwd), seen_bwd
+    assert seen_bwd and all(x == ksum for x in seen_bwd), seen_bwd
+
+
+def test_map_pass_backward_keeps_the_row_sums(monkeypatch):
+    """The map-pass path's backward (the slope applied as dq / dk are stored, EPI_DPHI) keeps
+    z's row reductions (measured slower with BWD_KSUM_DOT); the map in the kernel does not."""
+    from featattn.kernels import chunked as C
+
+    seen = spy_launches(monkeypatch, C._bwd_kernel, "EPI_DPHI", "FUSED", "KSUM_DOT")
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    for path in ("pass", "kernel"):
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
+        q, k, v = (torch.randn(1, 2, 40, 16, device=DEV, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        featattn.linear_attention(q, k, v, feature_map="elu", backend="triton").sum().backward()
+    assert {(e, f, ks) for e, f, ks in seen} == {(True, False, False), (False, True, True)}, \
+        set(seen)
 
 
 SEG_CASES = [

@@ -100,8 +100,7 @@ def test_segments_match_float64(case, monkeypatch):
 
 
 # The normalised forward's denominators as a tensor-core tile (chunked.DEN_IN_MMA, the
-# default for key tiles <= 64 wide; the width limit lifted here), num's width or 16 wide
-# (DEN_IN_MMA_WIDTH), or as row reductions:
+# default for key tiles <= 64 wide; the width limit lifted here), or as row reductions:
 # fp16 here (bf16 on the GPU; fp32 keeps the reductions): one Dk tile, Dk tiled (partial
 # denominators), Dv tiled, grouped heads, states in and out, segments.
 DEN_CASES = [
@@ -125,36 +124,32 @@ def _den_inputs(case, monkeypatch, segments, generator):
     return q, k, v, kv0, z0, normalize, ret, dtype
 
 
-@pytest.mark.parametrize("in_mma,width", [(True, 0), (True, 16), (False, 0)])
+@pytest.mark.parametrize("in_mma", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, width,
-                                                        monkeypatch):
+def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, monkeypatch):
     monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
-    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", width)  # 0: num's width; 16: narrower
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 7)
     seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
     assert seen and all(x == in_mma for x in seen), seen
 
 
-@pytest.mark.parametrize("ksum,dn", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("ksum", [True, False])
 @pytest.mark.parametrize("delta_in_kernel", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_backward_switches_match_float64(case, segments, delta_in_kernel, ksum, dn,
-                                         monkeypatch):
-    """chunked.BWD_KSUM_DOT: the normalised backward's dq sweep sums z as k^T @ ones (initial
-    state and earlier segments' sums included); chunked.BWD_DN_DOT: the dk/dv sweep's dAT
-    from the rounded do / den.  The same cases as the forward's denominators."""
+def test_backward_switches_match_float64(case, segments, delta_in_kernel, ksum, monkeypatch):
+    """chunked.BWD_KSUM_DOT (the default): the normalised backward's dq sweep sums z as
+    k^T @ ones (initial state and earlier segments' sums included), or by row reductions.
+    The same cases as the forward's denominators."""
     monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
-    monkeypatch.setattr(C, "BWD_DN_DOT", dn)
     monkeypatch.setattr(C, "DELTA_IN_KERNEL", delta_in_kernel)
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 8)
-    seen = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT", "DN_DOT")
+    seen = spy_launches(monkeypatch, C._bwd_kernel, "KSUM_DOT")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
-    assert seen and all(x == (ksum, dn) for x in seen), seen
+    assert seen and all(x == ksum for x in seen), seen
 
 
 def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch):
@@ -164,8 +159,9 @@ def test_denominators_on_the_tensor_cores_only_for_narrow_key_tiles(monkeypatch)
     for Dk in (32, 128):
         q, k, v = make_inputs(1, 1, 1, 40, Dk, 16, dtype, True, "bhtd", seed=Dk)
         C.chunked_attention(q, k, v, normalize=True, eps=1e-6)
-    assert [(bk <= C.DEN_IN_MMA_MAX_BK) == dot for bk, dot in seen] == [True, True], seen
-    assert [dot for _, dot in seen] == [True, False], seen
+    # (on the GPU the autotuner launches every config: each launch's tile decides)
+    assert seen and all((bk <= C.DEN_IN_MMA_MAX_BK) == dot for bk, dot in seen), set(seen)
+    assert {dot for _, dot in seen} == {True, False}, set(seen)
 
 
 # The backward with narrower Dk tiles than the forward (chunked.BWD_MAX_BK): each Dk tile a
