@@ -43,6 +43,39 @@ def test_tuned_launch_caches_one_config_per_head_dim_pair():
     assert dims == {(20, 20), (24, 20), (20, 28)}, dims
 
 
+def test_tuned_launch_tunes_each_problem_size_apart():
+    """A config tuned on a first small call (a warm-up, a short prompt) is not kept for every
+    later size: the key holds a bucket of the grid and of each program's tokens."""
+    from featattn.kernels import chunked_attention
+
+    ch = _chunked()
+    ch._FWD.best.clear()
+    seen = []
+    for B, H, T in ((1, 1, 5), (1, 1, 7), (1, 1, 300), (4, 4, 5), (1, 1, 300)):
+        q, k, v = (torch.randn(B, H, T, 16) for _ in range(3))
+        chunked_attention(q, k, v, normalize=True, eps=1e-6)
+        seen.append(len(ch._FWD.best))
+    assert seen == [1, 1, 2, 3, 3], seen
+
+
+def test_every_autotuned_kernel_is_tuned_per_problem_size():
+    """Each TunedLaunch of featattn.kernels names a size bucket in its autotune key."""
+    import importlib
+
+    from featattn.kernels._common import TunedLaunch
+
+    found = []
+    for mod in ("chunked", "projected", "taylor_fused", "taylor_parallel", "window"):
+        m = importlib.import_module(f"featattn.kernels.{mod}")
+        for name, obj in vars(m).items():
+            launches = obj.values() if isinstance(obj, dict) else [obj]
+            for launch in launches:
+                if isinstance(launch, TunedLaunch):
+                    found.append((mod, name))
+                    assert {"SIZE", "size_key"} & set(launch.tuner.keys), (mod, name)
+    assert len(found) >= 10, found
+
+
 def test_tuned_launch_keys_include_tensor_dtypes():
     ch = _chunked()
     names = list(ch._FWD.tuner.arg_names)

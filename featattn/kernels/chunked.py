@@ -173,11 +173,11 @@ def _features(x, scale, mask, PHI: tl.constexpr, MASK: tl.constexpr = True):
 
 
 # --------------------------------------------------------------------------- segment sums
-@triton.jit(do_not_specialize=["T", "SEG", "NS", "J0", "KS"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "J0", "KS", "SIZE"])
 def _seg_kernel(
     a, b, den, delta, outS, outz,
     sab, sah, sat, sbb, sbh, sbt,
-    T, H, DK, DV, SEG, NS, J0, KS, scale,
+    T, H, DK, DV, SEG, NS, J0, KS, scale, SIZE,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
@@ -243,11 +243,11 @@ def _seg_kernel(
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS", "SIZE"])
 def _fwd_kernel(
     q, k, v, o, den, kv0, z0, kvT, zT, segS, segz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, NB, H, G, DK, DV, SEG, NS, KS, eps, scale,
+    T, NB, H, G, DK, DV, SEG, NS, KS, eps, scale, SIZE,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -409,13 +409,13 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS"])
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "KS", "SIZE"])
 def _bwd_kernel(
     q, k, v, do, o, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0, segS, segz, segdS, segdz, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sob, soh, sot,
     sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
-    T, NB, H, G, DK, DV, SEG, NS, KS, scale,
+    T, NB, H, G, DK, DV, SEG, NS, KS, scale, SIZE,
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
@@ -624,12 +624,16 @@ def _bwd_kernel(
                 tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k & first)
 
 
+# Tuned per head dims, form and problem size (SIZE, _size: the grid and each program's
+# tokens), as the window and parallel-Taylor kernels are: a config tuned on a first small
+# call (a warm-up, a test at T = 1000, a short prompt) was kept for every later size.
 _fwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT"])(
+                       key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "SIZE"])(
     _fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI"])(
-    _bwd_kernel)
-_seg = triton.autotune(configs=_configs(), key=["DK", "DV", "BWD", "HAS_Z", "FUSED"])(_seg_kernel)
+_bwd = triton.autotune(configs=_configs(),
+                       key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI", "SIZE"])(_bwd_kernel)
+_seg = triton.autotune(configs=_configs(),
+                       key=["DK", "DV", "BWD", "HAS_Z", "FUSED", "SIZE"])(_seg_kernel)
 _FWD = TunedLaunch(_fwd, "chunked_fwd")
 _BWD = TunedLaunch(_bwd, "chunked_bwd")
 _SEG = TunedLaunch(_seg, "chunked_seg")
@@ -713,6 +717,12 @@ def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool
     return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device)[0] > 1
 
 
+def _size(programs: int, tokens: int) -> int:
+    """The autotune key's size bucket of a launch of ``programs`` (batch, head, segment)
+    programs over ``tokens`` tokens each (_common.size_bucket)."""
+    return _common.size_bucket(programs, 1, tokens)
+
+
 def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0,
                   kshift=0):
     """fp32 (S [B*Ha, NS, Dk, Dv], z [B*Ha, NS, Dk]) for segments j0 .. j0 + NS - 2 of
@@ -729,7 +739,7 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     _SEG[(B * Ha, NK * NV, ns - 1)](
         a, b, den if den is not None else S, delta if delta is not None else S, S, z,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale,
+        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale, _size(B * Ha * (ns - 1), seg),
         NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
     )
@@ -785,7 +795,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, NB, H, G, Dk, Dv, seg, ns, kshift, eps, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, eps, scale, _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg)),
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
@@ -885,7 +895,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         ob.stride(0), ob.stride(1), ob.stride(2),
         gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
         gv.stride(0), gv.stride(1), gv.stride(2),
-        T, NB, H, G, Dk, Dv, seg, ns, kshift, scale,
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, scale, _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg)),
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,

@@ -45,6 +45,7 @@ from . import tuning as _tuning
 from ._common import alloc as _alloc
 from ._common import cdiv, check_inputs, check_packed_states, fill_state_half, next_pow2
 from ._common import row_dot
+from ._common import size_bucket as _size_bucket
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
@@ -167,11 +168,11 @@ def _dact(lg, a, b, da, db, keep, ACT: tl.constexpr, KEEP: tl.constexpr = True):
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SIZE"])
 def _fwd_kernel(
     q, k, v, wq, bq, wk, bk, o, den, kv0, z0, kvT, zT, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, D, F, DV, eps, scale,
+    T, H, G, D, F, DV, eps, scale, SIZE,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     LOWP: tl.constexpr, TF32X3: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
@@ -277,12 +278,12 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SIZE"])
 def _bwd_kernel(
     q, k, v, do, wq, bq, wk, bk, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, NB, H, G, D, F, DV, scale,
+    T, NB, H, G, D, F, DV, scale, SIZE,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWP: tl.constexpr, TF32X3: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr,
@@ -487,8 +488,12 @@ def _bwd_kernel(
                     tl.store(dz0 + zt_off + F + offs_f, dzb, mask=mf & own_f)
 
 
-_fwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(), key=["D", "F", "DV", "NORMALIZE", "ACT"])(_bwd_kernel)
+# Tuned per shape of the map, form and problem size (SIZE, _common.size_bucket): a config
+# tuned on a first small call was kept for every later size.
+_fwd = triton.autotune(configs=_configs(),
+                       key=["D", "F", "DV", "NORMALIZE", "ACT", "SIZE"])(_fwd_kernel)
+_bwd = triton.autotune(configs=_configs(),
+                       key=["D", "F", "DV", "NORMALIZE", "ACT", "SIZE"])(_bwd_kernel)
 _FWD = _common.TunedLaunch(_fwd, "projected_fwd")
 _BWD = _common.TunedLaunch(_bwd, "projected_bwd")
 
@@ -540,7 +545,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
         cu if cu is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, D, F, Dv, eps, scale,
+        T, H, H // Hkv, D, F, Dv, eps, scale, _size_bucket(B, H, cdiv(T, B) if cu is not None else T),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, STORE_FINAL=store_final,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv,
         HAS_BIAS=bq is not None, VARLEN=cu is not None,
@@ -591,7 +596,7 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
         dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu if cu is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, D, F, Dv, scale,
+        T, NB, H, G, D, F, Dv, scale, _size_bucket(B, H, cdiv(T, B) if cu is not None else T),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
         VARLEN=cu is not None,
@@ -721,9 +726,9 @@ _PASS_ROWS = 1024  # tokens per program: weight partials are [B, H, cdiv(T, 1024
 PASS_BWD_FROM_FEATURES = True
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SIZE"])
 def _pass_kernel(x, w, bias, g, y, dx, dw, db,
-                 sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale,
+                 sxb, sxh, sxt, T, H, D, F, WDIV, NR, scale, SIZE,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
                  TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr,
@@ -813,6 +818,7 @@ def _pass(x, w, bias, act, scale, g=None, feats=None):
     _PASS[(B * Hx, NR)](
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
+        _size_bucket(B * Hx, NR, _PASS_ROWS),
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
         TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None, EVEN_F=F == BF)
     if not bwd:
@@ -832,7 +838,7 @@ def _pass_configs():
 
 
 _PASS = _common.TunedLaunch(triton.autotune(
-    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y"])(_pass_kernel),
+    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y", "SIZE"])(_pass_kernel),
     "projection_pass")
 
 

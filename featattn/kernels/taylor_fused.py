@@ -114,6 +114,7 @@ from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_half
 from ._common import register_attention_ops, row_dot
+from ._common import size_bucket as _size_bucket
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import head_base, sequence_heads
@@ -350,11 +351,11 @@ def _store_quad(ptr, x, base, row, rowm, valid, offs_v, mv, DV: tl.constexpr,
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SIZE"])
 def _fwd_kernel(
     q, k, v, o, den, kv0, z0, kvT, zT, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, eps, c1, c2, c2o, inv,
+    T, H, G, eps, c1, c2, c2o, inv, SIZE,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
@@ -478,12 +479,12 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "SIZE"])
 def _bwd_kernel(
     q, k, v, do, den, delta, kv0, z0, dkvT, dzT,
     dq, dk, dv, dkv0, dz0, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, NB, H, G, c1, c2, c2o, inv,
+    T, NB, H, G, c1, c2, c2o, inv, SIZE,
     D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, Q: tl.constexpr,
     FOLD3: tl.constexpr, SYM: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
@@ -695,8 +696,9 @@ def _bwd_kernel(
                     tl.store(zst + sq_off, DZ2, mask=mdd)
 
 
-_FWD_KEY = ["D", "DV", "NORMALIZE", "HAS_INIT", "LOWP", "FP32_IEEE"]
-_BWD_KEY = ["D", "DV", "BV", "NORMALIZE", "LOWP", "FP32_IEEE"]
+# SIZE (_common.size_bucket): a config tuned on a first small call was kept for every size
+_FWD_KEY = ["D", "DV", "NORMALIZE", "HAS_INIT", "LOWP", "FP32_IEEE", "SIZE"]
+_BWD_KEY = ["D", "DV", "BV", "NORMALIZE", "LOWP", "FP32_IEEE", "SIZE"]
 _fwd_small = triton.autotune(configs=_fwd_configs(False), key=_FWD_KEY)(_fwd_kernel)
 _fwd_big = triton.autotune(configs=_fwd_configs(True), key=_FWD_KEY)(_fwd_kernel)
 _bwd_small = triton.autotune(configs=_bwd_configs(False), key=_BWD_KEY)(_bwd_kernel)
@@ -744,7 +746,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
         cu_seqlens if cu_seqlens is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, eps, c1, c2, c2o, inv,
+        T, H, H // Hkv, eps, c1, c2, c2o, inv, _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B)),
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
@@ -797,7 +799,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
         dq, dk, dv, dkv0, dz0, cu_seqlens if cu_seqlens is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, c1, c2, c2o, inv,
+        T, NB, H, G, c1, c2, c2o, inv, _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B)),
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
