@@ -83,7 +83,8 @@ Dk=273 cost is the Dk split: three 128-wide tiles write fp32 partials that torch
 Tiles: BK = min(128, next_pow2(Dk)) and BV = min(128, next_pow2(Dv)) (>= 16, as tl.dot
 needs; >= 32 on the GPU, see `_tiles`), chosen by `_tiles` because they decide the buffers
 the wrapper allocates; the chunk length BT, num_warps and num_stages come from
-`triton.autotune`, keyed on (Dk, Dv) and the dtypes.  T is not specialised, so a new length does not recompile.
+`triton.autotune`, keyed on (Dk, Dv), the form, the dtypes and a bucket of the problem's
+size (a new bucket re-tunes; T itself is not specialised, so a new length does not recompile).
 Under TRITON_INTERPRET=1 one small config is used.  Offsets that can pass 2**31
 (batch/head bases, chunk starts) are int64; per-tile offsets stay int32.
 """
