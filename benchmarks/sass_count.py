@@ -16,6 +16,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
     python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
     python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=0  # a module switch flipped
+    python benchmarks/sass_count.py --map elu --loops 1 --dump  # the loop's instructions
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
@@ -228,6 +229,9 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="also list each launch's configs")
     ap.add_argument("--loops", type=int, default=2, help="loops to show per kernel")
     ap.add_argument("--top", type=int, default=10, help="opcodes to list per loop")
+    ap.add_argument("--dump", action="store_true",
+                    help="print each shown loop's instructions (where the waits and the "
+                         "tensor-core ops fall)")
     a = ap.parse_args(argv)
     from _timing import set_constants
 
@@ -253,6 +257,8 @@ def main(argv=None):
             ops = collections.Counter(_opcode(t) for t in body)
             print(f"  a loop: {len(body)} instructions; "
                   + ", ".join(f"{op} {n}" for op, n in ops.most_common(a.top)))
+            if a.dump:
+                print("\n".join(f"    {i:4d}  {t}" for i, t in enumerate(body)))
     return 0
 
 

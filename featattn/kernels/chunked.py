@@ -667,6 +667,14 @@ DEN_IN_MMA_MAX_BK = 64
 BWD_KSUM_DOT = True
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
+#: Also split a grid of one program per SM or fewer (SMs / 2 < programs <= SMs, e.g. the
+#: forward at B8 H16 D64: 128 programs on 132 SMs) in two segments, so that two programs
+#: share each SM.  Offline reasoning (sass_count.py --dump, session 13): the fused-map
+#: forward's chunk loop is one serial chain (map, shared-memory store, barrier, tensor-core
+#: op, wait, ...) with one warp per scheduler, so a second program per SM should fill its
+#: stalls; the segment-sums pass costs one more read of k, v for half of T.  Not yet timed
+#: (segments were measured at 8 and 16 per head there, not 2): False until then.
+AUTO_SPLIT_FULL_GRID = False
 _SM_COUNT: dict = {}
 
 
@@ -705,9 +713,12 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
     if device.type != "cuda" or T < AUTO_SPLIT_MIN_T:
         return 1, whole
     sms = _sm_count(device)
-    if 2 * programs > sms:
+    if 2 * programs <= sms:
+        ns = min(cdiv(2 * sms, programs), 16)
+    elif AUTO_SPLIT_FULL_GRID and programs <= sms:
+        ns = 2
+    else:
         return 1, whole
-    ns = min(cdiv(2 * sms, programs), 16)
     seg = max(cdiv(cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN, 1024)
     return cdiv(T, seg), seg
 

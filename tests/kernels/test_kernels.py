@@ -199,6 +199,15 @@ def test_segment_policy(monkeypatch):
     """Automatic: no split on CPU or when the grid fills the GPU; a bad switch value is
     explained."""
     assert C.segments(4, 4096, torch.device("cpu")) == (1, 4096)
+    cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
+    monkeypatch.setitem(C._SM_COUNT, cuda, 132)
+    assert C.segments(16, 16384, cuda) == (16, 1024)        # B1 H16: up to 16 segments
+    assert C.segments(64, 16384, cuda) == (5, 3328)         # half the SMs: ~2 programs each
+    assert C.segments(16, 8192, cuda) == (1, 8192)          # too short to pay for the pass
+    assert C.segments(128, 16384, cuda) == (1, 16384)       # the grid fills the GPU
+    monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", True)
+    assert C.segments(128, 16384, cuda) == (2, 8192)        # two programs an SM
+    assert C.segments(256, 16384, cuda) == (1, 16384)
     monkeypatch.setenv("FEATATTN_SEGMENT", "off")
     assert C.segments(1, 1000, torch.device("cpu")) == (1, 1024)
     monkeypatch.setenv("FEATATTN_SEGMENT", "100")
