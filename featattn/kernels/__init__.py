@@ -5,7 +5,8 @@ Exports:
     chunked_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                       return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
     splits_time(B, H, T, Dk, Dv, dtype, device) -> bool: whether the chunked kernels cut T
-        into segments swept in parallel for this shape (FEATATTN_SEGMENT).
+        into segments swept in parallel for this shape because its grid leaves most SMs
+        idle (FEATATTN_SEGMENT).
     KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
     taylor_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                      return_state=False) -> (o, kv, z)      (featattn/kernels/taylor_fused.py)

@@ -667,14 +667,18 @@ DEN_IN_MMA_MAX_BK = 64
 BWD_KSUM_DOT = True
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
-#: Also split a grid of one program per SM or fewer (SMs / 2 < programs <= SMs, e.g. the
-#: forward at B8 H16 D64: 128 programs on 132 SMs) in two segments, so that two programs
-#: share each SM.  Offline reasoning (sass_count.py --dump, session 13): the fused-map
-#: forward's chunk loop is one serial chain (map, shared-memory store, barrier, tensor-core
-#: op, wait, ...) with one warp per scheduler, so a second program per SM should fill its
-#: stalls; the segment-sums pass costs one more read of k, v for half of T.  Not yet timed
-#: (segments were measured at 8 and 16 per head there, not 2): False until then.
-AUTO_SPLIT_FULL_GRID = False
+#: N > 0: also split grids of one or two programs per SM (SMs / 2 < programs <= 2 * SMs,
+#: e.g. B8 H16 D64: 128 forward programs, 256 backward on 132 SMs) into N segments (of at
+#: least 1024 tokens).  Each chunk of the loop is one serial chain (sass_count.py --dump:
+#: map, shared-memory store, barrier, tensor-core op, wait, ...) with one warp per
+#: scheduler, so more programs per SM fill its stalls, for one more read of k, v (the
+#: segment sums).  H200, session 9, forced with FEATATTN_SEGMENT (docs/benchmarks.md), B8 H16
+#: T16384 fwd / fwd+bwd ms: features 0.572 / 2.144 unsplit, 0.498 / 2.013 in 4096-token
+#: segments (N = 4), elu pass 0.827 / 2.778 -> 0.755 / 2.648; one run, older kernels, and
+#: 8192-token segments (N = 2) never timed: 0 until an A/B (gpu_ab.py
+#: .:chunked.AUTO_SPLIT_FULL_GRID=2 .:chunked.AUTO_SPLIT_FULL_GRID=4).  Such splits do not
+#: move the map into the kernel (splits_time): there the pass stayed faster (2.648 vs 3.505).
+AUTO_SPLIT_FULL_GRID = 0
 _SM_COUNT: dict = {}
 
 
@@ -685,7 +689,7 @@ def _sm_count(device) -> int:
     return n
 
 
-def segments(programs: int, T: int, device) -> tuple[int, int]:
+def segments(programs: int, T: int, device, full_grid: bool = True) -> tuple[int, int]:
     """(NS, SEG): how many segments of SEG tokens each head's sweep is split into.
 
     One program per (head, tile) walking T alone is latency-bound when there are few of
@@ -696,7 +700,8 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
     T >= 16384 (at B = 1, H = 16, T = 16384 the op on features went from 0.52 / 1.78 ms to
     ~0.2 / ~1.2 ms fwd / fwd+bwd; at shorter T or fuller grids the extra pass and launches
     cost more than the parallelism gave), into up to 16 segments aiming at two programs per
-    SM.  ``FEATATTN_SEGMENT``: ``off``, or a segment length in tokens (a multiple of 64)."""
+    SM; with :data:`AUTO_SPLIT_FULL_GRID` (and ``full_grid``), fuller grids too.
+    ``FEATATTN_SEGMENT``: ``off``, or a segment length in tokens (a multiple of 64)."""
     mode = _switches.read("FEATATTN_SEGMENT")
     whole = cdiv(T, SEG_ALIGN) * SEG_ALIGN
     if mode == "off":
@@ -715,8 +720,8 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
     sms = _sm_count(device)
     if 2 * programs <= sms:
         ns = min(cdiv(2 * sms, programs), 16)
-    elif AUTO_SPLIT_FULL_GRID and programs <= sms:
-        ns = 2
+    elif full_grid and AUTO_SPLIT_FULL_GRID > 0 and programs <= 2 * sms:
+        ns = AUTO_SPLIT_FULL_GRID
     else:
         return 1, whole
     seg = max(cdiv(cdiv(T, ns), SEG_ALIGN) * SEG_ALIGN, 1024)
@@ -724,9 +729,11 @@ def segments(programs: int, T: int, device) -> tuple[int, int]:
 
 
 def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
-    """Whether a forward call of this shape runs in several segments (see :func:`segments`)."""
+    """Whether a forward call of this shape runs in several segments because its grid
+    leaves most SMs idle (see :func:`segments`; the dispatcher then puts an elementwise map
+    inside the kernel).  Splits of fuller grids (AUTO_SPLIT_FULL_GRID) do not count."""
     BK, BV = _tiles(Dk, Dv, dtype)
-    return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device)[0] > 1
+    return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device, full_grid=False)[0] > 1
 
 
 def _size(programs: int, tokens: int) -> int:

@@ -205,9 +205,14 @@ def test_segment_policy(monkeypatch):
     assert C.segments(64, 16384, cuda) == (5, 3328)         # half the SMs: ~2 programs each
     assert C.segments(16, 8192, cuda) == (1, 8192)          # too short to pay for the pass
     assert C.segments(128, 16384, cuda) == (1, 16384)       # the grid fills the GPU
-    monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", True)
-    assert C.segments(128, 16384, cuda) == (2, 8192)        # two programs an SM
-    assert C.segments(256, 16384, cuda) == (1, 16384)
+    monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", 4)
+    assert C.segments(128, 16384, cuda) == (4, 4096)        # full grids: N segments
+    assert C.segments(256, 16384, cuda) == (4, 4096)        # (the backward's two sweeps)
+    assert C.segments(300, 16384, cuda) == (1, 16384)
+    assert C.segments(128, 16384, cuda, full_grid=False) == (1, 16384)
+    monkeypatch.setattr(C, "_sm_count", lambda device: 132)
+    assert not C.splits_time(8, 16, 16384, 64, 64, torch.bfloat16, cuda)  # map: still a pass
+    assert C.splits_time(1, 16, 16384, 64, 64, torch.bfloat16, cuda)
     monkeypatch.setenv("FEATATTN_SEGMENT", "off")
     assert C.segments(1, 1000, torch.device("cpu")) == (1, 1024)
     monkeypatch.setenv("FEATATTN_SEGMENT", "100")
