@@ -15,6 +15,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op taylor --T 4096      # the chunked Taylor form
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
     python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
+    python benchmarks/sass_count.py --op hedgehog_op          # the pass, then the chunked kernels
     python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=0  # a module switch flipped
     python benchmarks/sass_count.py --map elu --loops 1 --dump  # the loop's instructions
 
@@ -102,8 +103,21 @@ def call_hedgehog_pass(a):
     fq.backward(torch.ones_like(fq))
 
 
+def call_hedgehog_op(a):
+    """The whole pass path of linear_attention with a Hedgehog map: the projection passes,
+    the chunked kernels on the 128-wide features, their backward and the passes' backward."""
+    from featattn.kernels.projected import projection_features
+
+    q, k, v = _inputs(a)
+    fm = featattn.get_feature_map("hedgehog", head_dim=64, feature_dim=64, heads=16)
+    fq, fk = projection_features(q, k, fm.triton_projection())
+    o = kernels.chunked_attention(fq, fk, v, normalize=not a.plain, eps=1e-6)[0]
+    o.backward(torch.ones_like(o))
+
+
 CALLS = {"chunked": call_chunked, "hybrid": call_hybrid, "taylor": call_taylor,
-         "hedgehog": call_hedgehog, "hedgehog_pass": call_hedgehog_pass}
+         "hedgehog": call_hedgehog, "hedgehog_pass": call_hedgehog_pass,
+         "hedgehog_op": call_hedgehog_op}
 
 
 # --------------------------------------------------------------------------- catching
