@@ -142,7 +142,10 @@ def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple
     faulted within repeated launches with a 16-wide bf16 tile at BT 64 / 8 warps (a config
     this space has too; benchmarks/gpu_faults.py), and a bf16 call at Dv = 16 with the map
     in the kernel faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding costs nothing that
-    matters at such small dims."""
+    matters at such small dims.  (Session 13: a 16-wide denominator tile beside 64-wide ones
+    faulted too.  Upstream reports the same class of fault, illegal shared-memory reads by
+    Hopper wgmma with small tiles in Triton >= 3.6 and clean on 3.5: triton-lang/triton
+    issues 11366, 10573, 10486.)"""
     low = 16 if _INTERPRET else 32
     bk = min(max(low, next_pow2(Dk)), max(max_bk, low))
     bv = min(max(low, next_pow2(Dv)), _MAX_BV)
