@@ -810,6 +810,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
                                    has_z=normalize, kshift=kshift)
     grid = (B * H, NK * NV, ns)
+    size = _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg))  # tokens a program
     _FWD[grid](
         q, k, v, o, den_buf,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT, segS, segz,
@@ -817,7 +818,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2) if not split_k else 0,
-        T, NB, H, G, Dk, Dv, seg, ns, kshift, eps, scale, _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg)),
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, eps, scale, size,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
@@ -907,6 +908,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
                                      has_z=normalize, den=den, delta=delta, j0=1)
     ob = o if delta_o else do
     gq, gk, gv = (g if single else g[0] for g in (dq, dk, dv))  # [B, H, T, D] strides
+    size = _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg))  # tokens a program
     _BWD[(B * H, NK * NV, 2 * ns)](
         q, k, v, do, ob, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,
@@ -917,7 +919,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         ob.stride(0), ob.stride(1), ob.stride(2),
         gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
         gv.stride(0), gv.stride(1), gv.stride(2),
-        T, NB, H, G, Dk, Dv, seg, ns, kshift, scale, _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg)),
+        T, NB, H, G, Dk, Dv, seg, ns, kshift, scale, size,
         NV=NV, BK=BK, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,

@@ -513,6 +513,12 @@ def _tiles(D: int, F: int, Dv: int, pair: bool, dtype) -> tuple[int, int, int]:
     return bd, bf, bv
 
 
+def _launch_size(B: int, H: int, T: int, cu) -> int:
+    """The autotune key's size bucket: B sequences (packed ones too) of H heads, each
+    program sweeping one sequence's tokens (T in all when packed)."""
+    return _size_bucket(B, H, T if cu is None else cdiv(T, B))
+
+
 def _launch_args(q, k, v, wq, wk, act):
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -545,7 +551,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
         cu if cu is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, D, F, Dv, eps, scale, _size_bucket(B, H, cdiv(T, B) if cu is not None else T),
+        T, H, H // Hkv, D, F, Dv, eps, scale, _launch_size(B, H, T, cu),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, STORE_FINAL=store_final,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv,
         HAS_BIAS=bq is not None, VARLEN=cu is not None,
@@ -596,7 +602,7 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
         dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu if cu is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, D, F, Dv, scale, _size_bucket(B, H, cdiv(T, B) if cu is not None else T),
+        T, NB, H, G, D, F, Dv, scale, _launch_size(B, H, T, cu),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
         VARLEN=cu is not None,

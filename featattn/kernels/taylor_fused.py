@@ -732,6 +732,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
     lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_fwd_big if FOLD3 else _fwd_small]
+    size = _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B))  # tokens a program
     meta = {}
     config = _tuning.forced("taylor_fwd")
     if config:
@@ -746,7 +747,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
         cu_seqlens if cu_seqlens is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, eps, c1, c2, c2o, inv, _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B)),
+        T, H, H // Hkv, eps, c1, c2, c2o, inv, size,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, NORMALIZE=normalize, HAS_INIT=has_init,
         STORE_FINAL=store_final, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
@@ -789,6 +790,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
     lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_bwd_big if FOLD3 else _bwd_small]
+    size = _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B))  # tokens a program
     meta = {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
     if meta:
         fn = _bwd_kernel
@@ -799,7 +801,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
         dq, dk, dv, dkv0, dz0, cu_seqlens if cu_seqlens is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, c1, c2, c2o, inv, _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B)),
+        T, NB, H, G, c1, c2, c2o, inv, size,
         D=d, DK=DK, DV=Dv, DP=DP, Q=Q, FOLD3=FOLD3, SYM=not FOLD3, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init,
         HAS_DFINAL=has_dfinal, LOWP=lowp, FP32_IEEE=fp32_ieee, VARLEN=cu_seqlens is not None, **meta,
     )
