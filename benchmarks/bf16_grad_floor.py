@@ -15,7 +15,8 @@ on the same bf16 inputs (as benchmarks/gpu_long_errors.py measures on the GPU):
 
 Session 13 (elu, B1 H2 D64): features only 3.33e-3 / 3.44e-3 / 3.29e-3 at T = 4096 / 16384 /
 65536; all four roundings 5.32e-3 / 5.47e-3 / 4.99e-3, against 5.75e-3 measured on the H200
-at T = 65536 (which also stores dq in bf16).  So dq cannot reach 3e-3 in bf16 with bf16 features, whatever the
+at T = 65536 (which also stores dq in bf16, and whose dq is the raw q's: these times
+elu'(q), so the comparison is approximate).  So dq cannot reach 3e-3 in bf16 with bf16 features, whatever the
 kernel does; fp16 (8x finer) can and does (8.5e-4).
 """
 

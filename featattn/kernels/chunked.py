@@ -22,10 +22,12 @@ quadratic product, ``tril(q k^T) v``; everything before the chunk is in the stat
 Forward: one program per (batch*head, Dk tile, Dv tile) walks the chunks in order,
 holding its state tile S [BK, BV] (and z [BK]) in registers, so q, k, v are read once
 and o written once (the HBM floor) when Dk and Dv fit one tile each.  The denominator
-is the same computation with a value column of ones, so it costs a row sum and a
-[BT, BK] x [BK] product, no extra pass.  When Dk needs several tiles (Dk > 128, e.g.
-the 273 features of a second-order Taylor map) numerator and denominator are linear in
-the Dk split: every Dk tile writes fp32 partials and a torch sum + division finishes.
+is the same computation with a value column of ones: for bf16 / fp16 with key tiles of at
+most DEN_IN_MMA_MAX_BK, a tile of equal columns made on the tensor cores (A @ ones and
+q @ Z, Z += k^T @ ones), otherwise a row sum and a [BT, BK] x [BK] product; no extra pass.
+When Dk needs several tiles (Dk > 128, e.g. the 273 features of a second-order Taylor
+map) numerator and denominator are linear in the Dk split: every Dk tile writes fp32
+partials and a torch sum + division finishes.
 Dv tiles are independent (each writes its own columns of o); the denominator is
 computed redundantly by every Dv tile and stored by tile 0.
 
@@ -145,7 +147,9 @@ def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple
     matters at such small dims.  (Session 13: a 16-wide denominator tile beside 64-wide ones
     faulted too.  Upstream reports the same class of fault, illegal shared-memory reads by
     Hopper wgmma with small tiles in Triton >= 3.6 and clean on 3.5: triton-lang/triton
-    issues 11366, 10573, 10486.)"""
+    issues 11366 (its reproducer: 32-wide tiles), 10573, 10486.  Our 32-wide tiles, and the
+    backward's 16-wide key-sum accumulator, have passed every GPU run so far; a new small
+    tile needs a GPU run under autotuning before it is trusted.)"""
     low = 16 if _INTERPRET else 32
     bk = min(max(low, next_pow2(Dk)), max(max_bk, low))
     bv = min(max(low, next_pow2(Dv)), _MAX_BV)
@@ -664,7 +668,7 @@ DEN_IN_MMA_MAX_BK = 64
 #: (bf16 / fp16).  H200, B8 H16 T16384 D64 bf16, fwd+bwd (gpu_ab.py, session 13): Hedgehog
 #: op 6.89 -> 6.32 ms, elu in the kernel 3.80 -> 3.69, features 2.14 -> 2.12 (same); but the
 #: map-pass path, whose backward applies the slope as dq / dk are stored (EPI_DPHI), 2.30 ->
-#: 2.41 / 2.52 (two rounds), so that form keeps the reductions.  bf16 error of dq at
+#: 2.41-2.52 (three runs), so that form keeps the reductions.  bf16 error of dq at
 #: T = 65536 unchanged.  (dAT = v @ dn^T from the rounded dn instead of v @ do^T times
 #: 1 / den measured slower, features 2.15 -> 2.40: removed.)
 BWD_KSUM_DOT = True

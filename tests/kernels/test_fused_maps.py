@@ -117,7 +117,8 @@ def test_fused_map_matches_float64(fm, case, path, monkeypatch):
 
 
 # The map in the kernel with the denominators on the tensor cores (chunked.DEN_IN_MMA, the
-# default for these narrow tiles; fp16 here, bf16 on the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
+# default for these narrow tiles) or as row reductions (wider key tiles; fp16 here, bf16 on
+# the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
 # split in two tiles (partial denominators), grouped heads, a state, 64-token segments.
 DEN_FUSED_CASES = [
     (2, 4, 2, 63, 16, 24, torch.float16, True, True, "bhtd", 0.5),     # full Dk tile
@@ -127,16 +128,18 @@ DEN_FUSED_CASES = [
 
 
 @pytest.mark.parametrize("segments", ["off", "64"])
-@pytest.mark.parametrize("ksum", [True, False])
+@pytest.mark.parametrize("in_mma,ksum", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("case", DEN_FUSED_CASES, ids=_case_id)
 @pytest.mark.parametrize("fm", ("elu", "test_softplus"))
-def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, ksum, segments,
+def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, in_mma, ksum, segments,
                                                          monkeypatch):
-    """ksum: the backward's z on the tensor cores too (chunked.BWD_KSUM_DOT, the default) or
-    by row reductions."""
+    """in_mma: the forward's denominators on the tensor cores (chunked.DEN_IN_MMA) or by row
+    reductions (as for key tiles wider than DEN_IN_MMA_MAX_BK); ksum: the backward's z on
+    the tensor cores too (chunked.BWD_KSUM_DOT, the default) or by row reductions."""
     from featattn.kernels import chunked as C
 
     monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
+    monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
     monkeypatch.setenv("FEATATTN_SEGMENT", segments)
     if DEV == "cuda":
@@ -146,7 +149,7 @@ def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, ksum, segment
     got, want = _check(fm, *case, fn=_fused)
     check_run(got, want, tolerance(case[6], "small") * 3, dtype=case[6])
     even = case[4] % C._tiles(case[4], case[5], case[6])[0] == 0
-    assert seen and all(f and d and e == even for f, d, e in seen), seen
+    assert seen and all(f and d == in_mma and e == even for f, d, e in seen), seen
     assert seen_bwd and all(x == ksum for x in seen_bwd), seen_bwd
 
 
@@ -155,6 +158,7 @@ def test_map_pass_backward_keeps_the_row_sums(monkeypatch):
     z's row reductions (measured slower with BWD_KSUM_DOT); the map in the kernel does not."""
     from featattn.kernels import chunked as C
 
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", True)
     seen = spy_launches(monkeypatch, C._bwd_kernel, "EPI_DPHI", "FUSED", "KSUM_DOT")
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
     for path in ("pass", "kernel"):
