@@ -63,6 +63,13 @@ def size_bucket(B: int, H: int, T: int) -> int:
     return (next_pow2(T).bit_length() << 8) | next_pow2(B * H).bit_length()
 
 
+def launch_size(B: int, H: int, T: int, packed: bool = False) -> int:
+    """The autotune keys' SIZE: :func:`size_bucket` of B * H programs (sequences x heads,
+    times segments where T is split) each sweeping T tokens; ``packed`` (cu_seqlens: the T
+    tokens hold B sequences) counts their mean length."""
+    return size_bucket(B, H, cdiv(T, B) if packed else T)
+
+
 def dtype_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     """(LOWP, FP32): bf16 inputs round fp32 intermediates to bf16 for the tensor cores; fp32
     inputs ask for fp32-accurate products (see each kernel's Numerics notes)."""

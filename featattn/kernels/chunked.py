@@ -743,12 +743,6 @@ def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool
     return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device, full_grid=False)[0] > 1
 
 
-def _size(programs: int, tokens: int) -> int:
-    """The autotune key's size bucket of a launch of ``programs`` (batch, head, segment)
-    programs over ``tokens`` tokens each (_common.size_bucket)."""
-    return _common.size_bucket(programs, 1, tokens)
-
-
 def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0,
                   kshift=0):
     """fp32 (S [B*Ha, NS, Dk, Dv], z [B*Ha, NS, Dk]) for segments j0 .. j0 + NS - 2 of
@@ -765,7 +759,7 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     _SEG[(B * Ha, NK * NV, ns - 1)](
         a, b, den if den is not None else S, delta if delta is not None else S, S, z,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale, _size(B * Ha * (ns - 1), seg),
+        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale, _common.launch_size(B * (ns - 1), Ha, seg),
         NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
     )
@@ -814,7 +808,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
                                    has_z=normalize, kshift=kshift)
     grid = (B * H, NK * NV, ns)
-    size = _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg))  # tokens a program
+    size = _common.launch_size(B * ns, H, T if varlen else min(T, seg), packed=varlen)
     _FWD[grid](
         q, k, v, o, den_buf,
         kv0 if has_init else o, z0 if (has_init and normalize) else o, kvT, zT, segS, segz,
@@ -912,7 +906,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
                                      has_z=normalize, den=den, delta=delta, j0=1)
     ob = o if delta_o else do
     gq, gk, gv = (g if single else g[0] for g in (dq, dk, dv))  # [B, H, T, D] strides
-    size = _size(B * H * ns, cdiv(T, B) if varlen else min(T, seg))  # tokens a program
+    size = _common.launch_size(B * ns, H, T if varlen else min(T, seg), packed=varlen)
     _BWD[(B * H, NK * NV, 2 * ns)](
         q, k, v, do, ob, den, delta,
         kv0 if has_init else dq, z0 if (has_init and normalize) else dq,

@@ -45,7 +45,7 @@ from . import tuning as _tuning
 from ._common import alloc as _alloc
 from ._common import cdiv, check_inputs, check_packed_states, fill_state_half, next_pow2
 from ._common import row_dot
-from ._common import size_bucket as _size_bucket
+from ._common import launch_size as _launch_size
 from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import unit_last as _unit_last
@@ -513,12 +513,6 @@ def _tiles(D: int, F: int, Dv: int, pair: bool, dtype) -> tuple[int, int, int]:
     return bd, bf, bv
 
 
-def _launch_size(B: int, H: int, T: int, cu) -> int:
-    """The autotune key's size bucket: B sequences (packed ones too) of H heads, each
-    program sweeping one sequence's tokens (T in all when packed)."""
-    return _size_bucket(B, H, T if cu is None else cdiv(T, B))
-
-
 def _launch_args(q, k, v, wq, wk, act):
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -551,7 +545,7 @@ def _forward(q, k, v, wq, bq, wk, bk, act, normalize, eps, scale, kv0, z0, store
         cu if cu is not None else o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, H // Hkv, D, F, Dv, eps, scale, _launch_size(B, H, T, cu),
+        T, H, H // Hkv, D, F, Dv, eps, scale, _launch_size(B, H, T, packed=cu is not None),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, STORE_FINAL=store_final,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv,
         HAS_BIAS=bq is not None, VARLEN=cu is not None,
@@ -602,7 +596,7 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
         dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0, cu if cu is not None else dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        T, NB, H, G, D, F, Dv, scale, _launch_size(B, H, T, cu),
+        T, NB, H, G, D, F, Dv, scale, _launch_size(B, H, T, packed=cu is not None),
         BD=BD, BF=BF, BV=BV, NORMALIZE=normalize, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
         LOWP=lowp, TF32X3=tf32x3, ACT=code, PAIR=pair, QW_KV=qw_kv, HAS_BIAS=has_bias,
         VARLEN=cu is not None,
@@ -824,7 +818,7 @@ def _pass(x, w, bias, act, scale, g=None, feats=None):
     _PASS[(B * Hx, NR)](
         x, w, bias if bias is not None else w, g if bwd else y, y, dx, dw, db,
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
-        _size_bucket(B * Hx, NR, _PASS_ROWS),
+        _launch_size(B * Hx, NR, _PASS_ROWS),
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
         TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None, EVEN_F=F == BF)
     if not bwd:

@@ -114,7 +114,7 @@ from ._common import dtype_flags as _flags
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import TunedLaunch, check_inputs, check_packed_states, fill_state_half
 from ._common import register_attention_ops, row_dot
-from ._common import size_bucket as _size_bucket
+from ._common import launch_size as _launch_size
 from ._common import torch_forward
 from ._common import unit_last as _unit_last
 from ._common import head_base, sequence_heads
@@ -732,7 +732,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, cu_seqlens=None):
     lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_fwd_big if FOLD3 else _fwd_small]
-    size = _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B))  # tokens a program
+    size = _launch_size(B, H, T, packed=cu_seqlens is not None)
     meta = {}
     config = _tuning.forced("taylor_fwd")
     if config:
@@ -790,7 +790,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, cu_seqlens=Non
     lowp, fp32_ieee = _flags(q.dtype)
     c1, c2, c2o, inv = _consts(d)
     fn = _LAUNCH[_bwd_big if FOLD3 else _bwd_small]
-    size = _size_bucket(B, H, T if cu_seqlens is None else cdiv(T, B))  # tokens a program
+    size = _launch_size(B, H, T, packed=cu_seqlens is not None)
     meta = {k_: v_ for k_, v_ in config.items() if k_ != "BV"}
     if meta:
         fn = _bwd_kernel
