@@ -143,8 +143,8 @@ def _tiles(Dk: int, Dv: int, dtype: torch.dtype, max_bk: int = _MAX_BK) -> tuple
     products on 16-wide tiles; benchmarks/gpu_configs.py), the projected kernels' backward
     faulted within repeated launches with a 16-wide bf16 tile at BT 64 / 8 warps (a config
     this space has too; benchmarks/gpu_faults.py), and a bf16 call at Dv = 16 with the map
-    in the kernel faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding costs nothing that
-    matters at such small dims.  (Session 13: a 16-wide denominator tile beside 64-wide ones
+    in the kernel faulted in the GPU test run; 32-wide tiles, masked, pass.  The padding
+    costs nothing that matters at such small dims.  (Session 13: a 16-wide denominator tile beside 64-wide ones
     faulted too.  Upstream reports the same class of fault, illegal shared-memory reads by
     Hopper wgmma with small tiles in Triton >= 3.6 and clean on 3.5: triton-lang/triton
     issues 11366 (its reproducer: 32-wide tiles), 10573, 10486.  Our 32-wide tiles, and the
@@ -632,8 +632,8 @@ def _bwd_kernel(
                 tl.store(dz0 + i_bh.to(tl.int64) * DK + offs_k, dz, mask=mk & own_k & first)
 
 
-# Tuned per head dims, form and problem size (SIZE, _size: the grid and each program's
-# tokens), as the window and parallel-Taylor kernels are: a config tuned on a first small
+# Tuned per head dims, form and problem size (SIZE, _common.launch_size: the programs and
+# each one's tokens), as the window and parallel-Taylor kernels are: a config tuned on a first small
 # call (a warm-up, a test at T = 1000, a short prompt) was kept for every later size.
 _fwd = triton.autotune(configs=_configs(),
                        key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "SIZE"])(
