@@ -89,11 +89,11 @@ fp32 inputs use ``input_precision="ieee"``.
 
 Tiles: BT (chunk), BV (Dv tile), warps and stages come from ``triton.autotune`` keyed on
 (d, Dv, flags, problem-size bucket) for the forward; the backward's BV is fixed by
-:func:`_bwd_block_v` (it sizes the partial-gradient buffers; 64 for d <= 16: on the H100 one Dv tile per head beat 32 / 16
-because the feature work is per tile) and BT/warps/stages are autotuned.  The measured
-alternatives are listed at the config spaces; ``benchmarks/gpu_taylor.py --sweep`` times
-them.  T is not specialised.  Under TRITON_INTERPRET=1 one small
-config is used.  Batch/head bases and chunk starts are int64.
+:func:`_bwd_block_v` (it sizes the partial-gradient buffers; 64 for d <= 16: on the H100
+one Dv tile per head beat 32 / 16 because the feature work is per tile) and
+BT/warps/stages are autotuned.  The measured alternatives are listed at the config spaces;
+``benchmarks/gpu_taylor.py --sweep`` times them.  T is not specialised.  Under
+TRITON_INTERPRET=1 one small config is used.  Batch/head bases and chunk starts are int64.
 """
 
 from __future__ import annotations
