@@ -681,11 +681,14 @@ AUTO_SPLIT_MIN_T = 16384
 #: scheduler, so more programs per SM fill its stalls, for one more read of k, v (the
 #: segment sums).  H200, session 9, forced with FEATATTN_SEGMENT (docs/benchmarks.md), B8 H16
 #: T16384 fwd / fwd+bwd ms: features 0.572 / 2.144 unsplit, 0.498 / 2.013 in 4096-token
-#: segments (N = 4), elu pass 0.827 / 2.778 -> 0.755 / 2.648; one run, older kernels, and
-#: 8192-token segments (N = 2) never timed: 0 until an A/B (gpu_ab.py
-#: .:chunked.AUTO_SPLIT_FULL_GRID=2 .:chunked.AUTO_SPLIT_FULL_GRID=4).  Such splits do not
-#: move the map into the kernel (splits_time): there the pass stayed faster (2.648 vs 3.505).
-AUTO_SPLIT_FULL_GRID = 0
+#: segments (N = 4), elu pass 0.827 / 2.778 -> 0.755 / 2.648 (one run, older kernels).
+#: Session 14 (gpu_ab.py, per-size autotune keys, two alternated rounds, same numbers in
+#: both), B8 H16 T16384 bf16: features 0.493 / 2.087 unsplit, 0.457 / 1.848 with N = 2,
+#: 0.481 / 1.871 with N = 4; map in the kernel (elu) 0.746 / 3.031 -> 0.642 / 2.706 (N = 2),
+#: 0.617 / 2.624 (N = 4); Hedgehog 1.396 / 5.910 -> 1.298 / 5.833 (N = 2), 1.341 / 5.903;
+#: elu pass unchanged (0.750 / 2.305 -> 0.714 / 2.299).  So N = 2.  Such splits do not
+#: move the map into the kernel (splits_time): there the pass stayed faster (2.30 vs 2.71).
+AUTO_SPLIT_FULL_GRID = 2
 _SM_COUNT: dict = {}
 
 

@@ -204,7 +204,10 @@ def test_segment_policy(monkeypatch):
     assert C.segments(16, 16384, cuda) == (16, 1024)        # B1 H16: up to 16 segments
     assert C.segments(64, 16384, cuda) == (5, 3328)         # half the SMs: ~2 programs each
     assert C.segments(16, 8192, cuda) == (1, 8192)          # too short to pay for the pass
-    assert C.segments(128, 16384, cuda) == (1, 16384)       # the grid fills the GPU
+    assert C.segments(300, 16384, cuda) == (1, 16384)       # the grid fills the GPU
+    assert C.segments(128, 16384, cuda) == (C.AUTO_SPLIT_FULL_GRID, 16384 // C.AUTO_SPLIT_FULL_GRID)
+    monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", 0)
+    assert C.segments(128, 16384, cuda) == (1, 16384)       # full grids unsplit when 0
     monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", 4)
     assert C.segments(128, 16384, cuda) == (4, 4096)        # full grids: N segments
     assert C.segments(256, 16384, cuda) == (4, 4096)        # (the backward's two sweeps)
