@@ -77,3 +77,15 @@ def pytest_runtest_makereport(item, call):
         sys.stderr.write(f"\nCUDA context lost in {item.nodeid}: {first}\n")
         sys.stderr.flush()
         os._exit(3)
+
+
+def pytest_runtest_logreport(report):
+    """With ``FEATATTN_FAILURE_LOG=path``, append each failing test's name and traceback to that
+    file as it happens (benchmarks/gpu_tests.sh sets it): a GPU run stopped by the device's
+    time limit keeps its failures, where pytest-xdist's interrupted run prints no summary.
+    Written by the controlling process only (workers' reports reach it too)."""
+    path = os.environ.get("FEATATTN_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
