@@ -670,8 +670,10 @@ DEN_IN_MMA_MAX_BK = 64
 #: map-pass path, whose backward applies the slope as dq / dk are stored (EPI_DPHI), 2.30 ->
 #: 2.41-2.52 (three runs), so that form keeps the reductions.  bf16 error of dq at
 #: T = 65536 unchanged.  (dAT = v @ dn^T from the rounded dn instead of v @ do^T times
-#: 1 / den measured slower, features 2.15 -> 2.40: removed.)
-BWD_KSUM_DOT = True
+#: 1 / den measured slower, features 2.15 -> 2.40: removed.)  0: off; 1: on except EPI_DPHI;
+#: 2: on there too (to re-time it now that configs are tuned per size: the 2.41-2.52 came
+#: from configs tuned on a T = 1000 call).
+BWD_KSUM_DOT = 1
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 #: N > 0: also split grids of one or two programs per SM (SMs / 2 < programs <= 2 * SMs,
@@ -925,7 +927,8 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
         EVEN_K=Dk % BK == 0,
-        KSUM_DOT=BWD_KSUM_DOT and normalize and not tf32x3 and dphi_y is None,
+        KSUM_DOT=(bool(BWD_KSUM_DOT) and normalize and not tf32x3
+                  and (dphi_y is None or BWD_KSUM_DOT == 2)),
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

@@ -168,6 +168,13 @@ def test_map_pass_backward_keeps_the_row_sums(monkeypatch):
         featattn.linear_attention(q, k, v, feature_map="elu", backend="triton").sum().backward()
     assert {(e, f, ks) for e, f, ks in seen} == {(True, False, False), (False, True, True)}, \
         set(seen)
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", 2)  # forced there too: the pass path sums on the MMAs
+    seen.clear()
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEV, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    featattn.linear_attention(q, k, v, feature_map="elu", backend="triton").sum().backward()
+    assert {(e, f, ks) for e, f, ks in seen} == {(True, False, True)}, set(seen)
 
 
 SEG_CASES = [
