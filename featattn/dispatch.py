@@ -36,6 +36,7 @@ import torch
 from . import _switches
 from .feature_maps import (ElementwiseTritonForm, FeatureMap, ProjectionTritonForm,
                            TaylorFeatureMap, resolve_feature_map)
+from .feature_maps.base import builtin_triton_form
 
 __all__ = ["KernelChoice", "KernelUnavailable", "select_kernel", "BACKENDS", "KERNELS",
            "ALIASES", "Call", "Impl", "IMPLS", "needs_grad"]
@@ -59,9 +60,12 @@ class KernelChoice(NamedTuple):
       ``FeatureMap.triton_projection``) ``"triton_pass"`` is its Triton pass (weights'
       gradients included; the default) and ``"kernel"`` its own kernels
       (featattn/kernels/projected.py: less memory, slower);
+    * ``"identity"``: the built-in identity map under ``FEATATTN_FUSE_MAPS=auto``: nothing
+      to compute, so the kernel reads q and k as given, exactly the call on features (a
+      ``scale`` folds into ``eps`` when normalised, else multiplies q);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
-    ``map_fused`` is True for the first two (the map runs in Triton)."""
+    ``map_fused`` is True for the first three (no features made in PyTorch)."""
 
     name: str
     reasons: tuple
@@ -69,7 +73,7 @@ class KernelChoice(NamedTuple):
 
     @property
     def map_fused(self) -> bool:
-        return self.map_path in ("kernel", "triton_pass")
+        return self.map_path in ("kernel", "triton_pass", "identity")
 
 
 class KernelUnavailable(ValueError):
@@ -361,11 +365,22 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
         # win there (a patched model's eager generate() took 2x longer per token with the
         # pass at T = 1).
         mode = "kernel" if call.B * call.H * call.T <= PROJECTION_KERNEL_MAX_ROWS else "pass"
+    elif mode == "auto" and _is_identity(call.fm):
+        # no map at all: the call on features.  H200, B8 H16 T16384 bf16 (docs/benchmarks.md,
+        # session 14): the identity as a pass took 0.717 / 2.313 ms fwd / fwd+bwd, in the
+        # kernel 0.557 / 2.393, against 0.458 / 1.853 on features.
+        return "identity"
     elif mode == "auto":
         small = call.B * call.H * call.T <= FUSE_MAX_ROWS
         mode = "kernel" if small or _kernels_module().splits_time(
             call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
+
+
+def _is_identity(fm) -> bool:
+    """Whether ``fm``'s Triton form is the built-in identity's (phi(x) = x)."""
+    form = fm.triton_elementwise() if fm is not None else None
+    return form is not None and form is builtin_triton_form("IDENTITY")
 
 
 def _projection_reason(call: Call) -> Optional[str]:

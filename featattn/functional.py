@@ -247,7 +247,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     elif kernel == "chunked":
         from .kernels import chunked_attention
 
-        in_kernel = {}
+        in_kernel, keps = {}, eps
         proj = fm.triton_projection() if choice.map_fused else None
         if proj is not None and choice.map_path == "kernel":  # a learned projection map,
             from .kernels import projected_attention  # inside its own kernels
@@ -264,13 +264,18 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             in_kernel = dict(feature_map=fm, scale=scale, map_pass=True)
         elif choice.map_path == "kernel":
             in_kernel = dict(feature_map=fm, scale=scale)
+        elif choice.map_path == "identity":  # features = (scale * q, k): num and den both
+            if normalize and scale > 0:  # scale with q, so o = num / (den + eps / scale)
+                keps = eps / scale
+            elif scale != 1.0:
+                q = q * scale
         elif fm is not None:  # the map's PyTorch form
             q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
         elif scale != 1.0:
             q = q * scale
         if proj is None:
             out, kv, z = chunked_attention(
-                q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
+                q, k, v, normalize=normalize, eps=keps, initial_kv=kv0, initial_z=z0,
                 return_state=return_state, check=False, cu_seqlens=cu_seqlens, **in_kernel,
             )
     elif kernel in ("taylor_parallel", "taylor_chunked"):
@@ -492,7 +497,7 @@ def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map
         f = torch.full((H,), float(weight), dtype=torch.float32, device=q.device)
     fmap, features = "", None
     proj = fm.triton_projection() if fm is not None else None
-    if fm is None:
+    if fm is None or map_path == "identity":
         if scale != 1.0:
             features = (q * scale, k)
     elif map_path in ("kernel", "triton_pass") and proj is not None:

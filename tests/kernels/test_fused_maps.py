@@ -242,6 +242,8 @@ def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
                        positive=fm == "identity")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     choice = featattn.select_kernel(q, k, v, feature_map=fm, backend="triton")
+    if fm == "identity" and mode is None:
+        path = "identity"  # nothing to compute: the call on features (test below)
     assert choice.name == "chunked" and choice.map_path == path and choice.map_fused, choice
     cls = type(featattn.get_feature_map(fm))
 
@@ -254,6 +256,35 @@ def test_linear_attention_fuses_the_map(fm, mode, path, monkeypatch):
     o.sum().backward()
     r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ro = featattn.linear_attention(*r, feature_map=fm, backend="reference", scale=0.7)
+    ro.sum().backward()
+    for a, b in ((o, ro), (q.grad, r[0].grad), (k.grad, r[1].grad), (v.grad, r[2].grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
+@pytest.mark.parametrize("mode", [None, "kernel"])
+def test_identity_map_runs_the_features_kernel(mode, normalize, monkeypatch):
+    """FEATATTN_FUSE_MAPS=auto: the identity map is no map at all (map_path "identity"): the
+    chunked kernel gets q, k as given (no pass, FUSED off; a scale folds into eps when
+    normalised), and matches the float64 reference for grouped heads and a scale != 1;
+    FEATATTN_FUSE_MAPS=kernel still runs the identity's Triton form in the kernel."""
+    from featattn.kernels import chunked as C
+
+    if mode:
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "FUSED")
+    passes = [spy_launches(monkeypatch, M._map_fwd_kernel, "PHI"),
+              spy_launches(monkeypatch, M._map_rows_kernel, "PHI")]
+    q, k, v = rand_qkv(1, 4, 2, 45, 16, 24, torch.float32, DEV, generator=5, positive=normalize)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    kw = dict(feature_map="identity", normalize=normalize, scale=0.6, eps=0.5)
+    choice = featattn.select_kernel(q, k, v, feature_map="identity", backend="triton")
+    assert choice.map_path == ("kernel" if mode else "identity") and choice.map_fused, choice
+    o = featattn.linear_attention(q, k, v, backend="triton", **kw)
+    o.sum().backward()
+    assert seen and all(f == bool(mode) for f in seen) and not any(passes), (seen, passes)
+    r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ro = featattn.linear_attention(*r, backend="reference", **kw)
     ro.sum().backward()
     for a, b in ((o, ro), (q.grad, r[0].grad), (k.grad, r[1].grad), (v.grad, r[2].grad)):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
