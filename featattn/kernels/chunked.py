@@ -261,7 +261,7 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DEN_W: tl.constexpr = 0,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -331,9 +331,9 @@ def _fwd_kernel(
         # the bf16 error at T = 65536 stays 1.98e-3, as with the row sums; z as two bf16
         # terms, hi + lo, measured slower and no more accurate).  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
-        Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
-        ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
-        col0 = (tl.arange(0, BV) == 0)[None, :]
+        Zt = z[:, None] + tl.zeros([BK, DEN_W], dtype=tl.float32)
+        ones_v = tl.full([BT, DEN_W], 1.0, dtype=k.dtype.element_ty)
+        col0 = (tl.arange(0, DEN_W) == 0)[None, :]
     if KSUM_DOT:
         # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
         # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
@@ -368,7 +368,7 @@ def _fwd_kernel(
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if DEN_DOT:
-            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
+            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, DEN_W]
             Zt += tl.dot(tl.trans(b_k), ones_v)
         elif NORMALIZE:
             if KSUM_DOT:
@@ -384,7 +384,7 @@ def _fwd_kernel(
         if DEN_DOT:
             if SPLIT_K:  # each row's partial den from the thread holding its column 0
                 tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, BV)[None, :], dt,
+                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, DEN_W)[None, :], dt,
                          mask=(mt & own_t)[:, None] & col0)
             else:
                 d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
@@ -663,6 +663,10 @@ DELTA_IN_KERNEL = True
 #: shorter offline, faulted on the GPU under triton 3.6: removed.)
 DEN_IN_MMA = True
 DEN_IN_MMA_MAX_BK = 64
+#: Columns of that tile: 0 = the value tile's BV (den in num's own layout); 32 halves the two
+#: denominator products at BV = 64 (the tile class of the backward's [BK, 32] z sums, which
+#: runs on the GPU; 16-wide tiles faulted under triton 3.6).  Off until timed.
+DEN_IN_MMA_WIDTH = 0
 #: The normalised backward's dq sweep sums z on the tensor cores (k^T @ ones, exact products,
 #: fp32 sums) instead of reducing k's rows across warps each chunk, as the forward does
 #: (bf16 / fp16).  H200, B8 H16 T16384 D64 bf16, fwd+bwd (gpu_ab.py, session 13): Hedgehog
@@ -826,7 +830,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
         DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and BK <= DEN_IN_MMA_MAX_BK,
-        EVEN_K=Dk % BK == 0,
+        EVEN_K=Dk % BK == 0, DEN_W=min(DEN_IN_MMA_WIDTH or BV, BV),
     )
     den = den_buf if normalize else None
     if split_k:

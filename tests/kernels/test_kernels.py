@@ -124,16 +124,19 @@ def _den_inputs(case, monkeypatch, segments, generator):
     return q, k, v, kv0, z0, normalize, ret, dtype
 
 
-@pytest.mark.parametrize("in_mma", [True, False])
+@pytest.mark.parametrize("den", ["mma", "mma32", "rows"])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
-def test_denominators_on_the_tensor_cores_match_float64(case, segments, in_mma, monkeypatch):
-    monkeypatch.setattr(C, "DEN_IN_MMA", in_mma)
+def test_denominators_on_the_tensor_cores_match_float64(case, segments, den, monkeypatch):
+    """den: a tile as wide as the value tile, 32 wide (chunked.DEN_IN_MMA_WIDTH), or rows."""
+    monkeypatch.setattr(C, "DEN_IN_MMA", den != "rows")
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
+    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", 32 if den == "mma32" else 0)
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 7)
-    seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT")
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT", "DEN_W", "BV")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
-    assert seen and all(x == in_mma for x in seen), seen
+    assert seen and all(dot == (den != "rows") for dot, _, _ in seen), seen
+    assert all(w == (min(32, bv) if den == "mma32" else bv) for _, w, bv in seen), seen
 
 
 @pytest.mark.parametrize("ksum", [True, False])
