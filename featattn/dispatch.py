@@ -55,7 +55,7 @@ class KernelChoice(NamedTuple):
       with an :class:`~featattn.ElementwiseTritonForm` on calls of more than
       :data:`FUSE_MAX_ROWS` rows when one program sweeps each head);
     * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
-      for smaller calls, when the kernel splits T into segments, or with
+      for smaller calls, calls without a backward, when the kernel splits T into segments, or with
       ``FEATATTN_FUSE_MAPS=kernel``); for a learned projection map (Hedgehog, T2R:
       ``FeatureMap.triton_projection``) ``"triton_pass"`` is its Triton pass (weights'
       gradients included; the default) and ``"kernel"`` its own kernels
@@ -344,10 +344,12 @@ PROJECTION_KERNEL_MAX_ROWS = 1 << 15
 
 def _triton_map_path(call: Call, projection: bool = False) -> str:
     """Where an elementwise map runs: inside the chunked kernel for calls of at most
-    :data:`FUSE_MAX_ROWS` rows (host-bound: one launch and one autograd node fewer each way)
-    or when T is split into segments (enough programs hide the map, and the features never
-    reach memory); one Triton pass before the kernel for larger calls, where one program
-    sweeping each head makes the in-kernel map cost more than writing the features.
+    :data:`FUSE_MAX_ROWS` rows (host-bound: one launch and one autograd node fewer each way),
+    for calls without a backward (no features to keep for it), or when T is split into
+    segments (enough programs hide the map, and the features never reach memory); one
+    Triton pass before the kernel for larger calls with a backward, where one program
+    sweeping each head makes the in-kernel map's backward cost more than writing the
+    features.
     A learned projection map (``projection``) runs as its Triton pass under ``auto``, in its
     own kernels for calls of at most :data:`PROJECTION_KERNEL_MAX_ROWS` rows;
     ``FEATATTN_FUSE_MAPS=kernel`` forces its own kernels (features never in memory)."""
@@ -372,7 +374,12 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
         return "identity"
     elif mode == "auto":
         small = call.B * call.H * call.T <= FUSE_MAX_ROWS
-        mode = "kernel" if small or _kernels_module().splits_time(
+        # Without a backward (inference, prefill) the map goes in the kernel at every size:
+        # H200, B8 H16 T16384 bf16 forward (docs/benchmarks.md, sessions 13-14): 0.642 ms
+        # against the pass's 0.714 in two segments, 0.746 vs 0.750 unsplit, and no features
+        # in memory.  (Hybrid calls keep the rule below: their forward was not timed so.)
+        inference = not call.needs_grad and not call.window
+        mode = "kernel" if small or inference or _kernels_module().splits_time(
             call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 

@@ -193,16 +193,23 @@ def test_fused_map_in_segments_matches_float64(case, monkeypatch):
 
 
 def test_map_runs_in_the_kernel_on_small_calls_or_split_t(monkeypatch):
-    """FEATATTN_FUSE_MAPS=auto: the kernel for calls of at most FUSE_MAX_ROWS rows or when the
-    chunked kernel splits T into segments, else the pass; the switch forces either."""
+    """FEATATTN_FUSE_MAPS=auto: the kernel for calls of at most FUSE_MAX_ROWS rows, without a
+    backward, or when the chunked kernel splits T into segments, else the pass; the switch
+    forces either."""
     from featattn import dispatch
 
-    q = torch.randn(1, 2, 200, 16, device=DEV)
+    q = torch.randn(1, 2, 200, 16, device=DEV, requires_grad=True)
     path = lambda: featattn.select_kernel(q, q, q, feature_map="elu", backend="triton").map_path  # noqa: E731
     monkeypatch.setenv("FEATATTN_SEGMENT", "off")
     assert path() == "kernel"  # 400 rows
     monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 399)
     assert path() == "triton_pass"
+    with torch.no_grad():  # no backward: the kernel at any size
+        assert path() == "kernel"
+    x = q.detach()
+    assert featattn.select_kernel(x, x, x, feature_map="elu", backend="triton").map_path == "kernel"
+    assert featattn.select_kernel(x, x, x, feature_map="elu", backend="triton",
+                                  window=8).map_path == "triton_pass"  # hybrid: as before
     monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 400)
     assert path() == "kernel"  # the bound is inclusive
     monkeypatch.setattr(dispatch, "FUSE_MAX_ROWS", 0)
