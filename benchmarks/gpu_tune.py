@@ -4,8 +4,12 @@
     python3 benchmarks/gpu_tune.py projected --configs 64/4/2/64 32/8/2/32 --T 4096 16384
     python3 benchmarks/gpu_tune.py chunked --configs 64/4/2 128/8/2
     python3 benchmarks/gpu_tune.py chunked --dk 128 --set chunked.BWD_MAX_BK=64   # 2 Dk tiles
+    python3 benchmarks/gpu_tune.py chunked --T 16384 --configs 64/4/2 64/4/2r168 32/4/2r168 \
+        --set chunked.AUTO_SPLIT_FULL_GRID=3        # register caps for 3 programs an SM
 
-A config is ``BT/num_warps/num_stages[/BV]`` (BV: the Dv tile, projected only), forced on the
+A config is ``BT/num_warps/num_stages[/BV][rMAXNREG]`` (BV: the Dv tile, projected only;
+``r168``: at most 168 registers a thread, e.g. ``64/4/2r168`` for three 4-warp programs an SM),
+forced on the
 family's forward and backward kernels with :func:`featattn.kernels.tuning.override`.  Each
 config runs in its own process (a config that faults poisons its CUDA context, so it is
 reported as CRASH and the sweep goes on); up to ``--jobs`` compile and check at once, while
@@ -50,8 +54,11 @@ TIMEOUT_S = 240
 
 
 def _parse(family, text):
+    text, _, reg = text.partition("r")
     parts = [int(x) for x in text.split("/")]
     meta = dict(BT=parts[0], num_warps=parts[1], num_stages=parts[2])
+    if reg:
+        meta["maxnreg"] = int(reg)
     if len(parts) == 4:
         if family != "projected":
             raise ValueError(f"config {text!r}: a Dv tile (4th field) is for projected only")

@@ -165,7 +165,7 @@ def compile_launch(fn, args, kwargs):
         sig[p.name] = ty
         if key == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if kwargs.get(k) is not None}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=TARGET, options=opts), consts, opts
 
