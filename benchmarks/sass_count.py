@@ -21,6 +21,10 @@ loops.  The outputs are garbage; only the compiled code is looked at.
 
 The counts come from this machine's Triton, which may not be the GPU machine's: compare
 variants compiled here with each other, and time the winner on the GPU before keeping it.
+The GPU machine's own Triton (3.6) installs beside this one and compiles the same way:
+
+    python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/sass_count.py ...
 """
 
 from __future__ import annotations
