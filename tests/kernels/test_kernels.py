@@ -139,6 +139,27 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, den, mon
     assert all(w == (min(32, bv) if den == "mma32" else bv) for _, w, bv in seen), seen
 
 
+# chunked.FULL_TILES: the forward with constant masks when every tile is full; the other
+# shapes must keep their masks (odd T, a Dk / Dv tile with padding, packed sequences).
+FULL_CASES = [
+    ((1, 2, 2, 128, 32, 32, torch.float16, True, True, True, "bthd"), True),
+    ((1, 3, 1, 192, 64, 32, torch.float32, False, True, False, "bhtd"), True),  # grouped
+    ((1, 2, 2, 100, 32, 32, torch.float16, True, True, True, "bthd"), False),   # odd T
+    ((1, 2, 1, 128, 24, 32, torch.float16, True, False, True, "bhtd"), False),  # Dk pads
+    ((1, 2, 1, 128, 32, 40, torch.float16, True, False, True, "bhtd"), False),  # Dv pads
+]
+
+
+@pytest.mark.parametrize("segments", ["off", "64"])
+@pytest.mark.parametrize("case,full", FULL_CASES, ids=[_case_id(c) for c, _ in FULL_CASES])
+def test_full_tiles_forward_matches_float64(case, full, segments, monkeypatch):
+    monkeypatch.setattr(C, "FULL_TILES", True)
+    q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 3)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "FULL")
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    assert seen and all(x == full for x in seen), seen
+
+
 @pytest.mark.parametrize("ksum", [True, False])
 @pytest.mark.parametrize("delta_in_kernel", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
