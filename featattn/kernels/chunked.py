@@ -436,7 +436,7 @@ def _bwd_kernel(
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
     DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
-    KSUM_DOT: tl.constexpr,
+    KSUM_DOT: tl.constexpr, FULL: tl.constexpr = False,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -478,8 +478,8 @@ def _bwd_kernel(
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mk = offs_k < DK
-    mv = offs_v < DV
+    mk = tl.full([BK], 1, tl.int1) if FULL else offs_k < DK  # FULL: as in the forward
+    mv = tl.full([BV], 1, tl.int1) if FULL else offs_v < DV
     st_off = i_bh.to(tl.int64) * DK * DV
     # The den term belongs to the "ones" value column, owned by Dv tile 0: the other
     # tiles load delta / d(final z) as zeros, so its terms vanish there.
@@ -511,10 +511,14 @@ def _bwd_kernel(
             ones = tl.full([BT, 16], 1.0, dtype=k.dtype.element_ty)
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < TS
+            if FULL:
+                mt = tl.full([BT], 1, tl.int1)
+                ms = mt
+            else:
+                mt = (i * BT + offs_t) < TS
+                ms = mt & ((i * BT + offs_t) >= KS)
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
-            ms = mt & ((i * BT + offs_t) >= KS)
             b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
                           mask=ms[:, None] & mv[None, :], other=0.0)
             b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
@@ -580,10 +584,14 @@ def _bwd_kernel(
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
-            mt = (i * BT + offs_t) < TS
+            if FULL:
+                mt = tl.full([BT], 1, tl.int1)
+                ms = mt
+            else:
+                mt = (i * BT + offs_t) < TS
+                ms = mt & ((i * BT + offs_t) >= KS)
             b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                           mask=mt[:, None] & mk[None, :], other=0.0)
-            ms = mt & ((i * BT + offs_t) >= KS)
             b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
                           mask=ms[:, None] & mk[None, :], other=0.0)
             b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
@@ -684,11 +692,12 @@ DEN_IN_MMA_WIDTH = 0
 #: 2: on there too (to re-time it now that configs are tuned per size: the 2.41-2.52 came
 #: from configs tuned on a T = 1000 call).
 BWD_KSUM_DOT = 1
-#: The forward on features with constant masks where every tile is full (T a multiple of
-#: SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline (Triton 3.6, sm_90a,
-#: B8-style D64 bf16 normalised) the chunk loop falls 660 -> 548 instructions, 492 with
-#: DEN_IN_MMA_WIDTH=32.  Not with the map in the kernel: there the unmasked features were
-#: recomputed per use (98 exps a chunk instead of 66).  Off until timed.
+#: The chunked forward and backward on features with constant masks where every tile is
+#: full (T a multiple of SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline
+#: (Triton 3.6, sm_90a, D64 bf16 normalised) the forward's chunk loop falls 660 -> 548
+#: instructions (492 with DEN_IN_MMA_WIDTH=32), the backward's sweeps 1812 -> 1504 and
+#: 749 -> 629.  Not with the map in the kernel: there the unmasked features were recomputed
+#: per use (98 exps a chunk instead of 66).  Off until timed.
 FULL_TILES = False
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
@@ -947,6 +956,8 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         EVEN_K=Dk % BK == 0,
         KSUM_DOT=(bool(BWD_KSUM_DOT) and normalize and not tf32x3
                   and (dphi_y is None or BWD_KSUM_DOT == 2)),
+        FULL=bool(FULL_TILES and not varlen and not fused and kshift == 0 and T % SEG_ALIGN == 0
+                  and Dk % BK == 0 and Dv % BV == 0),
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \

@@ -139,7 +139,7 @@ def test_denominators_on_the_tensor_cores_match_float64(case, segments, den, mon
     assert all(w == (min(32, bv) if den == "mma32" else bv) for _, w, bv in seen), seen
 
 
-# chunked.FULL_TILES: the forward with constant masks when every tile is full; the other
+# chunked.FULL_TILES: the kernels with constant masks when every tile is full; the other
 # shapes must keep their masks (odd T, a Dk / Dv tile with padding, packed sequences).
 FULL_CASES = [
     ((1, 2, 2, 128, 32, 32, torch.float16, True, True, True, "bthd"), True),
@@ -152,12 +152,15 @@ FULL_CASES = [
 
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case,full", FULL_CASES, ids=[_case_id(c) for c, _ in FULL_CASES])
-def test_full_tiles_forward_matches_float64(case, full, segments, monkeypatch):
+def test_full_tiles_match_float64(case, full, segments, monkeypatch):
+    """Forward and backward, states in and out, T split or not."""
     monkeypatch.setattr(C, "FULL_TILES", True)
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 3)
     seen = spy_launches(monkeypatch, C._fwd_kernel, "FULL")
+    seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "FULL")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
     assert seen and all(x == full for x in seen), seen
+    assert seen_bwd and all(x == full for x in seen_bwd), seen_bwd
 
 
 @pytest.mark.parametrize("ksum", [True, False])
