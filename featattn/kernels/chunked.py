@@ -352,7 +352,9 @@ def _fwd_kernel(
         t0 = tl.cast(i * BT, tl.int64)
         if FULL:
             mt = tl.full([BT], 1, tl.int1)
-            ms = mt
+            # with the map here, k's rows keep a (true) mask: unmasked, the compiler
+            # recomputes the features for each use instead of converting them
+            ms = (i * BT + offs_t) < TS if FUSED else mt
         else:
             mt = (i * BT + offs_t) < TS
             ms = mt & ((i * BT + offs_t) >= KS)  # rows with a key
@@ -511,7 +513,7 @@ def _bwd_kernel(
             ones = tl.full([BT, 16], 1.0, dtype=k.dtype.element_ty)
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
-            if FULL:
+            if FULL and not FUSED:  # (the map's features keep row masks: see the forward)
                 mt = tl.full([BT], 1, tl.int1)
                 ms = mt
             else:
@@ -584,7 +586,7 @@ def _bwd_kernel(
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
-            if FULL:
+            if FULL and not FUSED:  # (the map's features keep row masks: see the forward)
                 mt = tl.full([BT], 1, tl.int1)
                 ms = mt
             else:
@@ -696,8 +698,9 @@ BWD_KSUM_DOT = 1
 #: full (T a multiple of SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline
 #: (Triton 3.6, sm_90a, D64 bf16 normalised) the forward's chunk loop falls 660 -> 548
 #: instructions (492 with DEN_IN_MMA_WIDTH=32), the backward's sweeps 1812 -> 1504 and
-#: 749 -> 629.  Not with the map in the kernel: there the unmasked features were recomputed
-#: per use (98 exps a chunk instead of 66).  Off until timed.
+#: 749 -> 629; with the map in the kernel the forward 1107 -> 1020 (its features keep their
+#: row masks: unmasked, the compiler recomputed them for each use, 98 exps a chunk instead
+#: of 66).  Off until timed.
 FULL_TILES = False
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
@@ -852,7 +855,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         FUSED=fused, PHI=phi, VARLEN=varlen,
         DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and BK <= DEN_IN_MMA_MAX_BK,
         EVEN_K=Dk % BK == 0, DEN_W=min(DEN_IN_MMA_WIDTH or BV, BV),
-        FULL=bool(FULL_TILES and not varlen and not fused and kshift == 0 and T % SEG_ALIGN == 0
+        FULL=bool(FULL_TILES and not varlen and kshift == 0 and T % SEG_ALIGN == 0
                   and Dk % BK == 0 and Dv % BV == 0),
     )
     den = den_buf if normalize else None
@@ -956,7 +959,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         EVEN_K=Dk % BK == 0,
         KSUM_DOT=(bool(BWD_KSUM_DOT) and normalize and not tf32x3
                   and (dphi_y is None or BWD_KSUM_DOT == 2)),
-        FULL=bool(FULL_TILES and not varlen and not fused and kshift == 0 and T % SEG_ALIGN == 0
+        FULL=bool(FULL_TILES and not varlen and kshift == 0 and T % SEG_ALIGN == 0
                   and Dk % BK == 0 and Dv % BV == 0),
     )
     if single:

@@ -163,6 +163,31 @@ def test_full_tiles_match_float64(case, full, segments, monkeypatch):
     assert seen_bwd and all(x == full for x in seen_bwd), seen_bwd
 
 
+@pytest.mark.parametrize("path", ["kernel", "pass"])
+def test_full_tiles_with_a_map_match_float64(path, monkeypatch):
+    """FULL_TILES with the elu map in the kernel (its features keep their row masks) and as
+    a pass (the backward applies the slope as it stores, EPI_DPHI)."""
+    import featattn
+
+    monkeypatch.setattr(C, "FULL_TILES", True)
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "FULL")
+    seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "FULL")
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 128, 32, generator=g).to(DEV, dtype).requires_grad_()
+               for _ in range(3))
+    o = featattn.linear_attention(q, k, v, feature_map="elu", backend="triton", scale=0.5)
+    do = torch.randn_like(o)
+    got = [o, *torch.autograd.grad(o, (q, k, v), do)]
+    r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro = featattn.linear_attention(*r, feature_map="elu", backend="reference", scale=0.5)
+    want = [ro, *torch.autograd.grad(ro, r, do.double())]
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < tolerance(dtype, "small")
+    assert seen == [True] and seen_bwd == [True], (seen, seen_bwd)
+
+
 @pytest.mark.parametrize("ksum", [True, False])
 @pytest.mark.parametrize("delta_in_kernel", [True, False])
 @pytest.mark.parametrize("segments", ["off", "64"])
