@@ -785,18 +785,50 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
     BK, BV = _tiles(Dk, Dv, a.dtype)
     NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     dev = a.device
-    S = _alloc((B * Ha, ns, Dk, Dv), torch.float32, dev)
-    z = _alloc((B * Ha, ns, Dk), torch.float32, dev) if has_z else S
+    # R sub-blocks a segment, each summed by its own program, then added up (deterministic):
+    # the segment sums are one sweep of SEG tokens per head otherwise (SEG_SUM_PROGRAMS_PER_SM)
+    R = _seg_sum_blocks(B * Ha * NK * NV * (ns - 1), seg, dev)
+    S = _alloc((B * Ha, ns * R, Dk, Dv), torch.float32, dev)
+    z = _alloc((B * Ha, ns * R, Dk), torch.float32, dev) if has_z else S
     bwd = den is not None or delta is not None
     lowp, tf32x3 = _flags(a.dtype)
-    _SEG[(B * Ha, NK * NV, ns - 1)](
+    _SEG[(B * Ha, NK * NV, (ns - 1) * R)](
         a, b, den if den is not None else S, delta if delta is not None else S, S, z,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        T, Ha, Dk, Dv, seg, ns, j0, kshift, scale, _common.launch_size(B * (ns - 1), Ha, seg),
+        T, Ha, Dk, Dv, seg // R, ns * R, j0 * R, kshift, scale,
+        _common.launch_size(B * (ns - 1) * R, Ha, seg // R),
         NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
     )
+    if R > 1:  # (the slots of segments no program summed are never read)
+        S = S.view(B * Ha, ns, R, Dk, Dv).sum(2)
+        z = z.view(B * Ha, ns, R, Dk).sum(2) if has_z else S
     return S, z
+
+
+#: N > 0: the segment sums (the pass before a split sweep) use up to N programs an SM, each
+#: summing a block of the segment (a multiple of SEG_ALIGN tokens), the blocks then added
+#: up; 0: one program a segment, which sweeps SEG tokens alone (B8 H16 T16384 in two
+#: segments: 128 programs of 8192 tokens, latency-bound like the main sweep).  Off until timed.
+SEG_SUM_PROGRAMS_PER_SM = 0
+#: > 0: exactly this many blocks a segment (where they divide it), on any device (tests).
+SEG_SUM_BLOCKS = 0
+
+
+def _seg_sum_blocks(programs: int, seg: int, device) -> int:
+    """How many blocks each segment's sum is cut into (a divisor of seg // SEG_ALIGN)."""
+    if SEG_SUM_BLOCKS > 0:
+        want = SEG_SUM_BLOCKS
+    elif SEG_SUM_PROGRAMS_PER_SM > 0 and device.type == "cuda" and programs > 0:
+        want = max(1, (SEG_SUM_PROGRAMS_PER_SM * _sm_count(device)) // programs)
+    else:
+        return 1
+    units = seg // SEG_ALIGN
+    r = 1
+    for d in range(1, units + 1):
+        if units % d == 0 and d <= want:
+            r = d
+    return r
 
 def _map_form(fmap: str):
     """(FUSED, PHI, DPHI) kernel arguments for a map key of featattn.kernels.maps ("" = none)."""

@@ -111,6 +111,27 @@ DEN_CASES = [
 ]
 
 
+
+@pytest.mark.parametrize("seg,blocks", [("128", 2), ("192", 3), ("192", 2)])
+@pytest.mark.parametrize("case", SEG_CASES[:3], ids=[_case_id(c) for c in SEG_CASES[:3]])
+def test_segment_sums_in_blocks_match_float64(case, seg, blocks, monkeypatch):
+    """chunked.SEG_SUM_BLOCKS: each segment's sums made by several programs (blocks of 64
+    tokens and more) and added up; a block count that does not divide the segment falls
+    back to the largest one that does (192 tokens: 3 blocks, or 1 where 2 was asked)."""
+    monkeypatch.setenv("FEATATTN_SEGMENT", seg)
+    monkeypatch.setattr(C, "SEG_SUM_BLOCKS", blocks)
+    used = []
+    real = C._seg_sum_blocks
+    monkeypatch.setattr(C, "_seg_sum_blocks", lambda *a: used.append(real(*a)) or used[-1])
+    B, H, Hkv, T, Dk, Dv, dtype, normalize, init, ret, layout = case
+    T = T + int(seg)  # at least two segments, the last one short
+    q, k, v = make_inputs(B, H, Hkv, T, Dk, Dv, dtype, normalize, layout, seed=T + Dk)
+    kv0, z0 = rand_state(B, H, Dk, Dv, normalize, generator=2, device=DEV) if init else (None, None)
+    run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
+    want = blocks if int(seg) // 64 % blocks == 0 else 1
+    assert used and set(used) == {want}, used
+
+
 def _den_inputs(case, monkeypatch, segments, generator):
     """(q, k, v, kv0, z0, normalize, return_state, dtype) of a DEN_CASES case (bf16 on the
     GPU), with T split into ``segments``."""
