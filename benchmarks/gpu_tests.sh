@@ -13,11 +13,21 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export FEATATTN_FAILURE_LOG=$out/failures.txt
 [ $# -gt 0 ] || set -- tests
-timeout -s INT "${GPU_TESTS_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider \
+timeout -k 30 -s INT "${GPU_TESTS_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider \
     -m "cuda or on_device" -n "${GPU_TESTS_WORKERS:-16}" --tb=short "$@" > "$out/gpu_tests.log" 2>&1
 rc=$?
 grep -E "passed|failed" "$out/gpu_tests.log" | grep -v INTERNALERROR | tail -1
-[ $rc -eq 124 ] || [ $rc -eq 130 ] || [ $rc -eq 2 ] && echo "(stopped by the ${GPU_TESTS_LIMIT:-540} s limit or interrupted, rc $rc)"
-grep "^FAILED " "$out/failures.txt" || echo "no failures recorded"
-head -c 6000 "$out/failures.txt"
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "(stopped by the ${GPU_TESTS_LIMIT:-540} s limit: the counts above are partial)"
+elif [ $rc -ne 0 ] && [ $rc -ne 1 ]; then
+    echo "(pytest exit code $rc: collection errors or an internal error; see $out/gpu_tests.log)"
+    tail -5 "$out/gpu_tests.log"
+fi
+if [ -s "$out/failures.txt" ]; then
+    grep "^FAILED " "$out/failures.txt"
+    echo "--- tracebacks (first 6000 bytes of $out/failures.txt):"
+    head -c 6000 "$out/failures.txt"
+else
+    echo "no failures recorded"
+fi
 exit $rc

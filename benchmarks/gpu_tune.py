@@ -54,8 +54,10 @@ TIMEOUT_S = 240
 
 
 def _parse(family, text):
-    text, _, reg = text.partition("r")
-    parts = [int(x) for x in text.split("/")]
+    spec, r, reg = text.partition("r")
+    if r and not reg.isdigit():
+        raise ValueError(f"config {text!r}: a register cap is 'r' and a number, e.g. 64/4/2r168")
+    parts = [int(x) for x in spec.split("/")]
     meta = dict(BT=parts[0], num_warps=parts[1], num_stages=parts[2])
     if reg:
         meta["maxnreg"] = int(reg)

@@ -61,8 +61,8 @@ class KernelChoice(NamedTuple):
       gradients included; the default) and ``"kernel"`` its own kernels
       (featattn/kernels/projected.py: less memory, slower);
     * ``"identity"``: the built-in identity map under ``FEATATTN_FUSE_MAPS=auto``: nothing
-      to compute, so the kernel reads q and k as given, exactly the call on features (a
-      ``scale`` folds into ``eps`` when normalised, else multiplies q);
+      to compute, so the kernel reads q and k as given, the call on features (a ``scale > 0``
+      folds into ``eps`` when normalised, else multiplies q);
     * ``"torch"``: the map's PyTorch ``forward`` before the kernel; ``reasons`` says why.
 
     ``map_fused`` is True for the first three (no features made in PyTorch)."""
@@ -328,7 +328,8 @@ BACKENDS = tuple(dict.fromkeys(("auto", "torch", "reference", "triton") + KERNEL
 
 
 #: ``FEATATTN_FUSE_MAPS=auto`` applies an elementwise map inside the chunked kernel when a call
-#: has at most this many (batch, head, token) rows, or when the kernel splits T into segments.
+#: has at most this many (batch, head, token) rows, has no backward, or when the kernel splits
+#: T into segments because few heads leave SMs idle (the identity map: no map at all).
 #: H200, bf16, D = 64 (docs/benchmarks.md): at B*H*T = 2^19 (B8 H16 T4096) the map in the kernel
 #: took 0.28 / 1.31 ms fwd / fwd+bwd against 0.47 / 1.81 for the pass (each pass is a launch
 #: and an autograd node: host time the kernel's extra GPU work stays under); at 2^21 (B8 H16

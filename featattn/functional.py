@@ -265,7 +265,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         elif choice.map_path == "kernel":
             in_kernel = dict(feature_map=fm, scale=scale)
         elif choice.map_path == "identity":  # features = (scale * q, k): num and den both
-            if normalize and scale > 0:  # scale with q, so o = num / (den + eps / scale)
+            # scale with q, so o = num / (den + eps / scale), where eps / scale stays a
+            # normal fp32 number (the kernels' den is fp32)
+            if normalize and scale > 0 and _F32_TINY <= eps / scale <= _F32_MAX:
                 keps = eps / scale
             elif scale != 1.0:
                 q = q * scale
@@ -873,6 +875,9 @@ def _validate_eps(eps, dtype: Optional[torch.dtype] = None) -> float:
                 f"inputs; its smallest normal number is {tiny:.3g}), so it would not keep the "
                 f"denominator away from 0; use eps >= {tiny:.3g} (the default is 1e-6)")
     return eps
+
+
+_F32_TINY, _F32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 def _validate_scale(scale, fm, Dqk) -> float:

@@ -867,7 +867,9 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
     zT = _alloc((B, H, Dk), torch.float32, dev) if (store_final and normalize) else o
     lowp, tf32x3 = _flags(q.dtype)
     fused, phi, _ = _map_form(fmap)
-    ns, seg = segments(B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
+    # (full grids split only without a key shift: the hybrid's timings predate it)
+    ns, seg = segments(B * H * NK * NV, T, dev, full_grid=kshift == 0) if not varlen \
+        else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     segS = segz = o
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
@@ -937,7 +939,8 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         if normalize:
             dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
                 else dzT.float().contiguous()
-    ns, seg = segments(2 * B * H * NK * NV, T, dev) if not varlen else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
+    ns, seg = segments(2 * B * H * NK * NV, T, dev, full_grid=kshift == 0) if not varlen \
+        else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
     # delta = do . o inside the kernel (no delta launch) where one Dv tile holds a whole
     # row and no segment sums need delta beforehand
     delta_o = DELTA_IN_KERNEL and normalize and delta is None and NV == 1 and ns == 1

@@ -108,8 +108,9 @@ DEN_CASES = [
     (1, 3, 1, 64, 8, 20, torch.float16, True, False, True, "bthd"),
     (1, 2, 1, 70, 130, 24, torch.float16, True, True, True, "bhtd"),     # Dk tiled
     (1, 2, 2, 50, 20, 136, torch.float16, True, True, True, "bhtd"),     # Dv tiled
+    (1, 2, 1, 100, 32, 64, torch.float16, True, True, True, "bhtd"),     # den tile < value tile
+    (1, 2, 1, 70, 130, 64, torch.float16, True, False, True, "bthd"),    # the same, Dk tiled
 ]
-
 
 
 @pytest.mark.parametrize("seg,blocks", [("128", 2), ("192", 3), ("192", 2)])
@@ -168,6 +169,8 @@ FULL_CASES = [
     ((1, 2, 2, 100, 32, 32, torch.float16, True, True, True, "bthd"), False),   # odd T
     ((1, 2, 1, 128, 24, 32, torch.float16, True, False, True, "bhtd"), False),  # Dk pads
     ((1, 2, 1, 128, 32, 40, torch.float16, True, False, True, "bhtd"), False),  # Dv pads
+    ((1, 2, 1, 128, 256, 32, torch.float16, True, True, True, "bhtd"), True),   # Dk tiled
+    ((1, 2, 2, 64, 32, 256, torch.float32, True, True, True, "bhtd"), True),    # Dv tiled
 ]
 
 
@@ -278,7 +281,8 @@ def test_segment_policy(monkeypatch):
     assert C.segments(64, 16384, cuda) == (5, 3328)         # half the SMs: ~2 programs each
     assert C.segments(16, 8192, cuda) == (1, 8192)          # too short to pay for the pass
     assert C.segments(300, 16384, cuda) == (1, 16384)       # the grid fills the GPU
-    assert C.segments(128, 16384, cuda) == (C.AUTO_SPLIT_FULL_GRID, 16384 // C.AUTO_SPLIT_FULL_GRID)
+    assert C.segments(128, 16384, cuda) == (2, 8192)         # full grids: two segments
+    assert C.segments(128, 16384, cuda, full_grid=False) == (1, 16384)  # (the hybrid's)
     monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", 0)
     assert C.segments(128, 16384, cuda) == (1, 16384)       # full grids unsplit when 0
     monkeypatch.setattr(C, "AUTO_SPLIT_FULL_GRID", 4)
@@ -293,6 +297,20 @@ def test_segment_policy(monkeypatch):
     monkeypatch.setenv("FEATATTN_SEGMENT", "100")
     with pytest.raises(ValueError, match="multiple of 64"):
         C.segments(1, 1000, torch.device("cpu"))
+
+
+def test_segment_sum_blocks_policy(monkeypatch):
+    """SEG_SUM_PROGRAMS_PER_SM: the blocks a segment's sums are cut into aim at that many
+    programs an SM, as a divisor of the segment's 64-token units; off (0) or on the CPU, one."""
+    cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
+    monkeypatch.setitem(C._SM_COUNT, cuda, 132)
+    assert C._seg_sum_blocks(128, 8192, cuda) == 1           # off by default
+    monkeypatch.setattr(C, "SEG_SUM_PROGRAMS_PER_SM", 4)
+    assert C._seg_sum_blocks(128, 8192, cuda) == 4           # B8 H16, two segments: 512
+    assert C._seg_sum_blocks(16, 8192, cuda) == 32           # 528 // 16 = 33 -> 32 | 128
+    assert C._seg_sum_blocks(128, 192, cuda) == 3            # 3 units: 3 divides them
+    assert C._seg_sum_blocks(1024, 8192, cuda) == 1          # enough programs already
+    assert C._seg_sum_blocks(128, 8192, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
