@@ -180,6 +180,19 @@ def _features(x, scale, mask, PHI: tl.constexpr, MASK: tl.constexpr = True):
     return y.to(x.dtype)
 
 
+@triton.jit
+def _row_masks(i, offs_t, TS, KS, BT: tl.constexpr, FULL: tl.constexpr):
+    """(rows before TS, rows with a key) of chunk i; constant under FULL (every chunk full,
+    no key shift), which the compiler folds out of the loads and stores."""
+    if FULL:
+        mt = tl.full([BT], 1, tl.int1)
+        ms = mt
+    else:
+        mt = (i * BT + offs_t) < TS
+        ms = mt & ((i * BT + offs_t) >= KS)
+    return mt, ms
+
+
 # --------------------------------------------------------------------------- segment sums
 @triton.jit(do_not_specialize=["T", "SEG", "NS", "J0", "KS", "SIZE"])
 def _seg_kernel(
@@ -350,14 +363,9 @@ def _fwd_kernel(
     c0 = i_s * (SEG // BT)
     for i in range(c0, tl.minimum(c0 + SEG // BT, tl.cdiv(TS, BT))):
         t0 = tl.cast(i * BT, tl.int64)
-        if FULL:
-            mt = tl.full([BT], 1, tl.int1)
-            # with the map here, k's rows keep a (true) mask: unmasked, the compiler
-            # recomputes the features for each use instead of converting them
-            ms = (i * BT + offs_t) < TS if FUSED else mt
-        else:
-            mt = (i * BT + offs_t) < TS
-            ms = mt & ((i * BT + offs_t) >= KS)  # rows with a key
+        mt, ms = _row_masks(i, offs_t, TS, KS, BT, FULL)
+        if FULL and FUSED:  # k's rows keep a (true) mask: unmasked, the compiler recomputed
+            ms = (i * BT + offs_t) < TS  # the features for each use instead of converting
         b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                       mask=mt[:, None] & mk[None, :], other=0.0)
         b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
@@ -513,12 +521,8 @@ def _bwd_kernel(
             ones = tl.full([BT, 16], 1.0, dtype=k.dtype.element_ty)
         for i in range(c0, c1):
             t0 = tl.cast(i * BT, tl.int64)
-            if FULL and not FUSED:  # (the map's features keep row masks: see the forward)
-                mt = tl.full([BT], 1, tl.int1)
-                ms = mt
-            else:
-                mt = (i * BT + offs_t) < TS
-                ms = mt & ((i * BT + offs_t) >= KS)
+            # (the map's features keep their row masks: see the forward)
+            mt, ms = _row_masks(i, offs_t, TS, KS, BT, FULL and not FUSED)
             b_do = tl.load(do_base + t0 * sdt + offs_t[:, None] * sdt + offs_v[None, :],
                            mask=mt[:, None] & mv[None, :], other=0.0)
             b_v = tl.load(v_base + (t0 - KS) * svt + offs_t[:, None] * svt + offs_v[None, :],
@@ -586,12 +590,8 @@ def _bwd_kernel(
         for j in range(0, c1 - c0):
             i = c1 - 1 - j
             t0 = tl.cast(i * BT, tl.int64)
-            if FULL and not FUSED:  # (the map's features keep row masks: see the forward)
-                mt = tl.full([BT], 1, tl.int1)
-                ms = mt
-            else:
-                mt = (i * BT + offs_t) < TS
-                ms = mt & ((i * BT + offs_t) >= KS)
+            # (the map's features keep their row masks: see the forward)
+            mt, ms = _row_masks(i, offs_t, TS, KS, BT, FULL and not FUSED)
             b_q = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                           mask=mt[:, None] & mk[None, :], other=0.0)
             b_k = tl.load(k_base + (t0 - KS) * skt + offs_t[:, None] * skt + offs_k[None, :],
