@@ -55,8 +55,8 @@ class KernelChoice(NamedTuple):
       with an :class:`~featattn.ElementwiseTritonForm` on calls of more than
       :data:`FUSE_MAX_ROWS` rows when one program sweeps each head);
     * ``"kernel"``: inside the chunked kernel (raw q/k in, no features in memory; the choice
-      for smaller calls, calls without a backward, when the kernel splits T into segments, or with
-      ``FEATATTN_FUSE_MAPS=kernel``); for a learned projection map (Hedgehog, T2R:
+      for smaller calls, calls without a backward, when the kernel splits T into segments
+      because few heads leave SMs idle, or with ``FEATATTN_FUSE_MAPS=kernel``); for a learned projection map (Hedgehog, T2R:
       ``FeatureMap.triton_projection``) ``"triton_pass"`` is its Triton pass (weights'
       gradients included; the default) and ``"kernel"`` its own kernels
       (featattn/kernels/projected.py: less memory, slower);

@@ -830,6 +830,7 @@ def _seg_sum_blocks(programs: int, seg: int, device) -> int:
             r = d
     return r
 
+
 def _map_form(fmap: str):
     """(FUSED, PHI, DPHI) kernel arguments for a map key of featattn.kernels.maps ("" = none)."""
     if not fmap:
