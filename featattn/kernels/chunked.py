@@ -202,7 +202,7 @@ def _seg_kernel(
     NV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BWD: tl.constexpr, HAS_Z: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
-    FUSED: tl.constexpr, PHI: tl.constexpr,
+    FUSED: tl.constexpr, PHI: tl.constexpr, FULL: tl.constexpr = False,
 ):
     """Grid (B*H, NK*NV, n).  Program (bh, tile, p) sums segment j = J0 + p (tokens
     [j*SEG, min(T, (j+1)*SEG)), SEG a multiple of BT) of head bh into fp32
@@ -227,8 +227,8 @@ def _seg_kernel(
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mk = offs_k < DK
-    mv = offs_v < DV
+    mk = tl.full([BK], 1, tl.int1) if FULL else offs_k < DK  # FULL: as in _fwd_kernel
+    mv = tl.full([BV], 1, tl.int1) if FULL else offs_v < DV
     own_k = (offs_k * 0 + i_v) == 0
     S = tl.zeros([BK, BV], dtype=tl.float32)
     z = tl.zeros([BK], dtype=tl.float32)
@@ -236,7 +236,7 @@ def _seg_kernel(
     c1 = tl.minimum(c0 + SEG // BT, tl.cdiv(T, BT))
     for i in range(c0, c1):
         t0 = tl.cast(i * BT, tl.int64)
-        mt = ((i * BT + offs_t) < T) & ((i * BT + offs_t) >= KS)
+        _in_t, mt = _row_masks(i, offs_t, T, KS, BT, FULL)  # (rows with a key)
         b_a = tl.load(a_base + (t0 - KS) * sat + offs_t[:, None] * sat + offs_k[None, :],
                       mask=mt[:, None] & mk[None, :], other=0.0)
         b_b = tl.load(b_base + (t0 - KS) * sbt + offs_t[:, None] * sbt + offs_v[None, :],
@@ -698,9 +698,9 @@ BWD_KSUM_DOT = 1
 #: full (T a multiple of SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline
 #: (Triton 3.6, sm_90a, D64 bf16 normalised) the forward's chunk loop falls 660 -> 548
 #: instructions (492 with DEN_IN_MMA_WIDTH=32), the backward's sweeps 1812 -> 1504 and
-#: 749 -> 629; with the map in the kernel the forward 1107 -> 1020 (its features keep their
-#: row masks: unmasked, the compiler recomputed them for each use, 98 exps a chunk instead
-#: of 66).  Off until timed.
+#: 749 -> 629, the segment sums' 277 -> 225 and 464 -> 399; with the map in the kernel the
+#: forward 1107 -> 1020 (its features keep their row masks: unmasked, the compiler
+#: recomputed them for each use, 98 exps a chunk instead of 66).  Off until timed.
 FULL_TILES = False
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
@@ -799,6 +799,8 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
         _common.launch_size(B * (ns - 1) * R, Ha, seg // R),
         NV=NV, BK=BK, BV=BV, BWD=bwd, HAS_Z=has_z, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi,
+        FULL=bool(FULL_TILES and not fused and kshift == 0 and T % SEG_ALIGN == 0
+                  and Dk % BK == 0 and Dv % BV == 0),
     )
     if R > 1:  # (the slots of segments no program summed are never read)
         S = S.view(B * Ha, ns, R, Dk, Dv).sum(2)

@@ -182,9 +182,12 @@ def test_full_tiles_match_float64(case, full, segments, monkeypatch):
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 3)
     seen = spy_launches(monkeypatch, C._fwd_kernel, "FULL")
     seen_bwd = spy_launches(monkeypatch, C._bwd_kernel, "FULL")
+    seen_seg = spy_launches(monkeypatch, C._seg_kernel, "FULL")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
     assert seen and all(x == full for x in seen), seen
     assert seen_bwd and all(x == full for x in seen_bwd), seen_bwd
+    split = segments == "64" and case[3] > 64
+    assert bool(seen_seg) == split and all(x == full for x in seen_seg), seen_seg
 
 
 @pytest.mark.parametrize("path", ["kernel", "pass"])
