@@ -17,6 +17,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# Under the interpreter every load and store of a kernel is checked against its tensors'
+# memory (tests/_bounds.py): an access the GPU would fault on fails the test here.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import _bounds  # noqa: E402
+
+    _bounds.install()
+
 # Under pytest-xdist (`-n 8`, also on 2-core machines) one intra-op thread per worker: with
 # torch's default of one per core, the workers' OpenMP threads spin against each other and the
 # small CPU models of the tests run up to ten times slower.  Tests that need a thread count
