@@ -274,7 +274,7 @@ def _fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT_K: tl.constexpr, LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, VARLEN: tl.constexpr, DEN_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr, DEN_W: tl.constexpr = 0, FULL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, FULL: tl.constexpr = False,
 ):
     """Grid (B*H, NK*NV, NS); program (bh, tile, s) covers tokens [s*SEG, (s+1)*SEG) (all of
     T when NS = 1) starting from the initial state plus the sums of segments 0..s-1 (segS
@@ -346,9 +346,9 @@ def _fwd_kernel(
         # the bf16 error at T = 65536 stays 1.98e-3, as with the row sums; z as two bf16
         # terms, hi + lo, measured slower and no more accurate).  An elementwise 1 / den on
         # the tile instead of the quad max measured 1182 instructions a chunk offline.
-        Zt = z[:, None] + tl.zeros([BK, DEN_W], dtype=tl.float32)
-        ones_v = tl.full([BT, DEN_W], 1.0, dtype=k.dtype.element_ty)
-        col0 = (tl.arange(0, DEN_W) == 0)[None, :]
+        Zt = z[:, None] + tl.zeros([BK, BV], dtype=tl.float32)
+        ones_v = tl.full([BT, BV], 1.0, dtype=k.dtype.element_ty)
+        col0 = (tl.arange(0, BV) == 0)[None, :]
     if KSUM_DOT:
         # bf16 / fp16 features: z, the running sum of the key features, accumulates on the
         # tensor cores as k^T @ ones (exact products, fp32 sums) in each of Z's 32 columns,
@@ -384,7 +384,7 @@ def _fwd_kernel(
         A = tl.where(causal, A, 0.0)
         num = _mm(A, b_v, LOWP, TF32X3) + _mm(b_q, S, LOWP, TF32X3)  # [BT, BV]
         if DEN_DOT:
-            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, DEN_W]
+            dt = _mm(A, ones_v, LOWP, TF32X3) + _mm(b_q, Zt, LOWP, TF32X3)  # [BT, BV]
             Zt += tl.dot(tl.trans(b_k), ones_v)
         elif NORMALIZE:
             if KSUM_DOT:
@@ -400,7 +400,7 @@ def _fwd_kernel(
         if DEN_DOT:
             if SPLIT_K:  # each row's partial den from the thread holding its column 0
                 tl.store(o_ptr, num.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
-                tl.store(d_base + t0 + offs_t[:, None] + 0 * tl.arange(0, DEN_W)[None, :], dt,
+                tl.store(d_base + t0 + offs_t[:, None] + 0 * offs_v[None, :], dt,
                          mask=(mt & own_t)[:, None] & col0)
             else:
                 d = tl.max(dt, axis=1) + eps  # its columns are equal: a reduction in a quad
@@ -679,29 +679,28 @@ DELTA_IN_KERNEL = True
 #: shorter offline, faulted on the GPU under triton 3.6: removed.)
 DEN_IN_MMA = True
 DEN_IN_MMA_MAX_BK = 64
-#: Columns of that tile: 0 = the value tile's BV (den in num's own layout); 32 halves the two
-#: denominator products at BV = 64 (the tile class of the backward's [BK, 32] z sums, which
-#: runs on the GPU; 16-wide tiles faulted under triton 3.6).  Off until timed.
-DEN_IN_MMA_WIDTH = 0
+#: (A 32-wide denominator tile below 64-wide value tiles, DEN_IN_MMA_WIDTH, 581 instead of
+#: 660 instructions a chunk offline, hit an illegal memory access at B8 H16 T16384 D64 on
+#: the H200 under Triton 3.6 in session 15 though its small GPU tests passed: removed.)
 #: The normalised backward's dq sweep sums z on the tensor cores (k^T @ ones, exact products,
 #: fp32 sums) instead of reducing k's rows across warps each chunk, as the forward does
 #: (bf16 / fp16).  H200, B8 H16 T16384 D64 bf16, fwd+bwd (gpu_ab.py, session 13): Hedgehog
-#: op 6.89 -> 6.32 ms, elu in the kernel 3.80 -> 3.69, features 2.14 -> 2.12 (same); but the
-#: map-pass path, whose backward applies the slope as dq / dk are stored (EPI_DPHI), 2.30 ->
-#: 2.41-2.52 (three runs), so that form keeps the reductions.  bf16 error of dq at
-#: T = 65536 unchanged.  (dAT = v @ dn^T from the rounded dn instead of v @ do^T times
-#: 1 / den measured slower, features 2.15 -> 2.40: removed.)  0: off; 1: on except EPI_DPHI;
-#: 2: on there too (to re-time it now that configs are tuned per size: the 2.41-2.52 came
-#: from configs tuned on a T = 1000 call).
-BWD_KSUM_DOT = 1
-#: The chunked forward and backward on features with constant masks where every tile is
-#: full (T a multiple of SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline
-#: (Triton 3.6, sm_90a, D64 bf16 normalised) the forward's chunk loop falls 660 -> 548
-#: instructions (492 with DEN_IN_MMA_WIDTH=32), the backward's sweeps 1812 -> 1504 and
-#: 749 -> 629, the segment sums' 277 -> 225 and 464 -> 399; with the map in the kernel the
-#: forward 1107 -> 1020 (its features keep their row masks: unmasked, the compiler
-#: recomputed them for each use, 98 exps a chunk instead of 66).  Off until timed.
-FULL_TILES = False
+#: op 6.89 -> 6.32 ms, elu in the kernel 3.80 -> 3.69, features 2.14 -> 2.12 (same).  The
+#: map-pass path (the slope applied as dq / dk are stored, EPI_DPHI) measured 2.30 ->
+#: 2.41-2.52 with configs tuned on a T = 1000 call (session 13); with per-size configs
+#: (session 15, two alternated rounds) 2.300 -> 2.199, so it is on there too.  bf16 error of
+#: dq at T = 65536 unchanged.  (dAT = v @ dn^T from the rounded dn instead of v @ do^T times
+#: 1 / den measured slower, features 2.15 -> 2.40: removed.)
+BWD_KSUM_DOT = True
+#: The chunked forward and backward with constant masks where every tile is full (T a
+#: multiple of SEG_ALIGN, no key shift, Dk / Dv multiples of the tiles): offline (Triton
+#: 3.6, sm_90a, D64 bf16 normalised) the forward's chunk loop falls 660 -> 548
+#: instructions, the backward's sweeps 1812 -> 1504 and 749 -> 629, the segment sums'
+#: 277 -> 225 and 464 -> 399; with the map in the kernel the forward 1107 -> 1020 (its
+#: features keep their row masks: unmasked, the compiler recomputed them for each use, 98
+#: exps a chunk instead of 66).  H200, B8 H16 T16384 bf16 (gpu_ab.py, session 15), fwd+bwd:
+#: features 1.851 -> 1.679 ms, elu pass 2.300 -> 2.061, elu in the kernel 2.700 -> 2.627.
+FULL_TILES = True
 #: Shortest T that ``FEATATTN_SEGMENT=auto`` splits.
 AUTO_SPLIT_MIN_T = 16384
 #: N > 0: also split grids of one or two programs per SM (SMs / 2 < programs <= 2 * SMs,
@@ -768,11 +767,29 @@ def segments(programs: int, T: int, device, full_grid: bool = True) -> tuple[int
     return cdiv(T, seg), seg
 
 
+def _split(programs, T, device, kshift, varlen, fused, NK) -> tuple[int, int]:
+    """(NS, SEG) of a forward or backward launch: :func:`segments`, except that packed
+    sequences and the map in the kernel with Dk in several tiles are never split.
+
+    The latter gave wrong outputs and dq (relative error 0.4) and, with the fixed config
+    BT 64 / 4 warps, an illegal memory access on the H200 under Triton 3.6 (session 15:
+    tests/kernels/test_fused_maps.py's Dk = 136 case in 64-token segments, forward and
+    backward), while the same calls unsplit, and on features split, passed; under the
+    interpreter it passes, with every access inside its tensors (tests/_bounds.py).  Until
+    a GPU run finds the cause, such calls sweep T whole (FEATATTN_SEGMENT included), and
+    :func:`splits_time` says so, so the dispatcher keeps the map pass there."""
+    if varlen or (fused and NK > 1):
+        return 1, cdiv(T, SEG_ALIGN) * SEG_ALIGN
+    return segments(programs, T, device, full_grid=kshift == 0)
+
+
 def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
     """Whether a forward call of this shape runs in several segments because its grid
     leaves most SMs idle (see :func:`segments`; the dispatcher then puts an elementwise map
     inside the kernel).  Splits of fuller grids (AUTO_SPLIT_FULL_GRID) do not count."""
     BK, BV = _tiles(Dk, Dv, dtype)
+    if Dk > BK:  # (the map in the kernel would not split: see _split)
+        return False
     return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device, full_grid=False)[0] > 1
 
 
@@ -811,8 +828,10 @@ def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=No
 #: N > 0: the segment sums (the pass before a split sweep) use up to N programs an SM, each
 #: summing a block of the segment (a multiple of SEG_ALIGN tokens), the blocks then added
 #: up; 0: one program a segment, which sweeps SEG tokens alone (B8 H16 T16384 in two
-#: segments: 128 programs of 8192 tokens, latency-bound like the main sweep).  Off until timed.
-SEG_SUM_PROGRAMS_PER_SM = 0
+#: segments: 128 programs of 8192 tokens, latency-bound like the main sweep).  H200, B8 H16
+#: T16384 bf16 (gpu_ab.py, session 15, two alternated rounds), fwd+bwd: features 1.851 ->
+#: 1.792 ms, elu pass 2.300 -> 2.243, elu in the kernel 2.700 -> 2.524.
+SEG_SUM_PROGRAMS_PER_SM = 4
 #: > 0: exactly this many blocks a segment (where they divide it), on any device (tests).
 SEG_SUM_BLOCKS = 0
 
@@ -871,8 +890,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
     lowp, tf32x3 = _flags(q.dtype)
     fused, phi, _ = _map_form(fmap)
     # (full grids split only without a key shift: the hybrid's timings predate it)
-    ns, seg = segments(B * H * NK * NV, T, dev, full_grid=kshift == 0) if not varlen \
-        else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
+    ns, seg = _split(B * H * NK * NV, T, dev, kshift, varlen, fused, NK)
     segS = segz = o
     if ns > 1:
         segS, segz = _segment_sums(k, v, ns, seg, fused=fused, phi=phi, scale=1.0,
@@ -891,7 +909,7 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
         STORE_FINAL=store_final, SPLIT_K=split_k, LOWP=lowp, TF32X3=tf32x3,
         FUSED=fused, PHI=phi, VARLEN=varlen,
         DEN_DOT=DEN_IN_MMA and normalize and not tf32x3 and BK <= DEN_IN_MMA_MAX_BK,
-        EVEN_K=Dk % BK == 0, DEN_W=min(DEN_IN_MMA_WIDTH or BV, BV),
+        EVEN_K=Dk % BK == 0,
         FULL=bool(FULL_TILES and not varlen and kshift == 0 and T % SEG_ALIGN == 0
                   and Dk % BK == 0 and Dv % BV == 0),
     )
@@ -942,8 +960,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         if normalize:
             dzT = torch.zeros(B, H, Dk, dtype=torch.float32, device=dev) if dzT is None \
                 else dzT.float().contiguous()
-    ns, seg = segments(2 * B * H * NK * NV, T, dev, full_grid=kshift == 0) if not varlen \
-        else (1, cdiv(T, SEG_ALIGN) * SEG_ALIGN)
+    ns, seg = _split(2 * B * H * NK * NV, T, dev, kshift, varlen, bool(fmap), NK)
     # delta = do . o inside the kernel (no delta launch) where one Dv tile holds a whole
     # row and no segment sums need delta beforehand
     delta_o = DELTA_IN_KERNEL and normalize and delta is None and NV == 1 and ns == 1
@@ -995,8 +1012,7 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         HAS_DFINAL=has_dfinal, LOWP=lowp, TF32X3=tf32x3, FUSED=fused, PHI=phi, DPHI=dphi,
         VARLEN=varlen, DELTA_O=delta_o, EPI_DPHI=dphi_y is not None, DPHI_Y=dphi_y,
         EVEN_K=Dk % BK == 0,
-        KSUM_DOT=(bool(BWD_KSUM_DOT) and normalize and not tf32x3
-                  and (dphi_y is None or BWD_KSUM_DOT == 2)),
+        KSUM_DOT=bool(BWD_KSUM_DOT) and normalize and not tf32x3,
         FULL=bool(FULL_TILES and not varlen and kshift == 0 and T % SEG_ALIGN == 0
                   and Dk % BK == 0 and Dv % BV == 0),
     )

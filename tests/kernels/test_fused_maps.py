@@ -153,34 +153,29 @@ def test_fused_map_with_denominators_on_the_tensor_cores(fm, case, in_mma, ksum,
     assert seen_bwd and all(x == ksum for x in seen_bwd), seen_bwd
 
 
-def test_map_pass_backward_keeps_the_row_sums(monkeypatch):
-    """The map-pass path's backward (the slope applied as dq / dk are stored, EPI_DPHI) keeps
-    z's row reductions (measured slower with BWD_KSUM_DOT); the map in the kernel does not."""
+@pytest.mark.parametrize("ksum", [True, False])
+def test_both_map_paths_backward_follow_bwd_ksum_dot(ksum, monkeypatch):
+    """BWD_KSUM_DOT: the map-pass path's backward (the slope applied as dq / dk are stored,
+    EPI_DPHI) and the map in the kernel both sum z on the tensor cores, or both by rows."""
     from featattn.kernels import chunked as C
 
-    monkeypatch.setattr(C, "BWD_KSUM_DOT", True)
+    monkeypatch.setattr(C, "BWD_KSUM_DOT", ksum)
     seen = spy_launches(monkeypatch, C._bwd_kernel, "EPI_DPHI", "FUSED", "KSUM_DOT")
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
     for path in ("pass", "kernel"):
         monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
-        q, k, v = (torch.randn(1, 2, 40, 16, device=DEV, dtype=dtype, requires_grad=True)
+        g = torch.Generator().manual_seed(len(path))
+        q, k, v = (torch.randn(1, 2, 40, 16, generator=g).to(DEV, dtype).requires_grad_()
                    for _ in range(3))
-        featattn.linear_attention(q, k, v, feature_map="elu", backend="triton").sum().backward()
-    assert {(e, f, ks) for e, f, ks in seen} == {(True, False, False), (False, True, True)}, \
-        set(seen)
-    monkeypatch.setattr(C, "BWD_KSUM_DOT", 2)  # forced there too: the pass path sums on the MMAs
-    seen.clear()
-    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
-    q, k, v = (torch.randn(1, 2, 40, 16, device=DEV, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    o = featattn.linear_attention(q, k, v, feature_map="elu", backend="triton")
-    do = torch.randn_like(o)
-    got = torch.autograd.grad(o, (q, k, v), do)
-    assert {(e, f, ks) for e, f, ks in seen} == {(True, False, True)}, set(seen)
-    r = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro = featattn.linear_attention(*r, feature_map="elu", backend="reference")
-    for a, b in zip(got, torch.autograd.grad(ro, r, do.double())):
-        assert ((a.double() - b).norm() / b.norm()).item() < tolerance(dtype, "small"), "grads"
+        o = featattn.linear_attention(q, k, v, feature_map="elu", backend="triton")
+        do = torch.randn_like(o)
+        got = torch.autograd.grad(o, (q, k, v), do)
+        r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ro = featattn.linear_attention(*r, feature_map="elu", backend="reference")
+        for a, b in zip(got, torch.autograd.grad(ro, r, do.double())):
+            assert ((a.double() - b).norm() / b.norm()).item() < tolerance(dtype, "small"), path
+    assert set(seen) == {(True, False, ksum), (False, True, ksum)}, set(seen)
+
 
 
 SEG_CASES = [
@@ -480,3 +475,28 @@ def test_extreme_inputs_match_the_pytorch_map(fm, mode, monkeypatch):
     for a, b in zip(*outs):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_map_in_the_kernel_with_dk_in_tiles_sweeps_t_whole(monkeypatch):
+    """The map in the kernel with Dk in several tiles is never split into segments (it
+    failed on the GPU split: chunked._split), and splits_time says so; on features such
+    shapes still split."""
+    from featattn.kernels import chunked as C
+
+    monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    seg = spy_launches(monkeypatch, C._seg_kernel, "FUSED")
+    fwd = spy_launches(monkeypatch, C._fwd_kernel, "FUSED")
+    bk = C._tiles(136, 24, dtype)[0]
+    assert bk < 136
+    for path in ("kernel", "pass"):
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
+        q, k, v = (torch.randn(1, 2, 130, d, device=DEV, dtype=dtype, requires_grad=True)
+                   for d in (136, 136, 24))
+        featattn.linear_attention(q, k, v, feature_map="elu", backend="triton").sum().backward()
+    assert set(fwd) == {True, False}, set(fwd)
+    assert seg and set(seg) == {False}, set(seg)  # only the pass's features call split
+    cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
+    monkeypatch.setitem(C._SM_COUNT, cuda, 132)
+    assert C.splits_time(1, 2, 1 << 14, 64, 24, dtype, cuda)
+    assert not C.splits_time(1, 2, 1 << 14, 136, 24, dtype, cuda)

@@ -146,19 +146,17 @@ def _den_inputs(case, monkeypatch, segments, generator):
     return q, k, v, kv0, z0, normalize, ret, dtype
 
 
-@pytest.mark.parametrize("den", ["mma", "mma32", "rows"])
+@pytest.mark.parametrize("den", ["mma", "rows"])
 @pytest.mark.parametrize("segments", ["off", "64"])
 @pytest.mark.parametrize("case", DEN_CASES, ids=[_case_id(c) for c in DEN_CASES])
 def test_denominators_on_the_tensor_cores_match_float64(case, segments, den, monkeypatch):
-    """den: a tile as wide as the value tile, 32 wide (chunked.DEN_IN_MMA_WIDTH), or rows."""
+    """den: a tile as wide as the value tile (chunked.DEN_IN_MMA), or rows."""
     monkeypatch.setattr(C, "DEN_IN_MMA", den != "rows")
     monkeypatch.setattr(C, "DEN_IN_MMA_MAX_BK", 1024)
-    monkeypatch.setattr(C, "DEN_IN_MMA_WIDTH", 32 if den == "mma32" else 0)
     q, k, v, kv0, z0, normalize, ret, dtype = _den_inputs(case, monkeypatch, segments, 7)
-    seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT", "DEN_W", "BV")
+    seen = spy_launches(monkeypatch, C._fwd_kernel, "DEN_DOT")
     run_checked(q, k, v, normalize, kv0, z0, ret, tolerance(dtype, "small"))
-    assert seen and all(dot == (den != "rows") for dot, _, _ in seen), seen
-    assert all(w == (min(32, bv) if den == "mma32" else bv) for _, w, bv in seen), seen
+    assert seen and all(dot == (den != "rows") for dot in seen), seen
 
 
 # chunked.FULL_TILES: the kernels with constant masks when every tile is full; the other
@@ -212,7 +210,8 @@ def test_full_tiles_with_a_map_match_float64(path, monkeypatch):
     want = [ro, *torch.autograd.grad(ro, r, do.double())]
     for a, b in zip(got, want):
         assert ((a.double() - b).norm() / b.norm()).item() < tolerance(dtype, "small")
-    assert seen == [True] and seen_bwd == [True], (seen, seen_bwd)
+    # (on the GPU the autotuner launches every config: each launch counts)
+    assert set(seen) == {True} and set(seen_bwd) == {True}, (set(seen), set(seen_bwd))
 
 
 @pytest.mark.parametrize("ksum", [True, False])
@@ -307,7 +306,8 @@ def test_segment_sum_blocks_policy(monkeypatch):
     programs an SM, as a divisor of the segment's 64-token units; off (0) or on the CPU, one."""
     cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
     monkeypatch.setitem(C._SM_COUNT, cuda, 132)
-    assert C._seg_sum_blocks(128, 8192, cuda) == 1           # off by default
+    monkeypatch.setattr(C, "SEG_SUM_PROGRAMS_PER_SM", 0)
+    assert C._seg_sum_blocks(128, 8192, cuda) == 1           # off
     monkeypatch.setattr(C, "SEG_SUM_PROGRAMS_PER_SM", 4)
     assert C._seg_sum_blocks(128, 8192, cuda) == 4           # B8 H16, two segments: 512
     assert C._seg_sum_blocks(16, 8192, cuda) == 32           # 528 // 16 = 33 -> 32 | 128
