@@ -63,3 +63,34 @@ def set_constants(items) -> None:
         if not hasattr(module, attr):
             raise ValueError(f"{item}: featattn.kernels.{mod} has no {attr}")
         setattr(module, attr, int(value))
+
+
+def tuned_configs() -> dict:
+    """``{launch name: [config, ...]}``: the config each autotuned launch of featattn.kernels
+    (the ``TunedLaunch`` objects with a name) chose for every key it has seen in this process,
+    as ``"BT64/w4/s2 SIZE=..."`` strings sorted by key, so that runs which differ by more than
+    noise can be told apart by the configs the autotuner picked (its choice between configs
+    close in time can change from one process to the next)."""
+    import importlib
+    import pkgutil
+
+    import featattn.kernels as K
+    from featattn.kernels._common import TunedLaunch
+
+    out = {}
+    for info in pkgutil.iter_modules(K.__path__):
+        try:
+            module = importlib.import_module(f"featattn.kernels.{info.name}")
+        except ImportError:
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, TunedLaunch) and obj.name and obj.best:
+                names = [n for n, _ in obj._key_at]
+                rows = []
+                for key, cfg in sorted(obj.best.items(), key=lambda kv: str(kv[0])):
+                    kw = cfg.all_kwargs()
+                    meta = "/".join(f"{k}{v}" for k, v in sorted(cfg.kwargs.items()))
+                    rows.append(f"{meta}/w{kw.get('num_warps')}/s{kw.get('num_stages')} "
+                                + " ".join(f"{n}={v}" for n, v in zip(names, key)))
+                out[obj.name] = rows
+    return out

@@ -5,6 +5,7 @@
     python3 benchmarks/gpu_ab.py ab_old .                 # old tree vs the working tree
     python3 benchmarks/gpu_ab.py . .:chunked.DEN_IN_MMA=0 .:chunked.DEN_IN_MMA_MAX_BK=128
     python3 benchmarks/gpu_ab.py ab_old . --rounds 3 --only elu features
+    python3 benchmarks/gpu_ab.py . . --configs             # also each process's tuned configs
 
 Each variant is ``TREE[:MODULE.NAME=INT,...]``: a directory holding ``featattn/`` (``.`` the
 working tree) and featattn.kernels constants set before the first call.  Every variant runs
@@ -16,6 +17,9 @@ path the timed call takes (FEATATTN_FUSE_MAPS as MAP_PATH sets it for both: at T
 dispatcher would put every map in the kernels); a call whose error passes ERR_LIMIT is
 reported and not timed (the variant's other calls still are).  The kernels tune their
 configs per problem size, so the check's small shape does not pick the timed call's.
+Single forwards of identical code have differed by up to 1.5x between processes (sessions
+14-15); ``--configs`` prints the config each autotuned launch chose in each process, to tell
+the autotuner's choice from a change.
 
 Calls (B = 8, H = 16, T = 16384 or ``--T``, D = 64, bf16, normalised unless said), fwd /
 fwd+bwd ms:
@@ -116,7 +120,7 @@ def worker(tree, sets, names, T):
     import torch
 
     import featattn
-    from _timing import bench, set_constants
+    from _timing import bench, set_constants, tuned_configs
 
     if not featattn.__file__.startswith(os.path.abspath(tree)):
         raise SystemExit(f"imported featattn from {featattn.__file__}, not from {tree}")
@@ -141,6 +145,7 @@ def worker(tree, sets, names, T):
         call(*x).backward(do)  # compile and autotune outside the timing
         out[name] = (err, bench(fwd), bench(lambda: call(*x).backward(do), x + params))
     print("RESULT " + json.dumps(out), flush=True)
+    print("CONFIGS " + json.dumps(tuned_configs()), flush=True)
 
 
 def main():
@@ -149,6 +154,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=CALLS, default=list(CALLS))
     ap.add_argument("--T", type=int, default=16384, help="the timed calls' sequence length")
+    ap.add_argument("--configs", action="store_true",
+                    help="print the configs the autotuner chose in each process")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -175,6 +182,10 @@ def main():
                 print(f"{v} round {rnd}: FAILED {' / '.join(tail)[-400:]}", flush=True)
                 continue
             res = json.loads(line[0][7:])
+            cfgs = [ln for ln in p.stdout.splitlines() if ln.startswith("CONFIGS ")]
+            if cfgs and a.configs:  # the autotuner's choices, to tell a lottery from a change
+                for name, rows in json.loads(cfgs[0][8:]).items():
+                    print(f"    {name}: " + "; ".join(rows), flush=True)
             print(f"{v} round {rnd}: " + ", ".join(
                 f"{n} {e:.1e} {f:.3f}/{fb:.3f}" for n, (e, f, fb) in res.items()), flush=True)
             for n, (e, f, fb) in res.items():

@@ -527,6 +527,18 @@ def test_benchmark_check_path_runs_and_catches_unwritten_outputs(monkeypatch):
     assert any("non-finite" in f for f in failures), failures
 
 
+def test_benchmarks_name_the_configs_the_autotuner_chose(monkeypatch):
+    """benchmarks/_timing.py's tuned_configs (gpu_ab.py --configs): each named autotuned
+    launch with the config it chose per key, the key's values named."""
+    timing = load_benchmark("_timing", monkeypatch)
+    monkeypatch.setattr(C._FWD, "best", {})
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16
+    q, k, v = make_inputs(1, 2, 2, 40, 16, 24, dtype, True, "bhtd", seed=5)
+    C.chunked_attention(q, k, v, normalize=True, eps=1e-6)
+    rows = timing.tuned_configs()["chunked_fwd"]
+    assert len(rows) == 1 and "BT" in rows[0] and "/w" in rows[0] and "DK=16" in rows[0], rows
+
+
 def test_check_close_rejects_unwritten_missing_and_misshapen():
     want = torch.randn(2, 3, 4, dtype=torch.float64)
     assert check_close("o", want.float(), want, 1e-6) < 1e-6
