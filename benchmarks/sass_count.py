@@ -109,13 +109,20 @@ def call_hedgehog_pass(a):
 
 def call_hedgehog_op(a):
     """The whole pass path of linear_attention with a Hedgehog map: the projection passes,
-    the chunked kernels on the 128-wide features, their backward and the passes' backward."""
-    from featattn.kernels.projected import projection_features
+    the chunked kernels on the 128-wide features, their backward and the passes' backward
+    (as one node, the backward making the logits' gradients, with --const
+    projected.PAIR_EPILOGUE=1)."""
+    from featattn.kernels import projected
 
     q, k, v = _inputs(a)
     fm = featattn.get_feature_map("hedgehog", head_dim=64, feature_dim=64, heads=16)
-    fq, fk = projection_features(q, k, fm.triton_projection())
-    o = kernels.chunked_attention(fq, fk, v, normalize=not a.plain, eps=1e-6)[0]
+    form = fm.triton_projection()
+    if projected.pair_epilogue_applies(form, q):
+        o = projected.projection_pass_attention(q, k, v, form, normalize=not a.plain,
+                                                eps=1e-6)[0]
+    else:
+        fq, fk = projected.projection_features(q, k, form)
+        o = kernels.chunked_attention(fq, fk, v, normalize=not a.plain, eps=1e-6)[0]
     o.backward(torch.ones_like(o))
 
 

@@ -256,10 +256,15 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                 q, k, v, proj, normalize=normalize, eps=eps, scale=scale, initial_kv=kv0,
                 initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens, check=False)
         elif proj is not None:  # its Triton pass, then the chunked kernel on the features
-            from .kernels.projected import projection_features
+            from .kernels import projected as _projected
 
-            q, k = projection_features(q, k, proj, scale)
-            proj = None
+            if _projected.pair_epilogue_applies(proj, q):  # both as one autograd node
+                out, kv, z = _projected.projection_pass_attention(
+                    q, k, v, proj, normalize=normalize, eps=eps, scale=scale, initial_kv=kv0,
+                    initial_z=z0, return_state=return_state, cu_seqlens=cu_seqlens)
+            else:
+                q, k = _projected.projection_features(q, k, proj, scale)
+                proj = None
         elif choice.map_path == "triton_pass":  # a Triton pass makes the features
             in_kernel = dict(feature_map=fm, scale=scale, map_pass=True)
         elif choice.map_path == "kernel":

@@ -193,6 +193,21 @@ def _row_masks(i, offs_t, TS, KS, BT: tl.constexpr, FULL: tl.constexpr):
     return mt, ms
 
 
+@triton.jit
+def _pair_logit_grad(g, y, BT: tl.constexpr, BK: tl.constexpr):
+    """The logits' gradient dl [BT, BK // 2] of a softmax pair's features y = [a, b] (fp32
+    [BT, BK], halves a = softmax(l), b = softmax(-l) of BK // 2 columns each) from the
+    features' gradient g = [da, db] (fp32): dl = a (da - <da, a>) - b (db - <db, b>), the
+    map's backward (projected._dact) done where g is made (_bwd_kernel's EPI_PAIR)."""
+    first = (tl.arange(0, BK) < BK // 2)[None, :]
+    p = g * y
+    sa = tl.sum(tl.where(first, p, 0.0), axis=1)
+    sb = tl.sum(tl.where(first, 0.0, p), axis=1)
+    h = y * (g - tl.where(first, sa[:, None], sb[:, None]))
+    ha, hb = tl.split(tl.permute(tl.reshape(h, [BT, 2, BK // 2]), (0, 2, 1)))
+    return ha - hb
+
+
 # --------------------------------------------------------------------------- segment sums
 @triton.jit(do_not_specialize=["T", "SEG", "NS", "J0", "KS", "SIZE"])
 def _seg_kernel(
@@ -446,7 +461,7 @@ def _bwd_kernel(
     LOWP: tl.constexpr, TF32X3: tl.constexpr,
     FUSED: tl.constexpr, PHI: tl.constexpr, DPHI: tl.constexpr, VARLEN: tl.constexpr,
     DELTA_O: tl.constexpr, EPI_DPHI: tl.constexpr, DPHI_Y: tl.constexpr, EVEN_K: tl.constexpr,
-    KSUM_DOT: tl.constexpr, FULL: tl.constexpr = False,
+    KSUM_DOT: tl.constexpr, FULL: tl.constexpr = False, EPI_PAIR: tl.constexpr = False,
 ):
     """Grid (B*H, NK*NV, 2*NS); axis 2 is phase * NS + s: phase 0 is the dq sweep, phase 1
     the dk/dv sweep, over segment s (tokens [s*SEG, (s+1)*SEG)).  The dq sweep starts from
@@ -467,6 +482,10 @@ def _bwd_kernel(
     and dq, dk are stored as the pass's inputs' gradients, the feature gradients times
     scale * DPHI_Y(y) and DPHI_Y(y) (ElementwiseTritonForm.dphi_from_y): the map's backward
     pass folded into the stores (the dq sweep reads q's features for it).
+    EPI_PAIR (not FUSED, one Dk tile, Dk = BK): q, k are softmax-pair features [a, b] of a
+    projection pass (projected.py), and dq, dk are stored as the logits' gradients, [.., T,
+    Dk // 2] (_pair_logit_grad): the map's backward up to its projection, folded into the
+    stores, so the features' gradients never reach memory.
     KS: the forward's key shift; dk, dv of key row t go to row t - KS (rows >= T - KS of
     the buffers are not written).
     """
@@ -487,6 +506,7 @@ def _bwd_kernel(
 
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
+    offs_h = tl.arange(0, BK // 2)  # EPI_PAIR: the logits' columns (one Dk tile, Dk = BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mk = tl.full([BK], 1, tl.int1) if FULL else offs_k < DK  # FULL: as in the forward
     mv = tl.full([BV], 1, tl.int1) if FULL else offs_v < DV
@@ -564,8 +584,15 @@ def _bwd_kernel(
                 b_yq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
                 b_dq = b_dq * (DPHI_Y(b_yq) * scale)
-            tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_k[None, :],
-                     b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+            if EPI_PAIR:
+                b_yq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
+                               mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_h[None, :],
+                         _pair_logit_grad(b_dq, b_yq, BT, BK).to(dq.dtype.element_ty),
+                         mask=mt[:, None])
+            else:
+                tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_k[None, :],
+                         b_dq.to(dq.dtype.element_ty), mask=mt[:, None] & mk[None, :])
     else:
         # ---- reverse sweep, with dn_t = r_t do_t, dd_t = -r_t delta_t:
         #   dv_s = sum_{t>=s} (q_t.k_s) dn_t + k_s dS
@@ -638,8 +665,13 @@ def _bwd_kernel(
                 b_dk = b_dk * DPHI(b_xk, PHI(b_xk))
             if EPI_DPHI:
                 b_dk = b_dk * DPHI_Y(b_k.to(tl.float32))
-            tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_k[None, :],
-                     b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
+            if EPI_PAIR:
+                tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_h[None, :],
+                         _pair_logit_grad(b_dk, b_k.to(tl.float32), BT, BK).to(
+                             dk.dtype.element_ty), mask=ms[:, None])
+            else:
+                tl.store(dk_base + (t0 - KS) * sgkt + offs_t[:, None] * sgkt + offs_k[None, :],
+                         b_dk.to(dk.dtype.element_ty), mask=ms[:, None] & mk[None, :])
         if HAS_INIT:
             first = (offs_k * 0 + i_s) == 0  # segment 0's program ends with d(initial state)
             tl.store(dkv0 + st_off + offs_k[:, None] * DV + offs_v[None, :], dS,
@@ -924,8 +956,15 @@ def _forward(q, k, v, normalize, eps, kv0, z0, store_final, fmap="", scale=1.0, 
     return o, den, (kvT if store_final else None), (zT if store_final and normalize else None)
 
 
+def pair_epilogue_fits(F: int, dtype) -> bool:
+    """Whether softmax-pair features of 2F columns fit the backward's EPI_PAIR (one key tile
+    exactly their width: 2F a power of two within the tiles)."""
+    return 2 * F == _tiles(2 * F, 16, dtype, BWD_MAX_BK)[0]
+
+
 def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale=1.0,
-              cu_seqlens=None, kshift=0, delta=None, like_inputs=True, dphi_y=None):
+              cu_seqlens=None, kshift=0, delta=None, like_inputs=True, dphi_y=None,
+              pair=False):
     """Gradients (dq, dk, dv, d initial_kv, d initial_z) of the forward above.
 
     The final-state gradients ``dkvT`` / ``dzT`` may be None (unused outputs);
@@ -941,6 +980,9 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     ``dphi_y`` (no ``fmap``): q, k are a map pass's features ``phi(scale * x)``, ``phi(x)``
     and dq, dk come back as the gradients of its inputs x, through ``dphi_y`` (the form's
     ``dphi_from_y``) in the kernel (_bwd_kernel's EPI_DPHI).
+    ``pair`` (no ``fmap``; Dk one tile, a power of two: :func:`pair_epilogue_fits`): q, k are
+    softmax-pair features [a, b] and dq, dk come back as the logits' gradients,
+    ``[B, H, T, Dk // 2]`` / ``[B, Hkv, T, Dk // 2]`` (_bwd_kernel's EPI_PAIR).
     """
     B, H, T, Dk = q.shape
     varlen = cu_seqlens is not None
@@ -974,14 +1016,18 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
     # element is written in the input dtype directly.
     reduce_dk = NV > 1 or G > 1
     reduce_dv = NK > 1 or G > 1
+    if pair and not (NK == 1 and BK == Dk and not fmap):
+        raise ValueError(f"pair=True needs the features in one key tile (Dk = {Dk}, tile {BK}) "
+                         "and no fmap")
+    Dg = Dk // 2 if pair else Dk  # dq / dk columns (the logits' with pair)
     if like_inputs and not (NV > 1 or reduce_dk or reduce_dv):
-        dq = _empty_like_layout(q, NB, H, T, Dk, q.dtype)
-        dk = _empty_like_layout(k, NB, H, T, Dk, q.dtype)
+        dq = _empty_like_layout(q, NB, H, T, Dg, q.dtype)
+        dk = _empty_like_layout(k, NB, H, T, Dg, q.dtype)
         dv = _empty_like_layout(v, NB, H, T, Dv, q.dtype)
         single = True
     else:
-        dq = _alloc((NV, NB, H, T, Dk), torch.float32 if NV > 1 else q.dtype, dev)
-        dk = _alloc((NV, NB, H, T, Dk), torch.float32 if reduce_dk else q.dtype, dev)
+        dq = _alloc((NV, NB, H, T, Dg), torch.float32 if NV > 1 else q.dtype, dev)
+        dk = _alloc((NV, NB, H, T, Dg), torch.float32 if reduce_dk else q.dtype, dev)
         dv = _alloc((NK, NB, H, T, Dv), torch.float32 if reduce_dv else q.dtype, dev)
         single = False
     dkv0 = _alloc((B, H, Dk, Dv), torch.float32, dev) if has_init else dq
@@ -1015,12 +1061,13 @@ def _backward(q, k, v, o, den, kv0, z0, do, dkvT, dzT, normalize, fmap="", scale
         KSUM_DOT=bool(BWD_KSUM_DOT) and normalize and not tf32x3,
         FULL=bool(FULL_TILES and not varlen and kshift == 0 and T % SEG_ALIGN == 0
                   and Dk % BK == 0 and Dv % BV == 0),
+        EPI_PAIR=pair,
     )
     if single:
         return dq, dk, dv, (dkv0 if has_init else None), \
             (dz0 if (has_init and normalize) else None)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dk = dk.view(NV, NB, Hkv, G, T, Dk).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
+    dk = dk.view(NV, NB, Hkv, G, T, Dg).sum((0, 3)).to(k.dtype) if reduce_dk else dk[0]
     dv = dv.view(NK, NB, Hkv, G, T, Dv).sum((0, 3)).to(v.dtype) if reduce_dv else dv[0]
     return dq, dk, dv, (dkv0 if has_init else None), (dz0 if (has_init and normalize) else None)
 

@@ -732,12 +732,14 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
                  BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
                  ACT: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr,
                  TF32X3: tl.constexpr, BWD: tl.constexpr, FROM_Y: tl.constexpr,
-                 EVEN_F: tl.constexpr):
+                 EVEN_F: tl.constexpr, FROM_DL: tl.constexpr = False):
     """Grid (B*H, NR).  x [B, H, T, D] strided (unit last stride); w [H // WDIV, D, F].
     Forward: y [B, H, T, DK] = phi((scale * x) w + bias), contiguous.  Backward (BWD): from
     g = dy [B, H, T, DK] contiguous: dx [B, H, T, D] contiguous, fp32 partials
     dw [B*H, NR, D, F] (scale included) and db [B*H, NR, F]; with FROM_Y the activation's
-    outputs are read from y (the forward's features) instead of recomputed from x."""
+    outputs are read from y (the forward's features) instead of recomputed from x; with
+    FROM_DL, g is already the logits' gradient dl [B, H, T, F] (the attention backward's
+    EPI_PAIR) and y is not read."""
     i_bh = tl.program_id(0)
     i_r = tl.program_id(1)
     i_b, i_h, i_w = batch_head(i_bh, H, WDIV)  # WDIV heads share a weight row
@@ -759,7 +761,11 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
         xt = tl.load(x_base + t.to(tl.int64)[:, None] * sxt + offs_d[None, :],
                      mask=mt[:, None] & md[None, :], other=0.0)
         rows = (row0 + t)[:, None] * DK
-        if FROM_Y:
+        if FROM_DL:
+            lg = tl.zeros([BT, BF], dtype=tl.float32)  # (unused)
+            a = lg
+            b = lg
+        elif FROM_Y:
             a = tl.load(y + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             b = a
             if PAIR:
@@ -769,7 +775,10 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             lg = _logits(xt, wt, bias + i_w * F, offs_f, mf, scale, HAS_BIAS, TF32X3)
             # stores and dl are masked (_dact): padded entries need no zeros here
             a, b = _act(lg, keep, mf, ACT, EVEN_F, False)
-        if BWD:
+        if BWD and FROM_DL:
+            dl = tl.load(g + (row0 + t)[:, None] * F + offs_f[None, :], mask=keep,
+                         other=0.0).to(tl.float32)
+        elif BWD:
             ga = tl.load(g + rows + offs_f[None, :], mask=keep, other=0.0).to(tl.float32)
             gb = ga
             if PAIR:
@@ -777,6 +786,7 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             # ga, gb are 0 off `keep`, which makes dl 0 on padded rows whatever a and b hold
             # there; with padded columns (F < BF) dl keeps its mask
             dl = _dact(lg, a, b, ga, gb, keep, ACT, not EVEN_F)
+        if BWD:
             dxt = _mm(dl, tl.trans(wt), False, TF32X3) * scale
             tl.store(dx + (row0 + t)[:, None] * D + offs_d[None, :],
                      dxt.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
@@ -794,10 +804,11 @@ def _pass_kernel(x, w, bias, g, y, dx, dw, db,
             tl.store(db + part * F + offs_f, dB, mask=mf)
 
 
-def _pass(x, w, bias, act, scale, g=None, feats=None):
+def _pass(x, w, bias, act, scale, g=None, feats=None, from_dl=False):
     """Forward: the features of x [B, Hx, T, D] under weights w [Hx // wdiv, D, F]. Backward
     (g given): (dx, dw, db) with dw / db summed to w's / bias's shape (fp32); ``feats``, the
-    forward's output, is read instead of recomputed when given."""
+    forward's output, is read instead of recomputed when given; ``from_dl``: g is the logits'
+    gradient [B, Hx, T, F] (contiguous), not the features'."""
     B, Hx, T, D = x.shape
     F = w.shape[-1]
     code, halves = ACTIVATIONS[act]
@@ -820,7 +831,8 @@ def _pass(x, w, bias, act, scale, g=None, feats=None):
         x.stride(0), x.stride(1), x.stride(2), T, Hx, D, F, wdiv, NR, scale,
         _launch_size(B * Hx, NR, _PASS_ROWS),
         BD=BD, BF=BF, ROWS=_PASS_ROWS, ACT=code, PAIR=pair, HAS_BIAS=bias is not None,
-        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None, EVEN_F=F == BF)
+        TF32X3=x.dtype == torch.float32, BWD=bwd, FROM_Y=feats is not None and not from_dl,
+        EVEN_F=F == BF, FROM_DL=from_dl)
     if not bwd:
         return y
     hw = w.shape[0]
@@ -838,7 +850,8 @@ def _pass_configs():
 
 
 _PASS = _common.TunedLaunch(triton.autotune(
-    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y", "SIZE"])(_pass_kernel),
+    configs=_pass_configs(), key=["D", "F", "ACT", "BWD", "FROM_Y", "FROM_DL", "SIZE"])(
+        _pass_kernel),
     "projection_pass")
 
 
@@ -861,6 +874,94 @@ class _ProjectionPass(torch.autograd.Function):
         dx, dw, db = _pass(_unit_last(x), w, bias, ctx.act, ctx.scale, g=g.contiguous(),
                            feats=y)
         return dx, dw.to(ctx.dtypes[0]), (None if db is None else db.to(ctx.dtypes[1])), None, None
+
+
+#: Hedgehog's softmax pair through its pass (large calls) as one autograd node with the
+#: attention kernels: the chunked backward turns the features' gradients into the logits'
+#: as it stores them (chunked._bwd_kernel's EPI_PAIR) and the pass's backward starts from
+#: those (FROM_DL), so neither the features' gradients ([B, H, T, 2F] for q and for k,
+#: written and read back) nor the features' second read exist; peak memory falls by the
+#: features' gradients.  Off until timed on the GPU (session 15: built and tested under the
+#: interpreter only).
+PAIR_EPILOGUE = False
+
+
+def pair_epilogue_applies(form, q) -> bool:
+    """Whether :func:`projection_pass_attention` takes this call (PAIR_EPILOGUE on, a
+    softmax pair whose 2F features fill one key tile of the chunked backward, eager)."""
+    from . import chunked as _chunked
+
+    return bool(PAIR_EPILOGUE and ACTIVATIONS[form.activation][1] == 2
+                and _chunked.pair_epilogue_fits(form.q_weight.shape[-1], q.dtype)
+                and not _common.EAGER_CUSTOM_OP and not torch.compiler.is_compiling())
+
+
+class _PairPassAttention(torch.autograd.Function):
+    """projection pass (q, k) -> chunked forward; backward: chunked backward with EPI_PAIR
+    (the logits' gradients), then the pass's backward from them (FROM_DL)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, wq, bq, wk, bk, kv0, z0, act, normalize, eps, scale,
+                store_final, cu):
+        from . import chunked as _chunked
+
+        wq_c, wk_c = wq.contiguous(), wk.contiguous()
+        bq_c = bq.contiguous() if bq is not None else None
+        bk_c = bk.contiguous() if bk is not None else None
+        q, k = _unit_last(q), _unit_last(k)
+        fq = _pass(q, wq_c, bq_c, act, scale)
+        fk = _pass(k, wk_c, bk_c, act, 1.0)
+        o, den, kvT, zT = _chunked._forward(fq, fk, v, normalize, eps, kv0, z0, store_final,
+                                            cu_seqlens=cu)
+        ctx.save_for_backward(q, k, v, fq, fk, wq_c, bq_c, wk_c, bk_c,
+                              o if normalize else None, den, kv0, z0, cu)
+        ctx.act, ctx.normalize, ctx.scale = act, normalize, scale
+        ctx.dtypes = (wq.dtype, None if bq is None else bq.dtype, wk.dtype,
+                      None if bk is None else bk.dtype)
+        ctx.set_materialize_grads(False)
+        return o, kvT, zT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dkvT, dzT):
+        from . import chunked as _chunked
+
+        q, k, v, fq, fk, wq, bq, wk, bk, o, den, kv0, z0, cu = ctx.saved_tensors
+        if do is None:  # only the returned state is used
+            do = torch.zeros(*fq.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dlq, dlk, dv, dkv0, dz0 = _chunked._backward(
+            fq, fk, v, o, den, kv0, z0, _unit_last(do), dkvT, dzT, ctx.normalize,
+            cu_seqlens=cu, like_inputs=False, pair=True)
+        dq, dwq, dbq = _pass(q, wq, bq, ctx.act, ctx.scale, g=dlq.contiguous(), from_dl=True)
+        dk, dwk, dbk = _pass(k, wk, bk, ctx.act, 1.0, g=dlk.contiguous(), from_dl=True)
+        tq, tbq, tk, tbk = ctx.dtypes
+        return (dq, dk, dv, dwq.to(tq), None if dbq is None else dbq.to(tbq), dwk.to(tk),
+                None if dbk is None else dbk.to(tbk), dkv0, dz0,
+                None, None, None, None, None, None)
+
+
+def projection_pass_attention(q, k, v, form, *, normalize: bool, eps: float,
+                              scale: float = 1.0, initial_kv=None, initial_z=None,
+                              return_state: bool = False, cu_seqlens=None):
+    """The softmax-pair projection map (Hedgehog) by its Triton pass, then the chunked
+    kernels on the features, as one autograd node (see PAIR_EPILOGUE; the call must pass
+    :func:`pair_epilogue_applies`).  q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv];
+    returns (o [B, H, T, Dv], kv, z) as :func:`projected_attention` does; inputs are not
+    validated here (featattn.linear_attention does)."""
+    B, H = q.shape[0], q.shape[1]
+    if cu_seqlens is not None:
+        B = cu_seqlens.shape[0] - 1
+    DK = 2 * form.q_weight.shape[-1]
+    kv0 = initial_kv.float().contiguous() if initial_kv is not None else None
+    z0 = initial_z.float().contiguous() if initial_z is not None else None
+    kv0, z0 = fill_state_half(normalize, kv0, z0, B, H, DK, v.shape[-1], q.device)
+    o, kv, z = _PairPassAttention.apply(
+        q, k, _unit_last(v), form.q_weight, form.q_bias, form.k_weight, form.k_bias, kv0, z0,
+        form.activation, bool(normalize), float(eps), float(scale), bool(return_state),
+        cu_seqlens)
+    if not return_state:
+        return o, None, None
+    return o, kv, (z if normalize else None)
 
 
 def projection_features(q, k, form, scale: float = 1.0):

@@ -107,24 +107,37 @@ CASES = [
 
 
 PASS_CASES = [CASES[1], CASES[3], CASES[5]]
+# softmax pairs whose 2f features fill one key tile (projected.PAIR_EPILOGUE's calls)
+PAIR_CASES = [CASES[0], CASES[2], CASES[3], CASES[6], CASES[7],
+              ("hedgehog", 1, 4, 2, 130, 16, 16, 24, True, True, False)]  # in 64-token segments
 
 
 @pytest.mark.parametrize("mode,case,dtype",
                          [("kernel", c, dt) for c in CASES for dt in (torch.float32, torch.float16)]
                          + [(m, c, dt) for m in ("pass", "pass_recompute")
                             for c in PASS_CASES
+                            for dt in (torch.float32, torch.float16)]
+                         + [("pass_pair", c, dt) for c in PAIR_CASES
                             for dt in (torch.float32, torch.float16)],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
     """mode "kernel": the features made inside the attention kernels; "pass": one Triton pass
     writes them and the chunked kernel runs on them (large calls), its backward reading the
     features (projected.PASS_BWD_FROM_FEATURES, the default); "pass_recompute": the same,
-    its backward recomputing them from x."""
-    from featattn.kernels import projected
+    its backward recomputing them from x; "pass_pair": the pass and the chunked kernels as
+    one autograd node, the backward kernel making the logits' gradients
+    (projected.PAIR_EPILOGUE)."""
+    from featattn.kernels import chunked, projected
+    from helpers import spy_launches
 
     monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", mode == "pass")
-    if mode == "pass_recompute":
+    monkeypatch.setattr(projected, "PAIR_EPILOGUE", mode == "pass_pair")
+    epi = spy_launches(monkeypatch, chunked._bwd_kernel, "EPI_PAIR")
+    pair = mode == "pass_pair"
+    if mode in ("pass_recompute", "pass_pair"):
         mode = "pass"
+    if pair and case[4] > 64:
+        monkeypatch.setenv("FEATATTN_SEGMENT", "64")
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
         dtype = torch.bfloat16 if dtype == torch.float16 else dtype
@@ -158,6 +171,7 @@ def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
         err = rel_err(a, b)
         # gradients through the features' rounding to fp16/bf16 get 2x the forward's room
         assert err < (tol if name in ("o", "kv", "z") else 2 * tol), (name, err)
+    assert (set(epi) == {True}) if pair else (True not in epi), set(epi)
 
 
 def test_fused_path_never_calls_the_pytorch_map(monkeypatch):
@@ -317,3 +331,24 @@ def test_strided_bthd_inputs(mode, monkeypatch):
         runs.append([o, *grads])
     for a, b in zip(*runs):
         assert rel_err(a, b) < 1e-5
+
+
+def test_pair_epilogue_with_only_the_state_used(monkeypatch):
+    """projected.PAIR_EPILOGUE: a loss on the returned state alone (no output gradient)
+    gives the gradients of the two-node pass path."""
+    from featattn.kernels import projected
+
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+    fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
+    g = torch.Generator().manual_seed(3)
+    x = [torch.randn(1, 2, 70, 16, generator=g).to(DEV) for _ in range(3)]
+    got = []
+    for on in (False, True):
+        monkeypatch.setattr(projected, "PAIR_EPILOGUE", on)
+        q, k, v = (t.clone().requires_grad_() for t in x)
+        _, s = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton",
+                                         return_state=True)
+        got.append(torch.autograd.grad(s.kv.sum() + s.z.sum(), [q, k, v, fm.q_weight,
+                                                                fm.k_weight]))
+    for a, b in zip(*got):
+        assert rel_err(b, a) < 1e-5
