@@ -31,7 +31,8 @@ fwd+bwd ms:
 * ``elu_kernel``: the same with the map inside the chunked kernels
   (``FEATATTN_FUSE_MAPS=kernel``: its choice for calls of <= 2^20 rows, e.g. ``--T 4096``);
 * ``wide``: features of width 128 (a Hedgehog map's 64 -> 2 x 64);
-* ``hedgehog``: ``linear_attention(q, k, v, feature_map=<Hedgehog 64 -> 128>)``.
+* ``hedgehog``: ``linear_attention(q, k, v, feature_map=<Hedgehog 64 -> 128>)``;
+* ``hybrid``: ``linear_attention(q, k, v, feature_map="elu", window=64)`` (the map as a pass).
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-CALLS = ("features", "plain", "elu", "elu_kernel", "wide", "hedgehog")
+CALLS = ("features", "plain", "elu", "elu_kernel", "wide", "hedgehog", "hybrid")
 #: FEATATTN_FUSE_MAPS for each call's check and timing (set, since at the check's T = 1000
 #: the dispatcher would choose "kernel" for every map)
 MAP_PATH = {"elu_kernel": "kernel"}
+HYBRID_WINDOW = 64  # the hybrid call's softmax window (issue 20's W)
 ERR_LIMIT = 2e-2  # bf16 output and gradients against float64 (the tests' bf16 tolerances)
 HERE = Path(__file__).resolve().parent
 
@@ -78,6 +80,9 @@ def _make(name, B, H, T, D, device="cuda"):
     if name in ("elu", "elu_kernel"):
         return (lambda a, b, c, fm=None: featattn.linear_attention(
             a, b, c, feature_map="elu")), [q, k, v], None
+    if name == "hybrid":
+        return (lambda a, b, c, fm=None: featattn.linear_attention(
+            a, b, c, feature_map="elu", window=HYBRID_WINDOW)), [q, k, v], None
     fm = HedgehogFeatureMap(D, heads=H).to(device)
     with torch.no_grad():
         for p in fm.parameters():
@@ -104,6 +109,9 @@ def _check(name):
 
         if name == "hedgehog":
             return featattn.linear_attention(a, b, c, feature_map=fm64, backend="reference")
+        if name == "hybrid":
+            return featattn.linear_attention(a, b, c, feature_map="elu", window=HYBRID_WINDOW,
+                                             backend="reference")
         return featattn.linear_attention(a, b, c,
                                          feature_map="elu" if name.startswith("elu") else None,
                                          normalize=name != "plain", backend="reference")

@@ -799,6 +799,14 @@ def segments(programs: int, T: int, device, full_grid: bool = True) -> tuple[int
     return cdiv(T, seg), seg
 
 
+#: Key-shifted calls (the hybrid layer's linear part) also split full grids
+#: (AUTO_SPLIT_FULL_GRID): off until timed (`gpu_ab.py . .:chunked.SPLIT_KEY_SHIFTED=1 --only
+#: hybrid`); the hybrid's timings predate the split, which gave the pure linear calls 8-12%
+#: at B8 H16 T16384 (session 14).  Split key-shifted sweeps themselves are tested (and were
+#: checked on the GPU in session 5 with FEATATTN_SEGMENT).
+SPLIT_KEY_SHIFTED = False
+
+
 def _split(programs, T, device, kshift, varlen, fused, NK) -> tuple[int, int]:
     """(NS, SEG) of a forward or backward launch: :func:`segments`, except that packed
     sequences and the map in the kernel with Dk in several tiles are never split.
@@ -812,7 +820,7 @@ def _split(programs, T, device, kshift, varlen, fused, NK) -> tuple[int, int]:
     :func:`splits_time` says so, so the dispatcher keeps the map pass there."""
     if varlen or (fused and NK > 1):
         return 1, cdiv(T, SEG_ALIGN) * SEG_ALIGN
-    return segments(programs, T, device, full_grid=kshift == 0)
+    return segments(programs, T, device, full_grid=kshift == 0 or SPLIT_KEY_SHIFTED)
 
 
 def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:

@@ -587,3 +587,17 @@ def test_harness_imports_without_triton():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_key_shifted_calls_split_full_grids_only_when_asked(monkeypatch):
+    """chunked.SPLIT_KEY_SHIFTED: the hybrid's key-shifted sweeps keep full grids whole
+    unless it is on (pure linear calls split them either way)."""
+    cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
+    monkeypatch.setitem(C._SM_COUNT, cuda, 132)
+    monkeypatch.setenv("FEATATTN_SEGMENT", "auto")
+    assert C._split(128, 16384, cuda, 0, False, False, 1)[0] == C.AUTO_SPLIT_FULL_GRID > 1
+    assert C._split(128, 16384, cuda, 64, False, False, 1)[0] == 1
+    monkeypatch.setattr(C, "SPLIT_KEY_SHIFTED", True)
+    assert C._split(128, 16384, cuda, 64, False, False, 1)[0] == C.AUTO_SPLIT_FULL_GRID
+    assert C._split(128, 16384, cuda, 64, True, False, 1)[0] == 1  # packed: never
+    assert C._split(128, 16384, cuda, 0, False, True, 2)[0] == 1  # map in kernel, Dk tiled
