@@ -380,8 +380,12 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
         # against the pass's 0.714 in two segments, 0.746 vs 0.750 unsplit, and no features
         # in memory.  (Hybrid calls keep the rule below: their forward was not timed so.)
         inference = not call.needs_grad and not call.window
-        mode = "kernel" if small or inference or _kernels_module().splits_time(
-            call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device) else "pass"
+        shape = (call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device)
+        if _kernels_module().splits_only_as_pass(*shape):  # (Dk in several key tiles)
+            mode = "pass"
+        else:
+            mode = "kernel" if small or inference or _kernels_module().splits_time(*shape) \
+                else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
 

@@ -5,7 +5,12 @@ inside another tensor silently reads or corrupts it; the interpreter does neithe
 and writes whatever host memory an address names.  So every kernel launch here records the
 storages of its tensor arguments, and every load or store checks that each address it
 touches (its mask's lanes only) lies inside one of them, raising :class:`OutOfBounds`
-otherwise.  (Storage bounds: an access past a view but inside its storage still passes.)
+otherwise.  Limits: storage bounds (an access past a view but inside its storage, or inside
+another argument, still passes); the interpreter's single tile config; masked loads and
+stores only (no kernel here uses atomics); faults of the GPU compiler are not seen (the
+map-in-kernel split of session 15 passed here and faulted on the H200).  It patches the
+interpreter's internals (triton.runtime.interpreter, checked on Triton 3.9): if they move,
+install() fails loudly at import rather than checking nothing.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ Exports:
     TRITON_AVAILABLE: bool, whether triton imported (the kernels below are usable).
     chunked_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                       return_state=False) -> (o, kv, z)      (featattn/kernels/chunked.py)
-    splits_time(B, H, T, Dk, Dv, dtype, device) -> bool: whether the chunked kernels cut T
-        into segments swept in parallel for this shape because its grid leaves most SMs
-        idle (FEATATTN_SEGMENT).
+    splits_time(B, H, T, Dk, Dv, dtype, device) -> bool: whether the chunked kernels with an
+        elementwise map inside cut T into segments swept in parallel for this shape because
+        its grid leaves most SMs idle (FEATATTN_SEGMENT).
+    splits_only_as_pass(B, H, T, Dk, Dv, dtype, device) -> bool: whether such a call splits
+        T only with its map as a pass (Dk in several key tiles).
     KERNEL_LIMITS: dict with the supported dims and dtypes (empty without triton).
     taylor_attention(q, k, v, *, normalize, eps, initial_kv=None, initial_z=None,
                      return_state=False) -> (o, kv, z)      (featattn/kernels/taylor_fused.py)
@@ -43,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     TRITON_AVAILABLE = False
 
 if TRITON_AVAILABLE:
-    from .chunked import KERNEL_LIMITS, chunked_attention, splits_time
+    from .chunked import KERNEL_LIMITS, chunked_attention, splits_only_as_pass, splits_time
     from .taylor_fused import taylor_attention, taylor_unsupported_reason
     from .taylor_parallel import max_t as taylor_parallel_max_t
     from .decode import MAX_T as STEP_MAX_T
@@ -63,6 +65,9 @@ else:  # pragma: no cover
         raise RuntimeError("featattn.kernels.chunked_attention needs triton (pip install triton)")
 
     def splits_time(*args, **kwargs) -> bool:
+        return False
+
+    def splits_only_as_pass(*args, **kwargs) -> bool:
         return False
 
     def taylor_parallel_max_t() -> int:
@@ -89,7 +94,7 @@ else:  # pragma: no cover
         raise RuntimeError("featattn.kernels.hybrid_attention needs triton (pip install triton)")
 
 __all__ = [
-    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_time",
+    "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_only_as_pass", "splits_time",
     "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
     "recurrent_step", "step_unsupported_reason", "STEP_MAX_T",
     "projected_attention", "projection_unsupported_reason",

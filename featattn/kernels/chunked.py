@@ -114,7 +114,8 @@ from ._common import batch_head, head_base, head_start, sequence_heads
 from ._common import dot_in_tf32x3 as _dot_in
 from ._common import mm_tf32x3 as _mm
 
-__all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_time"]
+__all__ = ["chunked_attention", "KERNEL_LIMITS", "segments", "splits_only_as_pass",
+           "splits_time"]
 
 _INTERPRET = _common.INTERPRET
 
@@ -687,7 +688,7 @@ _fwd = triton.autotune(configs=_configs(),
                        key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "SIZE"])(
     _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI", "SIZE"])(_bwd_kernel)
+                       key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI", "EPI_PAIR", "SIZE"])(_bwd_kernel)
 _seg = triton.autotune(configs=_configs(),
                        key=["DK", "DV", "BWD", "HAS_Z", "FUSED", "SIZE"])(_seg_kernel)
 _FWD = TunedLaunch(_fwd, "chunked_fwd")
@@ -824,13 +825,24 @@ def _split(programs, T, device, kshift, varlen, fused, NK) -> tuple[int, int]:
 
 
 def splits_time(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
-    """Whether a forward call of this shape runs in several segments because its grid
-    leaves most SMs idle (see :func:`segments`; the dispatcher then puts an elementwise map
-    inside the kernel).  Splits of fuller grids (AUTO_SPLIT_FULL_GRID) do not count."""
+    """Whether a forward call of this shape with an elementwise map inside the kernel runs
+    in several segments because its grid leaves most SMs idle (see :func:`segments`; the
+    dispatcher then puts the map inside the kernel).  Splits of fuller grids
+    (AUTO_SPLIT_FULL_GRID) do not count, and with Dk in several key tiles such a call never
+    splits (:func:`_split`), so this is False there."""
     BK, BV = _tiles(Dk, Dv, dtype)
     if Dk > BK:  # (the map in the kernel would not split: see _split)
         return False
     return segments(B * H * cdiv(Dk, BK) * cdiv(Dv, BV), T, device, full_grid=False)[0] > 1
+
+
+def splits_only_as_pass(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device) -> bool:
+    """Whether a call of this shape splits T on features (after a map pass) but would sweep
+    it whole with the map inside the kernel (Dk in several key tiles: :func:`_split`), so
+    the dispatcher keeps the pass even where it would put the map inside."""
+    BK, BV = _tiles(Dk, Dv, dtype)
+    NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
+    return NK > 1 and segments(B * H * NK * NV, T, device)[0] > 1
 
 
 def _segment_sums(a, b, ns, seg, *, fused, phi, scale, has_z, den=None, delta=None, j0=0,

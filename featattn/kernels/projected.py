@@ -879,10 +879,11 @@ class _ProjectionPass(torch.autograd.Function):
 #: Hedgehog's softmax pair through its pass (large calls) as one autograd node with the
 #: attention kernels: the chunked backward turns the features' gradients into the logits'
 #: as it stores them (chunked._bwd_kernel's EPI_PAIR) and the pass's backward starts from
-#: those (FROM_DL), so neither the features' gradients ([B, H, T, 2F] for q and for k,
-#: written and read back) nor the features' second read exist; peak memory falls by the
-#: features' gradients.  Off until timed on the GPU (session 15: built and tested under the
-#: interpreter only).
+#: those (FROM_DL): the features' gradients ([B, H, T, 2F] for q and for k, written and
+#: read back) become the logits' ([B, H, T, F]), and the pass no longer reads the features
+#: (the dq sweep reads q's instead): ~1.6 of ~4.3 GB of the backward's traffic outside the
+#: sweeps' own at B8 H16 T16384 D64 -> 128, and half the features' gradients' memory.
+#: Off until timed on the GPU (session 15: built and tested under the interpreter only).
 PAIR_EPILOGUE = False
 
 

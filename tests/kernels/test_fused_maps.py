@@ -119,7 +119,8 @@ def test_fused_map_matches_float64(fm, case, path, monkeypatch):
 # The map in the kernel with the denominators on the tensor cores (chunked.DEN_IN_MMA, the
 # default for these narrow tiles) or as row reductions (wider key tiles; fp16 here, bf16 on
 # the GPU): full Dk tiles (no column masks, EVEN_K), padded ones, Dk
-# split in two tiles (partial denominators), grouped heads, a state, 64-token segments.
+# split in two tiles (partial denominators), grouped heads, a state, 64-token segments (not
+# for the Dk-split case, which never splits T with the map inside: chunked._split).
 DEN_FUSED_CASES = [
     (2, 4, 2, 63, 16, 24, torch.float16, True, True, "bhtd", 0.5),     # full Dk tile
     (1, 2, 2, 100, 24, 16, torch.float16, True, False, "bthd", 1.0),   # padded Dk tile
@@ -498,5 +499,18 @@ def test_map_in_the_kernel_with_dk_in_tiles_sweeps_t_whole(monkeypatch):
     assert seg and set(seg) == {False}, set(seg)  # only the pass's features call split
     cuda = torch.device("cuda")  # (no GPU needed: the SM count is given)
     monkeypatch.setitem(C._SM_COUNT, cuda, 132)
+    monkeypatch.setenv("FEATATTN_SEGMENT", "auto")
     assert C.splits_time(1, 2, 1 << 14, 64, 24, dtype, cuda)
     assert not C.splits_time(1, 2, 1 << 14, 136, 24, dtype, cuda)
+    assert C.splits_only_as_pass(1, 2, 1 << 14, 136, 24, dtype, cuda)
+    assert not C.splits_only_as_pass(1, 2, 1 << 14, 64, 24, dtype, cuda)
+    assert not C.splits_only_as_pass(1, 2, 1 << 12, 136, 24, dtype, cuda)  # no split at all
+    # the dispatcher keeps such a map as a pass, even without a backward
+    monkeypatch.setenv("FEATATTN_SEGMENT", "64")
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", "auto")
+    x = torch.randn(1, 2, 130, 136, device=DEV)
+    assert featattn.select_kernel(x, x, x[..., :24], feature_map="elu",
+                                  backend="triton").map_path == "triton_pass"
+    x = x[..., :64]
+    assert featattn.select_kernel(x, x, x[..., :24], feature_map="elu",
+                                  backend="triton").map_path == "kernel"

@@ -133,10 +133,13 @@ def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
     monkeypatch.setattr(projected, "PASS_BWD_FROM_FEATURES", mode == "pass")
     monkeypatch.setattr(projected, "PAIR_EPILOGUE", mode == "pass_pair")
     epi = spy_launches(monkeypatch, chunked._bwd_kernel, "EPI_PAIR")
-    pair = mode == "pass_pair"
+    seg = spy_launches(monkeypatch, chunked._seg_kernel, "BWD")
+    # (on the GPU tiles are >= 32 wide: 2f = 16 features do not fill one, so no pair path)
+    pair = mode == "pass_pair" and chunked.pair_epilogue_fits(case[6], dtype)
     if mode in ("pass_recompute", "pass_pair"):
         mode = "pass"
-    if pair and case[4] > 64:
+    split = mode == "pass_pair" and case[4] > 64
+    if split:
         monkeypatch.setenv("FEATATTN_SEGMENT", "64")
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", mode)
     if DEV == "cuda":
@@ -172,6 +175,7 @@ def test_projection_in_kernel_matches_float64(mode, case, dtype, monkeypatch):
         # gradients through the features' rounding to fp16/bf16 get 2x the forward's room
         assert err < (tol if name in ("o", "kv", "z") else 2 * tol), (name, err)
     assert (set(epi) == {True}) if pair else (True not in epi), set(epi)
+    assert not split or set(seg) == {False, True}, set(seg)  # forward and backward sums
 
 
 def test_fused_path_never_calls_the_pytorch_map(monkeypatch):
@@ -338,8 +342,12 @@ def test_pair_epilogue_with_only_the_state_used(monkeypatch):
     gives the gradients of the two-node pass path."""
     from featattn.kernels import projected
 
+    from featattn.kernels import chunked
+    from helpers import spy_launches
+
     monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
     fm = _map("hedgehog", 16, 2, 2, 16, False).to(DEV)
+    epi = spy_launches(monkeypatch, chunked._bwd_kernel, "EPI_PAIR")
     g = torch.Generator().manual_seed(3)
     x = [torch.randn(1, 2, 70, 16, generator=g).to(DEV) for _ in range(3)]
     got = []
@@ -352,3 +360,4 @@ def test_pair_epilogue_with_only_the_state_used(monkeypatch):
                                                                 fm.k_weight]))
     for a, b in zip(*got):
         assert rel_err(b, a) < 1e-5
+    assert set(epi) == {False, True}, set(epi)  # each path ran
