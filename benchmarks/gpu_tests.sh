@@ -6,12 +6,15 @@
 #
 #   bash benchmarks/gpu_tests.sh                                  # every cuda / on_device test
 #   bash benchmarks/gpu_tests.sh tests/test_hybrid.py -k "not float32"
+#   GPU_TESTS_SHARD=1/2 bash benchmarks/gpu_tests.sh tests/kernels   # every 2nd test from the
+#   GPU_TESTS_SHARD=2/2 bash benchmarks/gpu_tests.sh tests/kernels   # 1st, then the others
 set -u
 out=${OUT:-/tmp/featattn_gpu_tests}
 mkdir -p "$out"
 : > "$out/failures.txt"
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export FEATATTN_FAILURE_LOG=$out/failures.txt
+[ -z "${GPU_TESTS_SHARD:-}" ] || export FEATATTN_TEST_SHARD=$GPU_TESTS_SHARD
 [ $# -gt 0 ] || set -- tests
 timeout -k 30 -s INT "${GPU_TESTS_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider \
     -m "cuda or on_device" -n "${GPU_TESTS_WORKERS:-16}" --tb=short "$@" > "$out/gpu_tests.log" 2>&1

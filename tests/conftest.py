@@ -96,3 +96,34 @@ def pytest_runtest_logreport(report):
         return
     with open(path, "a") as f:
         f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+class _Shard:
+    """``FEATATTN_TEST_SHARD=i/n`` (1 <= i <= n): keep every n-th selected test, starting at
+    the i-th, after the -m / -k selection (benchmarks/gpu_tests.sh's GPU_TESTS_SHARD), so
+    that n runs, each inside the device machine's 10-minute limit, cover every GPU test once
+    instead of each covering an arbitrary part."""
+
+    def __init__(self, spec: str):
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            i = n = 0
+        if not 1 <= i <= n:
+            raise pytest.UsageError(f"FEATATTN_TEST_SHARD must be i/n with 1 <= i <= n (e.g. "
+                                    f"1/2), got {spec!r}")
+        self.i, self.n = i, n
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        keep = [it for j, it in enumerate(items) if j % self.n == self.i - 1]
+        drop = [it for j, it in enumerate(items) if j % self.n != self.i - 1]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_configure(config):
+    spec = os.environ.get("FEATATTN_TEST_SHARD")
+    if spec:
+        config.pluginmanager.register(_Shard(spec), "featattn-test-shard")
