@@ -12,9 +12,10 @@ working tree) and featattn.kernels constants set before the first call.  Every v
 in a process of its own, ``--rounds`` times, the variants alternated (A B A B ...), so that a
 clock or thermal drift does not pass for a difference; the table gives each variant's best
 round (a round's number is do_bench's median).  Before timing, each process checks every call
-in bf16 at T = 1000 against float64 on the same bf16 inputs (output and gradients), on the
-path the timed call takes (FEATATTN_FUSE_MAPS as MAP_PATH sets it for both: at T = 1000 the
-dispatcher would put every map in the kernels); a call whose error passes ERR_LIMIT is
+in bf16 at T = 1000 and 1024 (padded and whole chunks) against float64 on the same bf16
+inputs (output and gradients), on the path the timed call takes (FEATATTN_FUSE_MAPS as
+MAP_PATH sets it for both: at T = 1000 the dispatcher would put every map in the kernels); a
+call whose error passes ERR_LIMIT is
 reported and not timed (the variant's other calls still are).  The kernels tune their
 configs per problem size, so the check's small shape does not pick the timed call's.
 Single forwards of identical code have differed by up to 1.5x between processes (sessions
@@ -92,10 +93,15 @@ def _make(name, B, H, T, D, device="cuda"):
 
 
 def _check(name):
-    """Largest relative error of output and gradients (bf16, T = 1000) against float64."""
+    """Largest relative error of output and gradients (bf16) against float64, at T = 1000
+    (masked chunks) and T = 1024 (whole chunks: chunked.FULL_TILES's constant masks)."""
+    return max(_check_at(name, 1000), _check_at(name, 1024))
+
+
+def _check_at(name, T):
     import torch
 
-    call, leaves, fm = _make(name, 2, 4, 1000, 64)
+    call, leaves, fm = _make(name, 2, 4, T, 64)
     x = [t.bfloat16().requires_grad_() for t in leaves]
     params = list(fm.parameters()) if fm is not None else []
     o = call(*x)  # on the timed call's path (the worker set FEATATTN_FUSE_MAPS)
