@@ -3,6 +3,7 @@ PyTorch, the kernel on precomputed features, fla and softmax, in one run (H200, 
 
     python benchmarks/gpu_hedgehog.py                # checks, op, layers, a training step
     python benchmarks/gpu_hedgehog.py --only op      # "layer" / "train" for one table
+    python benchmarks/gpu_hedgehog.py --only op --quick --set projected.PAIR_EPILOGUE=1
 
 Op rows: B = 8, H = 16, head dim 64 -> 128 features (feature_dim 64), normalised,
 ``[B, H, T, D]`` inputs; ms fwd / fwd+bwd (median of triton.testing.do_bench) and the peak
@@ -43,7 +44,11 @@ def _unfused(fm):
     return other
 
 
-def check(T=1000):
+def check(T=1000, mode="auto"):
+    """The map through linear_attention (bf16) against float64, with FEATATTN_FUSE_MAPS=mode
+    (at these small sizes "auto" puts the projection in the kernels; "pass" is the large
+    calls' path, projected.PAIR_EPILOGUE's when it is on)."""
+    os.environ["FEATATTN_FUSE_MAPS"] = mode
     ok = True
     for H, Hkv, tie in ((4, 4, False), (4, 2, False), (4, 4, True)):
         torch.manual_seed(0)
@@ -70,6 +75,7 @@ def check(T=1000):
         print(f"check H={H} Hkv={Hkv} tie={tie}: {kernel.name}/{kernel.map_path} "
               + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
               + f" {'OK' if good else 'FAIL'}", flush=True)
+    os.environ.pop("FEATATTN_FUSE_MAPS")
     return ok
 
 
@@ -204,13 +210,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("op", "layer", "train"), default=None)
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=INT",
+                    help="featattn.kernels constants first, e.g. projected.PAIR_EPILOGUE=1")
     ap.add_argument("--quick", action="store_true",
                     help="leave out the before (map in PyTorch) and fla rows, and T = 1024 layers")
     args = ap.parse_args()
     global QUICK
     QUICK = args.quick
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    ok = True if args.no_checks else (check() & check(1024))  # (1024: whole chunks)
+    from _timing import set_constants
+
+    set_constants(args.set)
+    # (1024: whole chunks, chunked.FULL_TILES)
+    ok = True if args.no_checks else all([check(T, m) for T in (1000, 1024)
+                                          for m in ("auto", "pass")])
     rows = []
     if args.only in (None, "op"):
         rows += op_rows()
