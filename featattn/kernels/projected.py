@@ -616,19 +616,27 @@ def _backward(q, k, v, wq, bq, wk, bk, act, normalize, scale, o, den, kv0, z0, d
             (dz0 if has_init and normalize else None))
 
 
+def _weights_in(ctx, wq, bq, wk, bk):
+    """The map's weights and biases made contiguous (None stays None); their dtypes kept on
+    ``ctx`` for :func:`_weight_grads`."""
+    ctx.dtypes = tuple(None if w is None else w.dtype for w in (wq, bq, wk, bk))
+    return tuple(None if w is None else w.contiguous() for w in (wq, bq, wk, bk))
+
+
+def _weight_grads(ctx, *grads):
+    """The weights' and biases' gradients (fp32) in the parameters' own dtypes."""
+    return tuple(None if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes))
+
+
 class _Projected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, wq, bq, wk, bk, kv0, z0, act, normalize, eps, scale,
                 store_final, cu):
-        wq_c, wk_c = wq.contiguous(), wk.contiguous()
-        bq_c = bq.contiguous() if bq is not None else None
-        bk_c = bk.contiguous() if bk is not None else None
+        wq_c, bq_c, wk_c, bk_c = _weights_in(ctx, wq, bq, wk, bk)
         o, den, kvT, zT = _forward(q, k, v, wq_c, bq_c, wk_c, bk_c, act, normalize, eps, scale,
                                    kv0, z0, store_final, cu)
         ctx.save_for_backward(q, k, v, wq_c, bq_c, wk_c, bk_c, o, den, kv0, z0, cu)
         ctx.act, ctx.normalize, ctx.scale = act, normalize, scale
-        ctx.dtypes = (wq.dtype, None if bq is None else bq.dtype, wk.dtype,
-                      None if bk is None else bk.dtype)
         return o, kvT, zT
 
     @staticmethod
@@ -639,9 +647,7 @@ class _Projected(torch.autograd.Function):
         dq, dk, dv, dwq, dbq, dwk, dbk, dkv0, dz0 = _backward(
             q, k, v, wq, bq, wk, bk, ctx.act, ctx.normalize, ctx.scale, o, den, kv0, z0, do,
             dkvT, dzT, cu)
-        tq, tbq, tk, tbk = ctx.dtypes
-        return (dq, dk, dv, dwq.to(tq), None if dbq is None else dbq.to(tbq), dwk.to(tk),
-                None if dbk is None else dbk.to(tbk), dkv0, dz0,
+        return (dq, dk, dv, *_weight_grads(ctx, dwq, dbq, dwk, dbk), dkv0, dz0,
                 None, None, None, None, None, None)
 
 
@@ -906,9 +912,7 @@ class _PairPassAttention(torch.autograd.Function):
                 store_final, cu):
         from . import chunked as _chunked
 
-        wq_c, wk_c = wq.contiguous(), wk.contiguous()
-        bq_c = bq.contiguous() if bq is not None else None
-        bk_c = bk.contiguous() if bk is not None else None
+        wq_c, bq_c, wk_c, bk_c = _weights_in(ctx, wq, bq, wk, bk)
         q, k = _unit_last(q), _unit_last(k)
         fq = _pass(q, wq_c, bq_c, act, scale)
         fk = _pass(k, wk_c, bk_c, act, 1.0)
@@ -917,8 +921,6 @@ class _PairPassAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, fq, fk, wq_c, bq_c, wk_c, bk_c,
                               o if normalize else None, den, kv0, z0, cu)
         ctx.act, ctx.normalize, ctx.scale = act, normalize, scale
-        ctx.dtypes = (wq.dtype, None if bq is None else bq.dtype, wk.dtype,
-                      None if bk is None else bk.dtype)
         ctx.set_materialize_grads(False)
         return o, kvT, zT
 
@@ -935,9 +937,7 @@ class _PairPassAttention(torch.autograd.Function):
             cu_seqlens=cu, like_inputs=False, pair=True)
         dq, dwq, dbq = _pass(q, wq, bq, ctx.act, ctx.scale, g=dlq.contiguous(), from_dl=True)
         dk, dwk, dbk = _pass(k, wk, bk, ctx.act, 1.0, g=dlk.contiguous(), from_dl=True)
-        tq, tbq, tk, tbk = ctx.dtypes
-        return (dq, dk, dv, dwq.to(tq), None if dbq is None else dbq.to(tbq), dwk.to(tk),
-                None if dbk is None else dbk.to(tbk), dkv0, dz0,
+        return (dq, dk, dv, *_weight_grads(ctx, dwq, dbq, dwk, dbk), dkv0, dz0,
                 None, None, None, None, None, None)
 
 
