@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Under the interpreter every load and store of a kernel is checked against its tensors'
-# memory (tests/_bounds.py): an access the GPU would fault on fails the test here.
+# memory (tests/_bounds.py): an address outside every tensor argument fails the test here.
 if os.environ.get("TRITON_INTERPRET") == "1":
     import _bounds  # noqa: E402
 

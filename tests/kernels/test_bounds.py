@@ -9,6 +9,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="checks the interpreter's bounds checking")
 
 
+def test_the_checker_is_installed():
+    import _bounds
+
+    assert _bounds.install(), _bounds.UNAVAILABLE
+
+
 def test_an_access_past_every_tensor_fails():
     import triton
     import triton.language as tl
