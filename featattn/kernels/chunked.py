@@ -581,13 +581,12 @@ def _bwd_kernel(
                 b_xq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32) * scale
                 b_dq = b_dq * (DPHI(b_xq, PHI(b_xq)) * scale)
-            if EPI_DPHI:
+            if EPI_DPHI or EPI_PAIR:  # q's features, for the map's backward
                 b_yq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
                                mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            if EPI_DPHI:
                 b_dq = b_dq * (DPHI_Y(b_yq) * scale)
             if EPI_PAIR:
-                b_yq = tl.load(q_base + t0 * sqt + offs_t[:, None] * sqt + offs_k[None, :],
-                               mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
                 tl.store(dq_base + t0 * sgqt + offs_t[:, None] * sgqt + offs_h[None, :],
                          _pair_logit_grad(b_dq, b_yq, BT, BK).to(dq.dtype.element_ty),
                          mask=mt[:, None])
@@ -688,7 +687,8 @@ _fwd = triton.autotune(configs=_configs(),
                        key=["DK", "DV", "NORMALIZE", "SPLIT_K", "FUSED", "DEN_DOT", "SIZE"])(
     _fwd_kernel)
 _bwd = triton.autotune(configs=_configs(),
-                       key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI", "EPI_PAIR", "SIZE"])(_bwd_kernel)
+                       key=["DK", "DV", "NORMALIZE", "FUSED", "EPI_DPHI", "EPI_PAIR", "SIZE"])(
+    _bwd_kernel)
 _seg = triton.autotune(configs=_configs(),
                        key=["DK", "DV", "BWD", "HAS_Z", "FUSED", "SIZE"])(_seg_kernel)
 _FWD = TunedLaunch(_fwd, "chunked_fwd")
