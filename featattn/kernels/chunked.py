@@ -840,6 +840,8 @@ def splits_only_as_pass(B: int, H: int, T: int, Dk: int, Dv: int, dtype, device)
     """Whether a call of this shape splits T on features (after a map pass) but would sweep
     it whole with the map inside the kernel (Dk in several key tiles: :func:`_split`), so
     the dispatcher keeps the pass even where it would put the map inside."""
+    if Dk <= _MAX_BK:  # (one key tile: the common case, decided without more work)
+        return False
     BK, BV = _tiles(Dk, Dv, dtype)
     NK, NV = cdiv(Dk, BK), cdiv(Dv, BV)
     return NK > 1 and segments(B * H * NK * NV, T, device)[0] > 1
