@@ -9,7 +9,8 @@ what runs (and, for the chunked kernel, where an elementwise feature map runs):
 kernel               when (priority order of ``backend="auto"``)
 ===================  =====================================================================
 ``recurrent_step``   Triton, T <= 16 tokens against an initial state, no gradient (decoding):
-                     one launch, the map (elementwise or Taylor) fused, state in registers
+                     one launch, the map (elementwise or Taylor) fused, state in registers;
+                     with a window (the hybrid layer) the window's softmax too, any map
 ``taylor_parallel``  Triton, Taylor map fused, the quadratic parallel form: no state in or
                      out and T <= ``FEATATTN_TAYLOR_PARALLEL_MAX_T`` (2048)
 ``taylor_chunked``   Triton, Taylor map fused, the chunked O(T) form
@@ -188,6 +189,9 @@ class RecurrentStep(Impl):
         out = []
         if call.needs_grad:
             out.append("autograd needs the call's gradient (the step kernel has no backward)")
+        if call.window:  # any map: an elementwise one in the kernel, others in PyTorch
+            why = kernels.hybrid_step_unsupported_reason(call.dqk, call.dk, call.dv, call.T)
+            return out + ([why] if why else [])
         kind = _step_map_kind(call.fm, call.dqk)
         if kind is None:
             out.append(f"map {call.fm.name!r} is neither elementwise with a Triton form nor "
@@ -199,8 +203,12 @@ class RecurrentStep(Impl):
         return out
 
     def choice(self, call, reasons):
-        fused = _step_map_kind(call.fm, call.dqk) == "elementwise"
-        return KernelChoice(self.name, reasons, "kernel" if fused else None)
+        kind = _step_map_kind(call.fm, call.dqk)
+        if call.window and call.fm is not None and kind != "elementwise":
+            return KernelChoice(self.name, reasons + (
+                f"map {call.fm.name!r} runs in PyTorch on the new queries and the keys "
+                "leaving the window",), "torch")
+        return KernelChoice(self.name, reasons, "kernel" if kind == "elementwise" else None)
 
 
 def _step_map_kind(fm, dqk) -> Optional[str]:
@@ -498,7 +506,7 @@ def needs_grad(q, k, v, state=None, fm=None) -> bool:
         return False
     ts = [q, k, v]
     if state is not None:
-        ts += [state.kv, state.z]
+        ts += [state.kv, state.z, getattr(state, "window_k", None), getattr(state, "window_v", None)]
     if any(t is not None and t.requires_grad for t in ts):
         return True
     return fm is not None and any(p.requires_grad for p in fm.parameters())
@@ -529,6 +537,8 @@ def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
         # its Triton launches sit in an autograd.Function with no custom op around them,
         # which dynamo cannot trace; the PyTorch path compiles
         return "runs in the chunked PyTorch path under torch.compile"
+    if impl.name == "recurrent_step":  # a few tokens against a state (decoding)
+        return None
     if impl.name != "chunked":
         return "runs in the chunked kernel (linear part) and kernels/window.py"
     if call.T <= HYBRID_DIRECT_MAX_T:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 import torch
 
 from .chunked import chunked_linear_attention
-from .dispatch import (HYBRID_DIRECT_MAX_T, Call, _check_backend,
+from .dispatch import (HYBRID_DIRECT_MAX_T, Call, _check_backend, _unfusable_reason,
                        needs_grad, select, taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
@@ -219,7 +219,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         taylor_varlen_mode()  # a bad switch value raises whichever kernel runs
     call = Call(q.device, q.dtype, B, H, T, Dqk, Dk, Dv, fm,
                 kv0 is not None or z0 is not None or return_state, kv0 is not None,
-                needs_grad(q, k, v, initial_state, fm), window, causal, Hkv, cu is not None)
+                needs_grad(q, k, v, initial_state, fm) or _weight_grad(window_weight),
+                window, causal, Hkv, cu is not None)
     choice = select(call, backend)
     kernel = choice.name
     if not causal:
@@ -231,7 +232,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                               choice.map_path)
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
-                       window, window_weight, window_scale, Dqk, Dk, choice.map_path)
+                       window, window_weight, window_scale, Dqk, Dk, choice.map_path,
+                       in_place=in_place, out_buf=out_buf)
     if cu is not None and not (kernel == "chunked" or (
             kernel == "taylor_chunked" and taylor_varlen_mode() == "native")):
         # no packed form: one sequence at a time
@@ -388,9 +390,8 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
             raise ValueError("window_weight and window_scale only apply with window > 0")
         if windowed_state and in_place:
             raise ValueError("the state holds a softmax window's keys (it came from a call with "
-                             "window > 0), and decode_step has no window: decode with "
-                             "linear_attention(q, k, v, window=W, initial_state=state, "
-                             "return_state=True), or the layer's update_state=True")
+                             "window > 0): pass the same window to decode_step "
+                             "(decode_step(q, k, v, state, window=W, ...))")
         if windowed_state:
             raise ValueError("initial_state holds a softmax window's keys (it came from a call "
                              "with window > 0); pass the same window to every call sharing it")
@@ -398,10 +399,9 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     if not normalize:
         raise ValueError("window > 0 (the hybrid layer) shares one denominator between the "
                          "softmax and linear parts: it needs normalize=True")
-    for what, bad in (("cp_group", cp_group is not None), ("decode_step", in_place)):
-        if bad:
-            raise ValueError(f"window > 0 is not supported with {what} yet; call per sequence "
-                             f"(or linear_attention with the state) instead")
+    if cp_group is not None:
+        raise ValueError("window > 0 is not supported with cp_group yet; call per sequence "
+                         "(or linear_attention with the state) instead")
     H = q.shape[1]
     if weight is not None:
         if isinstance(weight, torch.Tensor):
@@ -454,9 +454,82 @@ _HYBRID_DIRECT_MAX_T = HYBRID_DIRECT_MAX_T
 
 
 def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
-            wscale, Dqk, Dk, map_path=None):
+            wscale, Dqk, Dk, map_path=None, in_place=False, out_buf=None):
     """The hybrid layer (featattn/hybrid.py): the window's earlier keys and values from the
-    state ahead of this call's, the features of both, then the chunked path or the oracle."""
+    state ahead of this call's, the features of both, then the chunked path or the oracle
+    (or, for a few tokens against a state, the step kernel).  ``in_place`` (decode_step):
+    the new state goes into ``state``'s own tensors where they keep their shapes, else onto
+    the object; o into ``out_buf`` when given."""
+    if kernel == "recurrent_step":
+        out, new = _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale,
+                                Dqk, in_place, out_buf)
+    else:
+        res = _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state or in_place,
+                            kernel, window, weight, wscale, Dqk, Dk, map_path)
+        out, new = res if (return_state or in_place) else (res, None)
+    if in_place:
+        for name in ("kv", "z", "window_k", "window_v"):
+            old, t = getattr(state, name), getattr(new, name)
+            if t is old:
+                continue
+            if old is not None and old.shape == t.shape and old.dtype == t.dtype \
+                    and old.is_contiguous():
+                old.copy_(t)
+            else:
+                setattr(state, name, t)
+        if out_buf is not None and out_buf is not out:
+            out_buf.copy_(out)
+            out = out_buf
+        return out
+    return (out, new) if return_state else out
+
+
+def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale, Dqk,
+                 in_place, out_buf):
+    """A few hybrid tokens against a state in the step kernel (featattn/kernels/decode.py):
+    ``(o, new state)``.  In place (decode_step) it writes ``state``'s own tensors where it can:
+    kv / z when fp32 and contiguous, the window's keys and values once the window is full
+    (it then keeps its length)."""
+    from .kernels.decode import hybrid_step
+
+    wk = state.window_k if state is not None else None
+    wv = state.window_v if state is not None else None
+    P, T = (0 if wk is None else wk.shape[2]), q.shape[2]
+    E = max(0, P + T - window)
+    wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
+    weight = 0.5 if weight is None else weight
+    if isinstance(weight, torch.Tensor):
+        weight = weight.float().contiguous()
+    k, v, q = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, q))
+    step_map, fq, fke = None, None, None
+    if fm is not None and _unfusable_reason(fm, Dqk) is None:
+        step_map = fm  # elementwise: applied in the kernel
+    elif fm is not None:  # any other map: its PyTorch form on the new queries and the keys
+        # that leave the window (C rows 0 .. E - 1 of C = [window keys; k])
+        if E <= P:
+            ev = wk[:, :, :E] if P else k[:, :, :0]
+        else:
+            ev = torch.cat([wk, k[:, :, :E - P]], 2) if P else k[:, :, :E]
+        fq, fke = _torch_map(fm, q * scale if scale != 1.0 else q, ev, Dqk, fm.output_dim(Dqk))
+        fq = fq if fq.stride(-1) == 1 else fq.contiguous()
+        fke = None if not E else fke if fke.stride(-1) == 1 else fke.contiguous()
+    kv_in = kv0 if _fp32_dense(kv0) else kv0.float().contiguous()
+    z_in = z0 if _fp32_dense(z0) else z0.float().contiguous()
+    direct = in_place and kv_in is kv0 and z_in is z0
+    full = in_place and P == window and all(
+        x.stride(-1) == 1 and 0 not in x.stride() for x in (wk, wv))
+    o, kv, z, nwk, nwv = hybrid_step(
+        q, k, v, kv_in, z_in, wk if P else None, wv if P else None, window=window,
+        weight=weight, window_scale=wscale, eps=eps, feature_map=step_map,
+        scale=scale if fm is None or step_map is not None else 1.0, fq=fq, fk_evict=fke,
+        kv_out=kv0 if direct else None, z_out=z0 if direct else None,
+        window_k_out=wk if full else None, window_v_out=wv if full else None, out=out_buf)
+    return o, LinearAttentionState(kv, z, nwk, nwv)
+
+
+def _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
+                  wscale, Dqk, Dk, map_path=None):
+    """:func:`_hybrid` for whole calls: the chunked paths or the oracle."""
     from .hybrid import chunked_hybrid_attention
     from .reference import quadratic_hybrid_attention
 
@@ -661,6 +734,11 @@ def _validate_out(out, q, want):
                          f"of its own, e.g. torch.empty({list(want)})")
 
 
+def _weight_grad(weight) -> bool:
+    """Whether autograd will differentiate a call through its window weight."""
+    return isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
+
+
 def _fp32_dense(t) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous()
 
@@ -726,6 +804,9 @@ def decode_step(
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
     layout: str = "bhtd",
+    window: int = 0,
+    window_weight: Union[None, float, torch.Tensor] = None,
+    window_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """A few new tokens against ``state``, which is updated **in place**: decoding.
 
@@ -738,6 +819,13 @@ def decode_step(
     (docs/decoding.md).  Elsewhere (CPU, other maps) the same result is computed by the usual
     path and copied into the state's tensors.
 
+    With ``window=W > 0`` (the hybrid layer; the state then carries the last W raw keys and
+    values) it is likewise one launch on CUDA for T <= 16 tokens (any map: an elementwise
+    one applied in the kernel, others on the new queries and the keys leaving the window in
+    PyTorch; dims up to 128): the window's keys and values move along in their own tensors
+    once the window is full, the state's tensors are replaced on the object while it is
+    still filling (the first W tokens).
+
     Args:
         q: ``[B, H, T, Dqk]`` (``[B, T, H, Dqk]`` with ``layout="bthd"``); k, v as in
             :func:`linear_attention`.
@@ -746,7 +834,8 @@ def decode_step(
             or ``LinearAttentionState.zeros``.  Its tensors are overwritten (a tensor that
             cannot be written in place, such as an expanded view, is replaced on the object).
         out: optional buffer for o, shaped like the result, of q's dtype.
-        feature_map, normalize, eps, scale, backend, layout: as in :func:`linear_attention`.
+        feature_map, normalize, eps, scale, backend, layout, window, window_weight,
+            window_scale: as in :func:`linear_attention` (the window that made the state).
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``); ``out`` itself when
@@ -769,13 +858,14 @@ def decode_step(
         raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
                          f"got {layout!r}")
     fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
-    if needs_grad(q, k, v, state, fm):
+    if needs_grad(q, k, v, state, fm) or _weight_grad(window_weight):
         raise ValueError(
             "decode_step updates the state in place, which autograd cannot differentiate, and "
             "an input requires a gradient; run it under torch.no_grad() (decoding), or use "
             "linear_attention(..., initial_state=state, return_state=True) to train")
     o = _linear_attention(q, k, v, fm, normalize, eps, scale, state, False, backend,
-                          in_place=True, out_buf=out_bhtd)
+                          in_place=True, out_buf=out_bhtd, window=window,
+                          window_weight=window_weight, window_scale=window_scale)
     if out is not None:
         return out
     return o.transpose(1, 2) if layout == "bthd" else o

@@ -342,16 +342,11 @@ class FeatureAttention(nn.Module):
             if state is None:
                 raise ValueError("update_state=True needs a state to update; start from "
                                  "layer.init_state(batch) or a prefill with return_state=True")
-            if self.window:  # the window's keys grow: the state object takes the new tensors
-                o, new = linear_attention(q, k, v, feature_map=self.feature_map,
-                                          normalize=self.normalize, eps=self.eps,
-                                          initial_state=state, return_state=True,
-                                          backend=self.backend, **self._window_kwargs())
-                state.kv, state.z, state.window_k, state.window_v = \
-                    new.kv, new.z, new.window_k, new.window_v
-            else:
-                o = decode_step(q, k, v, state, feature_map=self.feature_map,
-                                normalize=self.normalize, eps=self.eps, backend=self.backend)
+            # (with a window its keys and values move along in the state's tensors once
+            # it is full; while it fills, the state object takes the new tensors)
+            o = decode_step(q, k, v, state, feature_map=self.feature_map,
+                            normalize=self.normalize, eps=self.eps, backend=self.backend,
+                            **self._window_kwargs())
             if next_offset is not None:
                 state.offset = next_offset
             y = self._output(o, x)

@@ -148,7 +148,7 @@ def test_windowed_states_are_checked_whole():
     with pytest.raises(ValueError, match="only one of window_k / window_v"):
         featattn.linear_attention(q, k, v, feature_map="elu", window=3,
                                   initial_state=LAS(s.kv, s.z, None, s.window_v))
-    with pytest.raises(ValueError, match="decode_step has no window"):
+    with pytest.raises(ValueError, match=r"pass the same window to decode_step"):
         featattn.decode_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], s, feature_map="elu")
 
 

@@ -363,13 +363,13 @@ class HFFeatureAttention(nn.Module):
                     )
                 if state.kv.device != q.device:
                     state = state.to(q.device)
-            if state is not None and key_mask is None and not torch.is_grad_enabled() \
-                    and not self.window:
+            if state is not None and key_mask is None and not torch.is_grad_enabled():
                 # decoding: the state advanced in place (one step kernel on CUDA, no new
-                # state tensors per token); the cache is mutated as transformers' own are
+                # state tensors per token, the window's too once full); the cache is
+                # mutated as transformers' own are
                 o = decode_step(q, k, v, state, feature_map=self.feature_map,
                                 normalize=self.normalize, eps=self.eps, scale=self.q_scale,
-                                backend=self.backend)
+                                backend=self.backend, **self.window_kwargs())
                 new_state = state
             else:
                 o, new_state = self.attend(q, k, v, key_mask, state, return_state=True)

@@ -19,6 +19,11 @@ Exports:
                    scale=1.0, taylor=False, kv_out=None, z_out=None, out=None) -> (o, kv, z)
         a few tokens against a state in one launch, in place when kv_out/z_out are the state
         (featattn/kernels/decode.py); STEP_MAX_T, step_unsupported_reason(kind, d, dv, T).
+    hybrid_step(q, k, v, kv, z, window_k, window_v, *, window, weight, window_scale, eps,
+                feature_map=None, scale=1.0, fq=None, fk_evict=None, ...outs)
+        -> (o, kv, z, window_k, window_v): the same for the hybrid layer (the window's softmax
+        and the keys leaving it folded into the state, in place once the window is full);
+        hybrid_step_unsupported_reason(dqk, dk, dv, T).
     projected_attention(q, k, v, form, *, normalize, eps, scale=1.0, initial_kv=None,
                         initial_z=None, return_state=False, cu_seqlens=None) -> (o, kv, z)
         a learned projection map (Hedgehog, T2R: FeatureMap.triton_projection) computed in the
@@ -50,6 +55,7 @@ if TRITON_AVAILABLE:
     from .taylor_parallel import max_t as taylor_parallel_max_t
     from .decode import MAX_T as STEP_MAX_T
     from .decode import recurrent_step, step_unsupported_reason
+    from .decode import hybrid_step, hybrid_step_unsupported_reason
     from .projected import projected_attention, projection_unsupported_reason
     from .window import hybrid_attention, window_unsupported_reason
 else:  # pragma: no cover
@@ -81,6 +87,12 @@ else:  # pragma: no cover
     def recurrent_step(*args, **kwargs):
         raise RuntimeError("featattn.kernels.recurrent_step needs triton (pip install triton)")
 
+    def hybrid_step_unsupported_reason(dqk, dk, dv, T) -> str:
+        return "triton is not installed"
+
+    def hybrid_step(*args, **kwargs):
+        raise RuntimeError("featattn.kernels.hybrid_step needs triton (pip install triton)")
+
     def projection_unsupported_reason(form, d, H, Hkv=None) -> str:
         return "triton is not installed"
 
@@ -97,6 +109,7 @@ __all__ = [
     "TRITON_AVAILABLE", "KERNEL_LIMITS", "chunked_attention", "splits_only_as_pass", "splits_time",
     "taylor_attention", "taylor_unsupported_reason", "taylor_parallel_max_t",
     "recurrent_step", "step_unsupported_reason", "STEP_MAX_T",
+    "hybrid_step", "hybrid_step_unsupported_reason",
     "projected_attention", "projection_unsupported_reason",
     "hybrid_attention", "window_unsupported_reason",
 ]

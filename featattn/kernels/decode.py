@@ -36,7 +36,8 @@ from ._common import alloc as _alloc
 from ._common import empty_like_layout as _empty_like_layout
 from ._common import batch_head, head_start, next_pow2
 
-__all__ = ["recurrent_step", "recurrent_step_inplace", "MAX_T", "step_unsupported_reason"]
+__all__ = ["recurrent_step", "recurrent_step_inplace", "MAX_T", "step_unsupported_reason",
+           "hybrid_step", "hybrid_step_unsupported_reason", "HYBRID_MAX_DIM"]
 
 #: the longest T the step kernel takes (longer calls are prefill: the chunked kernels)
 MAX_T = 16
@@ -219,6 +220,225 @@ def recurrent_step(q, k, v, *, normalize: bool, eps: float, initial_kv=None, ini
     if not store_state:
         return out, None, None
     return out, kv_out, (z_out if normalize else None)
+
+
+# --------------------------------------------------------------------------- hybrid step
+@triton.jit
+def _window_rows(a, b, c, P, NC, sa, sb, offs, m):
+    """Rows ``c`` ([BW] indices) of the concatenation C = [a (P rows); b], masked to
+    ``m`` (columns) and to 0 <= c < NC: a tile [BW, BD] in the inputs' dtype."""
+    ina = (c >= 0) & (c < P)
+    inb = (c >= P) & (c < NC)
+    x = tl.load(a + c[:, None] * sa + offs[None, :], mask=ina[:, None] & m[None, :], other=0.0)
+    x += tl.load(b + (c - P)[:, None] * sb + offs[None, :], mask=inb[:, None] & m[None, :],
+                 other=0.0)
+    return x
+
+
+@triton.jit
+def _window_row(a, b, c, P, sa, sb, offs, m):
+    """Row ``c`` (a scalar index below P + T) of C = [a (P rows); b]: [BD] fp32."""
+    x = tl.load(a + c * sa + offs, mask=m & (offs * 0 + c < P), other=0.0).to(tl.float32)
+    x += tl.load(b + (c - P) * sb + offs, mask=m & (offs * 0 + c >= P), other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit(do_not_specialize=["T", "P", "E"])
+def _hybrid_step_kernel(
+    q, k, v, wk, wv, fq, fke, o, kv, z, kv_out, z_out, wk_out, wv_out, fw,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swkb, swkh, swkt, swvb, swvh, swvt,
+    sfqb, sfqh, sfqt, sfkb, sfkh, sfkt, sob, soh, sot, swob, swoh, swot, swvob, swvoh, swvot,
+    T, P, E, W, H, HKV, G, D, DK, DV, eps, scale, wscale, f_val,
+    BD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+    FEATS: tl.constexpr, PHI: tl.constexpr, F_PTR: tl.constexpr,
+):
+    """Grid (B*Hkv,): T <= MAX_T tokens of the hybrid layer against a windowed state.
+
+    C = [the P window rows (wk / wv: [B,Hkv,P,D] / [.., Dv]); the T new rows (k / v)]:
+    query j (position P + j of C) takes the softmax over C rows (P + j - W, P + j] and the
+    linear part over kv / z (fp32 [B*H, Dk, Dv] / [B*H, Dk], the rows before C) plus C rows
+    <= P + j - W, folded into the state as they leave the window; the new state is kv / z
+    over C rows < E = max(0, P + T - W) and the window C rows E .. P + T - 1, written to
+    wk_out / wv_out from row 0 (they may be wk / wv themselves: in place, P + T - E = P).
+    Features: PHI(scale * q), PHI(k) in fp32 (PHI the identity without a map), or, FEATS,
+    given: fq [B,H,T,Dk] and fke [B,Hkv,E,Dk] (the keys that leave the window).  f: the
+    weight of the softmax part, per head (F_PTR: fp32 [H]) or f_val.  One program holds a
+    k/v head's G query heads in turn: the window it rewrites is theirs only."""
+    i_bkv = tl.program_id(0)
+    i_b = (i_bkv // HKV).to(tl.int64)
+    i_hk = (i_bkv % HKV).to(tl.int64)
+    k_base = head_start(k, i_b, i_hk, skb, skh)
+    v_base = head_start(v, i_b, i_hk, svb, svh)
+    wk_base = head_start(wk, i_b, i_hk, swkb, swkh)
+    wv_base = head_start(wv, i_b, i_hk, swvb, swvh)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    offs_w = tl.arange(0, BW)
+    md = offs_d < D
+    mf = offs_f < DK
+    mv = offs_v < DV
+    NC = P + T
+    for g in range(0, G):
+        i_h = i_hk * G + g
+        row = i_b * H + i_h
+        q_base = head_start(q, i_b, i_h, sqb, sqh)
+        o_base = head_start(o, i_b, i_h, sob, soh)
+        S = tl.load(kv + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :],
+                    mask=mf[:, None] & mv[None, :], other=0.0)
+        zz = tl.load(z + row * DK + offs_f, mask=mf, other=0.0)
+        if F_PTR:
+            f = tl.load(fw + i_h)
+        else:
+            f = f_val
+        done = P * 0  # rows of C folded into S, zz
+        for j in range(0, T):
+            pos = P + j
+            lo = tl.maximum(pos - W + 1, 0)  # the window's first row; rows before it are linear
+            for c in range(done, lo):
+                if FEATS:
+                    fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + c * sfkt + offs_f,
+                                 mask=mf, other=0.0).to(tl.float32)
+                else:
+                    fk = tl.where(mf, PHI(_window_row(wk_base, k_base, c, P, swkt, skt,
+                                                      offs_f, mf)), 0.0)
+                vc = _window_row(wv_base, v_base, c, P, swvt, svt, offs_v, mv)
+                S += fk[:, None] * vc[None, :]
+                zz += fk
+            done = lo
+            xq = tl.load(q_base + j * sqt + offs_d, mask=md, other=0.0).to(tl.float32)
+            if FEATS:
+                fq_ = tl.load(fq + i_b * sfqb + i_h * sfqh + j * sfqt + offs_f,
+                              mask=mf, other=0.0).to(tl.float32)
+            else:
+                fq_ = tl.where(mf, PHI(xq * scale), 0.0)
+            num_l = tl.sum(fq_[:, None] * S, axis=0)
+            den_l = tl.sum(fq_ * zz, axis=0)
+            # the window, flash-style over blocks of BW rows: m, l, acc
+            m = tl.max(tl.full([BW], float("-inf"), tl.float32), axis=0)
+            l_ = tl.sum(tl.zeros([BW], dtype=tl.float32), axis=0)
+            acc = tl.zeros([BV], dtype=tl.float32)
+            for c0 in range(lo, pos + 1, BW):
+                c = c0 + offs_w
+                ok = c <= pos
+                kt = _window_rows(wk_base, k_base, c, P, NC, swkt, skt, offs_d, md)
+                a = tl.sum(kt.to(tl.float32) * xq[None, :], axis=1) * wscale
+                a = tl.where(ok, a, float("-inf"))
+                m_new = tl.maximum(m, tl.max(a, axis=0))
+                alpha = tl.exp(m - m_new)
+                p = tl.where(ok, tl.exp(a - m_new), 0.0)
+                vt = _window_rows(wv_base, v_base, c, P, NC, swvt, svt, offs_v, mv)
+                l_ = l_ * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+                m = m_new
+            out = (f * acc + (1.0 - f) * num_l) / (f * l_ + (1.0 - f) * den_l + eps)
+            tl.store(o_base + j * sot + offs_v, out.to(o.dtype.element_ty), mask=mv)
+        tl.store(kv_out + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :], S,
+                 mask=mf[:, None] & mv[None, :])
+        tl.store(z_out + row * DK + offs_f, zz, mask=mf)
+    # the new window: C rows E .. P + T - 1 to rows 0 .. of wk_out / wv_out.  In place the
+    # rows move towards 0: each block reads rows at or after those it writes, all of them
+    # (and the compute above) before the barrier, and no later block reads what it wrote.
+    wko = head_start(wk_out, i_b, i_hk, swob, swoh)
+    wvo = head_start(wv_out, i_b, i_hk, swvob, swvoh)
+    for r0 in range(0, NC - E, BW):
+        r = r0 + offs_w
+        keep = r < NC - E
+        kt = _window_rows(wk_base, k_base, r + E, P, NC, swkt, skt, offs_d, md)
+        vt = _window_rows(wv_base, v_base, r + E, P, NC, swvt, svt, offs_v, mv)
+        tl.debug_barrier()
+        tl.store(wko + r[:, None] * swot + offs_d[None, :], kt, mask=keep[:, None] & md[None, :])
+        tl.store(wvo + r[:, None] * swvot + offs_v[None, :], vt, mask=keep[:, None] & mv[None, :])
+
+
+#: the largest Dqk, Dk and Dv the hybrid step holds (its state [Dk, Dv] in one program)
+HYBRID_MAX_DIM = 128
+
+
+def hybrid_step_unsupported_reason(dqk: int, dk: int, dv: int, T: int) -> Optional[str]:
+    """None when the hybrid step kernel runs these dims and T tokens, else why not."""
+    if T > MAX_T:
+        return f"T={T} is above the step kernel's {MAX_T} tokens (a prefill: chunked kernels)"
+    if max(dqk, dk, dv) > HYBRID_MAX_DIM:
+        return (f"the hybrid step holds q/k rows of {dqk}, a state [Dk={dk}, Dv={dv}] in one "
+                f"program (each at most {HYBRID_MAX_DIM})")
+    return None
+
+
+def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, window_scale: float,
+                eps: float, feature_map=None, scale: float = 1.0, fq=None, fk_evict=None,
+                kv_out=None, z_out=None, window_k_out=None, window_v_out=None, out=None):
+    """T <= MAX_T tokens of the hybrid layer (a softmax over the last ``window`` keys plus
+    linear attention before them, one denominator; featattn/hybrid.py) against a windowed
+    state, in one launch: decoding.
+
+    Args:
+        q: [B, H, T, Dqk] raw queries; k: [B, Hkv, T, Dqk]; v: [B, Hkv, T, Dv] (unit last
+            stride).
+        kv, z: the linear state, fp32 [B, H, Dk, Dv] / [B, H, Dk] contiguous (the tokens
+            before the window).
+        window_k, window_v: [B, Hkv, P, Dqk] / [B, Hkv, P, Dv] (unit last stride), the last
+            P <= window raw keys and values, q's dtype, or None (P = 0).
+        weight: the softmax part's f, a float or fp32 [H]; window_scale: its logit scale.
+        feature_map: an elementwise map with a Triton form applied here to ``scale * q`` and
+            to k, or None: then ``fq`` [B, H, T, Dk] (the features of ``scale * q``) and
+            ``fk_evict`` [B, Hkv, E, Dk] (those of the E = max(0, P + T - window) keys
+            leaving the window, C rows 0 .. E - 1 of C = [window_k; k]) may be given (a map
+            computed by the caller); neither given: the features are ``scale * q`` and k.
+        kv_out, z_out, window_k_out, window_v_out: where the new state goes (kv, z, window_k,
+            window_v themselves update in place; the window's only when it keeps its length,
+            P = window); None: new tensors.  out: None or [B, H, T, Dv] of q's dtype.
+
+    Returns:
+        (o [B, H, T, Dv], kv, z, window_k, window_v): the new state's window holds
+        min(window, P + T) rows.  Not differentiable.
+    """
+    B, H, T, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    Dk = kv.shape[2]
+    P = 0 if window_k is None else window_k.shape[2]
+    E = max(0, P + T - window)
+    Pn = P + T - E
+    dev = q.device
+    feats = fq is not None
+    if (fk_evict is not None and not feats) or (feats and E and fk_evict is None):
+        raise ValueError("hybrid_step: give fq and fk_evict together (fk_evict may be None "
+                         "only when no key leaves the window)")
+    if out is None:
+        out = _empty_like_layout(q, B, H, T, Dv, q.dtype)
+    kv_out = _alloc((B, H, Dk, Dv), torch.float32, dev) if kv_out is None else kv_out
+    z_out = _alloc((B, H, Dk), torch.float32, dev) if z_out is None else z_out
+    if window_k_out is None:
+        window_k_out = torch.empty(B, Hkv, Pn, D, dtype=k.dtype, device=dev)
+    if window_v_out is None:
+        window_v_out = torch.empty(B, Hkv, Pn, Dv, dtype=v.dtype, device=dev)
+    if window_k_out is window_k and Pn != P:
+        raise ValueError(f"hybrid_step: the window grows from {P} to {Pn} rows, so it cannot "
+                         f"be updated in place")
+    wk = window_k if P else k
+    wv = window_v if P else v
+    phi = _none_phi
+    if feature_map is not None:
+        phi = _maps.lookup(_maps.fused_key(feature_map))[1].phi
+    f_ptr = isinstance(weight, torch.Tensor)
+    fqt = fq if feats else q
+    fke = fk_evict if (feats and E) else fqt
+    _hybrid_step_kernel[(B * Hkv,)](
+        q, k, v, wk, wv, fqt, fke, out, kv, z, kv_out, z_out, window_k_out, window_v_out,
+        weight if f_ptr else out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), wk.stride(0), wk.stride(1), wk.stride(2),
+        wv.stride(0), wv.stride(1), wv.stride(2), fqt.stride(0), fqt.stride(1), fqt.stride(2),
+        fke.stride(0), fke.stride(1), fke.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        window_k_out.stride(0), window_k_out.stride(1), window_k_out.stride(2),
+        window_v_out.stride(0), window_v_out.stride(1), window_v_out.stride(2),
+        T, P, E, window, H, Hkv, H // Hkv, D, Dk, Dv, eps, scale, window_scale,
+        0.0 if f_ptr else float(weight),
+        BD=max(16, next_pow2(D)), BK=max(16, next_pow2(Dk)), BV=max(16, next_pow2(Dv)),
+        BW=max(16, min(64, next_pow2(min(window, P + T)))), FEATS=feats, PHI=phi, F_PTR=f_ptr,
+        num_warps=4,
+    )
+    return out, kv_out, z_out, window_k_out, window_v_out
 
 
 @torch.library.custom_op("featattn::recurrent_step_", mutates_args=("kv", "z", "out"))

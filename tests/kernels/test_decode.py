@@ -6,6 +6,8 @@ On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), fp32/fp16; 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -162,6 +164,155 @@ def test_step_limits_are_explained():
     assert "does not fit" in D.step_unsupported_reason("none", 256, 64, 1)
 
 
+# --------------------------------------------------------------------------- the hybrid step
+def _hybrid_want(q, k, v, wk, wv, kv0, z0, fm, W, f, scale, wscale):
+    """float64 (o, kv, z, window_k, window_v) of the hybrid formula on C = [window; new]."""
+    from featattn.reference import quadratic_hybrid_attention
+
+    K = torch.cat([wk, k], 2) if wk is not None else k
+    V = torch.cat([wv, v], 2) if wv is not None else v
+    qd, Kd, Vd = q.double(), K.double(), V.double()
+    m = featattn.feature_maps.resolve_feature_map(fm)
+    if isinstance(m, torch.nn.Module):
+        m = m.double()
+    fq = m.forward_query(qd * scale) if m is not None else qd * scale
+    fk = m.forward_key(Kd) if m is not None else Kd
+    f = f.double() if isinstance(f, torch.Tensor) else f
+    o, kv, z = quadratic_hybrid_attention(qd, Kd, Vd, fq, fk, window=W, weight=f, scale=wscale,
+                                          eps=1e-6, initial_kv=kv0.double(),
+                                          initial_z=z0.double(), return_state=True)
+    keep = min(W, K.shape[2])
+    return o, kv, z, K[:, :, -keep:], V[:, :, -keep:]
+
+
+# (map, B, H, Hkv, T, P window rows held, W, d, Dv, dtype, f a tensor)
+HYBRID_CASES = [
+    ("elu", 2, 4, 2, 1, 8, 8, 16, 24, torch.float32, True),    # one token, full window, grouped
+    ("elu", 1, 2, 2, 5, 3, 8, 16, 16, torch.float32, False),   # the window still filling
+    ("relu", 1, 2, 1, 16, 4, 4, 20, 12, torch.float32, True),  # T > W: new keys leave too
+    (None, 1, 2, 1, 3, 0, 8, 8, 16, torch.float32, False),     # no window rows yet, no map
+    ("elu", 1, 2, 2, 2, 70, 70, 16, 16, torch.float16, True),  # W > 64: window in blocks
+    ("hedgehog", 1, 4, 2, 3, 6, 6, 8, 8, torch.float32, True),  # a map made in PyTorch
+]
+
+
+def _hid(c):
+    fm, B, H, Hkv, T, P, W, d, Dv, dt, ft = c
+    return f"{fm}-B{B}-H{H}-Hkv{Hkv}-T{T}-P{P}-W{W}-d{d}-Dv{Dv}-{str(dt)[6:]}-{'fH' if ft else 'f'}"
+
+
+@pytest.mark.parametrize("case", HYBRID_CASES, ids=_hid)
+def test_hybrid_step_matches_float64(case):
+    """The hybrid step kernel against the hybrid formula (float64) on the window's rows plus
+    the new ones: o, the linear state with the keys that left the window, the new window."""
+    fm, B, H, Hkv, T, P, W, d, Dv, dtype, f_tensor = case
+    g = torch.Generator().manual_seed(T + P + W)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
+    q, k, v = rnd(B, H, T, d), rnd(B, Hkv, T, d), rnd(B, Hkv, T, Dv)
+    wk, wv = (rnd(B, Hkv, P, d), rnd(B, Hkv, P, Dv)) if P else (None, None)
+    m = fm
+    if fm == "hedgehog":
+        m = featattn.get_feature_map("hedgehog", head_dim=d, heads=H, kv_heads=Hkv).to(DEV)
+        m.requires_grad_(False)
+    Dk = 2 * d if fm == "hedgehog" else d
+    kv0, z0 = rand_state(B, H, Dk, Dv, True, generator=3, device=DEV, z_min=1.0)
+    f = (torch.rand(H, generator=g) * 0.8 + 0.1).to(DEV) if f_tensor else 0.3
+    st = LinearAttentionState(kv0.clone(), z0.clone(), wk, wv)
+    with torch.no_grad():
+        choice = select_kernel(q, k, v, m, "triton", initial_state=st, window=W)
+        assert choice.name == "recurrent_step"
+        assert choice.map_path == {"elu": "kernel", "relu": "kernel", None: None,
+                                   "hedgehog": "torch"}[fm]
+        o, new = featattn.linear_attention(q, k, v, feature_map=m, scale=0.7, window=W,
+                                           window_weight=f, initial_state=st,
+                                           return_state=True, backend="triton")
+        want = _hybrid_want(q, k, v, wk, wv, kv0, z0, m, W, f, 0.7, 1 / d ** 0.5)
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    check_close("o", o, want[0], tol)
+    check_close("kv", new.kv, want[1], 1e-5)
+    check_close("z", new.z, want[2], 1e-5)
+    assert torch.equal(new.window_k, want[3].to(dtype)) and torch.equal(new.window_v, want[4].to(dtype))
+    assert torch.equal(st.kv, kv0)  # linear_attention leaves the caller's state alone
+
+
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_hybrid_decode_step_equals_the_prefill_and_updates_in_place(fm):
+    """Tokens decoded in steps of 1 to 16 after a 2-token prefill equal one call on all of
+    them; once the window is full the state's own tensors (kv, z, the window's keys and
+    values) are updated, never replaced."""
+    B, H, Hkv, d, Dv, W, N = 2, 4, 2, 8, 12, 8, 40
+    q, k, v = rand_qkv(B, H, Hkv, N, d, Dv, torch.float32, DEV, generator=11)
+    m = fm
+    if fm == "hedgehog":
+        m = featattn.get_feature_map("hedgehog", head_dim=d, heads=H, kv_heads=Hkv).to(DEV)
+        m.requires_grad_(False)
+    f = torch.linspace(0.2, 0.8, H, device=DEV)
+    with torch.no_grad():
+        want = featattn.linear_attention(q, k, v, feature_map=m, window=W, window_weight=f,
+                                         backend="reference")
+        outs, st = featattn.linear_attention(q[:, :, :2], k[:, :, :2], v[:, :, :2],
+                                             feature_map=m, window=W, window_weight=f,
+                                             return_state=True)
+        outs, t, full = [outs], 2, None
+        for step in (1, 1, 3, 1, 5, 1, 16, 1, 16):
+            step = min(step, N - t)
+            o = decode_step(q[:, :, t:t + step], k[:, :, t:t + step], v[:, :, t:t + step], st,
+                            feature_map=m, window=W, window_weight=f, backend="triton")
+            outs.append(o)
+            t += step
+            ptrs = [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
+            if full is not None:
+                assert ptrs == full
+            elif st.window_k.shape[2] == W:
+                full = ptrs
+    assert t == N and full is not None
+    check_close("o", torch.cat(outs, 2), want, 2e-5)
+
+
+def test_hybrid_decode_step_on_the_torch_path_updates_the_state_too():
+    """Where the step kernel cannot run (CPU under backend='auto': the PyTorch path), the
+    windowed decode_step gives the same outputs and the state object the new tensors."""
+    q, k, v = rand_qkv(1, 2, 1, 12, 4, 4, torch.float64, "cpu", generator=12)
+    with torch.no_grad():
+        want = featattn.linear_attention(q, k, v, feature_map="elu", window=3)
+        outs, st = featattn.linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1],
+                                             feature_map="elu", window=3, return_state=True)
+        outs = [outs]
+        for t in range(1, 12):
+            outs.append(decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st,
+                                    feature_map="elu", window=3))
+    check_close("o", torch.cat(outs, 2), want, 1e-12)
+    assert st.window_k.shape == (1, 1, 3, 4)
+    torch.testing.assert_close(st.window_v, v[:, :, -3:], rtol=0, atol=0)
+
+
+def test_hybrid_decode_step_errors_are_explained():
+    q, k, v = rand_qkv(1, 2, 2, 6, 4, 4, torch.float32, "cpu", generator=13)
+    with torch.no_grad():
+        _, st = featattn.linear_attention(q, k, v, feature_map="elu", window=4,
+                                          return_state=True)
+    one = (q[:, :, :1], k[:, :, :1], v[:, :, :1])
+    with pytest.raises(ValueError, match=r"pass the same window to decode_step"):
+        with torch.no_grad():
+            decode_step(*one, st, feature_map="elu")
+    w = torch.full((2,), 0.5, requires_grad=True)
+    with pytest.raises(ValueError, match="in place.*torch.no_grad"):
+        decode_step(*one, st, feature_map="elu", window=4, window_weight=w)
+    # a weight that needs a gradient keeps linear_attention off the step kernel (which has
+    # no backward); the PyTorch path differentiates it
+    assert select_kernel(*one, "elu", "triton", initial_state=st, window=4).name \
+        == "recurrent_step"
+    with pytest.raises(featattn.dispatch.KernelUnavailable, match="needs the call's gradient"):
+        featattn.linear_attention(*one, feature_map="elu", window=4, window_weight=w,
+                                  initial_state=st, backend="triton")
+    o = featattn.linear_attention(*one, feature_map="elu", window=4, window_weight=w,
+                                  initial_state=st)
+    o.sum().backward()
+    assert w.grad is not None
+    assert "at most 128" in D.hybrid_step_unsupported_reason(256, 256, 64, 1)
+    assert "above the step kernel's 16" in D.hybrid_step_unsupported_reason(64, 64, 64, 17)
+
+
 # --------------------------------------------------------------------------- GPU
 cuda = pytest.mark.cuda
 
@@ -201,6 +352,53 @@ def test_gpu_captured_step_equals_eager_bf16(fm, d):
         o_eager = decode_step(q2, k2, v2, eager, feature_map=fm)
     torch.cuda.synchronize()
     assert torch.equal(out, o_eager) and torch.equal(gst.kv, eager.kv) and torch.equal(gst.z, eager.z)
+
+
+@cuda
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_gpu_hybrid_step_bf16_in_place_and_captured(fm):
+    """bf16, B4 H16 (4 k/v heads) d64 W64: 80 tokens decoded in place after a 100-token
+    prefill equal one call on all 180 (within bf16), and a CUDA graph of one in-place step
+    (the window's rows moving in their own buffers) replays to the eager step."""
+    B, H, Hkv, d, W, N, P0 = 4, 16, 4, 64, 64, 180, 100
+    q, k, v = rand_qkv(B, H, Hkv, N, d, d, torch.bfloat16, "cuda", generator=21)
+    m = fm
+    if fm == "hedgehog":
+        m = featattn.get_feature_map("hedgehog", head_dim=d, heads=H, kv_heads=Hkv).cuda()
+        m.requires_grad_(False)
+    f = torch.linspace(0.2, 0.8, H, device="cuda")
+    kw = dict(feature_map=m, window=W, window_weight=f)
+    m64 = copy.deepcopy(m).double() if fm == "hedgehog" else m
+    with torch.no_grad():
+        want = featattn.linear_attention(q.double(), k.double(), v.double(), feature_map=m64,
+                                         window=W, window_weight=f.double(), backend="reference")
+        o0, st = featattn.linear_attention(q[:, :, :P0], k[:, :, :P0], v[:, :, :P0],
+                                           return_state=True, **kw)
+        ptrs = [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
+        outs = [o0] + [decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, **kw)
+                       for t in range(P0, N)]
+        assert ptrs == [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
+    check_close("o", torch.cat(outs, 2), want, 1e-2)
+    # one captured in-place step against the same step run eagerly
+    sq, sk, sv = (x[:, :, N - 1:].clone() for x in (q, k, v))
+    out = torch.empty(B, H, 1, d, device="cuda", dtype=torch.bfloat16)
+    keep = st.clone()
+    with torch.no_grad():
+        decode_step(sq, sk, sv, st, out=out, **kw)  # warm-up (compiles)
+        for a, b in zip(st._tensors()[:4], keep._tensors()[:4]):
+            a.copy_(b)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            decode_step(sq, sk, sv, st, out=out, **kw)
+        for a, b in zip(st._tensors()[:4], keep._tensors()[:4]):
+            a.copy_(b)
+        g.replay()
+        eager = keep.clone()
+        o_eager = decode_step(sq, sk, sv, eager, **kw)
+    torch.cuda.synchronize()
+    assert torch.equal(out, o_eager)
+    for a, b in zip(st._tensors()[:4], eager._tensors()[:4]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("fm,normalize,return_state",
