@@ -1,6 +1,7 @@
 """Decode-step timings on the GPU (H200, bf16): featattn.decode_step eager and replayed in a
-CUDA graph, linear_attention with a state, fla's fused_recurrent_linear_attn and softmax SDPA
-over a KV cache, in one run.
+CUDA graph, linear_attention with a state, the hybrid layer's step (window 64) against the
+PyTorch form it replaced, fla's fused_recurrent_linear_attn and softmax SDPA over a KV cache,
+in one run.
 
     python benchmarks/gpu_decode.py
 
@@ -57,6 +58,7 @@ def rows(B, H=16):
                                                    return_state=True)
             name = featattn.select_kernel(q, k, v, fm, initial_state=st).name
             out.append((f"B={B} linear_attention({fm}, initial_state) [{name}]", wall_ms(la), float("nan")))
+    out += hybrid_rows(B, H)
     try:
         from fla.ops.linear_attn import fused_recurrent_linear_attn
 
@@ -78,6 +80,41 @@ def rows(B, H=16):
         sd = lambda: F.scaled_dot_product_attention(qs, kc, vc)  # noqa: E731
         with torch.no_grad():
             out.append((f"B={B} SDPA, one query over a {L}-token KV cache", wall_ms(sd), graph_ms(sd)))
+    return out
+
+
+def hybrid_rows(B, H=16, W=64, d=64):
+    """The hybrid layer's step (window W, full): decode_step's step kernel against the
+    direct PyTorch form it replaced (backend="torch"), after checking they agree."""
+    out = []
+    for name in ("elu", "hedgehog"):
+        fm = name
+        if name == "hedgehog":
+            fm = featattn.get_feature_map("hedgehog", head_dim=d, heads=H).cuda().to(DT)
+            fm.requires_grad_(False)
+        Dk = 2 * d if name == "hedgehog" else d
+        q, k, v = (torch.randn(B, H, 1, d, device="cuda", dtype=DT) for _ in range(3))
+        wk, wv = (torch.randn(B, H, W, d, device="cuda", dtype=DT) for _ in range(2))
+        st = LinearAttentionState(torch.rand(B, H, Dk, d, device="cuda"),
+                                  torch.rand(B, H, Dk, device="cuda") + 1, wk, wv)
+        o = torch.empty(B, H, 1, d, device="cuda", dtype=DT)
+        kw = dict(feature_map=fm, window=W, window_weight=torch.full((H,), 0.5, device="cuda"))
+        with torch.no_grad():
+            want, want_st = featattn.linear_attention(q, k, v, initial_state=st, return_state=True,
+                                                      backend="torch", **kw)
+            got_st = st.clone()
+            got = featattn.decode_step(q, k, v, got_st, **kw)
+            err = max((a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                      for a, b in ((got, want), (got_st.kv, want_st.kv),
+                                   (got_st.window_k, want_st.window_k)))
+            print(f"B={B} hybrid {name} W={W}: step kernel vs PyTorch form, max rel. error "
+                  f"{err:.2e}", flush=True)
+            step = lambda: featattn.decode_step(q, k, v, st, out=o, **kw)  # noqa: E731
+            out.append((f"B={B} decode_step {name}, window {W}", wall_ms(step), graph_ms(step)))
+            old = lambda: featattn.linear_attention(q, k, v, initial_state=st,  # noqa: E731
+                                                    return_state=True, backend="torch", **kw)
+            out.append((f"B={B} linear_attention({name}, window {W}), PyTorch form (before)",
+                        wall_ms(old), float("nan")))
     return out
 
 

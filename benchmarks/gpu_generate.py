@@ -3,6 +3,7 @@ one run: ms per new token (greedy) after a prompt, for each prompt length and ba
 
     python benchmarks/gpu_generate.py                      # the decoding issue's model (GPU, bf16)
     python benchmarks/gpu_generate.py --tiny --device cpu  # a smoke run of the harness
+    python benchmarks/gpu_generate.py --windows 0,64       # hybrid (LoLCATs) models too
 
 The model is a random-init Llama (hidden 1024, 12 layers, 16 heads, 4 kv heads, vocab 32000),
 so no download is needed; the prompt is random tokens.  Per row: the prefill time (one forward
@@ -74,6 +75,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate")
     ap.add_argument("--maps", default="elu,hedgehog")
+    ap.add_argument("--windows", default="0",
+                    help="softmax windows of the patched models (0: pure linear; e.g. 0,64)")
     ap.add_argument("--no-graphs", action="store_true",
                     help="no rows with featattn.hf.enable_cuda_graphs (CUDA only)")
     args = ap.parse_args()
@@ -82,8 +85,10 @@ def main():
     base = build(args, device, dtype)
     vocab = base.config.vocab_size
     models = {"softmax (unpatched)": base}
-    for name in args.maps.split(","):
-        m = featattn.patch_hf_model(copy.deepcopy(base), name)
+    variants = [(fm, int(w)) for w in args.windows.split(",") for fm in args.maps.split(",")]
+    for fm, W in variants:
+        m = featattn.patch_hf_model(copy.deepcopy(base), fm, window=W)
+        name = f"{fm} window {W}" if W else fm
         print(f"{name}: cached greedy == recompute: {check(m, vocab, device)}", flush=True)
         models[f"patched {name}"] = m
         if device.type == "cuda" and not args.no_graphs:

@@ -9,7 +9,7 @@ replayed; everything else (the prefill, training, CPU) runs the model's own forw
 
 How a replay works.  The graph reads the token ids, positions and cache position from static
 input buffers and advances static fp32 state buffers in place (the step kernel writes the
-state it reads).  On the first step of a cache its states are copied into those buffers and
+state it reads; a softmax window's keys and values, once it is full, move in theirs).  On the first step of a cache its states are copied into those buffers and
 the cache's layers are pointed at them, so every later step of that cache is a replay and
 three input copies; if another cache takes the graph over, the first gets its own copies of
 its states back.  The step's Python side effect, each layer's token count, is done by the
@@ -55,6 +55,8 @@ class _Entry:
     cpos: Optional[torch.Tensor]
     kv: list
     z: list
+    wk: list  # the windows' keys / values per layer (None: no window)
+    wv: list
     cache: object = None  # the FeatureAttentionCache the graph was captured with (on kv / z)
     graph: object = None
     out: object = None
@@ -90,7 +92,10 @@ class CUDAGraphDecoding:
 
     def __init__(self, model: nn.Module):
         self.forward = model.forward  # the bound forward the wrapper replaces
-        self.patched = len(_patched_modules(model))
+        mods = _patched_modules(model)
+        self.patched = len(mods)
+        #: each cache layer's softmax window (0: none), in layer order
+        self.windows = [mods[i].window for i in sorted(mods)]
         #: generate() reads the forward's signature (logits_to_keep, position_ids, ...)
         self.__signature__ = inspect.signature(self.forward)
         self.params = tuple(self.__signature__.parameters)
@@ -150,12 +155,13 @@ class CUDAGraphDecoding:
             return "no cache with per-layer states"
         if len(layers) != self.patched or not all(isinstance(x, layer_cls) for x in layers):
             return "some layers are not patched (their key/value cache grows every step)"
-        for x in layers:
+        for x, W in zip(layers, self.windows):
             s = x.state
             if s is None:
                 return "the cache holds no state yet (prefill first)"
-            if s.window_k is not None:
-                return "a softmax window (its keys shift every step)"
+            if W and (s.window_k is None or s.window_k.shape[2] != W):
+                return ("a softmax window still filling (its first tokens grow the state; "
+                        "then its rows move in place)")
             if s.kv.shape[0] != ids.shape[0] or s.kv.device != ids.device:
                 return "the cache's batch or device differs from input_ids"
             if s.kv.dtype != torch.float32 or (s.z is not None and s.z.dtype != torch.float32):
@@ -205,10 +211,14 @@ class CUDAGraphDecoding:
                               memory_format=torch.contiguous_format) for x in cache.layers],
             [None if x.state.z is None else torch.empty_like(
                 x.state.z, dtype=torch.float32, memory_format=torch.contiguous_format)
-             for x in cache.layers])
+             for x in cache.layers],
+            [None if x.state.window_k is None else torch.empty_like(
+                x.state.window_k, memory_format=torch.contiguous_format) for x in cache.layers],
+            [None if x.state.window_v is None else torch.empty_like(
+                x.state.window_v, memory_format=torch.contiguous_format) for x in cache.layers])
         static = _cache_classes()[1](self.model)
-        for x, kv, z in zip(static.layers, entry.kv, entry.z):
-            x.store(LinearAttentionState(kv, z), 0)
+        for x, kv, z, wk, wv in zip(static.layers, entry.kv, entry.z, entry.wk, entry.wv):
+            x.store(LinearAttentionState(kv, z, wk, wv), 0)
         entry.cache = static
         self.entries[(B, keep)] = entry
         return entry
@@ -217,24 +227,24 @@ class CUDAGraphDecoding:
         """Point ``cache``'s layers at the entry's state buffers (copying their states in),
         handing the previous owner its own copies first."""
         layers = cache.layers
-        if all(x.state.kv is entry.kv[i] for i, x in enumerate(layers)):
+        if all(_held(x.state, entry, i) for i, x in enumerate(layers)):
             return
         weights = self._weights()
         if entry.graph is not None and entry.weights != weights:
             entry.graph, entry.out = None, None  # the model moved: capture again
         entry.weights = weights
         for i, x in enumerate(layers):
-            if tuple(x.state.kv.shape) != tuple(entry.kv[i].shape) or (
-                    (x.state.z is None) != (entry.z[i] is None)):
+            if any(_shape(a) != _shape(b) for a, b in zip(_buffers(x.state), _slots(entry, i))):
                 raise _Mismatch("the cache's state shapes differ from the captured step's")
         prev = entry.owner() if entry.owner is not None else None
         if prev is not None and prev is not cache:
             _hand_back(entry, prev)
         for i, x in enumerate(layers):
-            entry.kv[i].copy_(x.state.kv)
-            if entry.z[i] is not None:
-                entry.z[i].copy_(x.state.z)
-            x.state.kv, x.state.z = entry.kv[i], entry.z[i]  # a held state object follows
+            for buf, t in zip(_slots(entry, i), _buffers(x.state)):
+                if buf is not None:
+                    buf.copy_(t)
+            # a held state object follows
+            x.state.kv, x.state.z, x.state.window_k, x.state.window_v = _slots(entry, i)
         entry.owner = weakref.ref(cache)
 
     def _fill(self, entry: _Entry, kwargs, seen: int) -> None:
@@ -285,14 +295,14 @@ class CUDAGraphDecoding:
     def _capture(self, entry: _Entry, kwargs, seen: int) -> bool:
         """Warm up (the kernels compile) and capture the step; the states are put back after
         each, so the replay that follows is the step itself."""
-        saved = [(kv.clone(), None if z is None else z.clone())
-                 for kv, z in zip(entry.kv, entry.z)]
+        saved = [[None if t is None else t.clone() for t in _slots(entry, i)]
+                 for i in range(len(entry.kv))]
 
         def restore():
-            for kv, z, (kv0, z0), x in zip(entry.kv, entry.z, saved, entry.cache.layers):
-                kv.copy_(kv0)
-                if z is not None:
-                    z.copy_(z0)
+            for i, x in enumerate(entry.cache.layers):
+                for buf, t in zip(_slots(entry, i), saved[i]):
+                    if buf is not None:
+                        buf.copy_(t)
                 x.seen = seen
 
         try:
@@ -304,8 +314,7 @@ class CUDAGraphDecoding:
             graph = self.graph_class(self.pool)
             entry.out = graph.capture(lambda: self._call_static(entry, kwargs))
             restore()
-            moved = [i for i, (x, kv) in enumerate(zip(entry.cache.layers, entry.kv))
-                     if x.state.kv is not kv or x.state.z is not entry.z[i]]
+            moved = [i for i, x in enumerate(entry.cache.layers) if not _held(x.state, entry, i)]
             if moved:  # the step replaced a state instead of updating it in place
                 raise RuntimeError(f"layers {moved} did not update their state in place")
         except Exception as e:  # a step that cannot be captured (a host sync): run eagerly
@@ -338,15 +347,32 @@ class _Mismatch(ValueError):
     pass
 
 
+def _slots(entry: _Entry, i: int) -> tuple:
+    """Layer i's state buffers of the entry: (kv, z, window keys, window values)."""
+    return entry.kv[i], entry.z[i], entry.wk[i], entry.wv[i]
+
+
+def _buffers(state) -> tuple:
+    return state.kv, state.z, state.window_k, state.window_v
+
+
+def _shape(t):
+    return None if t is None else tuple(t.shape)
+
+
+def _held(state, entry: _Entry, i: int) -> bool:
+    """Whether ``state``'s tensors are the entry's buffers of layer i."""
+    return all(a is b for a, b in zip(_buffers(state), _slots(entry, i)))
+
+
 def _hand_back(entry: _Entry, cache) -> None:
     """Give ``cache``'s states that live in the entry's buffers tensors of their own (the
     state objects themselves, which a caller may hold, keep their values)."""
     for i, x in enumerate(cache.layers):
         s = getattr(x, "state", None)
         if s is not None and s.kv is entry.kv[i]:
-            s.kv = s.kv.clone()
-            if s.z is not None:
-                s.z = s.z.clone()
+            s.kv, s.z, s.window_k, s.window_v = (None if t is None else t.clone()
+                                                 for t in _buffers(s))
 
 
 def enable_cuda_graphs(model: nn.Module) -> CUDAGraphDecoding:
@@ -354,7 +380,9 @@ def enable_cuda_graphs(model: nn.Module) -> CUDAGraphDecoding:
     :class:`CUDAGraphDecoding` (also ``model._featattn_graphs``).
 
     ``model`` must be patched on every decoder layer (:func:`patch_hf_model` with the default
-    ``layers``), without a softmax window.  After this, ``model.generate(...)`` (greedy,
+    ``layers``).  With a softmax window (``window=W``) the steps replay once the window is
+    full (the first W tokens of a cache, prompt included, run eagerly: the state grows);
+    the window's keys and values then move in place like the linear state.  After this, ``model.generate(...)`` (greedy,
     sampling, any batch size) and direct ``model(input_ids[B, 1], cache=...)`` calls under
     ``torch.no_grad()`` replay one captured step per (batch size, ``logits_to_keep``); the
     first step of each size captures it (a warm-up forward and a capture, tens of ms).
@@ -366,15 +394,11 @@ def enable_cuda_graphs(model: nn.Module) -> CUDAGraphDecoding:
     this; the graphs hold their state buffers and a memory pool until then.
 
     Raises:
-        ValueError: the model is not patched, or not on every layer, or has a window.
+        ValueError: the model is not patched, or not on every layer.
     """
     mods = _patched_modules(model)
     if not mods:
         raise ValueError("enable_cuda_graphs needs a model patched by featattn.patch_hf_model")
-    windowed = [i for i, m in mods.items() if m.window]
-    if windowed:
-        raise ValueError(f"layers {windowed} have a softmax window, whose keys shift every "
-                         "step; CUDA-graph decoding supports pure linear attention layers")
     from .patch import _resolve
 
     _, _, decoder_layers = _resolve(model)

@@ -80,6 +80,27 @@ def test_generate_with_graphs_equals_eager(fm):
     assert torch.equal(got2, want) and len(dec.entries) == 1 and entry.replays == 22
 
 
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_windowed_models_replay_once_the_window_is_full(fm):
+    """A hybrid model (window 8): a 5-token prompt decodes eagerly while its window fills
+    (the state grows), then every step replays, the window's rows moving in the graph's
+    buffers; tokens equal eager decoding, and a second cache with a longer prompt replays
+    from its first step."""
+    model = featattn.patch_hf_model(make_model("llama", dtype=torch.float32), fm, window=8)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (2, 5), generator=g)
+    want = _generate(model, ids, 12)
+    dec = _graphs(model)
+    assert torch.equal(_generate(model, ids, 12), want)
+    (entry,) = dec.entries.values()
+    assert entry.replays == 12 - 4  # tokens 6..8 fill the window eagerly
+    assert any("still filling" in r for r in dec.eager_reasons), dec.eager_reasons
+    assert all(w is not None and w.shape[2] == 8 for w in entry.wk)
+    long = torch.randint(1, VOCAB, (2, 11), generator=g)
+    want_long = _generate(disable_cuda_graphs(copy.deepcopy(model)), long, 6)
+    assert torch.equal(_generate(model, long, 6), want_long) and entry.replays == 8 + 5
+
+
 def test_alternating_caches_keep_their_own_states():
     """Two caches stepped in turn through one graph equal each stepped alone: the cache that
     loses the graph's buffers gets its states back, and token counts stay per cache."""
@@ -174,8 +195,10 @@ def test_enable_cuda_graphs_explains_what_it_needs():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fm", ["elu", "hedgehog"])
-def test_gpu_generate_with_cuda_graphs_equals_eager(fm):
-    model = copy.deepcopy(_patched(fm)).cuda()
+@pytest.mark.parametrize("window", [0, 16])
+def test_gpu_generate_with_cuda_graphs_equals_eager(fm, window):
+    model = featattn.patch_hf_model(make_model("llama", dtype=torch.float32), fm,
+                                    window=window).cuda()
     ids = torch.randint(1, VOCAB, (2, 40), device="cuda")
     want = _generate(model, ids, 16)
     dec = enable_cuda_graphs(model)
