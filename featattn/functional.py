@@ -501,6 +501,8 @@ def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale
     if isinstance(weight, torch.Tensor):
         weight = weight.float().contiguous()
     k, v, q = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, q))
+    if P and (wk.stride(-1) != 1 or wv.stride(-1) != 1):  # (then not updated in place)
+        wk, wv = wk.contiguous(), wv.contiguous()
     step_map, fq, fke = None, None, None
     if fm is not None and _unfusable_reason(fm, Dqk) is None:
         step_map = fm  # elementwise: applied in the kernel

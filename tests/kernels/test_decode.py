@@ -209,7 +209,12 @@ def test_hybrid_step_matches_float64(case):
     g = torch.Generator().manual_seed(T + P + W)
     rnd = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
     q, k, v = rnd(B, H, T, d), rnd(B, Hkv, T, d), rnd(B, Hkv, T, Dv)
+    if T == 5:  # [B, T, H, D] memory (layout="bthd" calls), window rows strided too
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     wk, wv = (rnd(B, Hkv, P, d), rnd(B, Hkv, P, Dv)) if P else (None, None)
+    if T == 5:  # the window's keys a slice of a longer buffer, its values column-major
+        wk = torch.cat([wk, rnd(B, Hkv, P, d)], 3)[..., :d]
+        wv = wv.transpose(2, 3).contiguous().transpose(2, 3)
     m = fm
     if fm == "hedgehog":
         m = featattn.get_feature_map("hedgehog", head_dim=d, heads=H, kv_heads=Hkv).to(DEV)
