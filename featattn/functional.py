@@ -229,7 +229,7 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if window and cu is not None:
         return _hybrid_packed(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state,
                               kernel, window, window_weight, window_scale, Dqk, Dk, cu,
-                              choice.map_path)
+                              choice.map_path, cu_seqlens)
     if window:
         return _hybrid(q, k, v, fm, eps, scale, initial_state, kv0, z0, return_state, kernel,
                        window, window_weight, window_scale, Dqk, Dk, choice.map_path,
@@ -564,11 +564,12 @@ def _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel,
 
 
 def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
-                   return_state):
+                   return_state, cu_seqlens=None, max_len=0):
     """Both parts in Triton (featattn/kernels/window.py): the linear part in the chunked
     kernel with its keys shifted by the window, the window's softmax and the shared
     denominator in the window kernels.  The map runs where the dispatcher put it
     (``map_path``: in the chunked kernel, a Triton pass, the projection pass, or PyTorch).
+    ``cu_seqlens`` (int32 on q's device) / ``max_len``: packed sequences, each alone.
     Returns ``(o, kv, z)``."""
     from .kernels import hybrid_attention
 
@@ -596,14 +597,17 @@ def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map
     return hybrid_attention(q, k, v, weight=f, window=window, window_scale=wscale, eps=eps,
                             features=features, feature_map=fmap,
                             map_pass=map_path == "triton_pass", scale=scale if fmap else 1.0,
-                            initial_kv=kv0, initial_z=z0, return_state=return_state)
+                            initial_kv=kv0, initial_z=z0, return_state=return_state,
+                            cu_seqlens=cu_seqlens, max_len=max_len)
 
 
 def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,
-                   weight, wscale, Dqk, Dk, cu, map_path=None):
+                   weight, wscale, Dqk, Dk, cu, map_path=None, cu_seqlens=None):
     """The hybrid layer on packed sequences: each sequence alone (the window never crosses a
     boundary), outputs concatenated, states stacked.  A stacked state needs every sequence's
-    window to hold the same number of tokens, min(window, tokens seen)."""
+    window to hold the same number of tokens, min(window, tokens seen).  In Triton (the
+    dispatcher chose ``chunked``) one launch of each kernel takes every sequence, unless the
+    state holds window keys (then one call per sequence)."""
     N = len(cu) - 1
     held = state.window_k.shape[2] if state is not None and state.window_k is not None else 0
     if return_state:
@@ -615,6 +619,19 @@ def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel
                 f"sequence, so every sequence must have seen >= {window} tokens (or all the same "
                 f"number); sequences {short[:8]} are shorter. Pack only sequences of at least "
                 f"{window} tokens, or call per sequence to keep their states")
+    if kernel == "chunked" and not held:
+        lens = [cu[n + 1] - cu[n] for n in range(N)]
+        cu_t = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        out, kv, z = _hybrid_triton(
+            q, k, v, fm, scale, kv0, z0, window, 0.5 if weight is None else weight,
+            1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps, map_path,
+            return_state, cu_seqlens=cu_t, max_len=max(lens))
+        if not return_state:
+            return out
+        P = min(window, min(lens))  # (every sequence keeps as many: checked above)
+        rows = torch.tensor([e - P + i for e in cu[1:] for i in range(P)], device=q.device)
+        win = lambda x: x[0, :, rows].unflatten(1, (N, P)).transpose(0, 1).contiguous()  # noqa: E731
+        return out, LinearAttentionState(kv, z, win(k), win(v))
     outs, states = [], []
     for n in range(N):
         sl = slice(cu[n], cu[n + 1])

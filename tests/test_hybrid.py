@@ -3,6 +3,7 @@ older ones under one denominator (featattn/hybrid.py, the oracle in featattn/ref
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -352,6 +353,120 @@ def test_hybrid_in_triton_takes_strided_and_packed_inputs(layout, monkeypatch):
     for a, b in zip([o, *g], [o_ref, *g_ref]):
         assert ((a.double() - b).norm() / b.norm()).item() < 2e-5
 
+_SHORT, _LONG = ([70, 1, 90, 33], 8), ([70, 100], 64)  # (sequence lengths, window)
+
+
+# (fp16 only with the short window: with W = 64 this data's dq is 1.1e-2 off in fp16, all
+# of it in one row whose two largest scores are 3e-4 apart, where m_t's gradient went to
+# the other key; the same call one sequence at a time gives the same dq bit for bit)
+@pytest.mark.parametrize("fm,dtype,G,lens,W", [
+    ("elu", torch.float32, 2, *_SHORT), ("elu", torch.float32, 2, *_LONG),
+    ("elu-pass", torch.float32, 1, *_SHORT), ("elu-pass", torch.float32, 1, *_LONG),
+    ("hedgehog", torch.float32, 2, *_SHORT), ("hedgehog", torch.float32, 2, *_LONG),
+    (None, torch.float32, 1, *_SHORT), (None, torch.float32, 1, *_LONG),
+    ("relu", torch.float16, 2, *_SHORT)])
+def test_packed_hybrid_in_triton_is_one_call(fm, dtype, G, lens, W, monkeypatch):
+    """Packed sequences (cu_seqlens) in Triton: one call of the kernels for all of them (not
+    one per sequence), sequences shorter than the window and of one token included, with a
+    linear state per sequence in and (when every sequence fills its window) the states
+    out: outputs, states and every gradient (the mixing weight's and the initial states'
+    too) against the float64 oracle run per sequence."""
+    import featattn.kernels as kernels
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    if fm == "elu-pass":
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+        fm = "elu"
+    calls = []
+    real = kernels.hybrid_attention
+    monkeypatch.setattr(kernels, "hybrid_attention",
+                        lambda *a, **kw: calls.append(kw.get("cu_seqlens")) or real(*a, **kw))
+    H, D, Dv, T, S = 2 * G, 4, 5, sum(lens), len(lens)
+    q, k, v = _inputs(1, H, H // G, T, D, Dv, seed=T + W)
+    m = _map(fm, D, H, H // G)
+    if fm in ("relu", None):  # keep the linear part's denominator away from 0
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    Dk = 2 * D if fm == "hedgehog" else D
+    g = torch.Generator().manual_seed(7)
+    kv0 = torch.rand(S, H, Dk, Dv, generator=g, dtype=torch.float64)
+    z0 = torch.rand(S, H, Dk, generator=g, dtype=torch.float64) + 1.0
+    logit = torch.randn(H, generator=g, dtype=torch.float64)
+    bounds = [0] + torch.tensor(lens).cumsum(0).tolist()
+    ret = min(lens) >= W
+
+    def run(backend, dt, leaves):
+        mm = m if not isinstance(m, torch.nn.Module) else m.to(
+            torch.float32 if backend == "triton" else torch.float64)
+        f = torch.sigmoid(leaves[3])
+        if backend == "triton":
+            st0 = featattn.LinearAttentionState(leaves[4].float(), leaves[5].float())
+            res = featattn.linear_attention(
+                *leaves[:3], feature_map=mm, window=W, window_weight=f.float(),
+                initial_state=st0, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                return_state=ret, backend="triton")
+            return (res[0], res[1].kv, res[1].z) if ret else (res, None, None)
+        outs, kvs, zs = [], [], []  # the oracle, one sequence at a time
+        for n in range(S):
+            sl = slice(bounds[n], bounds[n + 1])
+            st0 = featattn.LinearAttentionState(leaves[4][n:n + 1], leaves[5][n:n + 1])
+            o_n, s_n = featattn.linear_attention(*(t[:, :, sl] for t in leaves[:3]),
+                                                 feature_map=mm, window=W, window_weight=f,
+                                                 initial_state=st0, return_state=True,
+                                                 backend="reference")
+            outs.append(o_n), kvs.append(s_n.kv), zs.append(s_n.z)
+        return torch.cat(outs, 2), (torch.cat(kvs) if ret else None), \
+            (torch.cat(zs) if ret else None)
+
+    runs = []
+    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, k, v)] + [
+            t.clone().requires_grad_() for t in (logit, kv0, z0)]
+        o, s_kv, s_z = run(backend, dt, leaves)
+        loss = (o.double() ** 2).sum()
+        if ret:
+            loss = loss + (s_kv.double() * 0.3).sum() + s_z.double().sum()
+        grads = torch.autograd.grad(loss, leaves)
+        runs.append([o, *grads] + ([s_kv, s_z] if ret else []))
+    assert len(calls) == 1 and calls[0] is not None, calls  # one call, packed
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    names = ["o", "dq", "dk", "dv", "dlogit", "dkv0", "dz0", "kv", "z"]
+    for name, a, b in zip(names, *runs):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert err < tol, (name, err)
+
+
+def test_packed_hybrid_in_triton_returns_each_sequences_window(monkeypatch):
+    """return_state on packed sequences in Triton: each sequence's last W keys and values,
+    as one call per sequence gives them; a state holding window keys still runs per
+    sequence, and continuing from it equals the whole sequences."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    lens, W = [30, 45, 20], 16
+    q, k, v = _inputs(1, 2, 2, sum(lens), 4, 4, seed=3, dtype=torch.float32)
+    cu = torch.tensor([0, 30, 75, 95], dtype=torch.int32)
+    with torch.no_grad():
+        o, s = featattn.linear_attention(q, k, v, feature_map="elu", window=W, cu_seqlens=cu,
+                                         return_state=True, backend="triton")
+        for n, (a, b) in enumerate(((0, 30), (30, 75), (75, 95))):
+            _, s_n = featattn.linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                               feature_map="elu", window=W, return_state=True,
+                                               backend="reference")
+            assert torch.equal(s.window_k[n], s_n.window_k[0].float())
+            assert torch.equal(s.window_v[n], s_n.window_v[0].float())
+            torch.testing.assert_close(s.kv[n], s_n.kv[0].float(), rtol=1e-5, atol=1e-5)
+        q2, k2, v2 = _inputs(1, 2, 2, 3 * 30, 4, 4, seed=4, dtype=torch.float32)
+        cu2 = torch.tensor([0, 30, 60, 90], dtype=torch.int32)
+        o2 = featattn.linear_attention(q2, k2, v2, feature_map="elu", window=W, cu_seqlens=cu2,
+                                       initial_state=s, backend="triton")
+        for n, ((a, b), (c, d)) in enumerate(zip(((0, 30), (30, 75), (75, 95)),
+                                                 ((0, 30), (30, 60), (60, 90)))):
+            whole = featattn.linear_attention(
+                *(torch.cat([x[:, :, a:b], y[:, :, c:d]], 2).double()
+                  for x, y in ((q, q2), (k, k2), (v, v2))),
+                feature_map="elu", window=W, backend="reference")
+            torch.testing.assert_close(o2[:, :, c:d].double(), whole[:, :, -30:], rtol=1e-5,
+                                       atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("T,W", [(1000, 64), (515, 128)])
@@ -363,6 +478,34 @@ def test_gpu_hybrid_in_triton_bf16(T, W, monkeypatch):
     g = torch.autograd.grad(o.float().square().sum(), leaves)
     ref = [t.requires_grad_() for t in (q, k, v)]
     o_ref = featattn.linear_attention(*ref, feature_map="elu", window=W, backend="reference")
+    g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
+    for a, b in zip([o, *g], [o_ref, *g_ref]):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 2e-2, err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_gpu_packed_hybrid_bf16(fm, monkeypatch):
+    """Packed sequences of 1000, 37 and 515 tokens (window 64) in one Triton call, bf16:
+    outputs and gradients against the float64 oracle run per sequence."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    lens, W = [1000, 37, 515], 64
+    bounds = [0, 1000, 1037, 1552]
+    q, k, v = (t.cuda() for t in _inputs(1, 4, 2, sum(lens), 64, 64, seed=9))
+    m = _map(fm, 64, 4, 2)
+    m32 = m.cuda().float() if isinstance(m, torch.nn.Module) else m
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    o = featattn.linear_attention(*leaves, feature_map=m32, window=W,
+                                  cu_seqlens=torch.tensor(bounds, device="cuda",
+                                                          dtype=torch.int32))
+    g = torch.autograd.grad(o.float().square().sum(), leaves)
+    m64 = copy.deepcopy(m32).double() if isinstance(m, torch.nn.Module) else m
+    ref = [t.requires_grad_() for t in (q, k, v)]
+    o_ref = torch.cat([featattn.linear_attention(*(t[:, :, a:b] for t in ref), feature_map=m64,
+                                                 window=W, backend="reference")
+                       for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
     g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
     for a, b in zip([o, *g], [o_ref, *g_ref]):
         err = ((a.double() - b).norm() / b.norm()).item()

@@ -51,7 +51,7 @@ from .. import _switches
 from . import chunked as _chunked
 from . import maps as _maps
 from ._common import INTERPRET, TunedLaunch, alloc, cdiv, empty_like_layout, next_pow2, row_dot
-from ._common import batch_head, exp_nonpos, size_bucket, unit_last
+from ._common import exp_nonpos, launch_size, sequence_rows, unit_last
 from ._common import dot_in_tf32x3 as _dot_in  # a @ b, fp32 inputs in tf32x3
 from ._common import mm_tf32x3 as _mm
 
@@ -111,11 +111,20 @@ def _query_tile(i_t, T, N, W, BT: tl.constexpr):
 
 
 @triton.jit
-def _program(H, G):
-    """(batch * head, query tile, batch, head, kv head) of this program, int64 indices."""
+def _program(H, G, T, N, cu, VARLEN: tl.constexpr):
+    """(query tile, batch, head, kv head, first token, queries, keys, row base) of this
+    program (int64 indices): program row b * H + h of a [B, H, T] batch, or with VARLEN
+    (sequence n, head h) of the packed [1, H, T] batch, tokens [cu[n], cu[n+1]) and no keys
+    before them.  The [B, H, T] fp32 row buffers hold query row r at ``row base + r``."""
     i_bh = tl.program_id(0)
-    i_b, i_h, i_hk = batch_head(i_bh, H, G)
-    return i_bh, tl.program_id(1), i_b, i_h, i_hk
+    i_b, i_h, bos, Ts = sequence_rows(i_bh, H, T, cu, VARLEN)
+    if VARLEN:
+        Ns = Ts
+        rb = i_h * T + bos
+    else:
+        Ns = N
+        rb = i_bh.to(tl.int64) * T
+    return tl.program_id(1), i_b, i_h, i_h // G, bos, Ts, Ns, rb
 
 
 @triton.jit
@@ -161,26 +170,27 @@ def _top(s, ok, m_i, c_i, cols, a_i):
 
 @triton.jit
 def _window_fwd_kernel(
-    q, k, v, L, lden, f, o, Dn, m, ties, arg,
+    q, k, v, L, lden, f, o, Dn, m, ties, arg, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sob, soh, sot,
     T, N, H, G, D, DV, W, scale, eps, SIZE,
-    BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid (B * H, query tiles): o (input dtype, strided like q), fp32 [B*H, T] rows of
-    D (eps included), m and the tie counts, and int32 rows of a maximal key's position."""
-    i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
-    r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
-    b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
+    D (eps included), m and the tie counts, and int32 rows of a maximal key's position.
+    VARLEN: B = 1 holds packed sequences, grid (sequences * H, query tiles of the longest)."""
+    i_t, i_b, i_h, i_hk, bos, Ts, Ns, rb = _program(H, G, T, N, cu, VARLEN)
+    r, rows, mr, lo, hi = _query_tile(i_t, Ts, Ns, W, BT)
+    b_q = _rows(q + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, BD)
     m_i = tl.full([BT], -1e30, tl.float32)
     l_i = tl.zeros([BT], tl.float32)
     c_i = tl.zeros([BT], tl.float32)
     a_i = tl.zeros([BT], tl.int32)
     acc = tl.zeros([BT, BV], tl.float32)
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
     for j0 in range(lo, hi, BK):
-        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, Ns,
                                     D, DV, BK, BD, BV, FP32)
         tmax, targ = tl.max(s, 1, return_indices=True)
         a_i = tl.where(tmax > m_i, j0 + targ, a_i)
@@ -191,11 +201,12 @@ def _window_fwd_kernel(
         c_i = tl.where(tmax > m_i, 0.0, c_i) + tl.sum(tl.where(ok & (s == m_new[:, None]), 1.0, 0.0), 1)
         acc = acc * alpha[:, None] + _dot_in(p.to(b_v.dtype), b_v, FP32)
         m_i = m_new
-    row = i_bh.to(tl.int64) * T + r.to(tl.int64)
-    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
+    row = rb + r.to(tl.int64)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh + bos * sLt, lden, r, mr, row, sLt, DV, BV)
     fw = tl.load(f + i_h)
     den = fw * l_i + (1.0 - fw) * b_l + eps
-    _put(o + i_b * sob + i_h * soh, r, mr, sot, DV, (fw * acc + (1.0 - fw) * b_L) * (1.0 / den)[:, None], BV)
+    _put(o + i_b * sob + i_h * soh + bos * sot, r, mr, sot, DV,
+         (fw * acc + (1.0 - fw) * b_L) * (1.0 / den)[:, None], BV)
     tl.store(Dn + row, den, mask=mr)
     tl.store(m + row, m_i, mask=mr)
     tl.store(ties + row, c_i, mask=mr)
@@ -218,11 +229,11 @@ def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
 
 @triton.jit
 def _window_dq_kernel(
-    q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
+    q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
     T, N, H, G, D, DV, W, scale, xscale, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
-    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid (B * H, query tiles): dq (strided like q; the linear part's dq dql [B, H, T, D]
@@ -232,21 +243,22 @@ def _window_dq_kernel(
     sum p dov, so A itself is never formed; the tie term -g / ties times the sum of each
     row's maximal keys is applied at the end (the key at ``arg`` when no row of the tile
     has tied maxima, else a second pass sums them)."""
-    i_bh, i_t, i_b, i_h, i_hk = _program(H, G)
-    r, rows, mr, lo, hi = _query_tile(i_t, T, N, W, BT)
-    b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
-    row = i_bh.to(tl.int64) * T + r.to(tl.int64)
+    i_t, i_b, i_h, i_hk, bos, Ts, Ns, rb = _program(H, G, T, N, cu, VARLEN)
+    r, rows, mr, lo, hi = _query_tile(i_t, Ts, Ns, W, BT)
+    b_q = _rows(q + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, BD)
+    row = rb + r.to(tl.int64)
     fw = tl.load(f + i_h)
-    b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
-                                                      ties, fw, r, mr, row, DV, BV)
+    b_do, b_dA, b_da, b_u, b_D, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh + bos * sdt,
+                                                      sdt, u, Dn, m, ties, fw, r, mr, row, DV,
+                                                      BV)
     a_i = tl.load(arg + row, mask=mr, other=-1)
     doA = tl.zeros([BT], tl.float32)
     a = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BD], tl.float32)
-    k_base = k + i_b * skb + i_hk * skh
-    v_base = v + i_b * svb + i_hk * svh
+    k_base = k + i_b * skb + i_hk * skh + bos * skt
+    v_base = v + i_b * svb + i_hk * svh + bos * svt
     for j0 in range(lo, hi, BK):
-        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N,
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, Ns,
                                     D, DV, BK, BD, BV, FP32)
         p = exp_nonpos(s - m_i[:, None])
         dov = _mm(b_do, tl.trans(b_v), LOWP, FP32)
@@ -257,78 +269,90 @@ def _window_dq_kernel(
         ktop = tl.zeros([BT, BD], tl.float32)
         for j0 in range(lo, hi, BK):
             b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W,
-                                        N, D, DV, BK, BD, BV, FP32)
+                                        Ns, D, DV, BK, BD, BV, FP32)
             ktop += _mm(_top(s, ok, m_i, c_i, j0 + tl.arange(0, BK), a_i), b_k, LOWP, FP32)
     else:
         ktop = _rows(k_base, a_i, mr, skt, D, BD).to(tl.float32)
-    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh, lden, r, mr, row, sLt, DV, BV)
+    b_L, b_l = _linear_rows(L + i_b * sLb + i_h * sLh + bos * sLt, lden, r, mr, row, sLt, DV, BV)
     g_i = fw * (doA - b_u * a) / b_D
     df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
     b_dq = (acc - (g_i / c_i)[:, None] * ktop) * scale
     if LIN_GRAD > 0:
-        b_dq = _lin_grad(b_dq, b_q, _rows(dql + i_bh.to(tl.int64) * T * D, r, mr, D, D,
+        b_dq = _lin_grad(b_dq, b_q, _rows(dql + rb * D, r, mr, D, D,
                                           BD).to(tl.float32), xscale, LIN_GRAD, PHI, DPHI)
-    _put(dq + i_b * sqb + i_h * sqh, r, mr, sqt, D, b_dq, BD)
+    _put(dq + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, b_dq, BD)
     tl.store(g + row, g_i, mask=mr)
     tl.store(dfr + row, df_i, mask=mr)
 
 
 @triton.jit
 def _window_dkdv_kernel(
-    q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
+    q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv, cu,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     slkb, slkh, slkt, slvb, slvh, slvt,
     T, N, NL, H, G, D, DV, W, scale, xscale, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
-    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr,
+    DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid (B * Hkv, key tiles); dk, dv laid out like k, v.  The linear part's dv and dk of
     keys s < NL, dvl / dkl [B, Hkv, >= NL, .] strided, are added (dk as :func:`_lin_grad`
-    says, with xscale 1)."""
+    says, with xscale 1).  VARLEN: (sequence, kv head) programs of the packed batch, each
+    sequence's keys s < its length - W with a linear part (NL unused)."""
     i_bhk = tl.program_id(0)
     i_k = tl.program_id(1)
     Hkv = H // G
-    i_b = (i_bhk // Hkv).to(tl.int64)
-    i_hk = (i_bhk % Hkv).to(tl.int64)
-    P0 = N - T
+    i_b, i_hk, bos, Ts = sequence_rows(i_bhk, Hkv, T, cu, VARLEN)
+    if VARLEN:
+        Ns = Ts
+        NLs = Ts - W
+    else:
+        Ns = N
+        NLs = NL
+    P0 = Ns - Ts
     cols = i_k * BK + tl.arange(0, BK)
-    mc = cols < N
-    b_k = _rows(k + i_b * skb + i_hk * skh, cols, mc, skt, D, BD)
-    b_v = _rows(v + i_b * svb + i_hk * svh, cols, mc, svt, DV, BV)
+    mc = cols < Ns
+    b_k = _rows(k + i_b * skb + i_hk * skh + bos * skt, cols, mc, skt, D, BD)
+    b_v = _rows(v + i_b * svb + i_hk * svh + bos * svt, cols, mc, svt, DV, BV)
     acc_k = tl.zeros([BK, BD], tl.float32)
     acc_v = tl.zeros([BK, BV], tl.float32)
     # query rows that see these keys: positions in [first key, last key + W - 1], rows >= 0
     lo = tl.maximum(i_k * BK - P0, 0)
-    hi = tl.minimum(i_k * BK + BK - 1 + W - P0, T)
+    hi = tl.minimum(i_k * BK + BK - 1 + W - P0, Ts)
     for gi in range(0, G):
         i_h = i_hk * G + gi
-        i_bh = i_b * H + i_h
+        if VARLEN:
+            rb = i_h * T + bos
+        else:
+            rb = (i_b * H + i_h) * T
         fw = tl.load(f + i_h)
         for r0 in range(lo, hi, BT):
             r = r0 + tl.arange(0, BT)
             mr = r < hi
-            rows = tl.where(mr, P0 + r, N)  # a masked row has no keys
-            b_q = _rows(q + i_b * sqb + i_h * sqh, r, mr, sqt, D, BD)
-            row = i_bh * T + r.to(tl.int64)
-            _, b_dA, b_da, _, _, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh, sdt, u, Dn, m,
-                                                       ties, fw, r, mr, row, DV, BV)
+            rows = tl.where(mr, P0 + r, Ns)  # a masked row has no keys
+            b_q = _rows(q + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, BD)
+            row = rb + r.to(tl.int64)
+            _, b_dA, b_da, _, _, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh + bos * sdt,
+                                                       sdt, u, Dn, m, ties, fw, r, mr, row, DV,
+                                                       BV)
             g_i = tl.load(g + row, mask=mr, other=0.0)
             a_i = tl.load(arg + row, mask=mr, other=-1)
-            s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
+            s, ok = _scores(b_q, b_k, scale, rows, cols, W, Ns, FP32)
             p = exp_nonpos(s - m_i[:, None])
             dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
             dS = p * dp - _top(s, ok, m_i, c_i, cols, a_i) * (g_i / c_i)[:, None]
             acc_v += _mm(tl.trans(p), b_dA, LOWP, FP32)
             acc_k += _mm(tl.trans(dS), b_q, LOWP, FP32)
     acc_k = acc_k * scale
-    ml = mc & (cols < NL)
-    acc_v += _rows(dvl + i_b * slvb + i_hk * slvh, cols, ml, slvt, DV, BV).to(tl.float32)
+    ml = mc & (cols < NLs)
+    acc_v += _rows(dvl + i_b * slvb + i_hk * slvh + bos * slvt, cols, ml, slvt, DV,
+                   BV).to(tl.float32)
     if LIN_GRAD > 0:
-        acc_k = _lin_grad(acc_k, b_k, _rows(dkl + i_b * slkb + i_hk * slkh, cols, ml, slkt, D,
-                                            BD).to(tl.float32), 1.0, LIN_GRAD, PHI, DPHI)
-    _put(dk + i_b * skb + i_hk * skh, cols, mc, skt, D, acc_k, BD)
-    _put(dv + i_b * svb + i_hk * svh, cols, mc, svt, DV, acc_v, BV)
+        acc_k = _lin_grad(acc_k, b_k, _rows(dkl + i_b * slkb + i_hk * slkh + bos * slkt, cols,
+                                            ml, slkt, D, BD).to(tl.float32), 1.0, LIN_GRAD,
+                          PHI, DPHI)
+    _put(dk + i_b * skb + i_hk * skh + bos * skt, cols, mc, skt, D, acc_k, BD)
+    _put(dv + i_b * svb + i_hk * svh + bos * svt, cols, mc, svt, DV, acc_v, BV)
 
 
 def _laid_out(x: torch.Tensor) -> torch.Tensor:
@@ -388,12 +412,15 @@ class _Hybrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
-                store_final):
+                store_final, cu, max_len):
         q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         W = int(window)
         ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
+        # programs: B * H rows of T queries, or (cu: packed) sequences * H of at most max_len
+        NB, TQ = (cu.shape[0] - 1, max_len) if cu is not None else (B, T)
+        size = launch_size(NB, H, T, packed=cu is not None)
         if mode == "pass":
             fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
         lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
@@ -401,25 +428,27 @@ class _Hybrid(torch.autograd.Function):
         # nears 0 (no map, say): fp16 would overflow, so its L is fp32 (bf16 has the range)
         L, lden, kvT, zT = _chunked._forward(
             lq, lk, v, True, _LIN_EPS, kv0, z0, store_final, fmap if mode == "kernel" else "",
-            scale if mode == "kernel" else 1.0, kshift=ks,
+            scale if mode == "kernel" else 1.0, kshift=ks, cu_seqlens=cu,
             o_dtype=torch.float32 if q.dtype == torch.float16 else None)
         BD, BV = _dims(D, DV, q.dtype)
         o = empty_like_layout(q, B, H, T, DV, q.dtype)
         Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
         arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)  # (alloc poisons: NaN)
-        _FWD[lambda c: (B * H, cdiv(T, c["BT"]))](
-            q, k, v, L, lden, f, o, Dn, m, ties, arg, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(L), *_strides(o), T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps),
-            size_bucket(B, H, T), BD=BD, BV=BV, FP32=q.dtype == torch.float32)
-        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg)
-        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks)
+        _FWD[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
+            q, k, v, L, lden, f, o, Dn, m, ties, arg, cu if cu is not None else o,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(o),
+            T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps), size, BD=BD, BV=BV,
+            FP32=q.dtype == torch.float32, VARLEN=cu is not None)
+        ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu)
+        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks, NB, TQ, size)
         return o, kvT, zT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dkvT, dzT):
-        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg = ctx.saved_tensors
-        mode, fmap, scale, wscale, W, ks = ctx.meta
+        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu = ctx.saved_tensors
+        mode, fmap, scale, wscale, W, ks, NB, TQ, size = ctx.meta
+        varlen = cu is not None
         B, H, T, D = q.shape
         Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
         do = unit_last(do)
@@ -430,27 +459,33 @@ class _Hybrid(torch.autograd.Function):
         dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
             lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
             fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
-            delta=u, like_inputs=False)
+            cu_seqlens=cu, delta=u, like_inputs=False)
         lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
         form = _maps.lookup(fmap)[1] if mode == "pass" else None
         BD, BV = _dims(D, DV, q.dtype)
         meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
                     DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
-                    FP32=q.dtype == torch.float32)
+                    FP32=q.dtype == torch.float32, VARLEN=varlen)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
-        _DQ[lambda c: (B * H, cdiv(T, c["BT"]))](
-            q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr,
+        cu_arg = cu if varlen else dq
+        _DQ[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
+            q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-            T, N, H, H // Hkv, D, DV, W, wscale, scale, size_bucket(B, H, T), **meta)
-        nl = T - ks  # keys with a linear part: positions < N - W
-        _DKDV[lambda c: (B * Hkv, cdiv(N, c["BK"]))](
-            q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv,
+            T, N, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
+        nl = T - ks  # keys with a linear part: positions < N - W (packed: each sequence's)
+        _DKDV[lambda c: (NB * Hkv, cdiv(N if not varlen else TQ, c["BK"]))](
+            q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv, cu_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
-            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale,
-            size_bucket(B, H, T), **meta)
+            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
         dfq = dfk = None
-        if mode == "features":  # the features' gradients (their map's backward is autograd's)
+        if mode == "features" and varlen:  # keys in each sequence's last W have no linear part
+            dfq = dql
+            ends = cu[1:].long()
+            linear_to = torch.repeat_interleave(ends - W, ends - cu[:-1].long(), output_size=T)
+            keep = torch.arange(T, device=q.device) < linear_to  # each token's sequence end - W
+            dfk = torch.where(keep[:, None], dkl, 0.0).to(fk.dtype)
+        elif mode == "features":  # the features' gradients (their map's backward is autograd's)
             dfq = dql
             if N == T and dkl.shape[2] == N:  # keys past N - W have no linear part
                 dfk = dkl
@@ -460,13 +495,13 @@ class _Hybrid(torch.autograd.Function):
                 if nl > 0:
                     dfk[:, :, :nl] = dkl[:, :, :nl]
         df = dfr.sum((0, 2))
-        return (dq, dk, dv, dfq, dfk, df, dkv0, dz0) + (None,) * 7
+        return (dq, dk, dv, dfq, dfk, df, dkv0, dz0) + (None,) * 9
 
 
 def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: float,
                      features=None, feature_map: str = "", map_pass: bool = False,
                      scale: float = 1.0, initial_kv=None, initial_z=None,
-                     return_state: bool = False):
+                     return_state: bool = False, cu_seqlens=None, max_len: int = 0):
     """The hybrid layer's output ``o [B, H, T, Dv]`` (and its linear state), both parts in
     Triton.
 
@@ -486,12 +521,22 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
         initial_kv, initial_z: fp32 ``[B, H, Dk, Dv]`` / ``[B, H, Dk]``, the linear state of
             the keys before the N (or None).
         return_state: also return the linear state over every key but the last W.
+        cu_seqlens: None, or packed sequences (B = 1, N = T: no keys before the queries), an
+            int32 tensor ``[S + 1]`` on q's device as featattn.linear_attention takes it, and
+            ``max_len`` the longest sequence's length; each sequence is attended alone, the
+            states are per sequence (``[S, H, ...]``).
 
     Returns:
         ``(o, kv, z)``, kv / z None unless ``return_state``.
     """
     B, H, T, _ = q.shape
     N = k.shape[2]
+    if cu_seqlens is not None and (B != 1 or N != T or max_len < 1):
+        raise ValueError(f"cu_seqlens packs sequences into a batch of one with no keys before "
+                         f"the queries and needs max_len >= 1: got B = {B}, {N} keys for {T} "
+                         f"queries, max_len = {max_len}")
+    if cu_seqlens is not None and isinstance(window, int) and not isinstance(window, bool):
+        window = min(window, N)  # (a window past every sequence's end: all softmax)
     if isinstance(window, bool) or not isinstance(window, int) or not N - T <= window <= N \
             or window < 1:
         raise ValueError(f"window must be an int with max(1, N - T) <= window <= N (the keys "
@@ -513,9 +558,11 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
     else:
         mode = "plain"
     Dk = q.shape[-1] if fq is None else fq.shape[-1]
-    kv0, z0 = _chunked.fill_state_half(True, initial_kv, initial_z, B, H, Dk, v.shape[-1],
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    kv0, z0 = _chunked.fill_state_half(True, initial_kv, initial_z, S, H, Dk, v.shape[-1],
                                        q.device)
     if kv0 is not None:
         kv0, z0 = kv0.float().contiguous(), z0.float().contiguous()
     return _Hybrid.apply(q, k, v, fq, fk, weight, kv0, z0, mode, feature_map, scale,
-                         window_scale, window, eps, bool(return_state))
+                         window_scale, window, eps, bool(return_state), cu_seqlens,
+                         int(max_len))
