@@ -8,6 +8,7 @@ SDPA.
     python benchmarks/gpu_hybrid.py --T 4096 16384 --window 64
     python benchmarks/gpu_hybrid.py --profile       # the kernels of one Triton fwd+bwd, by time
     python benchmarks/gpu_hybrid.py --configs       # every window-kernel tile config's time
+    python benchmarks/gpu_hybrid.py --packed        # also packed sequences, one call vs a loop
 
 Before timing, both settings are checked in bf16 at T = 1000 (grouped heads, a state in and
 out) against the float64 oracle: output and the gradients of q, k, v.  ms fwd / fwd+bwd
@@ -69,6 +70,9 @@ def main():
                     help="FEATATTN_HYBRID_LINEAR settings to time")
     ap.add_argument("--profile", action="store_true",
                     help="also list the GPU kernels of the Triton form's fwd+bwd at the last T")
+    ap.add_argument("--packed", action="store_true",
+                    help="also time B sequences of the first T packed (cu_seqlens) in one "
+                         "call, against one call per sequence (how packed calls ran before)")
     ap.add_argument("--configs", action="store_true",
                     help="also list the autotuner's time for every tile config of the window "
                          "kernels (the last shape tuned)")
@@ -92,6 +96,8 @@ def main():
                    lambda: featattn.linear_attention(q, k, v, feature_map="elu"), [q, k, v], do)
         timed_case(rows, f"T={T} causal SDPA",
                    lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do)
+    if args.packed:
+        packed_rows(rows, B, H, D, args.T[0], args.window, dev)
     print(f"\n{torch.cuda.get_device_name()}, bf16, B = {B}, H = {H}, D = {D}")
     print_table(rows)
     if args.profile:
@@ -105,6 +111,39 @@ def main():
             print(f"\n{name} kernel, ms per config (best: {tuner.best_config}):")
             for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0]):
                 print(f"  {cfg}: {ms[0]:.3f}")
+
+
+def packed_rows(rows, B, H, D, T, W, dev):
+    """B sequences of T tokens packed into one row (cu_seqlens): one Triton call for all,
+    against one call per sequence (the Python loop packed calls took before), and the same
+    tokens as a batch of B; checked against each other first."""
+    os.environ["FEATATTN_HYBRID_LINEAR"] = "triton"
+    q, k, v = (torch.randn(1, H, B * T, D, device=dev, dtype=DT).requires_grad_()
+               for _ in range(3))
+    do = torch.randn(1, H, B * T, D, device=dev, dtype=DT)
+    cu = torch.arange(0, B * T + 1, T, device=dev, dtype=torch.int32)
+
+    def packed():
+        return featattn.linear_attention(q, k, v, feature_map="elu", window=W, cu_seqlens=cu)
+
+    def loop():
+        return torch.cat([featattn.linear_attention(q[:, :, i * T:(i + 1) * T],
+                                                    k[:, :, i * T:(i + 1) * T],
+                                                    v[:, :, i * T:(i + 1) * T],
+                                                    feature_map="elu", window=W)
+                          for i in range(B)], 2)
+
+    with torch.no_grad():
+        err = _rel(packed(), loop())
+    print(f"packed vs per-sequence: rel. error {err:.1e}", flush=True)
+    timed_case(rows, f"{B} x {T} packed (cu_seqlens), one call", packed, [q, k, v], do)
+    timed_case(rows, f"{B} x {T} packed, one call per sequence (before)", loop, [q, k, v], do)
+    qb, kb, vb = (x.detach().view(H, B, T, D).transpose(0, 1).contiguous().requires_grad_()
+                  for x in (q, k, v))
+    dob = do.view(H, B, T, D).transpose(0, 1).contiguous()
+    timed_case(rows, f"B={B} T={T}, the same tokens as a batch",
+               lambda: featattn.linear_attention(qb, kb, vb, feature_map="elu", window=W),
+               [qb, kb, vb], dob)
 
 
 def profile(q, k, v, do, window, n=3):
