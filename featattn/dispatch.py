@@ -533,11 +533,9 @@ def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
     why not."""
     if hybrid_triton_mode() != "triton":
         return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"
-    if torch.compiler.is_compiling():
-        # its Triton launches sit in an autograd.Function with no custom op around them,
-        # which dynamo cannot trace; the PyTorch path compiles
-        return "runs in the chunked PyTorch path under torch.compile"
     if impl.name == "recurrent_step":  # a few tokens against a state (decoding)
+        if torch.compiler.is_compiling():  # (its launch is no custom op: dynamo cannot trace it)
+            return "runs in the PyTorch path under torch.compile"
         return None
     if impl.name != "chunked":
         return "runs in the chunked kernel (linear part) and kernels/window.py"

@@ -46,6 +46,22 @@ def test_fullgraph_inductor_on_cuda(fm):
     torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("fm", ["elu", "hedgehog"])
+def test_fullgraph_inductor_hybrid_on_cuda(fm):
+    """A hybrid (window) layer under Inductor: the Triton form as the featattn::hybrid_fwd
+    custom op, equal to eager."""
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(64, 4, fm, kv_heads=2, window=32).cuda()
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    ref = layer(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = torch.compile(layer, fullgraph=True)(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
 def test_one_graph_for_every_T_on_the_torch_path(how):
     """Variable-length training compiles the CPU (chunked PyTorch) path once.  T crosses one

@@ -552,15 +552,61 @@ def test_hybrid_in_triton_splits_the_max_gradient_between_tied_keys(monkeypatch)
         assert err < 2e-5, (name, err)
 
 
-def test_the_triton_hybrid_stays_out_of_torch_compile(monkeypatch):
-    """Under torch.compile a hybrid call takes the PyTorch path (the Triton form is an
-    autograd.Function around raw launches, which dynamo cannot trace), and select_kernel
-    says so."""
+@pytest.mark.parametrize("fm", ["elu", "identity"])  # the features made before it; none
+def test_the_triton_hybrid_under_torch_compile_is_one_custom_op(fm, monkeypatch):
+    """torch.compile(fullgraph=True) of a hybrid layer keeps the Triton form, as the custom
+    op featattn::hybrid_fwd (dynamo cannot trace the launches themselves): one graph, the
+    same outputs and gradients as eager; a windowed decoding step takes the PyTorch path
+    there, and select_kernel says so."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(16, 4, fm, kv_heads=2, window=8, backend="triton")
+    x = torch.randn(2, 70, 16, requires_grad=True)
+    ref = layer(x)
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, layer.window_logit])
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    g = torch.autograd.grad(out.square().sum(), [x, layer.window_logit])
+    assert any("hybrid_fwd" in t for t in seen), seen
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # AOTAutograd with the fake implementations: the backward op's graph too
+    torch._dynamo.reset()
+    out2 = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    g2 = torch.autograd.grad(out2.square().sum(), [x, layer.window_logit])
+    torch.testing.assert_close(out2, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g2, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     q, k, v = _inputs(1, 2, 2, 80, 4, 4, dtype=torch.float32)
-    assert featattn.select_kernel(q, k, v, "elu", backend="triton", window=8).name == "chunked"
+    if fm == "identity":  # no map at all (q, k are the features), with a state out
+        def call(q, k, v):
+            o, s = featattn.linear_attention(q, k, v, window=8, return_state=True,
+                                             backend="triton")
+            return o.square().sum() + s.kv.sum()
+
+        leaves = [t.abs().add(0.1).requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(call(*leaves), leaves)
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(call, fullgraph=True, backend="aot_eager")(
+            *leaves), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        _, st = featattn.linear_attention(q, k, v, feature_map="elu", window=8, return_state=True)
+    one = (q[:, :, :1], k[:, :, :1], v[:, :, :1])
+    assert featattn.select_kernel(*one, "elu", "triton", window=8, initial_state=st).name \
+        == "recurrent_step"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(KernelUnavailable, match="window=8.*PyTorch path under torch.compile"):
-        featattn.select_kernel(q, k, v, "elu", backend="triton", window=8)
+    assert featattn.select_kernel(q, k, v, "elu", backend="triton", window=8).name == "chunked"
+    with pytest.raises(KernelUnavailable, match="recurrent_step: window=8.*under torch.compile"):
+        featattn.select_kernel(*one, "elu", "triton", window=8, initial_state=st)
 
 
 @pytest.mark.parametrize("fm,dtype,T,W,f", [

@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from .. import _switches
+from . import _common
 from . import chunked as _chunked
 from . import maps as _maps
 from ._common import INTERPRET, TunedLaunch, alloc, cdiv, empty_like_layout, next_pow2, row_dot
@@ -399,8 +400,11 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-class _Hybrid(torch.autograd.Function):
-    """The hybrid call.  How the linear part gets its inputs (``mode``):
+def _hybrid_forward(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
+                    store_final, cu, max_len):
+    """The forward launches: ``(o, kvT, zT, saved)``, ``saved`` the tensors the backward
+    reads (q, k, v as laid out, the features, the linear part's rows, the window's rows).
+    How the linear part gets its inputs (``mode``):
 
     * ``"features"``: fq, fk given (differentiable inputs of their own);
     * ``"plain"``: q and k are the features (no map, scale 1);
@@ -409,93 +413,238 @@ class _Hybrid(torch.autograd.Function):
       kernels run on them, and the window kernels apply the map's derivative to the linear
       part's gradients (no map backward pass, no separate gradient sums).
     """
+    q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
+    B, H, T, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    W = int(window)
+    ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
+    # programs: B * H rows of T queries, or (cu: packed) sequences * H of at most max_len
+    NB, TQ = (cu.shape[0] - 1, max_len) if cu is not None else (B, T)
+    size = launch_size(NB, H, T, packed=cu is not None)
+    if mode == "pass":
+        fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
+    lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
+    # L / l is bounded by the values, but not when the features can be negative and l
+    # nears 0 (no map, say): fp16 would overflow, so its L is fp32 (bf16 has the range)
+    L, lden, kvT, zT = _chunked._forward(
+        lq, lk, v, True, _LIN_EPS, kv0, z0, store_final, fmap if mode == "kernel" else "",
+        scale if mode == "kernel" else 1.0, kshift=ks, cu_seqlens=cu,
+        o_dtype=torch.float32 if q.dtype == torch.float16 else None)
+    BD, BV = _dims(D, DV, q.dtype)
+    o = empty_like_layout(q, B, H, T, DV, q.dtype)
+    Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
+    arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)  # (alloc poisons: NaN)
+    _FWD[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
+        q, k, v, L, lden, f, o, Dn, m, ties, arg, cu if cu is not None else o,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(o),
+        T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps), size, BD=BD, BV=BV,
+        FP32=q.dtype == torch.float32, VARLEN=cu is not None)
+    return o, kvT, zT, (q, k, v, fq, fk, L, lden, Dn, m, ties, arg)
+
+
+def _hybrid_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu, do, dkvT,
+                     dzT, mode, fmap, scale, wscale, W, max_len):
+    """The backward launches: ``(dq, dk, dv, dfq, dfk, df, dkv0, dz0)`` (None where there is
+    no such input), from the forward's saved tensors (:func:`_hybrid_forward`)."""
+    B, H, T, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    ks = W - (N - T)
+    varlen = cu is not None
+    NB, TQ = (cu.shape[0] - 1, max_len) if varlen else (B, T)
+    size = launch_size(NB, H, T, packed=varlen)
+    do = unit_last(do)
+    u = row_dot(o, do)
+    # the linear part: the chunked backward with the shared denominator (per head
+    # D / (1 - f)) and delta = do . o of the hybrid's own output
+    lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
+    dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
+        lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
+        fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
+        cu_seqlens=cu, delta=u, like_inputs=False)
+    lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
+    form = _maps.lookup(fmap)[1] if mode == "pass" else None
+    BD, BV = _dims(D, DV, q.dtype)
+    meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
+                DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
+                FP32=q.dtype == torch.float32, VARLEN=varlen)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
+    cu_arg = cu if varlen else dq
+    _DQ[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
+        q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
+        T, N, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
+    nl = T - ks  # keys with a linear part: positions < N - W (packed: each sequence's)
+    _DKDV[lambda c: (NB * Hkv, cdiv(N if not varlen else TQ, c["BK"]))](
+        q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv, cu_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
+        *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
+    dfq = dfk = None
+    if mode == "features" and varlen:  # keys in each sequence's last W have no linear part
+        dfq = dql
+        ends = cu[1:].long()
+        linear_to = torch.repeat_interleave(ends - W, ends - cu[:-1].long(), output_size=T)
+        keep = torch.arange(T, device=q.device) < linear_to  # each token's sequence end - W
+        dfk = torch.where(keep[:, None], dkl, 0.0).to(fk.dtype)
+    elif mode == "features":  # the features' gradients (their map's backward is autograd's)
+        dfq = dql
+        if N == T and dkl.shape[2] == N:  # keys past N - W have no linear part
+            dfk = dkl
+            dfk[:, :, max(nl, 0):].zero_()
+        else:
+            dfk = torch.zeros_like(fk)
+            if nl > 0:
+                dfk[:, :, :nl] = dkl[:, :, :nl]
+    df = dfr.sum((0, 2))
+    return dq, dk, dv, dfq, dfk, df, dkv0, dz0
+
+
+class _Hybrid(torch.autograd.Function):
+    """The hybrid call in eager mode (:func:`_hybrid_forward` / :func:`_hybrid_backward`);
+    under torch.compile the custom op ``featattn::hybrid_fwd`` runs the same launches."""
 
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
                 store_final, cu, max_len):
-        q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
-        B, H, T, D = q.shape
-        Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
-        W = int(window)
-        ks = W - (N - T)  # query row r sums the keys s <= r - ks (positions <= P0 + r - W)
-        # programs: B * H rows of T queries, or (cu: packed) sequences * H of at most max_len
-        NB, TQ = (cu.shape[0] - 1, max_len) if cu is not None else (B, T)
-        size = launch_size(NB, H, T, packed=cu is not None)
-        if mode == "pass":
-            fq, fk = _maps.apply_map(q, fmap, scale), _maps.apply_map(k, fmap)
-        lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
-        # L / l is bounded by the values, but not when the features can be negative and l
-        # nears 0 (no map, say): fp16 would overflow, so its L is fp32 (bf16 has the range)
-        L, lden, kvT, zT = _chunked._forward(
-            lq, lk, v, True, _LIN_EPS, kv0, z0, store_final, fmap if mode == "kernel" else "",
-            scale if mode == "kernel" else 1.0, kshift=ks, cu_seqlens=cu,
-            o_dtype=torch.float32 if q.dtype == torch.float16 else None)
-        BD, BV = _dims(D, DV, q.dtype)
-        o = empty_like_layout(q, B, H, T, DV, q.dtype)
-        Dn, m, ties = (alloc((B, H, T), torch.float32, q.device) for _ in range(3))
-        arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)  # (alloc poisons: NaN)
-        _FWD[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
-            q, k, v, L, lden, f, o, Dn, m, ties, arg, cu if cu is not None else o,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(o),
-            T, N, H, H // Hkv, D, DV, W, float(wscale), float(eps), size, BD=BD, BV=BV,
-            FP32=q.dtype == torch.float32, VARLEN=cu is not None)
+        o, kvT, zT, saved = _hybrid_forward(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale,
+                                            wscale, window, eps, store_final, cu, max_len)
+        q, k, v, fq, fk, L, lden, Dn, m, ties, arg = saved
         ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu)
-        ctx.meta = (mode, fmap, float(scale), float(wscale), W, ks, NB, TQ, size)
+        ctx.meta = (mode, fmap, float(scale), float(wscale), int(window), int(max_len))
         return o, kvT, zT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dkvT, dzT):
-        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu = ctx.saved_tensors
-        mode, fmap, scale, wscale, W, ks, NB, TQ, size = ctx.meta
-        varlen = cu is not None
-        B, H, T, D = q.shape
-        Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
-        do = unit_last(do)
-        u = row_dot(o, do)
-        # the linear part: the chunked backward with the shared denominator (per head
-        # D / (1 - f)) and delta = do . o of the hybrid's own output
-        lq, lk = (q, k) if fq is None else (unit_last(fq), unit_last(fk))
-        dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
-            lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
-            fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
-            cu_seqlens=cu, delta=u, like_inputs=False)
-        lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
-        form = _maps.lookup(fmap)[1] if mode == "pass" else None
-        BD, BV = _dims(D, DV, q.dtype)
-        meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
-                    DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
-                    FP32=q.dtype == torch.float32, VARLEN=varlen)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
-        cu_arg = cu if varlen else dq
-        _DQ[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
-            q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
-            T, N, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
-        nl = T - ks  # keys with a linear part: positions < N - W (packed: each sequence's)
-        _DKDV[lambda c: (NB * Hkv, cdiv(N if not varlen else TQ, c["BK"]))](
-            q, k, v, do, f, u, Dn, m, ties, arg, g, dkl, dvl, dk, dv, cu_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dkl),
-            *_strides(dvl), T, N, nl, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
-        dfq = dfk = None
-        if mode == "features" and varlen:  # keys in each sequence's last W have no linear part
-            dfq = dql
-            ends = cu[1:].long()
-            linear_to = torch.repeat_interleave(ends - W, ends - cu[:-1].long(), output_size=T)
-            keep = torch.arange(T, device=q.device) < linear_to  # each token's sequence end - W
-            dfk = torch.where(keep[:, None], dkl, 0.0).to(fk.dtype)
-        elif mode == "features":  # the features' gradients (their map's backward is autograd's)
-            dfq = dql
-            if N == T and dkl.shape[2] == N:  # keys past N - W have no linear part
-                dfk = dkl
-                dfk[:, :, max(nl, 0):].zero_()
-            else:
-                dfk = torch.zeros_like(fk)
-                if nl > 0:
-                    dfk[:, :, :nl] = dkl[:, :, :nl]
-        df = dfr.sum((0, 2))
-        return (dq, dk, dv, dfq, dfk, df, dkv0, dz0) + (None,) * 9
+        grads = _hybrid_backward(*ctx.saved_tensors, do, dkvT, dzT, *ctx.meta)
+        return grads + (None,) * 9
+
+
+# ---------------------------------------------------------------- torch.compile: custom ops
+# The same launches as featattn::hybrid_fwd / featattn::hybrid_bwd, which dynamo keeps as
+# opaque nodes (it cannot trace a Triton launch inside an autograd.Function).  An empty
+# tensor stands for None among the outputs (a custom op returns tensors only); outputs never
+# alias inputs; the fake implementations give the real ones' shapes, dtypes and strides.
+
+def _none(t):
+    return None if t is None or t.numel() == 0 and t.dim() == 1 else t
+
+
+@torch.library.custom_op("featattn::hybrid_fwd", mutates_args=())
+def _hybrid_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: Optional[torch.Tensor],
+    fk: Optional[torch.Tensor], f: torch.Tensor, kv0: Optional[torch.Tensor],
+    z0: Optional[torch.Tensor], mode: str, fmap: str, scale: float, wscale: float, window: int,
+    eps: float, store_final: bool, cu: Optional[torch.Tensor], max_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, kvT, zT, saved = _hybrid_forward(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale,
+                                        window, eps, store_final, cu, max_len)
+    _, _, _, pfq, pfk, L, lden, Dn, m, ties, arg = saved
+    e = q.new_empty(0, dtype=torch.float32)
+    if mode == "pass":  # the map pass's features, which the backward reads
+        pfq, pfk = pfq.contiguous(), pfk.contiguous()
+    else:
+        pfq, pfk = e.clone(), e.clone()
+    return (o, kvT if kvT is not None else e.clone(), zT if zT is not None else e.clone(),
+            L, lden, Dn, m, ties, arg, pfq, pfk)
+
+
+@_hybrid_fwd_op.register_fake
+def _(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps, store_final, cu,
+      max_len):
+    B, H, T, D = q.shape
+    DV = v.shape[-1]
+    S = B if cu is None else cu.shape[0] - 1
+    Dk = D if fq is None else fq.shape[-1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lq = unit_last(fq) if mode == "features" else _laid_out(q)  # as _hybrid_forward's
+    o = empty_like_layout(_laid_out(q), B, H, T, DV, q.dtype, poison=False)
+    L = empty_like_layout(lq, B, H, T, DV,
+                          torch.float32 if q.dtype == torch.float16 else q.dtype, poison=False)
+    rows = [torch.empty((B, H, T), **f32) for _ in range(4)]
+    arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)
+    kvT = torch.empty((S, H, Dk, DV), **f32) if store_final else torch.empty(0, **f32)
+    zT = torch.empty((S, H, Dk), **f32) if store_final else torch.empty(0, **f32)
+    if mode == "pass":
+        pfq, pfk = torch.empty(q.shape, dtype=q.dtype, device=q.device), \
+            torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    else:
+        pfq, pfk = torch.empty(0, **f32), torch.empty(0, **f32)
+    return (o, kvT, zT, L, *rows, arg, pfq, pfk)
+
+
+@torch.library.custom_op("featattn::hybrid_bwd", mutates_args=())
+def _hybrid_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: Optional[torch.Tensor],
+    fk: Optional[torch.Tensor], f: torch.Tensor, kv0: Optional[torch.Tensor],
+    z0: Optional[torch.Tensor], o: torch.Tensor, L: torch.Tensor, lden: torch.Tensor,
+    Dn: torch.Tensor, m: torch.Tensor, ties: torch.Tensor, arg: torch.Tensor,
+    cu: Optional[torch.Tensor], do: torch.Tensor, dkvT: Optional[torch.Tensor],
+    dzT: Optional[torch.Tensor], mode: str, fmap: str, scale: float, wscale: float,
+    window: int, max_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
+    dq, dk, dv, dfq, dfk, df, dkv0, dz0 = _hybrid_backward(
+        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu, do, dkvT, dzT, mode,
+        fmap, scale, wscale, window, max_len)
+    e = q.new_empty(0, dtype=torch.float32)
+    if dfq is not None:
+        dfq, dfk = dfq.to(fq.dtype).contiguous(), dfk.to(fk.dtype).contiguous()
+    return (dq, dk, dv, dfq if dfq is not None else e.clone(),
+            dfk if dfk is not None else e.clone(), df,
+            dkv0 if dkv0 is not None else e.clone(), dz0 if dz0 is not None else e.clone())
+
+
+@_hybrid_bwd_op.register_fake
+def _(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu, do, dkvT, dzT, mode,
+      fmap, scale, wscale, window, max_len):
+    f32 = dict(dtype=torch.float32, device=q.device)
+    q, k, v = _laid_out(q), _laid_out(k), _laid_out(v)
+    feats = mode == "features"
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty(fq.shape, dtype=fq.dtype, device=q.device) if feats else torch.empty(0, **f32),
+            torch.empty(fk.shape, dtype=fk.dtype, device=q.device) if feats else torch.empty(0, **f32),
+            torch.empty(f.shape, **f32),
+            torch.empty(kv0.shape, **f32) if kv0 is not None else torch.empty(0, **f32),
+            torch.empty(z0.shape, **f32) if z0 is not None else torch.empty(0, **f32))
+
+
+def _hybrid_setup(ctx, inputs, output):
+    (q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps, store_final, cu,
+     max_len) = inputs
+    o, kvT, zT, L, lden, Dn, m, ties, arg, pfq, pfk = output
+    if mode == "pass":
+        fq, fk = pfq, pfk
+    ctx.save_for_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu)
+    ctx.meta = (mode, fmap, float(scale), float(wscale), int(window), int(max_len))
+    ctx.store_final = store_final
+
+
+def _hybrid_grads(ctx, do, dkvT, dzT, *unused):
+    q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu = ctx.saved_tensors
+    if do is None:  # only the returned state is used
+        do = torch.zeros_like(o)
+    if not ctx.store_final:
+        dkvT = dzT = None
+    dq, dk, dv, dfq, dfk, df, dkv0, dz0 = _hybrid_bwd_op(
+        q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu, do, dkvT, dzT, *ctx.meta)
+    feats = ctx.meta[0] == "features"
+    return (dq, dk, dv, dfq if feats else None, dfk if feats else None, df, _none(dkv0),
+            _none(dz0)) + (None,) * 9
+
+
+_hybrid_fwd_op.register_autograd(_hybrid_grads, setup_context=_hybrid_setup)
+
+
+def _hybrid_compiled(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
+                     store_final, cu, max_len):
+    """:class:`_Hybrid`'s call through the custom op (under torch.compile)."""
+    o, kvT, zT, *_ = _hybrid_fwd_op(q, k, v, fq, fk, f, kv0, z0, mode, fmap, float(scale),
+                                    float(wscale), int(window), float(eps), bool(store_final),
+                                    cu, int(max_len))
+    return o, (kvT if store_final else None), (zT if store_final else None)
 
 
 def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: float,
@@ -563,6 +712,7 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
                                        q.device)
     if kv0 is not None:
         kv0, z0 = kv0.float().contiguous(), z0.float().contiguous()
-    return _Hybrid.apply(q, k, v, fq, fk, weight, kv0, z0, mode, feature_map, scale,
-                         window_scale, window, eps, bool(return_state), cu_seqlens,
-                         int(max_len))
+    run = _hybrid_compiled if torch.compiler.is_compiling() or _common.EAGER_CUSTOM_OP \
+        else _Hybrid.apply
+    return run(q, k, v, fq, fk, weight, kv0, z0, mode, feature_map, scale, window_scale,
+               window, eps, bool(return_state), cu_seqlens, int(max_len))
