@@ -135,6 +135,9 @@ def linear_attention(
             ``attention_mask``): False marks padded keys, which then add nothing to any sum
             (their features and values are zeroed).  Outputs at padded positions are
             computed but meaningless.  For packed sequences use ``cu_seqlens`` instead.
+            With ``window > 0`` each row's real tokens are attended as one packed sequence
+            (the window counts real keys; outputs at padded positions are 0; every row needs
+            a real token), as FlashAttention's varlen recipe does.
 
     Returns:
         o: ``[B, H, T, Dv]`` (``[B, T, H, Dv]`` with ``layout="bthd"``) in the input dtype,
@@ -199,11 +202,26 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     for what, bad in (("window > 0", window > 0), ("cu_seqlens", cu is not None),
                       ("cp_group", cp_group is not None)):
+        if what == "window > 0" and causal:  # (a key_padding_mask packs the rows, below)
+            continue
         if bad and (not causal or key_padding_mask is not None):
             opt = "causal=False" if not causal else "key_padding_mask"
             raise ValueError(f"{opt} is not supported with {what}; "
                              + ("pack the sequences without padding (cu_seqlens) instead"
                                 if what == "cu_seqlens" and causal else "call without it"))
+    if key_padding_mask is not None and window:  # each row's real tokens as one sequence
+        keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
+        if not bool(keep.any(1).all()):
+            empty = (~keep.any(1)).nonzero().flatten().tolist()
+            raise ValueError(f"key_padding_mask with window > 0: rows {empty[:8]} have no real "
+                             f"token (all padded); drop them")
+
+        def packed(qp, kp, vp, cu_p):
+            return _linear_attention(qp, kp, vp, fm, normalize, eps, scale, initial_state,
+                                     return_state, backend, cu_seqlens=cu_p, window=window,
+                                     window_weight=window_weight, window_scale=window_scale)
+
+        return unpad_attend(q, k, v, keep, packed, return_state)
     if key_padding_mask is not None:  # padded keys: zero features and values, then as usual
         keep = _validate_key_mask(key_padding_mask, q)
         q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk) if fm is not None \
@@ -322,6 +340,29 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+def unpad_attend(q, k, v, keep, attend, return_state=False):
+    """FlashAttention's varlen recipe: the real tokens of each row (``keep [B, T]`` bool,
+    True = real) packed into one sequence each, ``attend(q, k, v, cu_seqlens)`` on
+    ``[1, h, total, d]`` tensors, its output put back in place (0 at padded positions).
+    ``attend`` returns o, or ``(o, state)`` with ``return_state`` (passed through)."""
+    B, H, T, _ = q.shape
+    idx = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, row by row, in order
+
+    def pack(x):  # [B, h, T, d] -> [1, h, total, d]
+        h, d = x.shape[1], x.shape[3]
+        return x.transpose(1, 2).reshape(B * T, h, d).index_select(0, idx).unsqueeze(0) \
+            .transpose(1, 2)
+
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = torch.cumsum(keep.sum(1), 0)
+    res = attend(pack(q), pack(k), pack(v), cu)
+    o, state = res if return_state else (res, None)
+    Dv = o.shape[-1]
+    full = o.new_zeros(B * T, H, Dv).index_copy(0, idx, o[0].transpose(0, 1))
+    o = full.view(B, T, H, Dv).transpose(1, 2)
+    return (o, state) if return_state else o
 
 
 def _validate_key_mask(mask, q) -> torch.Tensor:
@@ -615,10 +656,11 @@ def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel
         if len(keep) > 1:
             short = [n for n in range(N) if held + cu[n + 1] - cu[n] < window]
             raise ValueError(
-                f"return_state with window={window} and cu_seqlens stacks one window of keys per "
-                f"sequence, so every sequence must have seen >= {window} tokens (or all the same "
-                f"number); sequences {short[:8]} are shorter. Pack only sequences of at least "
-                f"{window} tokens, or call per sequence to keep their states")
+                f"return_state with window={window} and packed sequences (cu_seqlens, or the "
+                f"rows of a key_padding_mask) stacks one window of keys per sequence, so every "
+                f"sequence must have seen >= {window} tokens (or all the same number); "
+                f"sequences {short[:8]} are shorter. Pack only sequences of at least {window} "
+                f"tokens, or call per sequence to keep their states")
     if kernel == "chunked" and not held:
         lens = [cu[n + 1] - cu[n] for n in range(N)]
         cu_t = cu_seqlens.to(device=q.device, dtype=torch.int32)

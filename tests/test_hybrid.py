@@ -200,6 +200,43 @@ def test_bad_window_input_is_explained():
         featattn.FeatureAttention(16, 2, "elu", window=3, normalize=False)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_key_padding_mask_attends_each_rows_real_tokens(backend, monkeypatch):
+    """key_padding_mask with a window: each row's real tokens as one sequence (right and
+    left padding, and a hole, where the window counts real keys), 0 at padded positions,
+    gradients through; the layer takes it too; a row with no real token is an error."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    dt = torch.float32 if backend == "triton" else torch.float64
+    B, H, T, D, W = 3, 2, 80, 4, 8
+    q, k, v = (t.requires_grad_() for t in _inputs(B, H, 1, T, D, D, seed=2, dtype=dt))
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[0, 70:] = False  # right padding
+    keep[1, :15] = False  # left padding
+    keep[2, 30:33] = False  # a hole
+    o = featattn.linear_attention(q, k, v, feature_map="elu", window=W, key_padding_mask=keep,
+                                  backend=backend)
+    g = torch.autograd.grad(o.square().sum(), [q, k, v])
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        idx = keep[b].nonzero().flatten()
+        want[b, :, idx] = featattn.linear_attention(
+            qr[b:b + 1, :, idx], kr[b:b + 1, :, idx], vr[b:b + 1, :, idx], feature_map="elu",
+            window=W, backend="reference")[0]
+    g_want = torch.autograd.grad(want.square().sum(), [qr, kr, vr])
+    tol = 1e-10 if dt == torch.float64 else 2e-5
+    for a, b in zip([o, *g], [want, *g_want]):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+    assert torch.all(o[~keep[:, None, :, None].expand_as(o)] == 0)
+    layer = featattn.FeatureAttention(8, 2, "elu", window=W)
+    x = torch.randn(B, T, 8)
+    y = layer(x, key_padding_mask=keep)
+    torch.testing.assert_close(y[0, :70], layer(x[:1, :70])[0])
+    with pytest.raises(ValueError, match=r"rows \[1\] have no real token"):
+        featattn.linear_attention(q, k, v, feature_map="elu", window=W,
+                                  key_padding_mask=keep & torch.tensor([True, False, True])[:, None])
+
+
 def test_oracle_state_is_the_linear_part_before_the_window():
     """The returned kv/z cover exactly the tokens older than the last W."""
     q, k, v = _inputs(1, 2, 2, 10, 4, 4)

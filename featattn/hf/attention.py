@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..feature_maps import FeatureMap, TaylorFeatureMap
-from ..functional import decode_step, linear_attention
+from ..functional import decode_step, linear_attention, unpad_attend
 from ..layers import rotate_half
 from ._common import _FAMILIES, PADDING_KWARG, _supported_text
 from .cache import _state_layer
@@ -251,7 +251,7 @@ class HFFeatureAttention(nn.Module):
                     f"too: pass use_cache=False (training, scoring), or generate those rows "
                     f"separately")
         if bool((lengths > 0).all()):
-            return self._attend_packed(q, k, v, keep, lengths, state, return_state)
+            return self._attend_packed(q, k, v, keep, state, return_state)
         if self.window:
             raise ValueError(
                 f"layer {self.layer_idx} has a softmax window (window={self.window}) and a row of "
@@ -266,28 +266,16 @@ class HFFeatureAttention(nn.Module):
             initial_state=state, return_state=return_state, backend=self.backend,
         )
 
-    def _attend_packed(self, q, k, v, keep, lengths, state, return_state):
+    def _attend_packed(self, q, k, v, keep, state, return_state):
         """unpad -> linear_attention(cu_seqlens) -> repad (FlashAttention's varlen recipe)."""
-        B, H, T, _ = q.shape
-        idx = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, row by row, in order
+        def attend(qp, kp, vp, cu):
+            return linear_attention(
+                qp, kp, vp, feature_map=self.feature_map, normalize=self.normalize,
+                eps=self.eps, scale=self.q_scale, initial_state=state,
+                return_state=return_state, backend=self.backend, cu_seqlens=cu,
+                **self.window_kwargs())
 
-        def pack(x):  # [B, h, T, d] -> [1, h, total, d]
-            h, d = x.shape[1], x.shape[3]
-            return x.transpose(1, 2).reshape(B * T, h, d).index_select(0, idx).unsqueeze(0).transpose(1, 2)
-
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-        cu[1:] = torch.cumsum(lengths, 0)
-        res = linear_attention(
-            pack(q), pack(k), pack(v), feature_map=self.feature_map, normalize=self.normalize,
-            eps=self.eps, scale=self.q_scale, initial_state=state, return_state=return_state,
-            backend=self.backend, cu_seqlens=cu, **self.window_kwargs(),
-        )
-        o, new_state = res if return_state else (res, None)
-        Dv = o.shape[-1]
-        full = o.new_zeros(B * T, H, Dv)
-        full = full.index_copy(0, idx, o[0].transpose(0, 1))
-        o = full.view(B, T, H, Dv).transpose(1, 2)
-        return (o, new_state) if return_state else o
+        return unpad_attend(q, k, v, keep, attend, return_state)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """``o [B, H, T, d]`` -> ``[B, T, E]`` through the model's output projection."""

@@ -389,9 +389,9 @@ def test_padded_batch_is_packed_not_masked(monkeypatch):
     packed = []
     real = HFFeatureAttention._attend_packed
 
-    def spy(self, q, k, v, keep, lengths, *rest):
-        packed.append(lengths.tolist())
-        return real(self, q, k, v, keep, lengths, *rest)
+    def spy(self, q, k, v, keep, *rest):
+        packed.append(keep.sum(1).tolist())
+        return real(self, q, k, v, keep, *rest)
 
     monkeypatch.setattr(HFFeatureAttention, "_attend_packed", spy)
     a, b = ids_batch(1, 7, seed=5)[0], ids_batch(1, 4, seed=6)[0]
