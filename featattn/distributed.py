@@ -15,8 +15,16 @@ sequence (rank order is sequence order) and gets its slice of the whole sequence
 The backward sends the gradient of each rank's initial state back: one ``all_gather`` of those
 gradients (fp32, ``B * H * Dk * (Dv + 1)`` floats per rank), summed over the later ranks into
 the slice's state gradient, and over every rank into the caller's ``initial_state`` gradient.
-Before all that, a 96-byte ``all_gather`` compares every rank's shapes and options, so a
+Before all that, a small (128-byte) ``all_gather`` compares every rank's shapes and options, so a
 mismatch raises the same ValueError on every rank instead of hanging in a collective.
+
+A hybrid call (``window=W``) also needs the W raw keys and values before the rank's first
+token, which may lie on several earlier ranks: one more ``all_gather`` of every rank's last
+``min(W, T)`` rows of k and v (``B * Hkv * W * (Dqk + Dv)`` values per rank), from which
+each rank takes its window (:func:`window_initial_state`); the backward gathers the windows' gradients the
+same way and each rank adds those of its own rows.  The rank then starts from the earlier
+ranks' states less the window's part (those keys are the softmax's, not yet the linear
+part's) and that window, as a windowed ``initial_state``.
 
 A packed row (``cu_seqlens``, the whole row's boundaries on every rank) is cut the same way;
 documents may cross rank boundaries.  Only the state of the document running over a boundary
@@ -40,7 +48,8 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["check_group", "slice_state", "rank_initial_state", "packed_plan",
-           "packed_initial_states", "STATE_CHUNK_ELEMENTS"]
+           "packed_initial_states", "window_initial_state", "halo_plans",
+           "STATE_CHUNK_ELEMENTS"]
 
 #: The slice's state is summed over chunks of T holding at most this many feature elements
 #: (B * Hkv * chunk * Dk), so the fp32 features of one chunk stay near 64 MiB.
@@ -100,7 +109,7 @@ def _show(name, value):
 
 
 def call_facts(q, k, v, fm, normalize, Dk, has_init, needs_grad, return_state,
-               cu: Optional[list] = None, state_grad: bool = False) -> dict:
+               cu: Optional[list] = None, state_grad: bool = False, window: int = 0) -> dict:
     """What every rank must agree on (T excluded); ``cu``: the packed row's boundaries;
     ``needs_grad``: q, k, v or the map need a gradient, ``state_grad``: the initial state
     does (separately: each decides which collectives the backward runs)."""
@@ -113,7 +122,8 @@ def call_facts(q, k, v, fm, normalize, Dk, has_init, needs_grad, return_state,
             "q, k, v or the map need a gradient": needs_grad,
             "initial_state needs a gradient": state_grad, "return_state": return_state,
             "cu_seqlens (crc32 of its entries; -1: none)":
-                -1 if cu is None else zlib.crc32(",".join(map(str, cu)).encode())}
+                -1 if cu is None else zlib.crc32(",".join(map(str, cu)).encode()),
+            "window": window}
 
 
 def slice_state(k, v, fm, normalize):
@@ -292,3 +302,113 @@ class _SumGradOverRanks(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g, None
+
+
+# --------------------------------------------------------------------------- the hybrid's window
+def halo_plans(Ts: list, W: int) -> list:
+    """For every rank, where the W tokens before its first one lie: ``[(rank, rows), ...]``
+    in sequence order, ``rows`` from the end of that rank's slice (fewer than W in all at
+    the start of the sequence)."""
+    plans = []
+    for r in range(len(Ts)):
+        need, parts, src = min(W, sum(Ts[:r])), [], r - 1
+        while need > 0:
+            take = min(need, Ts[src])
+            if take:
+                parts.append((src, take))
+            need -= take
+            src -= 1
+        plans.append(parts[::-1])
+    return plans
+
+
+class _Halo:
+    """The W keys and values before this rank's first token: one all_gather of every rank's
+    last min(W, T) rows of ``[k | v]`` (front-padded to W rows) forward, one of every rank's
+    window gradient (back-aligned to W rows) backward, of which each rank sums the rows
+    that came from its own slice.  Run inside :class:`_WindowPrefix`, whose single backward
+    makes every rank's collectives come in the same order."""
+
+    @staticmethod
+    def forward(ctx, tail, group, Ts, W):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        B, Hkv, n, X = tail.shape
+        buf = tail.new_zeros(B, Hkv, W, X)
+        buf[:, :, W - n:] = tail
+        every = tail.new_empty(world * buf.numel())
+        _all_gather(every, buf.contiguous(), group)
+        every = every.view(world, B, Hkv, W, X)
+        plans = halo_plans(Ts, W)
+        parts = [every[src, :, :, W - take:] for src, take in plans[rank]]
+        ctx.group, ctx.rank, ctx.world, ctx.plans, ctx.W, ctx.n = group, rank, world, plans, W, n
+        ctx.shape = (B, Hkv, X)
+        return torch.cat(parts, 2) if parts else tail.new_zeros(B, Hkv, 0, X)
+
+    @staticmethod
+    def backward(ctx, g, like):
+        B, Hkv, X = ctx.shape
+        W = ctx.W
+        buf = like.new_zeros(B, Hkv, W, X)
+        if g is not None:
+            buf[:, :, W - g.shape[2]:] = g
+        every = buf.new_empty(ctx.world * buf.numel())
+        _all_gather(every, buf.contiguous(), ctx.group)
+        every = every.view(ctx.world, B, Hkv, W, X)
+        mine = buf.new_zeros(B, Hkv, W, X)  # the gradient of this rank's front-padded tail
+        for r, parts in enumerate(ctx.plans):
+            at = W - sum(take for _, take in parts)
+            for src, take in parts:
+                if src == ctx.rank:
+                    mine[:, :, W - take:] += every[r, :, :, at:at + take]
+                at += take
+        return mine[:, :, W - ctx.n:]
+
+
+class _WindowPrefix(torch.autograd.Function):
+    """:class:`_RankPrefix` and :class:`_Halo` as one node: (this rank's initial state
+    from the earlier ranks, the keys and values of its window).  One node, so every rank's
+    backward runs the two all_gathers in the same order (two nodes could run in a different
+    order on ranks whose graphs differ, and the collectives would mismatch)."""
+
+    @staticmethod
+    def forward(ctx, local, init, tail, group, H, G, feeds, Ts, W):
+        ctx.prefix, ctx.halo = _Ctx(), _Ctx()
+        flat = _RankPrefix.forward(ctx.prefix, local, init, group, H, G, feeds)
+        win = _Halo.forward(ctx.halo, tail, group, Ts, W)
+        ctx.like, ctx.flat_shape, ctx.prefix_dtype = tail.new_empty(0), flat.shape, flat.dtype
+        return flat, win
+
+    @staticmethod
+    def backward(ctx, g_flat, g_win):
+        if g_flat is None:  # (every rank must still run both collectives)
+            g_flat = ctx.like.new_zeros(ctx.flat_shape, dtype=ctx.prefix_dtype)
+        d_local, d_init = _RankPrefix.backward(ctx.prefix, g_flat)[:2]
+        d_tail = _Halo.backward(ctx.halo, g_win, ctx.like)
+        return d_local, d_init, d_tail, None, None, None, None, None, None
+
+
+class _Ctx:
+    """A plain attribute holder standing in for an autograd ctx."""
+
+
+def window_initial_state(kv, z, kv0, z0, k, v, group, H, Ts: list, W: int):
+    """:func:`rank_initial_state` for a hybrid call, and the window: ``(kv_r, z_r, window_k
+    [B, Hkv, P, Dqk], window_v [B, Hkv, P, Dv])`` with P = min(W, tokens before the slice),
+    the window differentiable (its gradients go back to the ranks that hold it).  kv_r, z_r
+    still include the window's keys (the caller takes them out).  Every rank must call it."""
+    B, Hkv, Dk, Dv = kv.shape
+    G = H // Hkv
+    local = torch.cat([kv.reshape(B, Hkv, -1)] + ([z] if z is not None else []), -1)
+    init = None
+    if kv0 is not None:
+        init = torch.cat([kv0.to(local.dtype).reshape(B, H, -1)]
+                         + ([z0.to(local.dtype)] if z is not None else []), -1)
+    world = dist.get_world_size(group)
+    earlier = [[int(r2 < r) for r2 in range(world)] for r in range(world)]
+    n = min(W, k.shape[2])
+    Dqk = k.shape[-1]
+    tail = torch.cat([k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:].to(k.dtype)], -1)
+    flat, win = _WindowPrefix.apply(local, init, tail, group, H, G, earlier, list(Ts), int(W))
+    kv_r = flat[..., :Dk * Dv].reshape(B, H, Dk, Dv)
+    z_r = flat[..., Dk * Dv:] if z is not None else None
+    return kv_r, z_r, win[..., :Dqk], win[..., Dqk:].to(v.dtype)

@@ -231,7 +231,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
         fm, scale, Dqk = None, 1.0, Dk
     if cp_group is not None:
         return _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state,
-                                 return_state, backend, cp_group, Dk, cu, cu_seqlens)
+                                 return_state, backend, cp_group, Dk, cu, cu_seqlens,
+                                 window, window_weight, window_scale)
 
     if cu is not None:
         taylor_varlen_mode()  # a bad switch value raises whichever kernel runs
@@ -440,9 +441,11 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     if not normalize:
         raise ValueError("window > 0 (the hybrid layer) shares one denominator between the "
                          "softmax and linear parts: it needs normalize=True")
-    if cp_group is not None:
-        raise ValueError("window > 0 is not supported with cp_group yet; call per sequence "
-                         "(or linear_attention with the state) instead")
+    if cp_group is not None and (cu is not None or windowed_state):
+        what = "cu_seqlens" if cu is not None else "an initial_state holding window keys"
+        raise ValueError(f"window > 0 with cp_group is not supported with {what} yet: split "
+                         f"one sequence (no cu_seqlens) with a plain initial_state, or call "
+                         f"without cp_group")
     H = q.shape[1]
     if weight is not None:
         if isinstance(weight, torch.Tensor):
@@ -698,22 +701,36 @@ def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel
 
 
 def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state, return_state,
-                      backend, group, Dk, cu=None, cu_seqlens=None):
+                      backend, group, Dk, cu=None, cu_seqlens=None, window=0, window_weight=None,
+                      window_scale=None):
     """This rank's slice of one sequence split across ``group`` (featattn/distributed.py); with
-    ``cu`` (the whole row's boundaries, the same on every rank) of a packed row."""
+    ``cu`` (the whole row's boundaries, the same on every rank) of a packed row.  With a
+    window (one sequence): the earlier ranks' states less the W keys before the slice, which
+    come as the state's window (:func:`featattn.distributed.halo`)."""
     from . import distributed as D
 
     D.check_group(group)
     state_grad = torch.is_grad_enabled() and initial_state is not None and any(
         t is not None and t.requires_grad for t in (initial_state.kv, initial_state.z))
     facts = D.call_facts(q, k, v, fm, normalize, Dk, kv0 is not None,
-                         needs_grad(q, k, v, None, fm), return_state, cu, state_grad)
+                         needs_grad(q, k, v, None, fm), return_state, cu, state_grad, window)
     Ts = D.agree(group, q.device, what=facts, share={"T": q.shape[2]})["T"]
     if cu is None:
         kv, z = D.slice_state(k, v, fm, normalize)
-        kv_r, z_r = D.rank_initial_state(kv, z, kv0, z0, group, q.shape[1])
-        return _linear_attention(q, k, v, fm, normalize, eps, scale,
-                                 LinearAttentionState(kv_r, z_r), return_state, backend)
+        if not window:
+            state = LinearAttentionState(*D.rank_initial_state(kv, z, kv0, z0, group, q.shape[1]))
+        else:  # the W keys before the slice are the window's, not yet the linear part's
+            kv_r, z_r, wk, wv = D.window_initial_state(kv, z, kv0, z0, k, v, group, q.shape[1],
+                                                       Ts, window)
+            state = LinearAttentionState(kv_r, z_r)
+            if wk.shape[2]:
+                hkv, hz = D.slice_state(wk, wv, fm, normalize)
+                G = q.shape[1] // k.shape[1]
+                state = LinearAttentionState(kv_r - D._expand(hkv, G), z_r - D._expand(hz, G),
+                                             wk, wv)
+        return _linear_attention(q, k, v, fm, normalize, eps, scale, state, return_state,
+                                 backend, window=window, window_weight=window_weight,
+                                 window_scale=window_scale)
     _validate_cu_seqlens(cu_seqlens, q, total=sum(Ts))
     plan = D.packed_plan(cu, Ts, D.dist.get_rank(group))
     tail = slice(plan.tail_start, q.shape[2])  # this rank's part of its last sequence

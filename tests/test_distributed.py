@@ -215,6 +215,80 @@ def packed_case(name, rank, group):
     return err
 
 
+# name -> (world slices, dtype, map, window, B, H, Hkv, Dqk, Dv, with an initial state).  In
+# the four-rank case two slices are shorter than the window, so a rank's window spans ranks.
+HYBRID = {
+    "hybrid_elu_f64_init": ([9, 14], torch.float64, "elu", 5, 2, 2, 2, 8, 8, True),
+    "hybrid_four_ranks_gqa": ([3, 2, 7, 10], torch.float64, "elu", 6, 1, 4, 2, 8, 6, True),
+    "hybrid_hedgehog_params": ([6, 11], torch.float64, "hedgehog", 4, 1, 2, 2, 8, 8, False),
+    "hybrid_f32_long_window": ([20, 25], torch.float32, "elu", 32, 1, 2, 1, 8, 8, True),
+}
+
+
+def hybrid_case(name, rank, group):
+    """A hybrid (window) call split across the ranks against the whole sequence: output, the
+    last rank's state (linear part and window), and every gradient (q, k, v, the learnable
+    mixing weight and the map's parameters summed over the ranks, the initial state), with
+    the returned window in the loss so gradients also cross ranks through it."""
+    import torch.distributed as dist
+
+    slices, dtype, fmname, W, B, H, Hkv, Dqk, Dv, with_init = HYBRID[name]
+    world, T = len(slices), sum(slices)
+    g = torch.Generator().manual_seed(4321)
+    q = torch.randn(B, H, T, Dqk, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, T, Dqk, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, T, Dv, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64).to(dtype)
+    logit = torch.randn(H, generator=g, dtype=torch.float64)
+    fm = _make_map(fmname, Dqk, dtype)
+    Dk = resolve_feature_map(fm).output_dim(Dqk) if fm is not None else Dqk
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    kv0 = torch.rand(B, H, Dk, Dv, generator=g, dtype=torch.float64).to(sdt)
+    z0 = torch.rand(B, H, Dk, generator=g, dtype=torch.float64).to(sdt)
+    wkv = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64).to(sdt)
+    wwin = torch.randn(B, Hkv, min(W, T), Dv, generator=g, dtype=torch.float64).to(dtype)
+    params = list(fm.parameters()) if isinstance(fm, torch.nn.Module) else []
+
+    def run(qs, ks, vs, ws, last, group_=None):
+        lv = [t.clone().requires_grad_() for t in (qs, ks, vs)]
+        lg = logit.clone().to(sdt).requires_grad_()
+        st = featattn.LinearAttentionState(kv0.clone().requires_grad_(),
+                                           z0.clone().requires_grad_()) if with_init else None
+        for p in params:
+            p.grad = None
+        o, s = featattn.linear_attention(*lv, feature_map=fm, window=W,
+                                         window_weight=torch.sigmoid(lg), initial_state=st,
+                                         return_state=True, cp_group=group_)
+        loss = (o * ws).sum()
+        if last:
+            loss = loss + (s.kv * wkv).sum() + (s.window_v * wwin).sum()
+        loss.backward()
+        grads = {"dq": lv[0].grad, "dk": lv[1].grad, "dv": lv[2].grad, "dlogit": lg.grad}
+        if with_init:
+            grads["dkv0"], grads["dz0"] = st.kv.grad, st.z.grad
+        grads.update({f"param {i}": p.grad.clone() for i, p in enumerate(params)})
+        return o, s, grads
+
+    o_f, s_f, want = run(q, k, v, w, True)
+    a = sum(slices[:rank])
+    sl = slice(a, a + slices[rank])
+    o, s, got = run(q[:, :, sl], k[:, :, sl], v[:, :, sl], w[:, :, sl], rank == world - 1, group)
+    err = {"o": _rel(o, o_f[:, :, sl])}
+    for key in ("dq", "dk", "dv"):
+        err[key] = _rel(got[key], want[key][:, :, sl])
+    for key in got:  # shared leaves: each rank's share, summed over the ranks (as DDP does)
+        if key.startswith("param") or key == "dlogit":
+            total = got[key].clone()
+            dist.all_reduce(total, group=group)
+            err[key] = _rel(total, want[key])
+    if with_init:  # the caller's state: its whole gradient on every rank
+        err["dkv0"], err["dz0"] = _rel(got["dkv0"], want["dkv0"]), _rel(got["dz0"], want["dz0"])
+    if rank == world - 1:
+        err["final kv"], err["final z"] = _rel(s.kv, s_f.kv), _rel(s.z, s_f.z)
+        err["final window"] = _rel(s.window_k, s_f.window_k)
+    return err
+
+
 def layer_case(rank, group):
     """FeatureAttention(cp_group=...): each rank's output slice, and the parameter gradients
     summed over the ranks, equal the layer on the whole sequence."""
@@ -266,6 +340,8 @@ def _worker(rank, world, port, names, outdir):
                 results[name] = extra[name](rank, group)
             elif name in PACKED:
                 results[name] = packed_case(name, rank, group)
+            elif name in HYBRID:
+                results[name] = hybrid_case(name, rank, group)
             else:
                 results[name] = run_case(name, rank, group)
         except Exception:  # noqa: BLE001 - reported to the test
@@ -293,8 +369,10 @@ def _spawn(world, names, tmp_path_factory):
 def results(tmp_path_factory):
     two = [n for n, c in CASES.items() if len(c[0]) == 2] + ["mismatch", "layer"]
     two += [n for n, c in PACKED.items() if len(c[0]) == 2]
+    two += [n for n, c in HYBRID.items() if len(c[0]) == 2]
     four = [n for n, c in CASES.items() if len(c[0]) == 4]
     four += [n for n, c in PACKED.items() if len(c[0]) == 4]
+    four += [n for n, c in HYBRID.items() if len(c[0]) == 4]
     return {2: _spawn(2, two, tmp_path_factory), 4: _spawn(4, four, tmp_path_factory)}
 
 
@@ -324,6 +402,21 @@ def test_packed_row_across_ranks_equals_the_whole_row(name, results):
         assert not bad, f"rank {rank}: {bad}"
 
 
+@pytest.mark.parametrize("name", list(HYBRID))
+def test_hybrid_across_ranks_equals_the_whole_sequence(name, results):
+    """window > 0 with cp_group: each rank's window from the ranks before it (across two
+    ranks where slices are shorter than the window), its linear state less that window."""
+    slices, dtype = HYBRID[name][0], HYBRID[name][1]
+    for rank, res in enumerate(results[len(slices)]):
+        err = res[name]
+        assert "error" not in err, f"rank {rank}:\n{err.get('error')}"
+        assert {"o", "dq", "dk", "dv", "dlogit"} <= set(err)
+        if rank == len(slices) - 1:
+            assert {"final kv", "final window"} <= set(err)
+        bad = {k: v for k, v in err.items() if not v <= TOL[dtype]}
+        assert not bad, f"rank {rank}: {bad}"
+
+
 def test_feature_attention_layer_with_cp_group(results):
     for rank, res in enumerate(results[2]):
         err = res["layer"]
@@ -346,6 +439,15 @@ def test_cp_group_errors_without_a_group():
     assert not dist.is_initialized()  # the ranks live in spawned processes
     with pytest.raises(ValueError, match="init_process_group"):
         featattn.linear_attention(q, q, q, cp_group=object())
+    # a window with context parallelism: one sequence, a plain initial state (said before
+    # any collective, so every rank raises alike)
+    with pytest.raises(ValueError, match="not supported with cu_seqlens yet"):
+        featattn.linear_attention(q, q, q, window=2, cp_group=object(),
+                                  cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+    _, st = featattn.linear_attention(q, q, q, feature_map="elu", window=2, return_state=True)
+    with pytest.raises(ValueError, match="initial_state holding window keys"):
+        featattn.linear_attention(q, q, q, feature_map="elu", window=2, initial_state=st,
+                                  cp_group=object())
 
 
 def test_example_runs_under_torchrun():
