@@ -560,8 +560,8 @@ def _(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps, store
     f32 = dict(dtype=torch.float32, device=q.device)
     lq = unit_last(fq) if mode == "features" else _laid_out(q)  # as _hybrid_forward's
     o = empty_like_layout(_laid_out(q), B, H, T, DV, q.dtype, poison=False)
-    L = empty_like_layout(lq, B, H, T, DV,
-                          torch.float32 if q.dtype == torch.float16 else q.dtype, poison=False)
+    L = empty_like_layout(lq, B, H, T, DV,  # (the chunked forward's o: lq's dtype)
+                          torch.float32 if q.dtype == torch.float16 else lq.dtype, poison=False)
     rows = [torch.empty((B, H, T), **f32) for _ in range(4)]
     arg = torch.empty((B, H, T), dtype=torch.int32, device=q.device)
     kvT = torch.empty((S, H, Dk, DV), **f32) if store_final else torch.empty(0, **f32)
