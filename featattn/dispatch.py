@@ -531,12 +531,13 @@ def hybrid_triton_mode() -> str:
 def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
     """None when ``impl`` runs this hybrid call (the chunked kernel, for both parts), else
     why not."""
-    if hybrid_triton_mode() != "triton":
-        return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"
-    if impl.name == "recurrent_step":  # a few tokens against a state (decoding)
+    if impl.name == "recurrent_step":  # a few tokens against a state (decoding; whatever
+        # FEATATTN_HYBRID_LINEAR says, which picks the form of whole calls)
         if torch.compiler.is_compiling():  # (its launch is no custom op: dynamo cannot trace it)
             return "runs in the PyTorch path under torch.compile"
         return None
+    if hybrid_triton_mode() != "triton":
+        return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"
     if impl.name != "chunked":
         return "runs in the chunked kernel (linear part) and kernels/window.py"
     if call.T <= HYBRID_DIRECT_MAX_T:

@@ -211,6 +211,10 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                                 if what == "cu_seqlens" and causal else "call without it"))
     if key_padding_mask is not None and window:  # each row's real tokens as one sequence
         keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
+        if bool(keep.all()):  # nothing padded: the batched call
+            return _linear_attention(q, k, v, fm, normalize, eps, scale, initial_state,
+                                     return_state, backend, window=window,
+                                     window_weight=window_weight, window_scale=window_scale)
         if not bool(keep.any(1).all()):
             empty = (~keep.any(1)).nonzero().flatten().tolist()
             raise ValueError(f"key_padding_mask with window > 0: rows {empty[:8]} have no real "
@@ -604,7 +608,9 @@ def _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel,
     if not return_state:
         return out
     keep = min(window, k.shape[2])
-    return out, LinearAttentionState(kv, z, k[:, :, -keep:], v[:, :, -keep:])
+    # copies, not views: decode_step writes a full window in place (the caller's k / v must
+    # not change), and a view would keep the whole call's k / v alive with the state
+    return out, LinearAttentionState(kv, z, k[:, :, -keep:].clone(), v[:, :, -keep:].clone())
 
 
 def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
@@ -642,7 +648,7 @@ def _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map
                             features=features, feature_map=fmap,
                             map_pass=map_path == "triton_pass", scale=scale if fmap else 1.0,
                             initial_kv=kv0, initial_z=z0, return_state=return_state,
-                            cu_seqlens=cu_seqlens, max_len=max_len)
+                            cu_seqlens=cu_seqlens, max_len=max_len, check=False)
 
 
 def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window,
@@ -706,7 +712,7 @@ def _context_parallel(q, k, v, fm, normalize, eps, scale, kv0, z0, initial_state
     """This rank's slice of one sequence split across ``group`` (featattn/distributed.py); with
     ``cu`` (the whole row's boundaries, the same on every rank) of a packed row.  With a
     window (one sequence): the earlier ranks' states less the W keys before the slice, which
-    come as the state's window (:func:`featattn.distributed.halo`)."""
+    come as the state's window (:func:`featattn.distributed.window_initial_state`)."""
     from . import distributed as D
 
     D.check_group(group)

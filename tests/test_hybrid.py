@@ -228,6 +228,11 @@ def test_key_padding_mask_attends_each_rows_real_tokens(backend, monkeypatch):
     for a, b in zip([o, *g], [want, *g_want]):
         assert ((a.double() - b).norm() / b.norm()).item() < tol
     assert torch.all(o[~keep[:, None, :, None].expand_as(o)] == 0)
+    full = torch.ones(B, T, dtype=torch.bool)  # nothing padded: the batched call, exactly
+    assert torch.equal(featattn.linear_attention(q, k, v, feature_map="elu", window=W,
+                                                 key_padding_mask=full, backend=backend),
+                       featattn.linear_attention(q, k, v, feature_map="elu", window=W,
+                                                 backend=backend))
     layer = featattn.FeatureAttention(8, 2, "elu", window=W)
     x = torch.randn(B, T, 8)
     y = layer(x, key_padding_mask=keep)
@@ -465,6 +470,16 @@ def test_packed_hybrid_in_triton_is_one_call(fm, dtype, G, lens, W, monkeypatch)
         grads = torch.autograd.grad(loss, leaves)
         runs.append([o, *grads] + ([s_kv, s_z] if ret else []))
     assert len(calls) == 1 and calls[0] is not None, calls  # one call, packed
+    if W == 64:  # the kernel API checks max_len against cu_seqlens (0: read from it)
+        args = [t.to(dtype) for t in (q, k, v)]
+        f = torch.full((H,), 0.5)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        kw = dict(weight=f, window=W, window_scale=0.5, eps=1e-6, cu_seqlens=cu,
+                  features=(args[0], args[1]) if fm == "hedgehog" else None)
+        with pytest.raises(ValueError, match="max_len = 50 is below the longest"):
+            real(*args, max_len=50, **kw)
+        torch.testing.assert_close(real(*args, max_len=0, **kw)[0],
+                                   real(*args, max_len=max(lens), **kw)[0])
     tol = 2e-5 if dtype == torch.float32 else 3e-3
     names = ["o", "dq", "dk", "dv", "dlogit", "dkv0", "dz0", "kv", "z"]
     for name, a, b in zip(names, *runs):

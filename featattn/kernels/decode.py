@@ -412,9 +412,28 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
         window_k_out = torch.empty(B, Hkv, Pn, D, dtype=k.dtype, device=dev)
     if window_v_out is None:
         window_v_out = torch.empty(B, Hkv, Pn, Dv, dtype=v.dtype, device=dev)
-    if window_k_out is window_k and Pn != P:
+    if (window_k_out is window_k or window_v_out is window_v) and Pn != P:
         raise ValueError(f"hybrid_step: the window grows from {P} to {Pn} rows, so it cannot "
                          f"be updated in place")
+    want = {"out": ((B, H, T, Dv), q.dtype), "kv_out": ((B, H, Dk, Dv), torch.float32),
+            "z_out": ((B, H, Dk), torch.float32), "window_k_out": ((B, Hkv, Pn, D), k.dtype),
+            "window_v_out": ((B, Hkv, Pn, Dv), v.dtype)}
+    given = {"out": out, "kv_out": kv_out, "z_out": z_out, "window_k_out": window_k_out,
+             "window_v_out": window_v_out}
+    for name, t in given.items():
+        if tuple(t.shape) != want[name][0] or t.dtype != want[name][1] or t.stride(-1) != 1:
+            raise ValueError(f"hybrid_step: {name} must be {list(want[name][0])} "
+                             f"{want[name][1]} with a unit last stride, got "
+                             f"{list(t.shape)} {t.dtype} strides {t.stride()}")
+    for name, t in (("kv", kv), ("z", z), ("kv_out", kv_out), ("z_out", z_out)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"hybrid_step: {name} must be fp32 and contiguous (the state), "
+                             f"got {t.dtype}, strides {t.stride()}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("window_k", window_k),
+                    ("window_v", window_v), ("fq", fq), ("fk_evict", fk_evict)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"hybrid_step: {name} must have a unit last stride (e.g. "
+                             f".contiguous()), got strides {t.stride()}")
     wk = window_k if P else k
     wv = window_v if P else v
     phi = _none_phi

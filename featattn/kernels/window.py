@@ -624,8 +624,6 @@ def _hybrid_setup(ctx, inputs, output):
 
 def _hybrid_grads(ctx, do, dkvT, dzT, *unused):
     q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, cu = ctx.saved_tensors
-    if do is None:  # only the returned state is used
-        do = torch.zeros_like(o)
     if not ctx.store_final:
         dkvT = dzT = None
     dq, dk, dv, dfq, dfk, df, dkv0, dz0 = _hybrid_bwd_op(
@@ -650,7 +648,8 @@ def _hybrid_compiled(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, win
 def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: float,
                      features=None, feature_map: str = "", map_pass: bool = False,
                      scale: float = 1.0, initial_kv=None, initial_z=None,
-                     return_state: bool = False, cu_seqlens=None, max_len: int = 0):
+                     return_state: bool = False, cu_seqlens=None, max_len: int = 0,
+                     check: bool = True):
     """The hybrid layer's output ``o [B, H, T, Dv]`` (and its linear state), both parts in
     Triton.
 
@@ -672,18 +671,26 @@ def hybrid_attention(q, k, v, *, weight, window: int, window_scale: float, eps: 
         return_state: also return the linear state over every key but the last W.
         cu_seqlens: None, or packed sequences (B = 1, N = T: no keys before the queries), an
             int32 tensor ``[S + 1]`` on q's device as featattn.linear_attention takes it, and
-            ``max_len`` the longest sequence's length; each sequence is attended alone, the
-            states are per sequence (``[S, H, ...]``).
+            ``max_len`` the longest sequence's length (0: read from cu_seqlens); each
+            sequence is attended alone, the states are per sequence (``[S, H, ...]``).
+        check: read cu_seqlens (a host synchronisation) to check max_len, which must cover
+            the longest sequence (featattn.linear_attention knows it and passes False).
 
     Returns:
         ``(o, kv, z)``, kv / z None unless ``return_state``.
     """
     B, H, T, _ = q.shape
     N = k.shape[2]
-    if cu_seqlens is not None and (B != 1 or N != T or max_len < 1):
+    if cu_seqlens is not None and (check or max_len < 1):
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_len < 1:
+            max_len = longest
+        elif max_len < longest:
+            raise ValueError(f"max_len = {max_len} is below the longest packed sequence, "
+                             f"{longest} tokens; pass max_len=0 to read it from cu_seqlens")
+    if cu_seqlens is not None and (B != 1 or N != T):
         raise ValueError(f"cu_seqlens packs sequences into a batch of one with no keys before "
-                         f"the queries and needs max_len >= 1: got B = {B}, {N} keys for {T} "
-                         f"queries, max_len = {max_len}")
+                         f"the queries: got B = {B}, {N} keys for {T} queries")
     if cu_seqlens is not None and isinstance(window, int) and not isinstance(window, bool):
         window = min(window, N)  # (a window past every sequence's end: all softmax)
     if isinstance(window, bool) or not isinstance(window, int) or not N - T <= window <= N \

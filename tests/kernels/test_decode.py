@@ -209,10 +209,11 @@ def test_hybrid_step_matches_float64(case):
     g = torch.Generator().manual_seed(T + P + W)
     rnd = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
     q, k, v = rnd(B, H, T, d), rnd(B, Hkv, T, d), rnd(B, Hkv, T, Dv)
-    if T == 5:  # [B, T, H, D] memory (layout="bthd" calls), window rows strided too
+    if T == 5:  # [B, T, H, D] memory (layout="bthd" calls); below, odd window layouts
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     wk, wv = (rnd(B, Hkv, P, d), rnd(B, Hkv, P, Dv)) if P else (None, None)
-    if T == 5:  # the window's keys a slice of a longer buffer, its values column-major
+    if T == 5:  # the window's keys a slice of a wider buffer (row stride 2d), its values
+        # column-major (a non-unit last stride: copied before the kernel)
         wk = torch.cat([wk, rnd(B, Hkv, P, d)], 3)[..., :d]
         wv = wv.transpose(2, 3).contiguous().transpose(2, 3)
     m = fm
@@ -272,6 +273,44 @@ def test_hybrid_decode_step_equals_the_prefill_and_updates_in_place(fm):
                 full = ptrs
     assert t == N and full is not None
     check_close("o", torch.cat(outs, 2), want, 2e-5)
+
+
+def test_hybrid_decode_step_leaves_the_callers_tensors_alone(monkeypatch):
+    """A prefill's state holds copies of its last W keys and values, not views of the
+    caller's k / v: decoding in place then writes the state's own tensors (the caller's k,
+    v are unchanged) and the state does not keep the whole prefill alive.  The step kernel
+    runs whatever FEATATTN_HYBRID_LINEAR says (it picks the form of whole calls)."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "torch")
+    q, k, v = rand_qkv(1, 2, 1, 12, 4, 4, torch.float32, DEV, generator=14)
+    k0, v0 = k.clone(), v.clone()
+    with torch.no_grad():
+        _, st = featattn.linear_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10],
+                                          feature_map="elu", window=4, return_state=True)
+        assert st.window_k.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+        assert select_kernel(q[:, :, 10:11], k[:, :, 10:11], v[:, :, 10:11], "elu", "triton",
+                             window=4, initial_state=st).name == "recurrent_step"
+        ptr = st.window_k.data_ptr()
+        for t in (10, 11):
+            decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st,
+                        feature_map="elu", window=4, backend="triton")
+    assert st.window_k.data_ptr() == ptr  # the full window moved in place
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert torch.equal(st.window_k, k[:, :, 8:12]) and torch.equal(st.window_v, v[:, :, 8:12])
+
+
+def test_hybrid_step_checks_its_buffers():
+    q, k, v = rand_qkv(1, 2, 1, 1, 4, 4, torch.float32, DEV, generator=15)
+    kv, z = rand_state(1, 2, 4, 4, True, device=DEV)
+    wk, wv = torch.randn(1, 1, 3, 4, device=DEV), torch.randn(1, 1, 3, 4, device=DEV)
+    kw = dict(window=4, weight=0.5, window_scale=0.5, eps=1e-6)
+    with pytest.raises(ValueError, match="cannot be updated in place"):
+        D.hybrid_step(q, k, v, kv, z, wk, wv, window_v_out=wv, **kw)
+    with pytest.raises(ValueError, match=r"out must be \[1, 2, 1, 4\]"):
+        D.hybrid_step(q, k, v, kv, z, wk, wv, out=torch.empty(1, 2, 1, 5, device=DEV), **kw)
+    with pytest.raises(ValueError, match="kv must be fp32 and contiguous"):
+        D.hybrid_step(q, k, v, kv.transpose(2, 3), z, wk, wv, **kw)
+    with pytest.raises(ValueError, match="window_k must have a unit last stride"):
+        D.hybrid_step(q, k, v, kv, z, wk.transpose(2, 3), wv, **kw)
 
 
 def test_hybrid_decode_step_on_the_torch_path_updates_the_state_too():
@@ -374,6 +413,7 @@ def test_gpu_hybrid_step_bf16_in_place_and_captured(fm):
     f = torch.linspace(0.2, 0.8, H, device="cuda")
     kw = dict(feature_map=m, window=W, window_weight=f)
     m64 = copy.deepcopy(m).double() if fm == "hedgehog" else m
+    k_in, v_in = k.clone(), v.clone()
     with torch.no_grad():
         want = featattn.linear_attention(q.double(), k.double(), v.double(), feature_map=m64,
                                          window=W, window_weight=f.double(), backend="reference")
@@ -383,6 +423,7 @@ def test_gpu_hybrid_step_bf16_in_place_and_captured(fm):
         outs = [o0] + [decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, **kw)
                        for t in range(P0, N)]
         assert ptrs == [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
+    assert torch.equal(k, k_in) and torch.equal(v, v_in)  # the state's own window moved
     check_close("o", torch.cat(outs, 2), want, 1e-2)
     # one captured in-place step against the same step run eagerly
     sq, sk, sv = (x[:, :, N - 1:].clone() for x in (q, k, v))
