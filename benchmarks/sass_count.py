@@ -16,6 +16,7 @@ loops.  The outputs are garbage; only the compiled code is looked at.
     python benchmarks/sass_count.py --op hedgehog --list      # the configs of each launch
     python benchmarks/sass_count.py --op hedgehog_pass        # Hedgehog's projection pass
     python benchmarks/sass_count.py --op hedgehog_op          # the pass, then the chunked kernels
+    python benchmarks/sass_count.py --op decode --dk 128      # the decode steps (plain, hybrid)
     python benchmarks/sass_count.py --const chunked.DEN_IN_MMA=0  # a module switch flipped
     python benchmarks/sass_count.py --map elu --loops 1 --dump  # the loop's instructions
 
@@ -83,6 +84,19 @@ def call_hybrid(a):
     o.backward(torch.ones_like(o))
 
 
+def call_hybrid_packed(a):
+    """The hybrid on packed sequences (VARLEN window kernels, the chunked kernels' packed
+    form with the key shift): two sequences of T / 2 tokens in a row."""
+    q, k, v = _inputs(a)
+    q, k, v = (x[:1].detach().requires_grad_() for x in (q, k, v))
+    T = q.shape[2]
+    cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
+    o = kernels.hybrid_attention(q, k, v, weight=torch.full((16,), 0.5), window=64,
+                                 window_scale=0.125, eps=1e-6, cu_seqlens=cu,
+                                 feature_map=_map_key(a.map or "elu"))[0]
+    o.backward(torch.ones_like(o))
+
+
 def call_taylor(a):
     q, k, v = _inputs(a, 16, 64)
     o = kernels.taylor_attention(q, k, v, normalize=not a.plain, eps=1e-6)[0]
@@ -126,9 +140,31 @@ def call_hedgehog_op(a):
     o.backward(torch.ones_like(o))
 
 
+def call_decode(a):
+    """One decoding token (--dk = --dv head dims): the plain step kernel, then the hybrid
+    step (window 64, full) with 4 query heads a k/v head."""
+    from featattn.kernels import decode
+
+    d, H, Hkv = a.dk, 16, 4
+    dt = getattr(torch, a.dtype)
+    q, k, v = (torch.randn(a.B, h, 1, d).to(dt) for h in (H, Hkv, Hkv))
+    kv, z = torch.rand(a.B, H, d, d), torch.rand(a.B, H, d) + 1
+    fm = featattn.get_feature_map(a.map or "elu")
+    decode.recurrent_step(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                          normalize=True, eps=1e-6, initial_kv=kv, initial_z=z, feature_map=fm)
+    wk, wv = (torch.randn(a.B, Hkv, 64, d).to(dt) for _ in range(2))
+    decode.hybrid_step(q, k, v, kv, z, wk, wv, window=64, weight=0.5, window_scale=d ** -0.5,
+                       eps=1e-6, feature_map=fm)
+    # features made before it (a projection map), a weight per head
+    decode.hybrid_step(q, k, v, kv, z, wk, wv, window=64, weight=torch.full((H,), 0.5),
+                       window_scale=d ** -0.5, eps=1e-6, fq=q.float().exp().to(dt),
+                       fk_evict=wk[:, :, :1].float().exp().to(dt))
+
+
 CALLS = {"chunked": call_chunked, "hybrid": call_hybrid, "taylor": call_taylor,
          "hedgehog": call_hedgehog, "hedgehog_pass": call_hedgehog_pass,
-         "hedgehog_op": call_hedgehog_op}
+         "hedgehog_op": call_hedgehog_op, "decode": call_decode,
+         "hybrid_packed": call_hybrid_packed}
 
 
 # --------------------------------------------------------------------------- catching

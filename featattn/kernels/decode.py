@@ -295,14 +295,14 @@ def _hybrid_step_kernel(
         for j in range(0, T):
             pos = P + j
             lo = tl.maximum(pos - W + 1, 0)  # the window's first row; rows before it are linear
-            for c in range(done, lo):
+            for cf in range(done, lo):  # (names apart from the tiles': Triton types them)
                 if FEATS:
-                    fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + c * sfkt + offs_f,
+                    fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + cf * sfkt + offs_f,
                                  mask=mf, other=0.0).to(tl.float32)
                 else:
-                    fk = tl.where(mf, PHI(_window_row(wk_base, k_base, c, P, swkt, skt,
+                    fk = tl.where(mf, PHI(_window_row(wk_base, k_base, cf, P, swkt, skt,
                                                       offs_f, mf)), 0.0)
-                vc = _window_row(wv_base, v_base, c, P, swvt, svt, offs_v, mv)
+                vc = _window_row(wv_base, v_base, cf, P, swvt, svt, offs_v, mv)
                 S += fk[:, None] * vc[None, :]
                 zz += fk
             done = lo
@@ -440,6 +440,7 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
     if feature_map is not None:
         phi = _maps.lookup(_maps.fused_key(feature_map))[1].phi
     f_ptr = isinstance(weight, torch.Tensor)
+    BK, BV = max(16, next_pow2(Dk)), max(16, next_pow2(Dv))
     fqt = fq if feats else q
     fke = fk_evict if (feats and E) else fqt
     _hybrid_step_kernel[(B * Hkv,)](
@@ -453,9 +454,10 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
         window_v_out.stride(0), window_v_out.stride(1), window_v_out.stride(2),
         T, P, E, window, H, Hkv, H // Hkv, D, Dk, Dv, eps, scale, window_scale,
         0.0 if f_ptr else float(weight),
-        BD=max(16, next_pow2(D)), BK=max(16, next_pow2(Dk)), BV=max(16, next_pow2(Dv)),
+        BD=max(16, next_pow2(D)), BK=BK, BV=BV,
         BW=max(16, min(64, next_pow2(min(window, P + T)))), FEATS=feats, PHI=phi, F_PTR=f_ptr,
-        num_warps=4,
+        # a [128, 128] state: 8 warps (4 spill 400 bytes a thread offline, sm_90a)
+        num_warps=8 if BK * BV > 64 * 128 else 4,
     )
     return out, kv_out, z_out, window_k_out, window_v_out
 
