@@ -415,7 +415,8 @@ class FeatureAttentionModel(FeatureAttentionPreTrainedModel):
         ``use_cache``; ``use_cache`` defaults to ``config.use_cache`` in eval mode, False in
         training mode).  ``attention_mask``: 2-D, 1 = real token; padded rows (left or right) are
         packed into one sequence each (``cu_seqlens``) so each gives exactly its unpadded output
-        (padded positions give zeros); not with ``window > 0``.
+        (padded positions give zeros); with ``window > 0`` and a cache every row needs at least
+        W real tokens (its cache keeps the last W keys).
         """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache as cache= or past_key_values=, not both")
@@ -446,17 +447,22 @@ class FeatureAttentionModel(FeatureAttentionPreTrainedModel):
         keep = _key_mask(attention_mask, B, T, seen)
         x, cu, idx = inputs_embeds, None, None
         if keep is not None:
-            if self.config.window:
-                raise ValueError(
-                    "a padded attention_mask is not supported with window > 0 (the hybrid "
-                    "layer's state holds the last W keys of every row, so the rows' real lengths "
-                    "must agree); batch sequences of equal length, or run them one at a time")
             lengths = keep.sum(1)
             if not bool((lengths > 0).all()):
                 empty = (lengths == 0).nonzero().flatten().tolist()
                 raise ValueError(
                     f"attention_mask: rows {empty} have no real token among the {T} given; every "
                     "row needs at least one (drop empty rows from the batch)")
+            W = self.config.window
+            if W and cache is not None:  # each row's cache keeps its last min(W, seen) keys
+                held = [min(W, n + seen) for n in lengths.tolist()]
+                if len(set(held)) > 1:
+                    short = [b for b, n in enumerate(held) if n < W]
+                    raise ValueError(
+                        f"a padded attention_mask with window = {W} and a cache: each row's "
+                        f"cache keeps its last {W} keys, so every row needs at least {W} real "
+                        f"tokens (rows {short[:8]} have fewer); pass use_cache=False (training, "
+                        f"scoring), or batch rows of at least {W} tokens")
             # unpad: each row's real tokens become one packed sequence (cu_seqlens), attended
             # alone; the outputs are put back in place (repad) at the end
             idx = keep.reshape(-1).nonzero().squeeze(1)

@@ -259,7 +259,7 @@ def test_logits_to_keep_and_hidden_states():
     torch.testing.assert_close(full.hidden_states[0], model.model.embed_tokens(ids))
 
 
-@pytest.mark.parametrize("name", ["elu", "hedgehog-gqa"])
+@pytest.mark.parametrize("name", ["elu", "hedgehog-gqa", "window"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_equal_their_unpadded_runs(name, side):
     model = make_model(name)
@@ -284,8 +284,10 @@ def test_padding_errors():
     ids = tokens(2, 5)
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, :2] = 0
-    with pytest.raises(ValueError, match="not supported with window > 0"):
-        make_model("window")(ids, attention_mask=mask)
+    short = mask.clone()
+    short[1, :3] = 0  # 2 real tokens, below the window of 3, with a cache
+    with pytest.raises(ValueError, match=r"every row needs at least 3 real tokens \(rows \[1\]"):
+        make_model("window")(ids, attention_mask=short, use_cache=True)
     empty = torch.ones_like(mask)
     empty[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] have no real token"):
