@@ -328,20 +328,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
             q, k, v, normalize=normalize, eps=eps, initial_kv=kv0, initial_z=z0,
             return_state=return_state,
         )
-    if in_place:  # any kernel: the new state copied into the caller's tensors, or set on
-        # the caller's state object where a tensor cannot be written (an expanded view)
-        for name, new in (("kv", kv), ("z", z)):
-            old = getattr(initial_state, name)
-            if new is None:
-                continue
-            if old is not None and old.is_contiguous() and old.dtype == new.dtype:
-                old.copy_(new)
-            else:
-                setattr(initial_state, name, new)
-        if out_buf is not None and out_buf is not out:
-            out_buf.copy_(out)
-            out = out_buf
-        return out
+    if in_place:  # any kernel: the new state into the caller's tensors (or onto its object)
+        return _update_in_place(initial_state, {"kv": kv, "z": z}, out, out_buf)
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
@@ -516,20 +504,28 @@ def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, windo
                             kernel, window, weight, wscale, Dqk, Dk, map_path)
         out, new = res if (return_state or in_place) else (res, None)
     if in_place:
-        for name in ("kv", "z", "window_k", "window_v"):
-            old, t = getattr(state, name), getattr(new, name)
-            if t is old:
-                continue
-            if old is not None and old.shape == t.shape and old.dtype == t.dtype \
-                    and old.is_contiguous():
-                old.copy_(t)
-            else:
-                setattr(state, name, t)
-        if out_buf is not None and out_buf is not out:
-            out_buf.copy_(out)
-            out = out_buf
-        return out
+        return _update_in_place(state, {n: getattr(new, n) for n in
+                                        ("kv", "z", "window_k", "window_v")}, out, out_buf)
     return (out, new) if return_state else out
+
+
+def _update_in_place(state, new: dict, out, out_buf):
+    """decode_step's ending: each new state tensor (name -> tensor) copied into the caller's
+    own where that one has its shape and dtype and is contiguous, else set on the caller's
+    state object (an expanded view, a window that grew); o into ``out_buf`` when given."""
+    for name, t in new.items():
+        old = getattr(state, name)
+        if t is None or t is old:
+            continue
+        if old is not None and old.shape == t.shape and old.dtype == t.dtype \
+                and old.is_contiguous():
+            old.copy_(t)
+        else:
+            setattr(state, name, t)
+    if out_buf is not None and out_buf is not out:
+        out_buf.copy_(out)
+        out = out_buf
+    return out
 
 
 def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale, Dqk,
