@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "examples:\n"
                 "  featattn bench\n"
                 "  featattn bench --feature-map taylor --dqk 16 --lengths 1024 4096\n"
-                "  featattn bench --backends torch sdpa --out results/"))
+                "  featattn bench --backends torch sdpa --out results/\n"
+                "  featattn bench --window 64 --feature-map hedgehog   # the hybrid layer"))
     p.add_argument("--device", default="auto",
                    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--lengths", type=_positive_int, nargs="+", metavar="T", default=None,
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16 on CUDA")
     p.add_argument("--backends", nargs="+", metavar="NAME", default=None,
                    help=f"subset of: {' '.join(ALL_BACKENDS)} (default: all)")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="W",
+                   help="time the hybrid layer: a softmax over the last W keys plus linear "
+                        "attention before them (docs/hybrid.md); sdpa stays full causal")
     p.add_argument("--out", default="out",
                    help="directory for bench.png and bench.json, or a .png path (default: out)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -359,8 +363,8 @@ def _cmd_bench(args, ui: UI) -> int:
             and device.type == "cpu":
         ui.print(f"note: {args.dtype} on CPU is slow and only useful as a check")
     cfg = default_config(device, quick=args.quick)
-    overrides = {k: getattr(args, k) for k in ("lengths", "batch", "heads", "dqk", "dv", "dtype")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("lengths", "batch", "heads", "dqk", "dv", "dtype",
+                                                "window") if getattr(args, k) is not None}
     cfg = dataclasses.replace(cfg, feature_map=args.feature_map, **overrides)
     if backends is not None:
         cfg = dataclasses.replace(cfg, backends=backends, explicit_backends=True)
@@ -376,7 +380,8 @@ def _cmd_bench(args, ui: UI) -> int:
                 f" ({torch.get_num_threads()} threads)"))
     ui.print(f"  B={cfg.batch} H={cfg.heads} Dqk={cfg.dqk} (Dk={dk} after {cfg.feature_map}) "
              f"Dv={cfg.dv} {cfg.dtype}, normalize={cfg.normalize}, T in "
-             f"{' '.join(map(str, cfg.lengths))}")
+             f"{' '.join(map(str, cfg.lengths))}"
+             + (f", window={cfg.window} (hybrid)" if cfg.window else ""))
 
     def on_row(row):
         if row.T is None:

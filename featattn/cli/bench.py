@@ -77,11 +77,13 @@ class BenchConfig:
     backends: List[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     explicit_backends: bool = False     # --backends was given: force interpreter kernels
     seed: int = 0
+    window: int = 0                     # > 0: the hybrid layer (softmax over the last W keys)
 
     @property
     def normalize(self) -> bool:
         # the identity map's denominator can be <= 0: time it un-normalised, as it is used
-        return self.feature_map != "identity"
+        # (the hybrid layer's shared denominator needs it)
+        return self.feature_map != "identity" or self.window > 0
 
 
 def default_config(device: torch.device, quick: bool = False) -> BenchConfig:
@@ -260,12 +262,15 @@ def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
         if backend == "reference" and _quadratic_bytes(cfg, T) > _quadratic_limit(device):
             raise Skip(f"skipped: O(T^2) memory, ~{_quadratic_bytes(cfg, T) / 2**30:.1f} GiB")
         q, k, v = _inputs(cfg, T, grad=grad)
+        win = {"window": cfg.window} if cfg.window else {}
         return Case(lambda: linear_attention(q, k, v, feature_map=fm_name, normalize=normalize,
-                                             backend=backend), (q, k, v))
+                                             backend=backend, **win), (q, k, v))
     if backend == "sdpa":
         q, k, v = _inputs(cfg, T, grad=grad)
         return Case(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v))
     if backend in FLA_BACKENDS:
+        if cfg.window:
+            raise Skip("fla has no hybrid (window) form")
         fn = _fla_fn(backend)
         q, k, v = _inputs(cfg, T, layout="bthd", grad=grad)
         if backend == "fla_based":
@@ -290,9 +295,11 @@ def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
 def _kernel_label(cfg: BenchConfig, backend: str):
     """(kernel name, None) or (None, reason it cannot run)."""
     if backend in BACKENDS:
-        q, k, v = _inputs(cfg, 1)
+        # (a window's kernel is asked of a long call: up to 64 queries take the direct form)
+        q, k, v = _inputs(cfg, 128 if cfg.window else 1)
         try:
-            choice = select_kernel(q, k, v, feature_map=bench_feature_map(cfg), backend=backend)
+            choice = select_kernel(q, k, v, feature_map=bench_feature_map(cfg), backend=backend,
+                                   window=cfg.window)
         except KernelUnavailable as e:
             return None, "; ".join(e.reasons)
         if (choice.name in TRITON_BACKENDS and torch.device(cfg.device).type == "cpu"
@@ -302,6 +309,8 @@ def _kernel_label(cfg: BenchConfig, backend: str):
         return choice.name, None
     if backend == "sdpa":
         return "sdpa (softmax)", None
+    if cfg.window:
+        return None, "fla has no hybrid (window) form"
     try:
         _fla_fn(backend)
     except Skip as e:

@@ -67,7 +67,7 @@ def test_help(capsys):
 @pytest.mark.parametrize("cmd, flags", [
     ("demo", ["--device", "--steps", "--seq-len", "--feature-maps", "--out", "--quick"]),
     ("bench", ["--device", "--lengths", "--batch", "--heads", "--dqk", "--dv", "--feature-map",
-               "--dtype", "--backends", "--out", "--quick"]),
+               "--dtype", "--backends", "--window", "--out", "--quick"]),
     ("info", ["--device"]),
 ])
 def test_command_help(cmd, flags, capsys):
@@ -281,6 +281,36 @@ def test_bench_quick(tmp_path, capsys):
     assert_png(tmp_path / "bench.png")
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == len(rows)
+
+
+def test_bench_window_times_the_hybrid_layer(tmp_path, capsys, monkeypatch):
+    """--window W: the featattn rows time the hybrid layer (the kernel column says which
+    path runs it), the identity map normalised (the shared denominator needs it), fla left
+    out with the reason, sdpa as before; the Triton hybrid named in --backends runs in the
+    interpreter."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from featattn import linear_attention as real
+    import featattn.cli.bench as B
+
+    seen = []
+    monkeypatch.setattr(B, "linear_attention",
+                        lambda *a, **kw: seen.append(kw.get("window")) or real(*a, **kw))
+    rc, out, _ = run(["bench", "--backends", "torch", "chunked", "sdpa", "fla_chunk",
+                      "--window", "8", "--feature-map", "identity", "--lengths", "96",
+                      "--batch", "1", "--heads", "1", "--dqk", "16", "--dv", "16",
+                      "--out", str(tmp_path)], capsys)
+    assert rc == 0 and "window=8 (hybrid)" in out and "normalize=True" in out
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    assert rows["torch"][1] == "torch_chunked" and float(rows["torch"][4]) > 0
+    assert rows["chunked"][1] == "chunked" and float(rows["chunked"][4]) > 0
+    assert float(rows["sdpa"][4]) > 0
+    assert "no hybrid (window) form" in rows["fla_chunk"][-1]
+    assert seen and set(seen) == {8}
 
 
 def test_bench_triton_interpreter(tmp_path, capsys, monkeypatch):
