@@ -142,7 +142,7 @@ def call_hedgehog_op(a):
 
 def call_decode(a):
     """One decoding token (--dk = --dv head dims): the plain step kernel, then the hybrid
-    step (window 64, full) with 4 query heads a k/v head."""
+    step (window 64, full) with 4 query heads a k/v head (two launches) and with one."""
     from featattn.kernels import decode
 
     d, H, Hkv = a.dk, 16, 4
@@ -155,6 +155,10 @@ def call_decode(a):
     wk, wv = (torch.randn(a.B, Hkv, 64, d).to(dt) for _ in range(2))
     decode.hybrid_step(q, k, v, kv, z, wk, wv, window=64, weight=0.5, window_scale=d ** -0.5,
                        eps=1e-6, feature_map=fm)
+    # one query head a k/v head: one launch (MODE 0), the window moved by the same program
+    wk1, wv1 = (torch.randn(a.B, H, 64, d).to(dt) for _ in range(2))
+    decode.hybrid_step(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), kv, z, wk1, wv1,
+                       window=64, weight=0.5, window_scale=d ** -0.5, eps=1e-6, feature_map=fm)
     # features made before it (a projection map), a weight per head
     decode.hybrid_step(q, k, v, kv, z, wk, wv, window=64, weight=torch.full((H,), 0.5),
                        window_scale=d ** -0.5, eps=1e-6, fq=q.float().exp().to(dt),

@@ -250,9 +250,13 @@ def _hybrid_step_kernel(
     sfqb, sfqh, sfqt, sfkb, sfkh, sfkt, sob, soh, sot, swob, swoh, swot, swvob, swvoh, swvot,
     T, P, E, W, H, HKV, G, D, DK, DV, eps, scale, wscale, f_val,
     BD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
-    FEATS: tl.constexpr, PHI: tl.constexpr, F_PTR: tl.constexpr,
+    FEATS: tl.constexpr, PHI: tl.constexpr, F_PTR: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Grid (B*Hkv,): T <= MAX_T tokens of the hybrid layer against a windowed state.
+    """T <= MAX_T tokens of the hybrid layer against a windowed state.  MODE 0: grid
+    (B*Hkv,), a program does a k/v head's G query heads in turn, then moves their window;
+    MODE 1: grid (B*H,), one query head each (the window read, not moved); MODE 2: grid
+    (B*Hkv,), the window's move alone (after a MODE 1 launch: in place, the move must wait
+    for every head of the group to have read the window).
 
     C = [the P window rows (wk / wv: [B,Hkv,P,D] / [.., Dv]); the T new rows (k / v)]:
     query j (position P + j of C) takes the softmax over C rows (P + j - W, P + j] and the
@@ -262,11 +266,18 @@ def _hybrid_step_kernel(
     wk_out / wv_out from row 0 (they may be wk / wv themselves: in place, P + T - E = P).
     Features: PHI(scale * q), PHI(k) in fp32 (PHI the identity without a map), or, FEATS,
     given: fq [B,H,T,Dk] and fke [B,Hkv,E,Dk] (the keys that leave the window).  f: the
-    weight of the softmax part, per head (F_PTR: fp32 [H]) or f_val.  One program holds a
-    k/v head's G query heads in turn: the window it rewrites is theirs only."""
-    i_bkv = tl.program_id(0)
-    i_b = (i_bkv // HKV).to(tl.int64)
-    i_hk = (i_bkv % HKV).to(tl.int64)
+    weight of the softmax part, per head (F_PTR: fp32 [H]) or f_val."""
+    pid = tl.program_id(0)
+    if MODE == 1:
+        i_b = (pid // H).to(tl.int64)
+        i_h0 = (pid % H).to(tl.int64)
+        i_hk = i_h0 // G
+        NH = 1
+    else:
+        i_b = (pid // HKV).to(tl.int64)
+        i_hk = (pid % HKV).to(tl.int64)
+        i_h0 = i_hk * G
+        NH = G
     k_base = head_start(k, i_b, i_hk, skb, skh)
     v_base = head_start(v, i_b, i_hk, svb, svh)
     wk_base = head_start(wk, i_b, i_hk, swkb, swkh)
@@ -279,76 +290,78 @@ def _hybrid_step_kernel(
     mf = offs_f < DK
     mv = offs_v < DV
     NC = P + T
-    for g in range(0, G):
-        i_h = i_hk * G + g
-        row = i_b * H + i_h
-        q_base = head_start(q, i_b, i_h, sqb, sqh)
-        o_base = head_start(o, i_b, i_h, sob, soh)
-        S = tl.load(kv + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :],
-                    mask=mf[:, None] & mv[None, :], other=0.0)
-        zz = tl.load(z + row * DK + offs_f, mask=mf, other=0.0)
-        if F_PTR:
-            f = tl.load(fw + i_h)
-        else:
-            f = f_val
-        done = P * 0  # rows of C folded into S, zz
-        for j in range(0, T):
-            pos = P + j
-            lo = tl.maximum(pos - W + 1, 0)  # the window's first row; rows before it are linear
-            for cf in range(done, lo):  # (names apart from the tiles': Triton types them)
-                if FEATS:
-                    fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + cf * sfkt + offs_f,
-                                 mask=mf, other=0.0).to(tl.float32)
-                else:
-                    fk = tl.where(mf, PHI(_window_row(wk_base, k_base, cf, P, swkt, skt,
-                                                      offs_f, mf)), 0.0)
-                vc = _window_row(wv_base, v_base, cf, P, swvt, svt, offs_v, mv)
-                S += fk[:, None] * vc[None, :]
-                zz += fk
-            done = lo
-            xq = tl.load(q_base + j * sqt + offs_d, mask=md, other=0.0).to(tl.float32)
-            if FEATS:
-                fq_ = tl.load(fq + i_b * sfqb + i_h * sfqh + j * sfqt + offs_f,
-                              mask=mf, other=0.0).to(tl.float32)
+    if MODE != 2:  # the attention: o and the linear state
+        for g in range(0, NH):
+            i_h = i_h0 + g
+            row = i_b * H + i_h
+            q_base = head_start(q, i_b, i_h, sqb, sqh)
+            o_base = head_start(o, i_b, i_h, sob, soh)
+            S = tl.load(kv + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :],
+                        mask=mf[:, None] & mv[None, :], other=0.0)
+            zz = tl.load(z + row * DK + offs_f, mask=mf, other=0.0)
+            if F_PTR:
+                f = tl.load(fw + i_h)
             else:
-                fq_ = tl.where(mf, PHI(xq * scale), 0.0)
-            num_l = tl.sum(fq_[:, None] * S, axis=0)
-            den_l = tl.sum(fq_ * zz, axis=0)
-            # the window, flash-style over blocks of BW rows: m, l, acc
-            m = tl.max(tl.full([BW], float("-inf"), tl.float32), axis=0)
-            l_ = tl.sum(tl.zeros([BW], dtype=tl.float32), axis=0)
-            acc = tl.zeros([BV], dtype=tl.float32)
-            for c0 in range(lo, pos + 1, BW):
-                c = c0 + offs_w
-                ok = c <= pos
-                kt = _window_rows(wk_base, k_base, c, P, NC, swkt, skt, offs_d, md)
-                a = tl.sum(kt.to(tl.float32) * xq[None, :], axis=1) * wscale
-                a = tl.where(ok, a, float("-inf"))
-                m_new = tl.maximum(m, tl.max(a, axis=0))
-                alpha = tl.exp(m - m_new)
-                p = tl.where(ok, tl.exp(a - m_new), 0.0)
-                vt = _window_rows(wv_base, v_base, c, P, NC, swvt, svt, offs_v, mv)
-                l_ = l_ * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
-                m = m_new
-            out = (f * acc + (1.0 - f) * num_l) / (f * l_ + (1.0 - f) * den_l + eps)
-            tl.store(o_base + j * sot + offs_v, out.to(o.dtype.element_ty), mask=mv)
-        tl.store(kv_out + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :], S,
-                 mask=mf[:, None] & mv[None, :])
-        tl.store(z_out + row * DK + offs_f, zz, mask=mf)
-    # the new window: C rows E .. P + T - 1 to rows 0 .. of wk_out / wv_out.  In place the
-    # rows move towards 0: each block reads rows at or after those it writes, all of them
-    # (and the compute above) before the barrier, and no later block reads what it wrote.
-    wko = head_start(wk_out, i_b, i_hk, swob, swoh)
-    wvo = head_start(wv_out, i_b, i_hk, swvob, swvoh)
-    for r0 in range(0, NC - E, BW):
-        r = r0 + offs_w
-        keep = r < NC - E
-        kt = _window_rows(wk_base, k_base, r + E, P, NC, swkt, skt, offs_d, md)
-        vt = _window_rows(wv_base, v_base, r + E, P, NC, swvt, svt, offs_v, mv)
-        tl.debug_barrier()
-        tl.store(wko + r[:, None] * swot + offs_d[None, :], kt, mask=keep[:, None] & md[None, :])
-        tl.store(wvo + r[:, None] * swvot + offs_v[None, :], vt, mask=keep[:, None] & mv[None, :])
+                f = f_val
+            done = P * 0  # rows of C folded into S, zz
+            for j in range(0, T):
+                pos = P + j
+                lo = tl.maximum(pos - W + 1, 0)  # the window's first row; rows before it are linear
+                for cf in range(done, lo):  # (names apart from the tiles': Triton types them)
+                    if FEATS:
+                        fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + cf * sfkt + offs_f,
+                                     mask=mf, other=0.0).to(tl.float32)
+                    else:
+                        fk = tl.where(mf, PHI(_window_row(wk_base, k_base, cf, P, swkt, skt,
+                                                          offs_f, mf)), 0.0)
+                    vc = _window_row(wv_base, v_base, cf, P, swvt, svt, offs_v, mv)
+                    S += fk[:, None] * vc[None, :]
+                    zz += fk
+                done = lo
+                xq = tl.load(q_base + j * sqt + offs_d, mask=md, other=0.0).to(tl.float32)
+                if FEATS:
+                    fq_ = tl.load(fq + i_b * sfqb + i_h * sfqh + j * sfqt + offs_f,
+                                  mask=mf, other=0.0).to(tl.float32)
+                else:
+                    fq_ = tl.where(mf, PHI(xq * scale), 0.0)
+                num_l = tl.sum(fq_[:, None] * S, axis=0)
+                den_l = tl.sum(fq_ * zz, axis=0)
+                # the window, flash-style over blocks of BW rows: m, l, acc
+                m = tl.max(tl.full([BW], float("-inf"), tl.float32), axis=0)
+                l_ = tl.sum(tl.zeros([BW], dtype=tl.float32), axis=0)
+                acc = tl.zeros([BV], dtype=tl.float32)
+                for c0 in range(lo, pos + 1, BW):
+                    c = c0 + offs_w
+                    ok = c <= pos
+                    kt = _window_rows(wk_base, k_base, c, P, NC, swkt, skt, offs_d, md)
+                    a = tl.sum(kt.to(tl.float32) * xq[None, :], axis=1) * wscale
+                    a = tl.where(ok, a, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(a, axis=0))
+                    alpha = tl.exp(m - m_new)
+                    p = tl.where(ok, tl.exp(a - m_new), 0.0)
+                    vt = _window_rows(wv_base, v_base, c, P, NC, swvt, svt, offs_v, mv)
+                    l_ = l_ * alpha + tl.sum(p, axis=0)
+                    acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+                    m = m_new
+                out = (f * acc + (1.0 - f) * num_l) / (f * l_ + (1.0 - f) * den_l + eps)
+                tl.store(o_base + j * sot + offs_v, out.to(o.dtype.element_ty), mask=mv)
+            tl.store(kv_out + row * DK * DV + offs_f[:, None] * DV + offs_v[None, :], S,
+                     mask=mf[:, None] & mv[None, :])
+            tl.store(z_out + row * DK + offs_f, zz, mask=mf)
+    if MODE != 1:
+        # the new window: C rows E .. P + T - 1 to rows 0 .. of wk_out / wv_out.  In place the
+        # rows move towards 0: each block reads rows at or after those it writes, all of them
+        # (and the compute above) before the barrier, and no later block reads what it wrote.
+        wko = head_start(wk_out, i_b, i_hk, swob, swoh)
+        wvo = head_start(wv_out, i_b, i_hk, swvob, swvoh)
+        for r0 in range(0, NC - E, BW):
+            r = r0 + offs_w
+            keep = r < NC - E
+            kt = _window_rows(wk_base, k_base, r + E, P, NC, swkt, skt, offs_d, md)
+            vt = _window_rows(wv_base, v_base, r + E, P, NC, swvt, svt, offs_v, mv)
+            tl.debug_barrier()
+            tl.store(wko + r[:, None] * swot + offs_d[None, :], kt, mask=keep[:, None] & md[None, :])
+            tl.store(wvo + r[:, None] * swvot + offs_v[None, :], vt, mask=keep[:, None] & mv[None, :])
 
 
 #: the largest Dqk, Dk and Dv the hybrid step holds (its state [Dk, Dv] in one program)
@@ -443,7 +456,7 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
     BK, BV = max(16, next_pow2(Dk)), max(16, next_pow2(Dv))
     fqt = fq if feats else q
     fke = fk_evict if (feats and E) else fqt
-    _hybrid_step_kernel[(B * Hkv,)](
+    args = (
         q, k, v, wk, wv, fqt, fke, out, kv, z, kv_out, z_out, window_k_out, window_v_out,
         weight if f_ptr else out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -454,11 +467,18 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
         window_v_out.stride(0), window_v_out.stride(1), window_v_out.stride(2),
         T, P, E, window, H, Hkv, H // Hkv, D, Dk, Dv, eps, scale, window_scale,
         0.0 if f_ptr else float(weight),
+    )
+    meta = dict(
         BD=max(16, next_pow2(D)), BK=BK, BV=BV,
         BW=max(16, min(64, next_pow2(min(window, P + T)))), FEATS=feats, PHI=phi, F_PTR=f_ptr,
         # a [128, 128] state: 8 warps (4 spill 400 bytes a thread offline, sm_90a)
         num_warps=8 if BK * BV > 64 * 128 else 4,
     )
+    if H == Hkv:  # one query head a k/v head: one launch, the move in the same program
+        _hybrid_step_kernel[(B * Hkv,)](*args, MODE=0, **meta)
+    else:  # grouped heads: a program a query head, then the window's move
+        _hybrid_step_kernel[(B * H,)](*args, MODE=1, **meta)
+        _hybrid_step_kernel[(B * Hkv,)](*args, MODE=2, **meta)
     return out, kv_out, z_out, window_k_out, window_v_out
 
 
