@@ -215,7 +215,10 @@ def recurrent_step(q, k, v, *, normalize: bool, eps: float, initial_kv=None, ini
         T, H, H // Hkv, d, Dk, Dv, eps, scale, c1, c2,
         BD=max(16, next_pow2(d)), BV=max(16, next_pow2(Dv)), MAP=kind, PHI=phi,
         NORMALIZE=normalize, HAS_INIT=has_init, STORE=store_state,
-        num_warps=8 if taylor else 4,
+        # Taylor's state, or a [128, 128] one: 8 warps (at 4 the latter spilled 40 bytes a
+        # thread offline, sm_90a; 64-wide states keep 4, as timed)
+        num_warps=8 if taylor or max(16, next_pow2(d)) * max(16, next_pow2(Dv)) > 64 * 128
+        else 4,
     )
     if not store_state:
         return out, None, None
