@@ -812,6 +812,10 @@ def _validate_out(out, q, want):
         raise ValueError(f"out has a zero stride (strides {tuple(out.stride())}: an expanded "
                          f"view, where several results would share one element); pass a tensor "
                          f"of its own, e.g. torch.empty({list(want)})")
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError(f"out must have a unit last stride (each row's Dv values side by side, "
+                         f"as the kernels write them), got strides {tuple(out.stride())}; pass "
+                         f"e.g. torch.empty({list(want)})")
 
 
 def _weight_grad(weight) -> bool:

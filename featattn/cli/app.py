@@ -394,13 +394,14 @@ def _cmd_bench(args, ui: UI) -> int:
     table = [[r.backend, r.kernel, "-" if r.T is None else str(r.T), fmt_ms(r.fwd_ms),
               fmt_ms(r.fwdbwd_ms), fmt_mib(r.peak_mib), r.note] for r in rows]
     ui.print()
-    ui.table(f"featattn bench: {cfg.feature_map}, B={cfg.batch} H={cfg.heads} Dqk={cfg.dqk} "
-             f"Dv={cfg.dv} {cfg.dtype} on {device}",
+    win = f", window={cfg.window}" if cfg.window else ""
+    ui.table(f"featattn bench: {cfg.feature_map}{win}, B={cfg.batch} H={cfg.heads} "
+             f"Dqk={cfg.dqk} Dv={cfg.dv} {cfg.dtype} on {device}",
              ["backend", "kernel", "T", "fwd ms", "fwd+bwd ms", "peak MiB", "note"], table,
              right=[False, False, True, True, True, True, False])
     ui.print(f"total {time.perf_counter() - t0:.1f}s")
     try:
-        plot_rows(rows, cfg, png, f"featattn bench: {cfg.feature_map}, B={cfg.batch} "
+        plot_rows(rows, cfg, png, f"featattn bench: {cfg.feature_map}{win}, B={cfg.batch} "
                   f"H={cfg.heads} Dqk={cfg.dqk} Dv={cfg.dv} {cfg.dtype} on {device}")
         ui.print(f"wrote {png}")
     except ImportError:

@@ -39,7 +39,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import BACKENDS, IMPLS, KernelUnavailable, select_kernel
+from ..dispatch import BACKENDS, HYBRID_DIRECT_MAX_T, IMPLS, KernelUnavailable, select_kernel
 from ..feature_maps import FeatureMap, build_feature_map
 from ..functional import linear_attention
 
@@ -261,6 +261,10 @@ def _case(cfg: BenchConfig, backend: str, T: int, grad: bool) -> Case:
     if backend in BACKENDS:
         if backend == "reference" and _quadratic_bytes(cfg, T) > _quadratic_limit(device):
             raise Skip(f"skipped: O(T^2) memory, ~{_quadratic_bytes(cfg, T) / 2**30:.1f} GiB")
+        if cfg.window and T <= HYBRID_DIRECT_MAX_T and backend not in ("torch", "reference",
+                                                                       "auto"):
+            raise Skip(f"T <= {HYBRID_DIRECT_MAX_T} with a window: linear_attention takes the "
+                       f"direct PyTorch form (Triton from {HYBRID_DIRECT_MAX_T + 1} queries)")
         q, k, v = _inputs(cfg, T, grad=grad)
         win = {"window": cfg.window} if cfg.window else {}
         return Case(lambda: linear_attention(q, k, v, feature_map=fm_name, normalize=normalize,

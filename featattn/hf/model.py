@@ -454,15 +454,18 @@ class FeatureAttentionModel(FeatureAttentionPreTrainedModel):
                     f"attention_mask: rows {empty} have no real token among the {T} given; every "
                     "row needs at least one (drop empty rows from the batch)")
             W = self.config.window
-            if W and cache is not None:  # each row's cache keeps its last min(W, seen) keys
-                held = [min(W, n + seen) for n in lengths.tolist()]
+            if W and cache is not None:  # each row's cache keeps its last min(W, tokens) keys
+                st = _state_layer(cache, 0).state if self.layers else None
+                have = st.window_k.shape[2] if st is not None and st.window_k is not None else 0
+                held = [min(W, n + have) for n in lengths.tolist()]
                 if len(set(held)) > 1:
                     short = [b for b, n in enumerate(held) if n < W]
                     raise ValueError(
                         f"a padded attention_mask with window = {W} and a cache: each row's "
-                        f"cache keeps its last {W} keys, so every row needs at least {W} real "
-                        f"tokens (rows {short[:8]} have fewer); pass use_cache=False (training, "
-                        f"scoring), or batch rows of at least {W} tokens")
+                        f"cache keeps its last {W} keys, so every row needs at least {W} tokens "
+                        f"(real ones, with the {have} its cache holds: rows {short[:8]} have "
+                        f"fewer); pass use_cache=False (training, scoring), or batch rows of at "
+                        f"least {W} tokens")
             # unpad: each row's real tokens become one packed sequence (cu_seqlens), attended
             # alone; the outputs are put back in place (repad) at the end
             idx = keep.reshape(-1).nonzero().squeeze(1)

@@ -417,6 +417,24 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
     Pn = P + T - E
     dev = q.device
     feats = fq is not None
+    if H % Hkv or tuple(k.shape) != (B, Hkv, T, D) or tuple(v.shape[:3]) != (B, Hkv, T):
+        raise ValueError(f"hybrid_step: q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] "
+                         f"with H a multiple of Hkv, got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    if (window_k is None) != (window_v is None) or (window_k is not None and (
+            tuple(window_k.shape) != (B, Hkv, P, D) or tuple(window_v.shape) != (B, Hkv, P, Dv))):
+        got = [None if t is None else list(t.shape) for t in (window_k, window_v)]
+        raise ValueError(f"hybrid_step: window_k / window_v must be [B, Hkv, P, D] / [B, Hkv, "
+                         f"P, Dv] = [{B}, {Hkv}, P, {D}] / [.., {Dv}] (or both None), got {got}")
+    if feats and tuple(fq.shape) != (B, H, T, Dk) or (
+            fk_evict is not None and tuple(fk_evict.shape) != (B, Hkv, E, Dk)):
+        got = [None if t is None else list(t.shape) for t in (fq, fk_evict)]
+        raise ValueError(f"hybrid_step: fq / fk_evict must be [B, H, T, Dk] = {[B, H, T, Dk]} / "
+                         f"[B, Hkv, E, Dk] = {[B, Hkv, E, Dk]}, got {got}")
+    if isinstance(weight, torch.Tensor) and (tuple(weight.shape) != (H,) or weight.device != dev
+                                             or weight.dtype != torch.float32):
+        raise ValueError(f"hybrid_step: weight as a tensor must be fp32 [H] = [{H}] on {dev}, "
+                         f"got {list(weight.shape)} {weight.dtype} on {weight.device}")
     if (fk_evict is not None and not feats) or (feats and E and fk_evict is None):
         raise ValueError("hybrid_step: give fq and fk_evict together (fk_evict may be None "
                          "only when no key leaves the window)")

@@ -280,13 +280,45 @@ def test_padded_rows_equal_their_unpadded_runs(name, side):
         torch.testing.assert_close(model(a, attention_mask=torch.ones_like(a)).logits, model(a).logits)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_prefill_then_cached_decoding_with_a_window(side):
+    """A padded batch through the window model with a cache, then three cached steps: each
+    row's logits equal that row run alone; a later padded call that would leave a row's
+    cache with fewer window keys than another's is refused, counting the keys it holds."""
+    model = make_model("window")
+    a, b = tokens(1, 7, seed=2), tokens(1, 4, seed=3)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    sl = slice(3, 7) if side == "left" else slice(0, 4)
+    ids[1, sl], mask[1, sl] = b, 1
+    nxt = tokens(2, 3, seed=9)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        logits = []
+        for t in range(3):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            out = model(nxt[:, t:t + 1], attention_mask=mask, past_key_values=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits)
+        got = torch.cat(logits, 1)
+        torch.testing.assert_close(got[0], model(torch.cat([a, nxt[:1]], 1)).logits[0, -3:])
+        torch.testing.assert_close(got[1], model(torch.cat([b, nxt[1:]], 1)).logits[0, -3:])
+        c = model(tokens(2, 2), attention_mask=torch.tensor([[0, 1], [0, 1]]),
+                  use_cache=True).past_key_values  # one real token a row: 1 window key held
+        with pytest.raises(ValueError, match=r"with the 1 its cache holds: rows \[1\]"):
+            model(tokens(2, 2, seed=5), attention_mask=torch.tensor([[0, 1, 1, 1], [0, 1, 0, 1]]),
+                  past_key_values=c, use_cache=True)
+
+
 def test_padding_errors():
     ids = tokens(2, 5)
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, :2] = 0
     short = mask.clone()
     short[1, :3] = 0  # 2 real tokens, below the window of 3, with a cache
-    with pytest.raises(ValueError, match=r"every row needs at least 3 real tokens \(rows \[1\]"):
+    with pytest.raises(ValueError, match=r"every row needs at least 3 tokens .*rows \[1\]"):
         make_model("window")(ids, attention_mask=short, use_cache=True)
     empty = torch.ones_like(mask)
     empty[1] = 0

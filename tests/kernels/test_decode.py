@@ -310,7 +310,21 @@ def test_hybrid_step_checks_its_buffers():
     with pytest.raises(ValueError, match="kv must be fp32 and contiguous"):
         D.hybrid_step(q, k, v, kv.transpose(2, 3), z, wk, wv, **kw)
     with pytest.raises(ValueError, match="window_k must have a unit last stride"):
-        D.hybrid_step(q, k, v, kv, z, wk.transpose(2, 3), wv, **kw)
+        D.hybrid_step(q, k, v, kv, z, wk.transpose(2, 3).contiguous().transpose(2, 3), wv, **kw)
+    with pytest.raises(ValueError, match="H a multiple of Hkv"):
+        D.hybrid_step(q.repeat(1, 2, 1, 1)[:, :3], k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1),
+                      kv.repeat(1, 2, 1, 1)[:, :3], z.repeat(1, 2, 1)[:, :3],
+                      wk.repeat(1, 2, 1, 1), wv.repeat(1, 2, 1, 1), **kw)
+    with pytest.raises(ValueError, match=r"window_k / window_v must be"):
+        D.hybrid_step(q, k, v, kv, z, wk, wv[:, :, :2], **kw)
+    with pytest.raises(ValueError, match=r"weight as a tensor must be fp32 \[H\] = \[2\]"):
+        D.hybrid_step(q, k, v, kv, z, wk, wv, **{**kw, "weight": torch.full((3,), 0.5)})
+    # decode_step refuses an out it could not write in place (a non-unit last stride)
+    st = LinearAttentionState(kv.clone(), z.clone(), wk.clone(), wv.clone())
+    bad = torch.empty(1, 2, 4, 2, device=DEV)[..., :1].transpose(2, 3)  # strides (16, 8, 1, 2)
+    with pytest.raises(ValueError, match="out must have a unit last stride"):
+        with torch.no_grad():
+            decode_step(q, k, v, st, feature_map="elu", window=4, out=bad)
 
 
 def test_hybrid_decode_step_on_the_torch_path_updates_the_state_too():
@@ -400,11 +414,12 @@ def test_gpu_captured_step_equals_eager_bf16(fm, d):
 
 @cuda
 @pytest.mark.parametrize("fm", ["elu", "hedgehog"])
-def test_gpu_hybrid_step_bf16_in_place_and_captured(fm):
-    """bf16, B4 H16 (4 k/v heads) d64 W64: 80 tokens decoded in place after a 100-token
-    prefill equal one call on all 180 (within bf16), and a CUDA graph of one in-place step
-    (the window's rows moving in their own buffers) replays to the eager step."""
-    B, H, Hkv, d, W, N, P0 = 4, 16, 4, 64, 64, 180, 100
+@pytest.mark.parametrize("Hkv", [4, 16])  # two launches (a program a query head, the move); one
+def test_gpu_hybrid_step_bf16_in_place_and_captured(fm, Hkv):
+    """bf16, B4 H16 d64 W64: 80 tokens decoded in place after a 100-token prefill equal one
+    call on all 180 (within bf16), and a CUDA graph of one in-place step (the window's rows
+    moving in their own buffers) replays to the eager step."""
+    B, H, d, W, N, P0 = 4, 16, 64, 64, 180, 100
     q, k, v = rand_qkv(B, H, Hkv, N, d, d, torch.bfloat16, "cuda", generator=21)
     m = fm
     if fm == "hedgehog":
