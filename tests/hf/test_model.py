@@ -259,16 +259,23 @@ def test_logits_to_keep_and_hidden_states():
     torch.testing.assert_close(full.hidden_states[0], model.model.embed_tokens(ids))
 
 
-@pytest.mark.parametrize("name", ["elu", "hedgehog-gqa", "window"])
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_rows_equal_their_unpadded_runs(name, side):
-    model = make_model(name)
+def _padded_pair(side):
+    """Rows a (7 tokens) and b (4, padded on ``side``) as one batch: (a, b, ids, mask, b's
+    slice)."""
     a, b = tokens(1, 7, seed=2), tokens(1, 4, seed=3)
     ids = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
     ids[0], mask[0] = a, 1
     sl = slice(3, 7) if side == "left" else slice(0, 4)
     ids[1, sl], mask[1, sl] = b, 1
+    return a, b, ids, mask, sl
+
+
+@pytest.mark.parametrize("name", ["elu", "hedgehog-gqa", "window"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_equal_their_unpadded_runs(name, side):
+    model = make_model(name)
+    a, b, ids, mask, sl = _padded_pair(side)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(logits[0], model(a).logits[0])
@@ -286,12 +293,7 @@ def test_padded_prefill_then_cached_decoding_with_a_window(side):
     row's logits equal that row run alone; a later padded call that would leave a row's
     cache with fewer window keys than another's is refused, counting the keys it holds."""
     model = make_model("window")
-    a, b = tokens(1, 7, seed=2), tokens(1, 4, seed=3)
-    ids = torch.zeros(2, 7, dtype=torch.long)
-    mask = torch.zeros(2, 7, dtype=torch.long)
-    ids[0], mask[0] = a, 1
-    sl = slice(3, 7) if side == "left" else slice(0, 4)
-    ids[1, sl], mask[1, sl] = b, 1
+    a, b, ids, mask, _ = _padded_pair(side)
     nxt = tokens(2, 3, seed=9)
     with torch.no_grad():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
