@@ -532,9 +532,8 @@ def _hybrid_refusal(call: Call, impl: Impl) -> Optional[str]:
     """None when ``impl`` runs this hybrid call (the chunked kernel, for both parts), else
     why not."""
     if impl.name == "recurrent_step":  # a few tokens against a state (decoding; whatever
-        # FEATATTN_HYBRID_LINEAR says, which picks the form of whole calls)
-        if torch.compiler.is_compiling():  # (its launch is no custom op: dynamo cannot trace it)
-            return "runs in the PyTorch path under torch.compile"
+        # FEATATTN_HYBRID_LINEAR says, which picks the form of whole calls; under
+        # torch.compile as the custom op featattn::hybrid_step)
         return None
     if hybrid_triton_mode() != "triton":
         return "runs in the chunked PyTorch path (FEATATTN_HYBRID_LINEAR=torch)"

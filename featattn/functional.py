@@ -561,6 +561,14 @@ def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale
         fke = None if not E else fke if fke.stride(-1) == 1 else fke.contiguous()
     kv_in = kv0 if _fp32_dense(kv0) else kv0.float().contiguous()
     z_in = z0 if _fp32_dense(z0) else z0.float().contiguous()
+    if torch.compiler.is_compiling():  # one opaque node, new tensors out (decode_step copies)
+        from .kernels.decode import hybrid_step_compiled
+
+        o, kv, z, nwk, nwv = hybrid_step_compiled(
+            q, k, v, kv_in, z_in, wk if P else None, wv if P else None, window=window,
+            weight=weight, window_scale=wscale, eps=eps, feature_map=step_map,
+            scale=scale if fm is None or step_map is not None else 1.0, fq=fq, fk_evict=fke)
+        return o, LinearAttentionState(kv, z, nwk, nwv)
     direct = in_place and kv_in is kv0 and z_in is z0
     full = in_place and P == window and all(
         x.stride(-1) == 1 and 0 not in x.stride() for x in (wk, wv))

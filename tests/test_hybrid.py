@@ -655,10 +655,35 @@ def test_the_triton_hybrid_under_torch_compile_is_one_custom_op(fm, monkeypatch)
     one = (q[:, :, :1], k[:, :, :1], v[:, :, :1])
     assert featattn.select_kernel(*one, "elu", "triton", window=8, initial_state=st).name \
         == "recurrent_step"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert featattn.select_kernel(q, k, v, "elu", backend="triton", window=8).name == "chunked"
-    with pytest.raises(KernelUnavailable, match="recurrent_step: window=8.*under torch.compile"):
-        featattn.select_kernel(*one, "elu", "triton", window=8, initial_state=st)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert featattn.select_kernel(q, k, v, "elu", backend="triton", window=8).name == \
+            "chunked"
+        assert featattn.select_kernel(*one, "elu", "triton", window=8,
+                                      initial_state=st).name == "recurrent_step"
+    # a compiled windowed decode step: the custom op featattn::hybrid_step, then the new
+    # state copied into the caller's tensors; equal to the eager step
+    m = _map("hedgehog", 4, 2, 2).float() if fm == "identity" else "elu"
+    if isinstance(m, torch.nn.Module):
+        m.requires_grad_(False)
+    with torch.no_grad():
+        _, st_m = featattn.linear_attention(q, k, v, feature_map=m, window=8, return_state=True)
+    eager, comp = st_m.clone(), st_m.clone()
+    ptr = comp.window_k.data_ptr()
+    seen.clear()
+
+    def step(q1, k1, v1, s):
+        return featattn.decode_step(q1, k1, v1, s, feature_map=m, window=8, backend="triton")
+
+    with torch.no_grad():
+        want = step(*one, eager)
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True, backend=backend)(*one, comp)
+    assert any("hybrid_step" in t for t in seen), seen
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(comp._tensors()[:4], eager._tensors()[:4]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert comp.window_k.data_ptr() == ptr  # the full window updated in place (copied into)
 
 
 @pytest.mark.parametrize("fm,dtype,T,W,f", [

@@ -503,6 +503,47 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
     return out, kv_out, z_out, window_k_out, window_v_out
 
 
+@torch.library.custom_op("featattn::hybrid_step", mutates_args=())
+def _hybrid_step_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, z: torch.Tensor,
+    window_k: Optional[torch.Tensor], window_v: Optional[torch.Tensor], window: int,
+    weight: Optional[torch.Tensor], weight_val: float, window_scale: float, eps: float,
+    fmap: str, scale: float, fq: Optional[torch.Tensor], fk_evict: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fm = _maps.lookup(fmap)[0] if fmap else None
+    return hybrid_step(q, k, v, kv, z, window_k, window_v, window=window,
+                       weight=weight if weight is not None else weight_val,
+                       window_scale=window_scale, eps=eps, feature_map=fm, scale=scale, fq=fq,
+                       fk_evict=fk_evict)
+
+
+@_hybrid_step_op.register_fake
+def _(q, k, v, kv, z, window_k, window_v, window, weight, weight_val, window_scale, eps, fmap,
+      scale, fq, fk_evict):
+    B, H, T, D = q.shape
+    Hkv, Dv, Dk = k.shape[1], v.shape[-1], kv.shape[2]
+    Pn = min(window, (0 if window_k is None else window_k.shape[2]) + T)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (_empty_like_layout(q, B, H, T, Dv, q.dtype, poison=False),
+            torch.empty((B, H, Dk, Dv), **f32), torch.empty((B, H, Dk), **f32),
+            torch.empty((B, Hkv, Pn, D), dtype=k.dtype, device=q.device),
+            torch.empty((B, Hkv, Pn, Dv), dtype=v.dtype, device=q.device))
+
+
+def hybrid_step_compiled(q, k, v, kv, z, window_k, window_v, *, window: int, weight,
+                         window_scale: float, eps: float, feature_map=None, scale: float = 1.0,
+                         fq=None, fk_evict=None):
+    """:func:`hybrid_step` (new tensors out) as the custom op ``featattn::hybrid_step``, which
+    torch.compile keeps as one opaque node (it cannot trace the launch, whose map is a
+    constexpr ``@triton.jit`` function); decode_step then copies the new state into the
+    caller's tensors."""
+    fmap = "" if feature_map is None else _maps.fused_key(feature_map)
+    f_t = weight if isinstance(weight, torch.Tensor) else None
+    return _hybrid_step_op(q, k, v, kv, z, window_k, window_v, int(window), f_t,
+                           0.0 if f_t is not None else float(weight), float(window_scale),
+                           float(eps), fmap, float(scale), fq, fk_evict)
+
+
 @torch.library.custom_op("featattn::recurrent_step_", mutates_args=("kv", "z", "out"))
 def _step_inplace_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
