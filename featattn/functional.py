@@ -198,6 +198,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     return_state = return_state or in_place
     window = _validate_window(window, window_weight, window_scale, normalize, initial_state,
                               q, k, v, cu, cp_group, in_place)
+    if window:  # the defaults: f = 0.5, the softmax's scale 1 / sqrt(Dqk)
+        window_weight = 0.5 if window_weight is None else window_weight
+        window_scale = 1.0 / math.sqrt(Dqk) if window_scale is None else float(window_scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     for what, bad in (("window > 0", window > 0), ("cu_seqlens", cu is not None),
@@ -211,12 +214,13 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                                 if what == "cu_seqlens" and causal else "call without it"))
     if key_padding_mask is not None and window:  # each row's real tokens as one sequence
         keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
-        if bool(keep.all()):  # nothing padded: the batched call
+        lengths = keep.sum(1).tolist()  # (one host synchronisation)
+        if min(lengths) == T:  # nothing padded: the batched call
             return _linear_attention(q, k, v, fm, normalize, eps, scale, initial_state,
                                      return_state, backend, window=window,
                                      window_weight=window_weight, window_scale=window_scale)
-        if not bool(keep.any(1).all()):
-            empty = (~keep.any(1)).nonzero().flatten().tolist()
+        if min(lengths) == 0:
+            empty = [b for b, n in enumerate(lengths) if n == 0]
             raise ValueError(f"key_padding_mask with window > 0: rows {empty[:8]} have no real "
                              f"token (all padded); drop them")
 
@@ -540,8 +544,6 @@ def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale
     wv = state.window_v if state is not None else None
     P, T = (0 if wk is None else wk.shape[2]), q.shape[2]
     E = max(0, P + T - window)
-    wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
-    weight = 0.5 if weight is None else weight
     if isinstance(weight, torch.Tensor):
         weight = weight.float().contiguous()
     k, v, q = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, q))
@@ -561,22 +563,19 @@ def _hybrid_step(q, k, v, fm, eps, scale, state, kv0, z0, window, weight, wscale
         fke = None if not E else fke if fke.stride(-1) == 1 else fke.contiguous()
     kv_in = kv0 if _fp32_dense(kv0) else kv0.float().contiguous()
     z_in = z0 if _fp32_dense(z0) else z0.float().contiguous()
+    args = (q, k, v, kv_in, z_in, wk if P else None, wv if P else None)
+    kw = dict(window=window, weight=weight, window_scale=wscale, eps=eps, feature_map=step_map,
+              scale=scale if fm is None or step_map is not None else 1.0, fq=fq, fk_evict=fke)
     if torch.compiler.is_compiling():  # one opaque node, new tensors out (decode_step copies)
         from .kernels.decode import hybrid_step_compiled
 
-        o, kv, z, nwk, nwv = hybrid_step_compiled(
-            q, k, v, kv_in, z_in, wk if P else None, wv if P else None, window=window,
-            weight=weight, window_scale=wscale, eps=eps, feature_map=step_map,
-            scale=scale if fm is None or step_map is not None else 1.0, fq=fq, fk_evict=fke)
+        o, kv, z, nwk, nwv = hybrid_step_compiled(*args, **kw)
         return o, LinearAttentionState(kv, z, nwk, nwv)
     direct = in_place and kv_in is kv0 and z_in is z0
     full = in_place and P == window and all(
         x.stride(-1) == 1 and 0 not in x.stride() for x in (wk, wv))
     o, kv, z, nwk, nwv = hybrid_step(
-        q, k, v, kv_in, z_in, wk if P else None, wv if P else None, window=window,
-        weight=weight, window_scale=wscale, eps=eps, feature_map=step_map,
-        scale=scale if fm is None or step_map is not None else 1.0, fq=fq, fk_evict=fke,
-        kv_out=kv0 if direct else None, z_out=z0 if direct else None,
+        *args, **kw, kv_out=kv0 if direct else None, z_out=z0 if direct else None,
         window_k_out=wk if full else None, window_v_out=wv if full else None, out=out_buf)
     return o, LinearAttentionState(kv, z, nwk, nwv)
 
@@ -596,8 +595,6 @@ def _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel,
     window = min(window, N)
     direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
-    wscale = 1.0 / math.sqrt(Dqk) if wscale is None else float(wscale)
-    weight = 0.5 if weight is None else weight
     if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
         res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,
                              return_state)
@@ -678,9 +675,8 @@ def _hybrid_packed(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel
         lens = [cu[n + 1] - cu[n] for n in range(N)]
         cu_t = cu_seqlens.to(device=q.device, dtype=torch.int32)
         out, kv, z = _hybrid_triton(
-            q, k, v, fm, scale, kv0, z0, window, 0.5 if weight is None else weight,
-            1.0 / math.sqrt(Dqk) if wscale is None else float(wscale), eps, map_path,
-            return_state, cu_seqlens=cu_t, max_len=max(lens))
+            q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path, return_state,
+            cu_seqlens=cu_t, max_len=max(lens))
         if not return_state:
             return out
         P = min(window, min(lens))  # (every sequence keeps as many: checked above)
