@@ -248,6 +248,27 @@ def resources(compiled):
     return usage, sass
 
 
+#: sm_90 (H100 / H200) limits a program's residency is counted against
+SM_REGS, SM_SMEM, SM_WARPS, SM_PROGRAMS, SMEM_RESERVED = 65536, 233472, 64, 32, 1024
+
+
+def occupancy(usage: str, compiled, warps: int) -> str:
+    """Programs resident per SM (and what limits them), from ptxas's register count and
+    the kernel's shared memory: a kernel whose programs loop over only a few tiles hides
+    its loads' latency with other programs, not within one."""
+    m = re.search(r"Used (\d+) registers", usage)
+    if not m:
+        return "occupancy: no register count"
+    regs = int(m.group(1))
+    per_warp = -(-regs * 32 // 256) * 256  # registers are given to warps in 256s
+    smem = int(getattr(compiled.metadata, "shared", 0))
+    by = {"registers": SM_REGS // per_warp // warps, "warps": SM_WARPS // warps,
+          "shared memory": SM_SMEM // (smem + SMEM_RESERVED), "programs": SM_PROGRAMS}
+    limit = min(by, key=by.get)
+    return (f"shared memory {smem} B; {by[limit]} programs ({by[limit] * warps} warps) per "
+            f"SM, limited by {limit}")
+
+
 def loops(sass: str) -> list:
     """The bodies (instruction lists) of the loops, longest first: every backward branch's
     span of instructions."""
@@ -316,6 +337,7 @@ def main(argv=None):
         total = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line))
         print(f"\n{fn.__name__} {opts} " + " ".join(f"{k}={v}" for k, v in tiles.items()))
         print(f"  {usage}; {total} instructions in all")
+        print(f"  {occupancy(usage, compiled, opts.get('num_warps', 4))}")
         if a.list and configs:
             print("  configs: " + "; ".join(str(c) for c in configs))
         for body in loops(sass)[:a.loops]:

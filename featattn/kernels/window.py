@@ -74,12 +74,15 @@ def window_unsupported_reason(d: int, dv: int) -> Optional[str]:
 
 
 @triton.jit
-def _scores(q, k, scale, rows, cols, W, N, FP32: tl.constexpr):
-    """scale * q k^T [BT, BK] in fp32, -inf outside each row's window (rows/cols are the
-    query/key positions; a row past the last query has no keys)."""
+def _scores(q, k, scale, rows, cols, W, FP32: tl.constexpr):
+    """scale * q k^T [BT, BK] in fp32, -inf outside each row's window (rows / cols are the
+    query / key positions, cols >= 0).  One subtraction and two compares an element: a
+    valid row's window ends at the row, so keys past the last one (loaded as zeros) are
+    outside it; rows past the last query are the callers' to discard (the forward and dq
+    kernels do not store them, the dk/dv kernel's have zero gradients)."""
     s = _dot_in(q, tl.trans(k), FP32) * scale
-    ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - W) \
-        & (cols[None, :] >= 0) & (cols[None, :] < N) & (rows[:, None] < N)
+    d = rows[:, None] - cols[None, :]
+    ok = (d >= 0) & (d < W)
     return tl.where(ok, s, float("-inf")), ok
 
 
@@ -129,13 +132,13 @@ def _program(H, G, T, N, cu, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, N, D, DV,
+def _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, D, DV,
               BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, FP32: tl.constexpr):
     """The key/value tile at positions j0.. (below hi) and its masked scores with b_q."""
     cols = j0 + tl.arange(0, BK)
     b_k = _rows(k_base, cols, cols < hi, skt, D, BD)
     b_v = _rows(v_base, cols, cols < hi, svt, DV, BV)
-    s, ok = _scores(b_q, b_k, scale, rows, cols, W, N, FP32)
+    s, ok = _scores(b_q, b_k, scale, rows, cols, W, FP32)
     return b_k, b_v, s, ok
 
 
@@ -191,8 +194,8 @@ def _window_fwd_kernel(
     k_base = k + i_b * skb + i_hk * skh + bos * skt
     v_base = v + i_b * svb + i_hk * svh + bos * svt
     for j0 in range(lo, hi, BK):
-        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, Ns,
-                                    D, DV, BK, BD, BV, FP32)
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, D,
+                                    DV, BK, BD, BV, FP32)
         tmax, targ = tl.max(s, 1, return_indices=True)
         a_i = tl.where(tmax > m_i, j0 + targ, a_i)
         m_new = tl.maximum(m_i, tmax)
@@ -259,8 +262,8 @@ def _window_dq_kernel(
     k_base = k + i_b * skb + i_hk * skh + bos * skt
     v_base = v + i_b * svb + i_hk * svh + bos * svt
     for j0 in range(lo, hi, BK):
-        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, Ns,
-                                    D, DV, BK, BD, BV, FP32)
+        b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W, D,
+                                    DV, BK, BD, BV, FP32)
         p = exp_nonpos(s - m_i[:, None])
         dov = _mm(b_do, tl.trans(b_v), LOWP, FP32)
         a += tl.sum(p, 1)
@@ -270,7 +273,7 @@ def _window_dq_kernel(
         ktop = tl.zeros([BT, BD], tl.float32)
         for j0 in range(lo, hi, BK):
             b_k, b_v, s, ok = _key_tile(k_base, v_base, j0, hi, skt, svt, b_q, scale, rows, W,
-                                        Ns, D, DV, BK, BD, BV, FP32)
+                                        D, DV, BK, BD, BV, FP32)
             ktop += _mm(_top(s, ok, m_i, c_i, j0 + tl.arange(0, BK), a_i), b_k, LOWP, FP32)
     else:
         ktop = _rows(k_base, a_i, mr, skt, D, BD).to(tl.float32)
@@ -330,7 +333,7 @@ def _window_dkdv_kernel(
         for r0 in range(lo, hi, BT):
             r = r0 + tl.arange(0, BT)
             mr = r < hi
-            rows = tl.where(mr, P0 + r, Ns)  # a masked row has no keys
+            rows = P0 + r  # (rows past the last query: zero q, dA, da, g, so zero dS)
             b_q = _rows(q + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, BD)
             row = rb + r.to(tl.int64)
             _, b_dA, b_da, _, _, m_i, c_i = _grad_rows(do + i_b * sdb + i_h * sdh + bos * sdt,
@@ -338,7 +341,7 @@ def _window_dkdv_kernel(
                                                        BV)
             g_i = tl.load(g + row, mask=mr, other=0.0)
             a_i = tl.load(arg + row, mask=mr, other=-1)
-            s, ok = _scores(b_q, b_k, scale, rows, cols, W, Ns, FP32)
+            s, ok = _scores(b_q, b_k, scale, rows, cols, W, FP32)
             p = exp_nonpos(s - m_i[:, None])
             dp = _mm(b_dA, tl.trans(b_v), LOWP, FP32) + b_da[:, None]
             dS = p * dp - _top(s, ok, m_i, c_i, cols, a_i) * (g_i / c_i)[:, None]
