@@ -395,6 +395,45 @@ def test_hybrid_in_triton_takes_strided_and_packed_inputs(layout, monkeypatch):
     for a, b in zip([o, *g], [o_ref, *g_ref]):
         assert ((a.double() - b).norm() / b.norm()).item() < 2e-5
 
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+@pytest.mark.parametrize("fm", ["elu", "elu-pass", None])
+def test_hybrid_in_triton_adds_the_window_gradients_in_place(layout, fm, monkeypatch):
+    """One query head a k/v head: the window kernels add their gradients into the linear
+    part's buffers (one tensor a gradient at the backward's peak), for inputs laid out as
+    [B, H, T, D] or as views of [B, T, H, D] storage, each map path (in the kernel, a pass,
+    no map); gradients still equal the float64 oracle, and dq / dk / dv are laid out as q /
+    k / v are."""
+    from featattn.kernels import window
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    if fm == "elu-pass":
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+        fm = "elu"
+    reused = []
+    real = window._in_place
+    monkeypatch.setattr(window, "_in_place",
+                        lambda part, like: reused.append(real(part, like) is part) or
+                        real(part, like))
+    q, k, v = _inputs(2, 2, 2, 90, 8, 8, seed=4)
+    if fm is None:
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    if layout == "bthd":
+        leaves = [t.float().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    else:
+        leaves = [t.float() for t in (q, k, v)]
+    leaves = [t.requires_grad_() for t in leaves]
+    o = featattn.linear_attention(*leaves, feature_map=fm, window=8, backend="triton")
+    g = torch.autograd.grad((o * o.detach().cos()).sum(), leaves)
+    assert reused == [True, True, True], reused
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = featattn.linear_attention(*ref, feature_map=fm, window=8, backend="reference")
+    g_ref = torch.autograd.grad((o_ref * o.detach().double().cos()).sum(), ref)
+    for a, b in zip([o, *g], [o_ref, *g_ref]):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5
+    for grad, leaf in zip(g, leaves):
+        assert grad.stride() == leaf.stride()
+
+
 _SHORT, _LONG = ([70, 1, 90, 33], 8), ([70, 100], 64)  # (sequence lengths, window)
 
 

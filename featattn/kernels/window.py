@@ -234,14 +234,15 @@ def _lin_grad(acc, x, dl, xscale, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
 @triton.jit
 def _window_dq_kernel(
     q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sLb, sLh, sLt, sdb, sdh, sdt, slqb, slqh, slqt,
     T, N, H, G, D, DV, W, scale, xscale, SIZE,
     BD: tl.constexpr, BV: tl.constexpr, LIN_GRAD: tl.constexpr, PHI: tl.constexpr,
     DPHI: tl.constexpr, LOWP: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid (B * H, query tiles): dq (strided like q; the linear part's dq dql [B, H, T, D]
-    contiguous added as :func:`_lin_grad` says), and fp32 [B*H, T] rows of g and of df.
+    strided, added as :func:`_lin_grad` says: dql may be dq itself, each program reading
+    its own rows before writing them), and fp32 [B*H, T] rows of g and of df.
 
     One pass over the key tiles: with dov = do v^T, dp = dov f / D + da and do . A =
     sum p dov, so A itself is never formed; the tie term -g / ties times the sum of each
@@ -282,8 +283,9 @@ def _window_dq_kernel(
     df_i = (doA - tl.sum(b_do * b_L, 1) - b_u * (a - b_l)) / b_D
     b_dq = (acc - (g_i / c_i)[:, None] * ktop) * scale
     if LIN_GRAD > 0:
-        b_dq = _lin_grad(b_dq, b_q, _rows(dql + rb * D, r, mr, D, D,
-                                          BD).to(tl.float32), xscale, LIN_GRAD, PHI, DPHI)
+        b_dq = _lin_grad(b_dq, b_q, _rows(dql + i_b * slqb + i_h * slqh + bos * slqt, r, mr,
+                                          slqt, D, BD).to(tl.float32), xscale, LIN_GRAD, PHI,
+                         DPHI)
     _put(dq + i_b * sqb + i_h * sqh + bos * sqt, r, mr, sqt, D, b_dq, BD)
     tl.store(g + row, g_i, mask=mr)
     tl.store(dfr + row, df_i, mask=mr)
@@ -301,7 +303,8 @@ def _window_dkdv_kernel(
 ):
     """Grid (B * Hkv, key tiles); dk, dv laid out like k, v.  The linear part's dv and dk of
     keys s < NL, dvl / dkl [B, Hkv, >= NL, .] strided, are added (dk as :func:`_lin_grad`
-    says, with xscale 1).  VARLEN: (sequence, kv head) programs of the packed batch, each
+    says, with xscale 1); they may be dv / dk themselves (a program reads its own rows
+    before writing them).  VARLEN: (sequence, kv head) programs of the packed batch, each
     sequence's keys s < its length - W with a linear part (NL unused)."""
     i_bhk = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -403,6 +406,16 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _in_place(part, like):
+    """``part`` (the linear part's gradient) as the buffer of the whole gradient of ``like``
+    when it has like's shape, dtype and strides (the window kernels write with like's), so
+    the backward holds one tensor a gradient instead of two (B8 H16 T16384 D64 bf16: 805 MB
+    less at the peak); else a new tensor laid out like ``like``."""
+    if part.shape == like.shape and part.dtype == like.dtype and part.stride() == like.stride():
+        return part
+    return torch.empty_like(like)
+
+
 def _hybrid_forward(q, k, v, fq, fk, f, kv0, z0, mode, fmap, scale, wscale, window, eps,
                     store_final, cu, max_len):
     """The forward launches: ``(o, kvT, zT, saved)``, ``saved`` the tensors the backward
@@ -463,19 +476,24 @@ def _hybrid_backward(q, k, v, fq, fk, f, kv0, z0, o, L, lden, Dn, m, ties, arg, 
     dql, dkl, dvl, dkv0, dz0 = _chunked._backward(
         lq, lk, v, None, Dn / (1.0 - f).view(1, H, 1), kv0, z0, do, dkvT, dzT, True,
         fmap if mode == "kernel" else "", scale if mode == "kernel" else 1.0, kshift=ks,
-        cu_seqlens=cu, delta=u, like_inputs=False)
+        cu_seqlens=cu, delta=u)
     lin_grad = {"features": 0, "plain": 1, "kernel": 1, "pass": 2}[mode]
     form = _maps.lookup(fmap)[1] if mode == "pass" else None
     BD, BV = _dims(D, DV, q.dtype)
     meta = dict(BD=BD, BV=BV, LIN_GRAD=lin_grad, PHI=form.phi if form else None,
                 DPHI=form.dphi if form else None, LOWP=q.dtype == torch.bfloat16,
                 FP32=q.dtype == torch.float32, VARLEN=varlen)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the window's gradients are added to the linear part's in place where those are laid
+    # out as the inputs are (not when they are the features' own gradients, returned)
+    feats = mode == "features"
+    dq = torch.empty_like(q) if feats else _in_place(dql, q)
+    dk = torch.empty_like(k) if feats else _in_place(dkl, k)
+    dv = _in_place(dvl, v)
     g, dfr = (alloc((B, H, T), torch.float32, q.device) for _ in range(2))
     cu_arg = cu if varlen else dq
     _DQ[lambda c: (NB * H, cdiv(TQ, c["BT"]))](
         q, k, v, do, L, lden, f, u, Dn, m, ties, arg, dql, dq, g, dfr, cu_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(L), *_strides(do), *_strides(dql),
         T, N, H, H // Hkv, D, DV, W, wscale, scale, size, **meta)
     nl = T - ks  # keys with a linear part: positions < N - W (packed: each sequence's)
     _DKDV[lambda c: (NB * Hkv, cdiv(N if not varlen else TQ, c["BK"]))](
