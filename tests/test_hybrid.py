@@ -434,6 +434,39 @@ def test_hybrid_in_triton_adds_the_window_gradients_in_place(layout, fm, monkeyp
         assert grad.stride() == leaf.stride()
 
 
+def test_autotuning_restores_the_gradients_the_window_adds_into(monkeypatch):
+    """On the GPU the autotuner runs every config of a new key many times on the call's own
+    tensors, and the dq and dk/dv kernels add into the linear part's gradients in place: the
+    window module's launches restore those buffers after each trial.  Two configs and a
+    timer that runs each twice stand in for it here: the tuning backward and the cached one
+    both equal the float64 oracle."""
+    import triton
+
+    from featattn.kernels import window
+
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+
+    def timer(call, quantiles=None, **kw):
+        call()
+        call()
+        return [1.0, 1.0, 1.0]
+
+    configs = [triton.Config({"BT": 32, "BK": 32}, num_warps=4, num_stages=1),
+               triton.Config({"BT": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    for name, launch in zip(["_FWD", "_DQ", "_DKDV"], window._launches(configs, timer)):
+        monkeypatch.setattr(window, name, launch)
+    q, k, v = _inputs(1, 2, 2, 70, 8, 8, seed=6)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = featattn.linear_attention(*ref, feature_map="elu", window=8, backend="reference")
+    g_ref = torch.autograd.grad(o_ref.square().sum(), ref)
+    for _ in ("tuning", "cached"):
+        leaves = [t.float().requires_grad_() for t in (q, k, v)]
+        o = featattn.linear_attention(*leaves, feature_map="elu", window=8, backend="triton")
+        g = torch.autograd.grad(o.square().sum(), leaves)
+        for a, b in zip([o, *g], [o_ref, *g_ref]):
+            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5
+
+
 _SHORT, _LONG = ([70, 1, 90, 33], 8), ([70, 100], 64)  # (sequence lengths, window)
 
 

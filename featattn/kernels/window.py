@@ -390,9 +390,28 @@ def _configs():
 # tuned per head dims, window, problem size (SIZE: _common.size_bucket) and dtype; the
 # launches go through TunedLaunch (the autotuner's key is built once per key, not per call)
 _KEY = ["D", "DV", "W", "SIZE", "FP32"]
-_FWD = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY)(_window_fwd_kernel))
-_DQ = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dq_kernel))
-_DKDV = TunedLaunch(triton.autotune(configs=_configs(), key=_KEY + ["LIN_GRAD"])(_window_dkdv_kernel))
+
+
+def _launches(configs=None, do_bench=None):
+    """The forward, dq and dk/dv launches, autotuned over ``configs`` (default
+    :func:`_configs`).  The dq and dk/dv kernels add into buffers they also read (the
+    linear part's gradients, see :func:`_in_place`), so the autotuner, which runs every
+    config of a new key many times on the call's own tensors, restores those buffers after
+    each run (``restore_value``); without it the first backward of each key came out with
+    the window's gradients added once per trial run.  (``do_bench``: tests stand in for
+    the GPU's timer.)"""
+    cfgs = configs or _configs()
+
+    def tuned(kernel, key, restore=None):
+        return TunedLaunch(triton.autotune(configs=cfgs, key=key, restore_value=restore,
+                                           do_bench=do_bench)(kernel))
+
+    return (tuned(_window_fwd_kernel, _KEY),
+            tuned(_window_dq_kernel, _KEY + ["LIN_GRAD"], ["dq"]),
+            tuned(_window_dkdv_kernel, _KEY + ["LIN_GRAD"], ["dk", "dv"]))
+
+
+_FWD, _DQ, _DKDV = _launches()
 
 
 def _dims(D: int, DV: int, dtype: torch.dtype):
