@@ -285,7 +285,8 @@ def hybrid_case(name, rank, group):
         err["dkv0"], err["dz0"] = _rel(got["dkv0"], want["dkv0"]), _rel(got["dz0"], want["dz0"])
     if rank == world - 1:
         err["final kv"], err["final z"] = _rel(s.kv, s_f.kv), _rel(s.z, s_f.z)
-        err["final window"] = _rel(s.window_k, s_f.window_k)
+        err["final window k"] = _rel(s.window_k, s_f.window_k)
+        err["final window v"] = _rel(s.window_v, s_f.window_v)
     return err
 
 
@@ -412,7 +413,7 @@ def test_hybrid_across_ranks_equals_the_whole_sequence(name, results):
         assert "error" not in err, f"rank {rank}:\n{err.get('error')}"
         assert {"o", "dq", "dk", "dv", "dlogit"} <= set(err)
         if rank == len(slices) - 1:
-            assert {"final kv", "final window"} <= set(err)
+            assert {"final kv", "final window k", "final window v"} <= set(err)
         bad = {k: v for k, v in err.items() if not v <= TOL[dtype]}
         assert not bad, f"rank {rank}: {bad}"
 
