@@ -306,11 +306,15 @@ def _hybrid_step_kernel(
                 f = tl.load(fw + i_h)
             else:
                 f = f_val
-            done = P * 0  # rows of C folded into S, zz
             for j in range(0, T):
                 pos = P + j
                 lo = tl.maximum(pos - W + 1, 0)  # the window's first row; rows before it are linear
-                for cf in range(done, lo):  # (names apart from the tiles': Triton types them)
+                # the rows leaving the window at this query: [the previous query's lo, lo),
+                # which is [max(pos - W, 0), lo) since P <= W (query 0 has lo <= 1).  (Not a
+                # bound carried from the previous query: compiled for the GPU, Triton 3.6 did
+                # not carry a reassigned loop bound into the next iteration, so every query
+                # folded from row 0 again; the interpreter ran it right.)
+                for cf in range(tl.maximum(pos - W, 0), lo):  # (names apart from the tiles')
                     if FEATS:
                         fk = tl.load(fke + i_b * sfkb + i_hk * sfkh + cf * sfkt + offs_f,
                                      mask=mf, other=0.0).to(tl.float32)
@@ -320,7 +324,6 @@ def _hybrid_step_kernel(
                     vc = _window_row(wv_base, v_base, cf, P, swvt, svt, offs_v, mv)
                     S += fk[:, None] * vc[None, :]
                     zz += fk
-                done = lo
                 xq = tl.load(q_base + j * sqt + offs_d, mask=md, other=0.0).to(tl.float32)
                 if FEATS:
                     fq_ = tl.load(fq + i_b * sfqb + i_h * sfqh + j * sfqt + offs_f,
@@ -426,6 +429,19 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
         got = [None if t is None else list(t.shape) for t in (window_k, window_v)]
         raise ValueError(f"hybrid_step: window_k / window_v must be [B, Hkv, P, D] / [B, Hkv, "
                          f"P, Dv] = [{B}, {Hkv}, P, {D}] / [.., {Dv}] (or both None), got {got}")
+    if P > window or window < 1:
+        raise ValueError(f"hybrid_step: the window holds at most window = {window} >= 1 keys, "
+                         f"got window_k with {P} rows")
+    if tuple(kv.shape) != (B, H, Dk, Dv) or tuple(z.shape) != (B, H, Dk):
+        raise ValueError(f"hybrid_step: kv / z must be [B, H, Dk, Dv] / [B, H, Dk] = "
+                         f"{[B, H, Dk, Dv]} / {[B, H, Dk]}, got {list(kv.shape)} / "
+                         f"{list(z.shape)}")
+    if not feats and feature_map is not None and Dk != D:
+        raise ValueError(f"hybrid_step: an elementwise map keeps the head dim: kv must be "
+                         f"[B, H, {D}, Dv] for D = {D}, got Dk = {Dk}")
+    if window_k is not None and (window_k.dtype != k.dtype or window_v.dtype != v.dtype):
+        raise ValueError(f"hybrid_step: window_k / window_v must have k / v's dtypes "
+                         f"({k.dtype} / {v.dtype}), got {window_k.dtype} / {window_v.dtype}")
     if feats and tuple(fq.shape) != (B, H, T, Dk) or (
             fk_evict is not None and tuple(fk_evict.shape) != (B, Hkv, E, Dk)):
         got = [None if t is None else list(t.shape) for t in (fq, fk_evict)]

@@ -319,6 +319,19 @@ def test_hybrid_step_checks_its_buffers():
         D.hybrid_step(q, k, v, kv, z, wk, wv[:, :, :2], **kw)
     with pytest.raises(ValueError, match=r"weight as a tensor must be fp32 \[H\] = \[2\]"):
         D.hybrid_step(q, k, v, kv, z, wk, wv, **{**kw, "weight": torch.full((3,), 0.5)})
+    # the state's shapes (read past their ends before), the window's length and dtypes
+    with pytest.raises(ValueError, match=r"kv / z must be \[B, H, Dk, Dv\]"):
+        D.hybrid_step(q, k, v, kv[:, :1].contiguous(), z, wk, wv, **kw)
+    with pytest.raises(ValueError, match=r"kv / z must be \[B, H, Dk, Dv\]"):
+        D.hybrid_step(q, k, v, kv, z[..., :3].contiguous(), wk, wv, **kw)
+    with pytest.raises(ValueError, match="holds at most window = 2"):
+        D.hybrid_step(q, k, v, kv, z, wk, wv, **{**kw, "window": 2})
+    with pytest.raises(ValueError, match="must have k / v's dtypes"):
+        D.hybrid_step(q, k, v, kv, z, wk.double(), wv, **kw)
+    kv8, z8 = rand_state(1, 2, 8, 4, True, device=DEV)
+    with pytest.raises(ValueError, match="an elementwise map keeps the head dim"):
+        D.hybrid_step(q, k, v, kv8, z8, wk, wv, feature_map=featattn.get_feature_map("elu"),
+                      **kw)
     # decode_step refuses an out it could not write in place (a non-unit last stride)
     st = LinearAttentionState(kv.clone(), z.clone(), wk.clone(), wv.clone())
     bad = torch.empty(1, 2, 4, 2, device=DEV)[..., :1].transpose(2, 3)  # strides (16, 8, 1, 2)
@@ -345,7 +358,7 @@ def test_hybrid_decode_step_on_the_torch_path_updates_the_state_too():
 
 
 def test_hybrid_decode_step_errors_are_explained():
-    q, k, v = rand_qkv(1, 2, 2, 6, 4, 4, torch.float32, "cpu", generator=13)
+    q, k, v = rand_qkv(1, 2, 2, 6, 4, 4, torch.float32, DEV, generator=13)
     with torch.no_grad():
         _, st = featattn.linear_attention(q, k, v, feature_map="elu", window=4,
                                           return_state=True)
@@ -353,7 +366,7 @@ def test_hybrid_decode_step_errors_are_explained():
     with pytest.raises(ValueError, match=r"pass the same window to decode_step"):
         with torch.no_grad():
             decode_step(*one, st, feature_map="elu")
-    w = torch.full((2,), 0.5, requires_grad=True)
+    w = torch.full((2,), 0.5, requires_grad=True, device=DEV)
     with pytest.raises(ValueError, match="in place.*torch.no_grad"):
         decode_step(*one, st, feature_map="elu", window=4, window_weight=w)
     # a weight that needs a gradient keeps linear_attention off the step kernel (which has
@@ -416,8 +429,8 @@ def test_gpu_captured_step_equals_eager_bf16(fm, d):
 @pytest.mark.parametrize("fm", ["elu", "hedgehog"])
 @pytest.mark.parametrize("Hkv", [4, 16])  # two launches (a program a query head, the move); one
 def test_gpu_hybrid_step_bf16_in_place_and_captured(fm, Hkv):
-    """bf16, B4 H16 d64 W64: 80 tokens decoded in place after a 100-token prefill equal one
-    call on all 180 (within bf16), and a CUDA graph of one in-place step (the window's rows
+    """bf16, B4 H16 d64 W64: 80 tokens decoded in place (steps of 1 to 16 tokens) after a
+    100-token prefill equal one call on all 180 (within bf16), and a CUDA graph of one in-place step (the window's rows
     moving in their own buffers) replays to the eager step."""
     B, H, d, W, N, P0 = 4, 16, 64, 64, 180, 100
     q, k, v = rand_qkv(B, H, Hkv, N, d, d, torch.bfloat16, "cuda", generator=21)
@@ -435,8 +448,15 @@ def test_gpu_hybrid_step_bf16_in_place_and_captured(fm, Hkv):
         o0, st = featattn.linear_attention(q[:, :, :P0], k[:, :, :P0], v[:, :, :P0],
                                            return_state=True, **kw)
         ptrs = [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
-        outs = [o0] + [decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, **kw)
-                       for t in range(P0, N)]
+        # steps of several tokens too: each folds several keys leaving the window (a loop
+        # bound Triton once failed to carry from one query to the next, GPU only)
+        outs, t = [o0], P0
+        for n in [1, 3, 16, 2, 7, 1, 5] * 12:
+            n = min(n, N - t)
+            if n:
+                outs.append(decode_step(q[:, :, t:t + n], k[:, :, t:t + n], v[:, :, t:t + n],
+                                        st, **kw))
+            t += n
         assert ptrs == [x.data_ptr() for x in (st.kv, st.z, st.window_k, st.window_v)]
     assert torch.equal(k, k_in) and torch.equal(v, v_in)  # the state's own window moved
     check_close("o", torch.cat(outs, 2), want, 1e-2)
