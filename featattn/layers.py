@@ -13,7 +13,8 @@ from torch import nn
 from .feature_maps import FeatureMap, TaylorFeatureMap
 from .feature_maps.registry import build_feature_map, check_map_fits
 from .dispatch import _check_backend
-from .functional import _validate_cu_seqlens, _validate_eps, decode_step, linear_attention
+from .functional import _validate_cu_seqlens, _validate_eps, _validate_key_mask, decode_step
+from .functional import linear_attention
 from .state import LinearAttentionState
 
 __all__ = ["FeatureAttention"]
@@ -295,7 +296,10 @@ class FeatureAttention(nn.Module):
         :func:`featattn.linear_attention`); each is attended alone and a state is per sequence.
         ``cp_group``: context parallelism, ``x`` being this rank's slice of the sequence (see
         :func:`featattn.linear_attention` and docs/distributed.md).
-        ``key_padding_mask``: ``[B, T]``, False at padded tokens, which no query then reads.
+        ``key_padding_mask``: ``[B, T]``, False at padded tokens, which no query then reads;
+        with ``rotary=True`` each row's real tokens are numbered in order (padding takes no
+        position), so a padded row (left, right or with holes) gives what the row alone gives,
+        and the state continues after its last real token.
         ``positions``: only with ``rotary=True``, integer ``[T]`` or ``[B, T]`` rotary
         positions of the tokens (``[total_T]`` with ``cu_seqlens``), overriding the default
         ``state.offset + t`` (0-based from each packed sequence's start); the returned state
@@ -319,7 +323,7 @@ class FeatureAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         next_offset = None
         if self.rotary:
-            pos = self._positions(q, state, cu_seqlens, cp_group, positions)
+            pos = self._positions(q, state, cu_seqlens, cp_group, positions, key_padding_mask)
             cos, sin = rotary_cos_sin(pos, self.qk_dim, self.rope_theta, q.dtype)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B or 1, 1, T, Dqk]: every head
             q = q * cos + rotate_half(q) * sin
@@ -385,9 +389,11 @@ class FeatureAttention(nn.Module):
             y = F.dropout(y, self.dropout, training=self.training)
         return y
 
-    def _positions(self, q_like, state, cu_seqlens, cp_group, positions) -> torch.Tensor:
+    def _positions(self, q_like, state, cu_seqlens, cp_group, positions,
+                   key_padding_mask=None) -> torch.Tensor:
         """The rotary positions ``[B or 1, T]`` (int64) of this call's tokens (``q_like``:
-        ``[B, H, T, D]``)."""
+        ``[B, H, T, D]``); with a ``key_padding_mask`` only real tokens count (a padded
+        token has its preceding real token's position, or the offset)."""
         B, T, device = q_like.shape[0], q_like.shape[2], q_like.device
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point \
@@ -426,6 +432,9 @@ class FeatureAttention(nn.Module):
                 raise ValueError(f"state.offset must be [{n}] (tokens seen per sequence), got "
                                  f"shape {tuple(offset.shape)}")
             offset = offset.to(device=device, dtype=torch.int64)
+        if cu_seqlens is None and key_padding_mask is not None:
+            keep = _validate_key_mask(key_padding_mask, q_like)[:, 0, :, 0]
+            return offset[:, None] + (keep.long().cumsum(1) - 1).clamp_min(0)
         if cu_seqlens is None:
             return offset[:, None] + torch.arange(T, device=device)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)

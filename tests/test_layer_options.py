@@ -147,9 +147,38 @@ def test_noncausal_with_options_and_a_key_padding_mask():
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False
     y = layer(x, key_padding_mask=mask)
-    torch.testing.assert_close(y, reference(layer, x, key_mask=mask), rtol=1e-9, atol=1e-9)
+    pos = (mask.long().cumsum(1) - 1).clamp_min(0)  # real tokens numbered, padding repeats
+    torch.testing.assert_close(y, reference(layer, x, pos=pos, key_mask=mask), rtol=1e-9,
+                               atol=1e-9)
     # right padding: the real tokens keep their positions and equal the unpadded run
     torch.testing.assert_close(y[1:, :5], layer(x[1:, :5]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_rotary_numbers_a_padded_rows_real_tokens(window):
+    """With a key_padding_mask the rotary positions count real tokens only: a left-padded
+    row, a right-padded one and one with a hole give what each row alone gives (the map is
+    not relative, so positions shifted by the padding gave other outputs), and the state
+    continues after each row's last real token."""
+    layer = make(rotary=True, qk_norm=True, window=window).eval()
+    T, extra = 9, 3
+    x = torch.randn(3, T + extra, 24, dtype=torch.float64)
+    keep = torch.ones(3, T, dtype=torch.bool)
+    keep[0, :4] = False  # left padding
+    keep[1, 6:] = False  # right padding
+    keep[2, 2:4] = False  # a hole
+    with torch.no_grad():
+        y, st = layer(x[:, :T], key_padding_mask=keep, return_state=True)
+        steps = torch.cat([layer(x[:, T + t:T + t + 1], st, update_state=True)
+                           for t in range(extra)], 1)
+        for b in range(3):
+            alone = torch.cat([x[b:b + 1, :T][:, keep[b]], x[b:b + 1, T:]], 1)
+            want = layer(alone)
+            n = int(keep[b].sum())
+            torch.testing.assert_close(y[b:b + 1][:, keep[b]], want[:, :n], rtol=1e-9,
+                                       atol=1e-9)
+            torch.testing.assert_close(steps[b:b + 1], want[:, n:], rtol=1e-9, atol=1e-9)
+        assert st.offset.tolist() == [5 + extra, 6 + extra, 7 + extra]
 
 
 def test_gradients_reach_the_new_parameters():
