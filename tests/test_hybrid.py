@@ -61,6 +61,16 @@ def _inputs(B, H, Hkv, T, D, Dv, seed=0, dtype=torch.float64):
     return mk(B, H, T, D), mk(B, Hkv, T, D), mk(B, Hkv, T, Dv)
 
 
+def _triton_hybrid(fm, monkeypatch):
+    """FEATATTN_HYBRID_LINEAR=triton, and the map path a test case names: "elu-pass" is elu
+    as a Triton pass before the kernels (not in them).  Returns the map's name."""
+    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
+    if fm == "elu-pass":
+        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
+        return "elu"
+    return fm
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 40), W=st.integers(1, 48), G=st.sampled_from([1, 2]),
        fm=st.sampled_from([None, "elu", "taylor", "hedgehog", "relu"]),
@@ -318,10 +328,7 @@ def test_hybrid_in_triton_equals_the_oracle(fm, dtype, G, T, W, monkeypatch):
     from featattn import hybrid
     import featattn.kernels as kernels
 
-    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
-    if fm == "elu-pass":  # the map as a Triton pass before the kernels (not in the kernel)
-        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
-        fm = "elu"
+    fm = _triton_hybrid(fm, monkeypatch)
     if fm == "elu-segments":  # the chunked kernels split T (their key shift in the segment sums)
         monkeypatch.setenv("FEATATTN_SEGMENT", "64")
         fm = "elu"
@@ -405,10 +412,7 @@ def test_hybrid_in_triton_adds_the_window_gradients_in_place(layout, fm, monkeyp
     k / v are."""
     from featattn.kernels import window
 
-    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
-    if fm == "elu-pass":
-        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
-        fm = "elu"
+    fm = _triton_hybrid(fm, monkeypatch)
     reused = []
     real = window._in_place
     monkeypatch.setattr(window, "_in_place",
@@ -487,10 +491,7 @@ def test_packed_hybrid_in_triton_is_one_call(fm, dtype, G, lens, W, monkeypatch)
     too) against the float64 oracle run per sequence."""
     import featattn.kernels as kernels
 
-    monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
-    if fm == "elu-pass":
-        monkeypatch.setenv("FEATATTN_FUSE_MAPS", "pass")
-        fm = "elu"
+    fm = _triton_hybrid(fm, monkeypatch)
     calls = []
     real = kernels.hybrid_attention
     monkeypatch.setattr(kernels, "hybrid_attention",
