@@ -331,6 +331,9 @@ class FeatureAttention(nn.Module):
             # the next call continues after each sequence's last position
             if cu_seqlens is None:
                 next_offset = pos[:, -1].expand(B) + 1
+                if key_padding_mask is not None and positions is None:  # a row of padding only
+                    seen = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0].any(1)
+                    next_offset = next_offset - (~seen).long()  # saw no token: stays put
             else:
                 next_offset = pos[0, cu_seqlens[1:].long() - 1] + 1
         if update_state:
@@ -346,6 +349,10 @@ class FeatureAttention(nn.Module):
             if state is None:
                 raise ValueError("update_state=True needs a state to update; start from "
                                  "layer.init_state(batch) or a prefill with return_state=True")
+            if key_padding_mask is not None:
+                raise ValueError("update_state=True decodes real tokens only and takes no "
+                                 "key_padding_mask (it would be ignored); pass the padded "
+                                 "prompt in a prefill call (return_state=True), then decode")
             # (with a window its keys and values move along in the state's tensors once
             # it is full; while it fills, the state object takes the new tensors)
             o = decode_step(q, k, v, state, feature_map=self.feature_map,

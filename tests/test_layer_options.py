@@ -179,6 +179,13 @@ def test_rotary_numbers_a_padded_rows_real_tokens(window):
                                        atol=1e-9)
             torch.testing.assert_close(steps[b:b + 1], want[:, n:], rtol=1e-9, atol=1e-9)
         assert st.offset.tolist() == [5 + extra, 6 + extra, 7 + extra]
+        if not window:  # a row of padding only saw no token (a window refuses such rows)
+            empty = keep.clone()
+            empty[1] = False
+            _, st = layer(x[:, :T], key_padding_mask=empty, return_state=True)
+            assert st.offset.tolist() == [5, 0, 7]
+        with pytest.raises(ValueError, match="takes no key_padding_mask"):
+            layer(x[:, T:T + 1], st, update_state=True, key_padding_mask=keep[:, :1])
 
 
 def test_gradients_reach_the_new_parameters():

@@ -436,9 +436,10 @@ def hybrid_step(q, k, v, kv, z, window_k, window_v, *, window: int, weight, wind
         raise ValueError(f"hybrid_step: kv / z must be [B, H, Dk, Dv] / [B, H, Dk] = "
                          f"{[B, H, Dk, Dv]} / {[B, H, Dk]}, got {list(kv.shape)} / "
                          f"{list(z.shape)}")
-    if not feats and feature_map is not None and Dk != D:
-        raise ValueError(f"hybrid_step: an elementwise map keeps the head dim: kv must be "
-                         f"[B, H, {D}, Dv] for D = {D}, got Dk = {Dk}")
+    if not feats and Dk != D:
+        raise ValueError(f"hybrid_step: without fq the features are the (elementwise) map of "
+                         f"q and k or q and k themselves, of their head dim: kv must be "
+                         f"[B, H, {D}, Dv] for D = {D}, got Dk = {Dk} (or give fq / fk_evict)")
     if window_k is not None and (window_k.dtype != k.dtype or window_v.dtype != v.dtype):
         raise ValueError(f"hybrid_step: window_k / window_v must have k / v's dtypes "
                          f"({k.dtype} / {v.dtype}), got {window_k.dtype} / {window_v.dtype}")

@@ -329,9 +329,9 @@ def test_hybrid_step_checks_its_buffers():
     with pytest.raises(ValueError, match="must have k / v's dtypes"):
         D.hybrid_step(q, k, v, kv, z, wk.double(), wv, **kw)
     kv8, z8 = rand_state(1, 2, 8, 4, True, device=DEV)
-    with pytest.raises(ValueError, match="an elementwise map keeps the head dim"):
-        D.hybrid_step(q, k, v, kv8, z8, wk, wv, feature_map=featattn.get_feature_map("elu"),
-                      **kw)
+    for fm in (featattn.get_feature_map("elu"), None):
+        with pytest.raises(ValueError, match="without fq the features are"):
+            D.hybrid_step(q, k, v, kv8, z8, wk, wv, feature_map=fm, **kw)
     # decode_step refuses an out it could not write in place (a non-unit last stride)
     st = LinearAttentionState(kv.clone(), z.clone(), wk.clone(), wv.clone())
     bad = torch.empty(1, 2, 4, 2, device=DEV)[..., :1].transpose(2, 3)  # strides (16, 8, 1, 2)
