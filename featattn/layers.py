@@ -323,17 +323,17 @@ class FeatureAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         next_offset = None
         if self.rotary:
-            pos = self._positions(q, state, cu_seqlens, cp_group, positions, key_padding_mask)
+            keep = None  # with a padding mask the real tokens are numbered, padding is not
+            if key_padding_mask is not None and positions is None and cu_seqlens is None:
+                keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
+            pos = self._positions(q, state, cu_seqlens, cp_group, positions, keep)
             cos, sin = rotary_cos_sin(pos, self.qk_dim, self.rope_theta, q.dtype)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B or 1, 1, T, Dqk]: every head
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             # the next call continues after each sequence's last position
-            if cu_seqlens is None:
-                next_offset = pos[:, -1].expand(B) + 1
-                if key_padding_mask is not None and positions is None:  # a row of padding only
-                    seen = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0].any(1)
-                    next_offset = next_offset - (~seen).long()  # saw no token: stays put
+            if cu_seqlens is None:  # (a row of padding only saw no token: it stays put)
+                next_offset = pos[:, -1].expand(B) + (1 if keep is None else keep.any(1).long())
             else:
                 next_offset = pos[0, cu_seqlens[1:].long() - 1] + 1
         if update_state:
@@ -397,10 +397,10 @@ class FeatureAttention(nn.Module):
         return y
 
     def _positions(self, q_like, state, cu_seqlens, cp_group, positions,
-                   key_padding_mask=None) -> torch.Tensor:
+                   keep=None) -> torch.Tensor:
         """The rotary positions ``[B or 1, T]`` (int64) of this call's tokens (``q_like``:
-        ``[B, H, T, D]``); with a ``key_padding_mask`` only real tokens count (a padded
-        token has its preceding real token's position, or the offset)."""
+        ``[B, H, T, D]``); with ``keep`` (bool ``[B, T]``, False at padding) only real tokens
+        count (a padded token has its preceding real token's position, or the offset)."""
         B, T, device = q_like.shape[0], q_like.shape[2], q_like.device
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point \
@@ -439,8 +439,7 @@ class FeatureAttention(nn.Module):
                 raise ValueError(f"state.offset must be [{n}] (tokens seen per sequence), got "
                                  f"shape {tuple(offset.shape)}")
             offset = offset.to(device=device, dtype=torch.int64)
-        if cu_seqlens is None and key_padding_mask is not None:
-            keep = _validate_key_mask(key_padding_mask, q_like)[:, 0, :, 0]
+        if keep is not None:
             return offset[:, None] + (keep.long().cumsum(1) - 1).clamp_min(0)
         if cu_seqlens is None:
             return offset[:, None] + torch.arange(T, device=device)
