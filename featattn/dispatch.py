@@ -517,6 +517,14 @@ def needs_grad(q, k, v, state=None, fm=None) -> bool:
 HYBRID_DIRECT_MAX_T = 64
 
 
+def hybrid_direct(T: int, window: int) -> bool:
+    """Whether the PyTorch path computes a hybrid call of T queries (a sequence of a packed
+    call) in the direct O(T N) form rather than in blocks of W: few queries (decoding), or
+    T <= 2 W, where the blocks (padded to whole ones, W x 2W scores each) cost as much as
+    the whole score matrix or more (T = W + 1 built 4x the direct form's memory)."""
+    return T <= max(HYBRID_DIRECT_MAX_T, 2 * window)
+
+
 def hybrid_triton_mode() -> str:
     """``FEATATTN_HYBRID_LINEAR``: ``"triton"`` (the default: the linear part in the chunked
     kernel, the window and the shared denominator in kernels/window.py) or ``"torch"``
@@ -582,6 +590,14 @@ def select(call: Call, backend: str) -> KernelChoice:
                 continue
         why = impl.not_supported_reasons(call)
         if not why:
+            if impl.name == "torch_chunked" and call.window and call.causal and (
+                    call.packed or hybrid_direct(call.T, call.window)):
+                reasons.append(
+                    f"torch_chunked: window={call.window} with "
+                    + ("packed sequences: each of at most "
+                       f"max({HYBRID_DIRECT_MAX_T}, 2 W) queries" if call.packed else
+                       f"T={call.T} queries (at most max({HYBRID_DIRECT_MAX_T}, 2 W))")
+                    + " takes the direct O(T N) form (the reference formula), not blocks of W")
             return impl.choice(call, tuple(reasons))
         if impl.applies(call) or backend not in ("auto", "triton"):  # or named by the caller
             reasons.append(f"{impl.name}: {'; '.join(why)}")

@@ -13,8 +13,8 @@ from typing import Any, Literal, Optional, Tuple, Union, overload
 import torch
 
 from .chunked import chunked_linear_attention
-from .dispatch import (HYBRID_DIRECT_MAX_T, Call, _check_backend, _unfusable_reason,
-                       needs_grad, select, taylor_varlen_mode)
+from .dispatch import (Call, _check_backend, _unfusable_reason, hybrid_direct, needs_grad,
+                       select, taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
 from .state import LinearAttentionState
@@ -488,11 +488,6 @@ def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_g
     return window
 
 
-#: Hybrid calls with at most this many queries (decoding, a short chunk) take the direct
-#: O(T N) form: blocks of W tokens would pad them to W x 2W scores.
-_HYBRID_DIRECT_MAX_T = HYBRID_DIRECT_MAX_T
-
-
 def _hybrid(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel, window, weight,
             wscale, Dqk, Dk, map_path=None, in_place=False, out_buf=None):
     """The hybrid layer (featattn/hybrid.py): the window's earlier keys and values from the
@@ -590,10 +585,12 @@ def _hybrid_calls(q, k, v, fm, eps, scale, state, kv0, z0, return_state, kernel,
         k = torch.cat([state.window_k, k], dim=2)
         v = torch.cat([state.window_v, v], dim=2)
     # A window longer than every key sees them all: the same answer as a window of N keys,
-    # without blocks of W x 2W.  A few queries (decoding) take the direct O(T N) form.
+    # without blocks of W x 2W.  The PyTorch path takes the direct O(T N) form for a few
+    # queries (decoding) or T <= 2W (dispatch.hybrid_direct); the Triton kernels ("chunked",
+    # which the dispatcher gives calls of more than HYBRID_DIRECT_MAX_T queries) any T.
     N, T = k.shape[2], q.shape[2]
     window = min(window, N)
-    direct = kernel == "reference" or T <= _HYBRID_DIRECT_MAX_T
+    direct = kernel == "reference" or (kernel != "chunked" and hybrid_direct(T, window))
     fn = quadratic_hybrid_attention if direct else chunked_hybrid_attention
     if not direct and kernel == "chunked":  # FEATATTN_HYBRID_LINEAR=triton (dispatch)
         res = _hybrid_triton(q, k, v, fm, scale, kv0, z0, window, weight, wscale, eps, map_path,

@@ -168,8 +168,9 @@ class FeatureAttention(nn.Module):
                                 f"{type(val).__name__} {val!r}")
             if val < 1:
                 raise ValueError(f"{name} must be None or a positive int, got {val!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
             raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
+        window = int(window)  # (a numpy integer, say)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
         if window and not causal:

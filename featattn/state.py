@@ -103,7 +103,10 @@ class LinearAttentionState:
         return self.window_k is not None
 
     def detach(self) -> "LinearAttentionState":
-        """A copy cut from the autograd graph (for truncated backprop through time)."""
+        """A new state cut from the autograd graph (for truncated backprop through time)
+        whose tensors share storage with this one's, as ``Tensor.detach`` does: an in-place
+        update (``update_state=True``, ``decode_step``) of either changes both; ``clone()``
+        gives an independent copy."""
         return self.map(lambda t: t.detach())
 
     def clone(self) -> "LinearAttentionState":

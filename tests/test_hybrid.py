@@ -90,10 +90,17 @@ def test_hybrid_equals_the_formula_token_by_token(T, W, G, fm, backend, seed):
 
 
 @pytest.mark.parametrize("fm", ["elu", "hedgehog", "taylor"])
-@pytest.mark.parametrize("T,W", [(37, 8), (64, 64), (5, 16), (100, 1)])
-def test_chunked_gradients_equal_the_oracle(fm, T, W):
+@pytest.mark.parametrize("T,W", [(150, 8), (131, 64), (70, 16), (100, 1)])
+def test_chunked_gradients_equal_the_oracle(fm, T, W, monkeypatch):
     """q, k, v, the learnable weight f, the map's parameters and the initial state, with a
-    state passed in (window keys included) and returned."""
+    state passed in (window keys included) and returned; T > max(64, 2 W), so the blocks
+    of the PyTorch path run (shorter calls take the direct form, the oracle's own)."""
+    from featattn import hybrid
+
+    ran = []
+    real = hybrid.chunked_hybrid_attention
+    monkeypatch.setattr(hybrid, "chunked_hybrid_attention",
+                        lambda *a, **kw: ran.append(1) or real(*a, **kw))
     H, Hkv, D, Dv = 4, 2, 4, 5
     q, k, v = _inputs(2, H, Hkv, T, D, Dv, seed=T + W)
     m = _map(fm, D, H, Hkv)
@@ -112,8 +119,32 @@ def test_chunked_gradients_equal_the_oracle(fm, T, W):
         loss = (o * o).sum() + (s.kv * 0.3).sum() + s.z.sum() + s.window_v.sum()
         grads = torch.autograd.grad(loss, leaves + params)
         runs.append([o, s.kv, s.z, s.window_k, s.window_v, *grads])
+    assert ran == [1]  # the torch backend's call, in blocks
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_select_kernel_says_when_the_pytorch_path_takes_the_direct_form(monkeypatch):
+    """T <= max(64, 2 W) queries take the direct O(T N) form (blocks of W would pad T = W + 1
+    to 2W x 2W scores, 4x the direct form's memory); select_kernel says so, and it is the
+    form that runs."""
+    from featattn import hybrid
+
+    ran = []
+    real = hybrid.chunked_hybrid_attention
+    monkeypatch.setattr(hybrid, "chunked_hybrid_attention",
+                        lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    q, k, v = _inputs(1, 2, 2, 100, 4, 4)
+    for W, direct in ((64, True), (8, False), (1, False)):
+        ran.clear()
+        choice = featattn.select_kernel(q, k, v, "elu", "torch", window=W)
+        assert choice.name == "torch_chunked"
+        assert any("direct O(T N) form" in r for r in choice.reasons) == direct, choice
+        got = featattn.linear_attention(q, k, v, feature_map="elu", window=W, backend="torch")
+        assert ran == ([] if direct else [1])
+        want = featattn.linear_attention(q, k, v, feature_map="elu", window=W,
+                                         backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
