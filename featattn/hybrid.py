@@ -10,9 +10,9 @@ For query t, window ``S_t = {t - W < s <= t}``, linear part ``L_t = {s <= t - W}
 
 (``m_t`` takes part in the gradient, as in LoLCATs' code.)  The float64 oracle is
 :func:`featattn.reference.quadratic_hybrid_attention`; this path computes the same in blocks
-of W tokens: a query block meets the keys of its own block and the one before (the window and
-the youngest linear keys, by two masks) and the state of every block before those.  O(T W)
-time and memory, differentiable by autograd.
+of C = max(W, 64) tokens: a query block meets the keys of its own block and the one before
+(the window and the youngest linear keys, by two masks) and the state of every block before
+those.  O(T C) time and memory, differentiable by autograd.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ import torch
 from .state import compute_dtype
 
 __all__ = ["chunked_hybrid_attention"]
+
+#: the shortest block: a window of a few tokens still takes blocks of this many (blocks of W
+#: would hold T / W block states of Dk x Dv: W = 1, T = 8192, D = 64 took 818 MB)
+MIN_BLOCK = 64
 
 
 def _expand(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -52,7 +56,8 @@ def chunked_hybrid_attention(
     when ``return_state``."""
     B, H, T, _ = q.shape
     N = k.shape[2]
-    W = C = int(window)
+    W = int(window)
+    C = max(W, MIN_BLOCK)  # a query's window lies in its block and the one before (C >= W)
     cd = compute_dtype(q, k, v, fq, fk, initial_kv, initial_z)
     kx, vx, fkx = (_expand(x.to(cd), H) for x in (k, v, fk))
     back = -N % C
@@ -62,11 +67,12 @@ def chunked_hybrid_attention(
     NB = kb.shape[2]
     dev = q.device
 
-    # the softmax window: block n - 1 (offsets j > i) and block n (offsets j <= i)
+    # the softmax window over blocks n - 1 and n: key offset d (from block n's start, -C..C-1)
+    # with i - W < d <= i for the query at offset i
     i = torch.arange(C, device=dev)[:, None]
-    j = torch.arange(C, device=dev)[None, :]
-    win = torch.cat([j > i, j <= i], dim=1)  # [C, 2C]
-    first = torch.cat([torch.zeros(C, C, dtype=torch.bool, device=dev), j <= i], dim=1)
+    d = torch.arange(2 * C, device=dev)[None, :] - C
+    win = (d <= i) & (d > i - W)  # [C, 2C]
+    first = win & (d >= 0)  # block 0 has no block before it
     win = torch.stack([first] + [win] * (NB - 1)) if NB > 1 else first[None]  # [NB, C, 2C]
     kcat = torch.cat([_previous(kb), kb], dim=3)
     vcat = torch.cat([_previous(vb), vb], dim=3)
@@ -76,9 +82,15 @@ def chunked_hybrid_attention(
     e = torch.exp(a - m)
     win_num, win_den = e @ vcat, e.sum(-1, keepdim=True)
 
-    # the linear part: block n - 1 at offsets j <= i, and the blocks before it as a state
+    # the linear part: the keys of blocks n - 1 and n at offsets d <= i - W, and the blocks
+    # before those as a state (C == W: block n - 1's alone, at offsets j <= i)
     fk_prev, v_prev = _previous(fkb), _previous(vb)
-    intra = (fqb @ fk_prev.transpose(-1, -2)).masked_fill(j > i, 0.0)  # [B, H, NB, C, C]
+    if C == W:
+        intra = (fqb @ fk_prev.transpose(-1, -2)).masked_fill(d[:, :C] + C > i, 0.0)
+    else:  # [B, H, NB, C, 2C]
+        intra = (fqb @ torch.cat([fk_prev, fkb], dim=3).transpose(-1, -2)).masked_fill(
+            d > i - W, 0.0)
+        v_prev = vcat
     kv_blocks = fkb.transpose(-1, -2) @ vb  # [B, H, NB, Dk, Dv]
     z_blocks = fkb.sum(-2)  # [B, H, NB, Dk]
     kv_before = _previous(_previous(kv_blocks.cumsum(2)))  # sum over blocks <= n - 2
