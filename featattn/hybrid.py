@@ -84,13 +84,15 @@ def chunked_hybrid_attention(
 
     # the linear part: the keys of blocks n - 1 and n at offsets d <= i - W, and the blocks
     # before those as a state (C == W: block n - 1's alone, at offsets j <= i)
-    fk_prev, v_prev = _previous(fkb), _previous(vb)
-    if C == W:
+    # (intra [B, H, NB, C, C or 2C]: the linear scores of those keys; v_lin their values)
+    fk_prev = _previous(fkb)
+    if C == W:  # block n - 1's offsets d + C <= i
         intra = (fqb @ fk_prev.transpose(-1, -2)).masked_fill(d[:, :C] + C > i, 0.0)
-    else:  # [B, H, NB, C, 2C]
+        v_lin = vcat[..., :C, :]
+    else:
         intra = (fqb @ torch.cat([fk_prev, fkb], dim=3).transpose(-1, -2)).masked_fill(
             d > i - W, 0.0)
-        v_prev = vcat
+        v_lin = vcat
     kv_blocks = fkb.transpose(-1, -2) @ vb  # [B, H, NB, Dk, Dv]
     z_blocks = fkb.sum(-2)  # [B, H, NB, Dk]
     kv_before = _previous(_previous(kv_blocks.cumsum(2)))  # sum over blocks <= n - 2
@@ -98,7 +100,7 @@ def chunked_hybrid_attention(
     if initial_kv is not None:
         kv_before = kv_before + initial_kv.to(cd).unsqueeze(2)
         z_before = z_before + initial_z.to(cd).unsqueeze(2)
-    lin_num = fqb @ kv_before + intra @ v_prev
+    lin_num = fqb @ kv_before + intra @ v_lin
     lin_den = (fqb * z_before.unsqueeze(-2)).sum(-1, keepdim=True) + intra.sum(-1, keepdim=True)
 
     f = torch.as_tensor(weight, dtype=cd, device=dev)
