@@ -645,7 +645,10 @@ def test_gpu_hybrid_in_triton_bf16(T, W, monkeypatch):
 @pytest.mark.parametrize("fm", ["elu", "hedgehog"])
 def test_gpu_packed_hybrid_bf16(fm, monkeypatch):
     """Packed sequences of 1000, 37 and 515 tokens (window 64) in one Triton call, bf16:
-    outputs and gradients against the float64 oracle run per sequence."""
+    outputs and gradients against the float64 oracle run per sequence on the same
+    bf16-rounded inputs.  (Against the unrounded inputs, the rounding alone moves Hedgehog's
+    dq by 2.1e-2 with a window, 4.9e-3 without: the test measured that floor, not the
+    kernels; H200, session 18.)"""
     monkeypatch.setenv("FEATATTN_HYBRID_LINEAR", "triton")
     lens, W = [1000, 37, 515], 64
     bounds = [0, 1000, 1037, 1552]
@@ -658,7 +661,7 @@ def test_gpu_packed_hybrid_bf16(fm, monkeypatch):
                                                           dtype=torch.int32))
     g = torch.autograd.grad(o.float().square().sum(), leaves)
     m64 = copy.deepcopy(m32).double() if isinstance(m, torch.nn.Module) else m
-    ref = [t.requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
     o_ref = torch.cat([featattn.linear_attention(*(t[:, :, a:b] for t in ref), feature_map=m64,
                                                  window=W, backend="reference")
                        for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
