@@ -37,7 +37,7 @@ import torch
 from . import _switches
 from .feature_maps import (ElementwiseTritonForm, FeatureMap, ProjectionTritonForm,
                            TaylorFeatureMap, resolve_feature_map)
-from .feature_maps.base import builtin_triton_form
+from .feature_maps.base import builtin_triton_form, outdated_form_reason
 
 __all__ = ["KernelChoice", "KernelUnavailable", "select_kernel", "BACKENDS", "KERNELS",
            "ALIASES", "Call", "Impl", "IMPLS", "needs_grad"]
@@ -93,7 +93,8 @@ class Call(NamedTuple):
     :func:`select_kernel`), which every implementation is asked about.  ``dqk`` is the raw
     q/k head dim, ``dk`` the expanded feature dim (``fm.output_dim(dqk)``); ``stateful``:
     a state is passed in or returned; ``has_init``: a state is passed in; ``needs_grad``:
-    autograd will differentiate the call; ``hkv``: the key/value heads (None: not known)."""
+    autograd will differentiate the call; ``hkv``: the key/value heads (None: not known).
+    ``B`` is the tensors' batch: 1 for packed sequences (``packed``), whose T is the total."""
 
     device: torch.device
     dtype: torch.dtype
@@ -282,7 +283,11 @@ class Chunked(Impl):
                 f"map {call.fm.name!r} runs in PyTorch before the kernel: its triton_projection() "
                 f"returned a {type(proj).__name__}, not a featattn.ProjectionTritonForm",), "torch")
         if proj is not None:
-            why = _projection_reason(call)
+            why = outdated_form_reason(call.fm, "triton_projection")
+            if why:
+                why = f"map {call.fm.name!r} runs in PyTorch before the kernel: {why}"
+            else:
+                why = _projection_reason(call)
             if why is None:
                 return KernelChoice(self.name, reasons, _triton_map_path(call, projection=True))
             return KernelChoice(self.name, reasons + (why,), "torch")
@@ -389,11 +394,12 @@ def _triton_map_path(call: Call, projection: bool = False) -> str:
         # in memory.  (Hybrid calls keep the rule below: their forward was not timed so.)
         inference = not call.needs_grad and not call.window
         shape = (call.B, call.H, call.T, call.dk, call.dv, call.dtype, call.device)
-        if _kernels_module().splits_only_as_pass(*shape):  # (Dk in several key tiles)
+        # (packed sequences are never split into segments: chunked._split)
+        if not call.packed and _kernels_module().splits_only_as_pass(*shape):  # (Dk tiles)
             mode = "pass"
         else:
-            mode = "kernel" if small or inference or _kernels_module().splits_time(*shape) \
-                else "pass"
+            mode = "kernel" if small or inference or (
+                not call.packed and _kernels_module().splits_time(*shape)) else "pass"
     return "kernel" if mode == "kernel" else "triton_pass"
 
 
@@ -426,6 +432,9 @@ def _unfusable_reason(fm: FeatureMap, dqk: int) -> Optional[str]:
                 f"featattn.ElementwiseTritonForm(phi, dphi)")
     if fm.output_dim(dqk) != dqk:
         return f"{what}: output_dim({dqk}) = {fm.output_dim(dqk)} is not elementwise"
+    outdated = outdated_form_reason(fm, "triton_elementwise")
+    if outdated:
+        return f"{what}: {outdated}"
     cls = type(fm)
     if cls.forward_query is not FeatureMap.forward_query or cls.forward_key is not FeatureMap.forward_key:
         return f"{what}: it treats queries and keys differently (forward_query/forward_key)"
@@ -478,16 +487,17 @@ def select_kernel(
     """
     _check_backend(backend)
     # the call's own input checks (functional imports this module: imported here)
-    from .functional import _validate_qkv, _validate_state
+    from .functional import _validate_cu_seqlens, _validate_qkv, _validate_state
 
     B, H, T, dqk, _, dv = _validate_qkv(q, k, v)
     fm = resolve_feature_map(feature_map)
     dk = fm.output_dim(dqk) if fm is not None else dqk
-    if initial_state is not None:
-        if cu_seqlens is not None:  # the states are per packed sequence
-            B = len(cu_seqlens) - 1
+    if cu_seqlens is not None:
+        cu_seqlens = _validate_cu_seqlens(cu_seqlens, q)
+    if initial_state is not None:  # (packed sequences: a state per sequence)
+        n_states = B if cu_seqlens is None else len(cu_seqlens) - 1
         _validate_state(initial_state, initial_state.z is not None if hasattr(initial_state, "z")
-                        else True, B, H, dk, dv, q.device)
+                        else True, n_states, H, dk, dv, q.device)
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: no softmax window), got {window!r}")
     if not isinstance(causal, bool):

@@ -186,15 +186,19 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
     scale = _validate_scale(scale, fm, Dqk)
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
+    if isinstance(Dk, bool) or not isinstance(Dk, numbers.Integral) or Dk < 1:
+        raise TypeError(f"feature map {fm.name!r} ({type(fm).__name__}): output_dim({Dqk}) must "
+                        f"be an int >= 1, got {Dk!r}")
     cu = None
+    n_states = B  # (the Call below keeps the tensors' batch: 1 for packed sequences)
     if cu_seqlens is not None:
         if in_place:
             raise ValueError("decode_step does not take packed sequences; call it per sequence")
         # with cp_group the last entry is the whole row's length, checked once the ranks' T
         # are known (featattn.distributed)
         cu = _validate_cu_seqlens(cu_seqlens, q, total=-1 if cp_group is not None else None)
-        B = len(cu) - 1  # the states are per sequence
-    kv0, z0 = _validate_state(initial_state, normalize, B, H, Dk, Dv, q.device)
+        n_states = len(cu) - 1  # the states are per sequence
+    kv0, z0 = _validate_state(initial_state, normalize, n_states, H, Dk, Dv, q.device)
     return_state = return_state or in_place
     window = _validate_window(window, window_weight, window_scale, normalize, initial_state,
                               q, k, v, cu, cp_group, in_place)

@@ -151,6 +151,44 @@ def test_select_kernel_names_the_packed_taylor_kernel(mode, expected, monkeypatc
     assert select_kernel(q, k, v, "taylor", "triton").name == "taylor_parallel"
 
 
+@pytest.mark.parametrize("fm", ["hedgehog", "elu"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_select_kernel_says_what_a_packed_call_runs(fm, with_state, monkeypatch):
+    """select_kernel and the call agree on the map's path for packed sequences, with and
+    without initial states: both count the rows of the packed tensors (H x total T), not the
+    number of sequences times that (100 sequences of 2 tokens: the map's path depends on the
+    rows); and select_kernel checks cu_seqlens as the call does."""
+    from featattn import functional, select_kernel
+
+    seen = []
+    select = functional.select
+
+    def spy(call, backend):
+        seen.append(select(call, backend))
+        return seen[-1]
+
+    monkeypatch.setattr(functional, "select", spy)
+    H, T, N = 2, 200, 100
+    fmap = featattn.feature_maps.HedgehogFeatureMap(8, heads=H) if fm == "hedgehog" else fm
+    q, k, v = rand_qkv(1, H, H, T, 8, 4, torch.float32, DEV, generator=5)
+    q.requires_grad_()
+    cu = torch.arange(0, T + 1, T // N, device=DEV)
+    state = None
+    if with_state:
+        d = fmap.output_dim(8) if fm == "hedgehog" else 8
+        state = LinearAttentionState(torch.zeros(N, H, d, 4, device=DEV),
+                                     torch.zeros(N, H, d, device=DEV))
+    want = select_kernel(q, k, v, fmap, "triton", cu_seqlens=cu, initial_state=state)
+    linear_attention(q, k, v, feature_map=fmap, backend="triton", cu_seqlens=cu,
+                     initial_state=state)
+    assert (seen[0].name, seen[0].map_path) == (want.name, want.map_path), (seen[0], want)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        select_kernel(q, k, v, fmap, "triton", cu_seqlens=[0, 100, 200])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        select_kernel(q, k, v, fmap, "triton", cu_seqlens=torch.tensor([0, 150, 100, 200],
+                                                                        device=DEV))
+
+
 def test_native_kernel_takes_packed_sequences(monkeypatch):
     """The chunked kernel runs the packed batch itself: the one-sequence-at-a-time fallback
     is never entered, and the result equals the second sequence run alone."""

@@ -103,7 +103,9 @@ class FeatureMap(nn.Module):
         whenever the dispatcher picks them; ``select_kernel`` reports it.  Only for maps that
         act on each coordinate alone, with ``output_dim(d) == d``, no parameters and the same
         treatment of queries and keys (``forward_query`` / ``forward_key`` not overridden).
-        Return None when triton is not installed."""
+        A subclass that redefines ``forward`` must define this again: the form it inherits
+        computes its parent's map, so it is not fused.  Return None when triton is not
+        installed."""
         return None
 
     def triton_projection(self) -> Optional[ProjectionTritonForm]:
@@ -124,6 +126,30 @@ class FeatureMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def outdated_form_reason(fm: FeatureMap, declared: str) -> Optional[str]:
+    """Why ``fm``'s Triton form (the method ``declared``: "triton_elementwise" or
+    "triton_projection") is not its map, or None: a subclass that redefines the PyTorch form
+    (forward, forward_query or forward_key) below the class that declares the Triton form
+    inherits the form of its parent's map."""
+    return _outdated(type(fm), declared)
+
+
+@torch.compiler.assume_constant_result
+def _outdated(cls: type, declared: str) -> Optional[str]:
+    def owner(name):
+        return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+    form_owner = owner(declared)
+    for name in ("forward", "forward_query", "forward_key"):
+        o = owner(name)
+        if o is not None and form_owner is not None and o is not form_owner \
+                and issubclass(o, form_owner):
+            return (f"{o.__qualname__} redefines {name} but inherits {declared}() from "
+                    f"{form_owner.__qualname__}, whose Triton form computes the parent's map "
+                    f"(define {declared}() in {o.__qualname__} to fuse it)")
+    return None
 
 
 def builtin_triton_form(name: str) -> Optional[ElementwiseTritonForm]:

@@ -31,6 +31,14 @@ def register_feature_map(name: str, override: bool = False) -> Callable[[type], 
                 f"register_feature_map({name!r}) decorates FeatureMap subclasses, got {cls!r}; "
                 "subclass featattn.FeatureMap and implement forward and output_dim"
             )
+        missing = [m for m in ("output_dim",) if getattr(cls, m) is getattr(FeatureMap, m)]
+        if cls.forward is FeatureMap.forward and (
+                cls.forward_query is FeatureMap.forward_query
+                or cls.forward_key is FeatureMap.forward_key):
+            missing.append("forward (or both forward_query and forward_key)")
+        if missing:
+            raise TypeError(f"register_feature_map({name!r}): {cls.__name__} does not implement "
+                            f"{' and '.join(missing)}, which every feature map defines")
         if name in _REGISTRY and not override and _REGISTRY[name] is not cls:
             raise ValueError(
                 f"a feature map named {name!r} is already registered ({_REGISTRY[name].__name__}); "

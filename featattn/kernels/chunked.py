@@ -101,6 +101,7 @@ import triton.language as tl
 from .. import _switches
 from . import _common
 from . import maps as _maps
+from ..feature_maps.base import outdated_form_reason
 from ._common import cdiv, next_pow2
 from ._common import alloc as _alloc
 from ._common import dtype_flags as _flags
@@ -1190,10 +1191,12 @@ def chunked_attention(q, k, v, *, normalize: bool, eps: float,
     if feature_map is not None:
         fmap = _maps.fused_key(feature_map)
         if fmap is None:
+            outdated = outdated_form_reason(feature_map, "triton_elementwise")
             raise ValueError(
                 f"feature map {feature_map.name!r} ({type(feature_map).__name__}) has no "
-                "elementwise Triton form, so chunked_attention cannot fuse it; apply it first "
-                "and pass the features with feature_map=None")
+                "elementwise Triton form" + (f" of its own ({outdated})" if outdated else "")
+                + ", so chunked_attention cannot fuse it; apply it first and pass the features "
+                "with feature_map=None")
     elif scale != 1.0:
         raise ValueError(f"scale={scale} is only applied with a fused feature_map; multiply q "
                          "by it first when passing features")

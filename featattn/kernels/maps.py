@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..feature_maps.base import ElementwiseTritonForm, FeatureMap
+from ..feature_maps.base import ElementwiseTritonForm, FeatureMap, outdated_form_reason
 from . import _common
 from ._common import cdiv, next_pow2
 
@@ -111,22 +111,39 @@ IDENTITY = ElementwiseTritonForm(identity_phi, identity_dphi, identity_dphi_y)
 SQUARED_RELU = ElementwiseTritonForm(squared_relu_phi, squared_relu_dphi, squared_relu_dphi_y)
 
 _FUSED: dict[str, tuple[FeatureMap, ElementwiseTritonForm]] = {}
+#: each map class's key: ``module:qualname``, with ``#2``, ``#3``, ... for a later class of the
+#: same name (classes made by a factory function share their qualname)
+_KEYS: dict[type, str] = {}
+
+
+def _class_key(cls: type) -> str:
+    key = _KEYS.get(cls)
+    if key is None:
+        base = key = f"{cls.__module__}:{cls.__qualname__}"
+        taken = set(_KEYS.values())
+        n = 1
+        while key in taken:
+            n += 1
+            key = f"{base}#{n}"
+        _KEYS[cls] = key
+    return key
 
 
 def fused_key(fm: FeatureMap) -> Optional[str]:
     """The string naming ``fm``'s Triton form to the kernel ops, or None when it has none.
     The form is a property of the class (maps with one carry no parameters), so one instance
-    stands for all of them.
+    stands for all of them; each class has its own key, so a backward finds the form of the
+    class its forward ran even when another class of the same name ran in between.
 
     Under torch.compile the form (a ``@triton.jit`` function) cannot be traced: the key is the
-    class's name alone, and :func:`lookup` files it when the op runs (the caller checked that
-    the map has a form)."""
-    key = f"{type(fm).__module__}:{type(fm).__qualname__}"
+    class's name alone (its filed key once an eager call has filed it), and :func:`lookup`
+    files it when the op runs (the caller checked that the map has a form)."""
     if torch.compiler.is_compiling():
-        return key
+        return _KEYS.get(type(fm)) or f"{type(fm).__module__}:{type(fm).__qualname__}"
     form = fm.triton_elementwise()
-    if form is None:
+    if form is None or outdated_form_reason(fm, "triton_elementwise"):
         return None
+    key = _class_key(type(fm))
     known = _FUSED.get(key)
     if known is None or known[1] != form:
         _FUSED[key] = (fm, form)
@@ -185,11 +202,12 @@ def _map_bwd_kernel(x, g, dx, N, scale, PHI: tl.constexpr, DPHI: tl.constexpr,
 
 
 @triton.jit
-def _map_rows_kernel(x, g, y, R, H, T, D, sxb, sxh, sxt, sgb, sgh, sgt, syb, syh, syt, scale,
+def _map_rows_kernel(x, g, y, R, H, T, D, sxb, sxh, sxt, sgb, sgh, sgt, sgd, syb, syh, syt, scale,
                      PHI: tl.constexpr, DPHI: tl.constexpr, BWD: tl.constexpr,
                      BR: tl.constexpr, BD: tl.constexpr):
     """The pass over a strided [B, H, T, D] view (unit last stride), BR rows (b, h, t) a
-    program: y = PHI(scale * x), or with BWD y = g * DPHI(scale * x) * scale."""
+    program: y = PHI(scale * x), or with BWD y = g * DPHI(scale * x) * scale.  g may have
+    any strides (an expanded or transposed gradient)."""
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
     m = (r < R)[:, None] & (d < D)[None, :]
@@ -200,7 +218,7 @@ def _map_rows_kernel(x, g, y, R, H, T, D, sxb, sxh, sxt, sgb, sgh, sgt, syb, syh
     xv = tl.load(x + (b * sxb + h * sxh + t * sxt)[:, None] + d[None, :], mask=m,
                  other=0.0).to(tl.float32) * scale
     if BWD:
-        gv = tl.load(g + (b * sgb + h * sgh + t * sgt)[:, None] + d[None, :], mask=m,
+        gv = tl.load(g + (b * sgb + h * sgh + t * sgt)[:, None] + d[None, :] * sgd, mask=m,
                      other=0.0).to(tl.float32)
         out = gv * DPHI(xv, PHI(xv)) * scale
     else:
@@ -223,7 +241,8 @@ def _rows_pass(x, g, form, scale):
     R = B * H * T
     _map_rows_kernel[(cdiv(R, br),)](
         x, src, y, R, H, T, D, x.stride(0), x.stride(1), x.stride(2),
-        src.stride(0), src.stride(1), src.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+        y.stride(0), y.stride(1), y.stride(2),
         scale, PHI=form.phi, DPHI=form.dphi, BWD=g is not None, BR=br, BD=bd)
     return y
 

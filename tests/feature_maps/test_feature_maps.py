@@ -54,6 +54,49 @@ def test_register_rejects_non_featuremap():
         register_feature_map("_bad")(object)
 
 
+def test_register_rejects_an_incomplete_map():
+    """A map class without output_dim or forward is refused when registered (not at its
+    first call, with a NotImplementedError); forward_query and forward_key together stand
+    for forward."""
+    class NoDim(FeatureMap):
+        def forward(self, x):
+            return x
+
+    class NoForward(FeatureMap):
+        def output_dim(self, d):
+            return d
+
+    class QueryKeyOnly(NoForward):
+        def forward_query(self, q):
+            return q
+
+        def forward_key(self, k):
+            return k
+
+    with pytest.raises(TypeError, match="does not implement output_dim"):
+        register_feature_map("_nodim")(NoDim)
+    with pytest.raises(TypeError, match="does not implement forward"):
+        register_feature_map("_noforward")(NoForward)
+    try:
+        register_feature_map("_qk_only")(QueryKeyOnly)
+    finally:
+        registry._REGISTRY.pop("_qk_only", None)
+    assert "_nodim" not in registry._REGISTRY and "_noforward" not in registry._REGISTRY
+
+
+def test_a_map_without_features_is_refused():
+    class Empty(FeatureMap):
+        def output_dim(self, d):
+            return 0
+
+        def forward(self, x):
+            return x[..., :0]
+
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(TypeError, match=r"output_dim\(4\) must be an int >= 1, got 0"):
+        featattn.linear_attention(q, q, q, feature_map=Empty())
+
+
 def test_learnable_map_through_registry_trains_in_layer():
     @register_feature_map("_learned_test")
     class Learned(FeatureMap):

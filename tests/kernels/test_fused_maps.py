@@ -7,6 +7,7 @@ initial state.  Under the interpreter in fp32/fp16 (small shapes); ``cuda`` case
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -342,6 +343,100 @@ def test_select_kernel_says_why_a_map_is_not_fused():
     assert not featattn.select_kernel(q, k, v, feature_map="elu", backend="torch").map_fused
 
 
+@triton.jit
+def _sq_phi(x):
+    return x * x + 1.0
+
+
+@triton.jit
+def _sq_dphi(x, y):
+    return 2.0 * x
+
+
+@triton.jit
+def _exp_phi(x):
+    return tl.exp(x)
+
+
+@triton.jit
+def _exp_dphi(x, y):
+    return y
+
+
+def _map_class(phi, dphi, torch_fn):
+    """One FeatureMap class per call: every class it makes has the same qualname."""
+
+    class ElementwiseMap(featattn.FeatureMap):
+        def output_dim(self, d):
+            return d
+
+        def forward(self, x):
+            return torch_fn(x)
+
+        def triton_elementwise(self):
+            return featattn.ElementwiseTritonForm(phi, dphi)
+
+    return ElementwiseMap
+
+
+@pytest.mark.parametrize("path", ["kernel", "pass"])
+def test_maps_of_one_class_name_keep_their_own_forms(path, monkeypatch):
+    """Two map classes from one factory share module and qualname; a forward of the second
+    between the first's forward and backward must not give the first the second's form."""
+    monkeypatch.setenv("FEATATTN_FUSE_MAPS", path)
+    Sq = _map_class(_sq_phi, _sq_dphi, lambda x: x * x + 1.0)
+    Exp = _map_class(_exp_phi, _exp_dphi, torch.exp)
+    q, k, v = rand_qkv(1, 2, 2, 9, 16, 8, torch.float32, DEV, generator=3)
+    q, k, v = q * 0.5, k * 0.5, v
+    qa = q.detach().requires_grad_()
+    o = featattn.linear_attention(qa, k, v, feature_map=Sq(), backend="triton")
+    featattn.linear_attention(q, k, v, feature_map=Exp(), backend="triton")  # another layer
+    o.sum().backward()
+    qr = q.detach().double().requires_grad_()
+    o_ref = featattn.linear_attention(qr, k.double(), v.double(), feature_map=Sq(),
+                                      backend="reference")
+    o_ref.sum().backward()
+    assert ((o.double() - o_ref).norm() / o_ref.norm()).item() < 1e-5
+    assert ((qa.grad.double() - qr.grad).norm() / qr.grad.norm()).item() < 1e-5
+
+
+class _ShiftedElu(featattn.feature_maps.EluFeatureMap):
+    """Redefines the PyTorch form below the class that declares the Triton form."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+class _ShiftedHedgehog(featattn.feature_maps.HedgehogFeatureMap):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_a_subclass_that_redefines_the_map_is_not_fused(monkeypatch):
+    """A subclass of a fused map that changes forward must not run its parent's Triton form
+    (elementwise or projection): select_kernel says why, and the result is the subclass's."""
+    q, k, v = rand_qkv(1, 2, 2, 9, 16, 8, torch.float32, DEV, generator=5)
+    for fm in (_ShiftedElu(), _ShiftedHedgehog(16, heads=2)):
+        choice = featattn.select_kernel(q, k, v, feature_map=fm, backend="triton")
+        assert not choice.map_fused
+        assert any("redefines forward" in r for r in choice.reasons), choice.reasons
+        o = featattn.linear_attention(q, k, v, feature_map=fm, backend="triton")
+        fm64 = copy.deepcopy(fm).double()
+        o_ref = featattn.linear_attention(q.double(), k.double(), v.double(), feature_map=fm64,
+                                          backend="reference")
+        assert ((o.double() - o_ref).norm() / o_ref.norm()).item() < 1e-5
+    assert M.fused_key(_ShiftedElu()) is None
+    with pytest.raises(ValueError, match="redefines forward"):
+        K.chunked_attention(q, k, v, normalize=True, eps=1e-6, feature_map=_ShiftedElu())
+    # a decode step takes the map's PyTorch form too
+    step = featattn.select_kernel(q[:, :, :1], k[:, :, :1], v[:, :, :1], feature_map=_ShiftedElu(),
+                                  backend="triton",
+                                  initial_state=featattn.LinearAttentionState(
+                                      torch.zeros(1, 2, 16, 8, device=DEV),
+                                      torch.zeros(1, 2, 16, device=DEV)))
+    assert not step.map_fused
+
+
 def test_chunked_attention_rejects_unfusable_maps():
     q = k = v = torch.randn(1, 1, 4, 16, device=DEV)
     with pytest.raises(ValueError, match="no elementwise Triton form"):
@@ -395,6 +490,26 @@ def test_map_pass_is_one_triton_pass_each_way():
                 assert M._same_layout(y, x)
             else:
                 assert M._is_dense(y) and M._is_dense(dx)
+
+
+@pytest.mark.parametrize("grad", ["expanded", "transposed", "dense"])
+def test_map_pass_on_a_slice_takes_any_gradient_layout(grad):
+    """apply_map on a fused-qkv slice (unit last stride, not dense: the rows pass) with an
+    expanded (all strides 0) or transposed upstream gradient, against the torch map."""
+    fm = featattn.get_feature_map("elu")
+    base = torch.randn(1, 5, 2, 24, device=DEV)
+    b1, b2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+    y = M.apply_map(b1[..., :8].transpose(1, 2), M.fused_key(fm))
+    y_ref = fm(b2[..., :8].transpose(1, 2))
+    w = torch.randn(1, 2, 8, 5, device=DEV)
+    for out in (y, y_ref):
+        if grad == "expanded":
+            out.sum().backward()
+        elif grad == "transposed":
+            (out.transpose(-1, -2) * w).sum().backward()
+        else:
+            (out * w.transpose(-1, -2).contiguous()).sum().backward()
+    torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_fuse_maps_switch_rejects_unknown_values(monkeypatch):
