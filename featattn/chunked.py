@@ -24,11 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .state import compute_dtype
+from .state import compute_dtype, no_autocast
 
 __all__ = ["chunked_linear_attention"]
 
 
+@no_autocast
 def chunked_linear_attention(
     q,
     k,

@@ -17,7 +17,7 @@ from .dispatch import (Call, _check_backend, _unfusable_reason, hybrid_direct, n
                        select, taylor_varlen_mode)
 from .feature_maps import FeatureMap, TaylorFeatureMap, resolve_feature_map
 from .reference import quadratic_linear_attention
-from .state import LinearAttentionState
+from .state import LinearAttentionState, compute_dtype, no_autocast
 
 __all__ = ["linear_attention", "decode_step"]
 
@@ -217,23 +217,9 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
                              + ("pack the sequences without padding (cu_seqlens) instead"
                                 if what == "cu_seqlens" and causal else "call without it"))
     if key_padding_mask is not None and window:  # each row's real tokens as one sequence
-        keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
-        lengths = keep.sum(1).tolist()  # (one host synchronisation)
-        if min(lengths) == T:  # nothing padded: the batched call
-            return _linear_attention(q, k, v, fm, normalize, eps, scale, initial_state,
-                                     return_state, backend, window=window,
-                                     window_weight=window_weight, window_scale=window_scale)
-        if min(lengths) == 0:
-            empty = [b for b, n in enumerate(lengths) if n == 0]
-            raise ValueError(f"key_padding_mask with window > 0: rows {empty[:8]} have no real "
-                             f"token (all padded); drop them")
-
-        def packed(qp, kp, vp, cu_p):
-            return _linear_attention(qp, kp, vp, fm, normalize, eps, scale, initial_state,
-                                     return_state, backend, cu_seqlens=cu_p, window=window,
-                                     window_weight=window_weight, window_scale=window_scale)
-
-        return unpad_attend(q, k, v, keep, packed, return_state)
+        return _padded_window(q, k, v, key_padding_mask, fm, normalize, eps, scale,
+                              initial_state, return_state, backend, window, window_weight,
+                              window_scale)
     if key_padding_mask is not None:  # padded keys: zero features and values, then as usual
         keep = _validate_key_mask(key_padding_mask, q)
         q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk) if fm is not None \
@@ -382,11 +368,35 @@ def _validate_key_mask(mask, q) -> torch.Tensor:
     return (mask if mask.dtype == torch.bool else mask != 0)[:, None, :, None]
 
 
+@torch.compiler.disable
+def _padded_window(q, k, v, key_padding_mask, fm, normalize, eps, scale, initial_state,
+                   return_state, backend, window, window_weight, window_scale):
+    """A hybrid call with a key_padding_mask: each row's real tokens packed as one sequence.
+    Eager under torch.compile (its row lengths are read on the host, a graph break anyway;
+    Inductor with dynamic shapes failed on the packing: "Exponent must be non-negative")."""
+    T = q.shape[2]
+    keep = _validate_key_mask(key_padding_mask, q)[:, 0, :, 0]
+    lengths = keep.sum(1).tolist()  # (one host synchronisation)
+    if min(lengths) == T:  # nothing padded: the batched call
+        return _linear_attention(q, k, v, fm, normalize, eps, scale, initial_state,
+                                 return_state, backend, window=window,
+                                 window_weight=window_weight, window_scale=window_scale)
+    if min(lengths) == 0:
+        empty = [b for b, n in enumerate(lengths) if n == 0]
+        raise ValueError(f"key_padding_mask with window > 0: rows {empty[:8]} have no real "
+                         f"token (all padded); drop them")
+
+    def packed(qp, kp, vp, cu_p):
+        return _linear_attention(qp, kp, vp, fm, normalize, eps, scale, initial_state,
+                                 return_state, backend, cu_seqlens=cu_p, window=window,
+                                 window_weight=window_weight, window_scale=window_scale)
+
+    return unpad_attend(q, k, v, keep, packed, return_state)
+
+
 def _noncausal(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, kernel, Dqk, Dk):
     """``causal=False``: every query reads every key; ``S = phi(k)^T v`` and ``z = sum phi(k)``
     over all T (plus the initial state), then ``phi(q) S / (phi(q) . z + eps)``."""
-    from .state import compute_dtype
-
     if fm is not None:
         q, k = _torch_map(fm, q * scale if scale != 1.0 else q, k, Dqk, Dk)
     elif scale != 1.0:
@@ -396,26 +406,31 @@ def _noncausal(q, k, v, fm, normalize, eps, scale, kv0, z0, return_state, kernel
                                                 initial_kv=kv0, initial_z=z0,
                                                 return_state=return_state, causal=False)
     else:
-        cd = compute_dtype(q, k, v, kv0, z0)
-        G = q.shape[1] // k.shape[1]
-        qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-        kv = kf.transpose(-1, -2) @ vf  # [B, Hkv, Dk, Dv]
-        z = kf.sum(2)
-        if G > 1:
-            kv, z = kv.repeat_interleave(G, dim=1), z.repeat_interleave(G, dim=1)
-        if kv0 is not None:
-            kv = kv + kv0.to(cd)
-            if z0 is not None:
-                z = z + z0.to(cd)
-        out = qf @ kv
-        if normalize:
-            out = out / ((qf * z.unsqueeze(2)).sum(-1, keepdim=True) + eps)
-        out = out.to(q.dtype)
-        if not normalize:
-            z = None
+        out, kv, z = _noncausal_sums(q, k, v, kv0, z0, normalize, eps)
     if return_state:
         return out, LinearAttentionState(kv, z)
     return out
+
+
+@no_autocast
+def _noncausal_sums(q, k, v, kv0, z0, normalize, eps):
+    """(o, kv, z) of ``causal=False`` on features, in the compute dtype (z None unless
+    normalising)."""
+    cd = compute_dtype(q, k, v, kv0, z0)
+    G = q.shape[1] // k.shape[1]
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
+    kv = kf.transpose(-1, -2) @ vf  # [B, Hkv, Dk, Dv]
+    z = kf.sum(2)
+    if G > 1:
+        kv, z = kv.repeat_interleave(G, dim=1), z.repeat_interleave(G, dim=1)
+    if kv0 is not None:
+        kv = kv + kv0.to(cd)
+        if z0 is not None:
+            z = z + z0.to(cd)
+    out = qf @ kv
+    if normalize:
+        out = out / ((qf * z.unsqueeze(2)).sum(-1, keepdim=True) + eps)
+    return out.to(q.dtype), kv, (z if normalize else None)
 
 
 def _validate_window(window, weight, wscale, normalize, state, q, k, v, cu, cp_group, in_place):

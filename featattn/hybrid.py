@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .state import compute_dtype
+from .state import compute_dtype, no_autocast
 
 __all__ = ["chunked_hybrid_attention"]
 
@@ -45,6 +45,7 @@ def _previous(xb: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(xb[:, :, :1]), xb[:, :, :-1]], dim=2)
 
 
+@no_autocast
 def chunked_hybrid_attention(
     q, k, v, fq, fk, *, window, weight, scale, eps, initial_kv=None, initial_z=None,
     return_state=False,
@@ -111,8 +112,16 @@ def chunked_hybrid_attention(
     if not return_state:
         return o, None, None
     old = max(N - W, 0)
-    kv = fkx[:, :, :old].transpose(-1, -2) @ vx[:, :, :old]
-    z = fkx[:, :, :old].sum(-2)
+    if torch.compiler.is_compiling():
+        # the older keys by a mask, not a slice: Inductor (torch 2.13, CPU, dynamic shapes,
+        # as when a compiled layer decodes and its window grows) miscompiled
+        # x[:, :, :old].mT @ y[:, :, :old] of a concatenation with old = N - min(W, N): kv
+        # off by 4e-2 in decoding, garbage in a reduced case; the mask computes it right
+        fkx = torch.where(torch.arange(N, device=fkx.device)[:, None] < old, fkx, 0.0)
+        kv, z = fkx.transpose(-1, -2) @ vx, fkx.sum(-2)
+    else:
+        kv = fkx[:, :, :old].transpose(-1, -2) @ vx[:, :, :old]
+        z = fkx[:, :, :old].sum(-2)
     if initial_kv is not None:
         kv, z = kv + initial_kv.to(cd), z + initial_z.to(cd)
     return o, kv, z

@@ -310,6 +310,10 @@ class FeatureAttention(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"FeatureAttention expects x of shape [B, T, {self.dim}], got {got}")
         w = self.qkv_proj.weight
+        if not x.is_floating_point():
+            raise TypeError(f"FeatureAttention expects a floating-point x (the token "
+                            f"embeddings), got {x.dtype}; embed token ids first, or cast with "
+                            f"x.to({w.dtype})")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"FeatureAttention holds {w.dtype} weights but x is {x.dtype}: cast "
                             f"one to the other (x.to({w.dtype}) or layer.to({x.dtype})), or run "

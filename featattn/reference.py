@@ -16,11 +16,24 @@ exist to be obviously right, and every test compares against them.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 __all__ = ["quadratic_linear_attention", "recurrent_linear_attention", "quadratic_hybrid_attention"]
+
+
+def no_autocast(fn):
+    """Run ``fn`` with autocast off, so its casts to the compute dtype hold (the oracle's own
+    copy of featattn.state.no_autocast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -34,6 +47,7 @@ def _expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+@no_autocast
 def quadratic_linear_attention(
     q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False,
     causal=True,
@@ -70,6 +84,7 @@ def quadratic_linear_attention(
     return out.to(q.dtype), kv, z
 
 
+@no_autocast
 def recurrent_linear_attention(
     q, k, v, *, normalize, eps, initial_kv=None, initial_z=None, return_state=False
 ):
@@ -100,6 +115,7 @@ def recurrent_linear_attention(
     return out, kv, (z if normalize else None)
 
 
+@no_autocast
 def quadratic_hybrid_attention(
     q, k, v, fq, fk, *, window, weight, scale, eps, initial_kv=None, initial_z=None,
     return_state=False,
@@ -147,8 +163,12 @@ def quadratic_hybrid_attention(
     if not return_state:
         return out, None, None
     old = max(N - window, 0)
-    kv = fkf[:, :, :old].transpose(-1, -2) @ vf[:, :, :old]
-    z = fkf[:, :, :old].sum(-2)
+    if torch.compiler.is_compiling():  # (see featattn.hybrid: an Inductor miscompile)
+        fkf = torch.where(torch.arange(N, device=fkf.device)[:, None] < old, fkf, 0.0)
+        kv, z = fkf.transpose(-1, -2) @ vf, fkf.sum(-2)
+    else:
+        kv = fkf[:, :, :old].transpose(-1, -2) @ vf[:, :, :old]
+        z = fkf[:, :, :old].sum(-2)
     if initial_kv is not None:
         kv, z = kv + initial_kv.to(cd), z + initial_z.to(cd)
     return out, kv, z

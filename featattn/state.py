@@ -14,12 +14,28 @@ tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 __all__ = ["LinearAttentionState", "compute_dtype"]
+
+
+def no_autocast(fn):
+    """Run ``fn`` (attention math on features it casts to :func:`compute_dtype` itself) with
+    autocast off: under ``torch.autocast`` its matmuls would run in bf16 / fp16 whatever the
+    operands, so the returned state would come back in that dtype (which the next call
+    refuses) and the sums would lose the fp32 accumulation.  Feature maps are applied
+    outside, under the caller's autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -113,15 +129,39 @@ class LinearAttentionState:
         return self.map(lambda t: t.clone())
 
     def to(self, *args, **kwargs) -> "LinearAttentionState":
-        """``Tensor.to`` on kv and z; the window's raw keys and values and the token
-        ``offset`` move device only (they keep their dtypes)."""
-        moved = self.map(lambda t: t.to(*args, **kwargs))
-        if self.window_k is not None:
-            moved.window_k = self.window_k.to(moved.kv.device)
-            moved.window_v = self.window_v.to(moved.kv.device)
-        if self.offset is not None:
-            moved.offset = self.offset.to(moved.kv.device)
-        return moved
+        """The state for a layer moved as by ``Module.to`` (same arguments as ``Tensor.to``):
+        every tensor goes to the device; a dtype (the inputs' new dtype, e.g. after
+        ``layer.half()``) casts the window's raw keys and values to it, while kv and z stay
+        in the accumulation dtype of such inputs (float64 for float64, else float32); the
+        token ``offset`` keeps its integer dtype::
+
+            layer.half()
+            y = layer(x.half(), state.to(torch.float16), update_state=True)
+        """
+        dtype = kwargs.get("dtype")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, torch.Tensor):
+                dtype = a.dtype
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"LinearAttentionState.to: the inputs' dtype must be a floating "
+                            f"point dtype, got {dtype}")
+        probe = torch.empty(0, device=self.kv.device)
+        device = probe.to(*(a for a in args if not isinstance(a, torch.dtype)),
+                          **{k: v for k, v in kwargs.items() if k != "dtype"}).device
+        acc = self.kv.dtype if dtype is None else \
+            (torch.float64 if dtype == torch.float64 else torch.float32)
+
+        extra = {k: kwargs[k] for k in ("non_blocking", "copy", "memory_format") if k in kwargs}
+
+        def move(t, dt):
+            return None if t is None else t.to(device=device, dtype=dt, **extra)
+
+        return LinearAttentionState(move(self.kv, acc), move(self.z, acc),
+                                    move(self.window_k, dtype or getattr(self.window_k, "dtype", None)),
+                                    move(self.window_v, dtype or getattr(self.window_v, "dtype", None)),
+                                    move(self.offset, getattr(self.offset, "dtype", None)))
 
     def index_select(self, dim: int, index: torch.Tensor) -> "LinearAttentionState":
         """Select along batch (``dim=0``), e.g. to reorder beams."""

@@ -115,3 +115,33 @@ def test_compiled_torch_path_is_exact_in_float64():
         (ga,) = torch.autograd.grad(got[0].sum(), q)
         (gb,) = torch.autograd.grad(want[0].sum(), q)
         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_window_layer_decodes_like_the_prefill():
+    """A compiled hybrid layer decoding from an empty state (the window grows 0 -> W, then
+    keys fold into the linear state: dynamic shapes after the first recompiles) gives the
+    prefill's outputs.  Inductor (torch 2.13, CPU) miscompiled the fold as a slice of the
+    concatenated window (kv 4e-2 off after the window filled); it now folds by a mask when
+    compiling (featattn.hybrid, featattn.reference)."""
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(16, 4, window=3).eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        want = layer(x)
+        compiled = torch.compile(layer)
+        state = layer.init_state(2)
+        got = torch.cat([compiled(x[:, t:t + 1], state, update_state=True) for t in range(7)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_window_layer_takes_a_key_padding_mask_with_dynamic_shapes():
+    """A hybrid layer with a key_padding_mask under torch.compile(dynamic=True): the padded
+    rows are packed eagerly (a graph break; Inductor failed on the packing, "Exponent must be
+    non-negative") and the result is the eager one."""
+    torch.manual_seed(0)
+    layer = featattn.FeatureAttention(16, 4, window=3)
+    x = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :2] = False
+    got = torch.compile(layer, dynamic=True)(x, key_padding_mask=mask)
+    torch.testing.assert_close(got, layer(x, key_padding_mask=mask), rtol=1e-5, atol=1e-5)

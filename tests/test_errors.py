@@ -158,6 +158,8 @@ def test_layer_says_which_dtype_it_holds():
         layer(torch.randn(1, 5, 32, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the layer
         assert layer(torch.randn(1, 5, 32)).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"expects a floating-point x .* got torch.int64"):
+        layer(torch.ones(1, 5, 32, dtype=torch.long))
 
 
 def test_a_map_built_for_other_heads_is_refused_when_the_layer_is_built():

@@ -165,13 +165,16 @@ def test_gradcheck_chunked(normalize, with_state):
         return (o, s.kv) + ((s.z,) if normalize else ())
 
     # tiny chunks so the intra- and inter-chunk paths are both differentiated
+    import inspect
+
     import featattn.chunked as ch
-    orig = ch.chunked_linear_attention.__kwdefaults__["chunk_size"]
-    ch.chunked_linear_attention.__kwdefaults__["chunk_size"] = 4
+    defaults = inspect.unwrap(ch.chunked_linear_attention).__kwdefaults__  # (under no_autocast)
+    orig = defaults["chunk_size"]
+    defaults["chunk_size"] = 4
     try:
         assert torch.autograd.gradcheck(f, tuple(inputs))
     finally:
-        ch.chunked_linear_attention.__kwdefaults__["chunk_size"] = orig
+        defaults["chunk_size"] = orig
 
 
 def test_gradients_match_reference():

@@ -190,7 +190,10 @@ def test_state_helpers_carry_the_window():
     _, s = featattn.linear_attention(q, k, v, feature_map="elu", window=3, return_state=True)
     for t in (s.clone(), s.detach(), s.index_select(0, torch.tensor([0])), s.to("cpu")):
         assert t.windowed and torch.equal(t.window_k, s.window_k)
-    assert s.to(torch.float32).window_k.dtype == torch.float64  # raw keys keep their dtype
+    # a dtype is the inputs' new dtype: the raw keys take it, kv stays in its accumulation dtype
+    to32 = s.to(torch.float32)
+    assert to32.window_k.dtype == to32.window_v.dtype == torch.float32
+    assert to32.kv.dtype == torch.float32 and s.kv.dtype == torch.float64
 
 
 def test_window_zero_matches_plain_and_select_kernel_says_why(monkeypatch):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,53 @@ def test_packed_sequences_equal_each_alone():
     assert state.kv.shape[0] == 3
     with pytest.raises(ValueError, match="packed sequences"):
         layer(x, state, update_state=True, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("kw", [dict(window=2), dict(causal=False), dict(window=2, backend="reference"),
+                                dict(), dict(feature_map="hedgehog", window=3)],
+                         ids=["window", "noncausal", "window-reference", "plain", "hedgehog-window"])
+def test_state_stays_fp32_under_autocast(kw):
+    """Under torch.autocast the attention's sums and the returned state stay fp32 (autocast
+    would run their matmuls in bf16: a bf16 state the next call refused), and a chunked
+    prefill under autocast continues from it; the result matches the same layer run with
+    autocast off on the autocast's bf16 projections, to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = FeatureAttention(16, 4, **kw)
+    x = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = layer(x[:, :4], return_state=True)
+        assert s.kv.dtype == torch.float32 and s.z.dtype == torch.float32
+        if kw.get("causal", True):
+            y2, s2 = layer(x[:, 4:], s, return_state=True)
+            assert s2.kv.dtype == torch.float32
+            y_whole = layer(x)
+            torch.testing.assert_close(torch.cat([y, y2], 1).float(), y_whole.float(),
+                                       rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        ref = layer(x[:, :4])
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, err
+
+
+def test_state_to_follows_the_layer_dtype():
+    """state.to(dtype) after layer.to(dtype): the window's keys and values take the inputs'
+    dtype, kv and z their accumulation dtype (fp32 for fp16 / bf16 inputs, float64 for
+    float64), so decoding continues; a non-float dtype is refused."""
+    torch.manual_seed(0)
+    layer = FeatureAttention(16, 4, window=2)
+    x = torch.randn(1, 6, 16)
+    _, s = layer(x[:, :4], return_state=True)
+    with torch.no_grad():
+        want = layer(x[:, 4:5], s.clone())
+    for dt in (torch.float16, torch.float64):
+        moved = s.clone().to(dt)  # (.to, like Tensor.to, may share storage: kv stays fp32)
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        assert moved.kv.dtype == moved.z.dtype == acc
+        assert moved.window_k.dtype == moved.window_v.dtype == dt
+        assert moved.offset is None or moved.offset.dtype == s.offset.dtype
+        with torch.no_grad():
+            got = copy.deepcopy(layer).to(dt)(x[:, 4:5].to(dt), moved, update_state=True)
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    assert s.to("cpu").window_k.dtype == s.window_k.dtype  # a device alone keeps the dtypes
+    with pytest.raises(TypeError, match="floating point dtype"):
+        s.to(torch.int64)
