@@ -186,7 +186,8 @@ def _linear_attention(q, k, v, feature_map, normalize, eps, scale, initial_state
     fm = _named_map(feature_map) if isinstance(feature_map, str) else resolve_feature_map(feature_map)
     scale = _validate_scale(scale, fm, Dqk)
     Dk = fm.output_dim(Dqk) if fm is not None else Dqk
-    if isinstance(Dk, bool) or not isinstance(Dk, numbers.Integral) or Dk < 1:
+    if fm is not None and (isinstance(Dk, bool) or not isinstance(Dk, numbers.Integral)
+                           or Dk < 1):
         raise TypeError(f"feature map {fm.name!r} ({type(fm).__name__}): output_dim({Dqk}) must "
                         f"be an int >= 1, got {Dk!r}")
     cu = None
