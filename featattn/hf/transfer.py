@@ -268,8 +268,11 @@ def _batch_inputs(batch, device) -> dict:
     if device is not None:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     ids = inputs.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-        inputs["input_ids"] = ids[None]
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one sequence: a batch of one
+        for name in ("input_ids", "attention_mask", "position_ids"):
+            x = inputs.get(name)
+            if isinstance(x, torch.Tensor) and x.dim() == 1:
+                inputs[name] = x[None]
     return inputs
 
 
@@ -322,6 +325,10 @@ def _progress(enabled: bool, total: int, description: str):
 
     with UI(stderr=True).progress(line=_PROGRESS_LINE) as add:
         yield add(description, total)
+
+
+#: parameter dtypes trained through fp32 master copies
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def transfer_attention(
@@ -393,6 +400,11 @@ def transfer_attention(
         or not (math.isfinite(lr) and lr > 0)
     ):
         raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
+    if (
+        isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+        or not (math.isfinite(weight_decay) and weight_decay >= 0)
+    ):
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     if layers is None:
         train = sorted(mods)
     else:
@@ -435,7 +447,11 @@ def transfer_attention(
         for m in mods.values():
             m.original.eval()
             m.__dict__["_transfer"] = run
-        opt = torch.optim.Adam(fm_params, lr=float(lr), weight_decay=float(weight_decay))
+        # fp16 / bf16 maps train fp32 master copies (Adam's eps and small second moments
+        # round to 0 in fp16: one step turned a float16 Hedgehog map to inf / NaN), copied
+        # into the model's parameters after each step
+        masters = [p.detach().float().clone() if p.dtype in _LOW else p for p in fm_params]
+        opt = torch.optim.Adam(masters, lr=float(lr), weight_decay=float(weight_decay))
         sched = None
         if lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.LambdaLR(
@@ -456,7 +472,23 @@ def transfer_attention(
                     raise RuntimeError(
                         f"attention transfer: layers {missing} did not run in the forward pass"
                     )
+                for p, w in zip(fm_params, masters):
+                    if w is not p:
+                        w.grad = None if p.grad is None else p.grad.float()
+                before = [w.detach().clone() for w in masters]
                 opt.step()
+                if not all(bool(torch.isfinite(w).all()) for w in masters):
+                    with torch.no_grad():
+                        for w, b in zip(masters, before):
+                            w.copy_(b)
+                    raise FloatingPointError(
+                        f"attention transfer: step {step} made a feature-map parameter inf / "
+                        f"NaN (left at its value before the step); lower lr= ({lr})")
+                with torch.no_grad():
+                    for p, w in zip(fm_params, masters):
+                        if w is not p:
+                            p.copy_(w)
+                            p.grad = None
                 opt.zero_grad(set_to_none=True)
                 if sched is not None:
                     sched.step()

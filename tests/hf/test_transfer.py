@@ -237,6 +237,9 @@ def test_batches_steps_and_argument_errors():
         transfer_attention(model, batches(), steps=0)
     with pytest.raises(ValueError, match="lr"):
         transfer_attention(model, batches(), steps=1, lr=-1.0)
+    for bad in ("x", -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="weight_decay must be a finite float >= 0"):
+            transfer_attention(model, batches(), steps=1, weight_decay=bad)
     with pytest.raises(ValueError, match="ran out after 2 of 5"):
         transfer_attention(model, iter(batches(n=2)), steps=5, progress=False)
     assert transfer_attention(model, batches(n=3), progress=False).steps == 3    # one pass
@@ -245,6 +248,41 @@ def test_batches_steps_and_argument_errors():
     # a failed call leaves no trace either
     assert not any("_transfer" in m.__dict__ for m in hf._patched_modules(model).values())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_maps_train_through_fp32_masters(dtype):
+    """A float16 model's Hedgehog maps stay finite (Adam's eps and small second moments round
+    to 0 in float16: one step used to make them inf / NaN) and move like the fp32 model's."""
+    model = make_model(dtype=dtype)
+    patch_hf_model(model, "hedgehog", feature_map_kwargs={"feature_dim": 4})
+    ref = make_model()
+    patch_hf_model(ref, "hedgehog", feature_map_kwargs={"feature_dim": 4})
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    before = {n: p.detach().float().clone() for n, p in ref.named_parameters() if "feature_map" in n}
+    for m in (model, ref):
+        transfer_attention(m, batches(n=3), progress=False)
+    fm = {n: p for n, p in model.named_parameters() if "feature_map" in n}
+    assert all(bool(torch.isfinite(p).all()) for p in fm.values())
+    assert all(p.dtype == dtype for p in fm.values())
+    ids = batches(n=1)[0]
+    assert bool(torch.isfinite(model(ids).logits).all())
+    tol = 0.25 if dtype == torch.float16 else 0.5  # (bf16 weights hold ~3 digits)
+    for n, p in ref.named_parameters():
+        if n in before:  # the low-precision run's update follows the fp32 one's
+            step, got = p.detach() - before[n], fm[n].detach().float() - before[n]
+            assert ((got - step).norm() / step.norm()).item() < tol, n
+
+
+def test_a_one_sequence_batch_takes_a_one_sequence_mask():
+    model = make_model()
+    patch_hf_model(model, "hedgehog", feature_map_kwargs={"feature_dim": 4})
+    ids = batches(n=1)[0][0]  # [T]
+    mask = torch.ones_like(ids)
+    mask[:3] = 0
+    r = transfer_attention(model, {"input_ids": ids, "attention_mask": mask}, steps=1,
+                           progress=False)
+    assert r.steps == 1
 
 
 def test_progress_without_rich_or_tty(capsys, monkeypatch):
