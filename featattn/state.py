@@ -138,22 +138,23 @@ class LinearAttentionState:
             layer.half()
             y = layer(x.half(), state.to(torch.float16), update_state=True)
         """
-        dtype = kwargs.get("dtype")
+        dtype, device = kwargs.get("dtype"), kwargs.get("device")
+        extra = {k: kwargs[k] for k in ("non_blocking", "copy") if k in kwargs}
         for a in args:
-            if isinstance(a, torch.dtype):
+            if isinstance(a, bool):  # Tensor.to(..., non_blocking, copy) positionally
+                extra["copy" if "non_blocking" in extra else "non_blocking"] = a
+            elif isinstance(a, torch.dtype):
                 dtype = a
             elif isinstance(a, torch.Tensor):
-                dtype = a.dtype
+                dtype, device = a.dtype, a.device
+            else:  # a device, its name or index
+                device = a
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"LinearAttentionState.to: the inputs' dtype must be a floating "
                             f"point dtype, got {dtype}")
-        probe = torch.empty(0, device=self.kv.device)
-        device = probe.to(*(a for a in args if not isinstance(a, torch.dtype)),
-                          **{k: v for k, v in kwargs.items() if k != "dtype"}).device
+        device = self.kv.device if device is None else torch.device(device)
         acc = self.kv.dtype if dtype is None else \
             (torch.float64 if dtype == torch.float64 else torch.float32)
-
-        extra = {k: kwargs[k] for k in ("non_blocking", "copy", "memory_format") if k in kwargs}
 
         def move(t, dt):
             return None if t is None else t.to(device=device, dtype=dt, **extra)

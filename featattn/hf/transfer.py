@@ -477,7 +477,7 @@ def transfer_attention(
                         w.grad = None if p.grad is None else p.grad.float()
                 before = [w.detach().clone() for w in masters]
                 opt.step()
-                if not all(bool(torch.isfinite(w).all()) for w in masters):
+                if not bool(torch.stack([torch.isfinite(w).all() for w in masters]).all()):
                     with torch.no_grad():
                         for w, b in zip(masters, before):
                             w.copy_(b)
